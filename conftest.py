@@ -1,0 +1,47 @@
+import pytest
+from django.contrib.auth import get_user_model
+
+
+@pytest.fixture(autouse=True)
+def _plain_static_files(settings):
+    """In-process tests render pages without running collectstatic first (`serve` runs it for real nodes)."""
+    settings.STORAGES = {**settings.STORAGES,
+                         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+
+
+@pytest.fixture
+def user(db):
+    return get_user_model().objects.create_user("alice", password="alice-pass-123")
+
+
+@pytest.fixture
+def other_user(db):
+    return get_user_model().objects.create_user("bob", password="bob-pass-123")
+
+
+@pytest.fixture
+def token(user):
+    from accounts.models import ApiToken
+
+    return ApiToken.issue(user)[1]
+
+
+@pytest.fixture
+def api(client, token):
+    """The Django test client with a bearer token; ``api.get/post(path, data)`` send and return JSON responses."""
+
+    class Api:
+        def get(self, path, **kw):
+            return client.get(path, HTTP_AUTHORIZATION=f"Bearer {token}", **kw)
+
+        def post(self, path, data=None, **kw):
+            import json
+
+            return client.post(path, json.dumps(data or {}), content_type="application/json",
+                               HTTP_AUTHORIZATION=f"Bearer {token}", **kw)
+
+    return Api()
+
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "batch_size": 16, "max_seq_len": 64, "accumulation_steps": 1, "learning_rate": 3e-3, "log_interval": 2}

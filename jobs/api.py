@@ -1,0 +1,102 @@
+from django.conf import settings
+
+from minicloud.api import ApiError, endpoint, int_param, json_body
+
+from . import selectors, services
+from .models import Dataset, Job, Node
+
+
+def _job(request, job_id) -> Job:
+    job = selectors.job_for_user(job_id, request.user)
+    if job is None:
+        raise ApiError(404, f"no job {job_id}")
+    return job
+
+
+@endpoint("GET", auth=False)
+def health(request):
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT 1")
+    return {"status": "ok", "node": settings.NODE_NAME, "database": connection.vendor,
+            "broker": "redis" if settings.REDIS_URL else "orm"}
+
+
+@endpoint("GET")
+def devices(request):
+    running = {}
+    for job in Job.objects.filter(status=Job.Status.RUNNING):
+        for d in job.devices or []:
+            running.setdefault((job.node, d), []).append(job.pk)
+    out = []
+    for node in Node.objects.order_by("name"):
+        for d in node.devices:
+            out.append({**d, "node": node.name, "running_jobs": running.get((node.name, d["index"]), []),
+                        "heartbeat_at": node.heartbeat_at.isoformat() if node.heartbeat_at else None})
+    return {"devices": out}
+
+
+@endpoint("GET", "POST")
+def jobs(request):
+    if request.method == "GET":
+        return {"jobs": [j.to_dict() for j in selectors.jobs_for(request.user)[:500]]}
+    data = json_body(request)
+    for key in data:
+        if key not in ("name", "stage", "dataset", "base_model", "teacher_model", "tokenizer", "config", "priority",
+                       "gpus"):
+            raise ApiError(400, f"{key}: unknown field", {"field": key})
+    if data.get("teacher_model") is not None:
+        raise ApiError(400, "teacher_model: only the distill stage takes a teacher", {"field": "teacher_model"})
+    job = services.submit_job(owner=request.user, name=data.get("name", ""), stage=data.get("stage", ""),
+                              dataset=data.get("dataset"), config=data.get("config"),
+                              base_model=data.get("base_model"), tokenizer=data.get("tokenizer"),
+                              priority=data.get("priority", 0), gpus=data.get("gpus", 1))
+    return job.to_dict(), 201
+
+
+@endpoint("GET")
+def job_detail(request, job_id):
+    job = _job(request, job_id)
+    return {**job.to_dict(), "queue_position": services.queue_position(job)}
+
+
+@endpoint("GET")
+def job_metrics(request, job_id):
+    job = _job(request, job_id)
+    return {"points": selectors.metrics_after(job, int_param(request, "after"))}
+
+
+@endpoint("GET")
+def job_logs(request, job_id):
+    job = _job(request, job_id)
+    text, end = selectors.log_after(job, int_param(request, "after"))
+    return {"text": text, "offset": end}
+
+
+@endpoint("POST")
+def job_cancel(request, job_id):
+    job = services.cancel_job(_job(request, job_id), request.user)
+    return job.to_dict(), 202
+
+
+@endpoint("GET")
+def datasets(request):
+    return {"datasets": [d.to_dict() for d in Dataset.objects.visible_to(request.user)]}
+
+
+@endpoint("GET")
+def dataset_detail(request, dataset_id):
+    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
+    if ds is None:
+        raise ApiError(404, f"no dataset {dataset_id}")
+    return ds.to_dict()
+
+
+@endpoint("GET")
+def dataset_preview(request, dataset_id):
+    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
+    if ds is None:
+        raise ApiError(404, f"no dataset {dataset_id}")
+    offset, limit = int_param(request, "offset"), min(int_param(request, "limit", 20), 200)
+    return {"offset": offset, "records": selectors.dataset_records(ds, offset, limit), "total": ds.records}

@@ -1,0 +1,62 @@
+"""Live job updates over WebSocket.
+
+The database is the source of truth: the consumer tails the job's metric points, log and status every 0.5 s, so it
+works across processes on the SQLite default with no channel layer. With Redis, the supervisor's ``job.update``
+push makes it look at once.
+"""
+import asyncio
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from . import selectors
+
+POLL_S = 0.5
+
+
+class JobConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        user = self.scope.get("user")
+        self.job_id = self.scope["url_route"]["kwargs"]["job_id"]
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        if not await database_sync_to_async(selectors.job_for_user)(self.job_id, user):
+            await self.close(code=4404)
+            return
+        qs = parse_qs(self.scope.get("query_string", b"").decode())
+        self.after = int((qs.get("after") or ["0"])[0] or 0)
+        self.log_after = int((qs.get("log_after") or ["0"])[0] or 0)
+        self.last_status = None
+        self.wake = asyncio.Event()
+        self.group = f"job.{self.job_id}"
+        if self.channel_layer is not None:
+            await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        self.poller = asyncio.create_task(self.poll())
+
+    async def disconnect(self, code):
+        if hasattr(self, "poller"):
+            self.poller.cancel()
+        if getattr(self, "group", None) and self.channel_layer is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def job_update(self, event):
+        self.wake.set()
+
+    async def poll(self):
+        while True:
+            update = await database_sync_to_async(selectors.job_update)(self.job_id, self.after, self.log_after)
+            if update["points"]:
+                self.after = update["points"][-1]["seq"]
+            self.log_after = update["log_offset"]
+            status = update["job"]["status"], update["job"]["step"]
+            if update["points"] or update["log"] or status != self.last_status:
+                self.last_status = status
+                await self.send_json({"type": "update", **update})
+            try:
+                await asyncio.wait_for(self.wake.wait(), POLL_S)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()

@@ -1,0 +1,66 @@
+"""The device inventory of this node, from NVML (never CUDA: Django processes fork) or ``MINICLOUD_DEVICES``.
+
+No Django import here, so settings can size the worker pool from it.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _cpu_slots(n: int) -> list[dict]:
+    return [{"index": i, "kind": "cpu", "name": f"CPU slot {i}", "memory_total": None, "memory_used": None,
+             "utilization": None, "temperature": None} for i in range(n)]
+
+
+def _parse(spec: str) -> list[dict] | None:
+    """``cpu:N`` → N CPU slots; ``gpu`` or empty → NVML. Anything else is refused loudly."""
+    spec = spec.strip()
+    if not spec or spec == "gpu":
+        return None
+    kind, _, count = spec.partition(":")
+    if kind == "cpu" and count.isdigit() and int(count) > 0:
+        return _cpu_slots(int(count))
+    raise ValueError(f"MINICLOUD_DEVICES={spec!r}: use 'cpu:N' (N CPU slots) or 'gpu' (every GPU NVML sees)")
+
+
+def nvml_devices() -> list[dict]:
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:
+                util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+            except pynvml.NVMLError:
+                util = None
+            try:
+                temp = pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
+            except pynvml.NVMLError:
+                temp = None
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append({"index": i, "kind": "cuda", "name": name.decode() if isinstance(name, bytes) else name,
+                        "memory_total": mem.total, "memory_used": mem.used, "utilization": util,
+                        "temperature": temp})
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def inventory(spec: str | None = None) -> list[dict]:
+    """This node's devices: the override, else every NVML GPU, else one CPU slot."""
+    parsed = _parse(os.environ.get("MINICLOUD_DEVICES", "") if spec is None else spec)
+    if parsed is not None:
+        return parsed
+    return nvml_devices() or _cpu_slots(1)
+
+
+def slot_count(spec: str | None = None) -> int:
+    return len(inventory(spec))

@@ -1,0 +1,168 @@
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from models_registry.models import VisibleQuerySet
+
+STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning")), ("lora", _("LoRA")),
+                 ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
+KIND_CHOICES = [("pretrain", _("Pretrain text")), ("sft", _("Conversations (SFT)")), ("dpo", _("Preference pairs (DPO)")),
+                ("rlaif", _("RL prompts"))]
+
+
+class Dataset(models.Model):
+    name = models.CharField(_("name"), max_length=200)
+    kind = models.CharField(_("kind"), max_length=20, choices=KIND_CHOICES)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)
+    is_public = models.BooleanField(_("public"), default=False)
+    path = models.CharField(max_length=500)
+    records = models.PositiveIntegerField(_("records"), default=0)
+    size_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = VisibleQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("dataset")
+        verbose_name_plural = _("datasets")
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def to_dict(self):
+        return {"id": self.pk, "name": self.name, "kind": self.kind, "records": self.records,
+                "size_bytes": self.size_bytes, "sha256": self.sha256, "is_public": self.is_public,
+                "owner": self.owner.username if self.owner else None, "created_at": self.created_at.isoformat()}
+
+
+class Node(models.Model):
+    """A machine running `serve`: its devices (from NVML or MINICLOUD_DEVICES), refreshed while it runs."""
+
+    name = models.CharField(max_length=200, unique=True)
+    devices = models.JSONField(default=list)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    stopping = models.BooleanField(default=False)
+
+    def __str__(self):
+        return self.name
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("queued")
+        RUNNING = "running", _("running")
+        PAUSED = "paused", _("paused")
+        SUCCEEDED = "succeeded", _("succeeded")
+        FAILED = "failed", _("failed")
+        CANCELLED = "cancelled", _("cancelled")
+        INTERRUPTED = "interrupted", _("interrupted")
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    name = models.CharField(_("name"), max_length=200)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    stage = models.CharField(_("stage"), max_length=20, choices=STAGE_CHOICES)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
+    base_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT,
+                                   related_name="+")
+    tokenizer = models.ForeignKey("models_registry.Tokenizer", on_delete=models.PROTECT, related_name="+")
+    config = models.JSONField(_("config"), default=dict)  # as submitted (user's keys only)
+    resolved_config = models.JSONField(default=dict)  # every key, defaults filled in
+    priority = models.IntegerField(_("priority"), default=0)
+    gpus = models.PositiveSmallIntegerField(_("devices"), default=1)
+    status = models.CharField(_("status"), max_length=20, choices=Status.choices, default=Status.QUEUED,
+                              db_index=True)
+    node = models.CharField(max_length=200, blank=True)
+    devices = models.JSONField(default=list)
+    pid = models.IntegerField(null=True, blank=True)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    eta_s = models.FloatField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    resume = models.BooleanField(default=False)  # continue from the run's last checkpoint when next started
+    error = models.TextField(blank=True)
+    output_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("job")
+        verbose_name_plural = _("jobs")
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"#{self.pk} {self.name}"
+
+    @property
+    def progress(self) -> float:
+        if self.status == self.Status.SUCCEEDED:
+            return 1.0
+        return min(self.step / self.total_steps, 1.0) if self.total_steps else 0.0
+
+    @property
+    def run_dir(self):
+        return settings.HOME / "runs" / f"job-{self.pk}"
+
+    @property
+    def is_final(self):
+        return self.status in self.FINAL
+
+    def to_dict(self):
+        return {
+            "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage,
+            "dataset": self.dataset_id, "base_model": self.base_model_id, "tokenizer": self.tokenizer_id,
+            "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,
+            "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,
+            "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
+            "eta_s": self.eta_s, "error": self.error or None, "output_model": self.output_model_id,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+class MetricPoint(models.Model):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metrics")
+    seq = models.PositiveIntegerField()
+    step = models.PositiveIntegerField()
+    time = models.FloatField()
+    values = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "seq"], name="metric_job_seq")]
+        ordering = ["seq"]
+
+    def to_dict(self):
+        return {"seq": self.seq, "step": self.step, "time": self.time, "values": self.values}
+
+
+class LogChunk(models.Model):
+    """A batch of log text; ``offset`` is the character offset of its first character in the job's whole log."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks")
+    offset = models.PositiveBigIntegerField()
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["offset"]
+        indexes = [models.Index(fields=["job", "offset"])]
+
+
+class JobEvent(models.Model):
+    """A lifecycle event of a job (submitted, started, cancel requested, finished ...), with time and actor."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    time = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=40)
+    actor = models.CharField(max_length=150, blank=True)
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["time", "pk"]

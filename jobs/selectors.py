@@ -1,0 +1,50 @@
+"""Reads used by views, the API and consumers."""
+from django.db import close_old_connections
+
+from .models import Job, LogChunk, MetricPoint
+
+
+def jobs_for(user):
+    qs = Job.objects.select_related("owner", "dataset", "output_model")
+    return qs if user.is_staff else qs.filter(owner=user)
+
+
+def job_for_user(job_id, user):
+    return jobs_for(user).filter(pk=job_id).first()
+
+
+def metrics_after(job, after=0, limit=5000):
+    return [p.to_dict() for p in MetricPoint.objects.filter(job=job, seq__gt=after).order_by("seq")[:limit]]
+
+
+def log_after(job, offset=0, limit=1_000_000):
+    """Log text from character ``offset``; returns (text, next_offset)."""
+    chunks = LogChunk.objects.filter(job=job).order_by("offset")
+    last_before = chunks.filter(offset__lte=offset).order_by("-offset").values_list("offset", flat=True).first()
+    if last_before is not None:
+        chunks = chunks.filter(offset__gte=last_before)
+    text, end = [], offset
+    for chunk in chunks:
+        start = max(offset - chunk.offset, 0)
+        if start < len(chunk.text):
+            text.append(chunk.text[start:])
+        end = max(end, chunk.offset + len(chunk.text))
+        if sum(map(len, text)) >= limit:
+            break
+    return "".join(text)[:limit], end
+
+
+def job_update(job_id, after, log_offset):
+    """Everything new for a live view since (after, log_offset)."""
+    close_old_connections()
+    job = Job.objects.select_related("owner").get(pk=job_id)
+    text, end = log_after(job, log_offset)
+    return {"job": job.to_dict(), "points": metrics_after(job, after), "log": text, "log_offset": end}
+
+
+def dataset_records(ds, offset=0, limit=20):
+    import itertools
+    import json
+
+    with open(ds.path, encoding="utf-8") as f:
+        return [json.loads(line) for line in itertools.islice(f, offset, offset + limit)]

@@ -1,0 +1,225 @@
+"""Runs one claimed job as a child process and mirrors its events into the database.
+
+The child is ``python -u -m training run SPEC.json`` in a new process group. Its stdout (JSON-lines events, with
+stderr merged in) is read by a thread; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text
+in one short transaction, checks for cancellation or node shutdown, and signals the group: SIGTERM (the engine
+checkpoints and exits), then SIGKILL after ``JOB_KILL_GRACE_S``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone as dt_tz
+
+from django.conf import settings
+from django.db import transaction
+
+from models_registry.services import register_job_output
+
+from . import services
+from .models import Job, LogChunk, MetricPoint, Node
+
+log = logging.getLogger("jobs")
+
+
+def _format(event: dict) -> str:
+    """One human-readable log line for an engine event."""
+    stamp = datetime.fromtimestamp(event.get("time", time.time()), dt_tz.utc).strftime("%H:%M:%S")
+    kind = event.get("event")
+    if kind == "step":
+        m = event.get("metrics", {})
+        parts = ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in m.items())
+        return f"[{stamp}] step {event['step']}/{event.get('total_steps', '?')} (epoch {event.get('epoch')}) {parts}"
+    if kind == "log":
+        return f"[{stamp}] {event.get('message', '')}"
+    if kind == "start":
+        return (f"[{stamp}] started {event.get('stage')} on {event.get('device')}: {event.get('total_steps')} steps, "
+                f"{event.get('samples')} samples")
+    if kind == "checkpoint":
+        return f"[{stamp}] checkpoint at step {event.get('step')}"
+    if kind == "done":
+        return f"[{stamp}] done after {event.get('step')} steps"
+    if kind == "error":
+        return f"[{stamp}] ERROR {event.get('message', '')}"
+    return f"[{stamp}] {json.dumps(event, ensure_ascii=False)}"
+
+
+def notify(job_id: int) -> None:
+    """Wake the job's WebSocket consumers at once (only a cross-process layer can reach them)."""
+    if not settings.REDIS_URL:
+        return
+    try:
+        from asgiref.sync import async_to_sync
+        from channels.layers import get_channel_layer
+
+        async_to_sync(get_channel_layer().group_send)(f"job.{job_id}", {"type": "job.update"})
+    except Exception:  # the database stays the source of truth; consumers also poll it
+        log.warning("channel layer push failed for job %s", job_id, exc_info=True)
+
+
+class Supervisor:
+    def __init__(self, job: Job):
+        self.job = job
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seq = (MetricPoint.objects.filter(job=job).order_by("-seq").values_list("seq", flat=True).first() or 0)
+        last = LogChunk.objects.filter(job=job).order_by("-offset").first()
+        self.log_offset = last.offset + len(last.text) if last else 0
+        self.done_event = None
+        self.error_event = None
+        self.tail: list[str] = []
+        self.term_sent_at = None
+        self.killed = False
+        self.reason = None  # "cancel" or "shutdown" once a stop was requested
+
+    def _reader(self, stream):
+        for raw in iter(stream.readline, ""):
+            self.lines.put(raw.rstrip("\n"))
+        self.lines.put(None)
+
+    def start(self) -> None:
+        spec_path = services.write_spec(self.job)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cuda = [d for d in self.job.devices]
+        node = Node.objects.filter(name=self.job.node).first()
+        kinds = {d["index"]: d["kind"] for d in (node.devices if node else [])}
+        if cuda and all(kinds.get(i) == "cuda" for i in cuda):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in cuda)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
+        self.raw_log = log_file
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=str(settings.BASE_DIR), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+            start_new_session=True)
+        Job.objects.filter(pk=self.job.pk).update(pid=self.proc.pid)
+        threading.Thread(target=self._reader, args=(self.proc.stdout,), daemon=True).start()
+
+    def flush(self) -> bool:
+        """Write what the child printed since the last flush. Returns False once its output has ended."""
+        points, text, updates, ended = [], [], {}, False
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                ended = True
+                break
+            self.raw_log.write(line + "\n")
+            event = None
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    event = None
+            if not isinstance(event, dict) or "event" not in event:
+                text.append(line)
+                self.tail = (self.tail + [line])[-20:]
+                continue
+            kind = event["event"]
+            text.append(_format(event))
+            if kind == "step":
+                self.seq += 1
+                points.append(MetricPoint(job=self.job, seq=self.seq, step=event["step"], time=event["time"],
+                                          values=event.get("metrics", {})))
+                updates.update(step=event["step"], total_steps=event.get("total_steps", 0),
+                               eta_s=event.get("eta_s"))
+            elif kind == "start":
+                updates.update(total_steps=event.get("total_steps", 0), step=event.get("resumed_from_step", 0))
+            elif kind == "done":
+                self.done_event = event
+                updates.update(step=event.get("step", 0))
+            elif kind == "error":
+                self.error_event = event
+        self.raw_log.flush()
+        if points or text or updates:
+            chunk = "".join(t + "\n" for t in text)
+            with transaction.atomic():
+                if points:
+                    MetricPoint.objects.bulk_create(points)
+                if chunk:
+                    LogChunk.objects.create(job=self.job, offset=self.log_offset, text=chunk)
+                if updates:
+                    Job.objects.filter(pk=self.job.pk).update(**updates)
+            self.log_offset += len(chunk)
+            notify(self.job.pk)
+        return not ended
+
+    def check_stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        if self.reason is None:
+            row = Job.objects.filter(pk=self.job.pk).values("cancel_requested").first()
+            stopping = Node.objects.filter(name=self.job.node, stopping=True).exists()
+            if row and row["cancel_requested"]:
+                self.reason = "cancel"
+            elif stopping:
+                self.reason = "shutdown"
+            if self.reason:
+                self._signal(signal.SIGTERM)
+                self.term_sent_at = time.monotonic()
+        elif not self.killed and time.monotonic() - self.term_sent_at > settings.JOB_KILL_GRACE_S:
+            self._signal(signal.SIGKILL)
+            self.killed = True
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def run(self) -> str:
+        """Start the child, mirror it until it exits, record the outcome. Returns the final status."""
+        try:
+            self.start()
+        except Exception as exc:
+            services.finish_job(self.job, Job.Status.FAILED, error=f"could not start the training process: {exc}")
+            return Job.Status.FAILED
+        try:
+            while self.flush():
+                self.check_stop()
+                time.sleep(settings.JOB_POLL_S)
+            self.proc.wait()
+            self.flush()
+        finally:
+            self.raw_log.close()
+        return self.finish(self.proc.returncode)
+
+    def finish(self, rc: int) -> str:
+        job = Job.objects.get(pk=self.job.pk)
+        if self.reason == "cancel" or (job.cancel_requested and self.done_event is None):
+            services.finish_job(job, Job.Status.CANCELLED)
+            status = Job.Status.CANCELLED
+        elif self.done_event is not None and rc == 0:
+            try:
+                mv = register_job_output(job, model_path=self.done_event["model_path"],
+                                         model_config=self.done_event["model_config"],
+                                         parameters=self.done_event.get("params", 0))
+            except (OSError, KeyError) as exc:
+                services.finish_job(job, Job.Status.FAILED, error=f"could not register the model: {exc}")
+                return Job.Status.FAILED
+            services.finish_job(job, Job.Status.SUCCEEDED, output_model=mv)
+            status = Job.Status.SUCCEEDED
+        elif self.reason == "shutdown":
+            Job.objects.filter(pk=job.pk).update(status=Job.Status.INTERRUPTED, pid=None)
+            services.record_event(job, "interrupted", job.node, "node shutting down; resumes on next start")
+            status = Job.Status.INTERRUPTED
+        else:
+            if self.error_event:
+                error = self.error_event.get("message", "training failed")
+            elif rc and rc < 0:
+                error = f"training process killed by signal {-rc}"
+            else:
+                error = f"training process exited with code {rc}: " + " | ".join(self.tail[-3:])
+            services.finish_job(job, Job.Status.FAILED, error=error)
+            status = Job.Status.FAILED
+        notify(job.pk)
+        return status

@@ -1,0 +1,26 @@
+"""django-q2 entry points only: each is a thin interface to services (django-stack-notes §1.3)."""
+from django.conf import settings
+
+from . import services
+from .supervisor import Supervisor
+
+
+def run_next_job():
+    """Claim and supervise queued jobs until none fits this node; a stale or duplicate token does nothing."""
+    slots = len(services._local_devices())
+    ran = []
+    while True:
+        job = services.claim_next_job(settings.NODE_NAME, slots)
+        if job is None:
+            return ran
+        Supervisor(job).run()
+        ran.append(job.pk)
+
+
+def housekeeping():
+    """Periodic: refresh this node's device readings and start any queued job a lost token left waiting."""
+    services.refresh_node(settings.NODE_NAME)
+    from .models import Job
+
+    if Job.objects.filter(status=Job.Status.QUEUED).exists():
+        services.kick_queue()

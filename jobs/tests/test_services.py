@@ -1,0 +1,101 @@
+import pytest
+
+from jobs import services
+from jobs.models import Dataset, Job, JobEvent
+from models_registry.models import Tokenizer
+
+from conftest import TINY
+
+
+@pytest.fixture
+def demo(db):
+    return Dataset.objects.get(name="demo-pretrain")
+
+
+def submit(user, dataset, **kw):
+    return services.submit_job(owner=user, name=kw.pop("name", "j"), stage=kw.pop("stage", "pretrain"),
+                               dataset=dataset.pk, config=kw.pop("config", TINY), **kw)
+
+
+def test_demo_data_is_installed_after_migrate(db):
+    assert set(Dataset.objects.filter(is_public=True).values_list("name", flat=True)) == {
+        "demo-pretrain", "demo-sft", "demo-dpo", "demo-rlaif"}
+    tok = Tokenizer.objects.get(name="demo-tokenizer", is_public=True)
+    assert 300 < tok.vocab_size <= 6400
+    assert Dataset.objects.get(name="demo-sft").records == 3000
+
+
+def test_submit_queues_with_defaults_and_demo_tokenizer(user, demo):
+    job = submit(user, demo, config={"max_steps": 5})
+    assert job.status == "queued" and job.tokenizer.name == "demo-tokenizer"
+    assert job.resolved_config["batch_size"] == 32 and job.resolved_config["max_steps"] == 5
+    assert JobEvent.objects.filter(job=job, kind="submitted").exists()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"name": ""}, "name"),
+    ({"stage": "nope"}, "stage"),
+    ({"stage": "sft"}, "stage"),  # not available yet: refused with the reason
+    ({"config": {"batch_sise": 4}}, "config.batch_sise"),
+    ({"config": {"learning_rate": -1}}, "config.learning_rate"),
+    ({"config": {"hidden_size": 64, "num_attention_heads": 5}}, "config.num_attention_heads"),
+    ({"gpus": 9}, "gpus"),
+])
+def test_submit_refuses_bad_input_naming_the_field(user, demo, kwargs, field):
+    with pytest.raises(services.ServiceError) as exc:
+        submit(user, demo, **kwargs)
+    assert exc.value.field == field
+    assert Job.objects.count() == 0
+
+
+def test_submit_refuses_wrong_dataset_kind_and_foreign_dataset(user, other_user, demo):
+    with pytest.raises(services.ServiceError, match="needs a pretrain dataset"):
+        submit(user, Dataset.objects.get(name="demo-sft"))
+    private = Dataset.objects.create(name="bobs", kind="pretrain", owner=other_user, path=demo.path)
+    with pytest.raises(services.ServiceError, match="dataset"):
+        submit(user, private)
+
+
+def test_claim_is_conditional_and_ordered_by_priority(user, demo):
+    low = submit(user, demo, name="low")
+    high = submit(user, demo, name="high", priority=5)
+    first = services.claim_next_job("node-a", slots=1)
+    assert first.pk == high.pk and first.status == "running" and first.devices == [0]
+    assert services.claim_next_job("node-a", slots=1) is None  # the only slot is busy
+    second = services.claim_next_job("node-a", slots=2)
+    assert second.pk == low.pk and second.devices == [1]
+    assert services.claim_next_job("node-a", slots=2) is None
+
+
+def test_cancel_queued_and_running_and_final(user, demo):
+    queued = submit(user, demo)
+    services.cancel_job(queued, user)
+    assert Job.objects.get(pk=queued.pk).status == "cancelled"
+    assert services.claim_next_job("n", 1) is None  # a cancelled job is never claimed
+    running = submit(user, demo)
+    services.claim_next_job("n", 1)
+    job = services.cancel_job(running, user)
+    assert job.status == "running" and job.cancel_requested
+    services.finish_job(job, Job.Status.CANCELLED)
+    with pytest.raises(services.ServiceError) as exc:
+        services.cancel_job(job, user)
+    assert exc.value.status == 409
+
+
+def test_reconcile_requeues_jobs_of_a_dead_node(user, demo, settings, tmp_path):
+    settings.HOME = tmp_path
+    job = submit(user, demo)
+    services.claim_next_job("node-x", 1)
+    Job.objects.filter(pk=job.pk).update(pid=2**22 + 12345)  # no such process
+    (job.run_dir / "checkpoints").mkdir(parents=True)
+    (job.run_dir / "checkpoints" / "resume.pt").write_bytes(b"x")
+    assert services.reconcile_node("node-x") == [job.pk]
+    job.refresh_from_db()
+    assert job.status == "queued" and job.resume and job.node == ""
+    assert list(job.events.values_list("kind", flat=True))[-2:] == ["interrupted", "requeued"]
+
+
+def test_queue_position(user, demo):
+    a, b = submit(user, demo), submit(user, demo)
+    c = submit(user, demo, priority=1)
+    assert [services.queue_position(j) for j in (c, a, b)] == [1, 2, 3]

@@ -1,0 +1,97 @@
+import json
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
+
+from . import selectors, services
+from .forms import PRESETS, JobForm
+from .models import Dataset, Job, Node
+
+
+@login_required
+def dashboard(request):
+    return render(request, "jobs/dashboard.html", {
+        "my_jobs": selectors.jobs_for(request.user).filter(owner=request.user)[:20],
+        "queue": Job.objects.filter(status__in=Job.ACTIVE).select_related("owner").order_by("-status", "-priority",
+                                                                                            "created_at")[:20],
+        "nodes": Node.objects.order_by("name"),
+    })
+
+
+@login_required
+def job_new(request):
+    form = JobForm(request.POST or None, user=request.user)
+    if request.method == "POST" and form.is_valid():
+        try:
+            job = services.submit_job(owner=request.user, name=form.cleaned_data["name"],
+                                      stage=form.cleaned_data["stage"], dataset=form.cleaned_data["dataset"],
+                                      config=form.job_config())
+        except services.ServiceError as exc:
+            field = (exc.field or "").removeprefix("config.")
+            form.add_error(field if field in form.fields else None, str(exc))
+        else:
+            messages.success(request, _("Job #%(id)s is queued.") % {"id": job.pk})
+            return redirect("job_detail", job_id=job.pk)
+    return render(request, "jobs/new.html", {"form": form, "presets": PRESETS})
+
+
+def _job_or_404(request, job_id):
+    job = selectors.job_for_user(job_id, request.user)
+    if job is None:
+        raise Http404(_("No such job."))
+    return job
+
+
+@login_required
+def job_detail(request, job_id):
+    job = _job_or_404(request, job_id)
+    points = selectors.metrics_after(job, 0, limit=100_000)
+    log_text, log_offset = selectors.log_after(job, 0)
+    return render(request, "jobs/detail.html", {
+        "job": job, "points": points, "log_text": log_text, "log_offset": log_offset,
+        "after": points[-1]["seq"] if points else 0, "events": job.events.all(),
+        "queue_position": services.queue_position(job),
+        "status_labels": {value: str(label) for value, label in Job.Status.choices},
+    })
+
+
+@login_required
+@require_POST
+def job_cancel(request, job_id):
+    job = _job_or_404(request, job_id)
+    try:
+        services.cancel_job(job, request.user)
+        messages.info(request, _("Cancel requested for job #%(id)s.") % {"id": job.pk})
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+    return redirect("job_detail", job_id=job.pk)
+
+
+@login_required
+def queue(request):
+    jobs = list(Job.objects.filter(status__in=Job.ACTIVE).select_related("owner")
+                .order_by("-status", "-priority", "created_at"))
+    return render(request, "jobs/queue.html", {"jobs": jobs})
+
+
+@login_required
+def devices(request):
+    return render(request, "jobs/devices.html", {"nodes": Node.objects.order_by("name")})
+
+
+@login_required
+def datasets(request):
+    return render(request, "jobs/datasets.html", {"datasets": Dataset.objects.visible_to(request.user)})
+
+
+@login_required
+def dataset_detail(request, dataset_id):
+    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
+    if ds is None:
+        raise Http404(_("No such dataset."))
+    records = [json.dumps(r, ensure_ascii=False) for r in selectors.dataset_records(ds, 0, 20)]
+    return render(request, "jobs/dataset_detail.html", {"dataset": ds, "records": records})

@@ -1,0 +1,94 @@
+"""Small helpers for the JSON API: bearer-token auth, JSON bodies and JSON errors (never a traceback)."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+log = logging.getLogger("minicloud")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, details=None):
+        super().__init__(message)
+        self.status = status
+        self.details = details
+
+
+def error(status: int, message: str, details=None) -> JsonResponse:
+    return JsonResponse({"error": message, "details": details}, status=status)
+
+
+def json_body(request) -> dict:
+    if not request.body:
+        return {}
+    try:
+        data = json.loads(request.body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return data
+
+
+def _bearer_user(request):
+    from accounts.models import ApiToken
+
+    header = request.headers.get("Authorization", "")
+    if not header.lower().startswith("bearer "):
+        return None
+    return ApiToken.user_for(header[7:].strip())
+
+
+def endpoint(*methods, auth=True):
+    """Decorate an API view: method check, auth (Bearer token; a logged-in session also works for GET), errors."""
+
+    def wrap(view):
+        @csrf_exempt
+        @functools.wraps(view)
+        def inner(request, *args, **kwargs):
+            if request.method not in methods:
+                return error(405, f"method {request.method} not allowed; use {', '.join(methods)}")
+            if auth:
+                user = _bearer_user(request)
+                if user is None and request.method == "GET" and request.user.is_authenticated:
+                    user = request.user
+                if user is None:
+                    return error(401, "authentication required: send 'Authorization: Bearer <token>'")
+                request.user = user
+            try:
+                result = view(request, *args, **kwargs)
+            except ApiError as exc:
+                return error(exc.status, str(exc), exc.details)
+            except Exception as exc:  # a bug must still answer in JSON
+                from jobs.services import ServiceError
+
+                if isinstance(exc, ServiceError):
+                    return error(exc.status, str(exc), {"field": exc.field} if exc.field else None)
+                log.exception("API error in %s", view.__name__)
+                return error(500, "internal error; the server log has the details")
+            if isinstance(result, tuple):
+                return JsonResponse(result[0], status=result[1], json_dumps_params={"ensure_ascii": False})
+            if isinstance(result, dict):
+                return JsonResponse(result, json_dumps_params={"ensure_ascii": False})
+            return result
+
+        return inner
+
+    return wrap
+
+
+def int_param(request, name, default=0) -> int:
+    raw = request.GET.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name}: must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise ApiError(400, f"{name}: must not be negative")
+    return value

@@ -1,0 +1,119 @@
+"""``manage.py serve``: everything of one node under one parent.
+
+Sets up (migrate, static files, demo data, first admin), reconciles jobs a previous run left behind, then starts
+daphne (HTTP + WebSocket) and the django-q2 cluster as children in their own sessions, so a terminal's Ctrl-C
+reaches only this parent. On SIGINT/SIGTERM it stops running training processes (they checkpoint; their jobs
+resume on the next start), then the children: SIGTERM, then SIGKILL after a grace period. Nothing is left running.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Start the MiniCloud node: web server (daphne) and job workers (django-q2 cluster)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=settings.PORT)
+        parser.add_argument("--no-setup", action="store_true", help="skip migrate/collectstatic/demo data")
+
+    def handle(self, *args, host, port, no_setup, **options):
+        from accounts.services import ensure_first_admin
+        from jobs import services
+
+        if not no_setup:
+            call_command("migrate", interactive=False, verbosity=0)
+            call_command("collectstatic", interactive=False, verbosity=0)
+        admin = ensure_first_admin()
+        services.register_node(settings.NODE_NAME)
+        requeued = services.reconcile_node(settings.NODE_NAME)
+        self._ensure_schedule()
+        if requeued:
+            self.stdout.write(f"Requeued interrupted jobs to resume: {requeued}")
+
+        self.stopping = False
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        py = sys.executable
+        self.children = {
+            "web": subprocess.Popen([py, "-m", "daphne", "-b", host, "-p", str(port), "minicloud.asgi:application"],
+                                    cwd=settings.BASE_DIR, start_new_session=True),
+            "workers": subprocess.Popen([py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True),
+        }
+        url = f"http://{host}:{port}"
+        self.stdout.write(self.style.SUCCESS(f"MiniCloud is starting at {url}  (node {settings.NODE_NAME}, "
+                                             f"data in {settings.HOME})"))
+        if admin and admin[1]:
+            self.stdout.write(self.style.WARNING(f"Log in as '{admin[0]}' with password: {admin[1]}  "
+                                                 "(shown once; change it in /admin/)"))
+        elif admin:
+            self.stdout.write(f"Log in as '{admin[0]}' with the password from DJANGO_SUPERUSER_PASSWORD.")
+        else:
+            self.stdout.write("Log in with your account; `python manage.py changepassword admin` resets a password.")
+        self.stdout.write("Press Ctrl-C to stop.")
+        services.kick_queue()  # queued jobs from before this start
+        sys.stdout.flush()
+        code = 0
+        while not self.stopping:
+            for name, proc in self.children.items():
+                if proc.poll() is not None and not self.stopping:
+                    self.stderr.write(f"{name} exited with code {proc.returncode}; stopping")
+                    code = 1
+                    self.stopping = True
+            time.sleep(0.3)
+        self._shutdown()
+        sys.exit(code)
+
+    def _on_signal(self, signum, frame):
+        self.stopping = True
+
+    def _ensure_schedule(self):
+        from django_q.models import Schedule
+
+        Schedule.objects.update_or_create(
+            name="minicloud-housekeeping",
+            defaults={"func": "jobs.tasks.housekeeping", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                      "repeats": -1})
+
+    def _shutdown(self):
+        from jobs.models import Job, Node
+
+        self.stdout.write("Stopping: checkpointing running jobs …")
+        Node.objects.filter(name=settings.NODE_NAME).update(stopping=True)
+        grace = settings.JOB_KILL_GRACE_S + 5
+        deadline = time.monotonic() + grace
+        # The supervisors see `stopping`, SIGTERM their training groups and mark the jobs interrupted.
+        while time.monotonic() < deadline and Job.objects.filter(
+                node=settings.NODE_NAME, status=Job.Status.RUNNING).exists():
+            if self.children["workers"].poll() is not None:
+                break
+            time.sleep(0.3)
+        for pid in Job.objects.filter(node=settings.NODE_NAME, status=Job.Status.RUNNING).exclude(
+                pid=None).values_list("pid", flat=True):
+            _killpg(pid, signal.SIGKILL)  # the supervisor is gone; reconcile requeues these on the next start
+        for proc in self.children.values():
+            _killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.children.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.children.values():
+            _killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.stdout.write("Stopped.")
+
+
+def _killpg(pid, sig):
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,66 @@
+"""The OpenAPI 3 description of /api/v1 (served at /api/v1/openapi.json)."""
+from django.http import JsonResponse
+
+ERR = {"$ref": "#/components/responses/Error"}
+
+
+def _op(summary, ok="200", auth=True, body=None, params=()):
+    op = {"summary": summary, "responses": {ok: {"description": "OK"}, "400": ERR, "401": ERR, "404": ERR}}
+    if not auth:
+        op["security"] = []
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if params:
+        op["parameters"] = [{"name": p, "in": "query", "schema": {"type": "integer"}} for p in params]
+    return op
+
+
+ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+
+SCHEMA = {
+    "openapi": "3.0.3",
+    "info": {"title": "MiniCloud API", "version": "1"},
+    "servers": [{"url": "/api/v1"}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "responses": {"Error": {"description": "error", "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"error": {"type": "string"}, "details": {}}}}}}},
+        "schemas": {"JobCreate": {"type": "object", "required": ["name", "stage", "dataset"], "properties": {
+            "name": {"type": "string"}, "stage": {"type": "string", "enum": ["pretrain", "sft", "lora", "dpo",
+                                                                              "distill", "ppo", "grpo"]},
+            "dataset": {"type": "integer"}, "base_model": {"type": "integer", "nullable": True},
+            "teacher_model": {"type": "integer", "nullable": True}, "tokenizer": {"type": "integer", "nullable": True},
+            "config": {"type": "object", "description": "MiniMind argument names, plus max_steps and seed"},
+            "priority": {"type": "integer"}, "gpus": {"type": "integer", "minimum": 1}}}},
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/health": {"get": _op("Liveness and database check", auth=False)},
+        "/auth/token": {"post": _op("Exchange username and password for a bearer token", auth=False, body={
+            "type": "object", "required": ["username", "password"],
+            "properties": {"username": {"type": "string"}, "password": {"type": "string"}}})},
+        "/me": {"get": _op("The current user")},
+        "/devices": {"get": _op("Devices of every node")},
+        "/datasets": {"get": _op("Datasets you can use")},
+        "/datasets/{id}": {"get": {**_op("One dataset"), "parameters": ID}},
+        "/datasets/{id}/preview": {"get": {**_op("Records of a dataset", params=("offset", "limit")),
+                                           "parameters": ID + [{"name": p, "in": "query", "schema": {
+                                               "type": "integer"}} for p in ("offset", "limit")]}},
+        "/jobs": {"get": _op("Your jobs"), "post": _op("Submit a job", ok="201",
+                                                        body={"$ref": "#/components/schemas/JobCreate"})},
+        "/jobs/{id}": {"get": {**_op("One job"), "parameters": ID}},
+        "/jobs/{id}/metrics": {"get": {**_op("Metric points after a sequence number"), "parameters": ID + [
+            {"name": "after", "in": "query", "schema": {"type": "integer"}}]}},
+        "/jobs/{id}/logs": {"get": {**_op("Log text from an offset"), "parameters": ID + [
+            {"name": "after", "in": "query", "schema": {"type": "integer"}}]}},
+        "/jobs/{id}/cancel": {"post": {**_op("Cancel a queued or running job", ok="202"), "parameters": ID}},
+        "/models": {"get": _op("Models you can use")},
+        "/models/{id}": {"get": {**_op("One model with lineage"), "parameters": ID}},
+        "/models/{id}/download": {"get": {**_op("Download weights"), "parameters": ID + [
+            {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["pth"]}}]}},
+    },
+}
+
+
+def schema(request):
+    return JsonResponse(SCHEMA)

@@ -1,0 +1,49 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+from accounts import api as accounts_api
+from jobs import api as jobs_api
+from jobs import views as jobs_views
+from models_registry import api as models_api
+from models_registry import views as models_views
+
+from . import openapi
+
+api_v1 = [
+    path("health", jobs_api.health),
+    path("openapi.json", openapi.schema),
+    path("auth/token", accounts_api.token),
+    path("me", accounts_api.me),
+    path("devices", jobs_api.devices),
+    path("datasets", jobs_api.datasets),
+    path("datasets/<int:dataset_id>", jobs_api.dataset_detail),
+    path("datasets/<int:dataset_id>/preview", jobs_api.dataset_preview),
+    path("jobs", jobs_api.jobs),
+    path("jobs/<int:job_id>", jobs_api.job_detail),
+    path("jobs/<int:job_id>/metrics", jobs_api.job_metrics),
+    path("jobs/<int:job_id>/logs", jobs_api.job_logs),
+    path("jobs/<int:job_id>/cancel", jobs_api.job_cancel),
+    path("models", models_api.models),
+    path("models/<int:model_id>", models_api.model_detail),
+    path("models/<int:model_id>/download", models_api.model_download),
+]
+
+urlpatterns = [
+    path("", jobs_views.dashboard, name="dashboard"),
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("i18n/", include("django.conf.urls.i18n")),
+    path("jobs/new/", jobs_views.job_new, name="job_new"),
+    path("jobs/<int:job_id>/", jobs_views.job_detail, name="job_detail"),
+    path("jobs/<int:job_id>/cancel/", jobs_views.job_cancel, name="job_cancel"),
+    path("queue/", jobs_views.queue, name="queue"),
+    path("devices/", jobs_views.devices, name="devices"),
+    path("datasets/", jobs_views.datasets, name="datasets"),
+    path("datasets/<int:dataset_id>/", jobs_views.dataset_detail, name="dataset_detail"),
+    path("models/", models_views.model_list, name="models"),
+    path("models/<int:model_id>/", models_views.model_detail, name="model_detail"),
+    path("models/<int:model_id>/download/", models_views.model_download, name="model_download"),
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api_v1)),
+]

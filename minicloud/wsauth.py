@@ -1,0 +1,31 @@
+"""WebSocket auth for API clients: ``Authorization: Bearer <token>`` or ``?token=`` when there is no session user."""
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+
+
+@database_sync_to_async
+def _user_for(raw):
+    from accounts.models import ApiToken
+
+    return ApiToken.user_for(raw)
+
+
+class TokenAuthMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        user = scope.get("user")
+        if user is None or not user.is_authenticated:
+            raw = None
+            for name, value in scope.get("headers", []):
+                if name == b"authorization" and value.lower().startswith(b"bearer "):
+                    raw = value[7:].decode().strip()
+            if raw is None:
+                raw = (parse_qs(scope.get("query_string", b"").decode()).get("token") or [None])[0]
+            if raw:
+                found = await _user_for(raw)
+                if found is not None:
+                    scope = dict(scope, user=found)
+        return await self.app(scope, receive, send)

@@ -1,0 +1,35 @@
+from django.http import FileResponse
+
+from minicloud.api import ApiError, endpoint
+
+from .models import ModelVersion
+from .services import download_name
+
+
+def _model(request, model_id) -> ModelVersion:
+    mv = ModelVersion.objects.visible_to(request.user).filter(pk=model_id).first()
+    if mv is None:
+        raise ApiError(404, f"no model {model_id}")
+    return mv
+
+
+@endpoint("GET")
+def models(request):
+    return {"models": [m.to_dict() for m in ModelVersion.objects.visible_to(request.user)[:500]]}
+
+
+@endpoint("GET")
+def model_detail(request, model_id):
+    return _model(request, model_id).to_dict()
+
+
+@endpoint("GET")
+def model_download(request, model_id):
+    mv = _model(request, model_id)
+    fmt = request.GET.get("format", "pth")
+    if fmt != "pth":
+        raise ApiError(400, f"format: {fmt!r} is not available yet; use pth")
+    if not mv.pth_path.exists():
+        raise ApiError(404, f"the weights file of model {model_id} is missing on disk")
+    return FileResponse(open(mv.pth_path, "rb"), as_attachment=True, filename=download_name(mv),
+                        content_type="application/octet-stream")

@@ -1,0 +1,83 @@
+// Job page: plotly loss/lr chart fed by the job's WebSocket (/ws/jobs/<id>/), live status, progress and log.
+(function () {
+  "use strict";
+  const meta = JSON.parse(document.getElementById("job-meta").textContent);
+  const points = JSON.parse(document.getElementById("points").textContent);
+  const chart = document.getElementById("chart");
+  const labels = JSON.parse(document.getElementById("status-labels").textContent);
+  const FINAL = ["succeeded", "failed", "cancelled"];
+
+  function series(pts, key) {
+    const x = [], y = [];
+    for (const p of pts) if (p.values[key] !== undefined) { x.push(p.step); y.push(p.values[key]); }
+    return { x, y };
+  }
+  const loss = series(points, "loss"), lr = series(points, "lr");
+  Plotly.newPlot(chart, [
+    { x: loss.x, y: loss.y, name: "loss", mode: "lines", line: { color: "#2563eb" } },
+    { x: lr.x, y: lr.y, name: "lr", mode: "lines", yaxis: "y2", line: { color: "#f59e0b", dash: "dot" } },
+  ], {
+    margin: { t: 10, r: 60, b: 40, l: 50 }, height: 320, legend: { orientation: "h" },
+    xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
+    yaxis2: { title: { text: "lr" }, overlaying: "y", side: "right", exponentformat: "e" },
+  }, { responsive: true, displaylogo: false });
+  chart.dataset.points = String(loss.x.length);
+
+  const logEl = document.getElementById("log");
+  function setStatus(job) {
+    const el = document.getElementById("job-status");
+    el.className = "status s-" + job.status;
+    el.dataset.status = job.status;
+    el.textContent = labels[job.status] || job.status;
+    document.getElementById("job-progress").value = job.progress;
+    document.getElementById("job-steps").textContent = job.step + " / " + (job.total_steps || "?");
+    document.getElementById("job-node").textContent = job.node || "–";
+    const err = document.getElementById("job-error");
+    if (job.error) { err.hidden = false; err.textContent = job.error; }
+    if (job.output_model) {
+      document.getElementById("job-model").innerHTML =
+        '<a href="' + meta.modelUrl.replace("/0/", "/" + job.output_model + "/") + '">#' + job.output_model + "</a>";
+    }
+    if (FINAL.includes(job.status)) {
+      const form = document.getElementById("cancel-form");
+      if (form) form.remove();
+    }
+  }
+
+  let pending = [];
+  let timer = null;
+  function flushPoints() {  // coalesce WebSocket batches: at most a few chart redraws a second
+    timer = null;
+    if (!pending.length) return;
+    const l = series(pending, "loss"), r = series(pending, "lr");
+    pending = [];
+    Plotly.extendTraces(chart, { x: [l.x, r.x], y: [l.y, r.y] }, [0, 1]);
+    chart.dataset.points = String(Number(chart.dataset.points) + l.x.length);
+  }
+
+  if (meta.final) return;
+  let after = meta.after, logOffset = meta.logOffset, retry = 1000;
+  function connect() {
+    const proto = location.protocol === "https:" ? "wss://" : "ws://";
+    const ws = new WebSocket(proto + location.host + "/ws/jobs/" + meta.id + "/?after=" + after + "&log_after=" + logOffset);
+    ws.onmessage = function (ev) {
+      const msg = JSON.parse(ev.data);
+      if (msg.points.length) {
+        after = msg.points[msg.points.length - 1].seq;
+        pending.push(...msg.points);
+        if (!timer) timer = setTimeout(flushPoints, 250);
+      }
+      if (msg.log) {
+        const atBottom = logEl.scrollTop + logEl.clientHeight >= logEl.scrollHeight - 5;
+        logEl.textContent += msg.log;
+        if (atBottom) logEl.scrollTop = logEl.scrollHeight;
+      }
+      logOffset = msg.log_offset;
+      setStatus(msg.job);
+      if (FINAL.includes(msg.job.status)) { flushPoints(); ws.close(); ws.onclose = null; }
+    };
+    ws.onopen = function () { retry = 1000; };
+    ws.onclose = function () { setTimeout(connect, retry); retry = Math.min(retry * 2, 15000); };
+  }
+  connect();
+})();

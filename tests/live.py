@@ -1,0 +1,149 @@
+"""A real MiniCloud node for end-to-end tests: `manage.py serve` (daphne + qcluster) in a subprocess.
+
+It gets a temporary MINICLOUD_HOME, a free port and two CPU slots. Under DATABASE_URL=postgres… it gets a fresh
+database of its own (dropped afterwards); under REDIS_URL, a queue name and channel prefix of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = ("admin", "e2e-admin-password")
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "batch_size": 16, "max_seq_len": 64, "accumulation_steps": 1, "learning_rate": 3e-3, "log_interval": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_admin(url: str, sql: str) -> None:
+    import psycopg
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
+        conn.execute(sql)
+
+
+class LiveNode:
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, MINICLOUD_HOME=str(home), PORT=str(self.port), MINICLOUD_DEVICES="cpu:2",
+                        MINICLOUD_INSTANCE=f"mc-e2e-{uuid.uuid4().hex[:8]}", MINICLOUD_KILL_GRACE="5",
+                        DJANGO_SUPERUSER_USERNAME=ADMIN[0], DJANGO_SUPERUSER_PASSWORD=ADMIN[1], PYTHONUNBUFFERED="1")
+        self.pg_db = None
+        db_url = os.environ.get("DATABASE_URL", "")
+        if db_url.startswith(("postgres://", "postgresql://")):
+            from urllib.parse import urlsplit, urlunsplit
+
+            self.pg_db = f"minicloud_e2e_{uuid.uuid4().hex[:8]}"
+            _pg_admin(db_url, f'CREATE DATABASE "{self.pg_db}"')
+            self.env["DATABASE_URL"] = urlunsplit(urlsplit(db_url)._replace(path=f"/{self.pg_db}"))
+        self.log_path = home / "serve.log"
+        self.proc = None
+        self.token = None
+
+    def start(self, timeout=120):
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "manage.py", "serve"], cwd=ROOT, env=self.env,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited early:\n{self.log()}")
+            try:
+                if self.request("GET", "/api/v1/health", auth=False)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"serve did not answer in {timeout}s:\n{self.log()}")
+        status, body = self.request("POST", "/api/v1/auth/token", {"username": ADMIN[0], "password": ADMIN[1]},
+                                    auth=False)
+        assert status == 200, body
+        self.token = body["token"]
+        return self
+
+    def stop(self, timeout=60) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError(f"serve did not stop in {timeout}s:\n{self.log()}")
+        self.log_file.close()
+        return self.proc.returncode
+
+    def drop_database(self):
+        if self.pg_db:
+            _pg_admin(os.environ["DATABASE_URL"], f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+    def request(self, method, path, data=None, auth=True, raw=False):
+        body = json.dumps(data).encode() if data is not None else None
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        req.add_header("Content-Type", "application/json")
+        if auth:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                content = resp.read()
+                return resp.status, content if raw else json.loads(content)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def submit(self, name, config, stage="pretrain"):
+        status, datasets = self.request("GET", "/api/v1/datasets")
+        ds = next(d for d in datasets["datasets"] if d["name"] == "demo-pretrain")
+        status, job = self.request("POST", "/api/v1/jobs", {"name": name, "stage": stage, "dataset": ds["id"],
+                                                             "config": config})
+        assert status == 201, job
+        return job
+
+    def job(self, job_id):
+        return self.request("GET", f"/api/v1/jobs/{job_id}")[1]
+
+    def wait_for(self, job_id, predicate, timeout=240, what="condition"):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if predicate(job):
+                return job
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id}: {what} not reached in {timeout}s: {self.job(job_id)}\n{self.log()}")
+
+
+def training_processes(spec_fragment: str) -> list[int]:
+    """PIDs of live `training run` processes whose command line contains ``spec_fragment``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if "training run" in cmd and spec_fragment in cmd and state != "Z":
+            pids.append(int(proc.name))
+    return pids

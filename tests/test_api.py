@@ -1,0 +1,92 @@
+"""The HTTP API contract: auth, status codes, JSON errors, ownership."""
+import json
+
+import pytest
+
+from models_registry.models import Tokenizer
+from jobs.models import Dataset, Job, MetricPoint, LogChunk
+
+from conftest import TINY
+
+
+@pytest.fixture
+def demo(db):
+    return Dataset.objects.get(name="demo-pretrain")
+
+
+def test_health_needs_no_auth(client, db):
+    r = client.get("/api/v1/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_token_exchange(client, user):
+    r = client.post("/api/v1/auth/token", json.dumps({"username": "alice", "password": "alice-pass-123"}),
+                    content_type="application/json")
+    assert r.status_code == 200
+    tok = r.json()["token"]
+    assert client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {tok}").json()["username"] == "alice"
+    bad = client.post("/api/v1/auth/token", json.dumps({"username": "alice", "password": "no"}),
+                      content_type="application/json")
+    assert bad.status_code == 401 and "error" in bad.json()
+    assert client.post("/api/v1/auth/token", "{not json", content_type="application/json").status_code == 400
+
+
+def test_no_or_bad_credentials_are_401(client, db):
+    assert client.get("/api/v1/jobs").status_code == 401
+    r = client.get("/api/v1/jobs", HTTP_AUTHORIZATION="Bearer nope")
+    assert r.status_code == 401 and r.json()["error"]
+
+
+def test_create_job_201_and_errors_400_with_field(api, demo):
+    r = api.post("/api/v1/jobs", {"name": "a", "stage": "pretrain", "dataset": demo.pk, "config": TINY})
+    assert r.status_code == 201, r.content
+    body = r.json()
+    assert body["status"] == "queued" and body["id"] and body["config"] == TINY
+    r = api.post("/api/v1/jobs", {"name": "a", "stage": "pretrain", "dataset": demo.pk, "config": {"epochz": 1}})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "config.epochz"
+    r = api.post("/api/v1/jobs", {"name": "a", "stage": "pretrain", "dataset": 99999})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "dataset"
+    r = api.post("/api/v1/jobs", {"name": "a", "stage": "pretrain", "dataset": demo.pk, "colour": "red"})
+    assert r.status_code == 400 and "colour" in r.json()["error"]
+    assert Job.objects.count() == 1
+
+
+def test_job_detail_metrics_logs_and_cancel(api, user, demo):
+    job = Job.objects.create(owner=user, name="x", stage="pretrain", dataset=demo, tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
+    MetricPoint.objects.bulk_create([MetricPoint(job=job, seq=i, step=i * 10, time=float(i),
+                                                 values={"loss": 5.0 - i, "lr": 1e-3}) for i in range(1, 4)])
+    LogChunk.objects.create(job=job, offset=0, text="hello\n")
+    LogChunk.objects.create(job=job, offset=6, text="world\n")
+    assert api.get(f"/api/v1/jobs/{job.pk}").json()["queue_position"] == 1
+    pts = api.get(f"/api/v1/jobs/{job.pk}/metrics?after=1").json()["points"]
+    assert [p["seq"] for p in pts] == [2, 3] and pts[0]["values"]["loss"] == 3.0 and pts[0]["step"] == 20
+    assert api.get(f"/api/v1/jobs/{job.pk}/metrics?after=x").status_code == 400
+    assert api.get(f"/api/v1/jobs/{job.pk}/logs?after=3").json() == {"text": "lo\nworld\n", "offset": 12}
+    r = api.post(f"/api/v1/jobs/{job.pk}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    assert api.post(f"/api/v1/jobs/{job.pk}/cancel").status_code == 409
+
+
+def test_other_users_jobs_are_404(api, other_user, demo):
+    job = Job.objects.create(owner=other_user, name="secret", stage="pretrain", dataset=demo, tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
+    for path in (f"/api/v1/jobs/{job.pk}", f"/api/v1/jobs/{job.pk}/metrics", f"/api/v1/jobs/{job.pk}/logs"):
+        assert api.get(path).status_code == 404
+    assert api.post(f"/api/v1/jobs/{job.pk}/cancel").status_code == 404
+    assert api.get("/api/v1/jobs").json()["jobs"] == []
+
+
+def test_datasets_devices_models_and_openapi(api, demo):
+    names = {d["name"] for d in api.get("/api/v1/datasets").json()["datasets"]}
+    assert {"demo-pretrain", "demo-sft", "demo-dpo", "demo-rlaif"} <= names
+    preview = api.get(f"/api/v1/datasets/{demo.pk}/preview?offset=2&limit=3").json()
+    assert len(preview["records"]) == 3 and "text" in preview["records"][0]
+    assert api.get("/api/v1/devices").status_code == 200
+    assert api.get("/api/v1/models").json() == {"models": []}
+    assert api.get("/api/v1/models/5/download?format=pth").status_code == 404
+    spec = api.get("/api/v1/openapi.json").json()
+    assert "/jobs/{id}/metrics" in spec["paths"]
+
+
+def test_wrong_method_is_json_405(api, db):
+    r = api.post("/api/v1/devices")
+    assert r.status_code == 405 and "error" in r.json()

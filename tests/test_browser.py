@@ -1,0 +1,70 @@
+"""In a real browser (Playwright + Debian's chromium): log in, submit the form, watch the chart grow, see success."""
+import os
+import shutil
+
+import pytest
+
+from .live import ADMIN
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it with apt-get install -y chromium")
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def chart_points(page) -> int:
+    return page.evaluate("() => { const gd = document.getElementById('chart'); "
+                         "return gd && gd.data ? gd.data[0].x.length : -1; }")
+
+
+def test_login_submit_watch_chart_and_succeed(live, browser):
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(live.url + "/")
+    assert "/accounts/login/" in page.url
+    page.fill("input[name=username]", ADMIN[0])
+    page.fill("input[name=password]", ADMIN[1])
+    page.click("button[type=submit]")
+    page.wait_for_url(live.url + "/")
+    page.click("text=New job")
+    page.fill("#id_name", "browser-job")
+    assert page.input_value("#id_hidden_size") == "64"
+    page.fill("#id_max_steps", "300")
+    page.fill("#id_log_interval", "2")
+    page.click("#submit-job")
+    page.wait_for_url("**/jobs/*/")
+    page.wait_for_selector("#chart.js-plotly-plot")
+    # The chart gains points while the job runs (WebSocket → Plotly.extendTraces).
+    page.wait_for_function("() => document.getElementById('chart').data[0].x.length > 0", timeout=120_000)
+    seen = chart_points(page)
+    page.wait_for_function(f"() => document.getElementById('chart').data[0].x.length > {seen}", timeout=60_000)
+    assert page.get_attribute("#job-status", "data-status") in ("running", "succeeded")
+    page.wait_for_function("() => document.getElementById('job-status').dataset.status === 'succeeded'",
+                           timeout=240_000)
+    job_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    stored = live.request("GET", f"/api/v1/jobs/{job_id}/metrics?after=0")[1]["points"]
+    assert len(stored) > 10 and chart_points(page) == len(stored)  # every stored point reached the chart
+    assert page.locator("#job-model a").count() == 1
+    page.click("#job-model a")
+    page.wait_for_selector("#download-pth")
+    # The same page in Simplified Chinese.
+    with page.expect_navigation():
+        page.select_option("select[name=language]", "zh-hans")
+    assert "下载 .pth" in page.inner_text("#download-pth")
+    with page.expect_navigation():
+        page.select_option("select[name=language]", "en")
+    page.close()

@@ -1,0 +1,72 @@
+"""The job WebSocket consumer, in-process: auth, ownership, and new points and log arriving as they are written."""
+import pytest
+from channels.db import database_sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+
+from models_registry.models import Tokenizer
+from jobs.models import Dataset, Job, LogChunk, MetricPoint
+from jobs.routing import websocket_urlpatterns
+from minicloud.wsauth import TokenAuthMiddleware
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+
+
+@database_sync_to_async
+def make_job(owner):
+    return Job.objects.create(owner=owner, name="ws", stage="pretrain", status="running",
+                              dataset=Dataset.objects.get(name="demo-pretrain"), tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
+
+
+@database_sync_to_async
+def write_step(job, seq, loss):
+    MetricPoint.objects.create(job=job, seq=seq, step=seq * 5, time=float(seq), values={"loss": loss, "lr": 1e-3})
+    LogChunk.objects.create(job=job, offset=(seq - 1) * 7, text=f"step {seq:02d}\n")
+
+
+@database_sync_to_async
+def make_user(name):
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import ApiToken
+
+    user = get_user_model().objects.create_user(name, password="x-password-1")
+    return user, ApiToken.issue(user)[1]
+
+
+def communicator(path, token=None):
+    app = TokenAuthMiddleware(URLRouter(websocket_urlpatterns))
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    return WebsocketCommunicator(app, path, headers=headers)
+
+
+async def test_points_and_log_stream_live():
+    user, token = await make_user("carol")
+    job = await make_job(user)
+    await write_step(job, 1, 7.5)
+    comm = communicator(f"/ws/jobs/{job.pk}/?after=0&log_after=0", token)
+    connected, _ = await comm.connect()
+    assert connected
+    first = await comm.receive_json_from(timeout=5)
+    assert [p["seq"] for p in first["points"]] == [1] and first["log"] == "step 01\n"
+    assert first["job"]["status"] == "running"
+    await write_step(job, 2, 6.0)
+    await write_step(job, 3, 5.5)
+    got = []
+    while len(got) < 2:
+        msg = await comm.receive_json_from(timeout=5)
+        got += [p["values"]["loss"] for p in msg["points"]]
+    assert got == [6.0, 5.5]
+    await comm.disconnect()
+
+
+async def test_anonymous_and_foreign_users_are_refused():
+    owner, _ = await make_user("dave")
+    _, other_token = await make_user("erin")
+    job = await make_job(owner)
+    comm = communicator(f"/ws/jobs/{job.pk}/")
+    connected, code = await comm.connect()
+    assert not connected and code == 4401
+    comm = communicator(f"/ws/jobs/{job.pk}/", other_token)
+    connected, code = await comm.connect()
+    assert not connected and code == 4404

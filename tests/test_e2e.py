@@ -1,0 +1,66 @@
+"""End to end against the real `serve`: submit through the API, train, read metrics, download, cancel."""
+import io
+import time
+
+import pytest
+import torch
+from transformers import Qwen3ForCausalLM
+
+from training.model import hf_config
+
+from .live import TINY, training_processes
+
+pytestmark = pytest.mark.e2e
+
+
+def test_pretrain_job_end_to_end(live):
+    job = live.submit("e2e-pretrain", {**TINY, "max_steps": 40})
+    assert job["status"] == "queued"
+    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), what="finish")
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 1.0 and done["node"] and done["devices"] in ([0], [1])
+    points = live.request("GET", f"/api/v1/jobs/{job['id']}/metrics?after=0")[1]["points"]
+    steps = [p["step"] for p in points]
+    assert steps == sorted(steps) and steps[-1] == 40
+    assert points[-1]["values"]["loss"] < 0.8 * points[0]["values"]["loss"]
+    later = live.request("GET", f"/api/v1/jobs/{job['id']}/metrics?after={points[-3]['seq']}")[1]["points"]
+    assert [p["seq"] for p in later] == [p["seq"] for p in points[-2:]]
+    status, logs = live.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")
+    assert status == 200 and "done after 40 steps" in logs["text"]
+
+    model_id = done["output_model"]
+    status, model = live.request("GET", f"/api/v1/models/{model_id}")
+    assert status == 200 and model["lineage"]["job"] == job["id"] and model["parameters"] > 0
+    status, raw = live.request("GET", f"/api/v1/models/{model_id}/download?format=pth", raw=True)
+    assert status == 200
+    sd = torch.load(io.BytesIO(raw), weights_only=True)
+    qwen = Qwen3ForCausalLM(hf_config(model["config"]))
+    qwen.load_state_dict(sd, strict=True)
+    assert live.request("GET", f"/api/v1/models/{model_id}/download?format=gguf")[0] == 400
+
+
+def test_cancel_a_running_job_kills_the_process(live):
+    job = live.submit("e2e-cancel", {**TINY, "max_steps": 100000, "log_interval": 1})
+    live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] > 0, what="running with steps")
+    spec = f"job-{job['id']}/spec.json"
+    assert training_processes(spec), "the training child should be running"
+    t0 = time.time()
+    status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")
+    assert status == 202, body
+    live.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=15, what="cancelled")
+    while training_processes(spec) and time.time() - t0 < 10:
+        time.sleep(0.2)
+    assert not training_processes(spec), "the training child must be gone within 10 s"
+    assert time.time() - t0 < 10
+    assert live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 409
+
+
+def test_devices_health_and_errors(live):
+    status, body = live.request("GET", "/api/v1/devices")
+    assert status == 200 and [d["kind"] for d in body["devices"]] == ["cpu", "cpu"]
+    assert live.request("GET", "/api/v1/health", auth=False)[1]["status"] == "ok"
+    assert live.request("GET", "/api/v1/jobs", auth=False)[0] == 401
+    assert live.request("GET", "/api/v1/jobs/999999")[0] == 404
+    status, body = live.request("POST", "/api/v1/jobs", {"name": "x", "stage": "pretrain", "dataset": 1,
+                                                         "config": {"hidden_size": "big"}})
+    assert status == 400 and body["details"]["field"] == "config.hidden_size"

@@ -1,0 +1,63 @@
+"""Server-rendered pages: login required, the job form, and both languages."""
+import pytest
+
+from models_registry.models import Tokenizer
+from jobs.models import Job
+
+
+@pytest.fixture
+def logged_in(client, user):
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.parametrize("path", ["/", "/jobs/new/", "/queue/", "/devices/", "/datasets/", "/models/"])
+def test_pages_need_login_and_render(client, user, path):
+    assert client.get(path).status_code == 302
+    client.force_login(user)
+    assert client.get(path).status_code == 200
+
+
+def test_new_job_form_submits_a_job(logged_in):
+    page = logged_in.get("/jobs/new/")
+    form = page.context["form"]
+    data = {k: v for k, v in form.initial.items()}
+    data.update(name="from the form", dataset=form.initial["dataset"], preset="tiny", max_steps=5)
+    r = logged_in.post("/jobs/new/", data)
+    job = Job.objects.get()
+    assert r.status_code == 302 and r["Location"] == f"/jobs/{job.pk}/"
+    assert job.resolved_config["hidden_size"] == 64 and job.resolved_config["max_steps"] == 5
+    detail = logged_in.get(r["Location"])
+    assert b"js-plotly-plot" not in detail.content  # plotly adds that class in the browser
+    assert b'id="chart"' in detail.content and b"/static/vendor/plotly." in detail.content
+
+
+def test_new_job_form_shows_errors_in_the_page(logged_in):
+    page = logged_in.get("/jobs/new/")
+    data = dict(page.context["form"].initial, name="x", hidden_size=64, num_attention_heads=5)
+    r = logged_in.post("/jobs/new/", data)
+    assert r.status_code == 200 and "must divide hidden_size" in r.content.decode()
+    assert Job.objects.count() == 0
+
+
+def test_pages_in_simplified_chinese(logged_in):
+    r = logged_in.get("/", HTTP_ACCEPT_LANGUAGE="zh-hans")
+    text = r.content.decode()
+    assert "新建任务" in text and "我的任务" in text
+    r = logged_in.get("/jobs/new/", HTTP_ACCEPT_LANGUAGE="zh-hans")
+    assert "开始训练" in r.content.decode()
+
+
+def test_language_switch(logged_in):
+    r = logged_in.post("/i18n/setlang/", {"language": "zh-hans", "next": "/"})
+    assert r.status_code == 302
+    assert "仪表盘" in logged_in.get("/").content.decode()
+
+
+def test_other_users_job_page_is_404(logged_in, other_user):
+    from jobs.models import Dataset
+
+    ds = Dataset.objects.get(name="demo-pretrain")
+    job = Job.objects.create(owner=other_user, name="secret", stage="pretrain", dataset=ds, tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
+    assert logged_in.get(f"/jobs/{job.pk}/").status_code == 404
+    assert logged_in.post(f"/jobs/{job.pk}/cancel/").status_code == 404

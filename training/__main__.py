@@ -1,0 +1,95 @@
+"""``python -m training run SPEC.json`` | ``demo-data OUT_DIR`` | ``train-tokenizer DATA.jsonl... --out DIR``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+def cmd_run(args) -> int:
+    from . import events
+    from .spec import SpecError, load_spec, model_config, parameter_count
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        events.emit("error", kind="spec", field=exc.field, message=str(exc))
+        return 2
+    try:
+        import torch
+
+        from . import pretrain
+        from .model import build_model, load_pth
+        from .tokenizer import load_tokenizer
+
+        cfg = spec["config"]
+        mcfg = model_config(cfg)
+        tok = load_tokenizer(spec["tokenizer"])
+        if tok.get_vocab_size() > mcfg["vocab_size"]:
+            raise ValueError(f"vocab_size: tokenizer has {tok.get_vocab_size()} tokens, model only {mcfg['vocab_size']}")
+        torch.manual_seed(cfg["seed"])
+        model = build_model(mcfg)
+        if spec.get("base_model"):
+            load_pth(model, spec["base_model"]["path"])
+        run_dir = Path(spec["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model_config.json").write_text(json.dumps(mcfg, indent=2))
+        params = parameter_count(mcfg)
+        events.log(f"Model Params: {params['total'] / 1e6:.2f}M")
+        steps = {"pretrain": pretrain.run}[spec["stage"]](spec, model, tok)
+        events.emit("done", step=steps, model_path=str(run_dir / "model.pth"), model_config=mcfg,
+                    params=params["total"])
+        return 0
+    except SystemExit:
+        raise
+    except Exception as exc:  # one line for the user, the traceback for the log
+        sys.stderr.write(traceback.format_exc())
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "out of memory" in message.lower():
+            message = f"out of memory: {message} — try a smaller batch_size or max_seq_len"
+        events.emit("error", kind=type(exc).__name__, message=message)
+        return 1
+
+
+def cmd_demo_data(args) -> int:
+    from .demo_data import iter_texts, write_demo_datasets
+    from .tokenizer import train_tokenizer
+
+    paths = write_demo_datasets(args.out)
+    texts = [t for p in paths.values() for t in iter_texts(p)]
+    train_tokenizer(texts, Path(args.out) / "demo-tokenizer")
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from .demo_data import iter_texts
+    from .tokenizer import train_tokenizer
+
+    texts = [t for p in args.data for t in iter_texts(p)]
+    train_tokenizer(texts, args.out, vocab_size=args.vocab_size)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="run a job spec, writing JSON-lines events to stdout")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo-data", help="write the demo datasets and train the demo tokenizer")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with MiniMind's reserved ids")
+    p.add_argument("data", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.set_defaults(func=cmd_train_tokenizer)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""JSON-lines events on stdout: the engine's only channel to the portal (docs/training-spec.md)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def emit(event: str, **fields) -> None:
+    """Write one event line (rank 0 only) and flush, so the supervisor sees it at once."""
+    if not is_rank0():
+        return
+    fields = {"event": event, "time": round(time.time(), 3), **fields}
+    sys.stdout.write(json.dumps(fields, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def log(message: str, level: str = "info") -> None:
+    emit("log", level=level, message=message)

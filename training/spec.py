@@ -1,0 +1,226 @@
+"""The job spec: MiniMind's argument names, per-stage defaults and validation.
+
+Pure Python (no torch) so the portal can validate a job before queueing it with exactly the rules the engine uses.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "ppo", "grpo")
+# Stages this engine version can run; the others are refused with a clear message until they land.
+IMPLEMENTED_STAGES = ("pretrain",)
+
+# Model architecture keys (MiniMind's config names) and their MiniMind-3 defaults.
+MODEL_DEFAULTS = {
+    "hidden_size": 768,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "intermediate_size": None,  # None: MiniMind's ceil(hidden*pi/64)*64
+    "vocab_size": 6400,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+    "rms_norm_eps": 1e-6,
+    "use_moe": False,
+    "num_experts": 4,
+    "num_experts_per_tok": 1,
+    "moe_intermediate_size": None,
+    "router_aux_loss_coef": 5e-4,
+}
+
+# Training keys shared by the supervised stages (MiniMind's trainer argument names plus ours).
+TRAIN_DEFAULTS = {
+    "epochs": 2,
+    "batch_size": 32,
+    "learning_rate": 5e-4,
+    "accumulation_steps": 8,
+    "grad_clip": 1.0,
+    "log_interval": 100,
+    "save_interval": 1000,
+    "max_seq_len": 340,
+    "dtype": "bfloat16",
+    "max_steps": None,
+    "seed": 42,
+    "warmup_steps": 0,
+    "packing": True,
+}
+
+# MiniMind's per-stage trainer defaults (reference §3, "Per-stage defaults").
+STAGE_DEFAULTS = {
+    "pretrain": {"epochs": 2, "batch_size": 32, "learning_rate": 5e-4, "accumulation_steps": 8,
+                 "log_interval": 100, "save_interval": 1000, "max_seq_len": 340},
+    "sft": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-5, "accumulation_steps": 1,
+            "log_interval": 100, "save_interval": 1000, "max_seq_len": 768},
+    "lora": {"epochs": 10, "batch_size": 32, "learning_rate": 1e-4, "accumulation_steps": 1,
+             "log_interval": 10, "save_interval": 1000, "max_seq_len": 340},
+    "dpo": {"epochs": 1, "batch_size": 4, "learning_rate": 4e-8, "accumulation_steps": 1,
+            "log_interval": 100, "save_interval": 100, "max_seq_len": 1024},
+    "distill": {"epochs": 6, "batch_size": 32, "learning_rate": 5e-6, "accumulation_steps": 1,
+                "log_interval": 100, "save_interval": 100, "max_seq_len": 340},
+    "ppo": {"epochs": 1, "batch_size": 2, "learning_rate": 3e-7, "accumulation_steps": 1,
+            "log_interval": 1, "save_interval": 10, "max_seq_len": 768},
+    "grpo": {"epochs": 1, "batch_size": 2, "learning_rate": 3e-7, "accumulation_steps": 1,
+             "log_interval": 1, "save_interval": 10, "max_seq_len": 768},
+}
+
+# The dataset kind each stage reads (ARCHITECTURE.md: pretrain, sft, dpo, rlaif).
+STAGE_DATASET_KIND = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "distill": "sft",
+                      "ppo": "rlaif", "grpo": "rlaif"}
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+_INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+             "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+             "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",
+             "max_steps", "seed", "warmup_steps"}
+_FLOAT_KEYS = {"rope_theta", "rms_norm_eps", "router_aux_loss_coef", "learning_rate", "grad_clip"}
+_BOOL_KEYS = {"use_moe", "packing"}
+# Keys that must be > 0 when set; the rest of the integers must be >= 0.
+_POSITIVE = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+             "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+             "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_steps",
+             "learning_rate", "rope_theta", "rms_norm_eps"}
+
+
+class SpecError(ValueError):
+    """A spec or config problem. ``field`` names the offending key; ``str()`` is a one-line message."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def defaults_for(stage: str) -> dict:
+    """All config keys with MiniMind's default for ``stage``."""
+    if stage not in STAGES:
+        raise SpecError("stage", f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    return {**MODEL_DEFAULTS, **TRAIN_DEFAULTS, **STAGE_DEFAULTS[stage]}
+
+
+def _coerce(key: str, value):
+    if value is None:
+        if key in ("max_steps", "intermediate_size", "moe_intermediate_size"):
+            return None
+        raise SpecError(key, "must not be null")
+    if key in _BOOL_KEYS:
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1):
+            return bool(value)
+        raise SpecError(key, f"must be true or false, got {value!r}")
+    if key in _INT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise SpecError(key, f"must be an integer, got {value!r}")
+        value = int(value)
+    elif key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SpecError(key, f"must be a number, got {value!r}")
+        value = float(value)
+    elif key == "dtype":
+        if value not in DTYPES:
+            raise SpecError(key, f"must be one of {', '.join(DTYPES)}, got {value!r}")
+        return value
+    if key in _POSITIVE and value <= 0:
+        raise SpecError(key, f"must be greater than 0, got {value!r}")
+    if value < 0:
+        raise SpecError(key, f"must not be negative, got {value!r}")
+    return value
+
+
+def resolve_config(stage: str, config: dict | None) -> dict:
+    """Merge ``config`` over the stage defaults, checking names, types and cross-field rules."""
+    merged = defaults_for(stage)
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise SpecError("config", "must be a JSON object")
+    for key, value in config.items():
+        if key not in merged:
+            raise SpecError(key, "unknown config key")
+        merged[key] = _coerce(key, value)
+    if merged["hidden_size"] % merged["num_attention_heads"]:
+        raise SpecError("num_attention_heads", "must divide hidden_size")
+    if merged["num_attention_heads"] % merged["num_key_value_heads"]:
+        raise SpecError("num_key_value_heads", "must divide num_attention_heads")
+    if merged["num_experts_per_tok"] > merged["num_experts"]:
+        raise SpecError("num_experts_per_tok", "must not exceed num_experts")
+    if merged["max_seq_len"] < 8:
+        raise SpecError("max_seq_len", "must be at least 8")
+    if merged["max_seq_len"] > merged["max_position_embeddings"]:
+        raise SpecError("max_seq_len", "must not exceed max_position_embeddings")
+    return merged
+
+
+def model_config(config: dict) -> dict:
+    """The architecture part of a resolved config, with MiniMind's derived sizes filled in."""
+    out = {k: config[k] for k in MODEL_DEFAULTS}
+    if out["intermediate_size"] is None:
+        out["intermediate_size"] = math.ceil(out["hidden_size"] * math.pi / 64) * 64
+    if out["moe_intermediate_size"] is None:
+        out["moe_intermediate_size"] = out["intermediate_size"]
+    return out
+
+
+def parameter_count(mcfg: dict) -> dict:
+    """Total and active parameter counts of a MiniMind-3 model (tied embeddings counted once)."""
+    h, layers, v = mcfg["hidden_size"], mcfg["num_hidden_layers"], mcfg["vocab_size"]
+    head_dim = h // mcfg["num_attention_heads"]
+    kv = mcfg["num_key_value_heads"] * head_dim
+    attn = h * h * 2 + h * kv * 2 + head_dim * 2
+    norms = 2 * h
+    if mcfg["use_moe"]:
+        expert = 3 * h * mcfg["moe_intermediate_size"]
+        mlp_total = mcfg["num_experts"] * expert + h * mcfg["num_experts"]
+        mlp_active = mcfg["num_experts_per_tok"] * expert + h * mcfg["num_experts"]
+    else:
+        mlp_total = mlp_active = 3 * h * mcfg["intermediate_size"]
+    base = v * h + h
+    return {"total": base + layers * (attn + norms + mlp_total), "active": base + layers * (attn + norms + mlp_active)}
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read and validate a spec file; returns it with ``config`` fully resolved."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpecError("spec", f"file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError("spec", f"not valid JSON ({exc})") from None
+    return validate_spec(spec)
+
+
+def validate_spec(spec: dict) -> dict:
+    if not isinstance(spec, dict):
+        raise SpecError("spec", "must be a JSON object")
+    stage = spec.get("stage")
+    if stage not in STAGES:
+        raise SpecError("stage", f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if stage not in IMPLEMENTED_STAGES:
+        raise SpecError("stage", f"stage {stage!r} is not available in this version yet")
+    for key in ("run_dir", "dataset", "tokenizer"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise SpecError(key, "is required (a path)")
+    for key in ("dataset", "tokenizer"):
+        if not Path(spec[key]).exists():
+            raise SpecError(key, f"path does not exist: {spec[key]}")
+    base = spec.get("base_model")
+    if base is not None:
+        if not isinstance(base, dict) or not isinstance(base.get("path"), str):
+            raise SpecError("base_model", "must be an object with a 'path'")
+        if not Path(base["path"]).exists():
+            raise SpecError("base_model", f"path does not exist: {base['path']}")
+    device = spec.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise SpecError("device", f"must be auto, cpu or cuda, got {device!r}")
+    out = dict(spec)
+    out["device"] = device
+    out["config"] = resolve_config(stage, spec.get("config"))
+    if base is not None and base.get("config"):
+        # A base model fixes the architecture: its config wins over any architecture keys in the job's config.
+        for key in MODEL_DEFAULTS:
+            if key in base["config"]:
+                out["config"][key] = _coerce(key, base["config"][key])
+    out["resume"] = bool(spec.get("resume", False))
+    return out

@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "batch_size": 16, "max_seq_len": 64, "accumulation_steps": 1, "learning_rate": 3e-3, "log_interval": 1,
+        "dtype": "float32"}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from training.__main__ import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo-data", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def make_spec(demo_dir, tmp_path):
+    def make(name="run", **config):
+        spec = {"stage": "pretrain", "run_dir": str(tmp_path / name), "dataset": str(demo_dir / "demo-pretrain.jsonl"),
+                "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu", "config": {**TINY, **config}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(spec))
+        return path
+
+    return make
+
+
+def run_engine(spec_path, **popen):
+    """Run ``python -m training run`` in a subprocess; returns (returncode, events, other output lines)."""
+    proc = subprocess.run([sys.executable, "-m", "training", "run", str(spec_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, **popen)
+    events, other = [], []
+    for line in proc.stdout.splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            other.append(line)
+    return proc.returncode, events, other + proc.stderr.splitlines()
+
+
+def losses(events):
+    return {e["step"]: e["metrics"]["loss"] for e in events if e["event"] == "step"}

@@ -1,0 +1,107 @@
+"""The engine on a tiny model: it learns the demo data, writes MiniMind-layout weights, stops and resumes exactly."""
+import json
+import signal
+import subprocess
+import sys
+
+import torch
+from transformers import Qwen3ForCausalLM
+
+from training.model import hf_config
+from training.spec import model_config, resolve_config
+
+from .conftest import ROOT, losses, run_engine
+
+
+def test_pretrain_loss_falls_well_below_start(make_spec):
+    rc, events, other = run_engine(make_spec(max_steps=120))
+    assert rc == 0, other
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "log" and "start" in kinds and kinds[-1] == "done"
+    curve = losses(events)
+    first, last = curve[1], curve[max(curve)]
+    assert first > 8.0  # ~ln(6400) for a fresh model
+    assert last < 0.45 * first, (first, last)
+    step = [e for e in events if e["event"] == "step"][-1]
+    assert step["step"] == 120 and step["metrics"]["tokens"] > 0 and step["metrics"]["lr"] > 0
+
+
+def test_pth_is_minimind_layout_and_loads_strictly_into_qwen3(make_spec, tmp_path):
+    rc, events, other = run_engine(make_spec(max_steps=3))
+    assert rc == 0, other
+    done = events[-1]
+    sd = torch.load(done["model_path"], weights_only=True)
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    # MiniMind's key layout: embed, final norm, lm_head (tied, both keys present) and 11 keys per dense layer.
+    assert len(sd) == 3 + 11 * 2
+    assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)  # 2 kv heads x head_dim 16
+    assert sd["model.layers.1.mlp.gate_proj.weight"].shape == (256, 64)  # ceil(64*pi/64)*64
+    model = Qwen3ForCausalLM(hf_config(done["model_config"]))
+    model.load_state_dict(sd, strict=True)
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
+    """Stop at step k with SIGTERM, resume, and get the same losses as a run that never stopped (CPU, fp32)."""
+    cfg = dict(max_steps=30, save_interval=1000)
+    rc, straight, other = run_engine(make_spec("straight", **cfg))
+    assert rc == 0, other
+    spec_path = make_spec("stopped", **cfg)
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first_part = []
+    for line in proc.stdout:
+        event = json.loads(line)
+        first_part.append(event)
+        if event["event"] == "step" and event["step"] == 8:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    stopped_at = [e for e in first_part if e["event"] == "checkpoint"][-1]["step"]
+    assert 8 <= stopped_at < 30
+    spec = json.loads(spec_path.read_text())
+    spec["resume"] = True
+    spec_path.write_text(json.dumps(spec))
+    rc, second_part, other = run_engine(spec_path)
+    assert rc == 0, other
+    start = [e for e in second_part if e["event"] == "start"][0]
+    assert start["resumed_from_step"] == stopped_at
+    resumed = {**losses(first_part), **losses(second_part)}
+    expected = losses(straight)
+    assert sorted(resumed) == sorted(expected)
+    for step, loss in expected.items():
+        assert resumed[step] == loss, (step, resumed[step], loss)
+
+
+def test_bad_spec_gives_one_line_error_naming_the_field(make_spec):
+    rc, events, _ = run_engine(make_spec(batch_sise=3))
+    assert rc == 2
+    assert events[-1]["event"] == "error" and events[-1]["field"] == "batch_sise"
+
+
+def test_bad_dataset_line_is_named(make_spec, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    spec_path = make_spec(max_steps=2)
+    spec = json.loads(spec_path.read_text())
+    spec["dataset"] = str(bad)
+    spec_path.write_text(json.dumps(spec))
+    rc, events, _ = run_engine(spec_path)
+    assert rc == 1
+    assert events[-1]["event"] == "error" and "line 2" in events[-1]["message"]
+
+
+def test_engine_runs_alone_in_a_fresh_interpreter_without_django():
+    code = ("import sys, training.__main__, training.loop, training.pretrain, training.model; "
+            "assert not any(m == 'django' or m.startswith('django.') for m in sys.modules), 'django imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_config_defaults_and_derived_sizes():
+    cfg = resolve_config("pretrain", {})
+    assert (cfg["batch_size"], cfg["learning_rate"], cfg["accumulation_steps"], cfg["max_seq_len"]) == (32, 5e-4, 8, 340)
+    mcfg = model_config(cfg)
+    assert mcfg["intermediate_size"] == 2432
+    from training.spec import parameter_count
+
+    assert parameter_count(mcfg)["total"] == 63_912_192  # MiniMind-3 dense, as the reference counts it
+
