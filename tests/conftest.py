@@ -1,6 +1,6 @@
 import pytest
 
-from .live import LiveNode
+from .live import LiveNode, processes_of
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +13,4 @@ def live(tmp_path_factory):
         rc = node.stop()
         node.drop_database()
         assert rc == 0, node.log()
+        assert processes_of(node.home) == [], "serve must leave nothing running"

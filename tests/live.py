@@ -133,6 +133,24 @@ class LiveNode:
         raise AssertionError(f"job {job_id}: {what} not reached in {timeout}s: {self.job(job_id)}\n{self.log()}")
 
 
+def processes_of(home: Path) -> list[str]:
+    """Command lines of live processes started for the node whose MINICLOUD_HOME is ``home``."""
+    needle = f"MINICLOUD_HOME={home}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in env and state != "Z":
+            found.append(cmd)
+    return found
+
+
 def training_processes(spec_fragment: str) -> list[int]:
     """PIDs of live `training run` processes whose command line contains ``spec_fragment``."""
     pids = []
