@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,27 +21,37 @@ def cmd_run(args) -> int:
     try:
         import torch
 
-        from . import pretrain
-        from .model import build_model, load_pth
-        from .tokenizer import load_tokenizer
+        from . import distill, dpo, lora, pretrain, sft
+        from .chat import load_hf_tokenizer
+        from .model import build_model, load_model
 
         cfg = spec["config"]
-        mcfg = model_config(cfg)
-        tok = load_tokenizer(spec["tokenizer"])
-        if tok.get_vocab_size() > mcfg["vocab_size"]:
-            raise ValueError(f"vocab_size: tokenizer has {tok.get_vocab_size()} tokens, model only {mcfg['vocab_size']}")
         torch.manual_seed(cfg["seed"])
-        model = build_model(mcfg)
+        experts = "grouped_mm" if torch.cuda.is_available() and spec["device"] != "cpu" else None
         if spec.get("base_model"):
-            load_pth(model, spec["base_model"]["path"])
+            model, mcfg = load_model(spec["base_model"], experts)
+            cfg.update(mcfg)
+        else:
+            mcfg = model_config(cfg)
+            model = build_model(mcfg, experts)
+        tok = load_hf_tokenizer(spec["tokenizer"])
+        if len(tok) > mcfg["vocab_size"]:
+            raise ValueError(f"vocab_size: tokenizer has {len(tok)} tokens, model only {mcfg['vocab_size']}")
         run_dir = Path(spec["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model_config.json").write_text(json.dumps(mcfg, indent=2))
         params = parameter_count(mcfg)
-        events.log(f"Model Params: {params['total'] / 1e6:.2f}M")
-        steps = {"pretrain": pretrain.run}[spec["stage"]](spec, model, tok)
-        events.emit("done", step=steps, model_path=str(run_dir / "model.pth"), model_config=mcfg,
-                    params=params["total"])
+        moe = f"-A{params['active'] / 1e6:.2f}M" if mcfg["use_moe"] else ""
+        events.log(f"Model Params: {params['total'] / 1e6:.2f}M{moe}")
+        stage = spec["stage"]
+        if stage == "distill":
+            teacher, tcfg = load_model(spec["teacher_model"], experts)
+            result = distill.run(spec, model, tok, teacher)
+        else:
+            result = {"pretrain": pretrain.run, "sft": sft.run, "lora": lora.run, "dpo": dpo.run}[stage](
+                spec, model, tok)
+        steps = result.pop("steps")
+        events.emit("done", step=steps, model_config=mcfg, params=params["total"], **result)
         return 0
     except SystemExit:
         raise
@@ -73,7 +84,19 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import hf_to_pth, pth_to_hf
+
+    if args.to == "hf":
+        config = json.loads(Path(args.config).read_text()) if args.config else {}
+        print(pth_to_hf(args.src, config, args.out, args.tokenizer))
+    else:
+        print(json.dumps(hf_to_pth(args.src, args.out)))
+    return 0
+
+
 def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="run a job spec, writing JSON-lines events to stdout")
@@ -87,6 +110,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=6400)
     p.set_defaults(func=cmd_train_tokenizer)
+    p = sub.add_parser("convert", help="MiniMind .pth <-> Hugging Face folder")
+    p.add_argument("to", choices=["hf", "pth"], help="hf: .pth → folder; pth: folder → .pth")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--config", help="JSON file of MiniMind config names (for a .pth)")
+    p.add_argument("--tokenizer", help="tokenizer folder to copy into the Hugging Face folder")
+    p.set_defaults(func=cmd_convert)
     args = parser.parse_args(argv)
     return args.func(args)
 

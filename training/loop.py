@@ -1,6 +1,13 @@
-"""The optimizer loop shared by the supervised stages: MiniMind's schedule, accumulation, clipping, mixed precision,
-events, checkpoints every ``save_interval`` and on SIGTERM, and exact resume (model, optimizer, scaler, RNG, data
-position)."""
+"""The optimizer loop shared by the supervised stages.
+
+MiniMind's cosine schedule (lr → lr/10, optional warm-up), gradient accumulation, clipping, mixed precision
+(autocast on CUDA, GradScaler for fp16), fused AdamW on CUDA, optional torch.compile, DDP under torchrun (NCCL on
+GPUs, gloo on the CPU), an eval split, events, checkpoints every ``save_interval`` / at the end / on SIGTERM, and
+exact resume (model, optimizer, scaler, RNG states and data position).
+
+Data is a dict of equal-length tensors (rows); ``loss_fn(model, batch) -> (loss, parts)`` gives the total loss and
+a dict of floats to log. ``batch["y"]`` holds labels (-100 = not trained) and is used to count tokens.
+"""
 from __future__ import annotations
 
 import math
@@ -11,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import events
 from .model import save_pth
@@ -28,6 +36,17 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         self.set = True
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return (dist.get_rank(), size) if size > 1 else (0, 1)
 
 
 def pick_device(requested: str) -> str:
@@ -52,20 +71,34 @@ def _rng_state():
 
 def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(spec: dict, model, inputs: torch.Tensor, labels: torch.Tensor, loss_fn, stage_extra: dict | None = None):
-    """Train ``model`` on rows of ``inputs``/``labels`` (equal-shape LongTensors).
+def split_eval(data: dict, ratio: float, seed: int) -> tuple[dict, dict | None]:
+    """Hold out ``ratio`` of the rows (at least one, at most 1000) as a fixed eval split."""
+    n = len(next(iter(data.values())))
+    n_eval = min(max(int(n * ratio), 1), 1000) if ratio > 0 and n >= 20 else 0
+    if not n_eval:
+        return data, None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 10_000))
+    ev, tr = perm[:n_eval].sort().values, perm[n_eval:].sort().values
+    return {k: v[tr] for k, v in data.items()}, {k: v[ev] for k, v in data.items()}
 
-    ``loss_fn(model, x, y) -> (loss, parts)`` returns the total loss and a dict of its parts (floats) to log.
-    Returns the number of optimizer steps done.
-    """
+
+def default_save(model, run_dir: Path) -> dict:
+    save_pth(model, run_dir / "model.pth")
+    return {"model_path": str(run_dir / "model.pth")}
+
+
+def train(spec: dict, model, data: dict, loss_fn, params=None, save_fn=default_save, stage_extra=None) -> dict:
+    """Train ``model`` on ``data``; returns ``{"steps": n, **files written by save_fn}``."""
     cfg = spec["config"]
+    rank, world_size = world()
     run_dir = Path(spec["run_dir"])
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume_path = ckpt_dir / "resume.pt"
     device = pick_device(spec["device"])
     is_cuda = device.startswith("cuda")
@@ -74,64 +107,101 @@ def train(spec: dict, model, inputs: torch.Tensor, labels: torch.Tensor, loss_fn
     scaler = torch.amp.GradScaler("cuda", enabled=is_cuda and cfg["dtype"] == "float16")
     model.to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], fused=is_cuda)
 
-    n_rows, bs, accum = inputs.shape[0], cfg["batch_size"], cfg["accumulation_steps"]
+    data, eval_data = split_eval(data, cfg["eval_ratio"], cfg["seed"])
+    n_rows = len(data["x"])
     if n_rows == 0:
         raise ValueError("dataset: no training samples after tokenization")
-    iters = math.ceil(n_rows / bs)
+    bs, accum = cfg["batch_size"], cfg["accumulation_steps"]
+    global_bs = bs * world_size
+    iters = math.ceil(n_rows / global_bs)
     steps_per_epoch = math.ceil(iters / accum)
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
 
-    step, epoch, micro = 0, 0, 0
-    tokens_seen = 0
+    step, epoch, micro, tokens_seen = 0, 0, 0, 0
     if spec.get("resume") and resume_path.exists():
         ck = torch.load(resume_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        step, epoch, micro, tokens_seen = ck["step"], ck["epoch"], ck["micro"], ck.get("tokens_seen", 0)
+        step, epoch, tokens_seen = ck["step"], ck["epoch"], ck.get("tokens_seen", 0)
+        # The data position is kept in rows, so a change of GPU count resumes at the same place (MiniMind rescales).
+        micro = ck["micro"] * ck.get("world_size", 1) // world_size
         _set_rng_state(ck["rng"])
-        events.log(f"resumed from step {step} (epoch {epoch + 1}, batch {micro})")
+        events.log(f"resumed from step {step} (epoch {epoch + 1}, batch {micro})"
+                   + (f"; GPU count {ck.get('world_size', 1)} → {world_size}" if ck.get("world_size", 1) != world_size
+                      else ""))
     else:
-        torch.manual_seed(cfg["seed"])
+        torch.manual_seed(cfg["seed"] + rank)
+
+    core = model
+    if cfg["use_compile"]:
+        model = torch.compile(model)
+        events.log("torch.compile enabled")
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
 
     def save_checkpoint():
-        tmp = resume_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "step": step, "epoch": epoch, "micro": micro, "tokens_seen": tokens_seen, "rng": _rng_state(),
-                    "world_size": 1, "config": cfg}, tmp)
-        os.replace(tmp, resume_path)
-        save_pth(model, run_dir / "model.pth")
-        events.emit("checkpoint", step=step, path=str(resume_path))
+        if rank == 0:
+            tmp = resume_path.with_suffix(".tmp")
+            torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "step": step, "epoch": epoch, "micro": micro, "tokens_seen": tokens_seen,
+                        "rng": _rng_state(), "world_size": world_size, "config": cfg}, tmp)
+            os.replace(tmp, resume_path)
+            files = save_fn(core, run_dir)
+            events.emit("checkpoint", step=step, path=str(resume_path))
+        else:
+            files = {}
+        if world_size > 1:
+            dist.barrier()
+        return files
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        total, n = 0.0, 0
+        for i in range(0, min(len(eval_data["x"]), 20 * bs), bs):
+            batch = {k: v[i:i + bs].to(device) for k, v in eval_data.items()}
+            with autocast:
+                loss, _ = loss_fn(model, batch)
+            total, n = total + loss.item(), n + 1
+        model.train()
+        return total / max(n, 1)
 
     stop = StopFlag()
     events.emit("start", stage=spec["stage"], total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                epochs=cfg["epochs"], samples=n_rows, device=device, resumed_from_step=step, **(stage_extra or {}))
+                epochs=cfg["epochs"], samples=n_rows, eval_samples=len(eval_data["x"]) if eval_data else 0,
+                device=device, world_size=world_size, resumed_from_step=step, **(stage_extra or {}))
     t_log, tok_log = time.time(), tokens_seen
     t_start, step_start = time.time(), step
     acc_loss, acc_parts, acc_n = 0.0, {}, 0
+    eval_every = cfg["eval_interval"] or cfg["save_interval"]
     while step < total_steps and epoch < cfg["epochs"]:
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
         while micro < iters and step < total_steps:
-            idx = order[micro * bs:(micro + 1) * bs]
-            x, y = inputs[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            rows = order[micro * global_bs:(micro + 1) * global_bs]
+            idx = rows[rank * bs:(rank + 1) * bs] if world_size > 1 else rows
+            batch = {k: v[idx].to(device, non_blocking=True) for k, v in data.items()}
             lr = lr_at(step, total_steps, cfg["learning_rate"], cfg["warmup_steps"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                loss, parts = loss_fn(model, x, y)
-            scaler.scale(loss / accum).backward()
+            micro += 1
+            last_micro = micro % accum == 0 or micro == iters
+            sync = nullcontext() if last_micro or world_size == 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    loss, parts = loss_fn(model, batch)
+                scaler.scale(loss / accum).backward()
             acc_loss += loss.item()
             for k, v in parts.items():
                 acc_parts[k] = acc_parts.get(k, 0.0) + v
             acc_n += 1
-            tokens_seen += int((y != -100).sum())
-            micro += 1
-            if micro % accum and micro < iters:
+            tokens_seen += int((batch["y"] != -100).sum()) * world_size
+            if not last_micro:
                 continue
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
@@ -151,7 +221,14 @@ def train(spec: dict, model, inputs: torch.Tensor, labels: torch.Tensor, loss_fn
                             eta_s=round((total_steps - step) / max(rate, 1e-9), 1))
                 t_log, tok_log = now, tokens_seen
             acc_loss, acc_parts, acc_n = 0.0, {}, 0
-            if stop.set:
+            if eval_data is not None and (step % eval_every == 0 or step == total_steps):
+                events.emit("eval", step=step, metrics={"eval_loss": evaluate()})
+            stopping = stop.set
+            if world_size > 1:  # every rank stops at the same step
+                flag = torch.tensor([int(stopping)], device=device)
+                dist.all_reduce(flag)
+                stopping = bool(flag.item())
+            if stopping:
                 save_checkpoint()
                 events.log(f"stopped by signal at step {step}; resume continues from here")
                 raise SystemExit(EXIT_STOPPED)
@@ -159,5 +236,5 @@ def train(spec: dict, model, inputs: torch.Tensor, labels: torch.Tensor, loss_fn
                 save_checkpoint()
         if micro >= iters:
             epoch, micro = epoch + 1, 0
-    save_checkpoint()
-    return step
+    files = save_checkpoint()
+    return {"steps": step, **files}

@@ -1,21 +1,27 @@
 """MiniMind-3 models through transformers' Qwen3 classes, and MiniMind's ``.pth`` key layout.
 
-A MiniMind dense ``.pth`` has exactly the state_dict keys of ``Qwen3ForCausalLM`` (tied ``lm_head`` included), so
-saving is ``state_dict()`` in fp16 and loading is a strict ``load_state_dict`` after a key/shape check that names
-what is wrong.
+Dense: a MiniMind ``.pth`` has exactly the state_dict keys of ``Qwen3ForCausalLM`` (tied ``lm_head`` included).
+MoE: ``Qwen3MoeForCausalLM`` (transformers 5) stores each layer's experts fused (``mlp.experts.gate_up_proj``
+[E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]); MiniMind stores them per expert
+(``mlp.experts.{e}.{gate,up,down}_proj.weight``). ``to_minimind``/``from_minimind`` convert between the two, and
+``MoeAuxLoss`` adds MiniMind's own load-balancing loss (per layer, summed) instead of transformers' pooled one.
 """
 from __future__ import annotations
 
+import os
+import re
+
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()
 
 
-def hf_config(mcfg: dict) -> Qwen3Config:
-    """A Qwen3Config from MiniMind config names (``training.spec.model_config`` output)."""
-    if mcfg.get("use_moe"):
-        raise ValueError("use_moe: MoE models are not available in this version yet")
+def hf_config(mcfg: dict, experts_implementation: str | None = None):
+    """A Qwen3Config / Qwen3MoeConfig from MiniMind config names (``training.spec.model_config`` output)."""
     h, heads = mcfg["hidden_size"], mcfg["num_attention_heads"]
-    return Qwen3Config(
+    common = dict(
         vocab_size=mcfg["vocab_size"], hidden_size=h, intermediate_size=mcfg["intermediate_size"],
         num_hidden_layers=mcfg["num_hidden_layers"], num_attention_heads=heads,
         num_key_value_heads=mcfg["num_key_value_heads"], head_dim=h // heads,
@@ -23,28 +29,142 @@ def hf_config(mcfg: dict) -> Qwen3Config:
         rope_theta=mcfg["rope_theta"], tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu",
         attention_bias=False, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    if not mcfg.get("use_moe"):
+        return Qwen3Config(**common)
+    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    return Qwen3MoeConfig(
+        **common, num_experts=mcfg["num_experts"], num_experts_per_tok=mcfg["num_experts_per_tok"],
+        moe_intermediate_size=mcfg["moe_intermediate_size"], norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], output_router_logits=False, router_aux_loss_coef=mcfg["router_aux_loss_coef"], **extra)
 
 
-def build_model(mcfg: dict) -> Qwen3ForCausalLM:
-    torch_dtype = torch.get_default_dtype()
-    model = Qwen3ForCausalLM(hf_config(mcfg)).to(torch_dtype)
+def mcfg_from_hf(config) -> dict:
+    """MiniMind config names from a transformers Qwen3/Qwen3Moe config (for models imported as HF folders)."""
+    moe = getattr(config, "num_experts", None) is not None and config.model_type == "qwen3_moe"
+    rope = getattr(config, "rope_theta", None)
+    if rope is None:
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 1e6)
+    out = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+           "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+           "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
+           "max_position_embeddings": config.max_position_embeddings, "rope_theta": float(rope),
+           "rms_norm_eps": config.rms_norm_eps, "use_moe": moe, "num_experts": 4, "num_experts_per_tok": 1,
+           "moe_intermediate_size": config.intermediate_size, "router_aux_loss_coef": 5e-4}
+    if moe:
+        out.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                   moe_intermediate_size=config.moe_intermediate_size,
+                   router_aux_loss_coef=getattr(config, "router_aux_loss_coef", 5e-4))
+    return out
+
+
+class MoeAuxLoss:
+    """MiniMind's router load-balancing loss, collected by forward hooks on every router.
+
+    Per layer: ``E · coef · Σ_k Σ_e (fraction of tokens whose k-th choice is e) · (mean router prob of e)``, summed
+    over layers; only in training mode. Read ``.value`` after a forward pass.
+    """
+
+    def __init__(self, model, num_experts: int, coef: float):
+        self.num_experts, self.coef, self.terms = num_experts, coef, []
+        self.routers = [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
+        model.register_forward_pre_hook(lambda module, args: self.terms.clear())
+        for router in self.routers:
+            router.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if not module.training or self.coef <= 0:
+            return
+        router_logits, _, top_k_index = output
+        scores = torch.softmax(router_logits.float(), dim=-1)
+        load = torch.nn.functional.one_hot(top_k_index, self.num_experts).float().mean(0)
+        self.terms.append((load * scores.mean(0)).sum() * self.num_experts * self.coef)
+
+    @property
+    def value(self):
+        return torch.stack(self.terms).sum() if self.terms else None
+
+
+def build_model(mcfg: dict, experts_implementation: str | None = None):
+    config = hf_config(mcfg, experts_implementation)
+    cls = Qwen3MoeForCausalLM if mcfg.get("use_moe") else Qwen3ForCausalLM
+    model = cls(config).to(torch.get_default_dtype())
+    if mcfg.get("use_moe"):
+        model.minimind_aux = MoeAuxLoss(model, mcfg["num_experts"], mcfg["router_aux_loss_coef"])
     return model
+
+
+def aux_loss(model):
+    """MiniMind's MoE aux loss of the last forward pass (None for dense models or in eval mode)."""
+    core = getattr(model, "module", model)
+    core = getattr(core, "_orig_mod", core)
+    for m in (core, getattr(getattr(core, "base_model", None), "model", None)):
+        if m is not None and hasattr(m, "minimind_aux"):
+            return m.minimind_aux.value
+    return None
+
+
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_SPLIT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def to_minimind(sd: dict) -> dict:
+    """transformers-5 keys → MiniMind keys (unfuse experts; dense state dicts pass through)."""
+    out = {}
+    for key, value in sd.items():
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        m = _FUSED.match(key)
+        if not m:
+            out[key] = value
+        elif m.group(2) == "gate_up_proj":
+            inter = value.shape[1] // 2
+            for e in range(value.shape[0]):
+                out[f"{m.group(1)}.{e}.gate_proj.weight"] = value[e, :inter]
+                out[f"{m.group(1)}.{e}.up_proj.weight"] = value[e, inter:]
+        else:
+            for e in range(value.shape[0]):
+                out[f"{m.group(1)}.{e}.down_proj.weight"] = value[e]
+    return out
+
+
+def from_minimind(sd: dict) -> dict:
+    """MiniMind keys → transformers-5 keys (fuse per-expert weights; dense state dicts pass through)."""
+    out, experts = {}, {}
+    for key, value in sd.items():
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        m = _SPLIT.match(key)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = value
+        else:
+            out[key] = value
+    for prefix, parts in experts.items():
+        try:
+            gate = [parts["gate_proj"][e] for e in sorted(parts["gate_proj"])]
+            up = [parts["up_proj"][e] for e in sorted(parts["up_proj"])]
+            down = [parts["down_proj"][e] for e in sorted(parts["down_proj"])]
+        except KeyError as exc:
+            raise ValueError(f"checkpoint does not match the model config: {prefix} lacks {exc.args[0]}") from None
+        out[f"{prefix}.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
+        out[f"{prefix}.down_proj"] = torch.stack(down)
+    return out
 
 
 def minimind_state_dict(model, dtype=torch.float16) -> dict:
     """The model's weights in MiniMind's ``.pth`` layout (plain dict, CPU tensors, fp16 by default)."""
-    sd = model.state_dict()
-    if "lm_head.weight" not in sd:  # tied and dropped by a wrapper: MiniMind stores both keys
+    core = getattr(model, "module", model)
+    sd = getattr(core, "_orig_mod", core).state_dict()
+    if "lm_head.weight" not in sd:  # MiniMind stores the tied head under both keys
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v.detach().to("cpu", dtype).clone()
-            for k, v in sd.items()}
+    return {k: v.detach().to("cpu", dtype).clone() for k, v in to_minimind(sd).items()}
+
+
+def save_state_dict(sd: dict, path) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
 
 
 def save_pth(model, path, dtype=torch.float16) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(minimind_state_dict(model, dtype), tmp)
-    import os
-    os.replace(tmp, path)
+    save_state_dict(minimind_state_dict(model, dtype), path)
 
 
 def check_state_dict(model, sd: dict) -> None:
@@ -66,7 +186,39 @@ def check_state_dict(model, sd: dict) -> None:
 
 
 def load_pth(model, path) -> None:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    """Load a MiniMind ``.pth`` strictly (dense or MoE), after a check that names what does not fit."""
+    sd = from_minimind(torch.load(path, map_location="cpu", weights_only=True))
     check_state_dict(model, sd)
     model.load_state_dict(sd, strict=True)
+
+
+def load_model(entry: dict, experts_implementation: str | None = None):
+    """(model, mcfg) from a spec's ``base_model``/``teacher_model`` entry: a MiniMind ``.pth`` with its ``config``
+    (MiniMind names), or a Hugging Face folder (Qwen3 / Qwen3Moe ``config.json`` + weights)."""
+    from pathlib import Path
+
+    from .spec import model_config, resolve_config
+
+    path = Path(entry["path"])
+    if path.is_dir():
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        mcfg = mcfg_from_hf(hf.config)
+        model = build_model(mcfg, experts_implementation)
+        sd = hf.state_dict()
+        if "lm_head.weight" not in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        check_state_dict(model, sd)
+        model.load_state_dict(sd, strict=True)
+        return model, mcfg
+    arch = {k: v for k, v in (entry.get("config") or {}).items() if k in _ARCH_KEYS}
+    mcfg = model_config(resolve_config("pretrain", arch))
+    model = build_model(mcfg, experts_implementation)
+    load_pth(model, path)
+    return model, mcfg
+
+
+_ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "use_moe", "num_experts",
+              "num_experts_per_tok", "moe_intermediate_size", "router_aux_loss_coef")

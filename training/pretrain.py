@@ -2,31 +2,22 @@
 
 Packing (default) joins ``[bos] text [eos]`` documents into one stream cut into full ``max_seq_len`` rows, so no
 compute is spent on padding; ``packing: false`` is MiniMind's padded mode (truncate to max_seq_len-2, wrap in
-bos/eos, right-pad with 0, pad positions masked out of the loss).
+bos/eos, right-pad with 0, pad positions masked out of the loss). Loss = CE (+ MoE aux).
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
+from .chat import read_jsonl
+from .loop import train
+from .model import aux_loss
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
-def read_texts(path: str) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"dataset line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"dataset line {lineno}: a pretrain record needs a string field 'text'")
-            texts.append(rec["text"])
-    return texts
+def check(rec) -> str | None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        return "a pretrain record needs a string field 'text'"
+    return None
 
 
 def build_rows(texts: list[str], tok, max_seq_len: int, packing: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,16 +38,17 @@ def build_rows(texts: list[str], tok, max_seq_len: int, packing: bool) -> tuple[
     return x, y
 
 
-def loss_fn(model, x, y):
-    out = model(input_ids=x, labels=y)
-    aux = getattr(out, "aux_loss", None)
-    aux = aux if aux is not None else out.loss.new_zeros(())
-    return out.loss + aux, {"logits_loss": out.loss.item(), "aux_loss": float(aux)}
+def lm_loss(model, batch):
+    """CE on the labels plus MiniMind's MoE aux loss; shared by pretrain and SFT."""
+    out = model(input_ids=batch["x"], labels=batch["y"])
+    aux = aux_loss(model)
+    if aux is None:
+        return out.loss, {"logits_loss": out.loss.item(), "aux_loss": 0.0}
+    return out.loss + aux, {"logits_loss": out.loss.item(), "aux_loss": aux.item()}
 
 
 def run(spec: dict, model, tok):
     cfg = spec["config"]
-    x, y = build_rows(read_texts(spec["dataset"]), tok, cfg["max_seq_len"], cfg["packing"])
-    from .loop import train
-
-    return train(spec, model, x, y, loss_fn)
+    texts = [r["text"] for r in read_jsonl(spec["dataset"], check)]
+    x, y = build_rows(texts, tok.backend_tokenizer, cfg["max_seq_len"], cfg["packing"])
+    return train(spec, model, {"x": x, "y": y}, lm_loss)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "ppo", "grpo")
 # Stages this engine version can run; the others are refused with a clear message until they land.
-IMPLEMENTED_STAGES = ("pretrain",)
+IMPLEMENTED_STAGES = ("pretrain", "sft", "lora", "dpo", "distill")
 
 # Model architecture keys (MiniMind's config names) and their MiniMind-3 defaults.
 MODEL_DEFAULTS = {
@@ -44,7 +44,20 @@ TRAIN_DEFAULTS = {
     "max_steps": None,
     "seed": 42,
     "warmup_steps": 0,
-    "packing": True,
+    "eval_ratio": 0.01,  # share of rows held out for eval_loss (0 = none)
+    "eval_interval": None,  # None: evaluate at every save_interval and at the end
+    "use_compile": False,
+}
+
+# Keys only some stages take, with MiniMind's defaults (reference §3).
+SFT_EXTRA = {"system_prompt_ratio": 0.2, "empty_think_drop_ratio": 0.8}
+STAGE_EXTRA = {
+    "pretrain": {"packing": True},
+    "sft": dict(SFT_EXTRA),
+    "lora": {**SFT_EXTRA, "lora_rank": 16, "lora_alpha": 16, "lora_targets": ["q_proj", "o_proj"]},
+    "dpo": {"beta": 0.15, "empty_think_drop_ratio": 0.8},
+    "distill": {**SFT_EXTRA, "alpha": 0.5, "temperature": 1.5},
+    "ppo": {}, "grpo": {},
 }
 
 # MiniMind's per-stage trainer defaults (reference §3, "Per-stage defaults").
@@ -74,14 +87,17 @@ DTYPES = ("bfloat16", "float16", "float32")
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",
-             "max_steps", "seed", "warmup_steps"}
-_FLOAT_KEYS = {"rope_theta", "rms_norm_eps", "router_aux_loss_coef", "learning_rate", "grad_clip"}
-_BOOL_KEYS = {"use_moe", "packing"}
+             "max_steps", "seed", "warmup_steps", "eval_interval", "lora_rank"}
+_FLOAT_KEYS = {"rope_theta", "rms_norm_eps", "router_aux_loss_coef", "learning_rate", "grad_clip", "eval_ratio",
+               "system_prompt_ratio", "empty_think_drop_ratio", "lora_alpha", "beta", "alpha", "temperature"}
+_BOOL_KEYS = {"use_moe", "packing", "use_compile"}
+_RATIO_KEYS = {"eval_ratio", "system_prompt_ratio", "empty_think_drop_ratio", "alpha"}
 # Keys that must be > 0 when set; the rest of the integers must be >= 0.
 _POSITIVE = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_steps",
-             "learning_rate", "rope_theta", "rms_norm_eps"}
+             "learning_rate", "rope_theta", "rms_norm_eps", "eval_interval", "lora_rank", "lora_alpha", "beta",
+             "temperature"}
 
 
 class SpecError(ValueError):
@@ -96,12 +112,16 @@ def defaults_for(stage: str) -> dict:
     """All config keys with MiniMind's default for ``stage``."""
     if stage not in STAGES:
         raise SpecError("stage", f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    return {**MODEL_DEFAULTS, **TRAIN_DEFAULTS, **STAGE_DEFAULTS[stage]}
+    return {**MODEL_DEFAULTS, **TRAIN_DEFAULTS, **STAGE_DEFAULTS[stage], **STAGE_EXTRA[stage]}
 
 
 def _coerce(key: str, value):
+    if key == "lora_targets":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise SpecError(key, f"must be a non-empty list of module names, got {value!r}")
+        return value
     if value is None:
-        if key in ("max_steps", "intermediate_size", "moe_intermediate_size"):
+        if key in ("max_steps", "intermediate_size", "moe_intermediate_size", "eval_interval"):
             return None
         raise SpecError(key, "must not be null")
     if key in _BOOL_KEYS:
@@ -122,6 +142,8 @@ def _coerce(key: str, value):
         if value not in DTYPES:
             raise SpecError(key, f"must be one of {', '.join(DTYPES)}, got {value!r}")
         return value
+    if key in _RATIO_KEYS and not 0 <= value <= 1:
+        raise SpecError(key, f"must be between 0 and 1, got {value!r}")
     if key in _POSITIVE and value <= 0:
         raise SpecError(key, f"must be greater than 0, got {value!r}")
     if value < 0:
@@ -211,6 +233,16 @@ def validate_spec(spec: dict) -> dict:
             raise SpecError("base_model", "must be an object with a 'path'")
         if not Path(base["path"]).exists():
             raise SpecError("base_model", f"path does not exist: {base['path']}")
+    teacher = spec.get("teacher_model")
+    if stage == "distill":
+        if not isinstance(teacher, dict) or not isinstance(teacher.get("path"), str):
+            raise SpecError("teacher_model", "distillation needs a teacher model (an object with 'path' and 'config')")
+        if not Path(teacher["path"]).exists():
+            raise SpecError("teacher_model", f"path does not exist: {teacher['path']}")
+    elif teacher is not None:
+        raise SpecError("teacher_model", "only the distill stage takes a teacher model")
+    if stage in ("lora", "dpo") and base is None:
+        raise SpecError("base_model", f"the {stage} stage starts from a trained model; give base_model")
     device = spec.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise SpecError("device", f"must be auto, cpu or cuda, got {device!r}")

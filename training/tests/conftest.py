@@ -47,3 +47,37 @@ def run_engine(spec_path, **popen):
 
 def losses(events):
     return {e["step"]: e["metrics"]["loss"] for e in events if e["event"] == "step"}
+
+
+ARCH = {k: TINY[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+
+
+def run_inprocess(spec: dict, tmp_path, capsys, name="run"):
+    """Run the engine's CLI in this process (no interpreter start-up); returns (rc, events)."""
+    from training.__main__ import main
+
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    capsys.readouterr()
+    rc = main(["run", str(path)])
+    out = capsys.readouterr().out
+    return rc, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def trained(demo_dir, tmp_path_factory):
+    """A tiny pretrained model and an SFT model on top of it (trained once per session, in a subprocess)."""
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    for stage, data, base, steps in (("pretrain", "demo-pretrain", None, 150), ("sft", "demo-sft", "pretrain", 300)):
+        spec = {"stage": stage, "run_dir": str(root / stage), "dataset": str(demo_dir / f"{data}.jsonl"),
+                "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu",
+                "config": {**TINY, "max_steps": steps, "epochs": 3, "log_interval": 50}}
+        if base:
+            spec["base_model"] = {"path": out[base], "config": ARCH}
+        path = root / f"{stage}.json"
+        path.write_text(json.dumps(spec))
+        rc, events, other = run_engine(path)
+        assert rc == 0, other
+        out[stage] = events[-1]["model_path"]
+    return out

@@ -1,0 +1,61 @@
+"""Direct preference optimisation (MiniMind's train_dpo.py).
+
+Policy and a frozen reference (a copy of the base model) score [chosen; rejected]; per-sequence summed log-probs over
+the assistant spans; loss = -log σ(β·((π_c - π_r) - (ref_c - ref_r))), mean over the batch, + MoE aux.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .chat import check_dpo, encode_conversations, read_jsonl, sequence_logps
+from .loop import train
+from .model import aux_loss
+
+
+def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta: float):
+    logits = (policy_c - policy_r) - (ref_c - ref_r)
+    return -F.logsigmoid(beta * logits).mean()
+
+
+def load_rows(spec: dict, tok):
+    cfg = spec["config"]
+    recs = read_jsonl(spec["dataset"], check_dpo)
+    # Empty-think removal is drawn independently for each side (seeded differently), no random system prompt.
+    xc, yc = encode_conversations(tok, [r["chosen"] for r in recs], cfg["max_seq_len"], cfg["seed"], 0.0,
+                                  cfg["empty_think_drop_ratio"])
+    xr, yr = encode_conversations(tok, [r["rejected"] for r in recs], cfg["max_seq_len"], cfg["seed"] + 1, 0.0,
+                                  cfg["empty_think_drop_ratio"])
+    return {"x": xc, "y": yc, "xr": xr, "yr": yr}
+
+
+def make_loss(reference, beta: float):
+    reference.eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+
+    def loss_fn(model, batch):
+        x = torch.cat([batch["x"], batch["xr"]])
+        y = torch.cat([batch["y"], batch["yr"]])
+        with torch.no_grad():
+            ref = sequence_logps(reference(input_ids=x).logits, y)
+        logps = sequence_logps(model(input_ids=x).logits, y)
+        aux = aux_loss(model)
+        n = len(batch["x"])
+        loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
+        margin = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).mean().item()
+        parts = {"dpo_loss": loss.item(), "aux_loss": aux.item() if aux is not None else 0.0,
+                 "reward_margin": beta * margin}
+        return (loss + aux if aux is not None else loss), parts
+
+    return loss_fn
+
+
+def run(spec: dict, model, tok):
+    reference = copy.deepcopy(model)
+    from .loop import pick_device
+
+    reference.to(pick_device(spec["device"]))
+    return train(spec, model, load_rows(spec, tok), make_loss(reference, spec["config"]["beta"]))
