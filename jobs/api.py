@@ -46,11 +46,10 @@ def jobs(request):
         if key not in ("name", "stage", "dataset", "base_model", "teacher_model", "tokenizer", "config", "priority",
                        "gpus"):
             raise ApiError(400, f"{key}: unknown field", {"field": key})
-    if data.get("teacher_model") is not None:
-        raise ApiError(400, "teacher_model: only the distill stage takes a teacher", {"field": "teacher_model"})
     job = services.submit_job(owner=request.user, name=data.get("name", ""), stage=data.get("stage", ""),
                               dataset=data.get("dataset"), config=data.get("config"),
-                              base_model=data.get("base_model"), tokenizer=data.get("tokenizer"),
+                              base_model=data.get("base_model"), teacher_model=data.get("teacher_model"),
+                              tokenizer=data.get("tokenizer"),
                               priority=data.get("priority", 0), gpus=data.get("gpus", 1))
     return job.to_dict(), 201
 

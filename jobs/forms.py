@@ -3,6 +3,8 @@ from django.utils.translation import gettext_lazy as _
 
 from training import spec as tspec
 
+from models_registry.models import ModelVersion
+
 from .models import STAGE_CHOICES, Dataset
 
 # Architecture presets: a tiny model that learns the demo data on a CPU in a minute, and MiniMind-3 (64M).
@@ -25,6 +27,10 @@ class JobForm(forms.Form):
     stage = forms.ChoiceField(label=_("Stage"), choices=[c for c in STAGE_CHOICES
                                                          if c[0] in tspec.IMPLEMENTED_STAGES])
     dataset = forms.ModelChoiceField(label=_("Dataset"), queryset=Dataset.objects.none())
+    base_model = forms.ModelChoiceField(label=_("Base model (empty: train from scratch)"), required=False,
+                                        queryset=ModelVersion.objects.none())
+    teacher_model = forms.ModelChoiceField(label=_("Teacher model (distillation only)"), required=False,
+                                           queryset=ModelVersion.objects.none())
     preset = forms.ChoiceField(label=_("Model size"), choices=PRESET_CHOICES, initial="tiny", required=False)
     hidden_size = forms.IntegerField(label=_("Hidden size"), min_value=8)
     num_hidden_layers = forms.IntegerField(label=_("Layers"), min_value=1)
@@ -43,6 +49,8 @@ class JobForm(forms.Form):
         kwargs.setdefault("initial", {**QUICK_START, "stage": "pretrain"})
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = Dataset.objects.visible_to(user)
+        self.fields["base_model"].queryset = ModelVersion.objects.visible_to(user)
+        self.fields["teacher_model"].queryset = ModelVersion.objects.visible_to(user)
         demo = self.fields["dataset"].queryset.filter(name="demo-pretrain").first()
         if demo and "dataset" not in self.initial:
             self.initial["dataset"] = demo.pk

@@ -70,6 +70,8 @@ class Job(models.Model):
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
     base_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT,
                                    related_name="+")
+    teacher_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT,
+                                      related_name="+")
     tokenizer = models.ForeignKey("models_registry.Tokenizer", on_delete=models.PROTECT, related_name="+")
     config = models.JSONField(_("config"), default=dict)  # as submitted (user's keys only)
     resolved_config = models.JSONField(default=dict)  # every key, defaults filled in
@@ -117,7 +119,8 @@ class Job(models.Model):
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage,
-            "dataset": self.dataset_id, "base_model": self.base_model_id, "tokenizer": self.tokenizer_id,
+            "dataset": self.dataset_id, "base_model": self.base_model_id, "teacher_model": self.teacher_model_id,
+            "tokenizer": self.tokenizer_id,
             "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,
             "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),

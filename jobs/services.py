@@ -69,7 +69,7 @@ def _visible(qs, pk, field, user):
 
 
 def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
-               tokenizer=None, priority: int = 0, gpus: int = 1) -> Job:
+               teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1) -> Job:
     """Validate and queue a job. ``dataset``/``base_model``/``tokenizer`` are ids (or model instances)."""
     name = (name or "").strip()
     if not name:
@@ -88,17 +88,23 @@ def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = N
                            f"{ds.name} is {ds.kind}", field="dataset")
     base = base_model if isinstance(base_model, ModelVersion) or base_model is None else \
         _visible(ModelVersion.objects, base_model, "base_model", owner)
+    if base is None and stage in ("lora", "dpo"):
+        raise ServiceError(f"base_model: the {stage} stage starts from a trained model", field="base_model")
+    teacher = teacher_model if isinstance(teacher_model, ModelVersion) or teacher_model is None else \
+        _visible(ModelVersion.objects, teacher_model, "teacher_model", owner)
+    if stage == "distill" and teacher is None:
+        raise ServiceError("teacher_model: distillation needs a teacher model", field="teacher_model")
+    if stage != "distill" and teacher is not None:
+        raise ServiceError("teacher_model: only the distill stage takes a teacher", field="teacher_model")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else _visible(Tokenizer.objects, tokenizer, "tokenizer", owner)
     if tok is None:
         tok = base.tokenizer if base and base.tokenizer else demo_tokenizer()
     if tok is None:
         raise ServiceError("tokenizer: none given and the demo tokenizer is not installed", field="tokenizer")
     try:
-        resolved = tspec.resolve_config(stage, config or {})
-        if base is not None:
-            for key, value in base.config.items():
-                if key in tspec.MODEL_DEFAULTS:
-                    resolved[key] = value
+        # A base model fixes the architecture: its keys replace any the job's config gives.
+        arch = {k: v for k, v in (base.config if base else {}).items() if k in tspec.MODEL_DEFAULTS}
+        resolved = tspec.resolve_config(stage, {**(config or {}), **arch})
     except tspec.SpecError as exc:
         raise ServiceError(f"config.{exc}", field=f"config.{exc.field}") from None
     if tok.vocab_size > resolved["vocab_size"]:
@@ -114,7 +120,8 @@ def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = N
     if gpus > 1:
         raise ServiceError("gpus: multi-device jobs are not available in this version yet", field="gpus")
     with transaction.atomic():
-        job = Job.objects.create(owner=owner, name=name, stage=stage, dataset=ds, base_model=base, tokenizer=tok,
+        job = Job.objects.create(owner=owner, name=name, stage=stage, dataset=ds, base_model=base,
+                                 teacher_model=teacher, tokenizer=tok,
                                  config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus)
         record_event(job, "submitted", owner.username)
         transaction.on_commit(kick_queue)
@@ -165,6 +172,8 @@ def build_spec(job: Job) -> dict:
     }
     if job.base_model:
         spec["base_model"] = {"path": job.base_model.path, "config": job.base_model.config}
+    if job.teacher_model:
+        spec["teacher_model"] = {"path": job.teacher_model.path, "config": job.teacher_model.config}
     return spec
 
 

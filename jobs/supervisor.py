@@ -42,6 +42,9 @@ def _format(event: dict) -> str:
     if kind == "start":
         return (f"[{stamp}] started {event.get('stage')} on {event.get('device')}: {event.get('total_steps')} steps, "
                 f"{event.get('samples')} samples")
+    if kind == "eval":
+        return f"[{stamp}] eval at step {event.get('step')}: " + ", ".join(
+            f"{k}: {v:.4g}" for k, v in event.get("metrics", {}).items())
     if kind == "checkpoint":
         return f"[{stamp}] checkpoint at step {event.get('step')}"
     if kind == "done":
@@ -126,12 +129,13 @@ class Supervisor:
                 continue
             kind = event["event"]
             text.append(_format(event))
-            if kind == "step":
+            if kind in ("step", "eval"):
                 self.seq += 1
                 points.append(MetricPoint(job=self.job, seq=self.seq, step=event["step"], time=event["time"],
                                           values=event.get("metrics", {})))
-                updates.update(step=event["step"], total_steps=event.get("total_steps", 0),
-                               eta_s=event.get("eta_s"))
+                if kind == "step":
+                    updates.update(step=event["step"], total_steps=event.get("total_steps", 0),
+                                   eta_s=event.get("eta_s"))
             elif kind == "start":
                 updates.update(total_steps=event.get("total_steps", 0), step=event.get("resumed_from_step", 0))
             elif kind == "done":
@@ -202,7 +206,9 @@ class Supervisor:
             try:
                 mv = register_job_output(job, model_path=self.done_event["model_path"],
                                          model_config=self.done_event["model_config"],
-                                         parameters=self.done_event.get("params", 0))
+                                         parameters=self.done_event.get("params", 0),
+                                         lora_path=self.done_event.get("lora_path", ""),
+                                         adapter_path=self.done_event.get("adapter_path", ""))
             except (OSError, KeyError) as exc:
                 services.finish_job(job, Job.Status.FAILED, error=f"could not register the model: {exc}")
                 return Job.Status.FAILED

@@ -29,7 +29,8 @@ def job_new(request):
         try:
             job = services.submit_job(owner=request.user, name=form.cleaned_data["name"],
                                       stage=form.cleaned_data["stage"], dataset=form.cleaned_data["dataset"],
-                                      config=form.job_config())
+                                      base_model=form.cleaned_data["base_model"],
+                                      teacher_model=form.cleaned_data["teacher_model"], config=form.job_config())
         except services.ServiceError as exc:
             field = (exc.field or "").removeprefix("config.")
             form.add_error(field if field in form.fields else None, str(exc))

@@ -3,7 +3,7 @@ from django.http import FileResponse
 from minicloud.api import ApiError, endpoint
 
 from .models import ModelVersion
-from .services import download_name
+from .services import download_name, lora_zip
 
 
 def _model(request, model_id) -> ModelVersion:
@@ -27,8 +27,14 @@ def model_detail(request, model_id):
 def model_download(request, model_id):
     mv = _model(request, model_id)
     fmt = request.GET.get("format", "pth")
+    if fmt == "lora":
+        if not mv.lora_path:
+            raise ApiError(400, f"format: model {model_id} has no LoRA adapter (only LoRA jobs make one)")
+        path = lora_zip(mv)
+        return FileResponse(open(path, "rb"), as_attachment=True,
+                            filename=download_name(mv).replace(".pth", "_lora.zip"), content_type="application/zip")
     if fmt != "pth":
-        raise ApiError(400, f"format: {fmt!r} is not available yet; use pth")
+        raise ApiError(400, f"format: {fmt!r} is not available yet; use pth or lora")
     if not mv.pth_path.exists():
         raise ApiError(404, f"the weights file of model {model_id} is missing on disk")
     return FileResponse(open(mv.pth_path, "rb"), as_attachment=True, filename=download_name(mv),

@@ -49,6 +49,8 @@ class ModelVersion(models.Model):
     config = models.JSONField(_("config"), default=dict)
     parameters = models.BigIntegerField(_("parameters"), default=0)
     path = models.CharField(max_length=500)
+    lora_path = models.CharField(max_length=500, blank=True)  # MiniMind's LoRA .pth (LoRA jobs)
+    adapter_path = models.CharField(max_length=500, blank=True)  # peft adapter folder (LoRA jobs)
     size_bytes = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -66,6 +68,10 @@ class ModelVersion(models.Model):
     def pth_path(self) -> Path:
         return Path(self.path)
 
+    @property
+    def formats(self) -> list[str]:
+        return ["pth"] + (["lora"] if self.lora_path else [])
+
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "stage": self.stage, "owner": self.owner.username if self.owner else None,
@@ -73,5 +79,5 @@ class ModelVersion(models.Model):
             "size_bytes": self.size_bytes, "created_at": self.created_at.isoformat(),
             "lineage": {"parent": self.parent_id, "job": self.job_id, "dataset": self.dataset_id,
                         "tokenizer": self.tokenizer_id},
-            "formats": ["pth"],
+            "formats": self.formats,
         }

@@ -90,3 +90,26 @@ def test_datasets_devices_models_and_openapi(api, demo):
 def test_wrong_method_is_json_405(api, db):
     r = api.post("/api/v1/devices")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_stage_rules_for_base_and_teacher_models(api, user, demo):
+    from models_registry.models import ModelVersion
+
+    sft = Dataset.objects.get(name="demo-sft")
+    r = api.post("/api/v1/jobs", {"name": "l", "stage": "lora", "dataset": sft.pk})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "base_model"
+    r = api.post("/api/v1/jobs", {"name": "d", "stage": "distill", "dataset": sft.pk})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "teacher_model"
+    mv = ModelVersion.objects.create(name="m", owner=user, config={"hidden_size": 64, "num_hidden_layers": 2,
+                                                                   "num_attention_heads": 4,
+                                                                   "num_key_value_heads": 2}, path="/nowhere")
+    r = api.post("/api/v1/jobs", {"name": "p", "stage": "pretrain", "dataset": demo.pk, "teacher_model": mv.pk})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "teacher_model"
+    r = api.post("/api/v1/jobs", {"name": "d", "stage": "distill", "dataset": sft.pk, "teacher_model": mv.pk,
+                                  "config": {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2}})
+    assert r.status_code == 201 and r.json()["teacher_model"] == mv.pk
+    r = api.post("/api/v1/jobs", {"name": "s", "stage": "sft", "dataset": sft.pk, "base_model": mv.pk,
+                                  "config": {"hidden_size": 999}})
+    assert r.status_code == 201 and r.json()["resolved_config"]["hidden_size"] == 64  # the base model's size wins
+    r = api.post("/api/v1/jobs", {"name": "g", "stage": "grpo", "dataset": sft.pk})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "stage"

@@ -19,12 +19,15 @@ def test_pretrain_job_end_to_end(live):
     done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), what="finish")
     assert done["status"] == "succeeded", done
     assert done["progress"] == 1.0 and done["node"] and done["devices"] in ([0], [1])
-    points = live.request("GET", f"/api/v1/jobs/{job['id']}/metrics?after=0")[1]["points"]
+    all_points = live.request("GET", f"/api/v1/jobs/{job['id']}/metrics?after=0")[1]["points"]
+    assert [p["seq"] for p in all_points] == list(range(1, len(all_points) + 1))
+    assert "eval_loss" in all_points[-1]["values"]
+    points = [p for p in all_points if "loss" in p["values"]]
     steps = [p["step"] for p in points]
     assert steps == sorted(steps) and steps[-1] == 40
     assert points[-1]["values"]["loss"] < 0.8 * points[0]["values"]["loss"]
-    later = live.request("GET", f"/api/v1/jobs/{job['id']}/metrics?after={points[-3]['seq']}")[1]["points"]
-    assert [p["seq"] for p in later] == [p["seq"] for p in points[-2:]]
+    later = live.request("GET", f"/api/v1/jobs/{job['id']}/metrics?after={all_points[-3]['seq']}")[1]["points"]
+    assert [p["seq"] for p in later] == [p["seq"] for p in all_points[-2:]]
     status, logs = live.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")
     assert status == 200 and "done after 40 steps" in logs["text"]
 
@@ -64,3 +67,24 @@ def test_devices_health_and_errors(live):
     status, body = live.request("POST", "/api/v1/jobs", {"name": "x", "stage": "pretrain", "dataset": 1,
                                                          "config": {"hidden_size": "big"}})
     assert status == 400 and body["details"]["field"] == "config.hidden_size"
+
+
+def test_lora_job_on_a_registered_model_downloads_as_minimind_lora(live):
+    base = live.submit("e2e-base", {**TINY, "max_steps": 10})
+    base = live.wait_for(base["id"], lambda j: j["status"] in ("succeeded", "failed"), what="base finished")
+    assert base["status"] == "succeeded", base
+    sft = next(d for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == "demo-sft")
+    status, job = live.request("POST", "/api/v1/jobs", {
+        "name": "e2e-lora", "stage": "lora", "dataset": sft["id"], "base_model": base["output_model"],
+        "config": {"batch_size": 8, "max_seq_len": 64, "max_steps": 10, "log_interval": 2, "learning_rate": 1e-3}})
+    assert status == 201, job
+    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="lora finished")
+    assert done["status"] == "succeeded", done
+    status, model = live.request("GET", f"/api/v1/models/{done['output_model']}")
+    assert model["formats"] == ["pth", "lora"] and model["lineage"]["parent"] == base["output_model"]
+    status, raw = live.request("GET", f"/api/v1/models/{done['output_model']}/download?format=lora", raw=True)
+    assert status == 200
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(raw)).namelist()
+    assert any(n.endswith("_lora.pth") for n in names) and "adapter/adapter_config.json" in names

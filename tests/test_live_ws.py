@@ -20,7 +20,8 @@ def test_websocket_receives_live_metric_points(live):
                 msg = json.loads(ws.recv(timeout=120))
                 statuses.add(msg["job"]["status"])
                 seqs += [p["seq"] for p in msg["points"]]
-                assert all("loss" in p["values"] and "lr" in p["values"] for p in msg["points"])
+                assert all(("loss" in p["values"] and "lr" in p["values"]) or "eval_loss" in p["values"]
+                           for p in msg["points"])
     finally:
         live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)

@@ -86,6 +86,20 @@ def split_eval(data: dict, ratio: float, seed: int) -> tuple[dict, dict | None]:
     return {k: v[tr] for k, v in data.items()}, {k: v[ev] for k, v in data.items()}
 
 
+def trim_padding(batch: dict) -> dict:
+    """Drop the trailing columns that are right-padding (id 0) in every row of a batch.
+
+    Rows are right-padded and attention is causal, so the real tokens' logits and the loss are unchanged; only the
+    compute spent on padding goes. All ``x*``/``y*`` tensors (DPO's chosen and rejected sides) keep one common width.
+    """
+    keep = 1
+    for key, x in batch.items():
+        if key.startswith("x"):
+            real = (x != 0).any(dim=0).nonzero()
+            keep = max(keep, int(real[-1]) + 1 if len(real) else 1)
+    return {k: v[:, :keep] if k[0] in "xy" and v.dim() == 2 else v for k, v in batch.items()}
+
+
 def default_save(model, run_dir: Path) -> dict:
     save_pth(model, run_dir / "model.pth")
     return {"model_path": str(run_dir / "model.pth")}
@@ -165,7 +179,8 @@ def train(spec: dict, model, data: dict, loss_fn, params=None, save_fn=default_s
         model.eval()
         total, n = 0.0, 0
         for i in range(0, min(len(eval_data["x"]), 20 * bs), bs):
-            batch = {k: v[i:i + bs].to(device) for k, v in eval_data.items()}
+            rows = trim_padding({k: v[i:i + bs] for k, v in eval_data.items()})
+            batch = {k: v.to(device) for k, v in rows.items()}
             with autocast:
                 loss, _ = loss_fn(model, batch)
             total, n = total + loss.item(), n + 1
@@ -185,7 +200,8 @@ def train(spec: dict, model, data: dict, loss_fn, params=None, save_fn=default_s
         while micro < iters and step < total_steps:
             rows = order[micro * global_bs:(micro + 1) * global_bs]
             idx = rows[rank * bs:(rank + 1) * bs] if world_size > 1 else rows
-            batch = {k: v[idx].to(device, non_blocking=True) for k, v in data.items()}
+            rows = trim_padding({k: v[idx] for k, v in data.items()})
+            batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
             lr = lr_at(step, total_steps, cfg["learning_rate"], cfg["warmup_steps"])
             for group in optimizer.param_groups:
                 group["lr"] = lr

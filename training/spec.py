@@ -248,11 +248,12 @@ def validate_spec(spec: dict) -> dict:
         raise SpecError("device", f"must be auto, cpu or cuda, got {device!r}")
     out = dict(spec)
     out["device"] = device
-    out["config"] = resolve_config(stage, spec.get("config"))
+    config = spec.get("config") or {}
+    if not isinstance(config, dict):
+        raise SpecError("config", "must be a JSON object")
     if base is not None and base.get("config"):
         # A base model fixes the architecture: its config wins over any architecture keys in the job's config.
-        for key in MODEL_DEFAULTS:
-            if key in base["config"]:
-                out["config"][key] = _coerce(key, base["config"][key])
+        config = {**config, **{k: v for k, v in base["config"].items() if k in MODEL_DEFAULTS}}
+    out["config"] = resolve_config(stage, config)
     out["resume"] = bool(spec.get("resume", False))
     return out

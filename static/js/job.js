@@ -12,10 +12,11 @@
     for (const p of pts) if (p.values[key] !== undefined) { x.push(p.step); y.push(p.values[key]); }
     return { x, y };
   }
-  const loss = series(points, "loss"), lr = series(points, "lr");
+  const loss = series(points, "loss"), lr = series(points, "lr"), evl = series(points, "eval_loss");
   Plotly.newPlot(chart, [
     { x: loss.x, y: loss.y, name: "loss", mode: "lines", line: { color: "#2563eb" } },
     { x: lr.x, y: lr.y, name: "lr", mode: "lines", yaxis: "y2", line: { color: "#f59e0b", dash: "dot" } },
+    { x: evl.x, y: evl.y, name: "eval loss", mode: "lines+markers", line: { color: "#16a34a" } },
   ], {
     margin: { t: 10, r: 60, b: 40, l: 50 }, height: 320, legend: { orientation: "h" },
     xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
@@ -49,9 +50,9 @@
   function flushPoints() {  // coalesce WebSocket batches: at most a few chart redraws a second
     timer = null;
     if (!pending.length) return;
-    const l = series(pending, "loss"), r = series(pending, "lr");
+    const l = series(pending, "loss"), r = series(pending, "lr"), e = series(pending, "eval_loss");
     pending = [];
-    Plotly.extendTraces(chart, { x: [l.x, r.x], y: [l.y, r.y] }, [0, 1]);
+    Plotly.extendTraces(chart, { x: [l.x, r.x, e.x], y: [l.y, r.y, e.y] }, [0, 1, 2]);
     chart.dataset.points = String(Number(chart.dataset.points) + l.x.length);
   }
 

@@ -221,3 +221,22 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(demo_dir
         results[n] = torch.load(tmp_path / f"w{n}" / "pretrain" / "checkpoints" / "resume.pt",
                                 weights_only=False)["model"]
     assert max((results[1][k] - results[2][k]).abs().max().item() for k in results[1]) < 1e-4
+
+
+def test_trimming_right_padding_leaves_the_loss_unchanged(demo_dir):
+    from training.loop import trim_padding
+    from training.pretrain import lm_loss
+    from training.model import build_model
+    from training.spec import model_config, resolve_config
+
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    convs = [json.loads(line)["conversations"] for line in (demo_dir / "demo-sft.jsonl").read_text().splitlines()[:8]]
+    x, y = encode_conversations(tok, convs, 96)
+    trimmed = trim_padding({"x": x, "y": y})
+    assert trimmed["x"].shape[1] < 96 and trimmed["x"].shape == trimmed["y"].shape
+    torch.manual_seed(0)
+    model = build_model(model_config(resolve_config("pretrain", ARCH))).eval()
+    with torch.no_grad():
+        full, _ = lm_loss(model, {"x": x, "y": y})
+        short, _ = lm_loss(model, trimmed)
+    assert short.item() == pytest.approx(full.item(), abs=1e-5)
