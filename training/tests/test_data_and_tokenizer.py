@@ -47,3 +47,24 @@ def test_chat_template_renders_like_minimind(demo_dir):
         assert theirs.apply_chat_template(msgs, tokenize=False) == expected
         assert ours.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True) == \
             theirs.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
+
+
+def test_train_tokenizer_command_keeps_minimind_layout(demo_dir, tmp_path):
+    from training.__main__ import main
+
+    assert main(["train-tokenizer", str(demo_dir / "demo-sft.jsonl"), "--out", str(tmp_path / "tok"),
+                 "--vocab-size", "800"]) == 0
+    tok = load_tokenizer(tmp_path / "tok")
+    assert [tok.token_to_id(t) for t in RESERVED] == list(range(36))
+    assert tok.get_vocab_size() <= 800
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert config["bos_token"] == "<|im_start|>" and config["eos_token"] == "<|im_end|>" and config["chat_template"]
+
+
+def test_lr_schedule_is_minimind_cosine_with_optional_warmup():
+    from training.loop import lr_at
+
+    assert lr_at(0, 100, 1e-3, 0) == 1e-3
+    assert abs(lr_at(50, 100, 1e-3, 0) - 5.5e-4) < 1e-12
+    assert abs(lr_at(100, 100, 1e-3, 0) - 1e-4) < 1e-12
+    assert lr_at(0, 100, 1e-3, 10) == 1e-4 and lr_at(9, 100, 1e-3, 10) == 1e-3

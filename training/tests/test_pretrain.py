@@ -105,3 +105,15 @@ def test_config_defaults_and_derived_sizes():
 
     assert parameter_count(mcfg)["total"] == 63_912_192  # MiniMind-3 dense, as the reference counts it
 
+
+
+def test_bad_sft_record_is_named_by_line(demo_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"conversations": [{"role": "user", "content": "no answer"}]}\n')
+    spec = {"stage": "sft", "run_dir": str(tmp_path / "r"), "dataset": str(bad),
+            "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu", "config": {"max_steps": 1}}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec))
+    rc, events, _ = run_engine(path)
+    assert rc == 1 and "line 2" in events[-1]["message"] and "assistant" in events[-1]["message"]

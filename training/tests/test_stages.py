@@ -240,3 +240,25 @@ def test_trimming_right_padding_leaves_the_loss_unchanged(demo_dir):
         full, _ = lm_loss(model, {"x": x, "y": y})
         short, _ = lm_loss(model, trimmed)
     assert short.item() == pytest.approx(full.item(), abs=1e-5)
+
+
+def test_resume_on_another_process_count_keeps_the_data_position(demo_dir, tmp_path):
+    spec = spec_for("pretrain", demo_dir, tmp_path, "demo-pretrain",
+                    config={"batch_size": 4, "max_steps": 6, "eval_ratio": 0, "log_interval": 1})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "training", "run", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    ck = torch.load(tmp_path / "pretrain" / "checkpoints" / "resume.pt", weights_only=False)
+    assert (ck["step"], ck["micro"], ck["world_size"]) == (6, 6, 2)
+    spec["resume"], spec["config"]["max_steps"] = True, 9
+    path.write_text(json.dumps(spec))
+    one = subprocess.run([sys.executable, "-m", "training", "run", str(path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    events = [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
+    assert any("GPU count 2 → 1" in e.get("message", "") for e in events)
+    assert next(e for e in events if e["event"] == "start")["resumed_from_step"] == 6
+    ck = torch.load(tmp_path / "pretrain" / "checkpoints" / "resume.pt", weights_only=False)
+    assert (ck["step"], ck["micro"], ck["world_size"]) == (9, 12 + 3, 1)  # 6 global batches of 8 rows = 12 of 4
