@@ -88,7 +88,7 @@ def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = N
                            f"{ds.name} is {ds.kind}", field="dataset")
     base = base_model if isinstance(base_model, ModelVersion) or base_model is None else \
         _visible(ModelVersion.objects, base_model, "base_model", owner)
-    if base is None and stage in ("lora", "dpo"):
+    if base is None and stage in ("lora", "dpo", "ppo", "grpo"):
         raise ServiceError(f"base_model: the {stage} stage starts from a trained model", field="base_model")
     teacher = teacher_model if isinstance(teacher_model, ModelVersion) or teacher_model is None else \
         _visible(ModelVersion.objects, teacher_model, "teacher_model", owner)

@@ -42,6 +42,10 @@ def _format(event: dict) -> str:
     if kind == "start":
         return (f"[{stamp}] started {event.get('stage')} on {event.get('device')}: {event.get('total_steps')} steps, "
                 f"{event.get('samples')} samples")
+    if kind == "sample":
+        prompt = event.get("prompt", "").replace("\n", "⏎")[-200:]
+        response = event.get("response", "").replace("\n", "⏎")[:400]
+        return f"[{stamp}] sample {event.get('step')} (reward {event.get('reward', 0):.3g}): {prompt} → {response}"
     if kind == "eval":
         return f"[{stamp}] eval at step {event.get('step')}: " + ", ".join(
             f"{k}: {v:.4g}" for k, v in event.get("metrics", {}).items())

@@ -111,5 +111,12 @@ def test_stage_rules_for_base_and_teacher_models(api, user, demo):
     r = api.post("/api/v1/jobs", {"name": "s", "stage": "sft", "dataset": sft.pk, "base_model": mv.pk,
                                   "config": {"hidden_size": 999}})
     assert r.status_code == 201 and r.json()["resolved_config"]["hidden_size"] == 64  # the base model's size wins
-    r = api.post("/api/v1/jobs", {"name": "g", "stage": "grpo", "dataset": sft.pk})
-    assert r.status_code == 400 and r.json()["details"]["field"] == "stage"
+    rlaif = Dataset.objects.get(name="demo-rlaif")
+    r = api.post("/api/v1/jobs", {"name": "g", "stage": "grpo", "dataset": rlaif.pk})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "base_model"
+    r = api.post("/api/v1/jobs", {"name": "g", "stage": "grpo", "dataset": rlaif.pk, "base_model": mv.pk,
+                                  "config": {"rewards": {"contains": 1.0}, "num_generations": 4}})
+    assert r.status_code == 201 and r.json()["resolved_config"]["loss_type"] == "cispo"
+    r = api.post("/api/v1/jobs", {"name": "g", "stage": "ppo", "dataset": rlaif.pk, "base_model": mv.pk,
+                                  "config": {"rewards": {"regex": 1.0}}})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "config.reward_regex"

@@ -21,7 +21,7 @@ def cmd_run(args) -> int:
     try:
         import torch
 
-        from . import distill, dpo, lora, pretrain, sft
+        from . import distill, dpo, grpo, lora, ppo, pretrain, sft
         from .chat import load_hf_tokenizer
         from .model import build_model, load_model
 
@@ -48,8 +48,9 @@ def cmd_run(args) -> int:
             teacher, tcfg = load_model(spec["teacher_model"], experts)
             result = distill.run(spec, model, tok, teacher)
         else:
-            result = {"pretrain": pretrain.run, "sft": sft.run, "lora": lora.run, "dpo": dpo.run}[stage](
-                spec, model, tok)
+            runner = {"pretrain": pretrain.run, "sft": sft.run, "lora": lora.run, "dpo": dpo.run, "ppo": ppo.run,
+                      "grpo": grpo.run}[stage]
+            result = runner(spec, model, tok)
         steps = result.pop("steps")
         events.emit("done", step=steps, model_config=mcfg, params=params["total"], **result)
         return 0

@@ -105,8 +105,15 @@ def default_save(model, run_dir: Path) -> dict:
     return {"model_path": str(run_dir / "model.pth")}
 
 
-def train(spec: dict, model, data: dict, loss_fn, params=None, save_fn=default_save, stage_extra=None) -> dict:
-    """Train ``model`` on ``data``; returns ``{"steps": n, **files written by save_fn}``."""
+def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=default_save, stage_extra=None,
+          update=None) -> dict:
+    """Train ``model`` on ``data``; returns ``{"steps": n, **files written by save_fn}``.
+
+    ``params``: the trainable parameters, or param groups whose optional ``lr_scale`` multiplies the scheduled lr
+    (PPO's critic). ``update(model, batch, opt_step) -> parts`` replaces the loss_fn path for stages that take several
+    optimizer steps per batch (PPO): it calls ``opt_step(loss) -> grad_norm`` itself and returns ``loss`` and
+    ``grad_norm`` among its parts.
+    """
     cfg = spec["config"]
     rank, world_size = world()
     run_dir = Path(spec["run_dir"])
@@ -121,8 +128,12 @@ def train(spec: dict, model, data: dict, loss_fn, params=None, save_fn=default_s
     scaler = torch.amp.GradScaler("cuda", enabled=is_cuda and cfg["dtype"] == "float16")
     model.to(device)
     model.train()
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], fused=is_cuda)
+    groups = list(params) if params is not None else [{"params": list(model.parameters())}]
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"], fused=is_cuda)
 
     data, eval_data = split_eval(data, cfg["eval_ratio"], cfg["seed"])
     n_rows = len(data["x"])
@@ -156,8 +167,23 @@ def train(spec: dict, model, data: dict, loss_fn, params=None, save_fn=default_s
     if cfg["use_compile"]:
         model = torch.compile(model)
         events.log("torch.compile enabled")
-    if world_size > 1:
+    if world_size > 1 and update is None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
+
+    def opt_step(loss):
+        """Backward, average gradients across ranks (for update stages), unscale, clip, step."""
+        scaler.scale(loss).backward()
+        if world_size > 1 and update is not None:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def save_checkpoint():
         if rank == 0:
@@ -204,26 +230,38 @@ def train(spec: dict, model, data: dict, loss_fn, params=None, save_fn=default_s
             batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
             lr = lr_at(step, total_steps, cfg["learning_rate"], cfg["warmup_steps"])
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             micro += 1
-            last_micro = micro % accum == 0 or micro == iters
-            sync = nullcontext() if last_micro or world_size == 1 else model.no_sync()
-            with sync:
+            if update is not None:
                 with autocast:
-                    loss, parts = loss_fn(model, batch)
-                scaler.scale(loss / accum).backward()
-            acc_loss += loss.item()
+                    parts = dict(update(model, batch, opt_step))
+                loss_value, grad_norm = parts.pop("loss"), parts.pop("grad_norm")
+                tokens = parts.pop("tokens")
+                last_micro = True
+            else:
+                last_micro = micro % accum == 0 or micro == iters
+                sync = nullcontext() if last_micro or world_size == 1 else model.no_sync()
+                with sync:
+                    with autocast:
+                        loss, parts = loss_fn(model, batch)
+                    scaler.scale(loss / accum).backward()
+                loss_value = loss.item()
+                tokens = parts.pop("tokens", None)
+                if tokens is None:
+                    tokens = int((batch["y"] != -100).sum())
+            acc_loss += loss_value
             for k, v in parts.items():
                 acc_parts[k] = acc_parts.get(k, 0.0) + v
             acc_n += 1
-            tokens_seen += int((batch["y"] != -100).sum()) * world_size
+            tokens_seen += tokens * world_size
             if not last_micro:
                 continue
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if update is None:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % cfg["log_interval"] == 0 or step == total_steps or step == 1:
                 now = time.time()

@@ -67,9 +67,13 @@ class MoeAuxLoss:
     def __init__(self, model, num_experts: int, coef: float):
         self.num_experts, self.coef, self.terms = num_experts, coef, []
         self.routers = [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
-        model.register_forward_pre_hook(lambda module, args: self.terms.clear())
+        # Bound methods, not closures: a deepcopy of the model (DPO/RL reference, PPO critic) gets its own collector.
+        model.register_forward_pre_hook(self._clear)
         for router in self.routers:
             router.register_forward_hook(self._hook)
+
+    def _clear(self, module, args):
+        self.terms.clear()
 
     def _hook(self, module, inputs, output):
         if not module.training or self.coef <= 0:

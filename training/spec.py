@@ -10,7 +10,7 @@ from pathlib import Path
 
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "ppo", "grpo")
 # Stages this engine version can run; the others are refused with a clear message until they land.
-IMPLEMENTED_STAGES = ("pretrain", "sft", "lora", "dpo", "distill")
+IMPLEMENTED_STAGES = STAGES
 
 # Model architecture keys (MiniMind's config names) and their MiniMind-3 defaults.
 MODEL_DEFAULTS = {
@@ -50,6 +50,11 @@ TRAIN_DEFAULTS = {
 }
 
 # Keys only some stages take, with MiniMind's defaults (reference §3).
+# RL: rollouts (max_gen_len new tokens at temperature 0.8), thinking opened with p = thinking_ratio, rewards mixed by
+# weight from: rule (MiniMind's), exact / contains / numeric (against the record's gt/answer), regex, model.
+RL_EXTRA = {"max_gen_len": 1024, "temperature": 0.8, "top_p": 1.0, "thinking_ratio": 0.9, "system_prompt_ratio": 0.2,
+            "debug_interval": 20, "rewards": {"rule": 1.0}, "reward_regex": "", "reward_model_path": "",
+            "eval_ratio": 0.0}
 SFT_EXTRA = {"system_prompt_ratio": 0.2, "empty_think_drop_ratio": 0.8}
 STAGE_EXTRA = {
     "pretrain": {"packing": True},
@@ -57,7 +62,11 @@ STAGE_EXTRA = {
     "lora": {**SFT_EXTRA, "lora_rank": 16, "lora_alpha": 16, "lora_targets": ["q_proj", "o_proj"]},
     "dpo": {"beta": 0.15, "empty_think_drop_ratio": 0.8},
     "distill": {**SFT_EXTRA, "alpha": 0.5, "temperature": 1.5},
-    "ppo": {}, "grpo": {},
+    "ppo": {**RL_EXTRA, "critic_learning_rate": 5e-7, "clip_epsilon": 0.2, "vf_coef": 0.5, "kl_coef": 0.02,
+            "gamma": 1.0, "lam": 0.95, "cliprange_value": 0.2, "ppo_update_iters": 2, "early_stop_kl": 0.25,
+            "mini_batch_size": 2},
+    "grpo": {**RL_EXTRA, "num_generations": 6, "beta": 0.1, "loss_type": "cispo", "epsilon": 0.2,
+             "epsilon_high": 5.0},
 }
 
 # MiniMind's per-stage trainer defaults (reference §3, "Per-stage defaults").
@@ -87,17 +96,22 @@ DTYPES = ("bfloat16", "float16", "float32")
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",
-             "max_steps", "seed", "warmup_steps", "eval_interval", "lora_rank"}
+             "max_steps", "seed", "warmup_steps", "eval_interval", "lora_rank", "max_gen_len", "debug_interval",
+             "num_generations", "ppo_update_iters", "mini_batch_size"}
 _FLOAT_KEYS = {"rope_theta", "rms_norm_eps", "router_aux_loss_coef", "learning_rate", "grad_clip", "eval_ratio",
-               "system_prompt_ratio", "empty_think_drop_ratio", "lora_alpha", "beta", "alpha", "temperature"}
+               "system_prompt_ratio", "empty_think_drop_ratio", "lora_alpha", "beta", "alpha", "temperature",
+               "top_p", "thinking_ratio", "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "vf_coef",
+               "kl_coef", "gamma", "lam", "cliprange_value", "early_stop_kl"}
 _BOOL_KEYS = {"use_moe", "packing", "use_compile"}
-_RATIO_KEYS = {"eval_ratio", "system_prompt_ratio", "empty_think_drop_ratio", "alpha"}
+_RATIO_KEYS = {"eval_ratio", "system_prompt_ratio", "empty_think_drop_ratio", "alpha", "top_p", "thinking_ratio",
+               "gamma", "lam"}
 # Keys that must be > 0 when set; the rest of the integers must be >= 0.
 _POSITIVE = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_steps",
-             "learning_rate", "rope_theta", "rms_norm_eps", "eval_interval", "lora_rank", "lora_alpha", "beta",
-             "temperature"}
+             "learning_rate", "rope_theta", "rms_norm_eps", "eval_interval", "lora_rank", "lora_alpha",
+             "temperature", "max_gen_len", "debug_interval", "num_generations", "ppo_update_iters", "mini_batch_size",
+             "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "early_stop_kl"}
 
 
 class SpecError(ValueError):
@@ -116,6 +130,32 @@ def defaults_for(stage: str) -> dict:
 
 
 def _coerce(key: str, value):
+    if key == "rewards":
+        if not isinstance(value, dict) or not value:
+            raise SpecError(key, "must be an object of reward kind → weight")
+        for kind, weight in value.items():
+            if kind not in ("rule", "exact", "contains", "numeric", "regex", "model"):
+                raise SpecError(key, f"unknown reward {kind!r}; use rule, exact, contains, numeric, regex or model")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise SpecError(key, f"the weight of {kind!r} must be a number")
+        if not any(w for w in value.values()):
+            raise SpecError(key, "at least one reward needs a non-zero weight")
+        return {k: float(v) for k, v in value.items()}
+    if key == "loss_type":
+        if value not in ("grpo", "cispo"):
+            raise SpecError(key, f"must be grpo or cispo, got {value!r}")
+        return value
+    if key in ("reward_regex", "reward_model_path"):
+        if not isinstance(value, str):
+            raise SpecError(key, "must be a string")
+        if key == "reward_regex" and value:
+            import re
+
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise SpecError(key, f"not a valid regular expression ({exc})") from None
+        return value
     if key == "lora_targets":
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             raise SpecError(key, f"must be a non-empty list of module names, got {value!r}")
@@ -168,6 +208,11 @@ def resolve_config(stage: str, config: dict | None) -> dict:
         raise SpecError("num_key_value_heads", "must divide num_attention_heads")
     if merged["num_experts_per_tok"] > merged["num_experts"]:
         raise SpecError("num_experts_per_tok", "must not exceed num_experts")
+    rewards = merged.get("rewards") or {}
+    if rewards.get("regex") and not merged.get("reward_regex"):
+        raise SpecError("reward_regex", "the regex reward needs a reward_regex")
+    if rewards.get("model") and not merged.get("reward_model_path"):
+        raise SpecError("reward_model_path", "the model reward needs a local reward_model_path")
     if merged["max_seq_len"] < 8:
         raise SpecError("max_seq_len", "must be at least 8")
     if merged["max_seq_len"] > merged["max_position_embeddings"]:
@@ -241,7 +286,7 @@ def validate_spec(spec: dict) -> dict:
             raise SpecError("teacher_model", f"path does not exist: {teacher['path']}")
     elif teacher is not None:
         raise SpecError("teacher_model", "only the distill stage takes a teacher model")
-    if stage in ("lora", "dpo") and base is None:
+    if stage in ("lora", "dpo", "ppo", "grpo") and base is None:
         raise SpecError("base_model", f"the {stage} stage starts from a trained model; give base_model")
     device = spec.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
