@@ -35,7 +35,7 @@ def test_submit_queues_with_defaults_and_demo_tokenizer(user, demo):
 @pytest.mark.parametrize("kwargs, field", [
     ({"name": ""}, "name"),
     ({"stage": "nope"}, "stage"),
-    ({"stage": "ppo"}, "base_model"),  # RL starts from a trained model
+    ({"stage": "ppo"}, "dataset"),  # PPO reads RL prompts, not pretrain text
     ({"config": {"batch_sise": 4}}, "config.batch_sise"),
     ({"config": {"learning_rate": -1}}, "config.learning_rate"),
     ({"config": {"hidden_size": 64, "num_attention_heads": 5}}, "config.num_attention_heads"),
