@@ -44,13 +44,14 @@ def jobs(request):
     data = json_body(request)
     for key in data:
         if key not in ("name", "stage", "dataset", "base_model", "teacher_model", "tokenizer", "config", "priority",
-                       "gpus"):
+                       "gpus", "time_limit_s"):
             raise ApiError(400, f"{key}: unknown field", {"field": key})
     job = services.submit_job(owner=request.user, name=data.get("name", ""), stage=data.get("stage", ""),
                               dataset=data.get("dataset"), config=data.get("config"),
                               base_model=data.get("base_model"), teacher_model=data.get("teacher_model"),
                               tokenizer=data.get("tokenizer"),
-                              priority=data.get("priority", 0), gpus=data.get("gpus", 1))
+                              priority=data.get("priority", 0), gpus=data.get("gpus", 1),
+                              time_limit_s=data.get("time_limit_s"))
     return job.to_dict(), 201
 
 
@@ -73,10 +74,26 @@ def job_logs(request, job_id):
     return {"text": text, "offset": end}
 
 
+def _action(service):
+    @endpoint("POST")
+    def view(request, job_id):
+        job = service(_job(request, job_id), request.user)
+        return job.to_dict(), 202
+
+    view.__name__ = service.__name__
+    return view
+
+
+job_cancel = _action(services.cancel_job)
+job_pause = _action(services.pause_job)
+job_resume = _action(services.resume_job)
+job_retry = _action(services.retry_job)
+
+
 @endpoint("POST")
-def job_cancel(request, job_id):
-    job = services.cancel_job(_job(request, job_id), request.user)
-    return job.to_dict(), 202
+def job_clone(request, job_id):
+    data = json_body(request)
+    return services.clone_job(_job(request, job_id), request.user, name=data.get("name")).to_dict(), 201
 
 
 @endpoint("GET")

@@ -55,14 +55,30 @@ class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", _("queued")
         RUNNING = "running", _("running")
+        PAUSING = "pausing", _("pausing")
         PAUSED = "paused", _("paused")
+        CANCELLING = "cancelling", _("cancelling")
         SUCCEEDED = "succeeded", _("succeeded")
         FAILED = "failed", _("failed")
         CANCELLED = "cancelled", _("cancelled")
         INTERRUPTED = "interrupted", _("interrupted")
 
-    ACTIVE = (Status.QUEUED, Status.RUNNING)
-    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    S = Status
+    # The legal transitions, in one place: every status change goes through Job.transition().
+    TRANSITIONS = {
+        S.QUEUED: {S.RUNNING, S.PAUSED, S.CANCELLED},
+        S.RUNNING: {S.PAUSING, S.CANCELLING, S.SUCCEEDED, S.FAILED, S.INTERRUPTED},
+        S.PAUSING: {S.PAUSED, S.CANCELLING, S.SUCCEEDED, S.FAILED, S.INTERRUPTED},
+        S.CANCELLING: {S.CANCELLED, S.SUCCEEDED, S.FAILED},
+        S.PAUSED: {S.QUEUED, S.CANCELLED},
+        S.INTERRUPTED: {S.QUEUED, S.CANCELLED, S.FAILED},
+        S.FAILED: {S.QUEUED},
+        S.SUCCEEDED: set(),
+        S.CANCELLED: set(),
+    }
+    ACTIVE = (S.QUEUED, S.RUNNING, S.PAUSING, S.CANCELLING)
+    LIVE = (S.RUNNING, S.PAUSING, S.CANCELLING)  # a training process may exist
+    FINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED)
 
     name = models.CharField(_("name"), max_length=200)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
@@ -85,8 +101,10 @@ class Job(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     eta_s = models.FloatField(null=True, blank=True)
-    cancel_requested = models.BooleanField(default=False)
+    worker_pid = models.IntegerField(null=True, blank=True)  # the django-q2 worker supervising it
     resume = models.BooleanField(default=False)  # continue from the run's last checkpoint when next started
+    time_limit_s = models.PositiveIntegerField(_("time limit (s)"), null=True, blank=True)
+    auto_resumes = models.PositiveSmallIntegerField(default=0)  # automatic resumes after crashes so far
     error = models.TextField(blank=True)
     output_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
@@ -101,6 +119,21 @@ class Job(models.Model):
 
     def __str__(self):
         return f"#{self.pk} {self.name}"
+
+    def transition(self, to: str, actor: str = "", message: str = "", **fields) -> bool:
+        """Move to ``to`` if the current status allows it (a conditional UPDATE); record the event. Returns success."""
+        sources = [s for s, targets in self.TRANSITIONS.items() if to in targets]
+        if to in self.FINAL:
+            fields.setdefault("finished_at", timezone.now())
+        done = Job.objects.filter(pk=self.pk, status__in=sources).update(status=to, **fields)
+        if done:
+            JobEvent.objects.create(job=self, kind=to, actor=actor, message=message[:2000])
+        self.refresh_from_db()
+        return bool(done)
+
+    @property
+    def checkpoint_path(self):
+        return self.run_dir / "checkpoints" / "resume.pt"
 
     @property
     def progress(self) -> float:
@@ -125,6 +158,7 @@ class Job(models.Model):
             "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
             "eta_s": self.eta_s, "error": self.error or None, "output_model": self.output_model_id,
+            "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes,
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,

@@ -48,3 +48,11 @@ def dataset_records(ds, offset=0, limit=20):
 
     with open(ds.path, encoding="utf-8") as f:
         return [json.loads(line) for line in itertools.islice(f, offset, offset + limit)]
+
+
+def disk_usage(path) -> int:
+    """Bytes under ``path`` (a job's run folder: checkpoints, weights, logs)."""
+    from pathlib import Path
+
+    root = Path(path)
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink()) if root.exists() else 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from models_registry.models import ModelVersion, Tokenizer
@@ -69,7 +69,8 @@ def _visible(qs, pk, field, user):
 
 
 def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
-               teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1) -> Job:
+               teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
+               time_limit_s: int | None = None) -> Job:
     """Validate and queue a job. ``dataset``/``base_model``/``tokenizer`` are ids (or model instances)."""
     name = (name or "").strip()
     if not name:
@@ -119,10 +120,14 @@ def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = N
         raise ServiceError(f"gpus: must be between 1 and {slots}, the most devices any node has", field="gpus")
     if gpus > 1:
         raise ServiceError("gpus: multi-device jobs are not available in this version yet", field="gpus")
+    if time_limit_s is not None:
+        if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, int) or time_limit_s < 1:
+            raise ServiceError("time_limit_s: a whole number of seconds, at least 1", field="time_limit_s")
     with transaction.atomic():
         job = Job.objects.create(owner=owner, name=name, stage=stage, dataset=ds, base_model=base,
                                  teacher_model=teacher, tokenizer=tok,
-                                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus)
+                                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
+                                 time_limit_s=time_limit_s)
         record_event(job, "submitted", owner.username)
         transaction.on_commit(kick_queue)
     return job
@@ -155,12 +160,8 @@ def claim_next_job(node_name: str, slots: int) -> Job | None:
             if job.gpus > len(free):
                 continue
             devices = free[: job.gpus]
-            claimed = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
-                status=Job.Status.RUNNING, node=node_name, devices=devices, started_at=timezone.now(),
-                cancel_requested=False, error="", pid=None)
-            if claimed:
-                job.refresh_from_db()
-                record_event(job, "started", node_name, f"devices {devices}")
+            if job.transition(Job.Status.RUNNING, node_name, f"devices {devices}", node=node_name, devices=devices,
+                              started_at=timezone.now(), error="", pid=None, worker_pid=os.getpid()):
                 return job
     return None
 
@@ -184,36 +185,89 @@ def write_spec(job: Job) -> Path:
     return path
 
 
-# --- cancel ----------------------------------------------------------------------------------------------------
+# --- cancel, pause, resume, retry, clone ---------------------------------------------------------------------
+
+def _who(actor) -> str:
+    return getattr(actor, "username", str(actor))
+
+
+def _refuse(job: Job, action: str, allowed: str):
+    raise ServiceError(f"job {job.pk} is {job.status}; {action} needs a {allowed} job", status=409)
+
 
 def cancel_job(job: Job, actor) -> Job:
-    who = getattr(actor, "username", str(actor))
-    if Job.objects.filter(pk=job.pk, status__in=[Job.Status.QUEUED, Job.Status.INTERRUPTED, Job.Status.PAUSED]).update(
-            status=Job.Status.CANCELLED, finished_at=timezone.now()):
-        record_event(job, "cancelled", who)
-    elif Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True):
-        record_event(job, "cancel_requested", who)
-    else:
-        job.refresh_from_db()
-        raise ServiceError(f"job {job.pk} is {job.status}; only queued or running jobs can be cancelled", status=409)
+    """Queued/paused/interrupted: cancelled at once. Running/pausing: cancelling (the supervisor stops it)."""
     job.refresh_from_db()
+    if job.status in (Job.Status.QUEUED, Job.Status.PAUSED, Job.Status.INTERRUPTED):
+        ok = job.transition(Job.Status.CANCELLED, _who(actor))
+    elif job.status in (Job.Status.RUNNING, Job.Status.PAUSING):
+        ok = job.transition(Job.Status.CANCELLING, _who(actor))
+    else:
+        ok = False
+    if not ok:
+        _refuse(job, "cancel", "queued, running, paused or interrupted")
     return job
+
+
+def pause_job(job: Job, actor) -> Job:
+    """Running: checkpoint, free the device, keep the place (pausing → paused). Queued: paused at once."""
+    job.refresh_from_db()
+    target = {Job.Status.QUEUED: Job.Status.PAUSED, Job.Status.RUNNING: Job.Status.PAUSING}.get(job.status)
+    if target is None or not job.transition(target, _who(actor)):
+        _refuse(job, "pause", "queued or running")
+    return job
+
+
+def _requeue(job: Job, actor: str, message: str = "") -> bool:
+    resume = job.checkpoint_path.exists()
+    ok = job.transition(Job.Status.QUEUED, actor, message + (" (continues from its last checkpoint)" if resume else ""),
+                        resume=resume, pid=None, worker_pid=None, node="", devices=[], finished_at=None)
+    if ok:
+        transaction.on_commit(kick_queue)
+    return ok
+
+
+def resume_job(job: Job, actor) -> Job:
+    job.refresh_from_db()
+    if job.status != Job.Status.PAUSED or not _requeue(job, _who(actor), "resumed"):
+        _refuse(job, "resume", "paused")
+    return job
+
+
+def retry_job(job: Job, actor) -> Job:
+    """A failed or interrupted job goes back to the queue, continuing from its last checkpoint when it has one."""
+    job.refresh_from_db()
+    if job.status not in (Job.Status.FAILED, Job.Status.INTERRUPTED) or not _requeue(job, _who(actor), "retry"):
+        _refuse(job, "retry", "failed or interrupted")
+    return job
+
+
+def clone_job(job: Job, actor, name: str | None = None) -> Job:
+    """A new queued job with the same stage, data, models and configuration."""
+    return submit_job(owner=actor, name=name or f"{job.name} (copy)", stage=job.stage, dataset=job.dataset_id,
+                      config=job.config, base_model=job.base_model_id, teacher_model=job.teacher_model_id,
+                      tokenizer=job.tokenizer_id, priority=job.priority, gpus=job.gpus, time_limit_s=job.time_limit_s)
 
 
 # --- finish and recover ----------------------------------------------------------------------------------------
 
-def finish_job(job: Job, status: str, *, error: str = "", output_model=None) -> None:
-    Job.objects.filter(pk=job.pk).update(status=status, error=error[:4000], finished_at=timezone.now(), pid=None,
-                                         output_model=output_model)
-    record_event(job, status, job.node, error[:500])
+def finish_job(job: Job, status: str, *, error: str = "", output_model=None, actor: str = "") -> bool:
+    return job.transition(status, actor or job.node, error[:500], error=error[:4000], pid=None, worker_pid=None,
+                          output_model=output_model)
 
 
-def requeue_interrupted(job: Job, reason: str) -> None:
-    """Put an interrupted job back in the queue to continue from its last checkpoint."""
-    resume = (job.run_dir / "checkpoints" / "resume.pt").exists()
-    Job.objects.filter(pk=job.pk).update(status=Job.Status.QUEUED, pid=None, node="", devices=[], resume=resume,
-                                         cancel_requested=False)
-    record_event(job, "requeued", "system", reason + (" (resuming from checkpoint)" if resume else ""))
+def interrupt_job(job: Job, reason: str, *, counts: bool = True) -> None:
+    """The job's process stopped without finishing: mark it interrupted, and requeue it to resume from its last
+    checkpoint. After a crash (``counts``) only while the automatic-resume budget (MINICLOUD_AUTO_RESUME, default 1)
+    lasts; a clean node shutdown always requeues."""
+    if not job.transition(Job.Status.INTERRUPTED, "system", reason, pid=None, worker_pid=None):
+        return
+    if not counts:
+        _requeue(job, "system", "requeued after the node stopped")
+    elif job.auto_resumes < settings.AUTO_RESUME_LIMIT:
+        Job.objects.filter(pk=job.pk).update(auto_resumes=F("auto_resumes") + 1)
+        job.refresh_from_db()
+        _requeue(job, "system", f"automatic resume {job.auto_resumes}/{settings.AUTO_RESUME_LIMIT}")
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -225,26 +279,37 @@ def _pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
-def reconcile_node(node_name: str) -> list[int]:
-    """At start: jobs this node was running whose process is gone are interrupted and requeued to resume."""
-    requeued = []
-    for job in Job.objects.filter(node=node_name, status__in=[Job.Status.RUNNING, Job.Status.INTERRUPTED]):
-        if job.status == Job.Status.RUNNING and _pid_alive(job.pid):
-            try:
-                os.killpg(job.pid, 9)  # an orphan from a dead serve: nobody reads its events any more
-            except OSError:
-                pass
-        if job.cancel_requested:
-            finish_job(job, Job.Status.CANCELLED)
+def _kill_group(pid: int | None) -> None:
+    if pid:
+        try:
+            os.killpg(pid, 9)
+        except OSError:
+            pass
+
+
+def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
+    """Jobs of this node whose supervisor is gone: stop any orphan training process, then interrupt (and maybe
+    requeue) them. At start every live job is orphaned; later (housekeeping) only those whose worker died."""
+    done = []
+    for job in Job.objects.filter(node=node_name, status__in=Job.LIVE):
+        if not starting and _pid_alive(job.worker_pid):
             continue
-        Job.objects.filter(pk=job.pk).update(status=Job.Status.INTERRUPTED)
-        record_event(job, "interrupted", "system", "the node stopped while the job ran")
-        requeue_interrupted(job, "node restarted")
-        requeued.append(job.pk)
-    return requeued
+        _kill_group(job.pid)  # nobody reads its events any more
+        if job.status == Job.Status.CANCELLING:
+            finish_job(job, Job.Status.CANCELLED, actor="system")
+        elif job.status == Job.Status.PAUSING:
+            job.transition(Job.Status.PAUSED, "system", "the node stopped while pausing", pid=None, worker_pid=None,
+                           resume=job.checkpoint_path.exists())
+        else:
+            interrupt_job(job, "the node restarted" if starting else "the job's supervisor died")
+        done.append(job.pk)
+    return done
 
 
 def register_node(node_name: str) -> Node:

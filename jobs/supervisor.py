@@ -106,6 +106,7 @@ class Supervisor:
             [sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=str(settings.BASE_DIR), env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
             start_new_session=True)
+        self.started = time.monotonic()
         Job.objects.filter(pk=self.job.pk).update(pid=self.proc.pid)
         threading.Thread(target=self._reader, args=(self.proc.stdout,), daemon=True).start()
 
@@ -162,15 +163,21 @@ class Supervisor:
         return not ended
 
     def check_stop(self) -> None:
+        """Stop the child when the job is cancelled or paused, the node shuts down or the time limit passes:
+        SIGTERM first (the engine checkpoints and exits), SIGKILL after JOB_KILL_GRACE_S."""
         if self.proc.poll() is not None:
             return
         if self.reason is None:
-            row = Job.objects.filter(pk=self.job.pk).values("cancel_requested").first()
-            stopping = Node.objects.filter(name=self.job.node, stopping=True).exists()
-            if row and row["cancel_requested"]:
+            status = Job.objects.filter(pk=self.job.pk).values_list("status", flat=True).first()
+            limit = self.job.time_limit_s
+            if status == Job.Status.CANCELLING:
                 self.reason = "cancel"
-            elif stopping:
+            elif status == Job.Status.PAUSING:
+                self.reason = "pause"
+            elif Node.objects.filter(name=self.job.node, stopping=True).exists():
                 self.reason = "shutdown"
+            elif limit and time.monotonic() - self.started > limit:
+                self.reason = "timeout"
             if self.reason:
                 self._signal(signal.SIGTERM)
                 self.term_sent_at = time.monotonic()
@@ -203,10 +210,8 @@ class Supervisor:
 
     def finish(self, rc: int) -> str:
         job = Job.objects.get(pk=self.job.pk)
-        if self.reason == "cancel" or (job.cancel_requested and self.done_event is None):
-            services.finish_job(job, Job.Status.CANCELLED)
-            status = Job.Status.CANCELLED
-        elif self.done_event is not None and rc == 0:
+        S = Job.Status
+        if self.done_event is not None and rc == 0:
             try:
                 mv = register_job_output(job, model_path=self.done_event["model_path"],
                                          model_config=self.done_event["model_config"],
@@ -214,22 +219,25 @@ class Supervisor:
                                          lora_path=self.done_event.get("lora_path", ""),
                                          adapter_path=self.done_event.get("adapter_path", ""))
             except (OSError, KeyError) as exc:
-                services.finish_job(job, Job.Status.FAILED, error=f"could not register the model: {exc}")
-                return Job.Status.FAILED
-            services.finish_job(job, Job.Status.SUCCEEDED, output_model=mv)
-            status = Job.Status.SUCCEEDED
-        elif self.reason == "shutdown":
-            Job.objects.filter(pk=job.pk).update(status=Job.Status.INTERRUPTED, pid=None)
-            services.record_event(job, "interrupted", job.node, "node shutting down; resumes on next start")
-            status = Job.Status.INTERRUPTED
-        else:
-            if self.error_event:
-                error = self.error_event.get("message", "training failed")
-            elif rc and rc < 0:
-                error = f"training process killed by signal {-rc}"
+                services.finish_job(job, S.FAILED, error=f"could not register the model: {exc}")
             else:
-                error = f"training process exited with code {rc}: " + " | ".join(self.tail[-3:])
-            services.finish_job(job, Job.Status.FAILED, error=error)
-            status = Job.Status.FAILED
+                services.finish_job(job, S.SUCCEEDED, output_model=mv)
+        elif self.reason == "cancel" or job.status == S.CANCELLING:
+            services.finish_job(job, S.CANCELLED)
+        elif self.reason == "pause" or job.status == S.PAUSING:
+            job.transition(S.PAUSED, job.node, f"checkpoint at step {job.step}", pid=None, worker_pid=None,
+                           resume=job.checkpoint_path.exists())
+        elif self.reason == "timeout":
+            services.finish_job(job, S.FAILED, error=f"time limit of {job.time_limit_s} s reached at step {job.step}; "
+                                                     "retry continues from the last checkpoint")
+        elif self.reason == "shutdown":
+            services.interrupt_job(job, "the node is shutting down", counts=False)
+        elif self.error_event is not None:
+            services.finish_job(job, S.FAILED, error=self.error_event.get("message", "training failed"))
+        elif rc and rc < 0:
+            services.interrupt_job(job, f"the training process was killed by signal {-rc}")
+        else:
+            services.finish_job(job, S.FAILED, error=f"training process exited with code {rc}: "
+                                                     + " | ".join(self.tail[-3:]))
         notify(job.pk)
-        return status
+        return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()

@@ -18,8 +18,10 @@ def run_next_job():
 
 
 def housekeeping():
-    """Periodic: refresh this node's device readings and start any queued job a lost token left waiting."""
+    """Periodic: refresh this node's device readings, recover jobs whose supervisor died (a killed worker), and
+    start any queued job a lost token left waiting."""
     services.refresh_node(settings.NODE_NAME)
+    services.reconcile_node(settings.NODE_NAME, starting=False)
     from .models import Job
 
     if Job.objects.filter(status=Job.Status.QUEUED).exists():

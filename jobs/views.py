@@ -5,6 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from . import selectors, services
@@ -57,16 +58,46 @@ def job_detail(request, job_id):
         "after": points[-1]["seq"] if points else 0, "events": job.events.all(),
         "queue_position": services.queue_position(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
+        "disk_bytes": selectors.disk_usage(job.run_dir),
+        "actions": [(name, label, states, " ".join(states)) for name, label, states in JOB_ACTIONS],
     })
+
+
+S = Job.Status
+# The buttons of a job page and the states that show them (the services enforce the same rules).
+JOB_ACTIONS = [
+    ("pause", gettext_lazy("Pause"), [S.QUEUED, S.RUNNING]),
+    ("resume", gettext_lazy("Resume"), [S.PAUSED]),
+    ("retry", gettext_lazy("Retry from checkpoint"), [S.FAILED, S.INTERRUPTED]),
+    ("clone", gettext_lazy("Clone"), [s.value for s in S]),
+    ("cancel", gettext_lazy("Cancel"), [S.QUEUED, S.RUNNING, S.PAUSING, S.PAUSED, S.INTERRUPTED]),
+]
+
+
+ACTIONS = {"cancel": (services.cancel_job, gettext_lazy("Cancel requested for job #%(id)s.")),
+           "pause": (services.pause_job, gettext_lazy("Pause requested for job #%(id)s.")),
+           "resume": (services.resume_job, gettext_lazy("Job #%(id)s is back in the queue.")),
+           "retry": (services.retry_job, gettext_lazy("Job #%(id)s is back in the queue."))}
 
 
 @login_required
 @require_POST
-def job_cancel(request, job_id):
+def job_action(request, job_id, action):
     job = _job_or_404(request, job_id)
+    if action == "clone":
+        try:
+            new = services.clone_job(job, request.user)
+        except services.ServiceError as exc:
+            messages.error(request, str(exc))
+            return redirect("job_detail", job_id=job.pk)
+        messages.success(request, _("Job #%(id)s is queued.") % {"id": new.pk})
+        return redirect("job_detail", job_id=new.pk)
+    if action not in ACTIONS:
+        raise Http404(_("No such action."))
+    service, done = ACTIONS[action]
     try:
-        services.cancel_job(job, request.user)
-        messages.info(request, _("Cancel requested for job #%(id)s.") % {"id": job.pk})
+        service(job, request.user)
+        messages.info(request, done % {"id": job.pk})
     except services.ServiceError as exc:
         messages.error(request, str(exc))
     return redirect("job_detail", job_id=job.pk)

@@ -172,6 +172,8 @@ else:
 # The job supervisor: seconds between SIGTERM and SIGKILL, and how often it flushes events and checks for cancel.
 JOB_KILL_GRACE_S = envint("MINICLOUD_KILL_GRACE", 8)
 JOB_POLL_S = 0.5
+# How many times a job whose process crashed (killed, node lost) is resumed automatically from its checkpoint.
+AUTO_RESUME_LIMIT = envint("MINICLOUD_AUTO_RESUME", 1)
 
 LOGGING = {
     "version": 1,

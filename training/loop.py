@@ -10,6 +10,7 @@ a dict of floats to log. ``batch["y"]`` holds labels (-100 = not trained) and is
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -100,6 +101,36 @@ def trim_padding(batch: dict) -> dict:
     return {k: v[:, :keep] if k[0] in "xy" and v.dim() == 2 else v for k, v in batch.items()}
 
 
+def write_checkpoint(ckpt_dir: Path, state: dict, step: int, eval_loss, keep: int) -> Path:
+    """Write ``step-N.pt``, point ``resume.pt`` at it, and rotate: keep the last ``keep`` and the best by eval loss.
+
+    ``index.json`` lists the kept checkpoints with their eval loss.
+    """
+    path = ckpt_dir / f"step-{step:07d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    link = ckpt_dir / "resume.pt"
+    tmp_link = ckpt_dir / "resume.pt.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    os.symlink(path.name, tmp_link)
+    os.replace(tmp_link, link)
+    index_path = ckpt_dir / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else []
+    index = [e for e in index if e["step"] != step and (ckpt_dir / e["file"]).exists()]
+    index.append({"step": step, "file": path.name, "eval_loss": eval_loss})
+    with_eval = [e for e in index if e["eval_loss"] is not None]
+    best = min(with_eval, key=lambda e: e["eval_loss"])["step"] if with_eval else None
+    latest = sorted(e["step"] for e in index)[-max(keep, 1):]
+    for e in index:
+        if e["step"] not in latest and e["step"] != best:
+            (ckpt_dir / e["file"]).unlink(missing_ok=True)
+    index = [dict(e, best=e["step"] == best) for e in index if e["step"] in latest or e["step"] == best]
+    index_path.write_text(json.dumps(index, indent=1))
+    return path
+
+
 def default_save(model, run_dir: Path) -> dict:
     save_pth(model, run_dir / "model.pth")
     return {"model_path": str(run_dir / "model.pth")}
@@ -185,15 +216,16 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    last_eval = {"loss": None}
+
     def save_checkpoint():
         if rank == 0:
-            tmp = resume_path.with_suffix(".tmp")
-            torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                        "step": step, "epoch": epoch, "micro": micro, "tokens_seen": tokens_seen,
-                        "rng": _rng_state(), "world_size": world_size, "config": cfg}, tmp)
-            os.replace(tmp, resume_path)
+            state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "step": step, "epoch": epoch, "micro": micro, "tokens_seen": tokens_seen, "rng": _rng_state(),
+                     "world_size": world_size, "config": cfg}
+            path = write_checkpoint(ckpt_dir, state, step, last_eval["loss"], cfg["keep_checkpoints"])
             files = save_fn(core, run_dir)
-            events.emit("checkpoint", step=step, path=str(resume_path))
+            events.emit("checkpoint", step=step, path=str(path))
         else:
             files = {}
         if world_size > 1:
@@ -276,7 +308,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
                 t_log, tok_log = now, tokens_seen
             acc_loss, acc_parts, acc_n = 0.0, {}, 0
             if eval_data is not None and (step % eval_every == 0 or step == total_steps):
-                events.emit("eval", step=step, metrics={"eval_loss": evaluate()})
+                last_eval["loss"] = evaluate()
+                events.emit("eval", step=step, metrics={"eval_loss": last_eval["loss"]})
             stopping = stop.set
             if world_size > 1:  # every rank stops at the same step
                 flag = torch.tensor([int(stopping)], device=device)

@@ -47,6 +47,7 @@ TRAIN_DEFAULTS = {
     "eval_ratio": 0.01,  # share of rows held out for eval_loss (0 = none)
     "eval_interval": None,  # None: evaluate at every save_interval and at the end
     "use_compile": False,
+    "keep_checkpoints": 2,  # resume checkpoints kept: the last N plus the best by eval loss
 }
 
 # Keys only some stages take, with MiniMind's defaults (reference §3).
@@ -96,7 +97,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",
-             "max_steps", "seed", "warmup_steps", "eval_interval", "lora_rank", "max_gen_len", "debug_interval",
+             "max_steps", "seed", "warmup_steps", "eval_interval", "lora_rank", "keep_checkpoints", "max_gen_len",
+             "debug_interval",
              "num_generations", "ppo_update_iters", "mini_batch_size"}
 _FLOAT_KEYS = {"rope_theta", "rms_norm_eps", "router_aux_loss_coef", "learning_rate", "grad_clip", "eval_ratio",
                "system_prompt_ratio", "empty_think_drop_ratio", "lora_alpha", "beta", "alpha", "temperature",
@@ -111,7 +113,7 @@ _POSITIVE = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_steps",
              "learning_rate", "rope_theta", "rms_norm_eps", "eval_interval", "lora_rank", "lora_alpha",
              "temperature", "max_gen_len", "debug_interval", "num_generations", "ppo_update_iters", "mini_batch_size",
-             "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "early_stop_kl"}
+             "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "early_stop_kl", "keep_checkpoints"}
 
 
 class SpecError(ValueError):

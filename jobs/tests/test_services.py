@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from jobs import services
@@ -75,24 +77,76 @@ def test_cancel_queued_and_running_and_final(user, demo):
     running = submit(user, demo)
     services.claim_next_job("n", 1)
     job = services.cancel_job(running, user)
-    assert job.status == "running" and job.cancel_requested
+    assert job.status == "cancelling"  # the supervisor stops the process, then records cancelled
     services.finish_job(job, Job.Status.CANCELLED)
     with pytest.raises(services.ServiceError) as exc:
         services.cancel_job(job, user)
     assert exc.value.status == 409
+    assert list(job.events.values_list("kind", flat=True)) == ["submitted", "running", "cancelling", "cancelled"]
+
+
+def test_pause_resume_retry_and_clone(user, demo, settings, tmp_path):
+    settings.HOME = tmp_path
+    job = submit(user, demo, time_limit_s=60)
+    assert services.pause_job(job, user).status == "paused"  # queued → paused keeps it out of the queue
+    assert services.claim_next_job("n", 1) is None
+    assert services.resume_job(job, user).status == "queued" and not job.resume  # no checkpoint yet
+    services.claim_next_job("n", 1)
+    assert services.pause_job(job, user).status == "pausing"
+    with pytest.raises(services.ServiceError):
+        services.resume_job(job, user)  # still pausing
+    job.checkpoint_path.parent.mkdir(parents=True)
+    job.checkpoint_path.write_bytes(b"x")
+    job.transition(Job.Status.PAUSED, "n")
+    job = services.resume_job(job, user)
+    assert job.status == "queued" and job.resume and job.node == ""
+    services.claim_next_job("n", 1)
+    services.finish_job(job, Job.Status.FAILED, error="boom")
+    job = services.retry_job(job, user)
+    assert job.status == "queued" and job.resume
+    with pytest.raises(services.ServiceError) as exc:
+        services.retry_job(job, user)
+    assert exc.value.status == 409
+    copy = services.clone_job(job, user)
+    assert copy.pk != job.pk and copy.status == "queued" and copy.config == job.config
+    assert copy.time_limit_s == 60 and copy.name == "j (copy)"
+
+
+def test_transitions_are_enforced_in_one_place(user, demo):
+    job = submit(user, demo)
+    assert not job.transition(Job.Status.SUCCEEDED)  # queued cannot succeed without running
+    assert job.status == "queued"
+    assert job.transition(Job.Status.RUNNING) and job.transition(Job.Status.SUCCEEDED)
+    assert job.finished_at is not None
+    for target in Job.Status:
+        assert not job.transition(target)  # a final state has no way out
+
+
+def test_crashed_job_is_resumed_automatically_once(user, demo, settings, tmp_path):
+    settings.HOME, settings.AUTO_RESUME_LIMIT = tmp_path, 1
+    job = submit(user, demo)
+    services.claim_next_job("n", 1)
+    services.interrupt_job(job, "killed")
+    job.refresh_from_db()
+    assert job.status == "queued" and job.auto_resumes == 1
+    services.claim_next_job("n", 1)
+    services.interrupt_job(job, "killed again")
+    job.refresh_from_db()
+    assert job.status == "interrupted"  # the budget is spent: a person decides (retry or cancel)
 
 
 def test_reconcile_requeues_jobs_of_a_dead_node(user, demo, settings, tmp_path):
     settings.HOME = tmp_path
     job = submit(user, demo)
     services.claim_next_job("node-x", 1)
-    Job.objects.filter(pk=job.pk).update(pid=2**22 + 12345)  # no such process
-    (job.run_dir / "checkpoints").mkdir(parents=True)
-    (job.run_dir / "checkpoints" / "resume.pt").write_bytes(b"x")
-    assert services.reconcile_node("node-x") == [job.pk]
+    Job.objects.filter(pk=job.pk).update(pid=2**22 + 12345, worker_pid=os.getpid())  # the child is gone
+    assert services.reconcile_node("node-x", starting=False) == []  # its supervisor (this process) still lives
+    job.checkpoint_path.parent.mkdir(parents=True)
+    job.checkpoint_path.write_bytes(b"x")
+    assert services.reconcile_node("node-x", starting=True) == [job.pk]
     job.refresh_from_db()
     assert job.status == "queued" and job.resume and job.node == ""
-    assert list(job.events.values_list("kind", flat=True))[-2:] == ["interrupted", "requeued"]
+    assert list(job.events.values_list("kind", flat=True))[-2:] == ["interrupted", "queued"]
 
 
 def test_queue_position(user, demo):

@@ -39,9 +39,8 @@
       document.getElementById("job-model").innerHTML =
         '<a href="' + meta.modelUrl.replace("/0/", "/" + job.output_model + "/") + '">#' + job.output_model + "</a>";
     }
-    if (FINAL.includes(job.status)) {
-      const form = document.getElementById("cancel-form");
-      if (form) form.remove();
+    for (const form of document.querySelectorAll("#job-actions form")) {
+      form.hidden = !form.dataset.states.split(" ").includes(job.status);
     }
   }
 

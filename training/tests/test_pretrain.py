@@ -117,3 +117,15 @@ def test_bad_sft_record_is_named_by_line(demo_dir, tmp_path):
     path.write_text(json.dumps(spec))
     rc, events, _ = run_engine(path)
     assert rc == 1 and "line 2" in events[-1]["message"] and "assistant" in events[-1]["message"]
+
+
+def test_checkpoints_rotate_keeping_the_last_and_the_best(tmp_path):
+    from training.loop import write_checkpoint
+
+    for step, loss in ((10, 3.0), (20, 1.0), (30, 2.0), (40, 2.5), (50, None)):
+        write_checkpoint(tmp_path, {"step": step}, step, loss, keep=2)
+    kept = sorted(p.name for p in tmp_path.glob("step-*.pt"))
+    assert kept == ["step-0000020.pt", "step-0000040.pt", "step-0000050.pt"]  # best (20) + last two
+    assert (tmp_path / "resume.pt").resolve().name == "step-0000050.pt"
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [(e["step"], e["best"]) for e in index] == [(20, True), (40, False), (50, False)]

@@ -5,6 +5,7 @@ daphne (HTTP + WebSocket) and the django-q2 cluster as children in their own ses
 reaches only this parent. On SIGINT/SIGTERM it stops running training processes (they checkpoint; their jobs
 resume on the next start), then the children: SIGTERM, then SIGKILL after a grace period. Nothing is left running.
 """
+import json
 import os
 import signal
 import subprocess
@@ -32,8 +33,10 @@ class Command(BaseCommand):
             call_command("migrate", interactive=False, verbosity=0)
             call_command("collectstatic", interactive=False, verbosity=0)
         admin = ensure_first_admin()
+        self.pidfile = settings.HOME / "run" / f"serve-{settings.NODE_NAME}.json"
+        _kill_leftovers(self.pidfile)
         services.register_node(settings.NODE_NAME)
-        requeued = services.reconcile_node(settings.NODE_NAME)
+        requeued = services.reconcile_node(settings.NODE_NAME, starting=True)
         self._ensure_schedule()
         if requeued:
             self.stdout.write(f"Requeued interrupted jobs to resume: {requeued}")
@@ -42,11 +45,17 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         py = sys.executable
+        # Own sessions, so a terminal's Ctrl-C reaches only this parent; killed with it if it dies (PDEATHSIG), and
+        # recorded in a pidfile so a later start can clear what a `kill -9` of this parent left behind.
         self.children = {
             "web": subprocess.Popen([py, "-m", "daphne", "-b", host, "-p", str(port), "minicloud.asgi:application"],
-                                    cwd=settings.BASE_DIR, start_new_session=True),
-            "workers": subprocess.Popen([py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True),
+                                    cwd=settings.BASE_DIR, start_new_session=True,
+                                    preexec_fn=_die_with_parent(signal.SIGTERM)),
+            "workers": subprocess.Popen([py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True,
+                                        preexec_fn=_die_with_parent(signal.SIGKILL)),
         }
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
         url = f"http://{host}:{port}"
         self.stdout.write(self.style.SUCCESS(f"MiniCloud is starting at {url}  (node {settings.NODE_NAME}, "
                                              f"data in {settings.HOME})"))
@@ -91,11 +100,11 @@ class Command(BaseCommand):
         deadline = time.monotonic() + grace
         # The supervisors see `stopping`, SIGTERM their training groups and mark the jobs interrupted.
         while time.monotonic() < deadline and Job.objects.filter(
-                node=settings.NODE_NAME, status=Job.Status.RUNNING).exists():
+                node=settings.NODE_NAME, status__in=Job.LIVE).exists():
             if self.children["workers"].poll() is not None:
                 break
             time.sleep(0.3)
-        for pid in Job.objects.filter(node=settings.NODE_NAME, status=Job.Status.RUNNING).exclude(
+        for pid in Job.objects.filter(node=settings.NODE_NAME, status__in=Job.LIVE).exclude(
                 pid=None).values_list("pid", flat=True):
             _killpg(pid, signal.SIGKILL)  # the supervisor is gone; reconcile requeues these on the next start
         for proc in self.children.values():
@@ -109,7 +118,42 @@ class Command(BaseCommand):
         for proc in self.children.values():
             _killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        self.pidfile.unlink(missing_ok=True)
         self.stdout.write("Stopped.")
+
+
+def _die_with_parent(sig):
+    """A preexec_fn asking Linux to send ``sig`` to the child when this parent dies (prctl PR_SET_PDEATHSIG)."""
+
+    def set_pdeathsig():
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)
+        except OSError:
+            pass
+
+    return set_pdeathsig
+
+
+def _kill_leftovers(pidfile):
+    """Kill the process groups a previous `serve` of this node left running (it was killed without cleaning up)."""
+    try:
+        old = json.loads(pidfile.read_text())
+    except (OSError, ValueError):
+        return
+    pgids = set(old.values())
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            pgrp = int(open(f"/proc/{proc}/stat").read().rsplit(")", 1)[1].split()[2])
+            cmd = open(f"/proc/{proc}/cmdline", "rb").read().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if pgrp in pgids and ("qcluster" in cmd or "daphne" in cmd):  # our old children (the group outlives its leader)
+            _killpg(pgrp, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
 
 
 def _killpg(pid, sig):

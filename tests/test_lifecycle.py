@@ -1,0 +1,98 @@
+"""Job lifecycle on the real `serve`: pause/resume from the checkpoint, cancel of a hung child, crash recovery."""
+import os
+import signal
+import time
+
+import pytest
+
+from .live import TINY, LiveNode, processes_of, training_processes
+
+pytestmark = pytest.mark.e2e
+LONG = {**TINY, "max_steps": 100000, "log_interval": 1, "save_interval": 10}
+
+
+def log_text(live, job_id):
+    return live.request("GET", f"/api/v1/jobs/{job_id}/logs?after=0")[1]["text"]
+
+
+def test_pause_then_resume_continues_from_the_checkpoint(live):
+    job = live.submit("pause-me", {**TINY, "max_steps": 400, "log_interval": 1, "save_interval": 1000,
+                                   "epochs": 5})
+    live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 5, what="running")
+    status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/pause")
+    assert status == 202 and body["status"] == "pausing"
+    paused = live.wait_for(job["id"], lambda j: j["status"] == "paused", timeout=30, what="paused")
+    assert not training_processes(f"job-{job['id']}/spec.json")  # the device is free
+    step = paused["step"]
+    assert live.request("POST", f"/api/v1/jobs/{job['id']}/pause")[0] == 409
+    status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/resume")
+    assert status == 202 and body["status"] == "queued"
+    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="finished")
+    assert done["status"] == "succeeded" and done["step"] == 400
+    text = log_text(live, job["id"])
+    resumed_at = int(text.split("resumed from step ")[1].split()[0])
+    assert resumed_at >= step > 0  # continued from the pause checkpoint, not from step 0
+
+
+def test_cancel_of_a_hung_training_process_kills_it(live):
+    job = live.submit("hang", LONG)
+    live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] > 0, what="running")
+    spec = f"job-{job['id']}/spec.json"
+    for pid in training_processes(spec):
+        os.kill(pid, signal.SIGSTOP)  # a training loop that no longer answers SIGTERM
+    t0 = time.time()
+    assert live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 202
+    live.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=15, what="cancelled")
+    while training_processes(spec) and time.time() - t0 < 10:
+        time.sleep(0.2)
+    assert not training_processes(spec) and time.time() - t0 < 10
+
+
+def test_killed_training_process_is_resumed_automatically(live):
+    job = live.submit("kill-9", {**TINY, "max_steps": 60, "log_interval": 1, "save_interval": 10})
+    live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 25, what="past a checkpoint")
+    for pid in training_processes(f"job-{job['id']}/spec.json"):
+        os.kill(pid, signal.SIGKILL)
+    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
+                         what="recovered")
+    assert done["status"] == "succeeded" and done["auto_resumes"] == 1, done
+    assert int(log_text(live, job["id"]).split("resumed from step ")[1].split()[0]) >= 20
+
+
+def test_time_limit_fails_the_job_and_retry_continues(live):
+    status, datasets = live.request("GET", "/api/v1/datasets")
+    ds = next(d for d in datasets["datasets"] if d["name"] == "demo-pretrain")
+    status, job = live.request("POST", "/api/v1/jobs", {"name": "limited", "stage": "pretrain", "dataset": ds["id"],
+                                                         "config": {**LONG, "save_interval": 5}, "time_limit_s": 6})
+    assert status == 201 and job["time_limit_s"] == 6
+    failed = live.wait_for(job["id"], lambda j: j["status"] == "failed", what="time limit")
+    assert "time limit of 6 s" in failed["error"]
+    status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/retry")
+    assert status == 202 and body["status"] == "queued"
+    live.wait_for(job["id"], lambda j: j["status"] == "running", what="running again")
+    live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")
+    live.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=20, what="cancelled")
+
+
+def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
+    node = LiveNode(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    node.start()
+    try:
+        job = node.submit("survivor", {**TINY, "max_steps": 150, "log_interval": 1, "save_interval": 10})
+        node.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 25, what="past a checkpoint")
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait()
+        node.start()  # the new serve clears what the old one left and requeues the job
+        done = node.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
+                             what="finished after restart")
+        assert done["status"] == "succeeded", done
+        assert int(log_text(node, job["id"]).split("resumed from step ")[1].split()[0]) >= 20
+    finally:
+        rc = node.stop()
+        node.drop_database()
+    assert rc == 0, node.log()
+    deadline = time.time() + 10
+    while processes_of(node.home) and time.time() < deadline:
+        time.sleep(0.3)
+    assert processes_of(node.home) == []
