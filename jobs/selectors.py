@@ -17,6 +17,27 @@ def metrics_after(job, after=0, limit=5000):
     return [p.to_dict() for p in MetricPoint.objects.filter(job=job, seq__gt=after).order_by("seq")[:limit]]
 
 
+def metric_history(job, max_points=10_000):
+    """Every point for a chart, downsampled by stride to at most ``max_points`` (the first and last always kept);
+    the full resolution stays in the database and the API."""
+    qs = MetricPoint.objects.filter(job=job).order_by("seq")
+    n = qs.count()
+    if n <= max_points:
+        return [p.to_dict() for p in qs]
+    stride = -(-n // max_points)
+    points = [p.to_dict() for i, p in enumerate(qs.iterator()) if i % stride == 0 or i == n - 1]
+    return points
+
+
+def metric_keys(points) -> list[str]:
+    keys = []
+    for p in points:
+        for k in p["values"]:
+            if k not in keys:
+                keys.append(k)
+    return keys
+
+
 def log_after(job, offset=0, limit=1_000_000):
     """Log text from character ``offset``; returns (text, next_offset)."""
     chunks = LogChunk.objects.filter(job=job).order_by("offset")

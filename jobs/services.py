@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
 import json
 import os
 from pathlib import Path
@@ -148,15 +149,36 @@ def _local_devices():
     return inventory()
 
 
+def recent_usage(owner_ids, now=None) -> dict:
+    """Device-seconds each owner used, each job's share halved every FAIR_SHARE_HALF_LIFE_H since it ended."""
+    now = now or timezone.now()
+    half_life = settings.FAIR_SHARE_HALF_LIFE_H * 3600
+    since = now - timedelta(seconds=half_life * 8)
+    usage = {pk: 0.0 for pk in owner_ids}
+    jobs = Job.objects.filter(owner_id__in=owner_ids, started_at__isnull=False).filter(
+        Q(finished_at__isnull=True) | Q(finished_at__gte=since)).values("owner_id", "gpus", "started_at", "finished_at")
+    for j in jobs:
+        end = j["finished_at"] or now
+        seconds = max((end - j["started_at"]).total_seconds(), 0.0) * j["gpus"]
+        usage[j["owner_id"]] += seconds * 0.5 ** ((now - end).total_seconds() / half_life)
+    return usage
+
+
+def queue_order(jobs: list) -> list:
+    """Priority first, then fair share (the owner's decayed recent device use, least first), then age."""
+    usage = recent_usage({j.owner_id for j in jobs})
+    return sorted(jobs, key=lambda j: (-j.priority, usage[j.owner_id], j.created_at, j.pk))
+
+
 def claim_next_job(node_name: str, slots: int) -> Job | None:
-    """Atomically take the best queued job that fits this node's free slots (priority, then age)."""
+    """Atomically take the best queued job that fits this node's free slots (see ``queue_order``)."""
     with transaction.atomic():
         Node.objects.select_for_update().filter(name=node_name).exists()  # serialises claims on PostgreSQL
         used = set()
-        for devs in Job.objects.filter(status=Job.Status.RUNNING, node=node_name).values_list("devices", flat=True):
+        for devs in Job.objects.filter(status__in=Job.LIVE, node=node_name).values_list("devices", flat=True):
             used.update(devs or [])
         free = [i for i in range(slots) if i not in used]
-        for job in Job.objects.filter(status=Job.Status.QUEUED).order_by("-priority", "created_at", "pk"):
+        for job in queue_order(list(Job.objects.filter(status=Job.Status.QUEUED))):
             if job.gpus > len(free):
                 continue
             devices = free[: job.gpus]
@@ -327,6 +349,5 @@ def queue_position(job: Job) -> int | None:
     """1 for the next job to start, or None when the job is not queued."""
     if job.status != Job.Status.QUEUED:
         return None
-    ahead = Job.objects.filter(status=Job.Status.QUEUED).filter(
-        Q(priority__gt=job.priority) | Q(priority=job.priority, created_at__lt=job.created_at))
-    return ahead.count() + 1
+    ordered = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED)))
+    return next(i for i, j in enumerate(ordered, 1) if j.pk == job.pk)

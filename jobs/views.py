@@ -2,7 +2,7 @@ import json
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
@@ -51,11 +51,12 @@ def _job_or_404(request, job_id):
 @login_required
 def job_detail(request, job_id):
     job = _job_or_404(request, job_id)
-    points = selectors.metrics_after(job, 0, limit=100_000)
+    points = selectors.metric_history(job)
     log_text, log_offset = selectors.log_after(job, 0)
     return render(request, "jobs/detail.html", {
         "job": job, "points": points, "log_text": log_text, "log_offset": log_offset,
         "after": points[-1]["seq"] if points else 0, "events": job.events.all(),
+        "metric_keys": selectors.metric_keys(points),
         "queue_position": services.queue_position(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
         "disk_bytes": selectors.disk_usage(job.run_dir),
@@ -104,10 +105,58 @@ def job_action(request, job_id, action):
 
 
 @login_required
+def job_log(request, job_id):
+    job = _job_or_404(request, job_id)
+    text, _end = selectors.log_after(job, 0, limit=10**9)
+    response = HttpResponse(text, content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="job-{job.pk}.log"'
+    return response
+
+
+@login_required
+def compare(request):
+    """Overlay the curves of several jobs (same metric, by step or by tokens) with their configuration differences."""
+    try:
+        ids = [int(i) for i in request.GET.get("ids", "").split(",") if i.strip()]
+    except ValueError:
+        ids = []
+    jobs = list(selectors.jobs_for(request.user).filter(pk__in=ids).order_by("pk"))
+    series = {job.pk: selectors.metric_history(job, max_points=5000) for job in jobs}
+    keys = []
+    for points in series.values():
+        keys += [k for k in selectors.metric_keys(points) if k not in keys]
+    config_keys = sorted({k for job in jobs for k in job.resolved_config})
+    differing = [(k, [job.resolved_config.get(k) for job in jobs]) for k in config_keys
+                 if len({repr(job.resolved_config.get(k)) for job in jobs}) > 1]
+    return render(request, "jobs/compare.html", {
+        "jobs": jobs, "series": {str(k): v for k, v in series.items()}, "metric_keys": keys,
+        "differing": [("stage", [j.stage for j in jobs]), ("dataset", [j.dataset.name for j in jobs])]
+        + differing if len(jobs) > 1 else differing,
+        "candidates": selectors.jobs_for(request.user).exclude(pk__in=ids)[:50], "ids": ",".join(map(str, ids)),
+    })
+
+
+def wait_reason(job, free_slots: int) -> str:
+    if job.status != Job.Status.QUEUED:
+        return ""
+    if free_slots < job.gpus:
+        return _("waiting for %(n)s free device(s)") % {"n": job.gpus}
+    return _("starting")
+
+
+@login_required
 def queue(request):
-    jobs = list(Job.objects.filter(status__in=Job.ACTIVE).select_related("owner")
-                .order_by("-status", "-priority", "created_at"))
-    return render(request, "jobs/queue.html", {"jobs": jobs})
+    live = list(Job.objects.filter(status__in=Job.LIVE).select_related("owner").order_by("started_at"))
+    jobs = live + services.queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")))
+    slots = sum(len(n.devices) for n in Node.objects.all())
+    busy = sum(j.gpus for j in jobs if j.status in Job.LIVE)
+    position = 0
+    for job in jobs:
+        if job.status == Job.Status.QUEUED:
+            position += 1
+            job.position = position
+        job.reason = wait_reason(job, slots - busy)
+    return render(request, "jobs/queue.html", {"jobs": jobs, "slots": slots, "busy": busy})
 
 
 @login_required

@@ -174,6 +174,8 @@ JOB_KILL_GRACE_S = envint("MINICLOUD_KILL_GRACE", 8)
 JOB_POLL_S = 0.5
 # How many times a job whose process crashed (killed, node lost) is resumed automatically from its checkpoint.
 AUTO_RESUME_LIMIT = envint("MINICLOUD_AUTO_RESUME", 1)
+# Fair share: a user's past device use counts half as much after this many hours.
+FAIR_SHARE_HALF_LIFE_H = float(os.environ.get("MINICLOUD_FAIR_SHARE_HALF_LIFE_H", "24"))
 
 LOGGING = {
     "version": 1,

@@ -40,6 +40,8 @@ urlpatterns = [
     path("i18n/", include("django.conf.urls.i18n")),
     path("jobs/new/", jobs_views.job_new, name="job_new"),
     path("jobs/<int:job_id>/", jobs_views.job_detail, name="job_detail"),
+    path("jobs/compare/", jobs_views.compare, name="job_compare"),
+    path("jobs/<int:job_id>/log.txt", jobs_views.job_log, name="job_log"),
     path("jobs/<int:job_id>/<str:action>/", jobs_views.job_action, name="job_action"),
     path("queue/", jobs_views.queue, name="queue"),
     path("devices/", jobs_views.devices, name="devices"),

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from .live import ADMIN
+from .live import ADMIN, TINY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
@@ -31,7 +31,7 @@ def chart_points(page) -> int:
                          "return gd && gd.data ? gd.data[0].x.length : -1; }")
 
 
-def test_login_submit_watch_chart_and_succeed(live, browser):
+def login(live, browser):
     page = browser.new_page()
     page.set_default_timeout(30_000)
     page.goto(live.url + "/")
@@ -40,6 +40,11 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
     page.fill("input[name=password]", ADMIN[1])
     page.click("button[type=submit]")
     page.wait_for_url(live.url + "/")
+    return page
+
+
+def test_login_submit_watch_chart_and_succeed(live, browser):
+    page = login(live, browser)
     page.click("text=New job")
     page.fill("#id_name", "browser-job")
     assert page.input_value("#id_hidden_size") == "64"
@@ -68,4 +73,28 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
     assert "下载 .pth" in page.inner_text("#download-pth")
     with page.expect_navigation():
         page.select_option("select[name=language]", "en")
+    page.close()
+
+
+def test_job_page_metrics_and_log_tools_and_the_compare_page(live, browser):
+    jobs = [live.submit(f"cmp-{i}", {**TINY, "max_steps": 8 + 4 * i, "log_interval": 1}) for i in range(2)]
+    for job in jobs:
+        live.wait_for(job["id"], lambda j: j["status"] == "succeeded", what="finished")
+    page = login(live, browser)
+    page.goto(f"{live.url}/jobs/{jobs[0]['id']}/")
+    page.wait_for_selector("#metric-chart.js-plotly-plot")
+    page.select_option("#metric", "grad_norm")
+    assert page.evaluate("() => document.getElementById('metric-chart').data[0].name") == "grad_norm"
+    page.check("#logy")
+    assert page.evaluate("() => document.getElementById('metric-chart').layout.yaxis.type") == "log"
+    page.fill("#log-search", "checkpoint")
+    assert all("checkpoint" in line for line in page.inner_text("#log").strip().splitlines())
+    page.goto(f"{live.url}/jobs/compare/?ids={jobs[0]['id']},{jobs[1]['id']}")
+    page.wait_for_selector("#compare-chart.js-plotly-plot")
+    assert page.evaluate("() => document.getElementById('compare-chart').data.length") == 2
+    lengths = page.evaluate("() => document.getElementById('compare-chart').data.map(t => t.x.length)")
+    assert lengths == [8, 12]
+    page.select_option("#xaxis", "tokens")
+    assert page.evaluate("() => document.getElementById('compare-chart').layout.xaxis.title.text") == "tokens"
+    assert "max_steps" in page.inner_text("table.list")
     page.close()

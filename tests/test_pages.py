@@ -61,3 +61,45 @@ def test_other_users_job_page_is_404(logged_in, other_user):
     job = Job.objects.create(owner=other_user, name="secret", stage="pretrain", dataset=ds, tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
     assert logged_in.get(f"/jobs/{job.pk}/").status_code == 404
     assert logged_in.post(f"/jobs/{job.pk}/cancel/").status_code == 404
+
+
+def _job_with_points(owner, name, n, config=None):
+    from jobs.models import Dataset, LogChunk, MetricPoint
+
+    job = Job.objects.create(owner=owner, name=name, stage="pretrain", dataset=Dataset.objects.get(name="demo-pretrain"),
+                             tokenizer=Tokenizer.objects.get(name="demo-tokenizer"),
+                             resolved_config=config or {"batch_size": 16, "learning_rate": 1e-3})
+    MetricPoint.objects.bulk_create([MetricPoint(job=job, seq=i, step=i, time=float(i),
+                                                 values={"loss": 10.0 / i, "lr": 1e-3, "tokens": 64 * i})
+                                     for i in range(1, n + 1)])
+    LogChunk.objects.create(job=job, offset=0, text="line one\nline two\n")
+    return job
+
+
+def test_compare_page_overlays_jobs_and_lists_config_differences(logged_in, user):
+    a = _job_with_points(user, "a", 30)
+    b = _job_with_points(user, "b", 20, {"batch_size": 32, "learning_rate": 1e-3})
+    r = logged_in.get(f"/jobs/compare/?ids={a.pk},{b.pk}")
+    assert r.status_code == 200
+    assert [k for k, _ in r.context["differing"]][-1] == "batch_size"
+    assert set(r.context["series"]) == {str(a.pk), str(b.pk)} and "loss" in r.context["metric_keys"]
+    assert logged_in.get("/jobs/compare/?ids=oops").status_code == 200  # bad input: an empty comparison
+
+
+def test_job_page_downsamples_long_histories(logged_in, user):
+    from jobs import selectors
+
+    job = _job_with_points(user, "long", 2500)
+    pts = selectors.metric_history(job, max_points=1000)
+    assert len(pts) <= 1001 and pts[0]["seq"] == 1 and pts[-1]["seq"] == 2500
+    assert logged_in.get(f"/jobs/{job.pk}/").status_code == 200
+
+
+def test_log_download_and_queue_reasons(logged_in, user):
+    job = _job_with_points(user, "q", 1)
+    r = logged_in.get(f"/jobs/{job.pk}/log.txt")
+    assert r.status_code == 200 and r.content == b"line one\nline two\n"
+    assert "attachment" in r["Content-Disposition"]
+    page = logged_in.get("/queue/")
+    row = next(j for j in page.context["jobs"] if j.pk == job.pk)
+    assert row.position == 1 and "waiting" in row.reason  # no node has registered any device here

@@ -153,3 +153,23 @@ def test_queue_position(user, demo):
     a, b = submit(user, demo), submit(user, demo)
     c = submit(user, demo, priority=1)
     assert [services.queue_position(j) for j in (c, a, b)] == [1, 2, 3]
+
+
+def test_fair_share_puts_the_user_who_used_less_first(user, other_user, demo):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    heavy = submit(user, demo, name="yesterday")
+    heavy.transition(Job.Status.RUNNING)
+    Job.objects.filter(pk=heavy.pk).update(started_at=timezone.now() - timedelta(hours=5))
+    heavy.transition(Job.Status.SUCCEEDED)
+    first = submit(user, demo, name="alice waits")  # older
+    second = submit(other_user, demo, name="bob goes first")
+    urgent = submit(user, demo, name="urgent", priority=3)
+    usage = services.recent_usage({user.pk, other_user.pk})
+    assert usage[other_user.pk] == 0 and 4.9 * 3600 < usage[user.pk] < 5.1 * 3600
+    assert [j.name for j in services.queue_order([first, second, urgent])] == ["urgent", "bob goes first",
+                                                                               "alice waits"]
+    assert services.queue_position(second) == 2
+    assert services.claim_next_job("n", 1).pk == urgent.pk

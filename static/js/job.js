@@ -24,7 +24,32 @@
   }, { responsive: true, displaylogo: false });
   chart.dataset.points = String(loss.x.length);
 
+  // The "all metrics" chart: any metric the stage reports, with smoothing and log scale.
+  const allPoints = points.slice();
+  const metricSel = document.getElementById("metric"), smooth = document.getElementById("smooth");
+  const logy = document.getElementById("logy"), metricChart = document.getElementById("metric-chart");
+  function drawMetric() {
+    if (!metricSel.value) return;
+    const s = MiniCharts.series(allPoints, metricSel.value, "step");
+    Plotly.react(metricChart, [{ x: s.x, y: MiniCharts.smooth(s.y, Number(smooth.value)), name: metricSel.value,
+                                 mode: "lines" }], MiniCharts.layout(logy.checked), { responsive: true, displaylogo: false });
+  }
+  function addMetricKeys(pts) {
+    for (const p of pts) for (const k of Object.keys(p.values)) {
+      if (![...metricSel.options].some((o) => o.value === k)) metricSel.add(new Option(k, k));
+    }
+  }
+  for (const el of [metricSel, smooth, logy]) el.addEventListener("input", drawMetric);
+  drawMetric();
+
   const logEl = document.getElementById("log");
+  const search = document.getElementById("log-search");
+  let fullLog = logEl.textContent;
+  function showLog() {
+    const q = search.value.trim().toLowerCase();
+    logEl.textContent = q ? fullLog.split("\n").filter((l) => l.toLowerCase().includes(q)).join("\n") : fullLog;
+  }
+  search.addEventListener("input", showLog);
   function setStatus(job) {
     const el = document.getElementById("job-status");
     el.className = "status s-" + job.status;
@@ -50,6 +75,9 @@
     timer = null;
     if (!pending.length) return;
     const l = series(pending, "loss"), r = series(pending, "lr"), e = series(pending, "eval_loss");
+    allPoints.push(...pending);
+    addMetricKeys(pending);
+    drawMetric();
     pending = [];
     Plotly.extendTraces(chart, { x: [l.x, r.x, e.x], y: [l.y, r.y, e.y] }, [0, 1, 2]);
     chart.dataset.points = String(Number(chart.dataset.points) + l.x.length);
@@ -69,7 +97,8 @@
       }
       if (msg.log) {
         const atBottom = logEl.scrollTop + logEl.clientHeight >= logEl.scrollHeight - 5;
-        logEl.textContent += msg.log;
+        fullLog += msg.log;
+        showLog();
         if (atBottom) logEl.scrollTop = logEl.scrollHeight;
       }
       logOffset = msg.log_offset;
