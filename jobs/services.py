@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import timedelta
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
