@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .model import build_model, load_model, save_pth
+from .model import load_model, save_pth
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

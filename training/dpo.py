@@ -5,14 +5,13 @@ the assistant spans; loss = -log σ(β·((π_c - π_r) - (ref_c - ref_r))), mean
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 from .chat import check_dpo, encode_conversations, read_jsonl, sequence_logps
-from .loop import train
+from .loop import pick_device, train
 from .model import aux_loss
+from .rl import frozen_copy
 
 
 def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta: float):
@@ -32,10 +31,6 @@ def load_rows(spec: dict, tok):
 
 
 def make_loss(reference, beta: float):
-    reference.eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-
     def loss_fn(model, batch):
         x = torch.cat([batch["x"], batch["xr"]])
         y = torch.cat([batch["y"], batch["yr"]])
@@ -54,8 +49,5 @@ def make_loss(reference, beta: float):
 
 
 def run(spec: dict, model, tok):
-    reference = copy.deepcopy(model)
-    from .loop import pick_device
-
-    reference.to(pick_device(spec["device"]))
+    reference = frozen_copy(model, pick_device(spec["device"]))
     return train(spec, model, load_rows(spec, tok), make_loss(reference, spec["config"]["beta"]))

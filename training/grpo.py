@@ -9,13 +9,11 @@ averaged over each completion's tokens (up to and including the first eos), then
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from .loop import pick_device, train
-from .model import aux_loss, save_pth
-from .rl import Rewards, decode, k3, load_prompts, masked_mean, rollout, sample_event, token_logps, unwrap
+from .loop import train
+from .model import aux_loss
+from .rl import decode, k3, masked_mean, rollout, sample_event, setup, token_logps, unwrap
 
 
 def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
@@ -37,12 +35,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, loss_type: str, beta: float
 
 def run(spec: dict, model, tok):
     cfg = spec["config"]
-    device = pick_device(spec["device"])
-    data, records = load_prompts(spec, tok)
-    reference = copy.deepcopy(model).to(device).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    rewards = Rewards(cfg, device)
+    data, records, reference, rewards = setup(spec, model, tok)
     group = cfg["num_generations"]
     calls = {"n": 0}
 
@@ -69,10 +62,4 @@ def run(spec: dict, model, tok):
                  "aux_loss": aux.item() if aux is not None else 0.0, "tokens": int(cmask.sum())}
         return (loss + aux if aux is not None else loss), parts
 
-    return train(spec, model, data, loss_fn, save_fn=lambda m, d: _save(m, d),
-                 stage_extra={"prompts": len(records), "num_generations": group})
-
-
-def _save(model, run_dir):
-    save_pth(model, run_dir / "model.pth")
-    return {"model_path": str(run_dir / "model.pth")}
+    return train(spec, model, data, loss_fn, stage_extra={"prompts": len(records), "num_generations": group})

@@ -14,9 +14,9 @@ import copy
 import torch
 from torch import nn
 
-from .loop import pick_device, train
-from .model import aux_loss, save_pth
-from .rl import Rewards, decode, k3, load_prompts, masked_mean, rollout, sample_event, token_logps
+from .loop import default_save, train
+from .model import aux_loss
+from .rl import decode, k3, masked_mean, rollout, sample_event, setup, token_logps
 
 
 class ActorCritic(nn.Module):
@@ -69,13 +69,8 @@ def ppo_losses(logp, old_logp, ref_logp, adv, new_v, old_v, returns, mask, cfg):
 
 def run(spec: dict, model, tok):
     cfg = spec["config"]
-    device = pick_device(spec["device"])
-    data, records = load_prompts(spec, tok)
-    reference = copy.deepcopy(model).to(device).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    data, records, reference, rewards = setup(spec, model, tok)
     ac = ActorCritic(model)
-    rewards = Rewards(cfg, device)
     calls = {"n": 0}
 
     def update(ac, batch, opt_step):
@@ -130,5 +125,4 @@ def run(spec: dict, model, tok):
 
 
 def _save_actor(ac, run_dir):
-    save_pth(ac.actor, run_dir / "model.pth")
-    return {"model_path": str(run_dir / "model.pth")}
+    return default_save(ac.actor, run_dir)

@@ -61,6 +61,25 @@ def load_prompts(spec: dict, tok):
     return {"x": x, "idx": torch.arange(len(rows))}, recs
 
 
+def frozen_copy(model, device):
+    """The reference model: a frozen copy of the starting policy (DPO and the RL stages)."""
+    import copy
+
+    reference = copy.deepcopy(model).to(device).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+def setup(spec: dict, model, tok):
+    """What every RL stage starts with: (prompt rows, records, frozen reference, reward mix)."""
+    from .loop import pick_device
+
+    device = pick_device(spec["device"])
+    data, records = load_prompts(spec, tok)
+    return data, records, frozen_copy(model, device), Rewards(spec["config"], device)
+
+
 def unwrap(model):
     return getattr(model, "module", model)
 

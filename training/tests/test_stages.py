@@ -10,7 +10,6 @@ import torch
 from training import distill, dpo
 from training.chat import encode_conversations, load_hf_tokenizer, sequence_logps
 from training.generate import heldout_tasks, task_accuracy
-from training.lora import minimind_lora_state_dict
 from training.model import load_model
 
 from .conftest import ARCH, ROOT, TINY, losses, run_inprocess
