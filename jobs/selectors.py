@@ -13,20 +13,22 @@ def job_for_user(job_id, user):
     return jobs_for(user).filter(pk=job_id).first()
 
 
+POINT_FIELDS = ("seq", "step", "time", "values")
+
+
 def metrics_after(job, after=0, limit=5000):
-    return [p.to_dict() for p in MetricPoint.objects.filter(job=job, seq__gt=after).order_by("seq")[:limit]]
+    return list(MetricPoint.objects.filter(job=job, seq__gt=after).order_by("seq").values(*POINT_FIELDS)[:limit])
 
 
 def metric_history(job, max_points=10_000):
     """Every point for a chart, downsampled by stride to at most ``max_points`` (the first and last always kept);
     the full resolution stays in the database and the API."""
-    qs = MetricPoint.objects.filter(job=job).order_by("seq")
+    qs = MetricPoint.objects.filter(job=job).order_by("seq").values(*POINT_FIELDS)
     n = qs.count()
     if n <= max_points:
-        return [p.to_dict() for p in qs]
+        return list(qs)
     stride = -(-n // max_points)
-    points = [p.to_dict() for i, p in enumerate(qs.iterator()) if i % stride == 0 or i == n - 1]
-    return points
+    return [p for i, p in enumerate(qs.iterator()) if i % stride == 0 or i == n - 1]
 
 
 def metric_keys(points) -> list[str]:

@@ -130,9 +130,13 @@ STATICFILES_FINDERS = [
     "django.contrib.staticfiles.finders.AppDirectoriesFinder",
     "minicloud.staticfinders.PlotlyFinder",
 ]
+# Hashed, compressed files once `collectstatic` has run (`serve` runs it before starting the web server); plain
+# names before that, so a page never fails for want of a manifest.
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+                    if (STATIC_ROOT / "staticfiles.json").exists()
+                    else "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_MANIFEST_STRICT = False
