@@ -8,6 +8,8 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
+from training import spec as tspec
+
 from . import selectors, services
 from .forms import PRESETS, JobForm
 from .models import Dataset, Job, Node
@@ -38,7 +40,10 @@ def job_new(request):
         else:
             messages.success(request, _("Job #%(id)s is queued.") % {"id": job.pk})
             return redirect("job_detail", job_id=job.pk)
-    return render(request, "jobs/new.html", {"form": form, "presets": PRESETS})
+    wizard = {"dataset_kinds": {str(d.pk): d.kind for d in form.fields["dataset"].queryset},
+              "stage_kind": tspec.STAGE_DATASET_KIND, "needs_base": ["lora", "dpo", "ppo", "grpo"],
+              "vocab_size": tspec.MODEL_DEFAULTS["vocab_size"]}
+    return render(request, "jobs/new.html", {"form": form, "presets": PRESETS, "wizard": wizard})
 
 
 def _job_or_404(request, job_id):

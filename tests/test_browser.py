@@ -1,4 +1,5 @@
 """In a real browser (Playwright + Debian's chromium): log in, submit the form, watch the chart grow, see success."""
+import json
 import os
 import shutil
 
@@ -26,6 +27,10 @@ def browser():
         b.close()
 
 
+def dataset_id(live, name) -> int:
+    return next(d["id"] for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == name)
+
+
 def chart_points(page) -> int:
     return page.evaluate("() => { const gd = document.getElementById('chart'); "
                          "return gd && gd.data ? gd.data[0].x.length : -1; }")
@@ -48,8 +53,20 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
     page.click("text=New job")
     page.fill("#id_name", "browser-job")
     assert page.input_value("#id_hidden_size") == "64"
+    assert page.inner_text("#param-count") == "0.53M"  # the tiny model, as the engine counts it
+    page.select_option("#id_preset", "minimind3")
+    assert page.inner_text("#param-count") == "63.91M"  # MiniMind-3's published count
+    page.select_option("#id_preset", "tiny")
+    page.select_option("#id_stage", "sft")
+    assert page.input_value("#id_dataset") == str(dataset_id(live, "demo-sft"))  # datasets follow the stage
+    assert page.is_visible("#id_base_model") and not page.is_visible("#id_teacher_model")
+    page.select_option("#id_stage", "pretrain")
+    assert page.input_value("#id_dataset") == str(dataset_id(live, "demo-pretrain"))
     page.fill("#id_max_steps", "300")
     page.fill("#id_log_interval", "2")
+    preview = json.loads(page.text_content("#spec-preview"))
+    assert preview["stage"] == "pretrain" and preview["name"] == "browser-job"
+    assert preview["config"]["max_steps"] == 300 and preview["config"]["hidden_size"] == 64
     page.click("#submit-job")
     page.wait_for_url("**/jobs/*/")
     page.wait_for_selector("#chart.js-plotly-plot")
