@@ -350,4 +350,5 @@ def queue_position(job: Job) -> int | None:
     if job.status != Job.Status.QUEUED:
         return None
     ordered = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED)))
-    return next(i for i, j in enumerate(ordered, 1) if j.pk == job.pk)
+    # None as well when the job was claimed between reading it and reading the queue.
+    return next((i for i, j in enumerate(ordered, 1) if j.pk == job.pk), None)

@@ -86,26 +86,28 @@ class Supervisor:
         self.reason = None  # "cancel" or "shutdown" once a stop was requested
 
     def _reader(self, stream):
-        for raw in iter(stream.readline, ""):
-            self.lines.put(raw.rstrip("\n"))
-        self.lines.put(None)
+        try:
+            for raw in iter(stream.readline, ""):
+                self.lines.put(raw.rstrip("\n"))
+        finally:
+            self.lines.put(None)  # always: the supervisor waits for this to finish the job
 
     def start(self) -> None:
         spec_path = services.write_spec(self.job)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cuda = [d for d in self.job.devices]
+        devices = self.job.devices
         node = Node.objects.filter(name=self.job.node).first()
         kinds = {d["index"]: d["kind"] for d in (node.devices if node else [])}
-        if cuda and all(kinds.get(i) == "cuda" for i in cuda):
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in cuda)
+        if devices and all(kinds.get(i) == "cuda" for i in devices):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in devices)
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
         log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
         self.raw_log = log_file
         self.proc = subprocess.Popen(
             [sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=str(settings.BASE_DIR), env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-            start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8",
+            errors="replace", bufsize=1, start_new_session=True)
         self.started = time.monotonic()
         Job.objects.filter(pk=self.job.pk).update(pid=self.proc.pid)
         threading.Thread(target=self._reader, args=(self.proc.stdout,), daemon=True).start()

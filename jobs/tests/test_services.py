@@ -173,3 +173,10 @@ def test_fair_share_puts_the_user_who_used_less_first(user, other_user, demo):
                                                                                "alice waits"]
     assert services.queue_position(second) == 2
     assert services.claim_next_job("n", 1).pk == urgent.pk
+
+
+def test_queue_position_of_a_job_claimed_meanwhile_is_none(user, demo):
+    job = submit(user, demo)
+    stale = Job.objects.get(pk=job.pk)  # read while queued
+    services.claim_next_job("n", 1)
+    assert stale.status == "queued" and services.queue_position(stale) is None
