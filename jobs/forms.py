@@ -1,8 +1,6 @@
 from django import forms
 from django.utils.translation import gettext_lazy as _
 
-from training import spec as tspec
-
 from models_registry.models import ModelVersion
 
 from .models import STAGE_CHOICES, Dataset
@@ -24,8 +22,7 @@ QUICK_START = {**PRESETS["tiny"], "epochs": 1, "batch_size": 16, "learning_rate"
 
 class JobForm(forms.Form):
     name = forms.CharField(label=_("Name"), max_length=200)
-    stage = forms.ChoiceField(label=_("Stage"), choices=[c for c in STAGE_CHOICES
-                                                         if c[0] in tspec.IMPLEMENTED_STAGES])
+    stage = forms.ChoiceField(label=_("Stage"), choices=STAGE_CHOICES)
     dataset = forms.ModelChoiceField(label=_("Dataset"), queryset=Dataset.objects.none())
     base_model = forms.ModelChoiceField(label=_("Base model (empty: train from scratch)"), required=False,
                                         queryset=ModelVersion.objects.none())

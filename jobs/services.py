@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def _visible(qs, pk, field, user):
                            field=field) from None
 
 
+def _model_version(value, field, owner):
+    """A ModelVersion given as an instance, an id the owner can use, or nothing."""
+    if value is None or isinstance(value, ModelVersion):
+        return value
+    return _visible(ModelVersion.objects, value, field, owner)
+
+
 def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
                teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
                time_limit_s: int | None = None) -> Job:
@@ -80,20 +88,16 @@ def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = N
         raise ServiceError("name: at most 200 characters", field="name")
     if stage not in tspec.STAGES:
         raise ServiceError(f"stage: unknown stage {stage!r}; choose one of {', '.join(tspec.STAGES)}", field="stage")
-    if stage not in tspec.IMPLEMENTED_STAGES:
-        raise ServiceError(f"stage: {stage!r} is not available in this version yet", field="stage")
     ds = dataset if isinstance(dataset, Dataset) else _visible(Dataset.objects, dataset, "dataset", owner)
     if ds is None:
         raise ServiceError("dataset: is required", field="dataset")
     if ds.kind != tspec.STAGE_DATASET_KIND[stage]:
         raise ServiceError(f"dataset: stage {stage} needs a {tspec.STAGE_DATASET_KIND[stage]} dataset, "
                            f"{ds.name} is {ds.kind}", field="dataset")
-    base = base_model if isinstance(base_model, ModelVersion) or base_model is None else \
-        _visible(ModelVersion.objects, base_model, "base_model", owner)
+    base = _model_version(base_model, "base_model", owner)
     if base is None and stage in ("lora", "dpo", "ppo", "grpo"):
         raise ServiceError(f"base_model: the {stage} stage starts from a trained model", field="base_model")
-    teacher = teacher_model if isinstance(teacher_model, ModelVersion) or teacher_model is None else \
-        _visible(ModelVersion.objects, teacher_model, "teacher_model", owner)
+    teacher = _model_version(teacher_model, "teacher_model", owner)
     if stage == "distill" and teacher is None:
         raise ServiceError("teacher_model: distillation needs a teacher model", field="teacher_model")
     if stage != "distill" and teacher is not None:
@@ -307,10 +311,11 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
-def _kill_group(pid: int | None) -> None:
+def kill_group(pid: int | None, sig: int = signal.SIGKILL) -> None:
+    """Signal a process group (a training child, a `serve` child); gone or not ours is not an error."""
     if pid:
         try:
-            os.killpg(pid, 9)
+            os.killpg(pid, sig)
         except OSError:
             pass
 
@@ -322,7 +327,7 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
     for job in Job.objects.filter(node=node_name, status__in=Job.LIVE):
         if not starting and _pid_alive(job.worker_pid):
             continue
-        _kill_group(job.pid)  # nobody reads its events any more
+        kill_group(job.pid)  # nobody reads its events any more
         if job.status == Job.Status.CANCELLING:
             finish_job(job, Job.Status.CANCELLED, actor="system")
         elif job.status == Job.Status.PAUSING:

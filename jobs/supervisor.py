@@ -188,10 +188,7 @@ class Supervisor:
             self.killed = True
 
     def _signal(self, sig) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        services.kill_group(self.proc.pid, sig)
 
     def run(self) -> str:
         """Start the child, mirror it until it exits, record the outcome. Returns the final status."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .loop import pick_device, train
-from .model import aux_loss
+from .model import aux_loss, freeze
 from .sft import load_rows
 
 
@@ -21,9 +21,7 @@ def distill_kl(student_logits, teacher_logits, mask, temperature: float):
 
 
 def make_loss(teacher, alpha: float, temperature: float):
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    freeze(teacher)
 
     def loss_fn(model, batch):
         out = model(input_ids=batch["x"], labels=batch["y"])

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from .chat import check_dpo, encode_conversations, read_jsonl, sequence_logps
 from .loop import pick_device, train
-from .model import aux_loss
-from .rl import frozen_copy
+from .model import aux_loss, frozen_copy
 
 
 def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta: float):

@@ -88,6 +88,21 @@ class MoeAuxLoss:
         return torch.stack(self.terms).sum() if self.terms else None
 
 
+def freeze(model):
+    """Eval mode and no gradients: a DPO/RL reference or a distillation teacher."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def frozen_copy(model, device):
+    """A frozen copy of the starting model on ``device`` (the DPO and RL reference)."""
+    import copy
+
+    return freeze(copy.deepcopy(model).to(device))
+
+
 def build_model(mcfg: dict, experts_implementation: str | None = None):
     config = hf_config(mcfg, experts_implementation)
     cls = Qwen3MoeForCausalLM if mcfg.get("use_moe") else Qwen3ForCausalLM

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .chat import SYSTEM_PROMPTS, _prepare, check_messages, read_jsonl
+from .model import frozen_copy
 from .tokenizer import EOS_ID, PAD_ID
 
 REWARD_KINDS = ("rule", "exact", "contains", "numeric", "regex", "model")
@@ -59,16 +60,6 @@ def load_prompts(spec: dict, tok):
     for i, ids in enumerate(rows):
         x[i, width - len(ids):] = torch.tensor(ids)
     return {"x": x, "idx": torch.arange(len(rows))}, recs
-
-
-def frozen_copy(model, device):
-    """The reference model: a frozen copy of the starting policy (DPO and the RL stages)."""
-    import copy
-
-    reference = copy.deepcopy(model).to(device).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    return reference
 
 
 def setup(spec: dict, model, tok):

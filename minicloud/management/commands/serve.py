@@ -16,6 +16,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
+from jobs.services import kill_group
+
 
 class Command(BaseCommand):
     help = "Start the MiniCloud node: web server (daphne) and job workers (django-q2 cluster)."
@@ -106,9 +108,9 @@ class Command(BaseCommand):
             time.sleep(0.3)
         for pid in Job.objects.filter(node=settings.NODE_NAME, status__in=Job.LIVE).exclude(
                 pid=None).values_list("pid", flat=True):
-            _killpg(pid, signal.SIGKILL)  # the supervisor is gone; reconcile requeues these on the next start
+            kill_group(pid, signal.SIGKILL)  # the supervisor is gone; reconcile requeues these on the next start
         for proc in self.children.values():
-            _killpg(proc.pid, signal.SIGTERM)
+            kill_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.children.values():
             try:
@@ -116,7 +118,7 @@ class Command(BaseCommand):
             except subprocess.TimeoutExpired:
                 pass
         for proc in self.children.values():
-            _killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
         self.pidfile.unlink(missing_ok=True)
         self.stdout.write("Stopped.")
@@ -152,12 +154,6 @@ def _kill_leftovers(pidfile):
         except (OSError, ValueError, IndexError):
             continue
         if pgrp in pgids and ("qcluster" in cmd or "daphne" in cmd):  # our old children (the group outlives its leader)
-            _killpg(pgrp, signal.SIGKILL)
+            kill_group(pgrp, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
 
-
-def _killpg(pid, sig):
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
