@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from training.grpo import group_advantages, policy_loss  # noqa: E402
 from training.model import build_model  # noqa: E402
-from training.rl import token_logps  # noqa: E402
+from training.rl import generate_kwargs, token_logps  # noqa: E402
 from training.spec import model_config, resolve_config  # noqa: E402
 
 
@@ -33,6 +33,9 @@ def main():
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation of the decoding step)")
+    p.add_argument("--cache", choices=["engine", "dynamic"], default="engine",
+                   help="engine: the KV cache the engine uses (static and compiled on CUDA); dynamic: transformers' default")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     is_cuda = args.device.startswith("cuda")
@@ -45,13 +48,17 @@ def main():
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else torch.autocast("cpu", enabled=False)
     gen_time = train_time = 0.0
     gen_tokens = 0
-    for _ in range(args.steps):
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            gen_time = train_time = 0.0
+            gen_tokens = 0
         t0 = time.perf_counter()
         with torch.no_grad(), amp:
             policy.eval()
             seq = policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
                                   temperature=0.8, top_k=0, max_new_tokens=args.max_new, min_new_tokens=args.max_new,
-                                  num_return_sequences=args.generations, pad_token_id=0)
+                                  num_return_sequences=args.generations, pad_token_id=0,
+                                  **(generate_kwargs(policy) if args.cache == "engine" else {}))
             policy.train()
         if is_cuda:
             torch.cuda.synchronize()
@@ -73,6 +80,7 @@ def main():
         train_time += time.perf_counter() - t1
         gen_tokens += (seq.shape[1] - width) * seq.shape[0]
     out = {"device": torch.cuda.get_device_name() if is_cuda else "cpu", "torch": torch.__version__,
+           "cache": generate_kwargs(policy).get("cache_implementation", "dynamic") if args.cache == "engine" else "dynamic",
            "hidden_size": args.hidden, "layers": args.layers, "batch": args.batch, "generations": args.generations,
            "max_new_tokens": args.max_new, "rollout_tokens_per_s": round(gen_tokens / gen_time, 1),
            "optimisation_steps_per_s": round(args.steps / train_time, 3),

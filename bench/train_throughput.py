@@ -5,9 +5,12 @@
     python bench/train_throughput.py --hidden 64 --layers 2 --batch 8 --seq 64 --steps 3   # CPU smoke run
 
 Cases (MiniMind's defaults): ``dense`` pretraining (hidden 768, 8 layers, batch 32 × 340, accumulation 8),
-``moe`` the same with 4 experts top-1, ``sft`` batch 16 × 768 with conversation-like lengths (pad counted apart).
-Each measures forward + backward + clip + fused AdamW after warm-up steps on random tokens, and prints tokens/s (all
-and non-pad), step time, peak memory and model FLOPs utilisation (when the GPU's bf16 peak is known).
+``moe`` the same with 4 experts top-1, ``sft`` batch 16 × 768 with conversation-like lengths (uniform between a
+quarter of the row and the full row; pad counted apart), ``sft_grouped`` the same with ``group_by_length``. For SFT
+our engine's batching is measured as it trains: random batches (or grouped by length), each trimmed of its right
+padding; MiniMind's class gets MiniMind's full padded rows in random order. Each measures forward + backward + clip + fused AdamW after warm-up
+steps on random tokens, and prints tokens/s (all and non-pad), step time, peak memory and model FLOPs utilisation
+(when the GPU's bf16 peak is known).
 """
 import argparse
 import json
@@ -19,13 +22,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from training.model import aux_loss, build_model  # noqa: E402
+from training.loop import epoch_order, row_lengths, trim_padding  # noqa: E402
+from training.model import GPU_EXPERTS, aux_loss, build_model  # noqa: E402
 from training.spec import model_config, parameter_count, resolve_config  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "3090": 71.0}
 CASES = {"dense": {"use_moe": False, "batch": 32, "seq": 340, "accum": 8, "padded": False},
          "moe": {"use_moe": True, "batch": 32, "seq": 340, "accum": 8, "padded": False},
-         "sft": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True}}
+         "sft": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True},
+         "sft_grouped": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "grouped": True}}
 
 
 def minimind_model(path, mcfg):
@@ -34,6 +39,30 @@ def minimind_model(path, mcfg):
 
     return MiniMindForCausalLM(MiniMindConfig(hidden_size=mcfg["hidden_size"], num_hidden_layers=mcfg["num_hidden_layers"],
                                               use_moe=mcfg["use_moe"]))
+
+
+def make_batches(case, batch, seq, vocab, ours, multiple, n_batches=64):
+    """Random-token micro-batches. Padded cases: rows of conversation-like lengths, right-padded (id 0, label -100);
+    for ``ours`` ordered (``group_by_length`` when the case says so) and trimmed as the engine's loop does, otherwise
+    full width in random order (MiniMind)."""
+    gen = torch.Generator().manual_seed(0)
+    if not case["padded"]:
+        return [(x, x.clone()) for x in torch.randint(3, vocab, (n_batches, batch, seq), generator=gen)]
+    rows = batch * n_batches
+    x = torch.randint(3, vocab, (rows, seq), generator=gen)
+    lengths = torch.randint(seq // 4, seq + 1, (rows,), generator=gen)
+    pad = torch.arange(seq)[None, :] >= lengths[:, None]
+    x[pad] = 0
+    y = x.masked_fill(pad, -100)
+    data = {"x": x, "y": y}
+    order = epoch_order(rows, batch, 0, 0, row_lengths(data) if ours and case.get("grouped") else None)
+    out = []
+    for i in range(n_batches):
+        b = {k: v[order[i * batch:(i + 1) * batch]] for k, v in data.items()}
+        if ours:
+            b = trim_padding(b, multiple)
+        out.append((b["x"], b["y"]))
+    return out
 
 
 def measure(name, case, args, impl, compiled):
@@ -46,24 +75,20 @@ def measure(name, case, args, impl, compiled):
     if impl == "minimind":
         model = minimind_model(args.minimind, mcfg).to(device)
     else:
-        model = build_model(mcfg, "grouped_mm" if is_cuda and case["use_moe"] else None).to(device)
+        model = build_model(mcfg, GPU_EXPERTS if is_cuda and case["use_moe"] else None).to(device)
     model.train()
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=is_cuda)
     batch, seq = args.batch or case["batch"], args.seq or case["seq"]
     accum = args.accum or case["accum"]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(3, mcfg["vocab_size"], (batch, seq), generator=gen)
-    y = x.clone()
-    if case["padded"]:  # conversation-like lengths: uniform between a quarter and the full row
-        lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=gen)
-        pad = torch.arange(seq)[None, :] >= lengths[:, None]
-        x[pad], y[pad] = 0, -100
-    x, y = x.to(device), y.to(device)
+    batches = make_batches(case, batch, seq, mcfg["vocab_size"], ours=impl == "ours", multiple=64 if compiled else 8)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    feed = iter(range(10**9))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else torch.autocast("cpu", enabled=False)
 
     def optimizer_step():
         for _ in range(accum):
+            x, y = batches[next(feed) % len(batches)]
             with amp:
                 out = step_model(input_ids=x, labels=y)
                 loss = out.loss
@@ -75,27 +100,36 @@ def measure(name, case, args, impl, compiled):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    warmup = args.warmup
+    if case["padded"]:  # every trimmed width once, so that compilation stays out of the timing
+        warmup = max(warmup, -(-len(batches) // accum))
+    for _ in range(warmup):
         optimizer_step()
     if is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    steps = max(args.steps, len(batches) // accum) if case["padded"] else args.steps  # padded: every batch once
+    feed = iter(range(10**9))  # the timed steps see the same batches whatever the warm-up took
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         optimizer_step()
     if is_cuda:
         torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
-    tokens, real = batch * seq * accum, int((y != -100).sum()) * accum
+    dt = (time.perf_counter() - t0) / steps
+    timed = [batches[i % len(batches)] for i in range(steps * accum)]
+    tokens = sum(x.numel() for x, _ in timed) / steps  # per optimizer step, as computed (after trimming)
+    real = sum(int((y != -100).sum()) for _, y in timed) / steps
     params = parameter_count(mcfg)
     h, layers, v = mcfg["hidden_size"], mcfg["num_hidden_layers"], mcfg["vocab_size"]
     dense_active = params["active"] - v * h  # non-embedding active parameters
-    flops_per_token = 6 * (dense_active + v * h) + 12 * layers * h * seq  # matmuls (incl. the head) + attention
+    width = tokens / (batch * accum)  # mean computed row width
+    flops_per_token = 6 * (dense_active + v * h) + 12 * layers * h * width  # matmuls (incl. the head) + attention
     out = {"case": name, "impl": impl, "compiled": compiled, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
            "torch": torch.__version__, "hidden_size": h, "layers": layers, "use_moe": case["use_moe"], "batch": batch,
            "seq": seq, "accumulation": accum, "params": params["total"], "active_params": params["active"],
            "step_time_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
-           "nonpad_tokens_per_s": round(real / dt, 1), "achieved_tflops": round(flops_per_token * tokens / dt / 1e12, 2)}
+           "nonpad_tokens_per_s": round(real / dt, 1), "mean_width": round(width, 1),
+           "achieved_tflops": round(flops_per_token * real / dt / 1e12, 2)}  # useful (non-pad) work only
     if is_cuda:
         out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         peak = next((t for k, t in PEAK_BF16_TFLOPS.items() if k in out["device"]), None)
@@ -109,6 +143,7 @@ def main():
     p.add_argument("--cases", default="dense,moe,sft")
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no")
     p.add_argument("--minimind", help="a MiniMind checkout: also measure its own model class on the same shapes")
+    p.add_argument("--impls", default="ours,minimind", help="which of ours,minimind to measure (minimind needs --minimind)")
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batch", type=int, help="override the case's batch")
@@ -118,7 +153,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    impls = ["ours"] + (["minimind"] if args.minimind else [])
+    impls = [i for i in args.impls.split(",") if i == "ours" or (i == "minimind" and args.minimind)]
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for name in args.cases.split(","):
         for impl in impls:

@@ -23,11 +23,11 @@ def cmd_run(args) -> int:
 
         from . import distill, dpo, grpo, lora, ppo, pretrain, sft
         from .chat import load_hf_tokenizer
-        from .model import build_model, load_model
+        from .model import GPU_EXPERTS, build_model, load_model
 
         cfg = spec["config"]
         torch.manual_seed(cfg["seed"])
-        experts = "grouped_mm" if torch.cuda.is_available() and spec["device"] != "cpu" else None
+        experts = GPU_EXPERTS if torch.cuda.is_available() and spec["device"] != "cpu" else None
         if spec.get("base_model"):
             model, mcfg = load_model(spec["base_model"], experts)
             cfg.update(mcfg)

@@ -34,7 +34,7 @@ def make_loss(teacher, alpha: float, temperature: float):
         aux = aux_loss(model)
         ce = out.loss + aux if aux is not None else out.loss
         loss = alpha * ce + (1 - alpha) * kl
-        return loss, {"ce": out.loss.item(), "distill": kl.item(), "aux_loss": aux.item() if aux is not None else 0.0}
+        return loss, {"ce": out.loss.detach(), "distill": kl.detach(), "aux_loss": aux.detach() if aux is not None else 0.0}
 
     return loss_fn
 

@@ -39,8 +39,8 @@ def make_loss(reference, beta: float):
         aux = aux_loss(model)
         n = len(batch["x"])
         loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
-        margin = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).mean().item()
-        parts = {"dpo_loss": loss.item(), "aux_loss": aux.item() if aux is not None else 0.0,
+        margin = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).mean().detach()
+        parts = {"dpo_loss": loss.detach(), "aux_loss": aux.detach() if aux is not None else 0.0,
                  "reward_margin": beta * margin}
         return (loss + aux if aux is not None else loss), parts
 

@@ -6,7 +6,8 @@ GPUs, gloo on the CPU), an eval split, events, checkpoints every ``save_interval
 exact resume (model, optimizer, scaler, RNG states and data position).
 
 Data is a dict of equal-length tensors (rows); ``loss_fn(model, batch) -> (loss, parts)`` gives the total loss and
-a dict of floats to log. ``batch["y"]`` holds labels (-100 = not trained) and is used to count tokens.
+a dict of values to log (floats or detached 0-d tensors, read only at log time so the host never waits for the
+device between micro-steps). ``batch["y"]`` holds labels (-100 = not trained) and is used to count tokens.
 """
 from __future__ import annotations
 
@@ -87,17 +88,48 @@ def split_eval(data: dict, ratio: float, seed: int) -> tuple[dict, dict | None]:
     return {k: v[tr] for k, v in data.items()}, {k: v[ev] for k, v in data.items()}
 
 
-def trim_padding(batch: dict) -> dict:
+def row_lengths(data: dict) -> torch.Tensor:
+    """Real (non-pad) length of each row: the position after its last non-zero id, over all ``x*`` tensors."""
+    lengths = None
+    for key, x in data.items():
+        if key.startswith("x"):
+            pos = torch.arange(1, x.shape[1] + 1)
+            n = ((x != 0) * pos).amax(dim=1)
+            lengths = n if lengths is None else torch.maximum(lengths, n)
+    return lengths
+
+
+def epoch_order(n_rows: int, global_bs: int, seed: int, epoch: int, lengths=None, window: int = 64) -> torch.Tensor:
+    """The row order of one epoch: a seeded shuffle, and with ``lengths`` grouped by length.
+
+    Grouping sorts each window of ``window`` global batches by length and shuffles the resulting batches, so a batch
+    holds rows of similar length and ``trim_padding`` removes most of the padding, while every row is still seen once
+    per epoch and the order depends only on (seed, epoch), which exact resume relies on. A last partial batch stays
+    last. Rows of one length (packed pretraining) keep the plain shuffle.
+    """
+    gen = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_rows, generator=gen)
+    if lengths is None or n_rows <= global_bs or int(lengths.min()) == int(lengths.max()):
+        return order
+    chunk = global_bs * window
+    order = torch.cat([idx[torch.argsort(lengths[idx], descending=True, stable=True)]
+                       for idx in order.split(chunk)])
+    full = n_rows // global_bs
+    batches = order[:full * global_bs].view(full, global_bs)
+    batches = batches[torch.randperm(full, generator=gen)].reshape(-1)
+    return torch.cat([batches, order[full * global_bs:]])
+
+
+def trim_padding(batch: dict, multiple: int = 8) -> dict:
     """Drop the trailing columns that are right-padding (id 0) in every row of a batch.
 
     Rows are right-padded and attention is causal, so the real tokens' logits and the loss are unchanged; only the
-    compute spent on padding goes. All ``x*``/``y*`` tensors (DPO's chosen and rejected sides) keep one common width.
+    compute spent on padding goes. All ``x*``/``y*`` tensors (DPO's chosen and rejected sides) keep one common width,
+    rounded up to a ``multiple`` of columns so that few distinct shapes occur (torch.compile recompiles per shape).
     """
-    keep = 1
-    for key, x in batch.items():
-        if key.startswith("x"):
-            real = (x != 0).any(dim=0).nonzero()
-            keep = max(keep, int(real[-1]) + 1 if len(real) else 1)
+    keep = int(row_lengths(batch).max()) if any(k.startswith("x") for k in batch) else 1
+    width = max((v.shape[1] for k, v in batch.items() if k[0] in "xy" and v.dim() == 2), default=1)
+    keep = min(max(-(-keep // multiple) * multiple, 1), width)
     return {k: v[:, :keep] if k[0] in "xy" and v.dim() == 2 else v for k, v in batch.items()}
 
 
@@ -253,12 +285,15 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     t_start, step_start = time.time(), step
     acc_loss, acc_parts, acc_n = 0.0, {}, 0
     eval_every = cfg["eval_interval"] or cfg["save_interval"]
+    lengths = row_lengths(data) if cfg["group_by_length"] else None
+    multiple = 64 if cfg["use_compile"] else 8  # trimmed widths: few shapes for torch.compile
     while step < total_steps and epoch < cfg["epochs"]:
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
+        order = epoch_order(n_rows, global_bs, cfg["seed"], epoch, lengths)
         while micro < iters and step < total_steps:
             rows = order[micro * global_bs:(micro + 1) * global_bs]
             idx = rows[rank * bs:(rank + 1) * bs] if world_size > 1 else rows
-            rows = trim_padding({k: v[idx] for k, v in data.items()})
+            rows = trim_padding({k: v[idx] for k, v in data.items()}, multiple)
+            n_tokens = int((rows["y"] != -100).sum()) if "y" in rows else 0  # counted on the host: no device sync
             batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
             lr = lr_at(step, total_steps, cfg["learning_rate"], cfg["warmup_steps"])
             for group in optimizer.param_groups:
@@ -277,10 +312,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
                     with autocast:
                         loss, parts = loss_fn(model, batch)
                     scaler.scale(loss / accum).backward()
-                loss_value = loss.item()
-                tokens = parts.pop("tokens", None)
-                if tokens is None:
-                    tokens = int((batch["y"] != -100).sum())
+                loss_value = loss.detach()  # read at log time only, so the host never waits on the device here
+                tokens = parts.pop("tokens", n_tokens)
             acc_loss += loss_value
             for k, v in parts.items():
                 acc_parts[k] = acc_parts.get(k, 0.0) + v
@@ -298,7 +331,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
             if step % cfg["log_interval"] == 0 or step == total_steps or step == 1:
                 now = time.time()
                 rate = (step - step_start) / max(now - t_start, 1e-9)
-                metrics = {"loss": acc_loss / acc_n, **{k: v / acc_n for k, v in acc_parts.items()}, "lr": lr,
+                metrics = {"loss": float(acc_loss) / acc_n, **{k: float(v) / acc_n for k, v in acc_parts.items()},
+                           "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9),
                            "tokens": tokens_seen}
                 if is_cuda:

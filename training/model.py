@@ -13,9 +13,39 @@ import re
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
+
+
+class _ExpertsInDtype:
+    """An experts module seen with its fused weights cast to ``dtype`` (everything else is the module's own)."""
+
+    def __init__(self, module, dtype):
+        self._module = module
+        self.gate_up_proj = module.gate_up_proj.to(dtype)
+        self.down_proj = module.down_proj.to(dtype)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def grouped_mm_autocast(module, hidden_states, top_k_index, top_k_weights):
+    """transformers' grouped-mm experts, made autocast-aware.
+
+    ``grouped_mm`` is not covered by autocast, so with fp32 master weights transformers runs the experts in fp32 (and
+    under torch.compile falls back to a loop). Here the weights are cast to the autocast dtype first, as autocast
+    does for every ``nn.Linear``: the experts run in bf16 like the rest of the model; gradients reach the fp32 weights.
+    """
+    device = hidden_states.device.type
+    if torch.is_autocast_enabled(device):
+        module = _ExpertsInDtype(module, torch.get_autocast_dtype(device))
+    return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register("grouped_mm_autocast", grouped_mm_autocast)
+GPU_EXPERTS = "grouped_mm_autocast"  # the experts implementation used on CUDA
 
 
 def hf_config(mcfg: dict, experts_implementation: str | None = None):

@@ -43,8 +43,8 @@ def lm_loss(model, batch):
     out = model(input_ids=batch["x"], labels=batch["y"])
     aux = aux_loss(model)
     if aux is None:
-        return out.loss, {"logits_loss": out.loss.item(), "aux_loss": 0.0}
-    return out.loss + aux, {"logits_loss": out.loss.item(), "aux_loss": aux.item()}
+        return out.loss, {"logits_loss": out.loss.detach(), "aux_loss": 0.0}
+    return out.loss + aux, {"logits_loss": out.loss.detach(), "aux_loss": aux.detach()}
 
 
 def run(spec: dict, model, tok):
