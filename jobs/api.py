@@ -37,22 +37,33 @@ def devices(request):
     return {"devices": out}
 
 
+JOB_FIELDS = ("name", "stage", "dataset", "base_model", "teacher_model", "tokenizer", "config", "priority", "gpus",
+              "time_limit_s")
+
+
+def _job_request(request) -> dict:
+    data = json_body(request)
+    for key in data:
+        if key not in JOB_FIELDS:
+            raise ApiError(400, f"{key}: unknown field", {"field": key})
+    return dict(owner=request.user, name=data.get("name", ""), stage=data.get("stage", ""),
+                dataset=data.get("dataset"), config=data.get("config"), base_model=data.get("base_model"),
+                teacher_model=data.get("teacher_model"), tokenizer=data.get("tokenizer"),
+                priority=data.get("priority", 0), gpus=data.get("gpus", 1), time_limit_s=data.get("time_limit_s"))
+
+
 @endpoint("GET", "POST")
 def jobs(request):
     if request.method == "GET":
         return {"jobs": [j.to_dict() for j in selectors.jobs_for(request.user)[:500]]}
-    data = json_body(request)
-    for key in data:
-        if key not in ("name", "stage", "dataset", "base_model", "teacher_model", "tokenizer", "config", "priority",
-                       "gpus", "time_limit_s"):
-            raise ApiError(400, f"{key}: unknown field", {"field": key})
-    job = services.submit_job(owner=request.user, name=data.get("name", ""), stage=data.get("stage", ""),
-                              dataset=data.get("dataset"), config=data.get("config"),
-                              base_model=data.get("base_model"), teacher_model=data.get("teacher_model"),
-                              tokenizer=data.get("tokenizer"),
-                              priority=data.get("priority", 0), gpus=data.get("gpus", 1),
-                              time_limit_s=data.get("time_limit_s"))
-    return job.to_dict(), 201
+    return services.submit_job(**_job_request(request)).to_dict(), 201
+
+
+@endpoint("POST")
+def job_estimate(request):
+    """The same body as a submission; nothing is stored. Parameters, memory per device, rough time, or the
+    first bad field (400)."""
+    return services.estimate_job(**_job_request(request))
 
 
 @endpoint("GET")

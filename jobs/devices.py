@@ -64,3 +64,8 @@ def inventory(spec: str | None = None) -> list[dict]:
 
 def slot_count(spec: str | None = None) -> int:
     return len(inventory(spec))
+
+
+def worker_count(jobs_per_gpu: int, spec: str | None = None) -> int:
+    """Job runners this node needs: one per CPU slot, ``jobs_per_gpu`` per GPU (small jobs share a GPU)."""
+    return sum(max(jobs_per_gpu, 1) if d["kind"] == "cuda" else 1 for d in inventory(spec))

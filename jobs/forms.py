@@ -54,3 +54,9 @@ class JobForm(forms.Form):
 
     def job_config(self) -> dict:
         return {k: self.cleaned_data[k] for k in CONFIG_FIELDS if self.cleaned_data.get(k) is not None}
+
+    def job_request(self, owner) -> dict:
+        """The arguments of ``services.submit_job`` / ``estimate_job``."""
+        d = self.cleaned_data
+        return dict(owner=owner, name=d["name"], stage=d["stage"], dataset=d["dataset"], base_model=d["base_model"],
+                    teacher_model=d["teacher_model"], config=self.job_config())

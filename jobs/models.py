@@ -105,6 +105,8 @@ class Job(models.Model):
     resume = models.BooleanField(default=False)  # continue from the run's last checkpoint when next started
     time_limit_s = models.PositiveIntegerField(_("time limit (s)"), null=True, blank=True)
     auto_resumes = models.PositiveSmallIntegerField(default=0)  # automatic resumes after crashes so far
+    memory_estimate = models.BigIntegerField(null=True, blank=True)  # bytes per device (training.estimate)
+    peak_memory = models.BigIntegerField(null=True, blank=True)  # bytes, the run's real peak (CUDA only)
     error = models.TextField(blank=True)
     output_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
@@ -149,6 +151,13 @@ class Job(models.Model):
     def is_final(self):
         return self.status in self.FINAL
 
+    @property
+    def memory_error(self) -> float | None:
+        """(estimate − peak) / peak: how far the memory estimate was from the run's real peak."""
+        if not self.memory_estimate or not self.peak_memory:
+            return None
+        return (self.memory_estimate - self.peak_memory) / self.peak_memory
+
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage,
@@ -159,6 +168,7 @@ class Job(models.Model):
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
             "eta_s": self.eta_s, "error": self.error or None, "output_model": self.output_model_id,
             "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes,
+            "memory_estimate": self.memory_estimate, "peak_memory": self.peak_memory,
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,

@@ -12,11 +12,14 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from models_registry.models import ModelVersion, Tokenizer
 from models_registry.services import demo_tokenizer, register_tokenizer
 from training import spec as tspec
+from training.estimate import estimate_memory
 
+from . import scheduler
 from .models import Dataset, Job, JobEvent, Node
 
 
@@ -77,10 +80,10 @@ def _model_version(value, field, owner):
     return _visible(ModelVersion.objects, value, field, owner)
 
 
-def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
-               teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
-               time_limit_s: int | None = None) -> Job:
-    """Validate and queue a job. ``dataset``/``base_model``/``tokenizer`` are ids (or model instances)."""
+def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
+                teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
+                time_limit_s: int | None = None) -> dict:
+    """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field."""
     name = (name or "").strip()
     if not name:
         raise ServiceError("name: is required", field="name")
@@ -120,22 +123,50 @@ def submit_job(*, owner, name: str, stage: str, dataset, config: dict | None = N
         priority, gpus = int(priority), int(gpus)
     except (TypeError, ValueError):
         raise ServiceError("priority and gpus must be integers", field="gpus") from None
-    slots = max((len(n.devices) for n in Node.objects.all()), default=0) or len(_local_devices())
-    if gpus < 1 or gpus > slots:
-        raise ServiceError(f"gpus: must be between 1 and {slots}, the most devices any node has", field="gpus")
-    if gpus > 1:
-        raise ServiceError("gpus: multi-device jobs are not available in this version yet", field="gpus")
+    if gpus < 1:
+        raise ServiceError("gpus: at least 1", field="gpus")
+    nodes = device_state() or device_state(settings.NODE_NAME)  # no live node yet: this machine's devices
+    cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
+    teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
+    memory = estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)["bytes"]
+    why = scheduler.never_fits(nodes, gpus, memory)
+    if why:
+        field = "gpus" if why[0] == "gpus" else "config.batch_size"
+        raise ServiceError(f"{field}: this job can never start: it {why[1]}", field=field)
     if time_limit_s is not None:
         if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, int) or time_limit_s < 1:
             raise ServiceError("time_limit_s: a whole number of seconds, at least 1", field="time_limit_s")
+    return dict(owner=owner, name=name, stage=stage, dataset=ds, base_model=base, teacher_model=teacher, tokenizer=tok,
+                config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
+                time_limit_s=time_limit_s, memory_estimate=memory)
+
+
+def submit_job(**request) -> Job:
+    """Validate and queue a job (``prepare_job``'s arguments: ``dataset``/``base_model``/``tokenizer`` are ids or
+    model instances)."""
+    fields = prepare_job(**request)
     with transaction.atomic():
-        job = Job.objects.create(owner=owner, name=name, stage=stage, dataset=ds, base_model=base,
-                                 teacher_model=teacher, tokenizer=tok,
-                                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
-                                 time_limit_s=time_limit_s)
-        record_event(job, "submitted", owner.username)
+        job = Job.objects.create(**fields)
+        record_event(job, "submitted", fields["owner"].username)
         transaction.on_commit(kick_queue)
     return job
+
+
+def estimate_job(**request) -> dict:
+    """What the new-job page shows while the form is filled in: the validated request's resolved config, parameter
+    count, memory per device (with its parts) and a rough time on H100-class GPUs. Raises like ``prepare_job``."""
+    from training.estimate import estimate_seconds
+
+    request["name"] = request.get("name") or "estimate"  # a name is not needed to estimate
+    fields = prepare_job(**request)
+    cfg, stage = fields["resolved_config"], fields["stage"]
+    teacher = fields["teacher_model"]
+    teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
+    cuda = any(d.kind == "cuda" for devs in (device_state() or device_state(settings.NODE_NAME)).values()
+               for d in devs)
+    return {"stage": stage, "resolved_config": cfg, "parameters": tspec.parameter_count(tspec.model_config(cfg)),
+            "memory": estimate_memory(stage, cfg, teacher_cfg, cuda=cuda), "cuda": cuda,
+            "seconds": estimate_seconds(stage, cfg, fields["dataset"].records, fields["gpus"])}
 
 
 def kick_queue() -> None:
@@ -169,23 +200,71 @@ def recent_usage(owner_ids, now=None) -> dict:
 
 
 def queue_order(jobs: list) -> list:
-    """Priority first, then fair share (the owner's decayed recent device use, least first), then age."""
-    usage = recent_usage({j.owner_id for j in jobs})
-    return sorted(jobs, key=lambda j: (-j.priority, usage[j.owner_id], j.created_at, j.pk))
+    """Priority first, then fair share: the owner's running jobs (fewest first), then the owner's decayed recent
+    device use (least first); then age."""
+    owners = {j.owner_id for j in jobs}
+    usage = recent_usage(owners)
+    running = {pk: 0 for pk in owners}
+    for owner_id in Job.objects.filter(status__in=Job.LIVE, owner_id__in=owners).values_list("owner_id", flat=True):
+        running[owner_id] += 1
+    return sorted(jobs, key=lambda j: (-j.priority, running[j.owner_id], usage[j.owner_id], j.created_at, j.pk))
 
 
-def claim_next_job(node_name: str, slots: int) -> Job | None:
-    """Atomically take the best queued job that fits this node's free slots (see ``queue_order``)."""
+NODE_DOWN_AFTER = timedelta(minutes=3)  # a node whose heartbeat is older takes no new jobs
+
+
+def device_state(node_name: str | None = None, slots: int | None = None) -> dict[str, list[scheduler.Device]]:
+    """Every live node's devices with the live jobs placed on them. ``node_name`` is always included (its devices
+    from its Node row, else this machine's inventory; ``slots`` CPU slots when given)."""
+    recent = timezone.now() - NODE_DOWN_AFTER
+    nodes = {n.name: scheduler.devices_from_inventory(n.name, n.devices)
+             for n in Node.objects.filter(stopping=False, heartbeat_at__gte=recent)}
+    if node_name:
+        if slots is not None:
+            nodes[node_name] = [scheduler.Device(node_name, i) for i in range(slots)]
+        elif node_name not in nodes:
+            row = Node.objects.filter(name=node_name).first()
+            nodes[node_name] = scheduler.devices_from_inventory(node_name, row.devices if row else _local_devices())
+    index = {(d.node, d.index): d for devs in nodes.values() for d in devs}
+    for node, devices, memory in Job.objects.filter(status__in=Job.LIVE).values_list("node", "devices",
+                                                                                      "memory_estimate"):
+        for i in devices or []:
+            if (node, i) in index:
+                index[(node, i)].jobs.append(memory or 0)
+    return nodes
+
+
+def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[scheduler.Decision]:
+    """Every queued job in queue order, with where it would start now or why it waits."""
+    queued = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")))
+    return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU)
+
+
+def wait_reason(decision: scheduler.Decision) -> str:
+    """Why a queued job waits, in the active language ("starting" once it has a place)."""
+    code, p = decision.reason, decision.params
+    if code == "":
+        return _("starting")
+    if code == "held":
+        return _("held for an earlier multi-device job")
+    if code == "gpu_memory":
+        return _("waiting for %(n)s GPU(s) with %(gib)s GiB free") % p
+    if code == "slots":
+        return _("waiting for %(n)s free device slot(s)") % p
+    if code == "no_nodes":
+        return _("no worker node is running")
+    return code
+
+
+def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
+    """Atomically take the first queued job that the plan places on this node (see ``queue_order`` and
+    ``scheduler.plan``). ``slots``: treat this node as that many CPU slots (tests)."""
     with transaction.atomic():
         Node.objects.select_for_update().filter(name=node_name).exists()  # serialises claims on PostgreSQL
-        used = set()
-        for devs in Job.objects.filter(status__in=Job.LIVE, node=node_name).values_list("devices", flat=True):
-            used.update(devs or [])
-        free = [i for i in range(slots) if i not in used]
-        for job in queue_order(list(Job.objects.filter(status=Job.Status.QUEUED))):
-            if job.gpus > len(free):
+        for decision in queue_plan(node_name, slots):
+            if decision.node != node_name:
                 continue
-            devices = free[: job.gpus]
+            job, devices = decision.job, decision.devices
             if job.transition(Job.Status.RUNNING, node_name, f"devices {devices}", node=node_name, devices=devices,
                               started_at=timezone.now(), error="", pid=None, worker_pid=os.getpid()):
                 return job

@@ -71,6 +71,15 @@ def notify(job_id: int) -> None:
         log.warning("channel layer push failed for job %s", job_id, exc_info=True)
 
 
+def engine_command(spec_path, n_devices: int) -> list[str]:
+    """The training child: the engine itself, or torchrun with one process per allocated device (DDP; NCCL on GPUs,
+    gloo on CPU slots), whose rank 0 alone writes events."""
+    run = ["-m", "training", "run", str(spec_path)]
+    if n_devices <= 1:
+        return [sys.executable, "-u", *run]
+    return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_devices}", *run]
+
+
 class Supervisor:
     def __init__(self, job: Job):
         self.job = job
@@ -84,6 +93,7 @@ class Supervisor:
         self.term_sent_at = None
         self.killed = False
         self.reason = None  # "cancel" or "shutdown" once a stop was requested
+        self.peak_memory = job.peak_memory
 
     def _reader(self, stream):
         try:
@@ -105,7 +115,7 @@ class Supervisor:
         log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
         self.raw_log = log_file
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=str(settings.BASE_DIR), env=env,
+            engine_command(spec_path, len(devices)), cwd=str(settings.BASE_DIR), env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8",
             errors="replace", bufsize=1, start_new_session=True)
         self.started = time.monotonic()
@@ -143,6 +153,10 @@ class Supervisor:
                 if kind == "step":
                     updates.update(step=event["step"], total_steps=event.get("total_steps", 0),
                                    eta_s=event.get("eta_s"))
+                    peak = (event.get("metrics") or {}).get("peak_mem_gb")
+                    if isinstance(peak, (int, float)) and peak * 2**30 > (self.peak_memory or 0):
+                        self.peak_memory = int(peak * 2**30)
+                        updates["peak_memory"] = self.peak_memory
             elif kind == "start":
                 updates.update(total_steps=event.get("total_steps", 0), step=event.get("resumed_from_step", 0))
             elif kind == "done":

@@ -2,7 +2,7 @@ import json
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
@@ -30,10 +30,7 @@ def job_new(request):
     form = JobForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
         try:
-            job = services.submit_job(owner=request.user, name=form.cleaned_data["name"],
-                                      stage=form.cleaned_data["stage"], dataset=form.cleaned_data["dataset"],
-                                      base_model=form.cleaned_data["base_model"],
-                                      teacher_model=form.cleaned_data["teacher_model"], config=form.job_config())
+            job = services.submit_job(**form.job_request(request.user))
         except services.ServiceError as exc:
             field = (exc.field or "").removeprefix("config.")
             form.add_error(field if field in form.fields else None, str(exc))
@@ -44,6 +41,42 @@ def job_new(request):
               "stage_kind": tspec.STAGE_DATASET_KIND, "needs_base": ["lora", "dpo", "ppo", "grpo"],
               "vocab_size": tspec.MODEL_DEFAULTS["vocab_size"]}
     return render(request, "jobs/new.html", {"form": form, "presets": PRESETS, "wizard": wizard})
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return _("unknown (the dataset size is not known)")
+    if seconds < 90:
+        return _("about %(n)s s") % {"n": max(int(seconds), 1)}
+    if seconds < 5400:
+        return _("about %(n)s min") % {"n": round(seconds / 60)}
+    return _("about %(n)s h") % {"n": f"{seconds / 3600:.1f}"}
+
+
+@login_required
+@require_POST
+def job_estimate(request):
+    """The new-job page asks this as the form changes: the first problem (with its field), or the parameter count,
+    the memory per device and a rough time. Nothing is stored."""
+    form = JobForm(request.POST, user=request.user)
+    if not form.is_valid():
+        field, errors = next(iter(form.errors.items()))
+        return JsonResponse({"ok": False, "field": field, "error": " ".join(errors)})
+    try:
+        est = services.estimate_job(**form.job_request(request.user))
+    except services.ServiceError as exc:
+        field = (exc.field or "").removeprefix("config.")
+        return JsonResponse({"ok": False, "field": field, "error": str(exc)})
+    params, memory = est["parameters"], est["memory"]
+    count = f"{params['total'] / 1e6:.2f}M"
+    if params["active"] != params["total"]:
+        count += " " + _("(%(n)sM active)") % {"n": f"{params['active'] / 1e6:.2f}"}
+    return JsonResponse({
+        "ok": True, "parameters": count,
+        "memory": _("%(gib)s GiB per device") % {"gib": f"{memory['bytes'] / 2**30:.2f}"},
+        "memory_parts": {k: f"{v / 2**30:.2f} GiB" for k, v in memory["parts"].items()},
+        "time": _duration(est["seconds"]) + ("" if est["cuda"] else " " + _("on an H100-class GPU")),
+    })
 
 
 def _job_or_404(request, job_id):
@@ -65,6 +98,7 @@ def job_detail(request, job_id):
         "queue_position": services.queue_position(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
         "disk_bytes": selectors.disk_usage(job.run_dir),
+        "memory_error": f"{job.memory_error:+.0%}" if job.memory_error is not None else "",
         "actions": [(name, label, states, " ".join(states)) for name, label, states in JOB_ACTIONS],
     })
 
@@ -141,26 +175,16 @@ def compare(request):
     })
 
 
-def wait_reason(job, free_slots: int) -> str:
-    if job.status != Job.Status.QUEUED:
-        return ""
-    if free_slots < job.gpus:
-        return _("waiting for %(n)s free device(s)") % {"n": job.gpus}
-    return _("starting")
-
-
 @login_required
 def queue(request):
     live = list(Job.objects.filter(status__in=Job.LIVE).select_related("owner").order_by("started_at"))
-    jobs = live + services.queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")))
+    plan = services.queue_plan()
+    for position, decision in enumerate(plan, 1):
+        decision.job.position = position
+        decision.job.reason = services.wait_reason(decision)
+    jobs = live + [d.job for d in plan]
     slots = sum(len(n.devices) for n in Node.objects.all())
-    busy = sum(j.gpus for j in jobs if j.status in Job.LIVE)
-    position = 0
-    for job in jobs:
-        if job.status == Job.Status.QUEUED:
-            position += 1
-            job.position = position
-        job.reason = wait_reason(job, slots - busy)
+    busy = sum(j.gpus for j in live)
     return render(request, "jobs/queue.html", {"jobs": jobs, "slots": slots, "busy": busy})
 
 

@@ -48,6 +48,8 @@ SCHEMA = {
                                                "type": "integer"}} for p in ("offset", "limit")]}},
         "/jobs": {"get": _op("Your jobs"), "post": _op("Submit a job", ok="201",
                                                         body={"$ref": "#/components/schemas/JobCreate"})},
+        "/jobs/estimate": {"post": _op("Validate a job request and estimate parameters, memory per device and time "
+                                       "(nothing is stored)", body={"$ref": "#/components/schemas/JobCreate"})},
         "/jobs/{id}": {"get": {**_op("One job"), "parameters": ID}},
         "/jobs/{id}/metrics": {"get": {**_op("Metric points after a sequence number"), "parameters": ID + [
             {"name": "after", "in": "query", "schema": {"type": "integer"}}]}},

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from jobs.devices import slot_count
+from jobs.devices import worker_count
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -146,9 +146,12 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 
 # django-q2 must never run a job twice (django-stack-notes §1.3): one attempt, failures acked, and a retry window far
 # above any job length. A task only "claims the next job"; job time limits and cancellation live in the supervisor.
+# Jobs that may share one GPU while their memory estimates fit (CPU slots take one job each).
+JOBS_PER_GPU = envint("MINICLOUD_JOBS_PER_GPU", 4)
+
 Q_CLUSTER = {
     "name": INSTANCE,
-    "workers": slot_count(),  # one worker per device slot: each supervises one job
+    "workers": worker_count(JOBS_PER_GPU),  # one worker per job that can run at once: each supervises one job
     "recycle": 50,
     "timeout": 6 * 24 * 3600,
     "retry": 7 * 24 * 3600,

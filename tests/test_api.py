@@ -120,3 +120,15 @@ def test_stage_rules_for_base_and_teacher_models(api, user, demo):
     r = api.post("/api/v1/jobs", {"name": "g", "stage": "ppo", "dataset": rlaif.pk, "base_model": mv.pk,
                                   "config": {"rewards": {"regex": 1.0}}})
     assert r.status_code == 400 and r.json()["details"]["field"] == "config.reward_regex"
+
+
+def test_estimate_validates_like_a_submission_and_stores_nothing(api, demo):
+    from jobs.models import Job
+
+    r = api.post("/api/v1/jobs/estimate", {"stage": "pretrain", "dataset": demo.pk, "config": {"use_moe": True}})
+    body = r.json()
+    assert r.status_code == 200 and body["parameters"]["total"] > 3 * body["parameters"]["active"] / 2
+    assert body["memory"]["bytes"] == sum(body["memory"]["parts"].values()) and body["seconds"] > 0
+    r = api.post("/api/v1/jobs/estimate", {"stage": "pretrain", "dataset": demo.pk, "config": {"batch_size": 0}})
+    assert r.status_code == 400 and r.json()["details"]["field"] == "config.batch_size"
+    assert Job.objects.count() == 0

@@ -102,4 +102,25 @@ def test_log_download_and_queue_reasons(logged_in, user):
     assert "attachment" in r["Content-Disposition"]
     page = logged_in.get("/queue/")
     row = next(j for j in page.context["jobs"] if j.pk == job.pk)
-    assert row.position == 1 and "waiting" in row.reason  # no node has registered any device here
+    assert row.position == 1 and row.reason == "no worker node is running"  # no serve has registered a node here
+
+
+def test_new_job_page_estimates_as_the_form_changes(logged_in):
+    initial = logged_in.get("/jobs/new/").context["form"].initial
+    data = dict(initial, name="e", preset="minimind3", hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4, batch_size=32, max_seq_len=340, max_steps=100)
+    r = logged_in.post("/jobs/new/estimate", data).json()
+    assert r["ok"] and r["parameters"] == "63.91M" and r["memory"].endswith("GiB per device")
+    assert "weights, gradients, AdamW" in r["memory_parts"] and r["time"].startswith("about")
+    bad = logged_in.post("/jobs/new/estimate", dict(data, num_attention_heads=5)).json()
+    assert not bad["ok"] and bad["field"] == "num_attention_heads" and "must divide" in bad["error"]
+    zh = logged_in.post("/jobs/new/estimate", data, HTTP_ACCEPT_LANGUAGE="zh-hans").json()
+    assert "每个设备" in zh["memory"]
+    assert Job.objects.count() == 0  # nothing stored
+
+
+def test_job_page_shows_memory_estimate_and_peak(logged_in, user):
+    job = _job_with_points(user, "mem", 1)
+    Job.objects.filter(pk=job.pk).update(memory_estimate=6 * 2**30, peak_memory=5 * 2**30)
+    text = logged_in.get(f"/jobs/{job.pk}/").content.decode().replace("\xa0", " ")
+    assert "6.0 GB" in text and "5.0 GB" in text and "+20%" in text

@@ -1,5 +1,5 @@
-// New-job form: presets, datasets and base/teacher models that fit the stage, a live parameter count and the
-// equivalent API request.
+// New-job form: presets, datasets and base/teacher models that fit the stage, the parameter count, memory and time
+// estimate (validated by the server as the form changes) and the equivalent API request.
 (function () {
   "use strict";
   const presets = JSON.parse(document.getElementById("presets").textContent);
@@ -32,18 +32,38 @@
     field("id_teacher_model").hidden = stage !== "distill";
   }
 
-  function parameters() {  // MiniMind-3 dense: tied embedding + per layer attention, q/k norms, norms, SwiGLU MLP
-    const h = +$("id_hidden_size").value, layers = +$("id_num_hidden_layers").value;
-    const heads = +$("id_num_attention_heads").value, kvHeads = +$("id_num_key_value_heads").value;
-    if (!h || !layers || !heads || !kvHeads || h % heads) return null;
-    const hd = h / heads, kv = kvHeads * hd, inter = Math.ceil((h * Math.PI) / 64) * 64;
-    const perLayer = 2 * h * h + 2 * h * kv + 2 * hd + 2 * h + 3 * h * inter;
-    return wizard.vocab_size * h + h + layers * perLayer;
+  let timer = null, asked = 0;
+  function estimate() {  // the server validates the form and answers parameters, memory and time (nothing stored)
+    clearTimeout(timer);
+    timer = setTimeout(async () => {
+      const ticket = ++asked;
+      const form = $("job-form");
+      let answer;
+      try {
+        const r = await fetch(form.dataset.estimateUrl, { method: "POST", body: new FormData(form),
+                                                          headers: { "X-Requested-With": "fetch" } });
+        answer = await r.json();
+      } catch (e) {
+        return;  // offline for a moment: the next change asks again
+      }
+      if (ticket !== asked) return;  // a newer answer is on its way
+      for (const el of form.querySelectorAll(".field.invalid")) el.classList.remove("invalid");
+      $("estimate-error").hidden = answer.ok;
+      if (!answer.ok) {
+        $("estimate-error").textContent = answer.error;
+        if (field("id_" + answer.field)) field("id_" + answer.field).classList.add("invalid");
+        for (const id of ["param-count", "memory-estimate", "time-estimate"]) $(id).textContent = "–";
+        return;
+      }
+      $("param-count").textContent = answer.parameters;
+      $("memory-estimate").textContent = answer.memory;
+      $("memory-estimate").title = Object.entries(answer.memory_parts).map(([k, v]) => k + ": " + v).join("\n");
+      $("time-estimate").textContent = answer.time;
+    }, 250);
   }
 
   function update() {
-    const n = parameters();
-    $("param-count").textContent = n === null ? "–" : (n / 1e6).toFixed(2) + "M";
+    estimate();
     const config = {};
     for (const key of CONFIG) {
       const v = $("id_" + key).value;

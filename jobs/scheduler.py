@@ -1,0 +1,136 @@
+"""Placement: which queued job runs on which devices, and why the others wait. Pure functions over plain data
+(no queries here; services.py reads the database and calls these), so they are unit-tested and simulated directly.
+
+A device is a GPU (memory known) or a CPU slot (one job, memory not tracked). A job asks for ``gpus`` devices on one
+node, each with ``memory`` bytes free (the estimate from ``training.estimate``). Several jobs share a GPU while their
+estimates fit and at most ``jobs_per_gpu`` run on it. Jobs are placed in queue order (priority, fair share, age);
+each goes to the node and devices where it fits most tightly (best fit: small jobs fill GPUs that are already in
+use, whole GPUs stay free for big jobs). A multi-device job that cannot start yet reserves the devices that could
+already take it, so that later single-device jobs cannot starve it (gang allocation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 2**30
+
+
+@dataclass
+class Device:
+    node: str
+    index: int
+    kind: str = "cpu"
+    memory_total: int | None = None
+    jobs: list = field(default_factory=list)  # memory estimates (bytes) of the jobs placed on it
+    reserved: bool = False
+
+    @property
+    def free_memory(self) -> int | None:
+        return None if self.memory_total is None else self.memory_total - sum(self.jobs)
+
+    def capacity(self, jobs_per_gpu: int) -> int:
+        return max(jobs_per_gpu, 1) if self.kind == "cuda" else 1
+
+    def fits(self, memory: int, jobs_per_gpu: int, ignore_reservation: bool = False) -> bool:
+        if (self.reserved and not ignore_reservation) or len(self.jobs) >= self.capacity(jobs_per_gpu):
+            return False
+        return self.memory_total is None or self.free_memory >= memory
+
+
+@dataclass
+class Decision:
+    job: object
+    node: str | None = None
+    devices: list = field(default_factory=list)
+    reason: str = ""  # why it waits: a code of REASONS ("" once placed)
+    params: dict = field(default_factory=dict)
+
+    @property
+    def placed(self) -> bool:
+        return self.node is not None
+
+
+def devices_from_inventory(node: str, inventory: list[dict]) -> list[Device]:
+    return [Device(node, d["index"], d.get("kind", "cpu"), d.get("memory_total") if d.get("kind") == "cuda" else None)
+            for d in inventory]
+
+
+def place(nodes: dict[str, list[Device]], gpus: int, memory: int, jobs_per_gpu: int):
+    """The tightest (node, devices) that fits, or None."""
+    best = None
+    for name, devs in nodes.items():
+        ok = [d for d in devs if d.fits(memory, jobs_per_gpu)]
+        if len(ok) < gpus:
+            continue
+        ok.sort(key=lambda d: (d.free_memory if d.free_memory is not None else 0, -len(d.jobs), d.index))
+        chosen = ok[:gpus]
+        slack = sum(d.free_memory or 0 for d in chosen)
+        if best is None or slack < best[0]:
+            best = (slack, name, chosen)
+    return (best[1], best[2]) if best else None
+
+
+def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int) -> tuple[str, str] | None:
+    """Why no node could ever run such a job even when idle, as ("gpus" or "memory", English text), or None."""
+    if not nodes:
+        return None
+    most = max(len(devs) for devs in nodes.values())
+    if gpus > most:
+        return "gpus", f"needs {gpus} devices on one node; the largest node has {most}"
+    for devs in nodes.values():
+        big = [d for d in devs if d.memory_total is None or d.memory_total >= memory]
+        if len(big) >= gpus:
+            return None
+    largest = max((d.memory_total or 0) for devs in nodes.values() for d in devs)
+    return "memory", (f"needs about {memory / GiB:.1f} GiB per GPU; the largest GPU has {largest / GiB:.1f} GiB "
+                      f"(lower batch_size or max_seq_len)")
+
+
+# Why a job waits; services.wait_reason() renders these in the user's language.
+REASONS = ("held", "gpu_memory", "slots", "no_nodes")
+
+
+def _reason(nodes, gpus: int, memory: int, jobs_per_gpu: int) -> tuple[str, dict]:
+    if not nodes:
+        return "no_nodes", {}
+    cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
+    unreserved = any(sum(d.fits(memory, jobs_per_gpu, ignore_reservation=True) for d in devs) >= gpus
+                     for devs in nodes.values())
+    if unreserved:
+        return "held", {}
+    if cuda:
+        return "gpu_memory", {"n": gpus, "gib": f"{memory / GiB:.1f}"}
+    return "slots", {"n": gpus}
+
+
+def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory_of=None, gpus_of=None,
+         blocked=None) -> list[Decision]:
+    """Place ``queued`` (already in queue order) onto ``nodes`` (mutated: placed jobs are added to their devices).
+
+    ``memory_of(job)``/``gpus_of(job)`` read a job's needs (default: ``job.memory_estimate``, ``job.gpus``);
+    ``blocked(job)`` returns (code, params) of a reason (a quota) that keeps a job waiting whatever the devices, or None.
+    """
+    memory_of = memory_of or (lambda j: j.memory_estimate or 0)
+    gpus_of = gpus_of or (lambda j: j.gpus)
+    out = []
+    for job in queued:
+        why = blocked(job) if blocked else None
+        if why:
+            out.append(Decision(job, reason=why[0], params=why[1]))
+            continue
+        gpus, memory = gpus_of(job), memory_of(job)
+        spot = place(nodes, gpus, memory, jobs_per_gpu)
+        if spot:
+            name, chosen = spot
+            for d in chosen:
+                d.jobs.append(memory)
+            out.append(Decision(job, name, [d.index for d in chosen]))
+            continue
+        code, params = _reason(nodes, gpus, memory, jobs_per_gpu)
+        out.append(Decision(job, reason=code, params=params))
+        if gpus > 1:  # gang: keep what could already take it for it
+            devs = max(nodes.values(), key=lambda ds: sum(d.fits(memory, jobs_per_gpu) for d in ds), default=[])
+            for d in devs:
+                if d.fits(memory, jobs_per_gpu):
+                    d.reserved = True
+    return out

@@ -1,0 +1,159 @@
+"""Placement rules (pure) and the fair drain of a shared queue through the real claim/finish services."""
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from django.utils import timezone
+
+from jobs import scheduler, services
+from jobs.models import Dataset, Job, Node
+from jobs.scheduler import GiB, Device
+
+from conftest import TINY
+
+
+def gpus(node="n", n=2, mem=80):
+    return {node: [Device(node, i, "cuda", mem * GiB) for i in range(n)]}
+
+
+def job(name, gpus=1, mem=10):
+    return SimpleNamespace(name=name, gpus=gpus, memory_estimate=int(mem * GiB))
+
+
+def placed(decisions):
+    return {d.job.name: d.devices for d in decisions if d.placed}
+
+
+def test_small_jobs_pack_onto_one_gpu_up_to_the_limit():
+    out = scheduler.plan([job(f"j{i}") for i in range(6)], gpus(), jobs_per_gpu=4)
+    assert placed(out) == {"j0": [0], "j1": [0], "j2": [0], "j3": [0], "j4": [1], "j5": [1]}
+
+
+def test_memory_decides_what_shares_a_gpu():
+    out = scheduler.plan([job("big", mem=50), job("medium", mem=40), job("small", mem=20)], gpus(n=1), 4)
+    assert placed(out) == {"big": [0], "small": [0]}
+    waiting = next(d for d in out if d.job.name == "medium")
+    assert (waiting.reason, waiting.params) == ("gpu_memory", {"n": 1, "gib": "40.0"})
+    assert services.wait_reason(waiting) == "waiting for 1 GPU(s) with 40.0 GiB free"
+
+
+def test_best_fit_keeps_a_whole_gpu_free_for_a_big_job():
+    nodes = gpus()
+    nodes["n"][1].jobs.append(30 * GiB)  # GPU 1 already runs something
+    out = scheduler.plan([job("small", mem=10), job("big", mem=75)], nodes, 4)
+    assert placed(out) == {"small": [1], "big": [0]}
+
+
+def test_a_multi_gpu_job_is_gang_allocated_and_not_starved():
+    nodes = gpus(n=2)
+    nodes["n"][0].jobs.append(80 * GiB)  # GPU 0 is full
+    out = scheduler.plan([job("pair", gpus=2), job("single")], nodes, 4)
+    assert placed(out) == {}  # the free GPU is kept for the pair
+    assert [d.reason for d in out] == ["gpu_memory", "held"]
+    assert placed(scheduler.plan([job("pair", gpus=2), job("single")], gpus(n=2), 4)) == {"pair": [0, 1],
+                                                                                       "single": [0]}
+
+
+def test_cpu_slots_take_one_job_each_whatever_the_memory():
+    nodes = {"c": [Device("c", 0), Device("c", 1)]}
+    out = scheduler.plan([job("a", mem=999), job("b"), job("c")], nodes, 4)
+    assert placed(out) == {"a": [0], "b": [1]}
+    assert out[2].reason == "slots"
+
+
+def test_placement_picks_the_node_where_the_job_fits():
+    nodes = {**gpus("small", n=1, mem=24), **gpus("large", n=1, mem=80)}
+    assert scheduler.plan([job("j", mem=40)], nodes, 4)[0].node == "large"
+
+
+def test_never_fits_names_devices_or_memory():
+    assert scheduler.never_fits(gpus(n=2), 3, GiB)[0] == "gpus"
+    field, text = scheduler.never_fits(gpus(n=2, mem=24), 1, 30 * GiB)
+    assert field == "memory" and "30.0 GiB" in text and "24.0 GiB" in text
+    assert scheduler.never_fits(gpus(), 2, 30 * GiB) is None
+    assert scheduler.never_fits({}, 8, 10**15) is None  # no node known yet: cannot judge
+
+
+def test_a_quota_blocks_before_placement():
+    out = scheduler.plan([job("a"), job("b")], gpus(), 4,
+                         blocked=lambda j: ("quota", {}) if j.name == "a" else None)
+    assert placed(out) == {"b": [0]} and out[0].reason == "quota"
+
+
+# --- through the database --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def pretrain(db):
+    return Dataset.objects.get(name="demo-pretrain")
+
+
+def gpu_node(name="gpu-box", mem_gib=80, n=1):
+    return Node.objects.create(name=name, heartbeat_at=timezone.now(), devices=[
+        {"index": i, "kind": "cuda", "name": "H100", "memory_total": mem_gib * GiB} for i in range(n)])
+
+
+def test_submission_estimates_memory_and_refuses_a_job_that_never_fits(user, pretrain):
+    gpu_node(mem_gib=8)
+    ok = services.submit_job(owner=user, name="ok", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    assert 0 < ok.memory_estimate < GiB
+    with pytest.raises(services.ServiceError) as exc:
+        services.submit_job(owner=user, name="huge", stage="pretrain", dataset=pretrain.pk,
+                            config={"batch_size": 512, "max_seq_len": 2048})
+    assert exc.value.field == "config.batch_size" and "never start" in str(exc.value) and "8.0 GiB" in str(exc.value)
+    with pytest.raises(services.ServiceError) as exc:
+        services.submit_job(owner=user, name="wide", stage="pretrain", dataset=pretrain.pk, config=TINY, gpus=2)
+    assert exc.value.field == "gpus"
+
+
+def test_claims_pack_jobs_onto_a_registered_gpu(user, pretrain, settings):
+    settings.JOBS_PER_GPU = 2
+    gpu_node()
+    jobs = [services.submit_job(owner=user, name=f"j{i}", stage="pretrain", dataset=pretrain.pk, config=TINY)
+            for i in range(3)]
+    first, second = services.claim_next_job("gpu-box"), services.claim_next_job("gpu-box")
+    assert {first.pk, second.pk} == {jobs[0].pk, jobs[1].pk} and first.devices == second.devices == [0]
+    assert services.claim_next_job("gpu-box") is None  # two per GPU
+    assert services.queue_plan()[0].reason == "gpu_memory"  # the GPU's job limit is reached
+
+
+def test_fifty_jobs_from_ten_users_drain_in_fair_order(db, pretrain, django_user_model):
+    """Ten users; the first submits all five of its jobs before anyone else. Two CPU slots drain the queue through
+    the real claim and finish services, each job running ten (simulated) minutes."""
+    users = [django_user_model.objects.create_user(f"u{i}", password="x") for i in range(10)]
+    for u in users:
+        for k in range(5):
+            services.submit_job(owner=u, name=f"{u.username}-{k}", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    clock = timezone.now()
+    starts = []
+    while True:
+        while (job := services.claim_next_job("cpu-node", slots=2)) is not None:
+            Job.objects.filter(pk=job.pk).update(started_at=clock)
+            starts.append(job.owner.username)
+        running = list(Job.objects.filter(status=Job.Status.RUNNING).order_by("started_at", "pk"))
+        if not running:
+            break
+        clock += timedelta(minutes=10)
+        oldest = running[0]
+        Job.objects.filter(pk=oldest.pk).update(status=Job.Status.SUCCEEDED, finished_at=clock)
+    assert len(starts) == 50
+    assert len(set(starts[:10])) == 10  # everyone's first job before anyone's second
+    for rnd in range(5):  # and so on, round after round
+        assert sorted(starts[rnd * 10:(rnd + 1) * 10]) == sorted(u.username for u in users)
+
+
+def test_the_supervisor_records_the_real_peak_memory(user, pretrain):
+    import io
+    import json as _json
+
+    from jobs.supervisor import Supervisor, engine_command
+
+    job = services.submit_job(owner=user, name="peak", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    sup = Supervisor(job)
+    sup.raw_log = io.StringIO()
+    for gb in (1.5, 2.25, 2.0):
+        sup.lines.put(_json.dumps({"event": "step", "step": 1, "time": 0, "metrics": {"loss": 1, "peak_mem_gb": gb}}))
+    sup.flush()
+    job.refresh_from_db()
+    assert job.peak_memory == int(2.25 * GiB) and job.memory_error == pytest.approx(job.memory_estimate / job.peak_memory - 1)
+    assert engine_command("s.json", 1)[-4:] == ["-m", "training", "run", "s.json"]
+    assert "--nproc_per_node=2" in engine_command("s.json", 2)  # a gang job runs under torchrun
