@@ -112,11 +112,11 @@ class LiveNode:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
 
-    def submit(self, name, config, stage="pretrain"):
+    def submit(self, name, config, stage="pretrain", **fields):
         status, datasets = self.request("GET", "/api/v1/datasets")
         ds = next(d for d in datasets["datasets"] if d["name"] == "demo-pretrain")
         status, job = self.request("POST", "/api/v1/jobs", {"name": name, "stage": stage, "dataset": ds["id"],
-                                                             "config": config})
+                                                             "config": config, **fields})
         assert status == 201, job
         return job
 

@@ -96,3 +96,14 @@ def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
     while processes_of(node.home) and time.time() < deadline:
         time.sleep(0.3)
     assert processes_of(node.home) == []
+
+
+def test_a_two_device_job_runs_ddp_under_torchrun(live):
+    """Gang allocation on the node's two CPU slots: torchrun starts two gloo ranks; rank 0 alone reports."""
+    job = live.submit("pair", {**TINY, "max_steps": 6, "log_interval": 2}, gpus=2)
+    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), timeout=180, what="finished")
+    assert done["status"] == "succeeded", done["error"]
+    assert sorted(done["devices"]) == [0, 1]
+    text = log_text(live, job["id"])
+    # Two ranks of 16 rows × 64 tokens per step; one line per step (rank 0 alone reports).
+    assert "step 1/6 (epoch 1)" in text and "tokens: 2048\n" in text and text.count("step 6/6") == 1, text[-3000:]
