@@ -69,7 +69,8 @@ def job_estimate(request):
 @endpoint("GET")
 def job_detail(request, job_id):
     job = _job(request, job_id)
-    return {**job.to_dict(), "queue_position": services.queue_position(job)}
+    info = services.queue_info(job)
+    return {**job.to_dict(), "queue_position": info["position"] if info else None, "queue": info}
 
 
 @endpoint("GET")

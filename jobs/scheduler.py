@@ -134,3 +134,39 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
                 if d.fits(memory, jobs_per_gpu):
                     d.reserved = True
     return out
+
+
+def estimated_starts(decisions: list[Decision], busy_until: dict, duration_of) -> dict:
+    """Seconds from now until each waiting job may start, or None where it cannot be told.
+
+    ``busy_until``: ``{(node, index): seconds until the device's current jobs end}`` for every device (0 = free);
+    ``duration_of(job)``: expected run seconds of a job, or None. Each device is treated as one lane (shared GPUs
+    as a whole); the waiting jobs take, in queue order, the ``gpus`` lanes of one node that free up first.
+    """
+    lanes = dict(busy_until)
+    nodes = {}
+    for node, index in lanes:
+        nodes.setdefault(node, []).append(index)
+    out = {}
+    for d in decisions:
+        if d.placed:
+            out[d.job] = 0.0
+            continue
+        best = None
+        for node, indices in nodes.items():
+            if len(indices) < d.job.gpus:
+                continue
+            free = sorted(indices, key=lambda i: (lanes[(node, i)] is None, lanes[(node, i)] or 0))[:d.job.gpus]
+            times = [lanes[(node, i)] for i in free]
+            start = None if None in times else max(times)
+            if start is not None and (best is None or start < best[0]):
+                best = (start, node, free)
+        if best is None:
+            out[d.job] = None
+            continue
+        start, node, free = best
+        out[d.job] = start
+        length = duration_of(d.job)
+        for i in free:
+            lanes[(node, i)] = None if length is None else start + length
+    return out

@@ -240,6 +240,32 @@ def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[s
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU)
 
 
+def _typical_durations() -> dict:
+    """Median run seconds of each stage's last 20 succeeded jobs."""
+    out = {}
+    for stage in tspec.STAGES:
+        runs = Job.objects.filter(stage=stage, status=Job.Status.SUCCEEDED, started_at__isnull=False,
+                                  finished_at__isnull=False).order_by("-finished_at")[:20]
+        lengths = sorted((j.finished_at - j.started_at).total_seconds() for j in runs)
+        if lengths:
+            out[stage] = lengths[len(lengths) // 2]
+    return out
+
+
+def queue_forecast(plan: list[scheduler.Decision]) -> dict:
+    """Estimated seconds until each queued job starts (None: cannot be told yet), from the running jobs' ETAs and
+    the typical length of each stage's recent jobs."""
+    typical = _typical_durations()
+    busy = {(d.node, d.index): 0.0 for devs in device_state().values() for d in devs}
+    for job in Job.objects.filter(status__in=Job.LIVE):
+        left = job.eta_s if job.eta_s is not None else typical.get(job.stage)
+        for i in job.devices or []:
+            if (job.node, i) in busy:
+                prev = busy[(job.node, i)]
+                busy[(job.node, i)] = None if left is None or prev is None else max(prev, left)
+    return scheduler.estimated_starts(plan, busy, lambda j: typical.get(j.stage))
+
+
 def wait_reason(decision: scheduler.Decision) -> str:
     """Why a queued job waits, in the active language ("starting" once it has a place)."""
     code, p = decision.reason, decision.params
@@ -427,6 +453,19 @@ def register_node(node_name: str) -> Node:
 
 def refresh_node(node_name: str) -> None:
     Node.objects.filter(name=node_name).update(devices=_local_devices(), heartbeat_at=timezone.now())
+
+
+def queue_info(job: Job) -> dict | None:
+    """Where a queued job stands: its position, why it waits (code and text) and the estimated seconds until it
+    starts (None: unknown). None when the job is not queued."""
+    if job.status != Job.Status.QUEUED:
+        return None
+    plan = queue_plan()
+    for position, decision in enumerate(plan, 1):
+        if decision.job.pk == job.pk:
+            return {"position": position, "reason": decision.reason or "starting", "reason_text": wait_reason(decision),
+                    "expected_start_s": queue_forecast(plan).get(decision.job)}
+    return None
 
 
 def queue_position(job: Job) -> int | None:

@@ -53,6 +53,25 @@ def _duration(seconds) -> str:
     return _("about %(n)s h") % {"n": f"{seconds / 3600:.1f}"}
 
 
+def _queue_info(job):
+    info = services.queue_info(job)
+    if info:
+        info["expected_start"] = _starts_in(info["expected_start_s"])
+    return info
+
+
+def _starts_in(seconds) -> str:
+    if seconds is None:
+        return "–"
+    if seconds == 0:
+        return _("now")
+    if seconds < 90:
+        return _("in about %(n)s s") % {"n": max(int(seconds), 1)}
+    if seconds < 5400:
+        return _("in about %(n)s min") % {"n": round(seconds / 60)}
+    return _("in about %(n)s h") % {"n": f"{seconds / 3600:.1f}"}
+
+
 @login_required
 @require_POST
 def job_estimate(request):
@@ -95,7 +114,7 @@ def job_detail(request, job_id):
         "job": job, "points": points, "log_text": log_text, "log_offset": log_offset,
         "after": points[-1]["seq"] if points else 0, "events": job.events.all(),
         "metric_keys": selectors.metric_keys(points),
-        "queue_position": services.queue_position(job),
+        "queue": _queue_info(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
         "disk_bytes": selectors.disk_usage(job.run_dir),
         "memory_error": f"{job.memory_error:+.0%}" if job.memory_error is not None else "",
@@ -179,9 +198,11 @@ def compare(request):
 def queue(request):
     live = list(Job.objects.filter(status__in=Job.LIVE).select_related("owner").order_by("started_at"))
     plan = services.queue_plan()
+    forecast = services.queue_forecast(plan)
     for position, decision in enumerate(plan, 1):
         decision.job.position = position
         decision.job.reason = services.wait_reason(decision)
+        decision.job.expected_start = _starts_in(forecast.get(decision.job))
     jobs = live + [d.job for d in plan]
     slots = sum(len(n.devices) for n in Node.objects.all())
     busy = sum(j.gpus for j in live)

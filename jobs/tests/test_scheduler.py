@@ -16,8 +16,12 @@ def gpus(node="n", n=2, mem=80):
     return {node: [Device(node, i, "cuda", mem * GiB) for i in range(n)]}
 
 
+class FakeJob(SimpleNamespace):
+    __hash__ = object.__hash__  # decisions and forecasts key by job, as by a model instance
+
+
 def job(name, gpus=1, mem=10):
-    return SimpleNamespace(name=name, gpus=gpus, memory_estimate=int(mem * GiB))
+    return FakeJob(name=name, gpus=gpus, memory_estimate=int(mem * GiB))
 
 
 def placed(decisions):
@@ -157,3 +161,30 @@ def test_the_supervisor_records_the_real_peak_memory(user, pretrain):
     assert job.peak_memory == int(2.25 * GiB) and job.memory_error == pytest.approx(job.memory_estimate / job.peak_memory - 1)
     assert engine_command("s.json", 1)[-4:] == ["-m", "training", "run", "s.json"]
     assert "--nproc_per_node=2" in engine_command("s.json", 2)  # a gang job runs under torchrun
+
+
+def test_estimated_starts_follow_the_running_jobs_and_the_queue():
+    decisions = [scheduler.Decision(job("now"), "n", [0]), scheduler.Decision(job("a")),
+                 scheduler.Decision(job("b")), scheduler.Decision(job("pair", gpus=2)),
+                 scheduler.Decision(job("elsewhere", gpus=3))]
+    busy = {("n", 0): 600.0, ("n", 1): 1200.0}
+    starts = scheduler.estimated_starts(decisions, busy, lambda j: 1000.0)
+    by_name = {j.name: t for j, t in starts.items()}
+    assert by_name == {"now": 0.0, "a": 600.0, "b": 1200.0, "pair": 2200.0, "elsewhere": None}
+    unknown = scheduler.estimated_starts(decisions[1:3], busy, lambda j: None)
+    assert [t for t in unknown.values()] == [600.0, 1200.0]
+    assert scheduler.estimated_starts(decisions[1:4], busy, lambda j: None)[decisions[3].job] is None
+
+
+def test_the_queue_page_and_api_tell_why_and_when(user, pretrain, client, settings):
+    settings.JOBS_PER_GPU = 1
+    gpu_node()
+    running = services.submit_job(owner=user, name="running", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    services.claim_next_job("gpu-box")
+    Job.objects.filter(pk=running.pk).update(eta_s=300)
+    waiting = services.submit_job(owner=user, name="waiting", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    info = services.queue_info(waiting)
+    assert info["position"] == 1 and info["reason"] == "gpu_memory" and info["expected_start_s"] == 300
+    client.force_login(user)
+    row = next(j for j in client.get("/queue/").context["jobs"] if j.pk == waiting.pk)
+    assert row.expected_start == "in about 5 min" and row.reason.startswith("waiting for 1 GPU(s)")
