@@ -2,22 +2,57 @@ from django import forms
 from django.utils.translation import gettext_lazy as _
 
 from models_registry.models import ModelVersion
+from training import spec as tspec
 
 from .models import STAGE_CHOICES, Dataset
 
-# Architecture presets: a tiny model that learns the demo data on a CPU in a minute, and MiniMind-3 (64M).
+# Architecture presets: a tiny model that learns the demo data on a CPU in a minute, MiniMind-3 (64M) and its MoE
+# version (198M total, 64M active).
 PRESETS = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
-    "minimind3": {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "use_moe": False},
+    "minimind3": {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
+                  "use_moe": False},
+    "minimind3_moe": {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 8,
+                      "num_key_value_heads": 4, "use_moe": True},
 }
 PRESET_CHOICES = [("tiny", _("Tiny CPU model (hidden 64, 2 layers)")), ("minimind3", _("MiniMind-3 64M")),
-                  ("custom", _("Custom"))]
-CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "epochs",
-                 "batch_size", "learning_rate", "accumulation_steps", "max_seq_len", "max_steps", "log_interval",
-                 "save_interval")
+                  ("minimind3_moe", _("MiniMind-3-MoE 198M-A64M")), ("custom", _("Custom"))]
+MODEL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe")
+BASIC_FIELDS = ("epochs", "batch_size", "learning_rate", "max_seq_len", "max_steps")
+ADVANCED_FIELDS = ("accumulation_steps", "warmup_steps", "grad_clip", "dtype", "eval_ratio", "log_interval",
+                   "save_interval", "use_compile", "group_by_length")
+# Keys only some stages take (shown for those stages only).
+STAGE_FIELDS = {"lora": ("lora_rank", "lora_alpha"), "dpo": ("beta",), "distill": ("alpha", "temperature"),
+                "grpo": ("loss_type", "num_generations", "beta", "max_gen_len", "temperature"),
+                "ppo": ("max_gen_len", "temperature", "kl_coef", "clip_epsilon")}
+CONFIG_FIELDS = MODEL_FIELDS + BASIC_FIELDS + ADVANCED_FIELDS
+EXTRA_FIELDS = tuple(dict.fromkeys(k for keys in STAGE_FIELDS.values() for k in keys))
+# Which trained models a stage starts from (the model's own stage); pretrain may continue a pretrained model.
+BASE_STAGES = {"pretrain": ["pretrain"], "sft": ["pretrain", "sft"],
+               "lora": ["sft", "dpo", "lora", "grpo", "ppo", "distill"],
+               "dpo": ["sft", "dpo", "lora", "grpo", "ppo", "distill"],
+               "grpo": ["sft", "dpo", "lora", "grpo", "ppo", "distill"],
+               "ppo": ["sft", "dpo", "lora", "grpo", "ppo", "distill"],
+               "distill": ["pretrain", "sft", "distill"]}
 # What the form starts with: the tiny preset and settings that finish on a laptop CPU in about a minute.
 QUICK_START = {**PRESETS["tiny"], "epochs": 1, "batch_size": 16, "learning_rate": 3e-3, "accumulation_steps": 1,
                "max_seq_len": 64, "max_steps": 200, "log_interval": 5, "save_interval": 100}
+
+
+def stage_defaults() -> dict:
+    """MiniMind's defaults of every form field, per stage (what the page fills in when the stage changes)."""
+    fields = BASIC_FIELDS + ADVANCED_FIELDS + EXTRA_FIELDS
+    return {stage: {k: v for k, v in tspec.resolve_config(stage, {}).items() if k in fields}
+            for stage in tspec.STAGES}
+
+
+def _int(label, help_text, **kw):
+    return forms.IntegerField(label=label, help_text=help_text, **kw)
+
+
+def _float(label, help_text, **kw):
+    return forms.FloatField(label=label, help_text=help_text, **kw)
 
 
 class JobForm(forms.Form):
@@ -29,21 +64,62 @@ class JobForm(forms.Form):
     teacher_model = forms.ModelChoiceField(label=_("Teacher model (distillation only)"), required=False,
                                            queryset=ModelVersion.objects.none())
     preset = forms.ChoiceField(label=_("Model size"), choices=PRESET_CHOICES, initial="tiny", required=False)
-    hidden_size = forms.IntegerField(label=_("Hidden size"), min_value=8)
-    num_hidden_layers = forms.IntegerField(label=_("Layers"), min_value=1)
-    num_attention_heads = forms.IntegerField(label=_("Attention heads"), min_value=1)
-    num_key_value_heads = forms.IntegerField(label=_("Key/value heads"), min_value=1)
-    epochs = forms.IntegerField(label=_("Epochs"), min_value=1)
-    batch_size = forms.IntegerField(label=_("Batch size"), min_value=1)
-    learning_rate = forms.FloatField(label=_("Learning rate"), min_value=1e-12)
-    accumulation_steps = forms.IntegerField(label=_("Gradient accumulation steps"), min_value=1)
-    max_seq_len = forms.IntegerField(label=_("Max sequence length"), min_value=8)
-    max_steps = forms.IntegerField(label=_("Max optimizer steps (empty: all epochs)"), min_value=1, required=False)
-    log_interval = forms.IntegerField(label=_("Log every N steps"), min_value=1)
-    save_interval = forms.IntegerField(label=_("Checkpoint every N steps"), min_value=1)
+    hidden_size = _int(_("Hidden size"), _("Width of every layer; MiniMind-3 uses 768."), min_value=8)
+    num_hidden_layers = _int(_("Layers"), _("Number of transformer blocks; MiniMind-3 uses 8."), min_value=1)
+    num_attention_heads = _int(_("Attention heads"), _("Must divide the hidden size."), min_value=1)
+    num_key_value_heads = _int(_("Key/value heads"), _("Grouped-query attention: must divide the attention heads."),
+                               min_value=1)
+    use_moe = forms.BooleanField(label=_("Mixture of experts"), required=False,
+                                 help_text=_("4 experts, one active per token: more parameters, same compute."))
+    epochs = _int(_("Epochs"), _("Passes over the dataset."), min_value=1)
+    batch_size = _int(_("Batch size"), _("Rows per device per step; lower it if memory runs out."), min_value=1)
+    learning_rate = _float(_("Learning rate"), _("Peak rate; a cosine schedule lowers it to a tenth."),
+                           min_value=1e-12)
+    max_seq_len = _int(_("Max sequence length"), _("Tokens per row; longer rows are cut."), min_value=8)
+    max_steps = _int(_("Max optimizer steps (empty: all epochs)"), _("Stop early after this many steps."),
+                     min_value=1, required=False)
+    accumulation_steps = _int(_("Gradient accumulation steps"),
+                              _("Batches summed before each update: a larger effective batch, same memory."),
+                              min_value=1)
+    warmup_steps = _int(_("Warm-up steps"), _("Linear warm-up of the learning rate (0: none, as in MiniMind)."),
+                        min_value=0, required=False)
+    grad_clip = _float(_("Gradient clipping"), _("Largest gradient norm; 1.0 in MiniMind."), min_value=1e-9,
+                       required=False)
+    dtype = forms.ChoiceField(label=_("Precision"), choices=[("bfloat16", "bfloat16"), ("float16", "float16"),
+                                                             ("float32", "float32")], required=False,
+                              help_text=_("Mixed precision on GPUs; the CPU always trains in float32."))
+    eval_ratio = _float(_("Held-out share"), _("Share of the rows kept aside for the eval loss (0: none)."),
+                        min_value=0, max_value=0.5, required=False)
+    log_interval = _int(_("Log every N steps"), _("How often the charts get a point."), min_value=1)
+    save_interval = _int(_("Checkpoint every N steps"), _("Pause and crash recovery resume from the last one."),
+                         min_value=1)
+    use_compile = forms.BooleanField(label=_("Compile the model"), required=False,
+                                     help_text=_("torch.compile: about 2.4× faster on a GPU after a minute of "
+                                                 "compiling."))
+    group_by_length = forms.BooleanField(label=_("Group rows by length"), required=False,
+                                         help_text=_("Less padding, faster conversations; batches are less varied."))
+    lora_rank = _int(_("LoRA rank"), _("Size of the low-rank adapters; 16 in MiniMind."), min_value=1,
+                     required=False)
+    lora_alpha = _int(_("LoRA alpha"), _("Scale of the adapters' update (alpha / rank)."), min_value=1,
+                      required=False)
+    beta = _float(_("Beta"), _("DPO: strength of the preference margin; GRPO: weight of the KL to the reference."),
+                  min_value=0, required=False)
+    alpha = _float(_("Alpha"), _("Share of the cross-entropy loss; the rest follows the teacher."), min_value=0,
+                   max_value=1, required=False)
+    temperature = _float(_("Temperature"), _("Distillation: softening of both distributions; RL: sampling "
+                                             "temperature of the rollouts."), min_value=1e-6, required=False)
+    loss_type = forms.ChoiceField(label=_("Policy loss"), choices=[("cispo", "CISPO"), ("grpo", "GRPO")],
+                                  required=False, help_text=_("CISPO (MiniMind's default) or GRPO's clipped loss."))
+    num_generations = _int(_("Completions per prompt"), _("Group size for the advantages; 6 in MiniMind."),
+                           min_value=2, required=False)
+    max_gen_len = _int(_("Max new tokens"), _("Longest completion a rollout samples."), min_value=1, required=False)
+    kl_coef = _float(_("KL penalty"), _("Weight of the KL to the reference in the reward."), min_value=0,
+                     required=False)
+    clip_epsilon = _float(_("Clip range"), _("PPO's policy ratio clip."), min_value=1e-6, required=False)
 
     def __init__(self, *args, user=None, **kwargs):
-        kwargs.setdefault("initial", {**QUICK_START, "stage": "pretrain"})
+        kwargs.setdefault("initial", {**QUICK_START, **stage_defaults()["pretrain"], **QUICK_START,
+                                      "stage": "pretrain"})
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = Dataset.objects.visible_to(user)
         self.fields["base_model"].queryset = ModelVersion.objects.visible_to(user)
@@ -53,7 +129,17 @@ class JobForm(forms.Form):
             self.initial["dataset"] = demo.pk
 
     def job_config(self) -> dict:
-        return {k: self.cleaned_data[k] for k in CONFIG_FIELDS if self.cleaned_data.get(k) is not None}
+        stage = self.cleaned_data.get("stage")
+        keys = CONFIG_FIELDS + STAGE_FIELDS.get(stage, ())
+        out = {}
+        for k in keys:
+            value = self.cleaned_data.get(k)
+            if value is None or value == "":
+                continue
+            if isinstance(self.fields[k], forms.BooleanField) and k not in self.data:
+                value = False
+            out[k] = value
+        return out
 
     def job_request(self, owner) -> dict:
         """The arguments of ``services.submit_job`` / ``estimate_job``."""

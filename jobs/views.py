@@ -11,7 +11,8 @@ from django.views.decorators.http import require_POST
 from training import spec as tspec
 
 from . import selectors, services
-from .forms import PRESETS, JobForm
+from .forms import (ADVANCED_FIELDS, BASE_STAGES, BASIC_FIELDS, CONFIG_FIELDS, MODEL_FIELDS, PRESETS, QUICK_START,
+                    STAGE_FIELDS, JobForm, stage_defaults)
 from .models import Dataset, Job, Node
 
 
@@ -38,9 +39,20 @@ def job_new(request):
             messages.success(request, _("Job #%(id)s is queued.") % {"id": job.pk})
             return redirect("job_detail", job_id=job.pk)
     wizard = {"dataset_kinds": {str(d.pk): d.kind for d in form.fields["dataset"].queryset},
+              "model_stages": {str(m.pk): m.stage for m in form.fields["base_model"].queryset},
               "stage_kind": tspec.STAGE_DATASET_KIND, "needs_base": ["lora", "dpo", "ppo", "grpo"],
-              "vocab_size": tspec.MODEL_DEFAULTS["vocab_size"]}
-    return render(request, "jobs/new.html", {"form": form, "presets": PRESETS, "wizard": wizard})
+              "base_stages": BASE_STAGES, "stage_fields": STAGE_FIELDS, "defaults": stage_defaults(),
+              "quick_start": QUICK_START, "config_fields": CONFIG_FIELDS}
+    stage_of = {}
+    for stage, keys in STAGE_FIELDS.items():
+        for key in keys:
+            stage_of.setdefault(key, []).append(stage)
+    return render(request, "jobs/new.html", {
+        "form": form, "presets": PRESETS, "wizard": wizard,
+        "target_fields": [form[k] for k in ("name", "stage", "dataset", "base_model", "teacher_model")],
+        "model_fields": [form[k] for k in MODEL_FIELDS], "basic_fields": [form[k] for k in BASIC_FIELDS],
+        "advanced_fields": [form[k] for k in ADVANCED_FIELDS],
+        "stage_fields": [(form[k], " ".join(stages)) for k, stages in stage_of.items()]})
 
 
 def _duration(seconds) -> str:

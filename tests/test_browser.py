@@ -53,14 +53,33 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
     page.click("text=New job")
     page.fill("#id_name", "browser-job")
     assert page.input_value("#id_hidden_size") == "64"
-    assert page.inner_text("#param-count") == "0.53M"  # the tiny model, as the engine counts it
+
+    def shows(selector, text):
+        page.wait_for_function("([s, t]) => document.querySelector(s).textContent === t", arg=[selector, text])
+
+    shows("#param-count", "0.53M")  # the tiny model, as the engine counts it (asked from the server)
     page.select_option("#id_preset", "minimind3")
-    assert page.inner_text("#param-count") == "63.91M"  # MiniMind-3's published count
-    page.select_option("#id_preset", "tiny")
-    page.select_option("#id_stage", "sft")
+    shows("#param-count", "63.91M")  # MiniMind-3's published count
+    assert "GiB per device" in page.inner_text("#memory-estimate")
+    page.select_option("#id_preset", "minimind3_moe")
+    shows("#param-count", "198.42M (63.94M active)")
+    page.select_option("#id_stage", "sft")  # MiniMind's SFT defaults for a full-size model
     assert page.input_value("#id_dataset") == str(dataset_id(live, "demo-sft"))  # datasets follow the stage
+    assert (page.input_value("#id_batch_size"), page.input_value("#id_max_seq_len")) == ("16", "768")
     assert page.is_visible("#id_base_model") and not page.is_visible("#id_teacher_model")
+    page.click("details.advanced summary")
+    assert not page.is_visible("#id_lora_rank")
+    page.select_option("#id_stage", "lora")
+    assert page.is_visible("#id_lora_rank") and page.input_value("#id_lora_rank") == "16"
+    page.wait_for_selector("#estimate-error:not([hidden])")  # LoRA needs a trained model to start from
+    assert "base_model" in page.inner_text("#estimate-error")
+    page.select_option("#id_preset", "tiny")
     page.select_option("#id_stage", "pretrain")
+    page.fill("#id_num_attention_heads", "5")  # validated as you type, with the field named
+    page.wait_for_function("() => document.getElementById('estimate-error').textContent.includes('must divide')")
+    assert page.locator(".field.invalid #id_num_attention_heads").count() == 1
+    page.fill("#id_num_attention_heads", "4")
+    page.wait_for_selector("#estimate-error", state="hidden")
     assert page.input_value("#id_dataset") == str(dataset_id(live, "demo-pretrain"))
     page.fill("#id_max_steps", "300")
     page.fill("#id_log_interval", "2")

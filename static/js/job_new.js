@@ -6,14 +6,33 @@
   const wizard = JSON.parse(document.getElementById("wizard").textContent);
   const $ = (id) => document.getElementById(id);
   const field = (id) => $(id) && $(id).closest(".field");
-  const CONFIG = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "epochs",
-                  "batch_size", "learning_rate", "accumulation_steps", "max_seq_len", "max_steps", "log_interval",
-                  "save_interval"];
+  const setValue = (key, value) => {
+    const el = $("id_" + key);
+    if (!el) return;
+    if (el.type === "checkbox") el.checked = !!value;
+    else el.value = value === null || value === undefined ? "" : value;
+  };
+  const getValue = (key) => {
+    const el = $("id_" + key);
+    if (!el) return undefined;
+    if (el.type === "checkbox") return el.checked;
+    if (el.value === "") return undefined;
+    return el.tagName === "SELECT" || el.type === "text" ? el.value : Number(el.value);
+  };
+
+  function fillDefaults() {  // MiniMind's defaults for the stage; the tiny preset keeps its quick CPU settings
+    const stage = $("id_stage").value, defaults = wizard.defaults[stage] || {};
+    const tiny = $("id_preset").value === "tiny";
+    for (const [key, value] of Object.entries(defaults)) {
+      setValue(key, tiny && key in wizard.quick_start ? wizard.quick_start[key] : value);
+    }
+  }
 
   $("id_preset").addEventListener("change", function () {
     const values = presets[this.value];
     if (!values) return;
-    for (const [key, value] of Object.entries(values)) $("id_" + key).value = value;
+    for (const [key, value] of Object.entries(values)) setValue(key, value);
+    fillDefaults();
     update();
   });
 
@@ -28,8 +47,19 @@
       const first = [...datasets.options].find((o) => o.value && !o.hidden);
       datasets.value = first ? first.value : "";
     }
-    field("id_base_model").hidden = stage === "pretrain";
+    const bases = wizard.base_stages[stage] || [];
+    for (const id of ["id_base_model", "id_teacher_model"]) {
+      const select = $(id);
+      for (const opt of select.options) {
+        if (!opt.value) continue;
+        opt.hidden = id === "id_base_model" && !bases.includes(wizard.model_stages[opt.value]);
+      }
+      if (select.selectedOptions[0] && select.selectedOptions[0].hidden) select.value = "";
+    }
     field("id_teacher_model").hidden = stage !== "distill";
+    for (const el of document.querySelectorAll(".field[data-stages]")) {
+      el.hidden = !el.dataset.stages.split(" ").includes(stage);
+    }
   }
 
   let timer = null, asked = 0;
@@ -37,10 +67,10 @@
     clearTimeout(timer);
     timer = setTimeout(async () => {
       const ticket = ++asked;
-      const form = $("job-form");
+      const form = $("job-form");  // (form.dataset would be its "dataset" field)
       let answer;
       try {
-        const r = await fetch(form.dataset.estimateUrl, { method: "POST", body: new FormData(form),
+        const r = await fetch(form.getAttribute("data-estimate-url"), { method: "POST", body: new FormData(form),
                                                           headers: { "X-Requested-With": "fetch" } });
         answer = await r.json();
       } catch (e) {
@@ -64,10 +94,11 @@
 
   function update() {
     estimate();
-    const config = {};
-    for (const key of CONFIG) {
-      const v = $("id_" + key).value;
-      if (v !== "") config[key] = Number(v);
+    const config = {}, stage = $("id_stage").value;
+    const keys = [...wizard.config_fields, ...(wizard.stage_fields[stage] || [])];
+    for (const key of keys) {
+      const v = getValue(key);
+      if (v !== undefined) config[key] = v;
     }
     const body = { name: $("id_name").value, stage: $("id_stage").value, dataset: Number($("id_dataset").value),
                    config };
@@ -76,7 +107,7 @@
     $("spec-preview").textContent = JSON.stringify(body, null, 2);
   }
 
-  $("id_stage").addEventListener("change", () => { fitStage(); update(); });
+  $("id_stage").addEventListener("change", () => { fitStage(); fillDefaults(); update(); });
   $("job-form").addEventListener("input", update);
   fitStage();
   update();
