@@ -3,6 +3,7 @@ from django.contrib.auth import authenticate
 from minicloud.api import ApiError, endpoint, json_body
 
 from .models import ApiToken
+from .services import usage_summary
 
 
 @endpoint("POST", auth=False)
@@ -23,4 +24,4 @@ def me(request):
     u = request.user
     return {"id": u.pk, "username": u.username, "email": u.email,
             "role": "admin" if u.is_superuser else ("staff" if u.is_staff else "member"),
-            "quota": None, "usage": {"jobs": u.jobs.count()}}
+            "groups": sorted(g.name for g in u.groups.all()), **usage_summary(u)}

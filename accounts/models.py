@@ -41,3 +41,73 @@ class ApiToken(models.Model):
             return None
         cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
         return token.user
+
+
+QUOTA_FIELDS = ("max_running_jobs", "max_queued_jobs", "max_gpus_per_job", "device_hours_per_week", "max_job_hours",
+                "storage_gb", "priority")
+
+
+class Quota(models.Model):
+    """Limits for one user or, as the default of its members, one group. An empty field is not limited here:
+    a user's own value wins, else the most generous of their groups' values, else no limit."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                                related_name="quota")
+    group = models.OneToOneField("auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="quota")
+    max_running_jobs = models.PositiveIntegerField(_("concurrent running jobs"), null=True, blank=True)
+    max_queued_jobs = models.PositiveIntegerField(_("queued jobs"), null=True, blank=True)
+    max_gpus_per_job = models.PositiveIntegerField(_("devices per job"), null=True, blank=True)
+    device_hours_per_week = models.FloatField(_("device-hours per week"), null=True, blank=True)
+    max_job_hours = models.FloatField(_("job wall-clock limit (hours)"), null=True, blank=True)
+    storage_gb = models.FloatField(_("storage (GB)"), null=True, blank=True)
+    priority = models.IntegerField(_("priority"), null=True, blank=True,
+                                   help_text=_("Added to the priority of every job of the user or group."))
+
+    class Meta:
+        verbose_name = _("quota")
+        verbose_name_plural = _("quotas")
+        constraints = [models.CheckConstraint(condition=models.Q(user__isnull=False) ^ models.Q(group__isnull=False),
+                                              name="quota_for_user_xor_group")]
+
+    def __str__(self):
+        return f"quota of {self.user or self.group}"
+
+
+class UsageRecord(models.Model):
+    """One run segment of a job (from its start to its pause, end or crash): who used how many devices, when."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records")
+    job = models.ForeignKey("jobs.Job", null=True, on_delete=models.SET_NULL, related_name="usage_records")
+    devices = models.PositiveSmallIntegerField(default=1)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(db_index=True)
+    device_seconds = models.FloatField()
+
+    class Meta:
+        ordering = ["-ended_at"]
+
+    @property
+    def hours(self) -> float:
+        return self.device_seconds / 3600
+
+
+class AuditEntry(models.Model):
+    """Who did what to which object, when, from where."""
+
+    time = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    username = models.CharField(max_length=150, blank=True)  # kept when the user is deleted, or for failed logins
+    action = models.CharField(max_length=40, db_index=True)
+    object_type = models.CharField(max_length=40, blank=True)
+    object_id = models.CharField(max_length=40, blank=True)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-time"]
+        verbose_name = _("audit entry")
+        verbose_name_plural = _("audit log")
+
+    def __str__(self):
+        return f"{self.time:%Y-%m-%d %H:%M} {self.username} {self.action} {self.object_type} {self.object_id}"

@@ -1,5 +1,6 @@
 import os
 import secrets
+from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 
@@ -20,3 +21,129 @@ def ensure_first_admin() -> tuple[str, str | None] | None:
     User.objects.create_superuser(username=username, email=os.environ.get("DJANGO_SUPERUSER_EMAIL", ""),
                                   password=password)
     return username, None if env_password else password
+
+
+# --- quotas and usage ---------------------------------------------------------------------------------------------
+
+def effective_quota(user) -> dict:
+    """Each quota field for ``user``: their own value, else the most generous of their groups', else None (no
+    limit). Staff accounts (admins) are not limited."""
+    from .models import QUOTA_FIELDS, Quota
+
+    out = dict.fromkeys(QUOTA_FIELDS)
+    if user.is_staff:
+        return out
+    own = Quota.objects.filter(user=user).first()
+    groups = list(Quota.objects.filter(group__in=user.groups.all()))
+    for field in QUOTA_FIELDS:
+        value = getattr(own, field) if own else None
+        if value is None:
+            values = [getattr(q, field) for q in groups]
+            # A group without a limit on this field lifts it; else the most generous group wins.
+            value = None if not values or None in values else max(values)
+        out[field] = value
+    return out
+
+
+def week_start(now=None):
+    """Monday 00:00 of this week, in the server's time zone: device-hour quotas count from there."""
+    from django.utils import timezone
+
+    now = timezone.localtime(now or timezone.now())
+    return (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def device_hours(user, since, now=None) -> float:
+    """Device-hours ``user`` used since ``since``: finished run segments (the part after ``since``) and the jobs
+    running now."""
+    from django.utils import timezone
+
+    from jobs.models import Job
+
+    from .models import UsageRecord
+
+    now = now or timezone.now()
+    seconds = 0.0
+    for r in UsageRecord.objects.filter(user=user, ended_at__gt=since):
+        length = (r.ended_at - r.started_at).total_seconds()
+        inside = (r.ended_at - max(r.started_at, since)).total_seconds()
+        seconds += r.device_seconds * (inside / length if length > 0 else 1.0)
+    for started, gpus in Job.objects.filter(owner=user, status__in=Job.LIVE, started_at__isnull=False).values_list(
+            "started_at", "gpus"):
+        seconds += max((now - max(started, since)).total_seconds(), 0.0) * gpus
+    return seconds / 3600
+
+
+def record_usage(job, ended_at) -> None:
+    """Close the job's current run segment (called when it leaves a running state)."""
+    from .models import UsageRecord
+
+    if job.started_at is None:
+        return
+    length = max((ended_at - job.started_at).total_seconds(), 0.0)
+    UsageRecord.objects.create(user_id=job.owner_id, job=job, devices=job.gpus, started_at=job.started_at,
+                               ended_at=ended_at, device_seconds=length * job.gpus)
+
+
+def usage_by_day(user, days: int = 56) -> list[tuple[str, float]]:
+    """(date, device-hours) for each of the last ``days`` days, attributed to the day each segment ended."""
+    from django.utils import timezone
+
+    from .models import UsageRecord
+
+    start = timezone.localdate() - timedelta(days=days - 1)
+    totals = {start + timedelta(days=i): 0.0 for i in range(days)}
+    for r in UsageRecord.objects.filter(user=user, ended_at__date__gte=start):
+        day = timezone.localdate(r.ended_at)
+        if day in totals:
+            totals[day] += r.device_seconds / 3600
+    return [(d.isoformat(), round(h, 4)) for d, h in totals.items()]
+
+
+# --- audit --------------------------------------------------------------------------------------------------------
+
+def client_ip(request):
+    return request.META.get("REMOTE_ADDR") if request is not None else None
+
+
+def audit(actor, action: str, obj=None, *, request=None, username: str = "", **detail) -> None:
+    """Record one audited action. ``actor`` may be None (a failed login names ``username``)."""
+    from .models import AuditEntry
+
+    user = actor if getattr(actor, "is_authenticated", False) else None
+    AuditEntry.objects.create(actor=user, username=username or (user.username if user else ""), action=action,
+                              object_type=obj._meta.model_name if obj is not None else "",
+                              object_id=str(obj.pk) if obj is not None else "", ip=client_ip(request),
+                              detail=detail)
+
+
+def usage_summary(user) -> dict:
+    """The quota and this week's use of ``user`` (the usage page and ``GET /api/v1/me``)."""
+    from jobs.models import Job
+
+    quota = effective_quota(user)
+    return {"quota": quota,
+            "usage": {"device_hours_this_week": round(device_hours(user, week_start()), 4),
+                      "week_start": week_start().isoformat(),
+                      "running_jobs": Job.objects.filter(owner=user, status__in=Job.LIVE).count(),
+                      "queued_jobs": Job.objects.filter(owner=user, status=Job.Status.QUEUED).count(),
+                      "jobs": Job.objects.filter(owner=user).count()}}
+
+
+def usage_report(since, until) -> list[dict]:
+    """Device-hours per user (and their groups) between two times, for the admin's CSV report."""
+    from .models import UsageRecord
+
+    rows = {}
+    for r in UsageRecord.objects.filter(ended_at__gt=since, started_at__lt=until).select_related("user"):
+        length = (r.ended_at - r.started_at).total_seconds()
+        inside = (min(r.ended_at, until) - max(r.started_at, since)).total_seconds()
+        hours = r.device_seconds * (inside / length if length > 0 else 1.0) / 3600
+        row = rows.setdefault(r.user_id, {"username": r.user.username,
+                                          "groups": " ".join(sorted(g.name for g in r.user.groups.all())),
+                                          "jobs": set(), "device_hours": 0.0})
+        row["device_hours"] += hours
+        if r.job_id:
+            row["jobs"].add(r.job_id)
+    return [{**row, "jobs": len(row["jobs"]), "device_hours": round(row["device_hours"], 4)}
+            for row in sorted(rows.values(), key=lambda x: x["username"])]

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Dataset, Job, JobEvent, Node
+from .models import Dataset, Job, JobEvent, JobTemplate, Node
 
 
 class JobEventInline(admin.TabularInline):
@@ -27,3 +27,9 @@ class DatasetAdmin(admin.ModelAdmin):
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
     list_display = ("name", "started_at", "heartbeat_at", "stopping")
+
+
+@admin.register(JobTemplate)
+class JobTemplateAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "created_at")
+    search_fields = ("name", "owner__username")

@@ -1,5 +1,6 @@
 from django.conf import settings
 
+from accounts.services import audit
 from minicloud.api import ApiError, endpoint, int_param, json_body
 
 from . import selectors, services
@@ -56,7 +57,9 @@ def _job_request(request) -> dict:
 def jobs(request):
     if request.method == "GET":
         return {"jobs": [j.to_dict() for j in selectors.jobs_for(request.user)[:500]]}
-    return services.submit_job(**_job_request(request)).to_dict(), 201
+    job = services.submit_job(**_job_request(request))
+    audit(request.user, "submit", job, request=request)
+    return job.to_dict(), 201
 
 
 @endpoint("POST")
@@ -86,26 +89,29 @@ def job_logs(request, job_id):
     return {"text": text, "offset": end}
 
 
-def _action(service):
+def _action(service, verb):
     @endpoint("POST")
     def view(request, job_id):
         job = service(_job(request, job_id), request.user)
+        audit(request.user, verb, job, request=request)
         return job.to_dict(), 202
 
     view.__name__ = service.__name__
     return view
 
 
-job_cancel = _action(services.cancel_job)
-job_pause = _action(services.pause_job)
-job_resume = _action(services.resume_job)
-job_retry = _action(services.retry_job)
+job_cancel = _action(services.cancel_job, "cancel")
+job_pause = _action(services.pause_job, "pause")
+job_resume = _action(services.resume_job, "resume")
+job_retry = _action(services.retry_job, "retry")
 
 
 @endpoint("POST")
 def job_clone(request, job_id):
     data = json_body(request)
-    return services.clone_job(_job(request, job_id), request.user, name=data.get("name")).to_dict(), 201
+    job = services.clone_job(_job(request, job_id), request.user, name=data.get("name"))
+    audit(request.user, "submit", job, request=request, clone_of=job_id)
+    return job.to_dict(), 201
 
 
 @endpoint("GET")

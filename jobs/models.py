@@ -1,5 +1,5 @@
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -46,6 +46,34 @@ class Node(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     stopping = models.BooleanField(default=False)
+
+    def __str__(self):
+        return self.name
+
+
+class DeviceSample(models.Model):
+    """One reading of a node's devices (compact: one row per node per minute, pruned after a day)."""
+
+    node = models.CharField(max_length=200, db_index=True)
+    time = models.DateTimeField(default=timezone.now, db_index=True)
+    # [[index, utilisation %, memory used bytes, running jobs], ...]; a CPU slot's utilisation is 100 while busy.
+    readings = models.JSONField(default=list)
+
+    class Meta:
+        ordering = ["time"]
+
+
+class JobTemplate(models.Model):
+    """A saved new-job form (stage, data, model and settings) to start similar jobs from."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="job_templates")
+    name = models.CharField(_("name"), max_length=200)
+    fields = models.JSONField(default=dict)  # the form's values by field name
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="unique_template_name")]
 
     def __str__(self):
         return self.name
@@ -123,14 +151,27 @@ class Job(models.Model):
         return f"#{self.pk} {self.name}"
 
     def transition(self, to: str, actor: str = "", message: str = "", **fields) -> bool:
-        """Move to ``to`` if the current status allows it (a conditional UPDATE); record the event. Returns success."""
+        """Move to ``to`` if the current status allows it (a conditional UPDATE); record the event. Returns success.
+
+        Leaving a running state closes the job's run segment in the usage accounting."""
+        from accounts.services import record_usage
+
         sources = [s for s, targets in self.TRANSITIONS.items() if to in targets]
         if to in self.FINAL:
             fields.setdefault("finished_at", timezone.now())
-        done = Job.objects.filter(pk=self.pk, status__in=sources).update(status=to, **fields)
-        if done:
-            JobEvent.objects.create(job=self, kind=to, actor=actor, message=message[:2000])
-        self.refresh_from_db()
+        now = timezone.now()
+        ends_run = to not in self.LIVE
+        with transaction.atomic():
+            live_sources = [s for s in sources if s in self.LIVE] if ends_run else []
+            before = Job.objects.filter(pk=self.pk, status__in=live_sources).values_list("started_at", flat=True)
+            started = before.first() if live_sources else None
+            done = Job.objects.filter(pk=self.pk, status__in=sources).update(status=to, **fields)
+            if done:
+                JobEvent.objects.create(job=self, kind=to, actor=actor, message=message[:2000])
+            self.refresh_from_db()
+            if done and started is not None:
+                self.started_at = started
+                record_usage(self, now)
         return bool(done)
 
     @property

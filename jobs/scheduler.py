@@ -87,7 +87,7 @@ def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int) -> tuple[
 
 
 # Why a job waits; services.wait_reason() renders these in the user's language.
-REASONS = ("held", "gpu_memory", "slots", "no_nodes")
+REASONS = ("held", "gpu_memory", "slots", "no_nodes", "quota_running", "quota_hours")
 
 
 def _reason(nodes, gpus: int, memory: int, jobs_per_gpu: int) -> tuple[str, dict]:
@@ -104,11 +104,12 @@ def _reason(nodes, gpus: int, memory: int, jobs_per_gpu: int) -> tuple[str, dict
 
 
 def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory_of=None, gpus_of=None,
-         blocked=None) -> list[Decision]:
+         blocked=None, on_place=None) -> list[Decision]:
     """Place ``queued`` (already in queue order) onto ``nodes`` (mutated: placed jobs are added to their devices).
 
     ``memory_of(job)``/``gpus_of(job)`` read a job's needs (default: ``job.memory_estimate``, ``job.gpus``);
-    ``blocked(job)`` returns (code, params) of a reason (a quota) that keeps a job waiting whatever the devices, or None.
+    ``blocked(job)`` returns (code, params) of a reason (a quota) that keeps a job waiting whatever the devices, or None;
+    ``on_place(job)`` hears of each job placed (so a quota can count it).
     """
     memory_of = memory_of or (lambda j: j.memory_estimate or 0)
     gpus_of = gpus_of or (lambda j: j.gpus)
@@ -125,6 +126,8 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
             for d in chosen:
                 d.jobs.append(memory)
             out.append(Decision(job, name, [d.index for d in chosen]))
+            if on_place:
+                on_place(job)
             continue
         code, params = _reason(nodes, gpus, memory, jobs_per_gpu)
         out.append(Decision(job, reason=code, params=params))

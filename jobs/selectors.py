@@ -21,14 +21,19 @@ def metrics_after(job, after=0, limit=5000):
 
 
 def metric_history(job, max_points=10_000):
-    """Every point for a chart, downsampled by stride to at most ``max_points`` (the first and last always kept);
+    """The points for a chart: every one, or beyond ``max_points`` every k-th (chosen by the database, so a
+    100,000-point history costs one indexed read of ~max_points rows) plus the first, the last and every eval point;
     the full resolution stays in the database and the API."""
-    qs = MetricPoint.objects.filter(job=job).order_by("seq").values(*POINT_FIELDS)
-    n = qs.count()
-    if n <= max_points:
-        return list(qs)
-    stride = -(-n // max_points)
-    return [p for i, p in enumerate(qs.iterator()) if i % stride == 0 or i == n - 1]
+    from django.db.models import Q
+    from django.db.models.functions import Mod
+
+    qs = MetricPoint.objects.filter(job=job)
+    last = qs.order_by("-seq").values_list("seq", flat=True).first() or 0
+    if last > max_points:
+        stride = -(-last // max_points)
+        qs = qs.annotate(phase=Mod("seq", stride)).filter(
+            Q(phase=1 % stride) | Q(seq=last) | Q(values__has_key="eval_loss"))
+    return list(qs.order_by("seq").values(*POINT_FIELDS))
 
 
 def metric_keys(points) -> list[str]:
@@ -79,3 +84,25 @@ def disk_usage(path) -> int:
 
     root = Path(path)
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink()) if root.exists() else 0
+
+
+def device_history(hours: float = 1.0) -> dict:
+    """Per node, the last ``hours`` of device samples as chart series: times, and per device index its utilisation
+    (%), memory used (bytes) and running jobs."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from .models import DeviceSample
+
+    out = {}
+    for sample in DeviceSample.objects.filter(time__gte=timezone.now() - timedelta(hours=hours)).order_by("time"):
+        node = out.setdefault(sample.node, {"times": [], "devices": {}})
+        n = len(node["times"])
+        node["times"].append(sample.time.isoformat())
+        for index, util, mem, jobs in sample.readings:
+            series = node["devices"].setdefault(str(index), {"utilization": [None] * n, "memory_used": [None] * n,
+                                                             "jobs": [None] * n})
+            for key, value in (("utilization", util), ("memory_used", mem), ("jobs", jobs)):
+                series[key] += [None] * (n - len(series[key])) + [value]
+    return out

@@ -20,7 +20,7 @@ from training import spec as tspec
 from training.estimate import estimate_memory
 
 from . import scheduler
-from .models import Dataset, Job, JobEvent, Node
+from .models import Dataset, DeviceSample, Job, JobEvent, JobTemplate, Node
 
 
 class ServiceError(Exception):
@@ -125,6 +125,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
         raise ServiceError("priority and gpus must be integers", field="gpus") from None
     if gpus < 1:
         raise ServiceError("gpus: at least 1", field="gpus")
+    time_limit_s = check_submission_quota(owner, gpus, time_limit_s)
     nodes = device_state() or device_state(settings.NODE_NAME)  # no live node yet: this machine's devices
     cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
     teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
@@ -150,6 +151,32 @@ def submit_job(**request) -> Job:
         record_event(job, "submitted", fields["owner"].username)
         transaction.on_commit(kick_queue)
     return job
+
+
+def check_submission_quota(owner, gpus: int, time_limit_s, requeue: bool = False):
+    """Refuse (403, naming the quota) what the owner's quota forbids at submission; returns the job's time limit,
+    capped by the quota's wall-clock limit."""
+    from accounts.services import device_hours, effective_quota, week_start
+
+    quota = effective_quota(owner)
+    if not requeue and quota["max_gpus_per_job"] is not None and gpus > quota["max_gpus_per_job"]:
+        raise ServiceError(f"gpus: over your quota: at most {quota['max_gpus_per_job']} device(s) per job",
+                           status=403, field="gpus")
+    if quota["max_queued_jobs"] is not None:
+        queued = Job.objects.filter(owner=owner, status=Job.Status.QUEUED).count()
+        if queued >= quota["max_queued_jobs"]:
+            raise ServiceError(f"quota: you already have {queued} queued job(s), your limit is "
+                               f"{quota['max_queued_jobs']}", status=403, field="quota")
+    limit = quota["device_hours_per_week"]
+    if limit is not None:
+        used = device_hours(owner, week_start())
+        if used >= limit:
+            raise ServiceError(f"quota: you have used {used:.1f} of your {limit:g} device-hours this week",
+                               status=403, field="quota")
+    if quota["max_job_hours"] is not None:
+        cap = max(int(quota["max_job_hours"] * 3600), 1)
+        time_limit_s = cap if time_limit_s is None else min(time_limit_s, cap)
+    return time_limit_s
 
 
 def estimate_job(**request) -> dict:
@@ -207,7 +234,48 @@ def queue_order(jobs: list) -> list:
     running = {pk: 0 for pk in owners}
     for owner_id in Job.objects.filter(status__in=Job.LIVE, owner_id__in=owners).values_list("owner_id", flat=True):
         running[owner_id] += 1
-    return sorted(jobs, key=lambda j: (-j.priority, running[j.owner_id], usage[j.owner_id], j.created_at, j.pk))
+    bonus = _quota_priorities(owners)
+    return sorted(jobs, key=lambda j: (-(j.priority + bonus[j.owner_id]), running[j.owner_id], usage[j.owner_id],
+                                       j.created_at, j.pk))
+
+
+def _quota_priorities(owner_ids) -> dict:
+    from django.contrib.auth import get_user_model
+
+    from accounts.services import effective_quota
+
+    users = get_user_model().objects.filter(pk__in=owner_ids)
+    return {**dict.fromkeys(owner_ids, 0), **{u.pk: effective_quota(u)["priority"] or 0 for u in users}}
+
+
+def _quota_gate():
+    """The scheduler's quota check: (blocked(job) -> reason or None, placed(job)) over one planning pass, counting
+    the jobs the pass places as running."""
+    from accounts.services import device_hours, effective_quota, week_start
+
+    running, quotas, hours = {}, {}, {}
+    for owner_id in Job.objects.filter(status__in=Job.LIVE).values_list("owner_id", flat=True):
+        running[owner_id] = running.get(owner_id, 0) + 1
+    since = week_start()
+
+    def blocked(job):
+        owner = job.owner
+        if owner.pk not in quotas:
+            quotas[owner.pk] = effective_quota(owner)
+        q = quotas[owner.pk]
+        if q["max_running_jobs"] is not None and running.get(owner.pk, 0) >= q["max_running_jobs"]:
+            return "quota_running", {"n": running.get(owner.pk, 0), "limit": q["max_running_jobs"]}
+        if q["device_hours_per_week"] is not None:
+            if owner.pk not in hours:
+                hours[owner.pk] = device_hours(owner, since)
+            if hours[owner.pk] >= q["device_hours_per_week"]:
+                return "quota_hours", {"used": f"{hours[owner.pk]:.1f}", "limit": f"{q['device_hours_per_week']:g}"}
+        return None
+
+    def placed(job):
+        running[job.owner_id] = running.get(job.owner_id, 0) + 1
+
+    return blocked, placed
 
 
 NODE_DOWN_AFTER = timedelta(minutes=3)  # a node whose heartbeat is older takes no new jobs
@@ -237,7 +305,9 @@ def device_state(node_name: str | None = None, slots: int | None = None) -> dict
 def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[scheduler.Decision]:
     """Every queued job in queue order, with where it would start now or why it waits."""
     queued = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")))
-    return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU)
+    blocked, placed = _quota_gate()
+    return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
+                          on_place=placed)
 
 
 def _typical_durations() -> dict:
@@ -279,6 +349,10 @@ def wait_reason(decision: scheduler.Decision) -> str:
         return _("waiting for %(n)s free device slot(s)") % p
     if code == "no_nodes":
         return _("no worker node is running")
+    if code == "quota_running":
+        return _("over your concurrent-job quota (%(n)s of %(limit)s running)") % p
+    if code == "quota_hours":
+        return _("you have used %(used)s of your %(limit)s device-hours this week") % p
     return code
 
 
@@ -360,6 +434,7 @@ def _requeue(job: Job, actor: str, message: str = "") -> bool:
 
 def resume_job(job: Job, actor) -> Job:
     job.refresh_from_db()
+    check_submission_quota(job.owner, job.gpus, None, requeue=True)
     if job.status != Job.Status.PAUSED or not _requeue(job, _who(actor), "resumed"):
         _refuse(job, "resume", "paused")
     return job
@@ -368,6 +443,7 @@ def resume_job(job: Job, actor) -> Job:
 def retry_job(job: Job, actor) -> Job:
     """A failed or interrupted job goes back to the queue, continuing from its last checkpoint when it has one."""
     job.refresh_from_db()
+    check_submission_quota(job.owner, job.gpus, None, requeue=True)
     if job.status not in (Job.Status.FAILED, Job.Status.INTERRUPTED) or not _requeue(job, _who(actor), "retry"):
         _refuse(job, "retry", "failed or interrupted")
     return job
@@ -445,14 +521,46 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
 
 
 def register_node(node_name: str) -> Node:
-    node, _ = Node.objects.update_or_create(
-        name=node_name, defaults={"devices": _local_devices(), "started_at": timezone.now(),
+    devices = _local_devices()
+    node, _created = Node.objects.update_or_create(
+        name=node_name, defaults={"devices": devices, "started_at": timezone.now(),
                                   "heartbeat_at": timezone.now(), "stopping": False})
+    sample_devices(node_name, devices)
     return node
 
 
 def refresh_node(node_name: str) -> None:
-    Node.objects.filter(name=node_name).update(devices=_local_devices(), heartbeat_at=timezone.now())
+    devices = _local_devices()
+    Node.objects.filter(name=node_name).update(devices=devices, heartbeat_at=timezone.now())
+    sample_devices(node_name, devices)
+
+
+SAMPLES_KEPT = timedelta(hours=24)
+
+
+def sample_devices(node_name: str, devices: list[dict]) -> None:
+    """Store one compact reading of the node's devices (the devices page charts the last hour); prune old ones."""
+    running = {}
+    for devs in Job.objects.filter(node=node_name, status__in=Job.LIVE).values_list("devices", flat=True):
+        for i in devs or []:
+            running[i] = running.get(i, 0) + 1
+    readings = []
+    for d in devices:
+        i = d["index"]
+        util = d.get("utilization") if d.get("kind") == "cuda" else (100 if running.get(i) else 0)
+        readings.append([i, util, d.get("memory_used"), running.get(i, 0)])
+    DeviceSample.objects.create(node=node_name, readings=readings)
+    DeviceSample.objects.filter(time__lt=timezone.now() - SAMPLES_KEPT).delete()
+
+
+def save_template(owner, name: str, fields: dict) -> JobTemplate:
+    """Save (or replace) one of the owner's new-job templates."""
+    name = (name or "").strip()
+    if not name:
+        raise ServiceError("name: a template needs a name", field="name")
+    template, _created = JobTemplate.objects.update_or_create(owner=owner, name=name[:200],
+                                                              defaults={"fields": fields})
+    return template
 
 
 def queue_info(job: Job) -> dict | None:

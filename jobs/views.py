@@ -8,12 +8,13 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
+from accounts.services import audit
 from training import spec as tspec
 
 from . import selectors, services
 from .forms import (ADVANCED_FIELDS, BASE_STAGES, BASIC_FIELDS, CONFIG_FIELDS, MODEL_FIELDS, PRESETS, QUICK_START,
                     STAGE_FIELDS, JobForm, stage_defaults)
-from .models import Dataset, Job, Node
+from .models import Dataset, Job, JobTemplate, Node
 
 
 @login_required
@@ -28,10 +29,22 @@ def dashboard(request):
 
 @login_required
 def job_new(request):
-    form = JobForm(request.POST or None, user=request.user)
+    templates = JobTemplate.objects.filter(owner=request.user)
+    initial = None
+    chosen = templates.filter(pk=request.GET.get("template") or 0).first() if request.method == "GET" else None
+    if chosen:
+        initial = chosen.fields
+    form = JobForm(request.POST or None, user=request.user, **({"initial": initial} if initial else {}))
     if request.method == "POST" and form.is_valid():
         try:
+            if "save_template" in request.POST:  # checked like a submission, stored, nothing queued
+                services.estimate_job(**form.job_request(request.user))
+                fields = {k: v for k, v in request.POST.items() if k in form.fields}
+                template = services.save_template(request.user, form.cleaned_data["name"], fields)
+                messages.success(request, _("Template “%(name)s” saved.") % {"name": template.name})
+                return redirect(f"{request.path}?template={template.pk}")
             job = services.submit_job(**form.job_request(request.user))
+            audit(request.user, "submit", job, request=request)
         except services.ServiceError as exc:
             field = (exc.field or "").removeprefix("config.")
             form.add_error(field if field in form.fields else None, str(exc))
@@ -48,7 +61,7 @@ def job_new(request):
         for key in keys:
             stage_of.setdefault(key, []).append(stage)
     return render(request, "jobs/new.html", {
-        "form": form, "presets": PRESETS, "wizard": wizard,
+        "form": form, "presets": PRESETS, "wizard": wizard, "templates": templates, "chosen": chosen,
         "target_fields": [form[k] for k in ("name", "stage", "dataset", "base_model", "teacher_model")],
         "model_fields": [form[k] for k in MODEL_FIELDS], "basic_fields": [form[k] for k in BASIC_FIELDS],
         "advanced_fields": [form[k] for k in ADVANCED_FIELDS],
@@ -161,6 +174,7 @@ def job_action(request, job_id, action):
         except services.ServiceError as exc:
             messages.error(request, str(exc))
             return redirect("job_detail", job_id=job.pk)
+        audit(request.user, "submit", new, request=request, clone_of=job.pk)
         messages.success(request, _("Job #%(id)s is queued.") % {"id": new.pk})
         return redirect("job_detail", job_id=new.pk)
     if action not in ACTIONS:
@@ -168,6 +182,7 @@ def job_action(request, job_id, action):
     service, done = ACTIONS[action]
     try:
         service(job, request.user)
+        audit(request.user, action, job, request=request)
         messages.info(request, done % {"id": job.pk})
     except services.ServiceError as exc:
         messages.error(request, str(exc))
@@ -223,7 +238,11 @@ def queue(request):
 
 @login_required
 def devices(request):
-    return render(request, "jobs/devices.html", {"nodes": Node.objects.order_by("name")})
+    return render(request, "jobs/devices.html", {"nodes": Node.objects.order_by("name"),
+                                                 "history": selectors.device_history(hours=1),
+                                                 "labels": {"utilization": _("Utilisation (%)"),
+                                                            "memory": _("Memory used (GiB)"),
+                                                            "device": _("device")}})
 
 
 @login_required

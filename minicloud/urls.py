@@ -3,6 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from accounts import api as accounts_api
+from accounts import views as accounts_views
 from jobs import api as jobs_api
 from jobs import views as jobs_views
 from models_registry import api as models_api
@@ -52,6 +53,8 @@ urlpatterns = [
     path("models/", models_views.model_list, name="models"),
     path("models/<int:model_id>/", models_views.model_detail, name="model_detail"),
     path("models/<int:model_id>/download/", models_views.model_download, name="model_download"),
+    path("usage/", accounts_views.usage, name="usage"),
+    path("usage/report.csv", accounts_views.usage_report_csv, name="usage_report"),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
 ]

@@ -1,5 +1,6 @@
 from django.http import FileResponse
 
+from accounts.services import audit
 from minicloud.api import ApiError, endpoint
 
 from .models import ModelVersion
@@ -31,11 +32,13 @@ def model_download(request, model_id):
         if not mv.lora_path:
             raise ApiError(400, f"format: model {model_id} has no LoRA adapter (only LoRA jobs make one)")
         path = lora_zip(mv)
+        audit(request.user, "download", mv, request=request, format="lora")
         return FileResponse(open(path, "rb"), as_attachment=True,
                             filename=download_name(mv).replace(".pth", "_lora.zip"), content_type="application/zip")
     if fmt != "pth":
         raise ApiError(400, f"format: {fmt!r} is not available yet; use pth or lora")
     if not mv.pth_path.exists():
         raise ApiError(404, f"the weights file of model {model_id} is missing on disk")
+    audit(request.user, "download", mv, request=request, format="pth")
     return FileResponse(open(mv.pth_path, "rb"), as_attachment=True, filename=download_name(mv),
                         content_type="application/octet-stream")

@@ -3,6 +3,8 @@ from django.http import FileResponse, Http404
 from django.shortcuts import render
 from django.utils.translation import gettext as _
 
+from accounts.services import audit
+
 from .models import ModelVersion
 from .services import download_name
 
@@ -30,4 +32,5 @@ def model_download(request, model_id):
     mv = _model_or_404(request, model_id)
     if not mv.pth_path.exists():
         raise Http404(_("The weights file is missing on disk."))
+    audit(request.user, "download", mv, request=request, format="pth")
     return FileResponse(open(mv.pth_path, "rb"), as_attachment=True, filename=download_name(mv))

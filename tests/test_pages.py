@@ -2,7 +2,7 @@
 import pytest
 
 from models_registry.models import Tokenizer
-from jobs.models import Job
+from jobs.models import Dataset, Job
 
 
 @pytest.fixture
@@ -89,9 +89,14 @@ def test_compare_page_overlays_jobs_and_lists_config_differences(logged_in, user
 def test_job_page_downsamples_long_histories(logged_in, user):
     from jobs import selectors
 
+    from jobs.models import MetricPoint
+
     job = _job_with_points(user, "long", 2500)
+    MetricPoint.objects.filter(job=job, seq=1234).update(values={"eval_loss": 1.5})
     pts = selectors.metric_history(job, max_points=1000)
-    assert len(pts) <= 1001 and pts[0]["seq"] == 1 and pts[-1]["seq"] == 2500
+    seqs = [p["seq"] for p in pts]
+    assert len(pts) <= 1002 and seqs[0] == 1 and seqs[-1] == 2500 and 1234 in seqs  # eval points always kept
+    assert seqs == sorted(seqs) and seqs[1] - seqs[0] == 3  # every third point
     assert logged_in.get(f"/jobs/{job.pk}/").status_code == 200
 
 
@@ -124,3 +129,32 @@ def test_job_page_shows_memory_estimate_and_peak(logged_in, user):
     Job.objects.filter(pk=job.pk).update(memory_estimate=6 * 2**30, peak_memory=5 * 2**30)
     text = logged_in.get(f"/jobs/{job.pk}/").content.decode().replace("\xa0", " ")
     assert "6.0 GB" in text and "5.0 GB" in text and "+20%" in text
+
+
+def test_a_saved_template_starts_the_next_job(logged_in, user):
+    initial = logged_in.get("/jobs/new/").context["form"].initial
+    data = dict(initial, name="my sft recipe", stage="sft", preset="tiny", epochs=3, max_steps=7,
+                dataset=Dataset.objects.get(name="demo-sft").pk)
+    r = logged_in.post("/jobs/new/", dict(data, save_template="1"))
+    assert r.status_code == 302 and Job.objects.count() == 0  # saved, not submitted
+    page = logged_in.get(r["Location"])
+    form = page.context["form"]
+    assert page.context["chosen"].name == "my sft recipe"
+    assert (form.initial["stage"], str(form.initial["max_steps"]), str(form.initial["epochs"])) == ("sft", "7", "3")
+    bad = logged_in.post("/jobs/new/", dict(data, save_template="1", num_attention_heads=5))
+    assert bad.status_code == 200 and "must divide" in bad.content.decode()  # checked before it is saved
+
+
+def test_devices_page_charts_the_last_hour(logged_in, user):
+    from jobs import services
+    from jobs.models import DeviceSample, Node
+
+    Node.objects.create(name="box", devices=[])
+    services.sample_devices("box", [{"index": 0, "kind": "cuda", "utilization": 40, "memory_used": 2**30},
+                                    {"index": 1, "kind": "cpu"}])
+    services.sample_devices("box", [{"index": 0, "kind": "cuda", "utilization": 90, "memory_used": 2 * 2**30},
+                                    {"index": 1, "kind": "cpu"}])
+    assert DeviceSample.objects.count() == 2
+    history = logged_in.get("/devices/").context["history"]
+    assert history["box"]["devices"]["0"]["utilization"] == [40, 90]
+    assert history["box"]["devices"]["1"]["utilization"] == [0, 0]  # an idle CPU slot
