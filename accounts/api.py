@@ -3,6 +3,7 @@ from django.contrib.auth import authenticate
 from minicloud.api import ApiError, endpoint, json_body
 
 from .models import ApiToken
+from . import services
 from .services import usage_summary
 
 
@@ -25,3 +26,24 @@ def me(request):
     return {"id": u.pk, "username": u.username, "email": u.email,
             "role": "admin" if u.is_superuser else ("staff" if u.is_staff else "member"),
             "groups": sorted(g.name for g in u.groups.all()), **usage_summary(u)}
+
+
+@endpoint("POST")
+def share(request, pk, kind):
+    """``{"visibility": "private" | "group" | "public", "group": id}`` for one of your jobs, datasets or models."""
+    from django.contrib.auth.models import Group
+
+    from .views import shareable
+
+    model = shareable(kind)
+    obj = model.objects.visible_to(request.user).filter(pk=pk).first()
+    if obj is None:
+        raise ApiError(404, f"no {kind} {pk}")
+    data = json_body(request)
+    group = None
+    if data.get("group") is not None:
+        group = Group.objects.filter(pk=data["group"]).first() if isinstance(data["group"], int) else None
+        if group is None:
+            raise ApiError(400, "group: an id of one of your groups", {"field": "group"})
+    services.set_visibility(request.user, obj, data.get("visibility", ""), group, request=request)
+    return obj.to_dict()

@@ -3,8 +3,76 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+
+class Profile(models.Model):
+    """A user's role: members see their own objects and what is shared with their groups; instructors also create
+    groups, manage the groups they instruct and see their members' objects. Admins are Django superusers."""
+
+    class Role(models.TextChoices):
+        MEMBER = "member", _("member / student")
+        INSTRUCTOR = "instructor", _("instructor")
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="profile")
+    role = models.CharField(_("role"), max_length=20, choices=Role.choices, default=Role.MEMBER)
+
+    def __str__(self):
+        return f"{self.user} ({self.role})"
+
+
+class GroupInfo(models.Model):
+    """What MiniCloud adds to a Django group (a course, a project): its instructors."""
+
+    group = models.OneToOneField("auth.Group", on_delete=models.CASCADE, related_name="info")
+    instructors = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="instructed_groups")
+    description = models.CharField(_("description"), max_length=500, blank=True)
+
+    def __str__(self):
+        return str(self.group)
+
+
+class VisibleQuerySet(models.QuerySet):
+    def visible_to(self, user):
+        """What ``user`` may read: public objects, their own, those shared with one of their groups, and for an
+        instructor the objects of the members of the groups they instruct (everything for an admin)."""
+        if user.is_superuser:
+            return self.all()
+        q = Q(is_public=True) | Q(owner=user)
+        groups = list(user.groups.values_list("pk", flat=True))
+        if groups:
+            q |= Q(shared_with__in=groups)
+        instructed = list(GroupInfo.objects.filter(instructors=user).values_list("group_id", flat=True))
+        if instructed:
+            q |= Q(owner__groups__in=instructed)
+        return self.filter(q).distinct()
+
+    def manageable_by(self, user):
+        """What ``user`` may change, cancel, share or delete: their own objects (everything for an admin)."""
+        return self.all() if user.is_superuser else self.filter(owner=user)
+
+
+class Shareable(models.Model):
+    """Private (the owner's), shared with one group, or public to every user."""
+
+    is_public = models.BooleanField(_("public"), default=False)
+    shared_with = models.ForeignKey("auth.Group", null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+", verbose_name=_("shared with group"))
+
+    objects = VisibleQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+
+    @property
+    def visibility(self) -> str:
+        return "public" if self.is_public else ("group" if self.shared_with_id else "private")
+
+    def sharing_dict(self) -> dict:
+        return {"visibility": self.visibility, "is_public": self.is_public,
+                "shared_with": self.shared_with.name if self.shared_with_id else None}
 
 
 def hash_token(raw: str) -> str:

@@ -3,6 +3,7 @@ import secrets
 from datetime import timedelta
 
 from django.contrib.auth import get_user_model
+from django.db.models import Q
 
 
 def ensure_first_admin() -> tuple[str, str | None] | None:
@@ -147,3 +148,120 @@ def usage_report(since, until) -> list[dict]:
             row["jobs"].add(r.job_id)
     return [{**row, "jobs": len(row["jobs"]), "device_hours": round(row["device_hours"], 4)}
             for row in sorted(rows.values(), key=lambda x: x["username"])]
+
+
+# --- roles, groups and sharing ------------------------------------------------------------------------------------
+
+def role_of(user) -> str:
+    """``admin`` (a superuser), ``instructor`` or ``member``."""
+    from .models import Profile
+
+    if user.is_superuser:
+        return "admin"
+    profile = Profile.objects.filter(user=user).first()
+    return profile.role if profile else Profile.Role.MEMBER
+
+
+def manages_group(user, group) -> bool:
+    return user.is_superuser or group_instructors(group).filter(pk=user.pk).exists()
+
+
+def group_instructors(group):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.filter(instructed_groups__group=group)
+
+
+def groups_of(user):
+    """The groups ``user`` belongs to or instructs (every group for an admin)."""
+    from django.contrib.auth.models import Group
+
+    if user.is_superuser:
+        return Group.objects.order_by("name")
+    return Group.objects.filter(Q(user=user) | Q(info__instructors=user)).distinct().order_by("name")
+
+
+def create_group(actor, name: str, description: str = "", request=None):
+    """An instructor (or admin) creates a group and instructs it."""
+    from django.contrib.auth.models import Group
+
+    from minicloud.errors import ServiceError
+
+    from .models import GroupInfo
+
+    if role_of(actor) not in ("admin", "instructor"):
+        raise ServiceError("only instructors and admins create groups", status=403)
+    name = (name or "").strip()
+    if not name or len(name) > 150:
+        raise ServiceError("name: 1 to 150 characters", field="name")
+    if Group.objects.filter(name=name).exists():
+        raise ServiceError(f"name: a group called {name!r} exists already", field="name", status=409)
+    group = Group.objects.create(name=name)
+    info = GroupInfo.objects.create(group=group, description=description[:500])
+    info.instructors.add(actor)
+    audit(actor, "group_create", group, request=request)
+    return group
+
+
+def _managed(actor, group):
+    from minicloud.errors import ServiceError
+
+    if not manages_group(actor, group):
+        raise ServiceError("only the group's instructors and admins manage it", status=403)
+
+
+def add_member(actor, group, username: str, request=None):
+    from django.contrib.auth import get_user_model
+
+    from minicloud.errors import ServiceError
+
+    _managed(actor, group)
+    user = get_user_model().objects.filter(username=(username or "").strip(), is_active=True).first()
+    if user is None:
+        raise ServiceError(f"username: no active user {username!r}", field="username", status=404)
+    user.groups.add(group)
+    audit(actor, "group_add_member", group, request=request, member=user.username)
+    return user
+
+
+def remove_member(actor, group, user, request=None) -> None:
+    _managed(actor, group)
+    user.groups.remove(group)
+    audit(actor, "group_remove_member", group, request=request, member=user.username)
+
+
+def set_group_quota(actor, group, values: dict, request=None):
+    from .models import QUOTA_FIELDS, Quota
+
+    _managed(actor, group)
+    quota, _created = Quota.objects.get_or_create(group=group)
+    for key in QUOTA_FIELDS:
+        if key in values:
+            setattr(quota, key, values[key])
+    quota.save()
+    audit(actor, "quota_change", quota, request=request, fields={k: values[k] for k in QUOTA_FIELDS if k in values})
+    return quota
+
+
+def set_visibility(actor, obj, visibility: str, group=None, request=None):
+    """Make one of the actor's objects private, shared with one of their groups, or public."""
+    from minicloud.errors import ServiceError
+
+    if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists():
+        raise ServiceError("only the owner can share it", status=403)
+    if visibility not in ("private", "group", "public"):
+        raise ServiceError("visibility: private, group or public", field="visibility")
+    if visibility == "group":
+        if group is None or not groups_of(actor).filter(pk=group.pk).exists():
+            raise ServiceError("group: one of your groups", field="group")
+    obj.is_public = visibility == "public"
+    obj.shared_with = group if visibility == "group" else None
+    obj.save(update_fields=["is_public", "shared_with"])
+    audit(actor, "share", obj, request=request, visibility=visibility, group=group.name if group else None)
+    return obj
+
+
+def share_context(user, obj) -> dict:
+    """What the share widget of an object page needs."""
+    can = type(obj).objects.manageable_by(user).filter(pk=obj.pk).exists()
+    return {"can_share": can, "share_groups": list(groups_of(user)) if can else []}

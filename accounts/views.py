@@ -1,14 +1,29 @@
 import csv
 from datetime import datetime, timedelta
 
+from django import forms
+from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse
-from django.shortcuts import render
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
 
-from .models import UsageRecord
+from minicloud.errors import ServiceError
+
+from . import services
+from .models import QUOTA_FIELDS, Quota, UsageRecord
 from .services import usage_by_day, usage_report, usage_summary
+
+
+class GroupQuotaForm(forms.ModelForm):
+    class Meta:
+        model = Quota
+        fields = QUOTA_FIELDS
 
 
 @login_required
@@ -38,3 +53,94 @@ def usage_report_csv(request):
         writer.writerow([row["username"], row["groups"], row["jobs"], row["device_hours"], since.isoformat(),
                          until.isoformat()])
     return response
+
+
+# --- groups -------------------------------------------------------------------------------------------------------
+
+@login_required
+def group_list(request):
+    if request.method == "POST":
+        try:
+            group = services.create_group(request.user, request.POST.get("name", ""),
+                                          request.POST.get("description", ""), request=request)
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(request, _("Group “%(name)s” created.") % {"name": group.name})
+            return redirect("group_detail", group_id=group.pk)
+    return render(request, "accounts/groups.html", {
+        "groups": services.groups_of(request.user), "role": services.role_of(request.user)})
+
+
+@login_required
+def group_detail(request, group_id):
+    group = services.groups_of(request.user).filter(pk=group_id).first()
+    if group is None:
+        raise Http404(_("No such group."))
+    manages = services.manages_group(request.user, group)
+    quota = Quota.objects.filter(group=group).first()
+    form = GroupQuotaForm(request.POST or None, instance=quota) if manages else None
+    if request.method == "POST":
+        action = request.POST.get("action")
+        try:
+            if action == "add":
+                services.add_member(request.user, group, request.POST.get("username", ""), request=request)
+            elif action == "remove":
+                member = group.user_set.filter(pk=request.POST.get("user")).first()
+                if member:
+                    services.remove_member(request.user, group, member, request=request)
+            elif action == "quota" and form is not None and form.is_valid():
+                services.set_group_quota(request.user, group, form.cleaned_data, request=request)
+                messages.success(request, _("The group's quota is saved."))
+            elif action == "quota" and form is not None:
+                return render(request, "accounts/group_detail.html", _group_context(request, group, manages, form))
+            else:
+                raise Http404(_("No such action."))
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        return redirect("group_detail", group_id=group.pk)
+    return render(request, "accounts/group_detail.html", _group_context(request, group, manages, form))
+
+
+def _group_context(request, group, manages, form):
+    from jobs.models import Job
+
+    members = group.user_set.order_by("username")
+    return {"group": group, "manages": manages, "members": members, "form": form,
+            "instructors": services.group_instructors(group),
+            "jobs": Job.objects.visible_to(request.user).filter(owner__in=members).select_related("owner")[:100]}
+
+
+# --- sharing ------------------------------------------------------------------------------------------------------
+
+def shareable(kind: str):
+    """The model class behind a share URL's kind."""
+    from jobs.models import Dataset, Job
+    from models_registry.models import ModelVersion
+
+    return {"job": Job, "dataset": Dataset, "model": ModelVersion}.get(kind)
+
+
+@login_required
+@require_POST
+def share(request, kind, pk):
+    model = shareable(kind)
+    obj = model.objects.visible_to(request.user).filter(pk=pk).first() if model else None
+    if obj is None:
+        raise Http404(_("Not found."))
+    choice = request.POST.get("visibility", "")
+    group = None
+    if choice.startswith("group:"):
+        group = services.groups_of(request.user).filter(pk=choice.removeprefix("group:") or 0).first()
+        choice = "group"
+    try:
+        services.set_visibility(request.user, obj, choice, group, request=request)
+        messages.success(request, _("Visibility saved."))
+    except ServiceError as exc:
+        if exc.status == 403:
+            raise PermissionDenied(str(exc)) from None
+        messages.error(request, str(exc))
+    target = request.POST.get("next") or "/"
+    if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
+        target = "/"
+    return redirect(target)

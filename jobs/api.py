@@ -89,10 +89,18 @@ def job_logs(request, job_id):
     return {"text": text, "offset": end}
 
 
+def _owned_job(request, job_id) -> Job:
+    """A job the user may change: 404 when they cannot see it, 403 when it is only shared with them."""
+    job = _job(request, job_id)
+    if not Job.objects.manageable_by(request.user).filter(pk=job.pk).exists():
+        raise ApiError(403, f"job {job_id} is not yours")
+    return job
+
+
 def _action(service, verb):
     @endpoint("POST")
     def view(request, job_id):
-        job = service(_job(request, job_id), request.user)
+        job = service(_owned_job(request, job_id), request.user)
         audit(request.user, verb, job, request=request)
         return job.to_dict(), 202
 

@@ -3,7 +3,7 @@ from django.db import models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from models_registry.models import VisibleQuerySet
+from accounts.models import Shareable
 
 STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning")), ("lora", _("LoRA")),
                  ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
@@ -11,18 +11,16 @@ KIND_CHOICES = [("pretrain", _("Pretrain text")), ("sft", _("Conversations (SFT)
                 ("rlaif", _("RL prompts"))]
 
 
-class Dataset(models.Model):
+class Dataset(Shareable):
     name = models.CharField(_("name"), max_length=200)
     kind = models.CharField(_("kind"), max_length=20, choices=KIND_CHOICES)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)
-    is_public = models.BooleanField(_("public"), default=False)
     path = models.CharField(max_length=500)
     records = models.PositiveIntegerField(_("records"), default=0)
     size_bytes = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
-    objects = VisibleQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("dataset")
@@ -34,7 +32,7 @@ class Dataset(models.Model):
 
     def to_dict(self):
         return {"id": self.pk, "name": self.name, "kind": self.kind, "records": self.records,
-                "size_bytes": self.size_bytes, "sha256": self.sha256, "is_public": self.is_public,
+                "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
                 "owner": self.owner.username if self.owner else None, "created_at": self.created_at.isoformat()}
 
 
@@ -79,7 +77,7 @@ class JobTemplate(models.Model):
         return self.name
 
 
-class Job(models.Model):
+class Job(Shareable):
     class Status(models.TextChoices):
         QUEUED = "queued", _("queued")
         RUNNING = "running", _("running")
@@ -201,7 +199,7 @@ class Job(models.Model):
 
     def to_dict(self):
         return {
-            "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage,
+            "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage, **self.sharing_dict(),
             "dataset": self.dataset_id, "base_model": self.base_model_id, "teacher_model": self.teacher_model_id,
             "tokenizer": self.tokenizer_id,
             "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,

@@ -5,12 +5,17 @@ from .models import Job, LogChunk, MetricPoint
 
 
 def jobs_for(user):
-    qs = Job.objects.select_related("owner", "dataset", "output_model")
-    return qs if user.is_staff else qs.filter(owner=user)
+    """The jobs ``user`` may read (their own, shared with their groups, public; their members' for an instructor)."""
+    return Job.objects.visible_to(user).select_related("owner", "dataset", "output_model")
 
 
 def job_for_user(job_id, user):
     return jobs_for(user).filter(pk=job_id).first()
+
+
+def my_jobs(user):
+    """The dashboard's list: the user's own jobs."""
+    return Job.objects.filter(owner=user).select_related("owner", "dataset", "output_model")
 
 
 POINT_FIELDS = ("seq", "step", "time", "values")

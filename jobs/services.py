@@ -14,6 +14,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from minicloud.errors import ServiceError
 from models_registry.models import ModelVersion, Tokenizer
 from models_registry.services import demo_tokenizer, register_tokenizer
 from training import spec as tspec
@@ -22,14 +23,6 @@ from training.estimate import estimate_memory
 from . import scheduler
 from .models import Dataset, DeviceSample, Job, JobEvent, JobTemplate, Node
 
-
-class ServiceError(Exception):
-    """A refused request. ``status`` is the HTTP status the API answers with; ``field`` names the bad input."""
-
-    def __init__(self, message, *, status=400, field=None):
-        super().__init__(message)
-        self.status = status
-        self.field = field
 
 
 def record_event(job: Job, kind: str, actor: str = "", message: str = "") -> None:

@@ -2,13 +2,14 @@ import json
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
-from accounts.services import audit
+from accounts.services import audit, share_context
 from training import spec as tspec
 
 from . import selectors, services
@@ -20,7 +21,7 @@ from .models import Dataset, Job, JobTemplate, Node
 @login_required
 def dashboard(request):
     return render(request, "jobs/dashboard.html", {
-        "my_jobs": selectors.jobs_for(request.user).filter(owner=request.user)[:20],
+        "my_jobs": selectors.my_jobs(request.user)[:20],
         "queue": Job.objects.filter(status__in=Job.ACTIVE).select_related("owner").order_by("-status", "-priority",
                                                                                             "created_at")[:20],
         "nodes": Node.objects.order_by("name"),
@@ -143,6 +144,7 @@ def job_detail(request, job_id):
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
         "disk_bytes": selectors.disk_usage(job.run_dir),
         "memory_error": f"{job.memory_error:+.0%}" if job.memory_error is not None else "",
+        **share_context(request.user, job),
         "actions": [(name, label, states, " ".join(states)) for name, label, states in JOB_ACTIONS],
     })
 
@@ -179,6 +181,8 @@ def job_action(request, job_id, action):
         return redirect("job_detail", job_id=new.pk)
     if action not in ACTIONS:
         raise Http404(_("No such action."))
+    if not Job.objects.manageable_by(request.user).filter(pk=job.pk).exists():
+        raise PermissionDenied(_("Only the job's owner can do that."))
     service, done = ACTIONS[action]
     try:
         service(job, request.user)
@@ -256,4 +260,5 @@ def dataset_detail(request, dataset_id):
     if ds is None:
         raise Http404(_("No such dataset."))
     records = [json.dumps(r, ensure_ascii=False) for r in selectors.dataset_records(ds, 0, 20)]
-    return render(request, "jobs/dataset_detail.html", {"dataset": ds, "records": records})
+    return render(request, "jobs/dataset_detail.html", {"dataset": ds, "records": records,
+                                                        **share_context(request.user, ds)})

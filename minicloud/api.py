@@ -8,6 +8,8 @@ import logging
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from .errors import ServiceError
+
 log = logging.getLogger("minicloud")
 
 
@@ -64,8 +66,6 @@ def endpoint(*methods, auth=True):
             except ApiError as exc:
                 return error(exc.status, str(exc), exc.details)
             except Exception as exc:  # a bug must still answer in JSON
-                from jobs.services import ServiceError
-
                 if isinstance(exc, ServiceError):
                     return error(exc.status, str(exc), {"field": exc.field} if exc.field else None)
                 log.exception("API error in %s", view.__name__)

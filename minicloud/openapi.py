@@ -56,6 +56,8 @@ SCHEMA = {
         "/jobs/{id}/logs": {"get": {**_op("Log text from an offset"), "parameters": ID + [
             {"name": "after", "in": "query", "schema": {"type": "integer"}}]}},
         "/jobs/{id}/cancel": {"post": {**_op("Cancel a queued or running job", ok="202"), "parameters": ID}},
+        **{f"/{kind}/{{id}}/share": {"post": {**_op("Make it private, shared with one of your groups, or public"),
+                                              "parameters": ID}} for kind in ("jobs", "datasets", "models")},
         "/models": {"get": _op("Models you can use")},
         "/models/{id}": {"get": {**_op("One model with lineage"), "parameters": ID}},
         "/models/{id}/download": {"get": {**_op("Download weights"), "parameters": ID + [

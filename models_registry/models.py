@@ -2,30 +2,21 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-
-class VisibleQuerySet(models.QuerySet):
-    def visible_to(self, user):
-        """Public objects plus the user's own (everything for staff)."""
-        if user.is_staff:
-            return self
-        return self.filter(Q(is_public=True) | Q(owner=user))
+from accounts.models import Shareable
 
 
-class Tokenizer(models.Model):
+class Tokenizer(Shareable):
     """A tokenizer folder (tokenizer.json + tokenizer_config.json) with MiniMind's reserved ids."""
 
     name = models.CharField(_("name"), max_length=100)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)
-    is_public = models.BooleanField(_("public"), default=False)
     path = models.CharField(max_length=500)
     vocab_size = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
 
-    objects = VisibleQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("tokenizer")
@@ -35,12 +26,11 @@ class Tokenizer(models.Model):
         return self.name
 
 
-class ModelVersion(models.Model):
+class ModelVersion(Shareable):
     """A registered model: weights in MiniMind's .pth layout, its config, tokenizer and lineage."""
 
     name = models.CharField(_("name"), max_length=200)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)
-    is_public = models.BooleanField(_("public"), default=False)
     stage = models.CharField(_("stage"), max_length=20, blank=True)
     job = models.ForeignKey("jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
@@ -54,7 +44,6 @@ class ModelVersion(models.Model):
     size_bytes = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
 
-    objects = VisibleQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("model")
@@ -75,7 +64,7 @@ class ModelVersion(models.Model):
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "stage": self.stage, "owner": self.owner.username if self.owner else None,
-            "is_public": self.is_public, "config": self.config, "parameters": self.parameters,
+            **self.sharing_dict(), "config": self.config, "parameters": self.parameters,
             "size_bytes": self.size_bytes, "created_at": self.created_at.isoformat(),
             "lineage": {"parent": self.parent_id, "job": self.job_id, "dataset": self.dataset_id,
                         "tokenizer": self.tokenizer_id},

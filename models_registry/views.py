@@ -3,7 +3,7 @@ from django.http import FileResponse, Http404
 from django.shortcuts import render
 from django.utils.translation import gettext as _
 
-from accounts.services import audit
+from accounts.services import audit, share_context
 
 from .models import ModelVersion
 from .services import download_name
@@ -24,7 +24,8 @@ def model_list(request):
 
 @login_required
 def model_detail(request, model_id):
-    return render(request, "models_registry/detail.html", {"model": _model_or_404(request, model_id)})
+    mv = _model_or_404(request, model_id)
+    return render(request, "models_registry/detail.html", {"model": mv, **share_context(request.user, mv)})
 
 
 @login_required
