@@ -3,8 +3,15 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 
-from .models import ApiToken, AuditEntry, Quota, UsageRecord
-from .services import audit
+from django.template.response import TemplateResponse
+from django.urls import path
+from django.utils.translation import gettext_lazy as _
+
+from minicloud.errors import ServiceError
+
+from .forms import UsersImportForm
+from .models import ApiToken, AuditEntry, GroupInfo, Profile, Quota, UsageRecord
+from .services import audit, bulk_create_users, read_users_csv
 
 
 @admin.register(ApiToken)
@@ -38,15 +45,57 @@ admin.site.unregister(User)
 admin.site.unregister(Group)
 
 
+class ProfileInline(admin.StackedInline):
+    model = Profile
+    can_delete = False
+    extra = 0
+    max_num = 1
+
+
 @admin.register(User)
 class MiniCloudUserAdmin(AuditedQuotaMixin, UserAdmin):
-    inlines = [QuotaInline]
-    list_filter = UserAdmin.list_filter + ("groups__name",)
+    inlines = [ProfileInline, QuotaInline]
+    list_filter = UserAdmin.list_filter + ("groups__name", "profile__role")
+    actions = ["deactivate"]
+    change_list_template = "admin/accounts/user_change_list.html"
+
+    def get_urls(self):
+        extra = [path("import/", self.admin_site.admin_view(self.import_csv), name="accounts_user_import")]
+        return extra + super().get_urls()
+
+    def import_csv(self, request):
+        """Bulk-create users from a CSV; the generated passwords are shown once on the result page."""
+        form = UsersImportForm(request.POST or None, request.FILES or None)
+        created = None
+        if request.method == "POST" and form.is_valid():
+            try:
+                text = form.cleaned_data["file"].read().decode("utf-8-sig")
+                created = bulk_create_users(read_users_csv(text), actor=request.user, request=request)
+            except (UnicodeDecodeError, ServiceError) as exc:
+                form.add_error("file", str(exc))
+        context = {**self.admin_site.each_context(request), "form": form, "created": created,
+                   "title": _("Import users from CSV"), "opts": self.model._meta}
+        return TemplateResponse(request, "admin/accounts/user_import.html", context)
+
+    @admin.action(description=_("Deactivate the selected users"))
+    def deactivate(self, request, queryset):
+        for user in queryset.exclude(pk=request.user.pk):
+            user.is_active = False
+            user.save(update_fields=["is_active"])
+            audit(request.user, "deactivate", user, request=request)
+
+
+class GroupInfoInline(admin.StackedInline):
+    model = GroupInfo
+    can_delete = False
+    extra = 0
+    max_num = 1
+    filter_horizontal = ("instructors",)
 
 
 @admin.register(Group)
 class MiniCloudGroupAdmin(AuditedQuotaMixin, GroupAdmin):
-    inlines = [QuotaInline]
+    inlines = [GroupInfoInline, QuotaInline]
 
 
 @admin.register(Quota)

@@ -13,6 +13,8 @@ def token(request):
     username, password = data.get("username"), data.get("password")
     if not isinstance(username, str) or not isinstance(password, str):
         raise ApiError(400, "username and password are required strings")
+    if services.login_blocked(username, services.client_ip(request)):
+        raise ApiError(429, "too many failed logins: try again in a few minutes")
     user = authenticate(request, username=username, password=password)
     if user is None:
         raise ApiError(401, "invalid username or password")

@@ -265,3 +265,65 @@ def share_context(user, obj) -> dict:
     """What the share widget of an object page needs."""
     can = type(obj).objects.manageable_by(user).filter(pk=obj.pk).exists()
     return {"can_share": can, "share_groups": list(groups_of(user)) if can else []}
+
+
+# --- bulk import, login limits, tokens ------------------------------------------------------------------------------
+
+def bulk_create_users(rows, actor=None, request=None) -> list[dict]:
+    """Create users from CSV rows (``username``, ``name``, ``email``, ``group``) with generated passwords, which are
+    returned once and never stored in clear. All or nothing: the first bad row refuses the whole file."""
+    from django.contrib.auth.models import Group
+    from django.db import transaction
+
+    from minicloud.errors import ServiceError
+
+    User = get_user_model()
+    rows = list(rows)
+    seen = set()
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        username = (row.get("username") or "").strip()
+        if not username:
+            raise ServiceError(f"line {line}: username is empty", field="file")
+        if username in seen or User.objects.filter(username=username).exists():
+            raise ServiceError(f"line {line}: user {username!r} exists already", field="file")
+        seen.add(username)
+    created = []
+    with transaction.atomic():
+        for row in rows:
+            username = row["username"].strip()
+            first, _sep, last = (row.get("name") or "").strip().partition(" ")
+            password = secrets.token_urlsafe(9)
+            user = User.objects.create_user(username, email=(row.get("email") or "").strip(), password=password,
+                                            first_name=first[:150], last_name=last[:150])
+            group_name = (row.get("group") or "").strip()
+            if group_name:
+                group, _new = Group.objects.get_or_create(name=group_name)
+                user.groups.add(group)
+            created.append({"username": username, "password": password, "group": group_name})
+        audit(actor, "users_import", request=request, usernames=[c["username"] for c in created])
+    return created
+
+
+def read_users_csv(text: str) -> list[dict]:
+    import csv
+    import io
+
+    from minicloud.errors import ServiceError
+
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "username" not in [f.strip() for f in reader.fieldnames]:
+        raise ServiceError("file: a CSV with a header line: username,name,email,group", field="file")
+    return [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+
+
+def login_blocked(username: str, ip) -> bool:
+    """Too many failed logins for this username or address within the window (settings.LOGIN_FAILURE_WINDOW_S)."""
+    from django.conf import settings
+    from django.utils import timezone
+
+    from .models import AuditEntry
+
+    since = timezone.now() - timedelta(seconds=settings.LOGIN_FAILURE_WINDOW_S)
+    failures = AuditEntry.objects.filter(action="login_failed", time__gte=since)
+    who = Q(username=username) | Q(ip=ip) if ip else Q(username=username)
+    return failures.filter(who).count() >= settings.LOGIN_MAX_FAILURES

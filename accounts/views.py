@@ -144,3 +144,26 @@ def share(request, kind, pk):
     if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
         target = "/"
     return redirect(target)
+
+
+# --- API tokens ---------------------------------------------------------------------------------------------------
+
+@login_required
+def tokens(request):
+    """The user's API tokens: create one (shown once), see when each was last used, revoke."""
+    from .models import ApiToken
+
+    new_token = None
+    if request.method == "POST":
+        if request.POST.get("action") == "revoke":
+            token = ApiToken.objects.filter(user=request.user, pk=request.POST.get("token") or 0).first()
+            if token:
+                services.audit(request.user, "token_revoke", token, request=request, name=token.name)
+                token.delete()
+                messages.success(request, _("Token revoked."))
+            return redirect("tokens")
+        name = (request.POST.get("name") or "").strip()[:100] or "api"
+        token, new_token = ApiToken.issue(request.user, name)
+        services.audit(request.user, "token_create", token, request=request, name=name)
+    return render(request, "accounts/tokens.html", {
+        "tokens": ApiToken.objects.filter(user=request.user).order_by("-created_at"), "new_token": new_token})

@@ -56,8 +56,9 @@ def endpoint(*methods, auth=True):
                 return error(405, f"method {request.method} not allowed; use {', '.join(methods)}")
             if auth:
                 user = _bearer_user(request)
-                if user is None and request.method == "GET" and request.user.is_authenticated:
-                    user = request.user
+                sent_token = "Authorization" in request.headers
+                if user is None and not sent_token and request.method == "GET" and request.user.is_authenticated:
+                    user = request.user  # a page's own reads; a bad or revoked token never falls back
                 if user is None:
                     return error(401, "authentication required: send 'Authorization: Bearer <token>'")
                 request.user = user

@@ -41,6 +41,17 @@ if not SECRET_KEY:
 DEBUG = envbool("DEBUG")
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
 CSRF_TRUSTED_ORIGINS = [f"http://{h}:{PORT}" for h in ALLOWED_HOSTS if h and h != "*"]
+# Behind a TLS-terminating proxy (nginx, docs/security.md): secure cookies, HTTPS redirects, HSTS.
+BEHIND_TLS = envbool("MINICLOUD_TLS")
+if BEHIND_TLS:
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = envbool("MINICLOUD_SSL_REDIRECT", "True")
+    SECURE_HSTS_SECONDS = envint("MINICLOUD_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("MINICLOUD_HSTS_SUBDOMAINS", "True")
+    CSRF_TRUSTED_ORIGINS += [f"https://{h}" for h in ALLOWED_HOSTS if h and h != "*"]
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
 
 INSTALLED_APPS = [
     "daphne",
@@ -112,6 +123,9 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 LOGIN_URL = "/accounts/login/"
+# Login rate limit: this many failures for one username or address within the window block further tries.
+LOGIN_MAX_FAILURES = envint("MINICLOUD_LOGIN_MAX_FAILURES", 10)
+LOGIN_FAILURE_WINDOW_S = envint("MINICLOUD_LOGIN_WINDOW_S", 900)
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 

@@ -4,6 +4,7 @@ from django.urls import include, path
 
 from accounts import api as accounts_api
 from accounts import views as accounts_views
+from accounts.forms import RateLimitedAuthenticationForm
 from jobs import api as jobs_api
 from jobs import views as jobs_views
 from models_registry import api as models_api
@@ -40,7 +41,12 @@ api_v1 = [
 
 urlpatterns = [
     path("", jobs_views.dashboard, name="dashboard"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/login/", auth_views.LoginView.as_view(authentication_form=RateLimitedAuthenticationForm),
+         name="login"),
+    path("accounts/password/", auth_views.PasswordChangeView.as_view(success_url="/accounts/password/done/"),
+         name="password_change"),
+    path("accounts/password/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
+    path("accounts/tokens/", accounts_views.tokens, name="tokens"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("i18n/", include("django.conf.urls.i18n")),
     path("jobs/new/", jobs_views.job_new, name="job_new"),
