@@ -9,6 +9,12 @@ def _plain_static_files(settings):
                          "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 
 
+@pytest.fixture(autouse=True)
+def _own_home_for_runs(settings, tmp_path):
+    """Run folders (checkpoints, weights) of in-process tests go to a fresh folder, not the developer's var/."""
+    settings.HOME = tmp_path / "home"
+
+
 @pytest.fixture
 def user(db):
     return get_user_model().objects.create_user("alice", password="alice-pass-123")

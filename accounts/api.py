@@ -27,7 +27,7 @@ def me(request):
     u = request.user
     return {"id": u.pk, "username": u.username, "email": u.email,
             "role": "admin" if u.is_superuser else ("staff" if u.is_staff else "member"),
-            "groups": sorted(g.name for g in u.groups.all()), **usage_summary(u)}
+            "groups": [{"id": g.pk, "name": g.name} for g in u.groups.order_by("name")], **usage_summary(u)}
 
 
 @endpoint("POST")

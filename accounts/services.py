@@ -118,6 +118,22 @@ def audit(actor, action: str, obj=None, *, request=None, username: str = "", **d
                               detail=detail)
 
 
+def storage_used(user) -> int:
+    """Bytes the user stores: their datasets, their jobs' run folders (checkpoints and trained weights) and the
+    models they imported (models trained by a job live in its run folder)."""
+    from django.db.models import Sum
+
+    from jobs.models import Dataset, Job
+    from jobs.selectors import disk_usage
+    from models_registry.models import ModelVersion
+
+    total = Dataset.objects.filter(owner=user).aggregate(n=Sum("size_bytes"))["n"] or 0
+    total += ModelVersion.objects.filter(owner=user, job__isnull=True).aggregate(n=Sum("size_bytes"))["n"] or 0
+    for job in Job.objects.filter(owner=user).only("pk"):
+        total += disk_usage(job.run_dir)
+    return total
+
+
 def usage_summary(user) -> dict:
     """The quota and this week's use of ``user`` (the usage page and ``GET /api/v1/me``)."""
     from jobs.models import Job
@@ -125,6 +141,7 @@ def usage_summary(user) -> dict:
     quota = effective_quota(user)
     return {"quota": quota,
             "usage": {"device_hours_this_week": round(device_hours(user, week_start()), 4),
+                      "storage_bytes": storage_used(user),
                       "week_start": week_start().isoformat(),
                       "running_jobs": Job.objects.filter(owner=user, status__in=Job.LIVE).count(),
                       "queued_jobs": Job.objects.filter(owner=user, status=Job.Status.QUEUED).count(),

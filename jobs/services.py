@@ -149,9 +149,14 @@ def submit_job(**request) -> Job:
 def check_submission_quota(owner, gpus: int, time_limit_s, requeue: bool = False):
     """Refuse (403, naming the quota) what the owner's quota forbids at submission; returns the job's time limit,
     capped by the quota's wall-clock limit."""
-    from accounts.services import device_hours, effective_quota, week_start
+    from accounts.services import device_hours, effective_quota, storage_used, week_start
 
     quota = effective_quota(owner)
+    if not requeue and quota["storage_gb"] is not None:
+        used = storage_used(owner) / 1e9
+        if used >= quota["storage_gb"]:
+            raise ServiceError(f"quota: you store {used:.2f} GB of your {quota['storage_gb']:g} GB; delete old jobs, "
+                               "models or datasets first", status=403, field="quota")
     if not requeue and quota["max_gpus_per_job"] is not None and gpus > quota["max_gpus_per_job"]:
         raise ServiceError(f"gpus: over your quota: at most {quota['max_gpus_per_job']} device(s) per job",
                            status=403, field="gpus")

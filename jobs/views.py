@@ -235,6 +235,9 @@ def queue(request):
         decision.job.reason = services.wait_reason(decision)
         decision.job.expected_start = _starts_in(forecast.get(decision.job))
     jobs = live + [d.job for d in plan]
+    visible = set(Job.objects.visible_to(request.user).filter(pk__in=[j.pk for j in jobs]).values_list("pk", flat=True))
+    for job in jobs:
+        job.hidden = job.pk not in visible  # others' private jobs keep their place but not their name
     slots = sum(len(n.devices) for n in Node.objects.all())
     busy = sum(j.gpus for j in live)
     return render(request, "jobs/queue.html", {"jobs": jobs, "slots": slots, "busy": busy})

@@ -99,12 +99,25 @@ class LiveNode:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
 
-    def request(self, method, path, data=None, auth=True, raw=False):
+    def manage(self, *args) -> str:
+        """Run a management command against this node's database; returns its output."""
+        out = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def token_for(self, username, password) -> str:
+        status, body = self.request("POST", "/api/v1/auth/token", {"username": username, "password": password},
+                                    auth=False)
+        assert status == 200, body
+        return body["token"]
+
+    def request(self, method, path, data=None, auth=True, raw=False, token=None):
         body = json.dumps(data).encode() if data is not None else None
         req = urllib.request.Request(self.url + path, data=body, method=method)
         req.add_header("Content-Type", "application/json")
         if auth:
-            req.add_header("Authorization", f"Bearer {self.token}")
+            req.add_header("Authorization", f"Bearer {token or self.token}")
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 content = resp.read()
@@ -112,11 +125,11 @@ class LiveNode:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
 
-    def submit(self, name, config, stage="pretrain", **fields):
-        status, datasets = self.request("GET", "/api/v1/datasets")
+    def submit(self, name, config, stage="pretrain", token=None, **fields):
+        status, datasets = self.request("GET", "/api/v1/datasets", token=token)
         ds = next(d for d in datasets["datasets"] if d["name"] == "demo-pretrain")
         status, job = self.request("POST", "/api/v1/jobs", {"name": name, "stage": stage, "dataset": ds["id"],
-                                                             "config": config, **fields})
+                                                             "config": config, **fields}, token=token)
         assert status == 201, job
         return job
 

@@ -36,13 +36,13 @@ def chart_points(page) -> int:
                          "return gd && gd.data ? gd.data[0].x.length : -1; }")
 
 
-def login(live, browser):
+def login(live, browser, username=ADMIN[0], password=ADMIN[1]):
     page = browser.new_page()
     page.set_default_timeout(30_000)
     page.goto(live.url + "/")
     assert "/accounts/login/" in page.url
-    page.fill("input[name=username]", ADMIN[0])
-    page.fill("input[name=password]", ADMIN[1])
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
     page.click("button[type=submit]")
     page.wait_for_url(live.url + "/")
     return page
@@ -134,3 +134,45 @@ def test_job_page_metrics_and_log_tools_and_the_compare_page(live, browser):
     assert page.evaluate("() => document.getElementById('compare-chart').layout.xaxis.title.text") == "tokens"
     assert "max_steps" in page.inner_text("table.list")
     page.close()
+
+
+def test_an_instructor_builds_a_group_and_students_see_only_what_is_theirs_or_shared(live, browser, tmp_path):
+    csv = tmp_path / "class.csv"
+    csv.write_text("username,name,email,group\nteacher,Wang Laoshi,,\nstu1,,,\nstu2,,,\nstu3,,,\n")
+    out = live.manage("import_users", str(csv)).splitlines()[1:]
+    passwords = dict(line.split(",")[:2] for line in out)
+    live.manage("shell", "-c", "from accounts.models import Profile; from django.contrib.auth.models import User; "
+                "Profile.objects.create(user=User.objects.get(username='teacher'), role='instructor')")
+    teacher = login(live, browser, "teacher", passwords["teacher"])
+    teacher.goto(live.url + "/groups/")
+    teacher.fill("#group-name", "nlp-lab")
+    teacher.click("#new-group button[type=submit]")
+    teacher.wait_for_selector("#add-member")
+    for student in ("stu1", "stu2"):
+        teacher.fill("#member-username", student)
+        teacher.click("#add-member button[type=submit]")
+        teacher.wait_for_selector(f"#member-table >> text={student}")
+    group_url = teacher.url
+    tokens = {s: live.token_for(s, passwords[s]) for s in ("stu1", "stu2", "stu3")}
+    slow = {**TINY, "max_steps": 3}
+    own = live.submit("stu1-own", slow, token=tokens["stu1"])
+    shared = live.submit("stu2-shared", slow, token=tokens["stu2"])
+    private = live.submit("stu3-private", slow, token=tokens["stu3"])
+    group_id = live.request("GET", "/api/v1/me", token=tokens["stu2"])[1]["groups"][0]["id"]
+    status, body = live.request("POST", f"/api/v1/jobs/{shared['id']}/share",
+                                {"visibility": "group", "group": group_id}, token=tokens["stu2"])
+    assert status == 200 and body["visibility"] == "group"
+    student = login(live, browser, "stu1", passwords["stu1"])
+    for job, visible in ((own, True), (shared, True), (private, False)):
+        response = student.goto(f"{live.url}/jobs/{job['id']}/")
+        assert response.status == (200 if visible else 404), job["name"]
+        assert ("stu3-private" in student.content()) is False
+    student.goto(live.url + "/groups/")
+    assert student.locator("#new-group").count() == 0  # students do not create groups
+    teacher.goto(group_url)
+    jobs_text = teacher.inner_text("#group-jobs")
+    assert "stu1-own" in jobs_text and "stu2-shared" in jobs_text and "stu3-private" not in jobs_text
+    for job in (own, shared, private):
+        live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="finished")
+    teacher.close()
+    student.close()

@@ -70,3 +70,28 @@ async def test_anonymous_and_foreign_users_are_refused():
     comm = communicator(f"/ws/jobs/{job.pk}/", other_token)
     connected, code = await comm.connect()
     assert not connected and code == 4404
+
+
+async def test_a_job_shared_with_a_group_streams_to_its_members_only():
+    from django.contrib.auth.models import Group
+
+    owner, _ = await make_user("frank")
+    member, member_token = await make_user("gina")
+    _, outsider_token = await make_user("hank")
+    job = await make_job(owner)
+
+    @database_sync_to_async
+    def share():
+        group = Group.objects.create(name="lab")
+        owner.groups.add(group)
+        member.groups.add(group)
+        Job.objects.filter(pk=job.pk).update(shared_with=group)
+
+    await share()
+    comm = communicator(f"/ws/jobs/{job.pk}/", member_token)
+    connected, _ = await comm.connect()
+    assert connected
+    await comm.disconnect()
+    comm = communicator(f"/ws/jobs/{job.pk}/", outsider_token)
+    connected, code = await comm.connect()
+    assert not connected and code == 4404

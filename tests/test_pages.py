@@ -158,3 +158,29 @@ def test_devices_page_charts_the_last_hour(logged_in, user):
     history = logged_in.get("/devices/").context["history"]
     assert history["box"]["devices"]["0"]["utilization"] == [40, 90]
     assert history["box"]["devices"]["1"]["utilization"] == [0, 0]  # an idle CPU slot
+
+
+def test_records_and_logs_are_escaped(logged_in, user, tmp_path):
+    from jobs.models import LogChunk
+
+    data = tmp_path / "evil.jsonl"
+    data.write_text('{"text": "<script>alert(1)</script> hello"}\n')
+    ds = Dataset.objects.create(owner=user, name="evil", kind="pretrain", path=str(data), records=1)
+    page = logged_in.get(f"/datasets/{ds.pk}/").content.decode()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    job = _job_with_points(user, "evil-log", 1)
+    LogChunk.objects.create(job=job, offset=100, text="<script>alert(2)</script>\n")
+    page = logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    assert "<script>alert(2)</script>" not in page and "&lt;script&gt;alert(2)&lt;/script&gt;" in page
+
+
+@pytest.mark.parametrize("path, data", [
+    ("/jobs/new/", {"name": "x"}), ("/jobs/new/estimate", {}), ("/groups/", {"name": "g"}),
+    ("/accounts/tokens/", {"name": "t"}), ("/accounts/password/", {}), ("/share/job/1/", {"visibility": "public"}),
+])
+def test_every_form_needs_its_csrf_token(user, path, data):
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    assert client.post(path, data).status_code == 403

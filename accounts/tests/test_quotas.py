@@ -165,3 +165,18 @@ def test_quota_changes_in_the_admin_are_audited(client, user, django_user_model)
     assert r.status_code == 302, r.content.decode()[:2000]
     entry = AuditEntry.objects.get(action="quota_change")
     assert entry.username == "root" and entry.detail["fields"]["max_running_jobs"] == 2
+
+
+def test_storage_quota_counts_datasets_runs_and_imported_models(user, demo):
+    from accounts.services import storage_used
+    from models_registry.models import ModelVersion
+
+    Dataset.objects.create(owner=user, name="mine", kind="pretrain", path=demo.path, size_bytes=600_000_000)
+    ModelVersion.objects.create(owner=user, name="imported", path="/nonexistent", size_bytes=300_000_000)
+    job = submit(user, demo)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    (job.run_dir / "model.pth").write_bytes(b"x" * 1000)
+    assert storage_used(user) == 900_001_000
+    Quota.objects.create(user=user, storage_gb=0.9)
+    with pytest.raises(services.ServiceError, match=r"you store 0\.90 GB of your 0\.9 GB"):
+        submit(user, demo)
