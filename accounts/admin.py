@@ -100,23 +100,19 @@ class MiniCloudGroupAdmin(AuditedQuotaMixin, GroupAdmin):
 
 @admin.register(Quota)
 class QuotaAdmin(admin.ModelAdmin):
+    """Bulk quota changes: edit the limits of many users and groups at once in the list."""
+
     list_display = ("__str__", "max_running_jobs", "max_queued_jobs", "max_gpus_per_job", "device_hours_per_week",
                     "max_job_hours", "storage_gb", "priority")
+    list_editable = ("max_running_jobs", "max_queued_jobs", "max_gpus_per_job", "device_hours_per_week",
+                     "max_job_hours", "storage_gb", "priority")
+    list_filter = ("group",)
     search_fields = ("user__username", "group__name")
-    actions = ["double_device_hours"]
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
         audit(request.user, "quota_change", obj, request=request,
               fields={k: form.cleaned_data.get(k) for k in form.changed_data if k not in ("user", "group")})
-
-    @admin.action(description="Double the weekly device-hours of the selected quotas")
-    def double_device_hours(self, request, queryset):
-        for quota in queryset.exclude(device_hours_per_week=None):
-            quota.device_hours_per_week *= 2
-            quota.save(update_fields=["device_hours_per_week"])
-            audit(request.user, "quota_change", quota, request=request,
-                  fields={"device_hours_per_week": quota.device_hours_per_week})
 
 
 @admin.register(UsageRecord)

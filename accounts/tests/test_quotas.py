@@ -180,3 +180,19 @@ def test_storage_quota_counts_datasets_runs_and_imported_models(user, demo):
     Quota.objects.create(user=user, storage_gb=0.9)
     with pytest.raises(services.ServiceError, match=r"you store 0\.90 GB of your 0\.9 GB"):
         submit(user, demo)
+
+
+def test_admin_edits_many_quotas_at_once_and_each_change_is_audited(client, user, other_user, django_user_model):
+    a, b = Quota.objects.create(user=user, max_running_jobs=1), Quota.objects.create(user=other_user)
+    admin = django_user_model.objects.create_superuser("root", password="x")
+    client.force_login(admin)
+    data = {"form-TOTAL_FORMS": 2, "form-INITIAL_FORMS": 2, "form-MIN_NUM_FORMS": 0, "form-MAX_NUM_FORMS": 1000,
+            "_save": "Save"}
+    for i, q in enumerate(Quota.objects.order_by("-pk")):  # the change list's order
+        data.update({f"form-{i}-id": q.pk, f"form-{i}-max_running_jobs": 4, f"form-{i}-device_hours_per_week": 20})
+    r = client.post("/admin/accounts/quota/", data)
+    assert r.status_code == 302
+    a.refresh_from_db()
+    b.refresh_from_db()
+    assert (a.max_running_jobs, b.max_running_jobs, b.device_hours_per_week) == (4, 4, 20)
+    assert AuditEntry.objects.filter(action="quota_change").count() == 2
