@@ -122,23 +122,32 @@ def job_clone(request, job_id):
     return job.to_dict(), 201
 
 
-@endpoint("GET")
+@endpoint("GET", "POST")
 def datasets(request):
-    return {"datasets": [d.to_dict() for d in Dataset.objects.visible_to(request.user)]}
+    if request.method == "GET":
+        return {"datasets": [d.to_dict() for d in Dataset.objects.visible_to(request.user)]}
+    ds = services.upload_dataset(request, request.user)
+    return {**ds.to_dict(), "validation": ds.validation}, 201
 
 
-@endpoint("GET")
-def dataset_detail(request, dataset_id):
+def _dataset(request, dataset_id) -> Dataset:
     ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
     if ds is None:
         raise ApiError(404, f"no dataset {dataset_id}")
-    return ds.to_dict()
+    return ds
+
+
+@endpoint("GET", "DELETE")
+def dataset_detail(request, dataset_id):
+    ds = _dataset(request, dataset_id)
+    if request.method == "DELETE":
+        services.delete_dataset(request.user, ds, request=request)
+        return {"deleted": dataset_id}
+    return {**ds.to_dict(), "validation": ds.validation, "stats": ds.stats, "stats_progress": ds.stats_progress}
 
 
 @endpoint("GET")
 def dataset_preview(request, dataset_id):
-    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
-    if ds is None:
-        raise ApiError(404, f"no dataset {dataset_id}")
+    ds = _dataset(request, dataset_id)
     offset, limit = int_param(request, "offset"), min(int_param(request, "limit", 20), 200)
     return {"offset": offset, "records": selectors.dataset_records(ds, offset, limit), "total": ds.records}

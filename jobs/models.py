@@ -19,21 +19,26 @@ class Dataset(Shareable):
     records = models.PositiveIntegerField(_("records"), default=0)
     size_bytes = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True)
+    version = models.PositiveIntegerField(_("version"), default=1)
     created_at = models.DateTimeField(default=timezone.now)
-
+    validation = models.JSONField(default=dict, blank=True)  # jobs.validation.Report.to_dict(), warnings included
+    stats = models.JSONField(default=dict, blank=True)  # token statistics (jobs.dataset_stats), when computed
+    stats_status = models.CharField(max_length=20, blank=True)  # "", "queued", "running", "done", "failed"
+    stats_progress = models.FloatField(default=0.0)
 
     class Meta:
         verbose_name = _("dataset")
         verbose_name_plural = _("datasets")
-        ordering = ["name"]
+        ordering = ["name", "-version"]
 
     def __str__(self):
-        return self.name
+        return f"{self.name} v{self.version}" if self.version > 1 else self.name
 
     def to_dict(self):
-        return {"id": self.pk, "name": self.name, "kind": self.kind, "records": self.records,
+        return {"id": self.pk, "name": self.name, "version": self.version, "kind": self.kind, "records": self.records,
                 "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
-                "owner": self.owner.username if self.owner else None, "created_at": self.created_at.isoformat()}
+                "owner": self.owner.username if self.owner else None, "created_at": self.created_at.isoformat(),
+                "warnings": self.validation.get("warning_count", 0), "stats_status": self.stats_status or None}
 
 
 class Node(models.Model):

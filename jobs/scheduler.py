@@ -108,7 +108,8 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
     """Place ``queued`` (already in queue order) onto ``nodes`` (mutated: placed jobs are added to their devices).
 
     ``memory_of(job)``/``gpus_of(job)`` read a job's needs (default: ``job.memory_estimate``, ``job.gpus``);
-    ``blocked(job)`` returns (code, params) of a reason (a quota) that keeps a job waiting whatever the devices, or None;
+    ``blocked(job)`` returns (code, params) of a reason (a quota) that keeps a job waiting whatever the devices, or
+    None;
     ``on_place(job)`` hears of each job placed (so a quota can count it).
     """
     memory_of = memory_of or (lambda j: j.memory_estimate or 0)

@@ -76,11 +76,15 @@ def job_update(job_id, after, log_offset):
 
 
 def dataset_records(ds, offset=0, limit=20):
+    """Records ``offset``…``offset+limit`` of a dataset file (blank lines skipped; .gz read as it streams)."""
     import itertools
     import json
 
-    with open(ds.path, encoding="utf-8") as f:
-        return [json.loads(line) for line in itertools.islice(f, offset, offset + limit)]
+    from .validation import open_text
+
+    with open_text(ds.path) as f:
+        lines = (line for line in f if line.strip())
+        return [json.loads(line) for line in itertools.islice(lines, offset, offset + limit)]
 
 
 def disk_usage(path) -> int:

@@ -581,3 +581,146 @@ def queue_position(job: Job) -> int | None:
     ordered = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED)))
     # None as well when the job was claimed between reading it and reading the queue.
     return next((i for i, j in enumerate(ordered, 1) if j.pk == job.pk), None)
+
+
+# --- datasets ------------------------------------------------------------------------------------------------------
+
+def _dataset_store() -> Path:
+    path = settings.HOME / "datasets"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = False, request=None) -> Dataset:
+    """Validate a JSONL(.gz) file and store it as a new immutable dataset version; a bad file is refused with its
+    line-numbered errors and nothing is stored. ``source``: a file path (moved into the store unless
+    ``keep_source``). The same name again makes the next version; the same content again returns the stored one."""
+    import shutil
+
+    from accounts.services import audit
+
+    from .validation import validate_file
+
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise ServiceError("name: 1 to 200 characters", field="name")
+    kinds = dict(Dataset._meta.get_field("kind").choices)
+    if kind not in kinds:
+        raise ServiceError(f"kind: one of {', '.join(kinds)}", field="kind")
+    report = validate_file(source, kind)
+    if not report.ok:
+        raise ServiceError(f"file: {report.summary()}", field="file", details={"validation": report.to_dict()})
+    latest = Dataset.objects.filter(owner=owner, name=name).order_by("-version").first()
+    if latest and latest.sha256 == report.sha256:
+        return latest
+    with open(source, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    dest = _dataset_store() / f"{report.sha256}.jsonl{'.gz' if gz else ''}"
+    if not dest.exists():
+        tmp = dest.with_suffix(dest.suffix + ".part")
+        if keep_source:
+            shutil.copyfile(source, tmp)
+        else:
+            shutil.move(str(source), tmp)
+        os.replace(tmp, dest)
+    elif not keep_source:
+        Path(source).unlink(missing_ok=True)
+    ds = Dataset.objects.create(owner=owner, name=name, kind=kind, path=str(dest), records=report.records,
+                                size_bytes=report.size_bytes, sha256=report.sha256,
+                                version=(latest.version + 1) if latest else 1, validation=report.to_dict())
+    audit(owner, "upload", ds, request=request, sha256=report.sha256, version=ds.version)
+    request_dataset_stats(ds)
+    return ds
+
+
+def dataset_references(ds: Dataset) -> list[str]:
+    """What uses a dataset version: jobs (any state) and models trained on it."""
+    refs = [f"job #{j.pk} {j.name}" for j in Job.objects.filter(dataset=ds).order_by("pk")[:50]]
+    refs += [f"model #{m.pk} {m.name}" for m in ModelVersion.objects.filter(dataset=ds).order_by("pk")[:50]]
+    return refs
+
+
+def delete_dataset(actor, ds: Dataset, request=None) -> None:
+    """Delete a dataset version nobody uses (its file too, unless another version shares it)."""
+    from accounts.services import audit
+
+    if not Dataset.objects.manageable_by(actor).filter(pk=ds.pk).exists() or ds.owner_id is None:
+        raise ServiceError("only the owner can delete this dataset", status=403)
+    refs = dataset_references(ds)
+    if refs:
+        raise ServiceError(f"dataset is in use by {len(refs)} object(s): {', '.join(refs[:10])}", status=409,
+                           details={"references": refs})
+    path = Path(ds.path)
+    audit(actor, "delete", ds, request=request, name=ds.name, version=ds.version)
+    ds.delete()
+    if path.parent == _dataset_store() and not Dataset.objects.filter(path=str(path)).exists():
+        path.unlink(missing_ok=True)
+
+
+def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:
+    """Queue the token statistics of a dataset (a background task with progress)."""
+    from django_q.tasks import async_task
+
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0)
+    transaction.on_commit(lambda: async_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
+                                             task_name=f"dataset-stats-{ds.pk}", q_options={"ack_failure": True}))
+
+
+def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:
+    """Run the statistics of one dataset version (the background task), recording progress and the result."""
+    from . import dataset_stats
+
+    ds = Dataset.objects.filter(pk=ds_id).first()
+    if ds is None:
+        return
+    tok = Tokenizer.objects.filter(pk=tokenizer_id).first() if tokenizer_id else None
+    tok = tok or demo_tokenizer()
+    stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
+    msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="running", stats_progress=0.0)
+    try:
+        stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
+                                      progress=lambda p: Dataset.objects.filter(pk=ds.pk).update(stats_progress=p))
+    except Exception as exc:  # a task must record why, not vanish
+        Dataset.objects.filter(pk=ds.pk).update(stats_status="failed", stats={"error": str(exc)[:500]})
+        raise
+    stats["tokenizer"] = tok.name
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="done", stats_progress=1.0, stats=stats)
+
+
+def upload_dataset(request, owner) -> Dataset:
+    """A dataset from a multipart request (``file``, ``name``, ``kind``; admins may give ``server_path`` instead of a
+    file). The file was streamed to a temporary file by Django's upload handler; too large a request is a 413."""
+    length = int(request.META.get("CONTENT_LENGTH") or 0)
+    if length > settings.UPLOAD_MAX_BYTES:
+        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
+                           status=413, field="file")
+    name, kind = request.POST.get("name", ""), request.POST.get("kind", "")
+    server_path = request.POST.get("server_path", "").strip()
+    if server_path:
+        if not owner.is_superuser:
+            raise ServiceError("server_path: only admins import files from the server", status=403,
+                               field="server_path")
+        path = Path(server_path)
+        if not path.is_absolute() or not path.is_file():
+            raise ServiceError(f"server_path: no file at {server_path}", field="server_path")
+        return create_dataset(owner=owner, name=name, kind=kind, source=path, keep_source=True, request=request)
+    upload = request.FILES.get("file")
+    if upload is None:
+        raise ServiceError("file: attach a .jsonl or .jsonl.gz file", field="file")
+    if upload.size > settings.UPLOAD_MAX_BYTES:
+        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
+                           status=413, field="file")
+    if not name:
+        name = Path(upload.name or "dataset").name.removesuffix(".gz").removesuffix(".jsonl")[:200]
+    if hasattr(upload, "temporary_file_path"):  # streamed to disk: validated, then moved into the store
+        return create_dataset(owner=owner, name=name, kind=kind, source=upload.temporary_file_path(), request=request)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, delete=False) as tmp:
+        for chunk in upload.chunks():
+            tmp.write(chunk)
+    try:
+        return create_dataset(owner=owner, name=name, kind=kind, source=tmp.name, request=request)
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)  # moved into the store, or refused

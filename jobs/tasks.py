@@ -26,3 +26,8 @@ def housekeeping():
 
     if Job.objects.filter(status=Job.Status.QUEUED).exists():
         services.kick_queue()
+
+
+def dataset_stats(ds_id, max_seq_len=None, tokenizer_id=None):
+    """Token statistics of a dataset version, in the background."""
+    services.compute_dataset_stats(ds_id, max_seq_len, tokenizer_id)

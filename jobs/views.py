@@ -1,5 +1,3 @@
-import json
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -10,6 +8,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from accounts.services import audit, share_context
+from models_registry.models import Tokenizer
 from training import spec as tspec
 
 from . import selectors, services
@@ -254,7 +253,23 @@ def devices(request):
 
 @login_required
 def datasets(request):
-    return render(request, "jobs/datasets.html", {"datasets": Dataset.objects.visible_to(request.user)})
+    return render(request, "jobs/datasets.html", {
+        "datasets": Dataset.objects.visible_to(request.user).select_related("owner"),
+        "kinds": Dataset._meta.get_field("kind").choices})
+
+
+@login_required
+@require_POST
+def dataset_upload(request):
+    """The upload form's target (drag and drop with a progress bar): JSON, the errors by line when refused."""
+    try:
+        ds = services.upload_dataset(request, request.user)
+    except services.ServiceError as exc:
+        return JsonResponse({"ok": False, "error": str(exc), **(exc.details or {})}, status=exc.status)
+    return JsonResponse({"ok": True, "id": ds.pk, "url": f"/datasets/{ds.pk}/"}, status=201)
+
+
+PREVIEW_PAGE = 10
 
 
 @login_required
@@ -262,6 +277,45 @@ def dataset_detail(request, dataset_id):
     ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
     if ds is None:
         raise Http404(_("No such dataset."))
-    records = [json.dumps(r, ensure_ascii=False) for r in selectors.dataset_records(ds, 0, 20)]
-    return render(request, "jobs/dataset_detail.html", {"dataset": ds, "records": records,
-                                                        **share_context(request.user, ds)})
+    page = max(int(request.GET.get("page", "1")) if request.GET.get("page", "1").isdigit() else 1, 1)
+    records = selectors.dataset_records(ds, (page - 1) * PREVIEW_PAGE, PREVIEW_PAGE)
+    versions = Dataset.objects.visible_to(request.user).filter(owner=ds.owner, name=ds.name).order_by("-version")
+    manageable = Dataset.objects.manageable_by(request.user).filter(pk=ds.pk).exists() and ds.owner_id is not None
+    return render(request, "jobs/dataset_detail.html", {
+        "dataset": ds, "records": records, "page": page,
+        "next_page": page + 1 if len(records) == PREVIEW_PAGE else None, "first": (page - 1) * PREVIEW_PAGE + 1,
+        "last": (page - 1) * PREVIEW_PAGE + len(records), "versions": versions, "manageable": manageable,
+        "references": services.dataset_references(ds) if manageable else [],
+        "tokenizers": Tokenizer.objects.visible_to(request.user), **share_context(request.user, ds)})
+
+
+@login_required
+@require_POST
+def dataset_action(request, dataset_id, action):
+    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
+    if ds is None:
+        raise Http404(_("No such dataset."))
+    try:
+        if action == "stats":
+            msl = request.POST.get("max_seq_len", "")
+            tok = request.POST.get("tokenizer", "")
+            services.request_dataset_stats(ds, int(msl) if msl.isdigit() and int(msl) >= 8 else None,
+                                           int(tok) if tok.isdigit() else None)
+            messages.info(request, _("Statistics are being computed."))
+        elif action == "delete":
+            services.delete_dataset(request.user, ds, request=request)
+            messages.success(request, _("Dataset deleted."))
+            return redirect("datasets")
+        else:
+            raise Http404(_("No such action."))
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+    return redirect("dataset_detail", dataset_id=ds.pk)
+
+
+@login_required
+def dataset_stats(request, dataset_id):
+    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
+    if ds is None:
+        raise Http404(_("No such dataset."))
+    return JsonResponse({"status": ds.stats_status, "progress": ds.stats_progress, "stats": ds.stats})

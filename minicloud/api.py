@@ -68,7 +68,8 @@ def endpoint(*methods, auth=True):
                 return error(exc.status, str(exc), exc.details)
             except Exception as exc:  # a bug must still answer in JSON
                 if isinstance(exc, ServiceError):
-                    return error(exc.status, str(exc), {"field": exc.field} if exc.field else None)
+                    details = {**({"field": exc.field} if exc.field else {}), **(exc.details or {})}
+                    return error(exc.status, str(exc), details or None)
                 log.exception("API error in %s", view.__name__)
                 return error(500, "internal error; the server log has the details")
             if isinstance(result, tuple):

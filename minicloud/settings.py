@@ -156,6 +156,10 @@ WHITENOISE_USE_FINDERS = True
 WHITENOISE_MANIFEST_STRICT = False
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
+# Dataset uploads stream to a temporary file (never into memory); larger requests are refused with 413.
+UPLOAD_MAX_BYTES = envint("MINICLOUD_UPLOAD_MAX_BYTES", 50 * 10**9)
+FILE_UPLOAD_TEMP_DIR = str(HOME / "uploads")  # the same disk as the dataset store: storing is a rename
+(HOME / "uploads").mkdir(parents=True, exist_ok=True)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 
 # django-q2 must never run a job twice (django-stack-notes §1.3): one attempt, failures acked, and a retry window far
@@ -165,7 +169,9 @@ JOBS_PER_GPU = envint("MINICLOUD_JOBS_PER_GPU", 4)
 
 Q_CLUSTER = {
     "name": INSTANCE,
-    "workers": worker_count(JOBS_PER_GPU),  # one worker per job that can run at once: each supervises one job
+    # One worker per job that can run at once (each supervises one job), plus one for background work (dataset
+    # statistics) so that it never waits behind training.
+    "workers": worker_count(JOBS_PER_GPU) + 1,
     "recycle": 50,
     "timeout": 6 * 24 * 3600,
     "retry": 7 * 24 * 3600,

@@ -176,3 +176,32 @@ def test_an_instructor_builds_a_group_and_students_see_only_what_is_theirs_or_sh
         live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="finished")
     teacher.close()
     student.close()
+
+
+def test_upload_errors_fix_preview_and_statistics(live, browser, tmp_path):
+    bad = tmp_path / "chat.jsonl"
+    good_rec = {"conversations": [{"role": "user", "content": "<b>Hi</b>"}, {"role": "assistant", "content": "Hello."}]}
+    bad.write_text(json.dumps(good_rec) + "\n" + '{"conversations": [{"role": "user", "content": "Q"}]}\n'
+                   + "{broken\n")
+    page = login(live, browser)
+    page.goto(live.url + "/datasets/")
+    page.fill("#upload-name", "browser-chat")
+    page.select_option("#upload-kind", "sft")
+    page.set_input_files("#upload-file", str(bad))
+    page.click("#upload-submit")
+    page.wait_for_selector("#upload-errors:not([hidden])")
+    errors = page.inner_text("#upload-error-list")
+    assert "2: 'conversations' has no assistant message" in errors and "3: not valid JSON" in errors
+    fixed = tmp_path / "chat-fixed.jsonl"
+    fixed.write_text("".join(json.dumps(good_rec if i % 2 else {**good_rec, "n": i}) + "\n" for i in range(25)))
+    page.set_input_files("#upload-file", str(fixed))
+    with page.expect_navigation():
+        page.click("#upload-submit")
+    assert "/datasets/" in page.url and page.inner_text("#ds-records") == "25"
+    assert page.locator(".bubble.role-user").first.inner_text().endswith("<b>Hi</b>")  # shown as text
+    page.click("#next-page")
+    page.wait_for_selector("#prev-page")
+    page.click("#stats-form button[type=submit]")
+    page.wait_for_selector("#length-chart.js-plotly-plot", timeout=120_000)  # computed in the background
+    assert "Total tokens" in page.inner_text("#stats-facts")
+    page.close()

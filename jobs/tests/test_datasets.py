@@ -1,0 +1,156 @@
+"""Dataset upload, streaming validation with line numbers, versions, references, statistics."""
+import gzip
+import json
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from jobs import services
+from jobs.models import Dataset, Job
+from jobs.validation import validate_file
+
+from conftest import TINY
+
+SFT_OK = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+TOOLS = {"conversations": [
+    {"role": "system", "content": "You may use tools.", "tools": '[{"type": "function", "function": {"name": "t"}}]'},
+    {"role": "user", "content": "Time?"},
+    {"role": "assistant", "content": "", "tool_calls": '[{"name": "t", "arguments": {}}]'},
+    {"role": "tool", "content": '{"t": 1}'}, {"role": "assistant", "content": "One."}]}
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n"
+                            for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind, bad, message", [
+    ("pretrain", '{"text": "ok", ', "not valid JSON"),
+    ("pretrain", {"txt": "typo"}, "missing field 'text'"),
+    ("pretrain", {"text": 5}, "'text' must be a string, not int"),
+    ("pretrain", {"text": "   "}, "empty 'text'"),
+    ("pretrain", "[1, 2]", "a record must be a JSON object"),
+    ("sft", {"conversations": []}, "non-empty list"),
+    ("sft", {"conversations": [{"role": "bot", "content": "x"}]}, "role must be one of"),
+    ("sft", {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+     "empty assistant text"),
+    ("sft", {"conversations": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]},
+     "roles out of order"),
+    ("sft", {"conversations": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q2"}]},
+     "roles out of order (user after user)"),
+    ("sft", {"conversations": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]},
+     "has no assistant message"),
+    ("sft", {"conversations": [{"role": "system", "content": "S", "tools": "[{not json"},
+                               {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+     "'tools' is not valid JSON"),
+    ("sft", {"conversations": [{"role": "user", "content": "Q"},
+                               {"role": "assistant", "content": "", "tool_calls": [{"name": "t"}]}]},
+     "'tool_calls' must be a JSON-encoded string"),
+    ("dpo", {"chosen": SFT_OK["conversations"]}, "missing field 'rejected'"),
+    ("dpo", {"chosen": SFT_OK["conversations"], "rejected": [{"role": "user", "content": "Other?"},
+                                                             {"role": "assistant", "content": "No."}]},
+     "must share the same prompt"),
+    ("rlaif", {"conversations": [{"role": "user", "content": "Q"}]}, "placeholder assistant turn"),
+    ("rlaif", {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}],
+               "gt": 4}, "'gt'/'answer' must be a string"),
+])
+def test_each_error_kind_is_reported_with_its_line(tmp_path, kind, bad, message):
+    good = {"pretrain": {"text": "fine"}, "sft": SFT_OK, "dpo": {"chosen": SFT_OK["conversations"],
+                                                                 "rejected": SFT_OK["conversations"][:1] + [
+                                                                     {"role": "assistant", "content": "Bye."}]},
+            "rlaif": {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}],
+                      "gt": "4"}}[kind]
+    report = validate_file(write(tmp_path, [good, good, bad, good]), kind)
+    assert not report.ok and report.error_count == 1 and report.records == 3
+    line, text = report.errors[0]
+    assert line == 3 and message in text, text
+
+
+def test_valid_files_of_every_kind_pass_and_tools_are_accepted(tmp_path):
+    assert validate_file(write(tmp_path, [SFT_OK, TOOLS]), "sft").ok
+    report = validate_file(write(tmp_path, [{"text": "A b."}, {"text": "a  B"}, {"text": "A b."}]), "pretrain")
+    assert report.ok and report.warning_count == 2
+    assert report.warnings[0] == [2, "near-duplicate of line 1 (same text up to case, spaces and punctuation)"]
+    assert report.warnings[1] == [3, "duplicate of line 1"]
+
+
+def test_errors_are_capped_at_100_but_all_counted(tmp_path):
+    report = validate_file(write(tmp_path, ["{oops"] * 250 + [{"text": "x"}]), "pretrain")
+    assert report.error_count == 250 and len(report.errors) == 100 and report.errors[-1][0] == 100
+
+
+def test_gzip_and_non_utf8_files(tmp_path):
+    gz = tmp_path / "d.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "压缩的文本"}, ensure_ascii=False) + "\n")
+    assert validate_file(gz, "pretrain").records == 1
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    report = validate_file(bad, "pretrain")
+    assert not report.ok and "not UTF-8" in report.errors[0][1]
+
+
+def upload(api_client, token, **data):
+    return api_client.post("/api/v1/datasets", data, HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+def test_upload_validates_versions_and_is_stored_by_hash(client, user, token, tmp_path, settings):
+    bad = SimpleUploadedFile("../../etc/evil.jsonl", b'{"text": "ok"}\n{"txt": 1}\n')
+    r = upload(client, token, name="notes", kind="pretrain", file=bad)
+    body = r.json()
+    assert r.status_code == 400 and body["details"]["validation"]["errors"] == [[2, "missing field 'text'"]]
+    assert Dataset.objects.filter(name="notes").count() == 0
+    r = upload(client, token, name="notes", kind="pretrain",
+               file=SimpleUploadedFile("../../etc/evil.jsonl", b'{"text": "ok"}\n'))
+    first = r.json()
+    assert r.status_code == 201 and first["version"] == 1 and first["records"] == 1
+    stored = Dataset.objects.get(pk=first["id"])
+    assert stored.path == str(settings.HOME / "datasets" / f"{first['sha256']}.jsonl")  # the name is never a path
+    again = upload(client, token, name="notes", kind="pretrain",
+                   file=SimpleUploadedFile("x.jsonl", b'{"text": "ok"}\n')).json()
+    assert again["id"] == first["id"]  # the same content is the same version
+    second = upload(client, token, name="notes", kind="pretrain",
+                    file=SimpleUploadedFile("x.jsonl", b'{"text": "ok"}\n{"text": "more"}\n')).json()
+    assert second["version"] == 2 and second["sha256"] != first["sha256"]
+    assert Dataset.objects.get(pk=first["id"]).records == 1  # versions are immutable
+
+
+def test_upload_size_limit_is_a_413(client, token, settings):
+    settings.UPLOAD_MAX_BYTES = 50
+    r = upload(client, token, name="big", kind="pretrain",
+               file=SimpleUploadedFile("b.jsonl", b'{"text": "' + b"x" * 100 + b'"}\n'))
+    assert r.status_code == 413
+
+
+def test_only_admins_import_from_a_server_path(client, token, tmp_path, django_user_model):
+    path = write(tmp_path, [{"text": "lab corpus"}])
+    assert upload(client, token, name="lab", kind="pretrain", server_path=str(path)).status_code == 403
+    admin = django_user_model.objects.create_superuser("root", password="x")
+    from accounts.models import ApiToken
+
+    r = upload(client, ApiToken.issue(admin)[1], name="lab", kind="pretrain", server_path=str(path))
+    assert r.status_code == 201 and path.exists()  # copied, the lab's file stays
+
+
+def test_a_dataset_in_use_cannot_be_deleted(client, user, token, tmp_path):
+    ds = upload(client, token, name="mine", kind="pretrain",
+                file=SimpleUploadedFile("m.jsonl", b'{"text": "a"}\n{"text": "b"}\n')).json()
+    job = services.submit_job(owner=user, name="uses it", stage="pretrain", dataset=ds["id"], config=TINY)
+    r = client.delete(f"/api/v1/datasets/{ds['id']}", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert r.status_code == 409 and r.json()["details"]["references"] == [f"job #{job.pk} uses it"]
+    Job.objects.filter(pk=job.pk).delete()
+    path = Dataset.objects.get(pk=ds["id"]).path
+    assert client.delete(f"/api/v1/datasets/{ds['id']}", HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 200
+    assert not Dataset.objects.filter(pk=ds["id"]).exists() and not __import__("os").path.exists(path)
+
+
+def test_statistics_with_the_demo_tokenizer(db):
+    ds = Dataset.objects.get(name="demo-sft")
+    services.compute_dataset_stats(ds.pk, max_seq_len=20)
+    ds.refresh_from_db()
+    s = ds.stats
+    assert ds.stats_status == "done" and s["records"] == ds.records and s["tokenizer"] == "demo-tokenizer"
+    assert sum(s["histogram"]["counts"]) == ds.records and 0 < s["truncated_share"] < 1
+    assert s["total_tokens"] > ds.records * 10 and abs(sum(s["language"].values()) - 1) < 1e-3
