@@ -4,10 +4,10 @@
     python bench/dataset_upload.py --mb 50      # a quick run
 
 Starts `manage.py serve` (tests/live.py) with a temporary MINICLOUD_HOME, writes a MiniMind SFT JSONL file of the
-given size, streams it as multipart/form-data to POST /api/v1/datasets without holding it in memory on either side,
-and reports the request's wall time, the throughput, and the peak resident memory (VmHWM) of the web server process
-(daphne) — which must stay far below the file size: Django streams uploads to a temporary file and the validator reads
-one line at a time. Also times the validator alone, in this process.
+given size, uploads it as the page does (8 MB chunks to /api/v1/uploads, then POST /api/v1/datasets, which validates
+it in one streaming pass), and reports the wall time, the throughput, and the peak resident memory (VmHWM) of the web
+server process (daphne) — which must stay far below the file size. (A single multipart request is fine for small
+files but daphne queues a whole request body in memory, hence the chunks.) Also times the validator alone.
 """
 import argparse
 import json
@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,28 +39,24 @@ def write_sft(path: Path, size: int) -> int:
     return n
 
 
-class Multipart:
-    """A multipart/form-data body read in chunks (urllib sends it without building it in memory)."""
+def api(node, method, path, body=None, content_type="application/json"):
+    req = urllib.request.Request(node.url + path, data=body, method=method)
+    req.add_header("Authorization", f"Bearer {node.token}")
+    req.add_header("Content-Type", content_type)
+    with urllib.request.urlopen(req, timeout=3600) as resp:
+        return json.loads(resp.read())
 
-    def __init__(self, fields: dict, file_field: str, path: Path):
-        self.boundary = uuid.uuid4().hex
-        head = "".join(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-                       for k, v in fields.items())
-        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
-                 f'filename="{path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n')
-        self.parts = [head.encode(), path, f"\r\n--{self.boundary}--\r\n".encode()]
-        self.length = len(self.parts[0]) + path.stat().st_size + len(self.parts[2])
-        self._iter = self._chunks()
 
-    def _chunks(self):
-        yield self.parts[0]
-        with open(self.parts[1], "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                yield block
-        yield self.parts[2]
-
-    def read(self, size=-1):
-        return next(self._iter, b"")
+def upload_in_chunks(node, path: Path, chunk: int = 8 * 2**20) -> dict:
+    """What the page does: POST /uploads, PUT 8 MB chunks, POST /datasets with the upload id."""
+    upload = api(node, "POST", "/api/v1/uploads")
+    offset = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            offset = api(node, "PUT", f"/api/v1/uploads/{upload['id']}?offset={offset}", block,
+                         "application/octet-stream")["offset"]
+    form = f"name=big-sft&kind=sft&upload={upload['id']}".encode()
+    return api(node, "POST", "/api/v1/datasets", form, "application/x-www-form-urlencoded")
 
 
 def daphne_peak_kb(serve_pid: int) -> int:
@@ -92,17 +87,12 @@ def main():
         tmp = Path(tmp)
         data = tmp / "big-sft.jsonl"
         records = write_sft(data, args.mb * 2**20)
+        (tmp / "home").mkdir()
         node = LiveNode(tmp / "home").start()
         try:
             before = daphne_peak_kb(node.proc.pid)
-            body = Multipart({"name": "big-sft", "kind": "sft"}, "file", data)
-            req = urllib.request.Request(node.url + "/api/v1/datasets", data=body, method="POST")
-            req.add_header("Authorization", f"Bearer {node.token}")
-            req.add_header("Content-Type", f"multipart/form-data; boundary={body.boundary}")
-            req.add_header("Content-Length", str(body.length))
             t0 = time.perf_counter()
-            with urllib.request.urlopen(req, timeout=3600) as resp:
-                answer = json.loads(resp.read())
+            answer = upload_in_chunks(node, data)
             upload_s = time.perf_counter() - t0
             peak = daphne_peak_kb(node.proc.pid)
         finally:

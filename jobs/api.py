@@ -151,3 +151,30 @@ def dataset_preview(request, dataset_id):
     ds = _dataset(request, dataset_id)
     offset, limit = int_param(request, "offset"), min(int_param(request, "limit", 20), 200)
     return {"offset": offset, "records": selectors.dataset_records(ds, offset, limit), "total": ds.records}
+
+
+@endpoint("POST")
+def uploads(request):
+    """Start a chunked, resumable upload; then PUT its chunks and POST /datasets with ``upload``."""
+    upload = services.start_upload(request.user)
+    return {"id": str(upload.id), "offset": 0, "max_bytes": settings.UPLOAD_MAX_BYTES}, 201
+
+
+@endpoint("GET", "PUT")
+def upload_detail(request, upload_id):
+    """GET: bytes received so far (resume from there). PUT ?offset=N with the raw chunk as the body."""
+    from django.core.exceptions import ValidationError
+
+    from .models import Upload
+
+    try:
+        upload = Upload.objects.filter(pk=upload_id, owner=request.user).first()
+    except ValidationError:
+        upload = None
+    if upload is None:
+        raise ApiError(404, f"no upload {upload_id}")
+    if request.method == "GET":
+        return {"id": str(upload.id), "offset": upload.size}
+    length = int(request.META.get("CONTENT_LENGTH") or 0)
+    offset = int_param(request, "offset", -1)
+    return {"id": str(upload.id), "offset": services.append_upload(upload, offset, request, length)}

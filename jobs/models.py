@@ -1,3 +1,5 @@
+import uuid
+
 from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
@@ -39,6 +41,19 @@ class Dataset(Shareable):
                 "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
                 "owner": self.owner.username if self.owner else None, "created_at": self.created_at.isoformat(),
                 "warnings": self.validation.get("warning_count", 0), "stats_status": self.stats_status or None}
+
+
+class Upload(models.Model):
+    """A file arriving in chunks (resumable): ``HOME/uploads/<id>.part`` until it becomes a dataset."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    size = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    @property
+    def path(self):
+        return settings.HOME / "uploads" / f"{self.id}.part"
 
 
 class Node(models.Model):

@@ -696,6 +696,19 @@ def upload_dataset(request, owner) -> Dataset:
         raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
                            status=413, field="file")
     name, kind = request.POST.get("name", ""), request.POST.get("kind", "")
+    upload_id = request.POST.get("upload", "").strip()
+    if upload_id:  # a chunked upload finished: see start_upload / append_upload
+        from .models import Upload
+
+        from django.core.exceptions import ValidationError
+
+        try:
+            upload = Upload.objects.filter(pk=upload_id, owner=owner).first()
+        except ValidationError:  # not a UUID
+            upload = None
+        if upload is None:
+            raise ServiceError(f"upload: no upload {upload_id} of yours", status=404, field="upload")
+        return finish_upload(upload, name=name, kind=kind, request=request)
     server_path = request.POST.get("server_path", "").strip()
     if server_path:
         if not owner.is_superuser:
@@ -724,3 +737,49 @@ def upload_dataset(request, owner) -> Dataset:
         return create_dataset(owner=owner, name=name, kind=kind, source=tmp.name, request=request)
     finally:
         Path(tmp.name).unlink(missing_ok=True)  # moved into the store, or refused
+
+
+def start_upload(owner):
+    from .models import Upload
+
+    upload = Upload.objects.create(owner=owner)
+    upload.path.parent.mkdir(parents=True, exist_ok=True)
+    upload.path.touch()
+    return upload
+
+
+def append_upload(upload, offset: int, stream, length: int) -> int:
+    """Append one chunk at ``offset`` (which must be the bytes received so far: a client resumes from there)."""
+    if offset != upload.size:
+        raise ServiceError(f"offset: this upload has {upload.size} bytes; send from there", status=409,
+                           field="offset", details={"offset": upload.size})
+    if upload.size + length > settings.UPLOAD_MAX_BYTES:
+        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
+                           status=413, field="file")
+    written = 0
+    with open(upload.path, "ab") as f:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            f.write(block)
+            written += len(block)
+    type(upload).objects.filter(pk=upload.pk).update(size=upload.size + written)
+    upload.size += written
+    return upload.size
+
+
+def finish_upload(upload, *, name: str, kind: str, request=None) -> Dataset:
+    """Turn a complete upload into a dataset version (validated; refused files keep the upload for a fix-up)."""
+    ds = create_dataset(owner=upload.owner, name=name, kind=kind, source=upload.path, keep_source=True,
+                        request=request)
+    upload.path.unlink(missing_ok=True)
+    upload.delete()
+    return ds
+
+
+def prune_uploads(max_age_h: float = 24) -> int:
+    """Forget uploads left unfinished for a day (housekeeping)."""
+    from .models import Upload
+
+    old = Upload.objects.filter(created_at__lt=timezone.now() - timedelta(hours=max_age_h))
+    for upload in old:
+        upload.path.unlink(missing_ok=True)
+    return old.delete()[0]

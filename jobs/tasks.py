@@ -21,6 +21,7 @@ def housekeeping():
     """Periodic: refresh this node's device readings, recover jobs whose supervisor died (a killed worker), and
     start any queued job a lost token left waiting."""
     services.refresh_node(settings.NODE_NAME)
+    services.prune_uploads()
     services.reconcile_node(settings.NODE_NAME, starting=False)
     from .models import Job
 

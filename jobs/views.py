@@ -261,12 +261,17 @@ def datasets(request):
 @login_required
 @require_POST
 def dataset_upload(request):
-    """The upload form's target (drag and drop with a progress bar): JSON, the errors by line when refused."""
+    """The upload form without JavaScript (the page's script sends chunks to the API instead)."""
     try:
         ds = services.upload_dataset(request, request.user)
     except services.ServiceError as exc:
-        return JsonResponse({"ok": False, "error": str(exc), **(exc.details or {})}, status=exc.status)
-    return JsonResponse({"ok": True, "id": ds.pk, "url": f"/datasets/{ds.pk}/"}, status=201)
+        validation = (exc.details or {}).get("validation", {})
+        messages.error(request, str(exc) if not validation else _("The file was refused: %(n)s error(s).")
+                       % {"n": validation["error_count"]})
+        return render(request, "jobs/datasets.html", {
+            "datasets": Dataset.objects.visible_to(request.user).select_related("owner"),
+            "kinds": Dataset._meta.get_field("kind").choices, "refused": validation}, status=exc.status)
+    return redirect("dataset_detail", dataset_id=ds.pk)
 
 
 PREVIEW_PAGE = 10

@@ -45,8 +45,16 @@ def _bearer_user(request):
     return ApiToken.user_for(header[7:].strip())
 
 
+def _csrf_ok(request) -> bool:
+    """Django's CSRF check for a session-authenticated write (the API views themselves are CSRF-exempt)."""
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None
+
+
 def endpoint(*methods, auth=True):
-    """Decorate an API view: method check, auth (Bearer token; a logged-in session also works for GET), errors."""
+    """Decorate an API view: method check, auth (Bearer token; a logged-in session for GET, and for writes that
+    carry its CSRF token), errors."""
 
     def wrap(view):
         @csrf_exempt
@@ -57,8 +65,9 @@ def endpoint(*methods, auth=True):
             if auth:
                 user = _bearer_user(request)
                 sent_token = "Authorization" in request.headers
-                if user is None and not sent_token and request.method == "GET" and request.user.is_authenticated:
-                    user = request.user  # a page's own reads; a bad or revoked token never falls back
+                if user is None and not sent_token and request.user.is_authenticated and (
+                        request.method == "GET" or _csrf_ok(request)):
+                    user = request.user  # the pages' own calls (writes carry the CSRF token); a bad token never does
                 if user is None:
                     return error(401, "authentication required: send 'Authorization: Bearer <token>'")
                 request.user = user

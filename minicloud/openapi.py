@@ -41,8 +41,18 @@ SCHEMA = {
             "properties": {"username": {"type": "string"}, "password": {"type": "string"}}})},
         "/me": {"get": _op("The current user")},
         "/devices": {"get": _op("Devices of every node")},
-        "/datasets": {"get": _op("Datasets you can use")},
-        "/datasets/{id}": {"get": {**_op("One dataset"), "parameters": ID}},
+        "/datasets": {"get": _op("Datasets you can use"),
+                      "post": _op("Upload a dataset (multipart: file, name, kind; or upload = a finished chunked "
+                                  "upload's id): validated, 400 with line-numbered errors", ok="201")},
+        "/datasets/{id}": {"get": {**_op("One dataset"), "parameters": ID},
+                           "delete": {**_op("Delete a dataset version nobody uses (409 lists what uses it)"),
+                                      "parameters": ID}},
+        "/uploads": {"post": _op("Start a chunked, resumable upload", ok="201")},
+        "/uploads/{id}": {"get": {**_op("Bytes received so far"), "parameters": [
+                              {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]},
+                          "put": {**_op("Append a chunk (raw body) at ?offset=N"), "parameters": [
+                              {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+                              {"name": "offset", "in": "query", "schema": {"type": "integer"}}]}},
         "/datasets/{id}/preview": {"get": {**_op("Records of a dataset", params=("offset", "limit")),
                                            "parameters": ID + [{"name": p, "in": "query", "schema": {
                                                "type": "integer"}} for p in ("offset", "limit")]}},

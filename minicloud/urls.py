@@ -19,6 +19,8 @@ api_v1 = [
     path("me", accounts_api.me),
     path("devices", jobs_api.devices),
     path("datasets", jobs_api.datasets),
+    path("uploads", jobs_api.uploads),
+    path("uploads/<str:upload_id>", jobs_api.upload_detail),
     path("datasets/<int:dataset_id>", jobs_api.dataset_detail),
     path("datasets/<int:dataset_id>/preview", jobs_api.dataset_preview),
     path("jobs", jobs_api.jobs),

@@ -154,3 +154,42 @@ def test_statistics_with_the_demo_tokenizer(db):
     assert ds.stats_status == "done" and s["records"] == ds.records and s["tokenizer"] == "demo-tokenizer"
     assert sum(s["histogram"]["counts"]) == ds.records and 0 < s["truncated_share"] < 1
     assert s["total_tokens"] > ds.records * 10 and abs(sum(s["language"].values()) - 1) < 1e-3
+
+
+def test_chunked_resumable_upload(client, user, token):
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    start = client.post("/api/v1/uploads", **auth).json()
+    body = b'{"text": "first"}\n{"text": "second"}\n'
+    url = f"/api/v1/uploads/{start['id']}"
+    r = client.put(f"{url}?offset=0", body[:10], content_type="application/octet-stream", **auth)
+    assert r.json()["offset"] == 10
+    r = client.put(f"{url}?offset=0", body[10:], content_type="application/octet-stream", **auth)
+    assert r.status_code == 409 and r.json()["details"]["offset"] == 10  # resume from what the server has
+    assert client.get(url, **auth).json()["offset"] == 10
+    client.put(f"{url}?offset=10", body[10:], content_type="application/octet-stream", **auth)
+    r = client.post("/api/v1/datasets", {"name": "chunked", "kind": "pretrain", "upload": start["id"]}, **auth)
+    assert r.status_code == 201 and r.json()["records"] == 2
+    assert client.get(url, **auth).status_code == 404  # consumed
+    assert client.post("/api/v1/datasets", {"name": "x", "kind": "pretrain", "upload": "not-a-uuid"},
+                       **auth).status_code == 404
+
+
+def test_the_pages_write_to_the_api_with_their_csrf_token(user):
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    assert browser.post("/api/v1/uploads").status_code == 401  # a session without the CSRF token is not enough
+    browser.get("/datasets/")
+    csrf = browser.cookies["csrftoken"].value
+    assert browser.post("/api/v1/uploads", HTTP_X_CSRFTOKEN=csrf).status_code == 201
+
+
+def test_the_form_without_javascript_shows_the_errors(client, user):
+    client.force_login(user)
+    r = client.post("/datasets/upload/", {"name": "n", "kind": "pretrain",
+                                          "file": SimpleUploadedFile("n.jsonl", b'{"text": 1}\n')})
+    assert r.status_code == 400 and "1: &#x27;text&#x27; must be a string, not int" in r.content.decode()
+    r = client.post("/datasets/upload/", {"name": "n", "kind": "pretrain",
+                                          "file": SimpleUploadedFile("n.jsonl", b'{"text": "ok"}\n')})
+    assert r.status_code == 302

@@ -1,10 +1,13 @@
-// Dataset upload: drag and drop or choose a file, a progress bar while it streams to the server, and the server's
-// line-numbered errors shown in the page when it refuses the file.
+// Dataset upload: drag and drop or choose a file; it is sent in 8 MB chunks (resumable: after a network error the
+// upload continues from the bytes the server has) with a progress bar, then checked by the server, whose
+// line-numbered errors are shown in the page when it refuses the file.
 (function () {
   "use strict";
   const form = document.getElementById("upload-form");
   if (!form) return;
   const $ = (id) => document.getElementById(id);
+  const CHUNK = 8 * 1024 * 1024;
+  const csrf = form.querySelector("[name=csrfmiddlewaretoken]").value;
   const zone = $("drop-zone"), input = $("upload-file");
   let dropped = null;
 
@@ -20,39 +23,74 @@
   });
   input.addEventListener("change", () => { dropped = null; });
 
-  form.addEventListener("submit", (e) => {
-    e.preventDefault();
-    const data = new FormData(form);
-    if (dropped) data.set("file", dropped, dropped.name);
-    const file = data.get("file");
-    if (!file || !file.name) { $("upload-status").textContent = form.dataset.noFile || "?"; return; }
-    const xhr = new XMLHttpRequest();
-    xhr.open("POST", form.getAttribute("action"));
+  async function api(method, url, body, type) {
+    const headers = { "X-CSRFToken": csrf };
+    if (type) headers["Content-Type"] = type;
+    const r = await fetch(url, { method, body, headers, credentials: "same-origin" });
+    let json = {};
+    try { json = await r.json(); } catch (err) { json = { error: r.statusText }; }
+    return { status: r.status, json };
+  }
+
+  function showErrors(body) {
+    $("upload-status").textContent = "";
+    $("upload-error-text").textContent = body.error || "?";
+    const list = $("upload-error-list");
+    list.replaceChildren();
+    const validation = (body.details && body.details.validation) || {};
+    for (const [line, message] of validation.errors || []) {
+      const li = document.createElement("li");
+      li.textContent = `${line}: ${message}`;  // text, never HTML
+      list.appendChild(li);
+    }
+    $("upload-errors").hidden = false;
+  }
+
+  async function send(file) {
     const bar = $("upload-progress");
     bar.hidden = false;
     bar.value = 0;
+    const start = await api("POST", "/api/v1/uploads");
+    if (start.status !== 201) return showErrors(start.json);
+    const id = start.json.id;
+    let offset = 0, failures = 0;
+    while (offset < file.size) {
+      const chunk = file.slice(offset, offset + CHUNK);
+      let r;
+      try {
+        r = await api("PUT", `/api/v1/uploads/${id}?offset=${offset}`, chunk, "application/octet-stream");
+      } catch (err) {
+        r = { status: 0, json: {} };
+      }
+      if (r.status === 200) {
+        offset = r.json.offset;
+        failures = 0;
+      } else if ((r.status === 0 || r.status === 409) && failures < 5) {
+        failures += 1;  // resume from what the server holds
+        const at = await api("GET", `/api/v1/uploads/${id}`);
+        offset = at.json.offset || 0;
+      } else {
+        return showErrors(r.json);
+      }
+      bar.value = offset / file.size;
+      $("upload-status").textContent = Math.round((100 * offset) / file.size) + " %";
+    }
+    $("upload-status").textContent = form.dataset.checking || "…";
+    const data = new FormData();
+    data.set("name", $("upload-name").value || file.name.replace(/\.gz$/, "").replace(/\.jsonl$/, ""));
+    data.set("kind", $("upload-kind").value);
+    data.set("upload", id);
+    const done = await api("POST", "/api/v1/datasets", data);
+    if (done.status === 201) window.location = `/datasets/${done.json.id}/`;
+    else showErrors(done.json);
+  }
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const file = dropped || input.files[0];
+    if (!file) { $("upload-status").textContent = form.dataset.noFile; return; }
     $("upload-errors").hidden = true;
     $("upload-submit").disabled = true;
-    xhr.upload.addEventListener("progress", (ev) => {
-      if (ev.lengthComputable) bar.value = ev.loaded / ev.total;
-      $("upload-status").textContent = Math.round((100 * ev.loaded) / (ev.total || 1)) + " %";
-    });
-    xhr.addEventListener("load", () => {
-      $("upload-submit").disabled = false;
-      let body = {};
-      try { body = JSON.parse(xhr.responseText); } catch (err) { body = { error: xhr.statusText }; }
-      if (body.ok) { window.location = body.url; return; }
-      $("upload-status").textContent = "";
-      $("upload-error-text").textContent = body.error || xhr.statusText;
-      const list = $("upload-error-list");
-      list.replaceChildren();
-      for (const [line, message] of (body.validation && body.validation.errors) || []) {
-        const li = document.createElement("li");
-        li.textContent = `${line}: ${message}`;  // text, never HTML
-        list.appendChild(li);
-      }
-      $("upload-errors").hidden = false;
-    });
-    xhr.send(data);
+    try { await send(file); } finally { $("upload-submit").disabled = false; }
   });
 })();
