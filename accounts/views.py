@@ -116,9 +116,9 @@ def _group_context(request, group, manages, form):
 def shareable(kind: str):
     """The model class behind a share URL's kind."""
     from jobs.models import Dataset, Job
-    from models_registry.models import ModelVersion
+    from models_registry.models import ModelVersion, Tokenizer
 
-    return {"job": Job, "dataset": Dataset, "model": ModelVersion}.get(kind)
+    return {"job": Job, "dataset": Dataset, "model": ModelVersion, "tokenizer": Tokenizer}.get(kind)
 
 
 @login_required

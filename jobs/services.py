@@ -103,6 +103,8 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
         tok = base.tokenizer if base and base.tokenizer else demo_tokenizer()
     if tok is None:
         raise ServiceError("tokenizer: none given and the demo tokenizer is not installed", field="tokenizer")
+    if tok.status != "ready":
+        raise ServiceError(f"tokenizer: {tok.name} is {tok.status}, not ready", field="tokenizer")
     try:
         # A base model fixes the architecture: its keys replace any the job's config gives.
         arch = {k: v for k, v in (base.config if base else {}).items() if k in tspec.MODEL_DEFAULTS}

@@ -69,6 +69,11 @@ SCHEMA = {
         **{f"/{kind}/{{id}}/share": {"post": {**_op("Make it private, shared with one of your groups, or public"),
                                               "parameters": ID}} for kind in ("jobs", "datasets", "models")},
         "/models": {"get": _op("Models you can use")},
+        "/tokenizers": {"get": _op("Tokenizers you can use"),
+                        "post": _op("Upload a tokenizer (multipart: name, tokenizer_json, tokenizer_config)", ok="201")},
+        "/tokenizers/train": {"post": _op("Train a tokenizer on a dataset in the background", ok="202")},
+        "/tokenizers/{id}": {"get": {**_op("One tokenizer"), "parameters": ID}},
+        "/tokenizers/{id}/encode": {"post": {**_op("Encode a text (the playground)"), "parameters": ID}},
         "/models/{id}": {"get": {**_op("One model with lineage"), "parameters": ID}},
         "/models/{id}/download": {"get": {**_op("Download weights"), "parameters": ID + [
             {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["pth"]}}]}},

@@ -1,9 +1,10 @@
 from django.http import FileResponse
 
 from accounts.services import audit
-from minicloud.api import ApiError, endpoint
+from minicloud.api import ApiError, endpoint, json_body
 
-from .models import ModelVersion
+from . import services
+from .models import ModelVersion, Tokenizer
 from .services import download_name, lora_zip
 
 
@@ -42,3 +43,50 @@ def model_download(request, model_id):
     audit(request.user, "download", mv, request=request, format="pth")
     return FileResponse(open(mv.pth_path, "rb"), as_attachment=True, filename=download_name(mv),
                         content_type="application/octet-stream")
+
+
+@endpoint("GET", "POST")
+def tokenizers(request):
+    """GET: the tokenizers you can use. POST (multipart ``name``, ``tokenizer_json``, ``tokenizer_config``): upload
+    one, e.g. MiniMind's own."""
+    if request.method == "GET":
+        return {"tokenizers": [t.to_dict() for t in Tokenizer.objects.visible_to(request.user)]}
+    tok = services.upload_tokenizer(owner=request.user, name=request.POST.get("name", ""),
+                                    tokenizer_json=request.FILES.get("tokenizer_json"),
+                                    tokenizer_config=request.FILES.get("tokenizer_config"), request=request)
+    return tok.to_dict(), 201
+
+
+@endpoint("POST")
+def tokenizer_train(request):
+    """``{"name", "dataset", "vocab_size"}``: train a tokenizer on a dataset in the background (status "training")."""
+    from jobs.models import Dataset
+
+    data = json_body(request)
+    ds = Dataset.objects.visible_to(request.user).filter(pk=data.get("dataset") or 0).first()
+    if ds is None:
+        raise ApiError(400, "dataset: one you can read", {"field": "dataset"})
+    tok = services.start_tokenizer_training(owner=request.user, name=data.get("name", ""), dataset=ds,
+                                            vocab_size=data.get("vocab_size", 6400), request=request)
+    return tok.to_dict(), 202
+
+
+def _tokenizer(request, tokenizer_id) -> Tokenizer:
+    tok = Tokenizer.objects.visible_to(request.user).filter(pk=tokenizer_id).first()
+    if tok is None:
+        raise ApiError(404, f"no tokenizer {tokenizer_id}")
+    return tok
+
+
+@endpoint("GET")
+def tokenizer_detail(request, tokenizer_id):
+    return _tokenizer(request, tokenizer_id).to_dict()
+
+
+@endpoint("POST")
+def tokenizer_encode(request, tokenizer_id):
+    """``{"text"}`` → ids, the text of each token, counts (the playground)."""
+    text = json_body(request).get("text", "")
+    if not isinstance(text, str):
+        raise ApiError(400, "text: a string", {"field": "text"})
+    return services.encode(_tokenizer(request, tokenizer_id), text)

@@ -16,14 +16,22 @@ class Tokenizer(Shareable):
     path = models.CharField(max_length=500)
     vocab_size = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
-
+    status = models.CharField(max_length=20, default="ready")  # "training", "ready" or "failed"
+    error = models.TextField(blank=True)
+    trained_on = models.ForeignKey("jobs.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
 
     class Meta:
         verbose_name = _("tokenizer")
         verbose_name_plural = _("tokenizers")
+        ordering = ["name"]
 
     def __str__(self):
         return self.name
+
+    def to_dict(self):
+        return {"id": self.pk, "name": self.name, "vocab_size": self.vocab_size, "status": self.status,
+                "error": self.error or None, "owner": self.owner.username if self.owner else None,
+                "trained_on": self.trained_on_id, "created_at": self.created_at.isoformat(), **self.sharing_dict()}
 
 
 class ModelVersion(Shareable):

@@ -1,0 +1,68 @@
+"""Tokenizers as first-class objects: training on a dataset, upload (with MiniMind's layout checked), playground."""
+import json
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from jobs.models import Dataset
+from models_registry import services
+from models_registry.models import Tokenizer
+
+
+def files_of(tok):
+    from pathlib import Path
+
+    folder = Path(tok.path)
+    return ((folder / "tokenizer.json").read_bytes(), (folder / "tokenizer_config.json").read_bytes())
+
+
+def test_train_a_tokenizer_on_a_dataset(api, user, db):
+    ds = Dataset.objects.get(name="demo-sft")
+    r = api.post("/api/v1/tokenizers/train", {"name": "my-bpe", "dataset": ds.pk, "vocab_size": 600})
+    assert r.status_code == 202 and r.json()["status"] == "training"
+    services.train_tokenizer_now(r.json()["id"])  # what the background task runs
+    tok = Tokenizer.objects.get(pk=r.json()["id"])
+    assert tok.status == "ready" and 300 < tok.vocab_size <= 600 and tok.trained_on == ds
+    config = json.loads(files_of(tok)[1])
+    assert config["eos_token"] == "<|im_end|>" and "chat_template" in config
+    out = api.post(f"/api/v1/tokenizers/{tok.pk}/encode", {"text": "What is 12 plus 30?"}).json()
+    assert out["count"] == len(out["ids"]) > 0 and "".join(out["pieces"]) == "What is 12 plus 30?"
+    bad = api.post("/api/v1/tokenizers/train", {"name": "tiny", "dataset": ds.pk, "vocab_size": 10})
+    assert bad.status_code == 400 and bad.json()["details"]["field"] == "vocab_size"
+
+
+def test_upload_checks_minimind_layout_and_fills_the_chat_template(client, user, token, db):
+    demo = Tokenizer.objects.get(name="demo-tokenizer")
+    tjson, tconfig = files_of(demo)
+    config = json.loads(tconfig)
+    config.pop("chat_template")
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+
+    def upload(name, body_json, body_config):
+        return client.post("/api/v1/tokenizers", {"name": name,
+                                                  "tokenizer_json": SimpleUploadedFile("tokenizer.json", body_json),
+                                                  "tokenizer_config": SimpleUploadedFile("c.json", body_config)},
+                           **auth)
+
+    r = upload("minimind-like", tjson, json.dumps(config).encode())
+    assert r.status_code == 201 and r.json()["vocab_size"] == demo.vocab_size
+    stored = Tokenizer.objects.get(pk=r.json()["id"])
+    assert "chat_template" in json.loads(files_of(stored)[1])
+    swapped = json.loads(tjson)
+    for t in swapped["added_tokens"]:
+        if t["id"] == 2:
+            t["content"] = "</s>"
+    swapped["model"]["vocab"] = {("</s>" if k == "<|im_end|>" else k): v for k, v in swapped["model"]["vocab"].items()}
+    r = upload("wrong-layout", json.dumps(swapped).encode(), tconfig)
+    assert r.status_code == 400 and "id 2 must be <|im_end|>" in r.json()["error"]
+    assert upload("junk", b"{not json", tconfig).status_code == 400
+    assert upload("minimind-like", tjson, tconfig).status_code == 409
+
+
+@pytest.mark.parametrize("lang", ["en", "zh-hans"])
+def test_tokenizer_pages(client, user, lang):
+    client.force_login(user)
+    demo = Tokenizer.objects.get(name="demo-tokenizer")
+    assert client.get("/tokenizers/", HTTP_ACCEPT_LANGUAGE=lang).status_code == 200
+    page = client.get(f"/tokenizers/{demo.pk}/", HTTP_ACCEPT_LANGUAGE=lang).content.decode()
+    assert 'id="playground-text"' in page and str(demo.vocab_size) in page

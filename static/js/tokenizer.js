@@ -1,0 +1,29 @@
+// Tokenizer page: the encoding playground (asks the server as you type), and a reload while it trains.
+(function () {
+  "use strict";
+  const status = document.getElementById("tok-status");
+  if (status && status.dataset.status === "training") setTimeout(() => window.location.reload(), 2000);
+  const box = document.getElementById("playground-text");
+  if (!box) return;
+  const csrf = document.querySelector("[name=csrfmiddlewaretoken]").value;
+  let timer = null;
+  async function encode() {
+    const r = await fetch(box.dataset.url, { method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+      body: JSON.stringify({ text: box.value }) });
+    const body = await r.json();
+    const out = document.getElementById("playground-tokens");
+    out.replaceChildren();
+    for (let i = 0; i < (body.ids || []).length; i++) {
+      const span = document.createElement("span");
+      span.className = "token";
+      span.title = String(body.ids[i]);
+      span.textContent = body.pieces[i];  // text, never HTML
+      out.appendChild(span);
+    }
+    document.getElementById("playground-count").textContent =
+      `${body.count} tokens · ${body.characters} characters · ids: ${(body.ids || []).join(" ")}`;
+  }
+  box.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(encode, 200); });
+  encode();
+})();
