@@ -38,8 +38,8 @@ def devices(request):
     return {"devices": out}
 
 
-JOB_FIELDS = ("name", "stage", "dataset", "base_model", "teacher_model", "tokenizer", "config", "priority", "gpus",
-              "time_limit_s")
+JOB_FIELDS = ("name", "stage", "dataset", "eval_dataset", "base_model", "teacher_model", "tokenizer", "config",
+              "priority", "gpus", "time_limit_s")
 
 
 def _job_request(request) -> dict:
@@ -48,7 +48,8 @@ def _job_request(request) -> dict:
         if key not in JOB_FIELDS:
             raise ApiError(400, f"{key}: unknown field", {"field": key})
     return dict(owner=request.user, name=data.get("name", ""), stage=data.get("stage", ""),
-                dataset=data.get("dataset"), config=data.get("config"), base_model=data.get("base_model"),
+                dataset=data.get("dataset"), eval_dataset=data.get("eval_dataset"), config=data.get("config"),
+                base_model=data.get("base_model"),
                 teacher_model=data.get("teacher_model"), tokenizer=data.get("tokenizer"),
                 priority=data.get("priority", 0), gpus=data.get("gpus", 1), time_limit_s=data.get("time_limit_s"))
 

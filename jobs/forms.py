@@ -59,6 +59,8 @@ class JobForm(forms.Form):
     name = forms.CharField(label=_("Name"), max_length=200)
     stage = forms.ChoiceField(label=_("Stage"), choices=STAGE_CHOICES)
     dataset = forms.ModelChoiceField(label=_("Dataset"), queryset=Dataset.objects.none())
+    eval_dataset = forms.ModelChoiceField(label=_("Eval dataset (empty: hold out a share of the data)"),
+                                          required=False, queryset=Dataset.objects.none())
     base_model = forms.ModelChoiceField(label=_("Base model (empty: train from scratch)"), required=False,
                                         queryset=ModelVersion.objects.none())
     teacher_model = forms.ModelChoiceField(label=_("Teacher model (distillation only)"), required=False,
@@ -122,6 +124,7 @@ class JobForm(forms.Form):
                                       "stage": "pretrain"})
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = Dataset.objects.visible_to(user)
+        self.fields["eval_dataset"].queryset = Dataset.objects.visible_to(user)
         self.fields["base_model"].queryset = ModelVersion.objects.visible_to(user)
         self.fields["teacher_model"].queryset = ModelVersion.objects.visible_to(user)
         demo = self.fields["dataset"].queryset.filter(name="demo-pretrain").first()
@@ -144,5 +147,6 @@ class JobForm(forms.Form):
     def job_request(self, owner) -> dict:
         """The arguments of ``services.submit_job`` / ``estimate_job``."""
         d = self.cleaned_data
-        return dict(owner=owner, name=d["name"], stage=d["stage"], dataset=d["dataset"], base_model=d["base_model"],
-                    teacher_model=d["teacher_model"], config=self.job_config())
+        return dict(owner=owner, name=d["name"], stage=d["stage"], dataset=d["dataset"],
+                    eval_dataset=d.get("eval_dataset"), base_model=d["base_model"], teacher_model=d["teacher_model"],
+                    config=self.job_config())

@@ -130,6 +130,8 @@ class Job(Shareable):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
     stage = models.CharField(_("stage"), max_length=20, choices=STAGE_CHOICES)
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
+    eval_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                                     verbose_name=_("eval dataset"))
     base_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT,
                                    related_name="+")
     teacher_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT,
@@ -220,7 +222,7 @@ class Job(Shareable):
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage, **self.sharing_dict(),
-            "dataset": self.dataset_id, "base_model": self.base_model_id, "teacher_model": self.teacher_model_id,
+            "dataset": self.dataset_id, "eval_dataset": self.eval_dataset_id, "base_model": self.base_model_id, "teacher_model": self.teacher_model_id,
             "tokenizer": self.tokenizer_id,
             "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,
             "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,

@@ -75,7 +75,7 @@ def _model_version(value, field, owner):
 
 def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
                 teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
-                time_limit_s: int | None = None) -> dict:
+                time_limit_s: int | None = None, eval_dataset=None) -> dict:
     """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field."""
     name = (name or "").strip()
     if not name:
@@ -90,6 +90,13 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     if ds.kind != tspec.STAGE_DATASET_KIND[stage]:
         raise ServiceError(f"dataset: stage {stage} needs a {tspec.STAGE_DATASET_KIND[stage]} dataset, "
                            f"{ds.name} is {ds.kind}", field="dataset")
+    eval_ds = None
+    if eval_dataset not in (None, ""):
+        eval_ds = eval_dataset if isinstance(eval_dataset, Dataset) else _visible(Dataset.objects, eval_dataset,
+                                                                                   "eval_dataset", owner)
+        if eval_ds.kind != ds.kind:
+            raise ServiceError(f"eval_dataset: must be a {ds.kind} dataset like the training data, "
+                               f"{eval_ds.name} is {eval_ds.kind}", field="eval_dataset")
     base = _model_version(base_model, "base_model", owner)
     if base is None and stage in ("lora", "dpo", "ppo", "grpo"):
         raise ServiceError(f"base_model: the {stage} stage starts from a trained model", field="base_model")
@@ -132,7 +139,8 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     if time_limit_s is not None:
         if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, int) or time_limit_s < 1:
             raise ServiceError("time_limit_s: a whole number of seconds, at least 1", field="time_limit_s")
-    return dict(owner=owner, name=name, stage=stage, dataset=ds, base_model=base, teacher_model=teacher, tokenizer=tok,
+    return dict(owner=owner, name=name, stage=stage, dataset=ds, eval_dataset=eval_ds, base_model=base,
+                teacher_model=teacher, tokenizer=tok,
                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
                 time_limit_s=time_limit_s, memory_estimate=memory)
 
@@ -376,6 +384,8 @@ def build_spec(job: Job) -> dict:
         "job_id": job.pk, "stage": job.stage, "run_dir": str(job.run_dir), "dataset": job.dataset.path,
         "tokenizer": job.tokenizer.path, "device": "auto", "resume": job.resume, "config": job.resolved_config,
     }
+    if job.eval_dataset:
+        spec["eval_dataset"] = job.eval_dataset.path
     if job.base_model:
         spec["base_model"] = {"path": job.base_model.path, "config": job.base_model.config}
     if job.teacher_model:
@@ -452,6 +462,7 @@ def retry_job(job: Job, actor) -> Job:
 def clone_job(job: Job, actor, name: str | None = None) -> Job:
     """A new queued job with the same stage, data, models and configuration."""
     return submit_job(owner=actor, name=name or f"{job.name} (copy)", stage=job.stage, dataset=job.dataset_id,
+                      eval_dataset=job.eval_dataset_id,
                       config=job.config, base_model=job.base_model_id, teacher_model=job.teacher_model_id,
                       tokenizer=job.tokenizer_id, priority=job.priority, gpus=job.gpus, time_limit_s=job.time_limit_s)
 
@@ -637,7 +648,8 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
 
 def dataset_references(ds: Dataset) -> list[str]:
     """What uses a dataset version: jobs (any state) and models trained on it."""
-    refs = [f"job #{j.pk} {j.name}" for j in Job.objects.filter(dataset=ds).order_by("pk")[:50]]
+    jobs = Job.objects.filter(Q(dataset=ds) | Q(eval_dataset=ds)).order_by("pk")[:50]
+    refs = [f"job #{j.pk} {j.name}" for j in jobs]
     refs += [f"model #{m.pk} {m.name}" for m in ModelVersion.objects.filter(dataset=ds).order_by("pk")[:50]]
     return refs
 

@@ -62,7 +62,8 @@ def job_new(request):
             stage_of.setdefault(key, []).append(stage)
     return render(request, "jobs/new.html", {
         "form": form, "presets": PRESETS, "wizard": wizard, "templates": templates, "chosen": chosen,
-        "target_fields": [form[k] for k in ("name", "stage", "dataset", "base_model", "teacher_model")],
+        "target_fields": [form[k] for k in ("name", "stage", "dataset", "eval_dataset", "base_model",
+                                            "teacher_model")],
         "model_fields": [form[k] for k in MODEL_FIELDS], "basic_fields": [form[k] for k in BASIC_FIELDS],
         "advanced_fields": [form[k] for k in ADVANCED_FIELDS],
         "stage_fields": [(form[k], " ".join(stages)) for k, stages in stage_of.items()]})

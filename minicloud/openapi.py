@@ -29,9 +29,12 @@ SCHEMA = {
             "name": {"type": "string"}, "stage": {"type": "string", "enum": ["pretrain", "sft", "lora", "dpo",
                                                                               "distill", "ppo", "grpo"]},
             "dataset": {"type": "integer"}, "base_model": {"type": "integer", "nullable": True},
+            "eval_dataset": {"type": "integer", "nullable": True,
+                             "description": "a dataset of the same kind for the eval loss (else eval_ratio)"},
             "teacher_model": {"type": "integer", "nullable": True}, "tokenizer": {"type": "integer", "nullable": True},
             "config": {"type": "object", "description": "MiniMind argument names, plus max_steps and seed"},
-            "priority": {"type": "integer"}, "gpus": {"type": "integer", "minimum": 1}}}},
+            "priority": {"type": "integer"}, "gpus": {"type": "integer", "minimum": 1},
+            "time_limit_s": {"type": "integer", "minimum": 1, "nullable": True}}}},
     },
     "security": [{"bearer": []}],
     "paths": {

@@ -43,4 +43,5 @@ def run(spec: dict, model, tok, teacher):
     cfg = spec["config"]
     teacher.to(pick_device(spec["device"]))
     return train(spec, model, load_rows(spec, tok), make_loss(teacher, cfg["alpha"], cfg["temperature"]),
-                 stage_extra={"teacher_params": sum(p.numel() for p in teacher.parameters())})
+                 stage_extra={"teacher_params": sum(p.numel() for p in teacher.parameters())},
+                 load_rows=lambda s: load_rows(s, tok))

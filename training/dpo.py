@@ -49,4 +49,5 @@ def make_loss(reference, beta: float):
 
 def run(spec: dict, model, tok):
     reference = frozen_copy(model, pick_device(spec["device"]))
-    return train(spec, model, load_rows(spec, tok), make_loss(reference, spec["config"]["beta"]))
+    return train(spec, model, load_rows(spec, tok), make_loss(reference, spec["config"]["beta"]),
+                 load_rows=lambda s: load_rows(s, tok))

@@ -169,13 +169,14 @@ def default_save(model, run_dir: Path) -> dict:
 
 
 def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=default_save, stage_extra=None,
-          update=None) -> dict:
+          update=None, load_rows=None) -> dict:
     """Train ``model`` on ``data``; returns ``{"steps": n, **files written by save_fn}``.
 
     ``params``: the trainable parameters, or param groups whose optional ``lr_scale`` multiplies the scheduled lr
     (PPO's critic). ``update(model, batch, opt_step) -> parts`` replaces the loss_fn path for stages that take several
     optimizer steps per batch (PPO): it calls ``opt_step(loss) -> grad_norm`` itself and returns ``loss`` and
-    ``grad_norm`` among its parts.
+    ``grad_norm`` among its parts. ``load_rows(spec) -> data`` reads another file the same way (a spec with an
+    ``eval_dataset`` evaluates on that file instead of holding out ``eval_ratio`` of the rows).
     """
     cfg = spec["config"]
     rank, world_size = world()
@@ -198,7 +199,10 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg["learning_rate"], fused=is_cuda)
 
-    data, eval_data = split_eval(data, cfg["eval_ratio"], cfg["seed"])
+    if spec.get("eval_dataset") and load_rows is not None:
+        eval_data = load_rows({**spec, "dataset": spec["eval_dataset"]})
+    else:
+        data, eval_data = split_eval(data, cfg["eval_ratio"], cfg["seed"])
     n_rows = len(data["x"])
     if n_rows == 0:
         raise ValueError("dataset: no training samples after tokenization")

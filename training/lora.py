@@ -71,4 +71,5 @@ def run(spec: dict, model, tok):
     model = attach(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     events.log(f"Trainable Params: {trainable / 1e6:.3f}M")
-    return train(spec, model, load_rows(spec, tok), lm_loss, save_fn=save, stage_extra={"trainable": trainable})
+    return train(spec, model, load_rows(spec, tok), lm_loss, save_fn=save, stage_extra={"trainable": trainable},
+                 load_rows=lambda s: load_rows(s, tok))

@@ -47,8 +47,12 @@ def lm_loss(model, batch):
     return out.loss + aux, {"logits_loss": out.loss.detach(), "aux_loss": aux.detach()}
 
 
-def run(spec: dict, model, tok):
+def load_rows(spec: dict, tok) -> dict:
     cfg = spec["config"]
     texts = [r["text"] for r in read_jsonl(spec["dataset"], check)]
     x, y = build_rows(texts, tok.backend_tokenizer, cfg["max_seq_len"], cfg["packing"])
-    return train(spec, model, {"x": x, "y": y}, lm_loss)
+    return {"x": x, "y": y}
+
+
+def run(spec: dict, model, tok):
+    return train(spec, model, load_rows(spec, tok), lm_loss, load_rows=lambda s: load_rows(s, tok))

@@ -19,4 +19,4 @@ def load_rows(spec: dict, tok):
 
 
 def run(spec: dict, model, tok):
-    return train(spec, model, load_rows(spec, tok), lm_loss)
+    return train(spec, model, load_rows(spec, tok), lm_loss, load_rows=lambda s: load_rows(s, tok))

@@ -271,6 +271,9 @@ def validate_spec(spec: dict) -> dict:
     for key in ("dataset", "tokenizer"):
         if not Path(spec[key]).exists():
             raise SpecError(key, f"path does not exist: {spec[key]}")
+    if spec.get("eval_dataset") is not None:
+        if not isinstance(spec["eval_dataset"], str) or not Path(spec["eval_dataset"]).exists():
+            raise SpecError("eval_dataset", f"path does not exist: {spec['eval_dataset']}")
     base = spec.get("base_model")
     if base is not None:
         if not isinstance(base, dict) or not isinstance(base.get("path"), str):

@@ -193,3 +193,18 @@ def test_the_form_without_javascript_shows_the_errors(client, user):
     r = client.post("/datasets/upload/", {"name": "n", "kind": "pretrain",
                                           "file": SimpleUploadedFile("n.jsonl", b'{"text": "ok"}\n')})
     assert r.status_code == 302
+
+
+def test_a_job_can_evaluate_on_a_second_file(user, db):
+    from jobs.services import build_spec
+
+    train, sft = Dataset.objects.get(name="demo-pretrain"), Dataset.objects.get(name="demo-sft")
+    held = Dataset.objects.create(owner=user, name="held-out", kind="pretrain", path=train.path, records=10)
+    job = services.submit_job(owner=user, name="e", stage="pretrain", dataset=train.pk, eval_dataset=held.pk,
+                              config=TINY)
+    assert build_spec(job)["eval_dataset"] == held.path
+    assert services.dataset_references(held) == [f"job #{job.pk} e"]
+    with pytest.raises(services.ServiceError) as exc:
+        services.submit_job(owner=user, name="e", stage="pretrain", dataset=train.pk, eval_dataset=sft.pk,
+                            config=TINY)
+    assert exc.value.field == "eval_dataset"

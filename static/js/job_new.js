@@ -39,9 +39,14 @@
   function fitStage() {
     const stage = $("id_stage").value, kind = wizard.stage_kind[stage];
     const datasets = $("id_dataset");
-    for (const opt of datasets.options) {
-      if (!opt.value) continue;
-      opt.hidden = wizard.dataset_kinds[opt.value] !== kind;
+    for (const select of [datasets, $("id_eval_dataset")]) {
+      for (const opt of select.options) {
+        if (!opt.value) continue;
+        opt.hidden = wizard.dataset_kinds[opt.value] !== kind;
+      }
+    }
+    if ($("id_eval_dataset").selectedOptions[0] && $("id_eval_dataset").selectedOptions[0].hidden) {
+      $("id_eval_dataset").value = "";
     }
     if (datasets.selectedOptions[0] && datasets.selectedOptions[0].hidden) {
       const first = [...datasets.options].find((o) => o.value && !o.hidden);
@@ -103,6 +108,7 @@
     const body = { name: $("id_name").value, stage: $("id_stage").value, dataset: Number($("id_dataset").value),
                    config };
     if ($("id_base_model").value) body.base_model = Number($("id_base_model").value);
+    if ($("id_eval_dataset").value) body.eval_dataset = Number($("id_eval_dataset").value);
     if ($("id_teacher_model").value) body.teacher_model = Number($("id_teacher_model").value);
     $("spec-preview").textContent = JSON.stringify(body, null, 2);
   }

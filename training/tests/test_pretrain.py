@@ -129,3 +129,25 @@ def test_checkpoints_rotate_keeping_the_last_and_the_best(tmp_path):
     assert (tmp_path / "resume.pt").resolve().name == "step-0000050.pt"
     index = json.loads((tmp_path / "index.json").read_text())
     assert [(e["step"], e["best"]) for e in index] == [(20, True), (40, False), (50, False)]
+
+
+def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path):
+    """With eval_dataset the whole dataset trains and the eval loss comes from the other file."""
+    held_out = tmp_path / "held-out.jsonl"
+    lines = (demo_dir / "demo-pretrain.jsonl").read_text().splitlines()
+    held_out.write_text("\n".join(lines[:40]) + "\n")
+    path = make_spec(max_steps=4, eval_interval=2)
+    spec = json.loads(path.read_text())
+    spec["eval_dataset"] = str(held_out)
+    path.write_text(json.dumps(spec))
+    rc, events, other = run_engine(path)
+    assert rc == 0, other
+    start = next(e for e in events if e["event"] == "start")
+    _, split_events, _ = run_engine(make_spec("split", max_steps=1))
+    split_start = next(e for e in split_events if e["event"] == "start")
+    assert start["samples"] > split_start["samples"]  # nothing held out of the training data
+    assert start["eval_samples"] > 0 and [e["step"] for e in events if e["event"] == "eval"] == [2, 4]
+    spec["eval_dataset"] = str(tmp_path / "missing.jsonl")
+    path.write_text(json.dumps(spec))
+    rc, events, other = run_engine(path)
+    assert rc == 2 and "eval_dataset" in (other[-1] if other else json.dumps(events[-1]))
