@@ -122,6 +122,14 @@ class Job(Shareable):
         S.SUCCEEDED: set(),
         S.CANCELLED: set(),
     }
+    # What a person may ask for, by the job's current status → the status it moves to (a subset of TRANSITIONS).
+    USER_ACTIONS = {
+        "pause": {S.QUEUED: S.PAUSED, S.RUNNING: S.PAUSING},
+        "resume": {S.PAUSED: S.QUEUED},
+        "retry": {S.FAILED: S.QUEUED, S.INTERRUPTED: S.QUEUED},
+        "cancel": {S.QUEUED: S.CANCELLED, S.PAUSED: S.CANCELLED, S.INTERRUPTED: S.CANCELLED,
+                   S.RUNNING: S.CANCELLING, S.PAUSING: S.CANCELLING},
+    }
     ACTIVE = (S.QUEUED, S.RUNNING, S.PAUSING, S.CANCELLING)
     LIVE = (S.RUNNING, S.PAUSING, S.CANCELLING)  # a training process may exist
     FINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED)

@@ -406,31 +406,29 @@ def _who(actor) -> str:
     return getattr(actor, "username", str(actor))
 
 
-def _refuse(job: Job, action: str, allowed: str):
+def _refuse(job: Job, action: str):
+    states = [str(s) for s in Job.USER_ACTIONS[action]]
+    allowed = ", ".join(states[:-1]) + f" or {states[-1]}" if len(states) > 1 else states[0]
     raise ServiceError(f"job {job.pk} is {job.status}; {action} needs a {allowed} job", status=409)
+
+
+def _user_action(job: Job, action: str, actor) -> Job:
+    """Move the job as ``Job.USER_ACTIONS[action]`` says for its status, or refuse (409)."""
+    job.refresh_from_db()
+    target = Job.USER_ACTIONS[action].get(job.status)
+    if target is None or not job.transition(target, _who(actor)):
+        _refuse(job, action)
+    return job
 
 
 def cancel_job(job: Job, actor) -> Job:
     """Queued/paused/interrupted: cancelled at once. Running/pausing: cancelling (the supervisor stops it)."""
-    job.refresh_from_db()
-    if job.status in (Job.Status.QUEUED, Job.Status.PAUSED, Job.Status.INTERRUPTED):
-        ok = job.transition(Job.Status.CANCELLED, _who(actor))
-    elif job.status in (Job.Status.RUNNING, Job.Status.PAUSING):
-        ok = job.transition(Job.Status.CANCELLING, _who(actor))
-    else:
-        ok = False
-    if not ok:
-        _refuse(job, "cancel", "queued, running, paused or interrupted")
-    return job
+    return _user_action(job, "cancel", actor)
 
 
 def pause_job(job: Job, actor) -> Job:
     """Running: checkpoint, free the device, keep the place (pausing → paused). Queued: paused at once."""
-    job.refresh_from_db()
-    target = {Job.Status.QUEUED: Job.Status.PAUSED, Job.Status.RUNNING: Job.Status.PAUSING}.get(job.status)
-    if target is None or not job.transition(target, _who(actor)):
-        _refuse(job, "pause", "queued or running")
-    return job
+    return _user_action(job, "pause", actor)
 
 
 def _requeue(job: Job, actor: str, message: str = "") -> bool:
@@ -445,8 +443,8 @@ def _requeue(job: Job, actor: str, message: str = "") -> bool:
 def resume_job(job: Job, actor) -> Job:
     job.refresh_from_db()
     check_submission_quota(job.owner, job.gpus, None, requeue=True)
-    if job.status != Job.Status.PAUSED or not _requeue(job, _who(actor), "resumed"):
-        _refuse(job, "resume", "paused")
+    if job.status not in Job.USER_ACTIONS["resume"] or not _requeue(job, _who(actor), "resumed"):
+        _refuse(job, "resume")
     return job
 
 
@@ -454,8 +452,8 @@ def retry_job(job: Job, actor) -> Job:
     """A failed or interrupted job goes back to the queue, continuing from its last checkpoint when it has one."""
     job.refresh_from_db()
     check_submission_quota(job.owner, job.gpus, None, requeue=True)
-    if job.status not in (Job.Status.FAILED, Job.Status.INTERRUPTED) or not _requeue(job, _who(actor), "retry"):
-        _refuse(job, "retry", "failed or interrupted")
+    if job.status not in Job.USER_ACTIONS["retry"] or not _requeue(job, _who(actor), "retry"):
+        _refuse(job, "retry")
     return job
 
 

@@ -149,14 +149,13 @@ def job_detail(request, job_id):
     })
 
 
-S = Job.Status
-# The buttons of a job page and the states that show them (the services enforce the same rules).
+# The buttons of a job page and the states that show them: Job.USER_ACTIONS, the table the services enforce.
 JOB_ACTIONS = [
-    ("pause", gettext_lazy("Pause"), [S.QUEUED, S.RUNNING]),
-    ("resume", gettext_lazy("Resume"), [S.PAUSED]),
-    ("retry", gettext_lazy("Retry from checkpoint"), [S.FAILED, S.INTERRUPTED]),
-    ("clone", gettext_lazy("Clone"), [s.value for s in S]),
-    ("cancel", gettext_lazy("Cancel"), [S.QUEUED, S.RUNNING, S.PAUSING, S.PAUSED, S.INTERRUPTED]),
+    ("pause", gettext_lazy("Pause"), [s.value for s in Job.USER_ACTIONS["pause"]]),
+    ("resume", gettext_lazy("Resume"), [s.value for s in Job.USER_ACTIONS["resume"]]),
+    ("retry", gettext_lazy("Retry from checkpoint"), [s.value for s in Job.USER_ACTIONS["retry"]]),
+    ("clone", gettext_lazy("Clone"), [s.value for s in Job.Status]),
+    ("cancel", gettext_lazy("Cancel"), [s.value for s in Job.USER_ACTIONS["cancel"]]),
 ]
 
 

@@ -180,3 +180,9 @@ def test_queue_position_of_a_job_claimed_meanwhile_is_none(user, demo):
     stale = Job.objects.get(pk=job.pk)  # read while queued
     services.claim_next_job("n", 1)
     assert stale.status == "queued" and services.queue_position(stale) is None
+
+
+def test_every_user_action_is_a_legal_transition():
+    for action, moves in Job.USER_ACTIONS.items():
+        for source, target in moves.items():
+            assert target in Job.TRANSITIONS[source], (action, source, target)
