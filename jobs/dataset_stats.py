@@ -41,25 +41,28 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
     tok.no_padding()
     lengths = array("I")
     letters = {"chinese": 0, "latin": 0, "other": 0}
-    pending: list[list[tuple[list[str], int]]] = []
+    pending: list[tuple[int, list[tuple[list[str], int]]]] = []
+    long_lines: list[int] = []  # the first 100 records longer than max_seq_len, by line
 
     def flush():
-        flat = [t for rows in pending for texts, _ in rows for t in texts]
+        flat = [t for _, rows in pending for texts, _ in rows for t in texts]
         counts = iter(len(e.ids) for e in tok.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
-        for rows in pending:
-            row_lengths = [frame + sum(next(counts) for _ in texts) for texts, frame in rows]
-            lengths.append(max(row_lengths))
+        for lineno, rows in pending:
+            length = max(frame + sum(next(counts) for _ in texts) for texts, frame in rows)
+            lengths.append(length)
+            if length > max_seq_len and len(long_lines) < 100:
+                long_lines.append(lineno)
         pending.clear()
         if progress and total_records:
             progress(min(len(lengths) / total_records, 1.0))
 
     with open_text(path) as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             rec = json.loads(line)
             pieces = _pieces(kind, rec)
-            pending.append(pieces)
+            pending.append((lineno, pieces))
             text = "".join(t for texts, _ in pieces[:1] for t in texts)
             cjk, latin = len(_CJK.findall(text)), len(_LATIN.findall(text))
             letters["chinese"] += cjk
@@ -82,6 +85,7 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
         "p50_tokens": ordered[n // 2] if n else 0, "p95_tokens": ordered[min(int(n * 0.95), n - 1)] if n else 0,
         "max_tokens": ordered[-1] if n else 0,
         "truncated_share": round(sum(1 for v in lengths if v > max_seq_len) / n, 4) if n else 0.0,
+        "truncated_records": sum(1 for v in lengths if v > max_seq_len), "truncated_lines": long_lines,
         "histogram": {"bin_width": width, "starts": [i * width for i in range(len(counts))], "counts": counts},
         "language": {k: round(v / chars, 4) for k, v in letters.items()},
     }

@@ -154,6 +154,10 @@ def test_statistics_with_the_demo_tokenizer(db):
     assert ds.stats_status == "done" and s["records"] == ds.records and s["tokenizer"] == "demo-tokenizer"
     assert sum(s["histogram"]["counts"]) == ds.records and 0 < s["truncated_share"] < 1
     assert s["total_tokens"] > ds.records * 10 and abs(sum(s["language"].values()) - 1) < 1e-3
+    assert 0 < s["truncated_records"] and len(s["truncated_lines"]) == min(s["truncated_records"], 100)
+    with open(ds.path) as f:  # the first line reported is really longer than max_seq_len
+        line = f.readlines()[s["truncated_lines"][0] - 1]
+    assert len(json.loads(line)["conversations"]) >= 2
 
 
 def test_chunked_resumable_upload(client, user, token):

@@ -85,8 +85,25 @@
     else showErrors(done.json);
   }
 
+  async function importFromServer(serverPath) {  // admins: a file already on the server
+    const data = new FormData();
+    data.set("name", $("upload-name").value || serverPath.split("/").pop().replace(/\.gz$/, "").replace(/\.jsonl$/, ""));
+    data.set("kind", $("upload-kind").value);
+    data.set("server_path", serverPath);
+    $("upload-status").textContent = form.dataset.checking || "…";
+    const done = await api("POST", "/api/v1/datasets", data);
+    if (done.status === 201) window.location = `/datasets/${done.json.id}/`;
+    else showErrors(done.json);
+  }
+
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
+    const serverPath = $("upload-server-path") ? $("upload-server-path").value.trim() : "";
+    if (serverPath) {
+      $("upload-errors").hidden = true;
+      await importFromServer(serverPath);
+      return;
+    }
     const file = dropped || input.files[0];
     if (!file) { $("upload-status").textContent = form.dataset.noFile; return; }
     $("upload-errors").hidden = true;
