@@ -10,6 +10,16 @@ def _plain_static_files(settings):
 
 
 @pytest.fixture(autouse=True)
+def _english_unless_asked():
+    """Each test starts in English (a page rendered in Chinese by an earlier test must not leak its language)."""
+    from django.utils import translation
+
+    translation.activate("en")
+    yield
+    translation.deactivate()
+
+
+@pytest.fixture(autouse=True)
 def _own_home_for_runs(settings, tmp_path):
     """Run folders (checkpoints, weights) of in-process tests go to a fresh folder, not the developer's var/."""
     settings.HOME = tmp_path / "home"

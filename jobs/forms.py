@@ -55,11 +55,21 @@ def _float(label, help_text, **kw):
     return forms.FloatField(label=label, help_text=help_text, **kw)
 
 
+class DatasetChoiceField(forms.ModelChoiceField):
+    """Datasets with their statistics in the option text (records; tokens once computed)."""
+
+    def label_from_instance(self, obj):
+        label = f"{obj} · {obj.records} " + str(_("records"))
+        if obj.stats.get("total_tokens"):
+            label += f" · {obj.stats['total_tokens']:,} " + str(_("tokens"))
+        return label
+
+
 class JobForm(forms.Form):
     name = forms.CharField(label=_("Name"), max_length=200)
     stage = forms.ChoiceField(label=_("Stage"), choices=STAGE_CHOICES)
-    dataset = forms.ModelChoiceField(label=_("Dataset"), queryset=Dataset.objects.none())
-    eval_dataset = forms.ModelChoiceField(label=_("Eval dataset (empty: hold out a share of the data)"),
+    dataset = DatasetChoiceField(label=_("Dataset"), queryset=Dataset.objects.none())
+    eval_dataset = DatasetChoiceField(label=_("Eval dataset (empty: hold out a share of the data)"),
                                           required=False, queryset=Dataset.objects.none())
     base_model = forms.ModelChoiceField(label=_("Base model (empty: train from scratch)"), required=False,
                                         queryset=ModelVersion.objects.none())

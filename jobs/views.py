@@ -103,7 +103,9 @@ def _starts_in(seconds) -> str:
 def job_estimate(request):
     """The new-job page asks this as the form changes: the first problem (with its field), or the parameter count,
     the memory per device and a rough time. Nothing is stored."""
-    form = JobForm(request.POST, user=request.user)
+    data = request.POST.copy()
+    data["name"] = data.get("name") or "estimate"  # a name is not needed to estimate
+    form = JobForm(data, user=request.user)
     if not form.is_valid():
         field, errors = next(iter(form.errors.items()))
         return JsonResponse({"ok": False, "field": field, "error": " ".join(errors)})

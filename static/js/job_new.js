@@ -84,6 +84,7 @@
       if (ticket !== asked) return;  // a newer answer is on its way
       for (const el of form.querySelectorAll(".field.invalid")) el.classList.remove("invalid");
       $("estimate-error").hidden = answer.ok;
+      $("submit-job").disabled = !answer.ok;  // an invalid combination cannot be submitted from the page
       if (!answer.ok) {
         $("estimate-error").textContent = answer.error;
         if (field("id_" + answer.field)) field("id_" + answer.field).classList.add("invalid");
