@@ -17,7 +17,10 @@ def test_websocket_receives_live_metric_points(live):
         with connect(uri, origin=live.url, additional_headers={"Authorization": f"Bearer {live.token}"},
                      open_timeout=10) as ws:
             while len(seqs) < 6:
-                msg = json.loads(ws.recv(timeout=120))
+                try:
+                    msg = json.loads(ws.recv(timeout=120))
+                except Exception as exc:  # say what the server logged
+                    raise AssertionError(f"{exc!r}\n{live.log()}") from exc
                 statuses.add(msg["job"]["status"])
                 seqs += [p["seq"] for p in msg["points"]]
                 assert all(("loss" in p["values"] and "lr" in p["values"]) or "eval_loss" in p["values"]
