@@ -189,7 +189,9 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{INSTANCE}:asgi"},
+            # redis-py 8 times socket reads out after 5 s by default, exactly channels_redis's blocking-pop wait: a
+            # consumer then dies with "Timeout reading". Reads may take longer than the pop they wait on.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}], "prefix": f"{INSTANCE}:asgi"},
         }
     }
 else:
