@@ -164,14 +164,7 @@ def uploads(request):
 @endpoint("GET", "PUT")
 def upload_detail(request, upload_id):
     """GET: bytes received so far (resume from there). PUT ?offset=N with the raw chunk as the body."""
-    from django.core.exceptions import ValidationError
-
-    from .models import Upload
-
-    try:
-        upload = Upload.objects.filter(pk=upload_id, owner=request.user).first()
-    except ValidationError:
-        upload = None
+    upload = services.find_upload(request.user, upload_id)
     if upload is None:
         raise ApiError(404, f"no upload {upload_id}")
     if request.method == "GET":

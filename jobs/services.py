@@ -75,8 +75,10 @@ def _model_version(value, field, owner):
 
 def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
                 teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
-                time_limit_s: int | None = None, eval_dataset=None) -> dict:
-    """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field."""
+                time_limit_s: int | None = None, eval_dataset=None, estimate: dict | None = None) -> dict:
+    """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field.
+
+    ``estimate``, when given, receives the memory estimate (bytes and parts) and whether the devices are GPUs."""
     name = (name or "").strip()
     if not name:
         raise ServiceError("name: is required", field="name")
@@ -131,7 +133,10 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     nodes = device_state() or device_state(settings.NODE_NAME)  # no live node yet: this machine's devices
     cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
     teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
-    memory = estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)["bytes"]
+    memory_parts = estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)
+    memory = memory_parts["bytes"]
+    if estimate is not None:
+        estimate.update(memory=memory_parts, cuda=cuda)
     why = scheduler.never_fits(nodes, gpus, memory)
     if why:
         field = "gpus" if why[0] == "gpus" else "config.batch_size"
@@ -193,14 +198,11 @@ def estimate_job(**request) -> dict:
     from training.estimate import estimate_seconds
 
     request["name"] = request.get("name") or "estimate"  # a name is not needed to estimate
-    fields = prepare_job(**request)
+    est = {}
+    fields = prepare_job(**request, estimate=est)
     cfg, stage = fields["resolved_config"], fields["stage"]
-    teacher = fields["teacher_model"]
-    teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
-    cuda = any(d.kind == "cuda" for devs in (device_state() or device_state(settings.NODE_NAME)).values()
-               for d in devs)
     return {"stage": stage, "resolved_config": cfg, "parameters": tspec.parameter_count(tspec.model_config(cfg)),
-            "memory": estimate_memory(stage, cfg, teacher_cfg, cuda=cuda), "cuda": cuda,
+            "memory": est["memory"], "cuda": est["cuda"],
             "seconds": estimate_seconds(stage, cfg, fields["dataset"].records, fields["gpus"])}
 
 
@@ -700,24 +702,32 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
     Dataset.objects.filter(pk=ds.pk).update(stats_status="done", stats_progress=1.0, stats=stats)
 
 
+def _check_upload_size(n_bytes: int) -> None:
+    if n_bytes > settings.UPLOAD_MAX_BYTES:
+        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
+                           status=413, field="file")
+
+
+def find_upload(owner, upload_id):
+    """One of the owner's unfinished uploads, or None (also for an id that is not a UUID)."""
+    from django.core.exceptions import ValidationError
+
+    from .models import Upload
+
+    try:
+        return Upload.objects.filter(pk=upload_id, owner=owner).first()
+    except ValidationError:
+        return None
+
+
 def upload_dataset(request, owner) -> Dataset:
     """A dataset from a multipart request (``file``, ``name``, ``kind``; admins may give ``server_path`` instead of a
     file). The file was streamed to a temporary file by Django's upload handler; too large a request is a 413."""
-    length = int(request.META.get("CONTENT_LENGTH") or 0)
-    if length > settings.UPLOAD_MAX_BYTES:
-        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
-                           status=413, field="file")
+    _check_upload_size(int(request.META.get("CONTENT_LENGTH") or 0))
     name, kind = request.POST.get("name", ""), request.POST.get("kind", "")
     upload_id = request.POST.get("upload", "").strip()
     if upload_id:  # a chunked upload finished: see start_upload / append_upload
-        from .models import Upload
-
-        from django.core.exceptions import ValidationError
-
-        try:
-            upload = Upload.objects.filter(pk=upload_id, owner=owner).first()
-        except ValidationError:  # not a UUID
-            upload = None
+        upload = find_upload(owner, upload_id)
         if upload is None:
             raise ServiceError(f"upload: no upload {upload_id} of yours", status=404, field="upload")
         return finish_upload(upload, name=name, kind=kind, request=request)
@@ -733,9 +743,7 @@ def upload_dataset(request, owner) -> Dataset:
     upload = request.FILES.get("file")
     if upload is None:
         raise ServiceError("file: attach a .jsonl or .jsonl.gz file", field="file")
-    if upload.size > settings.UPLOAD_MAX_BYTES:
-        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
-                           status=413, field="file")
+    _check_upload_size(upload.size)
     if not name:
         name = Path(upload.name or "dataset").name.removesuffix(".gz").removesuffix(".jsonl")[:200]
     if hasattr(upload, "temporary_file_path"):  # streamed to disk: validated, then moved into the store
@@ -765,9 +773,7 @@ def append_upload(upload, offset: int, stream, length: int) -> int:
     if offset != upload.size:
         raise ServiceError(f"offset: this upload has {upload.size} bytes; send from there", status=409,
                            field="offset", details={"offset": upload.size})
-    if upload.size + length > settings.UPLOAD_MAX_BYTES:
-        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
-                           status=413, field="file")
+    _check_upload_size(upload.size + length)
     written = 0
     with open(upload.path, "ab") as f:
         for block in iter(lambda: stream.read(1 << 20), b""):

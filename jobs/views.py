@@ -279,11 +279,16 @@ def dataset_upload(request):
 PREVIEW_PAGE = 10
 
 
-@login_required
-def dataset_detail(request, dataset_id):
+def _dataset_or_404(request, dataset_id):
     ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
     if ds is None:
         raise Http404(_("No such dataset."))
+    return ds
+
+
+@login_required
+def dataset_detail(request, dataset_id):
+    ds = _dataset_or_404(request, dataset_id)
     page = max(int(request.GET.get("page", "1")) if request.GET.get("page", "1").isdigit() else 1, 1)
     records = selectors.dataset_records(ds, (page - 1) * PREVIEW_PAGE, PREVIEW_PAGE)
     versions = Dataset.objects.visible_to(request.user).filter(owner=ds.owner, name=ds.name).order_by("-version")
@@ -299,9 +304,7 @@ def dataset_detail(request, dataset_id):
 @login_required
 @require_POST
 def dataset_action(request, dataset_id, action):
-    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
-    if ds is None:
-        raise Http404(_("No such dataset."))
+    ds = _dataset_or_404(request, dataset_id)
     try:
         if action == "stats":
             msl = request.POST.get("max_seq_len", "")
@@ -322,7 +325,5 @@ def dataset_action(request, dataset_id, action):
 
 @login_required
 def dataset_stats(request, dataset_id):
-    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
-    if ds is None:
-        raise Http404(_("No such dataset."))
+    ds = _dataset_or_404(request, dataset_id)
     return JsonResponse({"status": ds.stats_status, "progress": ds.stats_progress, "stats": ds.stats})
