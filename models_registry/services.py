@@ -93,6 +93,18 @@ def check_tokenizer_files(folder: Path) -> str | None:
     return None
 
 
+def _new_tokenizer_name(owner, name: str) -> str:
+    """A valid name that the owner has not used for a tokenizer yet."""
+    from minicloud.errors import ServiceError
+
+    name = (name or "").strip()
+    if not name or len(name) > 100:
+        raise ServiceError("name: 1 to 100 characters", field="name")
+    if Tokenizer.objects.filter(owner=owner, name=name).exists():
+        raise ServiceError(f"name: you already have a tokenizer called {name!r}", field="name", status=409)
+    return name
+
+
 def upload_tokenizer(*, owner, name: str, tokenizer_json, tokenizer_config, request=None) -> Tokenizer:
     """Store an uploaded tokenizer (tokenizer.json + tokenizer_config.json, e.g. MiniMind's own). A config without a
     chat template gets MiniMind's (training/chat_template.jinja)."""
@@ -102,9 +114,7 @@ def upload_tokenizer(*, owner, name: str, tokenizer_json, tokenizer_config, requ
     from minicloud.errors import ServiceError
     from training.tokenizer import CHAT_TEMPLATE
 
-    name = (name or "").strip()
-    if not name or len(name) > 100:
-        raise ServiceError("name: 1 to 100 characters", field="name")
+    name = _new_tokenizer_name(owner, name)
     if tokenizer_json is None or tokenizer_config is None:
         raise ServiceError("files: send tokenizer_json and tokenizer_config", field="tokenizer_json")
     folder = _tokenizer_dir()
@@ -121,9 +131,6 @@ def upload_tokenizer(*, owner, name: str, tokenizer_json, tokenizer_config, requ
         config["chat_template"] = CHAT_TEMPLATE
         (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2),
                                                       encoding="utf-8")
-    if Tokenizer.objects.filter(owner=owner, name=name).exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        raise ServiceError(f"name: you already have a tokenizer called {name!r}", field="name", status=409)
     tok = register_tokenizer(name=name, path=folder, owner=owner)
     audit(owner, "tokenizer_upload", tok, request=request)
     return tok
@@ -137,13 +144,9 @@ def start_tokenizer_training(*, owner, name: str, dataset, vocab_size: int = 640
     from accounts.services import audit
     from minicloud.errors import ServiceError
 
-    name = (name or "").strip()
-    if not name or len(name) > 100:
-        raise ServiceError("name: 1 to 100 characters", field="name")
+    name = _new_tokenizer_name(owner, name)
     if not isinstance(vocab_size, int) or not 300 <= vocab_size <= 200_000:
         raise ServiceError("vocab_size: between 300 and 200000", field="vocab_size")
-    if Tokenizer.objects.filter(owner=owner, name=name).exists():
-        raise ServiceError(f"name: you already have a tokenizer called {name!r}", field="name", status=409)
     tok = Tokenizer.objects.create(name=name, owner=owner, path="", status="training", trained_on=dataset,
                                    vocab_size=vocab_size)
     audit(owner, "tokenizer_train", tok, request=request, dataset=dataset.pk, vocab_size=vocab_size)
