@@ -1,4 +1,5 @@
-"""``python -m training run SPEC.json`` | ``demo-data OUT_DIR`` | ``train-tokenizer DATA.jsonl... --out DIR``."""
+"""``python -m training run SPEC.json`` | ``demo-data OUT_DIR`` | ``train-tokenizer DATA.jsonl... --out DIR`` |
+``convert hf|pth SRC OUT`` | ``inspect PTH --config C`` | ``merge-lora BASE LORA OUT --config C`` | ``chat-worker``."""
 from __future__ import annotations
 
 import argparse
@@ -85,15 +86,46 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
+def _report(fn) -> int:
+    """Run a conversion; print its JSON report, or ``{"error": ...}`` (one line naming the problem) and exit 2."""
+    try:
+        print(json.dumps(fn()))
+        return 0
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        sys.stderr.write(traceback.format_exc())
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(json.dumps({"error": message}))
+        return 2
+
+
+def _config_arg(args) -> dict:
+    return json.loads(Path(args.config).read_text()) if args.config else {}
+
+
 def cmd_convert(args) -> int:
-    from .convert import hf_to_pth, pth_to_hf
+    from . import convert
 
     if args.to == "hf":
-        config = json.loads(Path(args.config).read_text()) if args.config else {}
-        print(pth_to_hf(args.src, config, args.out, args.tokenizer))
-    else:
-        print(json.dumps(hf_to_pth(args.src, args.out)))
-    return 0
+        return _report(lambda: convert.export_hf(args.src, _config_arg(args), args.out, args.tokenizer))
+    return _report(lambda: convert.import_hf(args.src, args.out))
+
+
+def cmd_inspect(args) -> int:
+    from . import convert
+
+    return _report(lambda: convert.inspect_pth(args.src, _config_arg(args)))
+
+
+def cmd_merge_lora(args) -> int:
+    from . import convert
+
+    return _report(lambda: convert.merge_lora(args.base, _config_arg(args), args.lora, args.out))
+
+
+def cmd_chat_worker(args) -> int:
+    from .chat_worker import main as worker
+
+    return worker()
 
 
 def main(argv=None) -> int:
@@ -111,13 +143,25 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=6400)
     p.set_defaults(func=cmd_train_tokenizer)
-    p = sub.add_parser("convert", help="MiniMind .pth <-> Hugging Face folder")
+    p = sub.add_parser("convert", help="MiniMind .pth <-> Hugging Face folder, verified by logits (JSON report)")
     p.add_argument("to", choices=["hf", "pth"], help="hf: .pth → folder; pth: folder → .pth")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--config", help="JSON file of MiniMind config names (for a .pth)")
     p.add_argument("--tokenizer", help="tokenizer folder to copy into the Hugging Face folder")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("inspect", help="load a MiniMind .pth strictly against its config; print the config")
+    p.add_argument("src")
+    p.add_argument("--config", help="JSON file of MiniMind config names")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("merge-lora", help="merge MiniMind's LoRA .pth into its base model (verified)")
+    p.add_argument("base")
+    p.add_argument("lora")
+    p.add_argument("out")
+    p.add_argument("--config", help="JSON file of the base model's MiniMind config names")
+    p.set_defaults(func=cmd_merge_lora)
+    p = sub.add_parser("chat-worker", help="JSON-lines generation server on stdin/stdout (playground, /v1 API)")
+    p.set_defaults(func=cmd_chat_worker)
     args = parser.parse_args(argv)
     return args.func(args)
 
