@@ -56,6 +56,15 @@ def api(client, token):
             return client.post(path, json.dumps(data or {}), content_type="application/json",
                                HTTP_AUTHORIZATION=f"Bearer {token}", **kw)
 
+        def patch(self, path, data=None):
+            import json
+
+            return client.patch(path, json.dumps(data or {}), content_type="application/json",
+                                HTTP_AUTHORIZATION=f"Bearer {token}")
+
+        def delete(self, path):
+            return client.delete(path, HTTP_AUTHORIZATION=f"Bearer {token}")
+
     return Api()
 
 

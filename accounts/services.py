@@ -120,7 +120,8 @@ def audit(actor, action: str, obj=None, *, request=None, username: str = "", **d
 
 def storage_used(user) -> int:
     """Bytes the user stores: their datasets, their jobs' run folders (checkpoints and trained weights) and the
-    models they imported (models trained by a job live in its run folder)."""
+    models they imported or merged, and the conversions cached for their models (models trained by a job live in
+    its run folder)."""
     from django.db.models import Sum
 
     from jobs.models import Dataset, Job
@@ -128,7 +129,9 @@ def storage_used(user) -> int:
     from models_registry.models import ModelVersion
 
     total = Dataset.objects.filter(owner=user).aggregate(n=Sum("size_bytes"))["n"] or 0
-    total += ModelVersion.objects.filter(owner=user, job__isnull=True).aggregate(n=Sum("size_bytes"))["n"] or 0
+    for mv in ModelVersion.objects.filter(owner=user).only("pk", "job_id", "size_bytes"):
+        used = disk_usage(mv.files_dir)  # imported/merged weights and cached conversions (Hugging Face zips)
+        total += max(used, mv.size_bytes) if mv.job_id is None else used
     for job in Job.objects.filter(owner=user).only("pk"):
         total += disk_usage(job.run_dir)
     return total

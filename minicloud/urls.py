@@ -8,6 +8,7 @@ from accounts.forms import RateLimitedAuthenticationForm
 from jobs import api as jobs_api
 from jobs import views as jobs_views
 from models_registry import api as models_api
+from models_registry import openai_api
 from models_registry import views as models_views
 
 from . import openapi
@@ -43,6 +44,13 @@ api_v1 = [
     path("tokenizers/<int:tokenizer_id>/encode", models_api.tokenizer_encode),
     path("models/<int:model_id>", models_api.model_detail),
     path("models/<int:model_id>/download", models_api.model_download),
+    path("models/<int:model_id>/merge", models_api.model_merge),
+    path("models/import", models_api.model_import),
+]
+
+openai_v1 = [
+    path("models", openai_api.models),
+    path("chat/completions", openai_api.chat_completions),
 ]
 
 urlpatterns = [
@@ -73,6 +81,9 @@ urlpatterns = [
     path("tokenizers/<int:tokenizer_id>/", models_views.tokenizer_detail, name="tokenizer_detail"),
     path("models/<int:model_id>/", models_views.model_detail, name="model_detail"),
     path("models/<int:model_id>/download/", models_views.model_download, name="model_download"),
+    path("models/<int:model_id>/<str:action>/", models_views.model_action, name="model_action"),
+    path("models/import/", models_views.model_import, name="model_import"),
+    path("playground/", models_views.playground, name="playground"),
     path("usage/", accounts_views.usage, name="usage"),
     path("groups/", accounts_views.group_list, name="groups"),
     path("groups/<int:group_id>/", accounts_views.group_detail, name="group_detail"),
@@ -80,4 +91,5 @@ urlpatterns = [
     path("usage/report.csv", accounts_views.usage_report_csv, name="usage_report"),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
+    path("v1/", include(openai_v1)),
 ]

@@ -1,15 +1,14 @@
-from django.http import FileResponse
-
 from accounts.services import audit
 from minicloud.api import ApiError, endpoint, json_body
+from minicloud.downloads import serve_file
 
 from . import services
 from .models import ModelVersion, Tokenizer
-from .services import download_name, lora_zip
+from .services import download_name
 
 
 def _model(request, model_id) -> ModelVersion:
-    mv = ModelVersion.objects.visible_to(request.user).filter(pk=model_id).first()
+    mv = ModelVersion.objects.visible_to(request.user).select_related("tokenizer").filter(pk=model_id).first()
     if mv is None:
         raise ApiError(404, f"no model {model_id}")
     return mv
@@ -17,32 +16,56 @@ def _model(request, model_id) -> ModelVersion:
 
 @endpoint("GET")
 def models(request):
-    return {"models": [m.to_dict() for m in ModelVersion.objects.visible_to(request.user)[:500]]}
+    return {"models": [m.to_dict() for m in ModelVersion.objects.visible_to(request.user).select_related("owner")[:500]]}
 
 
-@endpoint("GET")
+@endpoint("GET", "PATCH", "DELETE")
 def model_detail(request, model_id):
-    return _model(request, model_id).to_dict()
+    """GET: the version with lineage and verifications. PATCH ``{"notes", "tags"}``. DELETE: when nothing uses it."""
+    mv = _model(request, model_id)
+    if request.method == "PATCH":
+        data = json_body(request)
+        return services.update_model(request.user, mv, notes=data.get("notes"), tags=data.get("tags")).to_dict()
+    if request.method == "DELETE":
+        services.delete_model(request.user, mv, request=request)
+        return {"deleted": model_id}
+    return mv.to_dict()
+
+
+CONTENT_TYPES = {"pth": "application/octet-stream", "hf": "application/zip", "lora": "application/zip"}
+
+
+def download(request, mv: ModelVersion):
+    """The file of ``?format=`` (pth, hf or lora), streamed and resumable; audited once per download (not per
+    resumed range)."""
+    fmt = request.GET.get("format", "pth")
+    path = services.format_file(mv, fmt)
+    if not request.headers.get("Range", "").startswith("bytes=") or request.headers.get("Range") == "bytes=0-":
+        audit(request.user, "download", mv, request=request, format=fmt)
+    return serve_file(request, path, download_name(mv, fmt), CONTENT_TYPES[fmt])
 
 
 @endpoint("GET")
 def model_download(request, model_id):
-    mv = _model(request, model_id)
-    fmt = request.GET.get("format", "pth")
-    if fmt == "lora":
-        if not mv.lora_path:
-            raise ApiError(400, f"format: model {model_id} has no LoRA adapter (only LoRA jobs make one)")
-        path = lora_zip(mv)
-        audit(request.user, "download", mv, request=request, format="lora")
-        return FileResponse(open(path, "rb"), as_attachment=True,
-                            filename=download_name(mv).replace(".pth", "_lora.zip"), content_type="application/zip")
-    if fmt != "pth":
-        raise ApiError(400, f"format: {fmt!r} is not available yet; use pth or lora")
-    if not mv.pth_path.exists():
-        raise ApiError(404, f"the weights file of model {model_id} is missing on disk")
-    audit(request.user, "download", mv, request=request, format="pth")
-    return FileResponse(open(mv.pth_path, "rb"), as_attachment=True, filename=download_name(mv),
-                        content_type="application/octet-stream")
+    return download(request, _model(request, model_id))
+
+
+@endpoint("POST")
+def model_import(request):
+    """Multipart ``name``, ``file`` (a MiniMind .pth or a zipped Hugging Face folder), for a .pth ``config`` (JSON of
+    MiniMind config names), and optionally ``tokenizer_json`` + ``tokenizer_config`` or ``tokenizer`` (an id)."""
+    tok = request.POST.get("tokenizer", "")
+    mv = services.import_model(owner=request.user, name=request.POST.get("name", ""), upload=request.FILES.get("file"),
+                               config=request.POST.get("config"), tokenizer_json=request.FILES.get("tokenizer_json"),
+                               tokenizer_config=request.FILES.get("tokenizer_config"),
+                               tokenizer_id=int(tok) if tok.isdigit() else None, request=request)
+    return mv.to_dict(), 201
+
+
+@endpoint("POST")
+def model_merge(request, model_id):
+    """Merge a LoRA version into its base: a new full model version."""
+    return services.merge_lora(owner=request.user, mv=_model(request, model_id), request=request).to_dict(), 201
 
 
 @endpoint("GET", "POST")

@@ -51,7 +51,15 @@ class ModelVersion(Shareable):
     adapter_path = models.CharField(max_length=500, blank=True)  # peft adapter folder (LoRA jobs)
     size_bytes = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
+    version = models.PositiveIntegerField(_("version"), default=1)
+    source = models.CharField(max_length=20, default="job")  # "job", "import" or "merge"
+    active_parameters = models.BigIntegerField(_("active parameters"), default=0)
+    metrics = models.JSONField(default=dict, blank=True)  # the training job's final metric values
+    verifications = models.JSONField(default=dict, blank=True)  # format → {max_abs_diff, tolerance, ok, ...}
+    notes = models.TextField(_("notes"), blank=True)
+    tags = models.JSONField(_("tags"), default=list, blank=True)
 
+    SOURCES = ("job", "import", "merge")
 
     class Meta:
         verbose_name = _("model")
@@ -59,7 +67,12 @@ class ModelVersion(Shareable):
         ordering = ["-created_at"]
 
     def __str__(self):
-        return self.name
+        return f"{self.name} v{self.version}"
+
+    @property
+    def files_dir(self) -> Path:
+        """Where this version's own files live (imports, merges, cached conversions)."""
+        return settings.HOME / "models" / str(self.pk)
 
     @property
     def pth_path(self) -> Path:
@@ -67,14 +80,16 @@ class ModelVersion(Shareable):
 
     @property
     def formats(self) -> list[str]:
-        return ["pth"] + (["lora"] if self.lora_path else [])
+        return ["pth", "hf"] + (["lora"] if self.lora_path else [])
 
     def to_dict(self):
         return {
-            "id": self.pk, "name": self.name, "stage": self.stage, "owner": self.owner.username if self.owner else None,
-            **self.sharing_dict(), "config": self.config, "parameters": self.parameters,
+            "id": self.pk, "name": self.name, "version": self.version, "stage": self.stage, "source": self.source,
+            "owner": self.owner.username if self.owner else None, **self.sharing_dict(), "config": self.config,
+            "parameters": self.parameters, "active_parameters": self.active_parameters or self.parameters,
             "size_bytes": self.size_bytes, "created_at": self.created_at.isoformat(),
             "lineage": {"parent": self.parent_id, "job": self.job_id, "dataset": self.dataset_id,
                         "tokenizer": self.tokenizer_id},
-            "formats": self.formats,
+            "formats": self.formats, "verifications": self.verifications, "metrics": self.metrics,
+            "notes": self.notes, "tags": self.tags,
         }

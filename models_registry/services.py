@@ -24,37 +24,450 @@ def demo_tokenizer() -> Tokenizer | None:
     return Tokenizer.objects.filter(name="demo-tokenizer", is_public=True).first()
 
 
+def next_version(owner, name: str) -> int:
+    last = ModelVersion.objects.filter(owner=owner, name=name).order_by("-version").values_list("version", flat=True)
+    return (last.first() or 0) + 1
+
+
+def _parameters(mcfg: dict) -> dict:
+    from training.spec import parameter_count
+
+    try:
+        return parameter_count(mcfg)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return {"total": 0, "active": 0}
+
+
+def final_metrics(job) -> dict:
+    """The last value of every metric the job reported (its final loss, eval loss, reward ...)."""
+    from jobs.models import MetricPoint
+
+    found: dict = {}
+    for values in MetricPoint.objects.filter(job=job).order_by("-seq").values_list("values", flat=True)[:500]:
+        for key, value in values.items():
+            found.setdefault(key, value)
+    return found
+
+
 def register_job_output(job, *, model_path: str, model_config: dict, parameters: int, lora_path: str = "",
                         adapter_path: str = "") -> ModelVersion:
-    """Record a finished job's final weights as a model version, with its lineage."""
+    """Record a finished job's final weights as a model version, with its lineage and final metrics."""
     path = Path(model_path)
+    name = f"{job.name}-{job.stage}"
     return ModelVersion.objects.create(
-        name=f"{job.name}-{job.stage}", owner=job.owner, stage=job.stage, job=job, parent=job.base_model,
-        dataset=job.dataset, tokenizer=job.tokenizer, config=model_config, parameters=parameters, path=str(path),
-        lora_path=lora_path, adapter_path=adapter_path, size_bytes=path.stat().st_size)
+        name=name, version=next_version(job.owner, name), owner=job.owner, stage=job.stage, job=job,
+        parent=job.base_model, dataset=job.dataset, tokenizer=job.tokenizer, config=model_config,
+        parameters=parameters, active_parameters=_parameters(model_config)["active"] or parameters,
+        path=str(path), lora_path=lora_path, adapter_path=adapter_path, size_bytes=path.stat().st_size,
+        metrics=final_metrics(job), source="job")
 
 
-def lora_zip(mv: ModelVersion) -> Path:
-    """A zip of the LoRA outputs: MiniMind's LoRA .pth and the peft adapter folder (built once, kept beside them)."""
-    import zipfile
-
-    out = Path(mv.lora_path).with_name("lora.zip")
-    if not out.exists():
-        tmp = out.with_suffix(".tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.write(mv.lora_path, download_name(mv).replace(".pth", "_lora.pth"))
-            for f in sorted(Path(mv.adapter_path).rglob("*")) if mv.adapter_path else []:
-                if f.is_file():
-                    zf.write(f, f"adapter/{f.relative_to(mv.adapter_path)}")
-        tmp.replace(out)
-    return out
-
-
-def download_name(mv: ModelVersion) -> str:
+def download_name(mv: ModelVersion, fmt: str = "pth") -> str:
     hidden = mv.config.get("hidden_size", "")
     moe = "_moe" if mv.config.get("use_moe") else ""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in mv.name)
-    return f"{safe}_{hidden}{moe}.pth"
+    base = f"{safe}_v{mv.version}_{hidden}{moe}"
+    return {"pth": f"{base}.pth", "hf": f"{base}_hf.zip", "lora": f"{base}_lora.zip"}[fmt]
+
+
+# --- the engine, run as a subprocess (no torch in a Django process) ----------------------------------------------
+
+ENGINE_TIMEOUT_S = 1800
+
+
+def run_engine(*args, timeout: int = ENGINE_TIMEOUT_S) -> dict:
+    """``python -m training ARGS`` → its JSON report; its one-line error becomes a ServiceError (400)."""
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from minicloud.errors import ServiceError
+
+    try:
+        out = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=settings.BASE_DIR,
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ServiceError(f"the conversion took longer than {timeout} s", status=504) from None
+    lines = out.stdout.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        report = {}
+    if out.returncode != 0 or "error" in report or not report:
+        message = report.get("error") or (out.stderr.strip().splitlines() or ["the engine failed"])[-1]
+        raise ServiceError(message[:500], status=400)
+    return report
+
+
+def _write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+class _Lock:
+    """An exclusive lock file: one conversion of a model at a time, across processes and nodes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _zip_folder(folder: Path, out: Path, prefix: str = "") -> Path:
+    import zipfile
+
+    tmp = out.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, f"{prefix}{f.relative_to(folder)}")
+    tmp.replace(out)
+    return out
+
+
+def _record_verification(mv: ModelVersion, fmt: str, report: dict) -> None:
+    from django.utils import timezone
+
+    mv.verifications = {**ModelVersion.objects.get(pk=mv.pk).verifications,
+                        fmt: {**report["verification"], "checked_at": timezone.now().isoformat()}}
+    ModelVersion.objects.filter(pk=mv.pk).update(verifications=mv.verifications)
+
+
+def hf_zip(mv: ModelVersion) -> Path:
+    """The Hugging Face folder of a model, zipped: converted on first request (verified by logits), then cached."""
+    import shutil
+
+    from minicloud.errors import ServiceError
+
+    out = mv.files_dir / "hf.zip"
+    with _Lock(mv.files_dir / ".lock"):
+        if out.exists():
+            return out
+        folder = mv.files_dir / "hf"
+        shutil.rmtree(folder, ignore_errors=True)
+        config = _write_json(mv.files_dir / "config.json", mv.config)
+        args = ["convert", "hf", mv.pth_path, folder, "--config", config]
+        if mv.tokenizer_id and mv.tokenizer.status == "ready":
+            args += ["--tokenizer", mv.tokenizer.path]
+        report = run_engine(*args)
+        _record_verification(mv, "hf", report)
+        if not report["verification"]["ok"]:
+            raise ServiceError(f"conversion check failed: logits differ by {report['verification']['max_abs_diff']:.3g}"
+                               f" (> {report['verification']['tolerance']:g})", status=500)
+        _zip_folder(folder, out)
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def lora_zip(mv: ModelVersion) -> Path:
+    """A zip of the LoRA outputs: MiniMind's LoRA .pth and the peft adapter folder (built once, kept)."""
+    import zipfile
+
+    out = mv.files_dir / "lora.zip"
+    with _Lock(mv.files_dir / ".lock"):
+        if not out.exists():
+            tmp = out.with_suffix(".tmp")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+                zf.write(mv.lora_path, download_name(mv).replace(".pth", "_lora.pth"))
+                for f in sorted(Path(mv.adapter_path).rglob("*")) if mv.adapter_path else []:
+                    if f.is_file():
+                        zf.write(f, f"adapter/{f.relative_to(mv.adapter_path)}")
+            tmp.replace(out)
+    return out
+
+
+def format_file(mv: ModelVersion, fmt: str) -> Path:
+    """The file to download for ``fmt`` (pth, hf or lora), produced on demand and cached."""
+    from minicloud.errors import ServiceError
+
+    if fmt not in ("pth", "hf", "lora"):
+        raise ServiceError(f"format: {fmt!r} is not one of pth, hf, lora", field="format")
+    if fmt == "lora" and not mv.lora_path:
+        raise ServiceError(f"format: model {mv.pk} has no LoRA adapter (only LoRA jobs make one)", field="format")
+    if not mv.pth_path.exists():
+        raise ServiceError(f"the weights file of model {mv.pk} is missing on disk", status=404)
+    return {"pth": lambda: mv.pth_path, "hf": lambda: hf_zip(mv), "lora": lambda: lora_zip(mv)}[fmt]()
+
+
+# --- import, merge, edit, delete -------------------------------------------------------------------------------
+
+def _save_upload(upload, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as f:
+        for chunk in upload.chunks():
+            f.write(chunk)
+    return dest
+
+
+def _extract_zip(src: Path, dest: Path) -> Path:
+    """Unpack a zipped Hugging Face folder safely (no paths outside ``dest``, bounded size); the folder that holds
+    config.json."""
+    import zipfile
+
+    from django.conf import settings
+
+    from minicloud.errors import ServiceError
+
+    try:
+        zf = zipfile.ZipFile(src)
+    except zipfile.BadZipFile:
+        raise ServiceError("file: neither a MiniMind .pth nor a zip of a Hugging Face folder", field="file") from None
+    with zf:
+        members = zf.infolist()
+        if len(members) > 2000 or sum(m.file_size for m in members) > settings.UPLOAD_MAX_BYTES:
+            raise ServiceError("file: the zip is too large when unpacked", status=413, field="file")
+        root = dest.resolve()
+        for m in members:
+            target = (dest / m.filename).resolve()
+            if root not in target.parents and target != root:
+                raise ServiceError(f"file: unsafe path in the zip: {m.filename}", field="file")
+        zf.extractall(dest)
+    configs = sorted(dest.rglob("config.json"), key=lambda p: len(p.parts))
+    if not configs:
+        raise ServiceError("file: the zip has no config.json (a Hugging Face model folder has one)", field="file")
+    return configs[0].parent
+
+
+def _is_hf_zip(path: Path) -> bool:
+    """A zip with a config.json in it (``torch.save`` files are zips too, but hold ``data.pkl`` and no config)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.rsplit("/", 1)[-1] == "config.json" for n in names) or not any(n.endswith("data.pkl")
+                                                                                  for n in names)
+
+
+def _tokenizer_for_import(owner, name: str, folder: Path | None, tokenizer_json, tokenizer_config, tokenizer_id,
+                          vocab_size: int, request=None) -> Tokenizer:
+    from minicloud.errors import ServiceError
+
+    if tokenizer_json is not None or tokenizer_config is not None:
+        return upload_tokenizer(owner=owner, name=_free_tokenizer_name(owner, name), tokenizer_json=tokenizer_json,
+                                tokenizer_config=tokenizer_config, request=request)
+    if folder is not None and (folder / "tokenizer.json").exists() and (folder / "tokenizer_config.json").exists():
+        from django.core.files import File
+
+        with open(folder / "tokenizer.json", "rb") as tj, open(folder / "tokenizer_config.json", "rb") as tc:
+            return upload_tokenizer(owner=owner, name=_free_tokenizer_name(owner, name), tokenizer_json=File(tj),
+                                    tokenizer_config=File(tc), request=request)
+    if tokenizer_id:
+        tok = Tokenizer.objects.visible_to(owner).filter(pk=tokenizer_id, status="ready").first()
+        if tok is None:
+            raise ServiceError("tokenizer: one you can use", field="tokenizer")
+    else:
+        tok = demo_tokenizer()
+        if tok is None:
+            raise ServiceError("tokenizer: send tokenizer_json and tokenizer_config", field="tokenizer_json")
+    if tok.vocab_size > vocab_size:
+        raise ServiceError(f"tokenizer: {tok.name} has {tok.vocab_size} tokens but the model only {vocab_size}; "
+                           "send the model's own tokenizer_json and tokenizer_config", field="tokenizer_json")
+    return tok
+
+
+def _free_tokenizer_name(owner, name: str) -> str:
+    base = f"{name}-tokenizer"[:90]
+    taken = set(Tokenizer.objects.filter(owner=owner, name__startswith=base).values_list("name", flat=True))
+    return next(n for n in [base] + [f"{base}-{i}" for i in range(2, 1000)] if n not in taken)
+
+
+def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, tokenizer_config=None,
+                 tokenizer_id=None, request=None) -> ModelVersion:
+    """Register an existing model: a MiniMind ``.pth`` (with its MiniMind config) or a zipped Hugging Face folder
+    of a MiniMind/Qwen3 model. The engine checks it strictly (and verifies a folder's conversion by logits)."""
+    import shutil
+    import uuid
+
+    from django.conf import settings
+    from django.db import transaction
+
+    from accounts.services import audit
+    from jobs.services import _check_upload_size
+    from minicloud.errors import ServiceError
+
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise ServiceError("name: 1 to 200 characters", field="name")
+    if upload is None:
+        raise ServiceError("file: send a MiniMind .pth or a zipped Hugging Face folder", field="file")
+    _check_upload_size(upload.size)
+    if isinstance(config, str):
+        try:
+            config = json.loads(config) if config.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ServiceError(f"config: not valid JSON ({exc.msg})", field="config") from None
+    if config is not None and not isinstance(config, dict):
+        raise ServiceError("config: a JSON object of MiniMind config names", field="config")
+    work = settings.HOME / "models" / f"import-{uuid.uuid4().hex}"
+    try:
+        src = _save_upload(upload, work / "upload")
+        weights = work / "model.pth"
+        folder = None
+        if _is_hf_zip(src):
+            folder = _extract_zip(src, work / "hf")
+            report = run_engine("convert", "pth", folder, weights)
+            if not report["verification"]["ok"]:
+                raise ServiceError("the imported weights do not reproduce the folder's logits", status=400)
+        else:
+            if not config:
+                raise ServiceError("config: a .pth needs its MiniMind config (hidden_size, num_hidden_layers, "
+                                   "use_moe, ...)", field="config")
+            src.rename(weights)
+            report = run_engine("inspect", weights, "--config", _write_json(work / "config.json", config))
+        mcfg = report["config"]
+        params = _parameters(mcfg)
+        tok = _tokenizer_for_import(owner, name, folder, tokenizer_json, tokenizer_config, tokenizer_id,
+                                    mcfg["vocab_size"], request)
+        with transaction.atomic():
+            mv = ModelVersion.objects.create(
+                name=name, version=next_version(owner, name), owner=owner, stage="import", source="import",
+                tokenizer=tok, config=mcfg, parameters=params["total"], active_parameters=params["active"],
+                path="", size_bytes=weights.stat().st_size,
+                verifications={"pth": report["verification"]} if "verification" in report else {})
+            mv.files_dir.mkdir(parents=True, exist_ok=True)
+            final = mv.files_dir / "model.pth"
+            weights.replace(final)
+            ModelVersion.objects.filter(pk=mv.pk).update(path=str(final))
+            mv.path = str(final)
+        audit(owner, "model_import", mv, request=request, kind="hf" if folder else "pth")
+        return mv
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def merge_lora(*, owner, mv: ModelVersion, request=None) -> ModelVersion:
+    """A LoRA version's MiniMind LoRA ``.pth`` merged into its base: a new full model version (lineage: base →
+    LoRA → merged), verified against the unmerged forward."""
+    from django.db import transaction
+
+    from accounts.services import audit
+    from minicloud.errors import ServiceError
+
+    if not mv.lora_path:
+        raise ServiceError(f"model {mv.pk} is not a LoRA version (nothing to merge)", status=409)
+    base = mv.parent
+    if base is None or not base.pth_path.exists():
+        raise ServiceError("the LoRA's base model is gone; it cannot be merged", status=409)
+    with transaction.atomic():
+        name = f"{mv.name}-merged"
+        merged = ModelVersion.objects.create(
+            name=name, version=next_version(owner, name), owner=owner, stage=mv.stage, source="merge", parent=mv,
+            dataset=mv.dataset, tokenizer=mv.tokenizer, config=base.config, parameters=base.parameters,
+            active_parameters=base.active_parameters, path="")
+    try:
+        out = merged.files_dir / "model.pth"
+        merged.files_dir.mkdir(parents=True, exist_ok=True)
+        report = run_engine("merge-lora", base.pth_path, mv.lora_path, out, "--config",
+                            _write_json(merged.files_dir / "config.json", base.config))
+    except Exception:
+        merged.delete()
+        raise
+    ModelVersion.objects.filter(pk=merged.pk).update(
+        path=str(out), size_bytes=out.stat().st_size, config=report["config"],
+        verifications={"merge": {**report["verification"], "adapted_modules": report["adapted_modules"],
+                                 "rank": report["rank"]}})
+    merged.refresh_from_db()
+    audit(owner, "model_merge", merged, request=request, lora=mv.pk, base=base.pk)
+    return merged
+
+
+def update_model(actor, mv: ModelVersion, *, notes=None, tags=None) -> ModelVersion:
+    from minicloud.errors import ServiceError
+
+    if not ModelVersion.objects.manageable_by(actor).filter(pk=mv.pk).exists():
+        raise ServiceError("only the owner can edit this model", status=403)
+    if notes is not None:
+        if not isinstance(notes, str) or len(notes) > 20_000:
+            raise ServiceError("notes: text up to 20000 characters", field="notes")
+        mv.notes = notes
+    if tags is not None:
+        if isinstance(tags, str):
+            tags = [t for t in (x.strip() for x in tags.split(",")) if t]
+        if not isinstance(tags, list) or len(tags) > 20 or not all(isinstance(t, str) and 0 < len(t) <= 40
+                                                                    for t in tags):
+            raise ServiceError("tags: up to 20 tags of 1 to 40 characters", field="tags")
+        mv.tags = list(dict.fromkeys(tags))
+    mv.save(update_fields=["notes", "tags"])
+    return mv
+
+
+def model_references(mv: ModelVersion) -> list[str]:
+    """What still needs this model: jobs that start from it or learn from it, and models derived from it."""
+    from django.db.models import Q
+
+    from jobs.models import Job
+
+    refs = [f"job #{j.pk} {j.name}" for j in Job.objects.filter(Q(base_model=mv) | Q(teacher_model=mv)).order_by("pk")[:50]]
+    refs += [f"model #{m.pk} {m.name} v{m.version}" for m in mv.children.order_by("pk")[:50]]
+    return refs
+
+
+def delete_model(actor, mv: ModelVersion, request=None) -> None:
+    """Delete a model version nothing depends on, with its files (the owner's storage shrinks accordingly)."""
+    import shutil
+
+    from accounts.services import audit
+    from minicloud.errors import ServiceError
+
+    if not ModelVersion.objects.manageable_by(actor).filter(pk=mv.pk).exists() or mv.owner_id is None:
+        raise ServiceError("only the owner can delete this model", status=403)
+    refs = model_references(mv)
+    if refs:
+        raise ServiceError(f"model is in use by {len(refs)} object(s): {', '.join(refs[:10])}", status=409,
+                           details={"references": refs})
+    files = [Path(p) for p in (mv.path, mv.lora_path) if p]
+    folders = [mv.files_dir] + ([Path(mv.adapter_path)] if mv.adapter_path else [])
+    audit(actor, "delete", mv, request=request, name=mv.name, version=mv.version)
+    mv.delete()
+    for f in files:
+        f.unlink(missing_ok=True)
+    for d in folders:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def lineage(mv: ModelVersion, user) -> dict:
+    """The model's ancestors (oldest first) and its descendants as a tree, limited to what ``user`` may see."""
+    visible = set(ModelVersion.objects.visible_to(user).values_list("pk", flat=True))
+    ancestors, node, seen = [], mv.parent, {mv.pk}
+    while node is not None and node.pk not in seen and len(ancestors) < 50:
+        seen.add(node.pk)
+        ancestors.insert(0, node if node.pk in visible else None)
+        node = node.parent
+
+    def tree(m, depth=0):
+        kids = [c for c in m.children.order_by("created_at") if c.pk in visible] if depth < 10 else []
+        return {"model": m, "children": [tree(c, depth + 1) for c in kids]}
+
+    return {"ancestors": ancestors, "descendants": tree(mv)["children"]}
+
+
+def loss_thumbnail(mv: ModelVersion, width: int = 240, height: int = 60, points: int = 80) -> str:
+    """An SVG polyline of the training job's loss (empty when there is none)."""
+    from jobs.selectors import metric_history
+
+    if not mv.job_id:
+        return ""
+    series = [(p["step"], p["values"]["loss"]) for p in metric_history(mv.job, max_points=points)
+              if isinstance(p["values"].get("loss"), (int, float))]
+    if len(series) < 2:
+        return ""
+    xs, ys = [s for s, _ in series], [v for _, v in series]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 4) / ((x1 - x0) or 1)
+    sy = (height - 4) / ((y1 - y0) or 1)
+    return " ".join(f"{2 + (x - x0) * sx:.1f},{height - 2 - (y - y0) * sy:.1f}" for x, y in series)
 
 
 # --- tokenizers as first-class objects ----------------------------------------------------------------------------

@@ -1,16 +1,20 @@
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404
-from django.shortcuts import render
+from django.http import Http404
+from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
 
-from accounts.services import audit, share_context
+from accounts.services import share_context
+from minicloud.errors import ServiceError
 
+from . import services
 from .models import ModelVersion, Tokenizer
-from .services import download_name
 
 
 def _model_or_404(request, model_id):
-    mv = ModelVersion.objects.visible_to(request.user).filter(pk=model_id).first()
+    mv = ModelVersion.objects.visible_to(request.user).select_related("tokenizer", "job", "parent", "dataset").filter(
+        pk=model_id).first()
     if mv is None:
         raise Http404(_("No such model."))
     return mv
@@ -18,23 +22,91 @@ def _model_or_404(request, model_id):
 
 @login_required
 def model_list(request):
-    return render(request, "models_registry/list.html",
-                  {"models": ModelVersion.objects.visible_to(request.user).select_related("owner", "job")})
+    models = ModelVersion.objects.visible_to(request.user).select_related("owner", "job")
+    tag = request.GET.get("tag", "").strip()
+    if tag:
+        models = [m for m in models if tag in m.tags]
+    return render(request, "models_registry/list.html", {"models": models, "tag": tag})
+
+
+FORMAT_LABELS = {"pth": "MiniMind .pth (fp16)", "hf": "Hugging Face (safetensors, zip)",
+                 "lora": "LoRA (MiniMind .pth + peft adapter, zip)"}
 
 
 @login_required
 def model_detail(request, model_id):
     mv = _model_or_404(request, model_id)
-    return render(request, "models_registry/detail.html", {"model": mv, **share_context(request.user, mv)})
+    can_manage = ModelVersion.objects.manageable_by(request.user).filter(pk=mv.pk).exists()
+    formats = [{"key": f, "label": FORMAT_LABELS[f], "check": mv.verifications.get(f)} for f in mv.formats]
+    return render(request, "models_registry/detail.html", {
+        "model": mv, "formats": formats, "merge_check": mv.verifications.get("merge"), "can_manage": can_manage,
+        "lineage": services.lineage(mv, request.user), "thumbnail": services.loss_thumbnail(mv),
+        "metrics": sorted(mv.metrics.items()), **share_context(request.user, mv)})
+
+
+@login_required
+@require_POST
+def model_action(request, model_id, action):
+    mv = _model_or_404(request, model_id)
+    try:
+        if action == "edit":
+            services.update_model(request.user, mv, notes=request.POST.get("notes", ""),
+                                  tags=request.POST.get("tags", ""))
+            messages.success(request, _("Saved."))
+        elif action == "merge":
+            merged = services.merge_lora(owner=request.user, mv=mv, request=request)
+            messages.success(request, _("LoRA merged into a new full model."))
+            return redirect("model_detail", model_id=merged.pk)
+        elif action == "delete":
+            services.delete_model(request.user, mv, request=request)
+            messages.success(request, _("Model deleted."))
+            return redirect("models")
+        else:
+            raise Http404(_("No such action."))
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    return redirect("model_detail", model_id=mv.pk)
 
 
 @login_required
 def model_download(request, model_id):
+    from .api import download
+
     mv = _model_or_404(request, model_id)
-    if not mv.pth_path.exists():
-        raise Http404(_("The weights file is missing on disk."))
-    audit(request.user, "download", mv, request=request, format="pth")
-    return FileResponse(open(mv.pth_path, "rb"), as_attachment=True, filename=download_name(mv))
+    try:
+        return download(request, mv)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_detail", model_id=mv.pk)
+
+
+@login_required
+def model_import(request):
+    """Import a MiniMind .pth (with its config) or a zipped Hugging Face folder."""
+    if request.method == "POST":
+        tok = request.POST.get("tokenizer", "")
+        try:
+            mv = services.import_model(owner=request.user, name=request.POST.get("name", ""),
+                                       upload=request.FILES.get("file"), config=request.POST.get("config", ""),
+                                       tokenizer_json=request.FILES.get("tokenizer_json"),
+                                       tokenizer_config=request.FILES.get("tokenizer_config"),
+                                       tokenizer_id=int(tok) if tok.isdigit() else None, request=request)
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(request, _("Model imported."))
+            return redirect("model_detail", model_id=mv.pk)
+    return render(request, "models_registry/import.html", {
+        "tokenizers": Tokenizer.objects.visible_to(request.user).filter(status="ready"), "form": request.POST})
+
+
+@login_required
+def playground(request):
+    """Chat with one model, or two side by side, through /v1/chat/completions (streamed)."""
+    models = ModelVersion.objects.visible_to(request.user).select_related("owner").order_by("-created_at")
+    first = request.GET.get("model", "")
+    return render(request, "models_registry/playground.html", {
+        "models": models, "first": int(first) if first.isdigit() else None})
 
 
 @login_required

@@ -52,9 +52,9 @@ class Command(BaseCommand):
         self.children = {
             "web": subprocess.Popen([py, "-m", "daphne", "-b", host, "-p", str(port), "minicloud.asgi:application"],
                                     cwd=settings.BASE_DIR, start_new_session=True,
-                                    preexec_fn=_die_with_parent(signal.SIGTERM)),
+                                    preexec_fn=die_with_parent(signal.SIGTERM)),
             "workers": subprocess.Popen([py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True,
-                                        preexec_fn=_die_with_parent(signal.SIGKILL)),
+                                        preexec_fn=die_with_parent(signal.SIGKILL)),
         }
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
@@ -124,7 +124,7 @@ class Command(BaseCommand):
         self.stdout.write("Stopped.")
 
 
-def _die_with_parent(sig):
+def die_with_parent(sig):
     """A preexec_fn asking Linux to send ``sig`` to the child when this parent dies (prctl PR_SET_PDEATHSIG)."""
 
     def set_pdeathsig():
@@ -153,7 +153,7 @@ def _kill_leftovers(pidfile):
             cmd = open(f"/proc/{proc}/cmdline", "rb").read().decode(errors="replace")
         except (OSError, ValueError, IndexError):
             continue
-        if pgrp in pgids and ("qcluster" in cmd or "daphne" in cmd):  # our old children (the group outlives its leader)
+        if pgrp in pgids and any(name in cmd for name in ("qcluster", "daphne", "chat-worker")):  # our old children
             kill_group(pgrp, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
 

@@ -1,0 +1,205 @@
+"""Model versions: verified formats, resumable downloads, import, LoRA merge, lineage, edits, deletes, visibility and
+the OpenAI-compatible endpoints (non-streaming here; streaming runs against a real server in tests/test_models_live)."""
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from models_registry import services
+from models_registry.models import ModelVersion, Tokenizer
+
+ARCH = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def _weights(path, seed=0, moe=False):
+    from training.model import build_model, save_pth
+    from training.spec import model_config, resolve_config
+
+    torch.manual_seed(seed)
+    mcfg = model_config(resolve_config("pretrain", {**ARCH, "use_moe": moe}))
+    save_pth(build_model(mcfg), path)
+    return mcfg
+
+
+@pytest.fixture
+def tiny(user, settings, db):
+    """A tiny random model registered for ``user`` with the demo tokenizer."""
+    path = settings.HOME / "w" / "tiny.pth"
+    path.parent.mkdir(parents=True)
+    mcfg = _weights(path)
+    return ModelVersion.objects.create(name="tiny", owner=user, stage="pretrain", config=mcfg, path=str(path),
+                                       parameters=1, size_bytes=path.stat().st_size,
+                                       tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
+
+
+def _zip_names(raw: bytes) -> list[str]:
+    return zipfile.ZipFile(io.BytesIO(raw)).namelist()
+
+
+def test_hf_download_is_converted_once_verified_and_loads_in_transformers(api, tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = api.get(f"/api/v1/models/{tiny.pk}/download?format=hf")
+    assert r.status_code == 200 and r["Accept-Ranges"] == "bytes" and "_hf.zip" in r["Content-Disposition"]
+    raw = b"".join(r.streaming_content)
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "chat_template.jinja"} <= set(_zip_names(raw))
+    zipfile.ZipFile(io.BytesIO(raw)).extractall(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert model.config.model_type == "qwen3" and tok.eos_token_id == 2
+    check = api.get(f"/api/v1/models/{tiny.pk}").json()["verifications"]["hf"]
+    assert check["ok"] and check["max_abs_diff"] <= check["tolerance"]
+    cached = tiny.files_dir / "hf.zip"
+    before = cached.stat().st_mtime_ns
+    again = api.get(f"/api/v1/models/{tiny.pk}/download?format=hf")
+    assert b"".join(again.streaming_content) == raw and cached.stat().st_mtime_ns == before
+
+
+def test_downloads_resume_with_http_range(api, tiny):
+    whole = b"".join(api.get(f"/api/v1/models/{tiny.pk}/download?format=pth").streaming_content)
+    head = api.get(f"/api/v1/models/{tiny.pk}/download", HTTP_RANGE="bytes=0-99")
+    assert head.status_code == 206 and head["Content-Range"] == f"bytes 0-99/{len(whole)}"
+    tail = api.get(f"/api/v1/models/{tiny.pk}/download", HTTP_RANGE="bytes=100-")
+    assert tail.status_code == 206 and b"".join(head.streaming_content) + b"".join(tail.streaming_content) == whole
+    last = api.get(f"/api/v1/models/{tiny.pk}/download", HTTP_RANGE="bytes=-10")
+    assert b"".join(last.streaming_content) == whole[-10:]
+    assert api.get(f"/api/v1/models/{tiny.pk}/download", HTTP_RANGE=f"bytes={len(whole)}-").status_code == 416
+    changed = api.get(f"/api/v1/models/{tiny.pk}/download", HTTP_RANGE="bytes=100-", HTTP_IF_RANGE='"old"')
+    assert changed.status_code == 200  # the file changed since: the whole file again
+    bad = api.get(f"/api/v1/models/{tiny.pk}/download?format=onnx")
+    assert bad.status_code == 400 and bad.json()["details"]["field"] == "format"
+
+
+def test_private_models_are_invisible_to_others_until_shared(client, tiny, other_user):
+    from accounts.models import ApiToken
+
+    bob = {"HTTP_AUTHORIZATION": f"Bearer {ApiToken.issue(other_user)[1]}"}
+    assert client.get(f"/api/v1/models/{tiny.pk}/download", **bob).status_code == 404
+    assert client.post("/v1/chat/completions", json.dumps({"model": tiny.pk, "messages": [
+        {"role": "user", "content": "hi"}]}), content_type="application/json", **bob).status_code == 404
+    tiny.is_public = True
+    tiny.save()
+    assert client.get(f"/api/v1/models/{tiny.pk}/download", **bob).status_code == 200
+    assert client.delete(f"/api/v1/models/{tiny.pk}", **bob).status_code == 403
+
+
+def test_import_a_minimind_pth_with_its_config_and_generate(client, token, user, tmp_path):
+    mcfg = _weights(tmp_path / "full_sft_64.pth", seed=3)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+
+    def upload(name, config, path=tmp_path / "full_sft_64.pth"):
+        return client.post("/api/v1/models/import", {
+            "name": name, "config": json.dumps(config),
+            "file": SimpleUploadedFile(path.name, path.read_bytes())}, **auth)
+
+    wrong = upload("wrong", {**ARCH, "hidden_size": 128})
+    assert wrong.status_code == 400 and "shape mismatch" in wrong.json()["error"]
+    missing = upload("noconfig", {})
+    assert missing.status_code == 400 and missing.json()["details"]["field"] == "config"
+    r = upload("my-sft", ARCH)
+    assert r.status_code == 201, r.json()
+    body = r.json()
+    assert body["source"] == "import" and body["config"]["hidden_size"] == 64 and body["version"] == 1
+    assert body["parameters"] > 0 and upload("my-sft", ARCH).json()["version"] == 2
+    mv = ModelVersion.objects.get(pk=body["id"])
+    a = torch.load(tmp_path / "full_sft_64.pth", weights_only=True)
+    b = torch.load(mv.path, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a) and mcfg["vocab_size"] == body["config"]["vocab_size"]
+    chat = client.post("/v1/chat/completions", json.dumps({"model": "my-sft:v1", "max_tokens": 5, "temperature": 0,
+                                                             "messages": [{"role": "user", "content": "Hello"}]}),
+                       content_type="application/json", **auth)
+    assert chat.status_code == 200, chat.content
+    out = chat.json()
+    assert out["object"] == "chat.completion" and out["model"] == "my-sft:v1"
+    assert out["usage"]["completion_tokens"] <= 5 and out["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_import_a_zipped_hf_folder_and_refuse_other_architectures(api, client, token, tiny, tmp_path):
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    raw = b"".join(api.get(f"/api/v1/models/{tiny.pk}/download?format=hf").streaming_content)
+    r = client.post("/api/v1/models/import", {"name": "from-hf", "file": SimpleUploadedFile("m.zip", raw)}, **auth)
+    assert r.status_code == 201, r.json()
+    body = r.json()
+    assert body["verifications"]["pth"]["ok"] and body["lineage"]["tokenizer"] is not None
+    assert Tokenizer.objects.get(pk=body["lineage"]["tokenizer"]).name == "from-hf-tokenizer"
+    llama = io.BytesIO()
+    with zipfile.ZipFile(llama, "w") as zf:
+        zf.writestr("m/config.json", json.dumps({"model_type": "llama"}))
+    r = client.post("/api/v1/models/import", {"name": "llama", "file": SimpleUploadedFile("l.zip",
+                                                                                           llama.getvalue())}, **auth)
+    assert r.status_code == 400 and "not a MiniMind/Qwen3 architecture" in r.json()["error"]
+    r = client.post("/api/v1/models/import", {"name": "junk", "config": json.dumps(ARCH),
+                                              "file": SimpleUploadedFile("x.pth", b"not a checkpoint")}, **auth)
+    assert r.status_code == 400 and r.json()["error"]
+    assert ModelVersion.objects.filter(name__in=["llama", "junk"]).count() == 0
+
+
+def test_lora_merge_makes_a_verified_version_and_lineage_and_deletes_respect_references(api, user, tiny, settings):
+    from training.model import save_state_dict
+
+    gen = torch.Generator().manual_seed(1)
+    lora = {}
+    for i in range(2):
+        for proj in ("q_proj", "o_proj"):
+            lora[f"model.layers.{i}.self_attn.{proj}.lora.A.weight"] = (torch.randn(4, 64, generator=gen) * .1).half()
+            lora[f"model.layers.{i}.self_attn.{proj}.lora.B.weight"] = (torch.randn(64, 4, generator=gen) * .1).half()
+    lora_file = settings.HOME / "w" / "lora.pth"
+    save_state_dict(lora, lora_file)
+    adapter = ModelVersion.objects.create(name="tiny-lora", owner=user, stage="lora", parent=tiny, config=tiny.config,
+                                          path=tiny.path, lora_path=str(lora_file), tokenizer=tiny.tokenizer)
+    assert api.post(f"/api/v1/models/{tiny.pk}/merge").status_code == 409
+    r = api.post(f"/api/v1/models/{adapter.pk}/merge")
+    assert r.status_code == 201, r.json()
+    merged = r.json()
+    assert merged["source"] == "merge" and merged["lineage"]["parent"] == adapter.pk
+    assert merged["verifications"]["merge"]["ok"] and merged["verifications"]["merge"]["adapted_modules"] == 4
+    mv = ModelVersion.objects.get(pk=merged["id"])
+    tree = services.lineage(mv, user)
+    assert [m.pk for m in tree["ancestors"]] == [tiny.pk, adapter.pk]
+    assert services.lineage(tiny, user)["descendants"][0]["children"][0]["model"].pk == mv.pk
+    refused = api.delete(f"/api/v1/models/{adapter.pk}")
+    assert refused.status_code == 409 and f"model #{mv.pk}" in refused.json()["details"]["references"][0]
+    path = mv.pth_path
+    assert path.exists() and api.delete(f"/api/v1/models/{mv.pk}").status_code == 200
+    assert not path.exists() and not mv.files_dir.exists()
+
+
+def test_notes_and_tags_and_the_model_pages_in_both_languages(api, client, user, tiny):
+    r = api.patch(f"/api/v1/models/{tiny.pk}", {"notes": "first try", "tags": ["baseline", "week-1"]})
+    assert r.status_code == 200 and r.json()["tags"] == ["baseline", "week-1"]
+    assert api.patch(f"/api/v1/models/{tiny.pk}", {"tags": ["x" * 50]}).json()["details"]["field"] == "tags"
+    client.force_login(user)
+    page = client.get(f"/models/{tiny.pk}/").content.decode()
+    assert "first try" in page and "baseline" in page and 'id="download-hf"' in page and 'id="lineage"' in page
+    assert "baseline" in client.get("/models/?tag=baseline").content.decode()
+    assert "tiny" not in client.get("/models/?tag=nothing").content.decode().split("<tbody>")[1]
+    assert 'id="playground"' in client.get(f"/playground/?model={tiny.pk}").content.decode()
+    zh = client.get(f"/models/{tiny.pk}/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "谱系" in zh and "下载" in zh
+    assert "导入模型" in client.get("/models/import/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "对话" in client.get("/playground/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    r = client.post(f"/models/{tiny.pk}/edit/", {"notes": "edited", "tags": "a, b"})
+    assert r.status_code == 302 and ModelVersion.objects.get(pk=tiny.pk).tags == ["a", "b"]
+
+
+def test_openai_models_and_chat_errors_use_openai_shapes(client, token, tiny):
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    listed = client.get("/v1/models", **auth).json()
+    assert listed["object"] == "list" and listed["data"][0]["id"] == "tiny:v1"
+    assert client.get("/v1/models").status_code == 401
+
+    def chat(**body):
+        return client.post("/v1/chat/completions", json.dumps(body), content_type="application/json", **auth)
+
+    r = chat(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = chat(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=5)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = chat(model="tiny", messages=[])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    bad = client.post("/v1/chat/completions", "{", content_type="application/json", **auth)
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
