@@ -106,7 +106,7 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
     # The same page in Simplified Chinese.
     with page.expect_navigation():
         page.select_option("select[name=language]", "zh-hans")
-    assert "下载 .pth" in page.inner_text("#download-pth")
+    assert page.inner_text("#download-pth") == "下载" and "谱系" in page.inner_text("#lineage")
     with page.expect_navigation():
         page.select_option("select[name=language]", "en")
     page.close()
@@ -204,4 +204,53 @@ def test_upload_errors_fix_preview_and_statistics(live, browser, tmp_path):
     page.click("#stats-form button[type=submit]")
     page.wait_for_selector("#length-chart.js-plotly-plot", timeout=120_000)  # computed in the background
     assert "Total tokens" in page.inner_text("#stats-facts")
+    page.close()
+
+
+def test_playground_streams_two_models_side_by_side_with_thinking(live, browser, tmp_path):
+    import torch
+
+    from training.model import build_model, save_pth
+    from training.spec import model_config, resolve_config
+
+    arch = {k: TINY[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+    ids = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_pth(build_model(model_config(resolve_config("pretrain", arch))), tmp_path / f"m{seed}.pth")
+        status, body = live.upload("/api/v1/models/import", {"name": f"play-{seed}", "config": json.dumps(arch)},
+                                   {"file": (f"m{seed}.pth", (tmp_path / f"m{seed}.pth").read_bytes())})
+        assert status == 201, body
+        ids.append(body["id"])
+    page = login(live, browser)
+    page.goto(f"{live.url}/playground/?model={ids[0]}")
+    assert page.input_value("#pg-model-a") == str(ids[0])
+    page.select_option("#pg-model-b", str(ids[1]))
+    page.click("summary")
+    page.fill("#pg-max-tokens", "6")
+    page.fill("#pg-temperature", "0")
+    page.fill("#pg-input", "What is 2+3?")
+    page.click("#pg-send")
+    page.wait_for_selector("#pg-chat-b .bubble.role-assistant.done", timeout=120_000)
+    page.wait_for_selector("#pg-chat-a .bubble.role-assistant.done")
+    assert page.locator(".bubble .error").count() == 0
+    answers = [page.inner_text(f"#pg-chat-{k} .bubble.role-assistant .answer") for k in "ab"]
+    assert all(a for a in answers), answers
+    page.check("#pg-thinking")
+    page.fill("#pg-temperature", "2")  # a random model: widely sampled tokens, not its favourite newline
+    page.fill("#pg-top-p", "1")
+    page.fill("#pg-max-tokens", "24")
+    page.select_option("#pg-model-b", "")
+    page.fill("#pg-input", "Think first")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.click("#pg-send")
+    body = json.loads(sent.value.post_data)
+    assert body["enable_thinking"] is True and body["stream"] is True and [m["role"] for m in body["messages"]] == [
+        "user", "assistant", "user"]
+    page.wait_for_function("() => document.querySelectorAll('#pg-chat-a .bubble.role-assistant.done').length == 2")
+    last = page.locator("#pg-chat-a .bubble.role-assistant").nth(1)
+    assert last.locator(".error").count() == 0
+    assert last.locator("details").is_visible()  # the <think> part arrives as reasoning_content, folded
+    assert last.locator(".reasoning").text_content()  # folded: in the page, not rendered until opened
+    assert page.locator("#pg-chat-a .bubble.role-user").count() == 2  # multi-turn: the history grows
     page.close()

@@ -69,22 +69,61 @@ def test_devices_health_and_errors(live):
     assert status == 400 and body["details"]["field"] == "config.hidden_size"
 
 
-def test_lora_job_on_a_registered_model_downloads_as_minimind_lora(live):
+def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_client(live, tmp_path):
+    import json
+    import zipfile
+
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     base = live.submit("e2e-base", {**TINY, "max_steps": 10})
     base = live.wait_for(base["id"], lambda j: j["status"] in ("succeeded", "failed"), what="base finished")
     assert base["status"] == "succeeded", base
-    sft = next(d for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == "demo-sft")
-    status, job = live.request("POST", "/api/v1/jobs", {
-        "name": "e2e-lora", "stage": "lora", "dataset": sft["id"], "base_model": base["output_model"],
-        "config": {"batch_size": 8, "max_seq_len": 64, "max_steps": 10, "log_interval": 2, "learning_rate": 1e-3}})
-    assert status == 201, job
-    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="lora finished")
-    assert done["status"] == "succeeded", done
-    status, model = live.request("GET", f"/api/v1/models/{done['output_model']}")
-    assert model["formats"] == ["pth", "lora"] and model["lineage"]["parent"] == base["output_model"]
-    status, raw = live.request("GET", f"/api/v1/models/{done['output_model']}/download?format=lora", raw=True)
+    sft_data = next(d for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == "demo-sft")
+    parent = base
+    for stage in ("sft", "lora"):
+        status, job = live.request("POST", "/api/v1/jobs", {
+            "name": f"e2e-{stage}", "stage": stage, "dataset": sft_data["id"], "base_model": parent["output_model"],
+            "config": {"batch_size": 8, "max_seq_len": 64, "max_steps": 10, "log_interval": 2,
+                       "learning_rate": 1e-3}})
+        assert status == 201, job
+        done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what=f"{stage} finished")
+        assert done["status"] == "succeeded", done
+        parent = done
+    status, model = live.request("GET", f"/api/v1/models/{parent['output_model']}")
+    assert model["formats"] == ["pth", "hf", "lora"] and model["stage"] == "lora"
+    sft_model = live.request("GET", f"/api/v1/models/{model['lineage']['parent']}")[1]
+    assert sft_model["stage"] == "sft" and sft_model["lineage"]["parent"] == base["output_model"]
+    status, raw = live.request("GET", f"/api/v1/models/{model['id']}/download?format=lora", raw=True)
     assert status == 200
-    import zipfile
-
     names = zipfile.ZipFile(io.BytesIO(raw)).namelist()
     assert any(n.endswith("_lora.pth") for n in names) and "adapter/adapter_config.json" in names
+
+    status, merged = live.request("POST", f"/api/v1/models/{model['id']}/merge")
+    assert status == 201 and merged["lineage"]["parent"] == model["id"], merged
+    assert merged["verifications"]["merge"]["ok"]
+    status, raw = live.request("GET", f"/api/v1/models/{merged['id']}/download?format=hf", raw=True)
+    assert status == 200
+    zipfile.ZipFile(io.BytesIO(raw)).extractall(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    assert hf.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    client = OpenAI(base_url=f"{live.url}/v1", api_key=live.token)
+    name = f"{merged['name']}:v{merged['version']}"
+    assert name in [m.id for m in client.models.list().data]
+    chunks = list(client.chat.completions.create(model=name, messages=[{"role": "user", "content": "What is 2+3?"}],
+                                                 stream=True, max_tokens=8, temperature=0))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    thinking = list(client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Why?"}], stream=True, max_tokens=6, temperature=0.7,
+        seed=1, extra_body={"enable_thinking": True}))
+    parts = [(c.choices[0].delta.model_extra or {}).get("reasoning_content") or c.choices[0].delta.content or ""
+             for c in thinking if c.choices]
+    assert "".join(parts)
+    whole = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens <= 4
