@@ -9,6 +9,7 @@ from accounts.models import Shareable
 
 STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning")), ("lora", _("LoRA")),
                  ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
+JOB_STAGE_CHOICES = STAGE_CHOICES + [("eval", _("Evaluation"))]  # evaluations start from a model's page
 KIND_CHOICES = [("pretrain", _("Pretrain text")), ("sft", _("Conversations (SFT)")), ("dpo", _("Preference pairs (DPO)")),
                 ("rlaif", _("RL prompts"))]
 
@@ -136,7 +137,7 @@ class Job(Shareable):
 
     name = models.CharField(_("name"), max_length=200)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
-    stage = models.CharField(_("stage"), max_length=20, choices=STAGE_CHOICES)
+    stage = models.CharField(_("stage"), max_length=20, choices=JOB_STAGE_CHOICES)
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
     eval_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
                                      verbose_name=_("eval dataset"))

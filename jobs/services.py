@@ -89,7 +89,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     ds = dataset if isinstance(dataset, Dataset) else _visible(Dataset.objects, dataset, "dataset", owner)
     if ds is None:
         raise ServiceError("dataset: is required", field="dataset")
-    if ds.kind != tspec.STAGE_DATASET_KIND[stage]:
+    if tspec.STAGE_DATASET_KIND[stage] and ds.kind != tspec.STAGE_DATASET_KIND[stage]:
         raise ServiceError(f"dataset: stage {stage} needs a {tspec.STAGE_DATASET_KIND[stage]} dataset, "
                            f"{ds.name} is {ds.kind}", field="dataset")
     eval_ds = None
@@ -100,7 +100,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
             raise ServiceError(f"eval_dataset: must be a {ds.kind} dataset like the training data, "
                                f"{eval_ds.name} is {eval_ds.kind}", field="eval_dataset")
     base = _model_version(base_model, "base_model", owner)
-    if base is None and stage in ("lora", "dpo", "ppo", "grpo"):
+    if base is None and stage in tspec.NEEDS_BASE:
         raise ServiceError(f"base_model: the {stage} stage starts from a trained model", field="base_model")
     teacher = _model_version(teacher_model, "teacher_model", owner)
     if stage == "distill" and teacher is None:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone as dt_tz
 from django.conf import settings
 from django.db import transaction
 
-from models_registry.services import register_job_output
+from models_registry.services import record_evaluation, register_job_output
 
 from . import services
 from .models import Job, LogChunk, MetricPoint, Node
@@ -224,7 +224,10 @@ class Supervisor:
     def finish(self, rc: int) -> str:
         job = Job.objects.get(pk=self.job.pk)
         S = Job.Status
-        if self.done_event is not None and rc == 0:
+        if self.done_event is not None and rc == 0 and "evaluation" in self.done_event:
+            record_evaluation(job, self.done_event["evaluation"])
+            services.finish_job(job, S.SUCCEEDED)
+        elif self.done_event is not None and rc == 0:
             try:
                 mv = register_job_output(job, model_path=self.done_event["model_path"],
                                          model_config=self.done_event["model_config"],

@@ -53,7 +53,7 @@ def job_new(request):
             return redirect("job_detail", job_id=job.pk)
     wizard = {"dataset_kinds": {str(d.pk): d.kind for d in form.fields["dataset"].queryset},
               "model_stages": {str(m.pk): m.stage for m in form.fields["base_model"].queryset},
-              "stage_kind": tspec.STAGE_DATASET_KIND, "needs_base": ["lora", "dpo", "ppo", "grpo"],
+              "stage_kind": tspec.STAGE_DATASET_KIND, "needs_base": [s for s in tspec.NEEDS_BASE if s != "eval"],
               "base_stages": BASE_STAGES, "stage_fields": STAGE_FIELDS, "defaults": stage_defaults(),
               "quick_start": QUICK_START, "config_fields": CONFIG_FIELDS}
     stage_of = {}

@@ -77,10 +77,28 @@ SCHEMA = {
         "/tokenizers/train": {"post": _op("Train a tokenizer on a dataset in the background", ok="202")},
         "/tokenizers/{id}": {"get": {**_op("One tokenizer"), "parameters": ID}},
         "/tokenizers/{id}/encode": {"post": {**_op("Encode a text (the playground)"), "parameters": ID}},
-        "/models/{id}": {"get": {**_op("One model with lineage"), "parameters": ID}},
-        "/models/{id}/download": {"get": {**_op("Download weights"), "parameters": ID + [
-            {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["pth"]}}]}},
+        "/models/{id}": {"get": {**_op("One model version: lineage, verifications, final metrics, notes, tags"),
+                                 "parameters": ID},
+                         "patch": {**_op("Edit notes and tags", body={"type": "object", "properties": {
+                             "notes": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}}}),
+                                   "parameters": ID},
+                         "delete": {**_op("Delete a model nothing uses (409 lists what uses it)"), "parameters": ID}},
+        "/models/{id}/download": {"get": {**_op("Download weights: streamed, resumable with Range (206); hf and lora "
+                                                "are zips, converted on first request and verified by logits"),
+                                          "parameters": ID + [
+            {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["pth", "hf", "lora"]}}]}},
+        "/models/{id}/evaluations": {"get": {**_op("The model's evaluations"), "parameters": ID},
+                                     "post": {**_op("Queue an evaluation job (dataset, config: eval_records, "
+                                                    "accuracy_tasks, max_gen_len)", ok="201"), "parameters": ID}},
+        "/models/{id}/merge": {"post": {**_op("Merge a LoRA version into its base: a new full model version",
+                                              ok="201"), "parameters": ID}},
+        "/models/import": {"post": _op("Import a model (multipart: name, file = MiniMind .pth or zipped Hugging Face "
+                                       "folder; config = JSON for a .pth; tokenizer_json + tokenizer_config or "
+                                       "tokenizer = id)", ok="201")},
     },
+    "x-openai-compatible": {"base_url": "/v1", "paths": ["GET /v1/models", "POST /v1/chat/completions"],
+                            "description": "OpenAI's chat completions API (stream with SSE, reasoning_content when "
+                                           "enable_thinking) with a MiniCloud API token as the key"},
 }
 
 

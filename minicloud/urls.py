@@ -45,6 +45,7 @@ api_v1 = [
     path("models/<int:model_id>", models_api.model_detail),
     path("models/<int:model_id>/download", models_api.model_download),
     path("models/<int:model_id>/merge", models_api.model_merge),
+    path("models/<int:model_id>/evaluations", models_api.model_evaluations),
     path("models/import", models_api.model_import),
 ]
 
@@ -83,6 +84,7 @@ urlpatterns = [
     path("models/<int:model_id>/download/", models_views.model_download, name="model_download"),
     path("models/<int:model_id>/<str:action>/", models_views.model_action, name="model_action"),
     path("models/import/", models_views.model_import, name="model_import"),
+    path("models/evaluations/", models_views.evaluations, name="model_evaluations"),
     path("playground/", models_views.playground, name="playground"),
     path("usage/", accounts_views.usage, name="usage"),
     path("groups/", accounts_views.group_list, name="groups"),

@@ -29,7 +29,7 @@ def model_detail(request, model_id):
     if request.method == "DELETE":
         services.delete_model(request.user, mv, request=request)
         return {"deleted": model_id}
-    return mv.to_dict()
+    return {**mv.to_dict(), "evaluations": [e.to_dict() for e in mv.evaluations.select_related("dataset")]}
 
 
 CONTENT_TYPES = {"pth": "application/octet-stream", "hf": "application/zip", "lora": "application/zip"}
@@ -60,6 +60,22 @@ def model_import(request):
                                tokenizer_config=request.FILES.get("tokenizer_config"),
                                tokenizer_id=int(tok) if tok.isdigit() else None, request=request)
     return mv.to_dict(), 201
+
+
+@endpoint("GET", "POST")
+def model_evaluations(request, model_id):
+    """GET: the model's evaluations. POST ``{"dataset", "config"}``: queue an evaluation job (201 with the job)."""
+    from jobs.models import Dataset
+
+    mv = _model(request, model_id)
+    if request.method == "GET":
+        return {"evaluations": [e.to_dict() for e in mv.evaluations.select_related("dataset")]}
+    data = json_body(request)
+    ds = Dataset.objects.visible_to(request.user).filter(pk=data.get("dataset") or 0).first()
+    if ds is None:
+        raise ApiError(400, "dataset: one you can read", {"field": "dataset"})
+    job = services.start_evaluation(owner=request.user, mv=mv, dataset=ds, config=data.get("config"))
+    return job.to_dict(), 201
 
 
 @endpoint("POST")

@@ -93,3 +93,26 @@ class ModelVersion(Shareable):
             "formats": self.formats, "verifications": self.verifications, "metrics": self.metrics,
             "notes": self.notes, "tags": self.tags,
         }
+
+
+class Evaluation(models.Model):
+    """What an ``eval`` job measured for a model version on a dataset (loss, perplexity, accuracies)."""
+
+    model = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="evaluations")
+    job = models.ForeignKey("jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    dataset = models.ForeignKey("jobs.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    metrics = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    METRICS = ("eval_loss", "perplexity", "preference_accuracy", "exact_accuracy", "contains_accuracy",
+               "numeric_accuracy", "demo_accuracy")
+
+    class Meta:
+        verbose_name = _("evaluation")
+        verbose_name_plural = _("evaluations")
+        ordering = ["-created_at"]
+
+    def to_dict(self):
+        return {"id": self.pk, "model": self.model_id, "job": self.job_id, "dataset": self.dataset_id,
+                "dataset_name": str(self.dataset) if self.dataset_id else None, "metrics": self.metrics,
+                "created_at": self.created_at.isoformat()}

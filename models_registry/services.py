@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .models import ModelVersion, Tokenizer
+from .models import Evaluation, ModelVersion, Tokenizer
 
 
 def vocab_size_of(folder: Path) -> int:
@@ -60,6 +60,36 @@ def register_job_output(job, *, model_path: str, model_config: dict, parameters:
         parameters=parameters, active_parameters=_parameters(model_config)["active"] or parameters,
         path=str(path), lora_path=lora_path, adapter_path=adapter_path, size_bytes=path.stat().st_size,
         metrics=final_metrics(job), source="job")
+
+
+def record_evaluation(job, metrics: dict) -> Evaluation:
+    """Attach a finished ``eval`` job's metrics to the model version it measured."""
+    return Evaluation.objects.create(model=job.base_model, job=job, dataset=job.dataset, metrics=metrics)
+
+
+def start_evaluation(*, owner, mv: ModelVersion, dataset, config: dict | None = None):
+    """Queue an ``eval`` job for a model version on a dataset (it waits in the fair queue like any job)."""
+    from jobs.services import submit_job
+
+    from minicloud.errors import ServiceError
+
+    if not isinstance(config or {}, dict):
+        raise ServiceError("config: a JSON object", field="config")
+    allowed = {"eval_records", "accuracy_tasks", "max_gen_len", "max_seq_len", "batch_size"}
+    unknown = sorted(set(config or {}) - allowed)
+    if unknown:
+        raise ServiceError(f"config.{unknown[0]}: not an evaluation setting ({', '.join(sorted(allowed))})",
+                           field=f"config.{unknown[0]}")
+    return submit_job(owner=owner, name=f"eval {mv.name} v{mv.version}", stage="eval", dataset=dataset,
+                      base_model=mv, config=config or {})
+
+
+def evaluation_table(evaluations) -> dict:
+    """Evaluations as rows (model version, dataset) × the metric columns any of them has."""
+    evaluations = list(evaluations)
+    columns = [m for m in Evaluation.METRICS if any(m in e.metrics for e in evaluations)]
+    rows = [{"evaluation": e, "values": [e.metrics.get(c) for c in columns]} for e in evaluations]
+    return {"columns": columns, "rows": rows}
 
 
 def download_name(mv: ModelVersion, fmt: str = "pth") -> str:

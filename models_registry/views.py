@@ -9,7 +9,7 @@ from accounts.services import share_context
 from minicloud.errors import ServiceError
 
 from . import services
-from .models import ModelVersion, Tokenizer
+from .models import Evaluation, ModelVersion, Tokenizer
 
 
 def _model_or_404(request, model_id):
@@ -37,11 +37,38 @@ FORMAT_LABELS = {"pth": "MiniMind .pth (fp16)", "hf": "Hugging Face (safetensors
 def model_detail(request, model_id):
     mv = _model_or_404(request, model_id)
     can_manage = ModelVersion.objects.manageable_by(request.user).filter(pk=mv.pk).exists()
+    from jobs.models import Dataset
+
     formats = [{"key": f, "label": FORMAT_LABELS[f], "check": mv.verifications.get(f)} for f in mv.formats]
+    lineage = services.lineage(mv, request.user)
+    # This version's evaluations beside those of its ancestors and descendants: before/after each stage.
+    family = [a.pk for a in lineage["ancestors"] if a] + [mv.pk] + _descendant_ids(lineage["descendants"])
     return render(request, "models_registry/detail.html", {
         "model": mv, "formats": formats, "merge_check": mv.verifications.get("merge"), "can_manage": can_manage,
-        "lineage": services.lineage(mv, request.user), "thumbnail": services.loss_thumbnail(mv),
-        "metrics": sorted(mv.metrics.items()), **share_context(request.user, mv)})
+        "lineage": lineage, "thumbnail": services.loss_thumbnail(mv), "metrics": sorted(mv.metrics.items()),
+        "evaluations": services.evaluation_table(Evaluation.objects.filter(model__in=family).select_related(
+            "model", "dataset")), "datasets": Dataset.objects.visible_to(request.user),
+        **share_context(request.user, mv)})
+
+
+def _descendant_ids(nodes) -> list[int]:
+    return [i for n in nodes for i in [n["model"].pk] + _descendant_ids(n["children"])]
+
+
+@login_required
+def evaluations(request):
+    """Every evaluation you can see, comparable across versions (optionally of one dataset)."""
+    from jobs.models import Dataset
+
+    visible = ModelVersion.objects.visible_to(request.user)
+    qs = Evaluation.objects.filter(model__in=visible).select_related("model", "dataset").order_by(
+        "dataset_id", "model__name", "model__version")
+    ds = request.GET.get("dataset", "")
+    if ds.isdigit():
+        qs = qs.filter(dataset_id=int(ds))
+    return render(request, "models_registry/evaluations.html", {
+        "table": services.evaluation_table(qs[:1000]), "datasets": Dataset.objects.visible_to(request.user),
+        "dataset": int(ds) if ds.isdigit() else None})
 
 
 @login_required
@@ -57,6 +84,17 @@ def model_action(request, model_id, action):
             merged = services.merge_lora(owner=request.user, mv=mv, request=request)
             messages.success(request, _("LoRA merged into a new full model."))
             return redirect("model_detail", model_id=merged.pk)
+        elif action == "evaluate":
+            from jobs.models import Dataset
+
+            ds = Dataset.objects.visible_to(request.user).filter(pk=request.POST.get("dataset") or 0).first()
+            if ds is None:
+                raise ServiceError("dataset: choose one", field="dataset")
+            config = {k: int(request.POST[k]) for k in ("eval_records", "accuracy_tasks")
+                      if request.POST.get(k, "").isdigit()}
+            job = services.start_evaluation(owner=request.user, mv=mv, dataset=ds, config=config)
+            messages.success(request, _("Evaluation queued."))
+            return redirect("job_detail", job_id=job.pk)
         elif action == "delete":
             services.delete_model(request.user, mv, request=request)
             messages.success(request, _("Model deleted."))

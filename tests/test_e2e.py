@@ -127,3 +127,17 @@ def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_c
     assert "".join(parts)
     whole = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens <= 4
+
+    rlaif = next(d for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == "demo-rlaif")
+    for target in (sft_model["id"], merged["id"]):
+        status, job = live.request("POST", f"/api/v1/models/{target}/evaluations", {
+            "dataset": rlaif["id"], "config": {"eval_records": 12, "accuracy_tasks": 6, "max_gen_len": 12}})
+        assert status == 201 and job["stage"] == "eval", job
+        done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="evaluated")
+        assert done["status"] == "succeeded" and done["output_model"] is None, done
+    evals = live.request("GET", f"/api/v1/models/{merged['id']}")[1]["evaluations"]
+    assert len(evals) == 1 and evals[0]["dataset"] == rlaif["id"]
+    assert {"exact_accuracy", "numeric_accuracy", "demo_accuracy"} <= set(evals[0]["metrics"])
+    status, bad = live.request("POST", f"/api/v1/models/{merged['id']}/evaluations",
+                               {"dataset": rlaif["id"], "config": {"learning_rate": 1}})
+    assert status == 400 and bad["details"]["field"] == "config.learning_rate"

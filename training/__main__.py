@@ -22,7 +22,7 @@ def cmd_run(args) -> int:
     try:
         import torch
 
-        from . import distill, dpo, grpo, lora, ppo, pretrain, sft
+        from . import distill, dpo, evaluate, grpo, lora, ppo, pretrain, sft
         from .chat import load_hf_tokenizer
         from .model import GPU_EXPERTS, build_model, load_model
 
@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
             result = distill.run(spec, model, tok, teacher)
         else:
             runner = {"pretrain": pretrain.run, "sft": sft.run, "lora": lora.run, "dpo": dpo.run, "ppo": ppo.run,
-                      "grpo": grpo.run}[stage]
+                      "grpo": grpo.run, "eval": evaluate.run}[stage]
             result = runner(spec, model, tok)
         steps = result.pop("steps")
         events.emit("done", step=steps, model_config=mcfg, params=params["total"], **result)

@@ -60,7 +60,9 @@ def estimate_memory(stage: str, cfg: dict, teacher: dict | None = None, cuda: bo
     rows, length = _rows_and_length(stage, cfg)
     tokens = rows * length
     parts = {}
-    if stage == "lora":
+    if stage == "eval":
+        parts["weights"] = 4 * params
+    elif stage == "lora":
         parts["weights"] = 4 * params
         parts["trainable (weights, gradients, AdamW)"] = 16 * lora_parameters(mcfg, cfg["lora_rank"],
                                                                                cfg["lora_targets"])
@@ -77,6 +79,8 @@ def estimate_memory(stage: str, cfg: dict, teacher: dict | None = None, cuda: bo
     activations = tokens * _activations_per_token(mcfg, fp32)
     if stage == "ppo":
         activations *= 2  # the critic's own forward and backward
+    if stage == "eval":
+        activations /= mcfg["num_hidden_layers"]  # no backward: one layer's activations live at a time
     parts["activations"] = activations
     parts["logits and loss"] = tokens * mcfg["vocab_size"] * (12 if fp32 else 10)
     if stage == "distill" and teacher:
@@ -90,6 +94,8 @@ def estimate_memory(stage: str, cfg: dict, teacher: dict | None = None, cuda: bo
 def estimate_seconds(stage: str, cfg: dict, rows: int | None, gpus: int = 1) -> float | None:
     """Rough wall-clock seconds on H100-class GPUs; None when the dataset size is unknown."""
     mcfg = model_config(cfg)
+    if stage == "eval" and rows:
+        rows = min(rows, cfg["eval_records"])
     steps_per_epoch = math.ceil((rows or 0) / max(cfg["batch_size"] * gpus, 1) / max(cfg["accumulation_steps"], 1))
     steps = cfg["epochs"] * steps_per_epoch
     if cfg.get("max_steps"):
@@ -99,7 +105,7 @@ def estimate_seconds(stage: str, cfg: dict, rows: int | None, gpus: int = 1) -> 
     active = parameter_count(mcfg)["active"]
     micro_rows, length = _rows_and_length(stage, cfg)
     tokens = steps * cfg["accumulation_steps"] * micro_rows * length * gpus
-    flops = 6 * active * tokens
+    flops = (2 if stage == "eval" else 6) * active * tokens  # eval: forward passes only
     if stage in ("dpo", "distill", "grpo", "ppo"):
         flops *= 4 / 3  # a frozen reference's or teacher's forward pass
     seconds = flops / (H100_TFLOPS[bool(cfg.get("use_compile"))] * gpus)

@@ -9,13 +9,15 @@ from .tokenizer import EOS_ID, PAD_ID
 
 
 @torch.no_grad()
-def chat_replies(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
-    """Greedy replies to single-turn user prompts, rendered with the chat template (no thinking)."""
+def chat_replies(model, tok, prompts: list, max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+    """Greedy replies to user prompts (strings) or whole conversations (lists of messages), rendered with the chat
+    template (no thinking)."""
     model.eval()
     device = next(model.parameters()).device
     replies = []
     for i in range(0, len(prompts), batch_size):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
+                                         tokenize=False, add_generation_prompt=True)
                  for p in prompts[i:i + batch_size]]
         tok.padding_side = "left"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

@@ -8,7 +8,8 @@ import json
 import math
 from pathlib import Path
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "ppo", "grpo")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "ppo", "grpo", "eval")
+TRAINING_STAGES = STAGES[:-1]  # "eval" measures a model and trains nothing
 
 # Model architecture keys (MiniMind's config names) and their MiniMind-3 defaults.
 MODEL_DEFAULTS = {
@@ -67,6 +68,8 @@ STAGE_EXTRA = {
             "mini_batch_size": 2},
     "grpo": {**RL_EXTRA, "num_generations": 6, "beta": 0.1, "loss_type": "cispo", "epsilon": 0.2,
              "epsilon_high": 5.0},
+    # eval: at most eval_records records of the dataset, plus accuracy_tasks held-out demo questions (0 = none).
+    "eval": {"eval_records": 1000, "accuracy_tasks": 100, "max_gen_len": 64, "eval_ratio": 0.0},
 }
 
 # MiniMind's per-stage trainer defaults (reference §3, "Per-stage defaults").
@@ -85,20 +88,22 @@ STAGE_DEFAULTS = {
             "log_interval": 1, "save_interval": 10, "max_seq_len": 768},
     "grpo": {"epochs": 1, "batch_size": 2, "learning_rate": 3e-7, "accumulation_steps": 1,
              "log_interval": 1, "save_interval": 10, "max_seq_len": 768},
+    "eval": {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "log_interval": 1, "max_seq_len": 512},
 }
 
 # The dataset kind each stage reads (ARCHITECTURE.md: pretrain, sft, dpo, rlaif).
 STAGE_DATASET_KIND = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "distill": "sft",
-                      "ppo": "rlaif", "grpo": "rlaif"}
+                      "ppo": "rlaif", "grpo": "rlaif", "eval": None}  # None: any kind
 
 DTYPES = ("bfloat16", "float16", "float32")
+NEEDS_BASE = ("lora", "dpo", "ppo", "grpo", "eval")  # stages that start from a trained model
 
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",
              "max_steps", "seed", "warmup_steps", "eval_interval", "lora_rank", "keep_checkpoints", "max_gen_len",
-             "debug_interval",
-             "num_generations", "ppo_update_iters", "mini_batch_size"}
+             "debug_interval", "num_generations", "ppo_update_iters", "mini_batch_size", "eval_records",
+             "accuracy_tasks"}
 _FLOAT_KEYS = {"rope_theta", "rms_norm_eps", "router_aux_loss_coef", "learning_rate", "grad_clip", "eval_ratio",
                "system_prompt_ratio", "empty_think_drop_ratio", "lora_alpha", "beta", "alpha", "temperature",
                "top_p", "thinking_ratio", "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "vf_coef",
@@ -112,7 +117,8 @@ _POSITIVE = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_steps",
              "learning_rate", "rope_theta", "rms_norm_eps", "eval_interval", "lora_rank", "lora_alpha",
              "temperature", "max_gen_len", "debug_interval", "num_generations", "ppo_update_iters", "mini_batch_size",
-             "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "early_stop_kl", "keep_checkpoints"}
+             "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "early_stop_kl", "keep_checkpoints",
+             "eval_records"}
 
 
 class SpecError(ValueError):
@@ -288,7 +294,7 @@ def validate_spec(spec: dict) -> dict:
             raise SpecError("teacher_model", f"path does not exist: {teacher['path']}")
     elif teacher is not None:
         raise SpecError("teacher_model", "only the distill stage takes a teacher model")
-    if stage in ("lora", "dpo", "ppo", "grpo") and base is None:
+    if stage in NEEDS_BASE and base is None:
         raise SpecError("base_model", f"the {stage} stage starts from a trained model; give base_model")
     device = spec.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):

@@ -182,6 +182,21 @@ def test_notes_and_tags_and_the_model_pages_in_both_languages(api, client, user,
     assert "谱系" in zh and "下载" in zh
     assert "导入模型" in client.get("/models/import/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "对话" in client.get("/playground/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    from jobs.models import Dataset
+    from models_registry.models import Evaluation
+
+    ds = Dataset.objects.get(name="demo-rlaif")
+    Evaluation.objects.create(model=tiny, dataset=ds, metrics={"exact_accuracy": 0.25, "demo_accuracy": 0.5})
+    page = client.get(f"/models/{tiny.pk}/").content.decode()
+    assert "exact_accuracy" in page and "0.25" in page and 'id="evaluate-form"' in page
+    table = client.get(f"/models/evaluations/?dataset={ds.pk}").content.decode()
+    assert "demo_accuracy" in table and "tiny v1" in table
+    r = client.post(f"/models/{tiny.pk}/evaluate/", {"dataset": ds.pk, "eval_records": "5", "accuracy_tasks": "0"})
+    from jobs.models import Job
+
+    job = Job.objects.get(stage="eval")
+    assert r.status_code == 302 and r["Location"] == f"/jobs/{job.pk}/" and job.base_model == tiny
+    assert job.resolved_config["eval_records"] == 5 and job.resolved_config["hidden_size"] == 64
     r = client.post(f"/models/{tiny.pk}/edit/", {"notes": "edited", "tags": "a, b"})
     assert r.status_code == 302 and ModelVersion.objects.get(pk=tiny.pk).tags == ["a", "b"]
 

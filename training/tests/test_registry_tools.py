@@ -1,5 +1,6 @@
 """Verified conversions, imports, LoRA merges and the chat worker (the engine side of the model registry)."""
 import json
+import math
 import subprocess
 import sys
 
@@ -131,3 +132,31 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=30) == 0
+
+
+def test_eval_stage_measures_loss_preferences_and_answers_and_sft_beats_pretrain(trained, demo_dir, tmp_path,
+                                                                                    capsys):
+    from .conftest import run_inprocess
+
+    def evaluate(model, data, **config):
+        spec = {"stage": "eval", "run_dir": str(tmp_path / f"{model}-{data}"), "device": "cpu",
+                "dataset": str(demo_dir / f"{data}.jsonl"), "tokenizer": str(demo_dir / "demo-tokenizer"),
+                "base_model": {"path": trained[model], "config": ARCH},
+                "config": {"eval_records": 40, "accuracy_tasks": 0, "max_gen_len": 24, **config}}
+        rc, events = run_inprocess(spec, tmp_path, capsys, name=f"{model}-{data}")
+        assert rc == 0, events
+        done = events[-1]
+        assert done["event"] == "done" and "model_path" not in done
+        assert [e for e in events if e["event"] == "eval"][0]["metrics"] == done["evaluation"]
+        return done["evaluation"]
+
+    text = evaluate("pretrain", "demo-pretrain")
+    assert text["records"] == 40 and text["tokens"] > 0 and abs(text["perplexity"] - math.exp(text["eval_loss"])) < 1e-6
+    pairs = evaluate("sft", "demo-dpo")
+    assert 0 <= pairs["preference_accuracy"] <= 1 and pairs["eval_loss"] > 0
+    sft_answers = evaluate("sft", "demo-rlaif", accuracy_tasks=30)
+    pre_answers = evaluate("pretrain", "demo-rlaif", accuracy_tasks=30)
+    assert {"exact_accuracy", "contains_accuracy", "numeric_accuracy", "demo_accuracy"} <= set(sft_answers)
+    assert sft_answers["demo_accuracy"] > pre_answers["demo_accuracy"]
+    assert sft_answers["contains_accuracy"] > pre_answers["contains_accuracy"]
+    assert evaluate("sft", "demo-sft")["eval_loss"] < evaluate("pretrain", "demo-sft")["eval_loss"]
