@@ -70,6 +70,16 @@ class Node(models.Model):
         return self.name
 
 
+class Setting(models.Model):
+    """Site-wide values the nodes share (e.g. the id in MINICLOUD_HOME's storage marker)."""
+
+    key = models.CharField(max_length=100, unique=True)
+    value = models.TextField()
+
+    def __str__(self):
+        return self.key
+
+
 class DeviceSample(models.Model):
     """One reading of a node's devices (compact: one row per node per minute, pruned after a day)."""
 

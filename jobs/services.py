@@ -206,11 +206,78 @@ def estimate_job(**request) -> dict:
             "seconds": estimate_seconds(stage, cfg, fields["dataset"].records, fields["gpus"])}
 
 
+def node_queue(node_name: str) -> str:
+    """The django-q2 queue a node's job runner listens on."""
+    return f"{settings.INSTANCE}.{node_name}"
+
+
+def live_nodes() -> list[str]:
+    """Worker nodes that beat recently and are not stopping, most recent heartbeat first."""
+    recent = timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S)
+    return list(Node.objects.filter(stopping=False, heartbeat_at__gte=recent).order_by("-heartbeat_at")
+                .values_list("name", flat=True))
+
+
 def kick_queue() -> None:
-    """Ask a worker to claim the next runnable job (a token, not a job: duplicates or stale tokens do nothing)."""
+    """Ask every live node's runner to claim what the scheduler places on it (tokens, not jobs: duplicates or stale
+    tokens do nothing)."""
     from django_q.tasks import async_task
 
-    async_task("jobs.tasks.run_next_job", task_name="run_next_job", q_options={"ack_failure": True})
+    for name in live_nodes() or [settings.NODE_NAME]:
+        async_task("jobs.tasks.run_next_job", task_name="run_next_job", cluster=node_queue(name),
+                   q_options={"ack_failure": True})
+
+
+def background_task(func: str, *args, task_name: str) -> None:
+    """Queue background work (statistics, tokenizer training) on a live worker node: this one when it is one."""
+    from django_q.tasks import async_task
+
+    nodes = live_nodes()
+    target = settings.NODE_NAME if settings.NODE_NAME in nodes or not nodes else nodes[0]
+    async_task(func, *args, task_name=task_name, cluster=node_queue(target), q_options={"ack_failure": True})
+
+
+def fail_over(now=None) -> list[int]:
+    """Interrupt the live jobs of nodes that stopped beating (their runner is gone), so that they resume on a live
+    node from their last checkpoint; a down node takes no new jobs until it beats again."""
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.NODE_TIMEOUT_S)
+    down = set(Node.objects.filter(heartbeat_at__lt=stale).values_list("name", flat=True))
+    moved = []
+    for job in Job.objects.filter(node__in=down, status__in=Job.LIVE):
+        if job.status == Job.Status.CANCELLING:
+            finish_job(job, Job.Status.CANCELLED, actor="system")
+        elif job.status == Job.Status.PAUSING:
+            job.transition(Job.Status.PAUSED, "system", f"node {job.node} went down while pausing", pid=None,
+                           worker_pid=None, resume=job.checkpoint_path.exists())
+        else:
+            interrupt_job(job, f"node {job.node} stopped answering (no heartbeat for {settings.NODE_TIMEOUT_S:g} s)")
+            moved.append(job.pk)
+    if moved:
+        kick_queue()
+    return moved
+
+
+def check_shared_storage() -> None:
+    """Every node must see the same MINICLOUD_HOME (datasets, checkpoints and models live there): the first node
+    writes a marker with a random id and records the id in the database; a node that cannot read the same id
+    refuses to start."""
+    import uuid
+
+    from .models import Setting
+
+    marker = settings.HOME / ".minicloud-storage"
+    with transaction.atomic():
+        row, created = Setting.objects.get_or_create(key="storage_id", defaults={"value": uuid.uuid4().hex})
+    if created:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(row.value)
+    found = marker.read_text().strip() if marker.exists() else None
+    if found != row.value:
+        raise ServiceError(
+            f"MINICLOUD_HOME={settings.HOME} is not the storage the other nodes use: "
+            + ("it has no marker file .minicloud-storage" if found is None else "its marker file names another one")
+            + ". Mount the shared filesystem (NFS) there on every node (docs/deploy.md).", status=500)
 
 
 # --- claim and run ---------------------------------------------------------------------------------------------
@@ -288,13 +355,10 @@ def _quota_gate():
     return blocked, placed
 
 
-NODE_DOWN_AFTER = timedelta(minutes=3)  # a node whose heartbeat is older takes no new jobs
-
-
 def device_state(node_name: str | None = None, slots: int | None = None) -> dict[str, list[scheduler.Device]]:
     """Every live node's devices with the live jobs placed on them. ``node_name`` is always included (its devices
     from its Node row, else this machine's inventory; ``slots`` CPU slots when given)."""
-    recent = timezone.now() - NODE_DOWN_AFTER
+    recent = timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S)  # a silent node takes no new jobs
     nodes = {n.name: scheduler.devices_from_inventory(n.name, n.devices)
              for n in Node.objects.filter(stopping=False, heartbeat_at__gte=recent)}
     if node_name:
@@ -503,6 +567,20 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
+def die_with_parent(sig):
+    """A preexec_fn asking Linux to send ``sig`` to the child when its parent dies (prctl PR_SET_PDEATHSIG)."""
+
+    def set_pdeathsig():
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)
+        except OSError:
+            pass
+
+    return set_pdeathsig
+
+
 def kill_group(pid: int | None, sig: int = signal.SIGKILL) -> None:
     """Signal a process group (a training child, a `serve` child); gone or not ours is not an error."""
     if pid:
@@ -538,6 +616,11 @@ def register_node(node_name: str) -> Node:
                                   "heartbeat_at": timezone.now(), "stopping": False})
     sample_devices(node_name, devices)
     return node
+
+
+def beat(node_name: str) -> None:
+    """This node's heartbeat (the serve loop of a worker node, every MINICLOUD_HEARTBEAT_S)."""
+    Node.objects.filter(name=node_name).update(heartbeat_at=timezone.now(), stopping=False)
 
 
 def refresh_node(node_name: str) -> None:
@@ -673,11 +756,9 @@ def delete_dataset(actor, ds: Dataset, request=None) -> None:
 
 def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:
     """Queue the token statistics of a dataset (a background task with progress)."""
-    from django_q.tasks import async_task
-
     Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0)
-    transaction.on_commit(lambda: async_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
-                                             task_name=f"dataset-stats-{ds.pk}", q_options={"ack_failure": True}))
+    transaction.on_commit(lambda: background_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
+                                                  task_name=f"dataset-stats-{ds.pk}"))
 
 
 def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:

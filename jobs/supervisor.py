@@ -25,6 +25,7 @@ from models_registry.services import record_evaluation, register_job_output
 
 from . import services
 from .models import Job, LogChunk, MetricPoint, Node
+from .services import die_with_parent
 
 log = logging.getLogger("jobs")
 
@@ -92,7 +93,7 @@ class Supervisor:
         self.tail: list[str] = []
         self.term_sent_at = None
         self.killed = False
-        self.reason = None  # "cancel" or "shutdown" once a stop was requested
+        self.reason = None  # "cancel", "pause", "shutdown", "timeout" or "lost" once the child must stop
         self.peak_memory = job.peak_memory
 
     def _reader(self, stream):
@@ -114,10 +115,12 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = ""
         log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
         self.raw_log = log_file
+        # The child dies with its supervisor (PDEATHSIG): a job whose node is lost must not go on writing its run
+        # folder while another node resumes it.
         self.proc = subprocess.Popen(
             engine_command(spec_path, len(devices)), cwd=str(settings.BASE_DIR), env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8",
-            errors="replace", bufsize=1, start_new_session=True)
+            errors="replace", bufsize=1, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
         self.started = time.monotonic()
         Job.objects.filter(pk=self.job.pk).update(pid=self.proc.pid)
         threading.Thread(target=self._reader, args=(self.proc.stdout,), daemon=True).start()
@@ -133,6 +136,8 @@ class Supervisor:
             if line is None:
                 ended = True
                 break
+            if self.reason == "lost":
+                continue  # the job is another node's now: its output is not ours to record
             self.raw_log.write(line + "\n")
             event = None
             if line.startswith("{"):
@@ -184,8 +189,14 @@ class Supervisor:
         if self.proc.poll() is not None:
             return
         if self.reason is None:
-            status = Job.objects.filter(pk=self.job.pk).values_list("status", flat=True).first()
+            status, node = Job.objects.filter(pk=self.job.pk).values_list("status", "node").first() or (None, None)
             limit = self.job.time_limit_s
+            if status not in Job.LIVE or node != self.job.node:
+                # Another node took the job over (this node was declared down): stop at once, write nothing more.
+                self.reason = "lost"
+                self._signal(signal.SIGKILL)
+                self.killed = True
+                return
             if status == Job.Status.CANCELLING:
                 self.reason = "cancel"
             elif status == Job.Status.PAUSING:
@@ -224,6 +235,8 @@ class Supervisor:
     def finish(self, rc: int) -> str:
         job = Job.objects.get(pk=self.job.pk)
         S = Job.Status
+        if self.reason == "lost":
+            return job.status
         if self.done_event is not None and rc == 0 and "evaluation" in self.done_event:
             record_evaluation(job, self.done_event["evaluation"])
             services.finish_job(job, S.SUCCEEDED)

@@ -25,6 +25,12 @@ PORT = envint("PORT", 8000)
 REDIS_URL = os.environ.get("REDIS_URL", "")
 # Distinguishes several MiniCloud sites (or test runs) sharing one Redis: queue name and channel prefix.
 INSTANCE = os.environ.get("MINICLOUD_INSTANCE", "minicloud")
+# Each node's job runner listens on its own queue, so the scheduler can hand a job to the node it chose.
+NODE_QUEUE = f"{INSTANCE}.{NODE_NAME}"
+# A worker node writes a heartbeat every NODE_HEARTBEAT_S; one silent for NODE_TIMEOUT_S is down: its running jobs
+# are interrupted and resume elsewhere from their last checkpoint.
+NODE_HEARTBEAT_S = float(os.environ.get("MINICLOUD_HEARTBEAT_S", "10"))
+NODE_TIMEOUT_S = float(os.environ.get("MINICLOUD_NODE_TIMEOUT_S", "90"))
 
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
@@ -169,6 +175,7 @@ JOBS_PER_GPU = envint("MINICLOUD_JOBS_PER_GPU", 4)
 
 Q_CLUSTER = {
     "name": INSTANCE,
+    "cluster_name": NODE_QUEUE,
     # One worker per job that can run at once (each supervises one job), plus one for background work (dataset
     # statistics) so that it never waits behind training.
     "workers": worker_count(JOBS_PER_GPU) + 1,

@@ -29,7 +29,7 @@ class ChatWorker:
         self.proc = None
 
     async def _start(self):
-        from minicloud.management.commands.serve import die_with_parent
+        from jobs.services import die_with_parent
 
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = await asyncio.create_subprocess_exec(

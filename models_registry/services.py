@@ -582,9 +582,9 @@ def upload_tokenizer(*, owner, name: str, tokenizer_json, tokenizer_config, requ
 def start_tokenizer_training(*, owner, name: str, dataset, vocab_size: int = 6400, request=None) -> Tokenizer:
     """Queue the training of a byte-level BPE tokenizer (MiniMind's reserved ids and chat template) on a dataset."""
     from django.db import transaction
-    from django_q.tasks import async_task
 
     from accounts.services import audit
+    from jobs.services import background_task
     from minicloud.errors import ServiceError
 
     name = _new_tokenizer_name(owner, name)
@@ -593,8 +593,8 @@ def start_tokenizer_training(*, owner, name: str, dataset, vocab_size: int = 640
     tok = Tokenizer.objects.create(name=name, owner=owner, path="", status="training", trained_on=dataset,
                                    vocab_size=vocab_size)
     audit(owner, "tokenizer_train", tok, request=request, dataset=dataset.pk, vocab_size=vocab_size)
-    transaction.on_commit(lambda: async_task("models_registry.tasks.train_tokenizer", tok.pk,
-                                             task_name=f"tokenizer-{tok.pk}", q_options={"ack_failure": True}))
+    transaction.on_commit(lambda: background_task("models_registry.tasks.train_tokenizer", tok.pk,
+                                                  task_name=f"tokenizer-{tok.pk}"))
     return tok
 
 

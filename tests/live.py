@@ -57,10 +57,11 @@ class LiveNode:
         self.log_path = home / "serve.log"
         self.proc = None
         self.token = None
+        self.args = []  # e.g. ["--web"]
 
     def start(self, timeout=120):
         self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "manage.py", "serve"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "manage.py", "serve", *self.args], cwd=ROOT, env=self.env,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from jobs.services import kill_group
+from jobs.services import die_with_parent, kill_group
 
 
 class Command(BaseCommand):
@@ -26,22 +26,35 @@ class Command(BaseCommand):
         parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
         parser.add_argument("--port", type=int, default=settings.PORT)
         parser.add_argument("--no-setup", action="store_true", help="skip migrate/collectstatic/demo data")
+        role = parser.add_mutually_exclusive_group()
+        role.add_argument("--web", action="store_true", help="only the web server (daphne): pages, API, WebSockets")
+        role.add_argument("--worker", action="store_true",
+                          help="only this node's job runner: its django-q2 cluster, device sampling, training")
 
-    def handle(self, *args, host, port, no_setup, **options):
+    def handle(self, *args, host, port, no_setup, web, worker, **options):
         from accounts.services import ensure_first_admin
         from jobs import services
+        from minicloud.errors import ServiceError
 
-        if not no_setup:
+        self.web, self.worker = not worker, not web
+        if not no_setup and self.web:
             call_command("migrate", interactive=False, verbosity=0)
             call_command("collectstatic", interactive=False, verbosity=0)
-        admin = ensure_first_admin()
-        self.pidfile = settings.HOME / "run" / f"serve-{settings.NODE_NAME}.json"
+        admin = ensure_first_admin() if self.web else None
+        role = "web" if not self.worker else "worker" if not self.web else "all"
+        self.pidfile = settings.HOME / "run" / f"serve-{settings.NODE_NAME}-{role}.json"
         _kill_leftovers(self.pidfile)
-        services.register_node(settings.NODE_NAME)
-        requeued = services.reconcile_node(settings.NODE_NAME, starting=True)
-        self._ensure_schedule()
-        if requeued:
-            self.stdout.write(f"Requeued interrupted jobs to resume: {requeued}")
+        if self.worker:
+            try:
+                services.check_shared_storage()
+            except ServiceError as exc:
+                self.stderr.write(str(exc))
+                sys.exit(2)
+            services.register_node(settings.NODE_NAME)
+            requeued = services.reconcile_node(settings.NODE_NAME, starting=True)
+            self._ensure_schedule()
+            if requeued:
+                self.stdout.write(f"Requeued interrupted jobs to resume: {requeued}")
 
         self.stopping = False
         signal.signal(signal.SIGINT, self._on_signal)
@@ -49,53 +62,80 @@ class Command(BaseCommand):
         py = sys.executable
         # Own sessions, so a terminal's Ctrl-C reaches only this parent; killed with it if it dies (PDEATHSIG), and
         # recorded in a pidfile so a later start can clear what a `kill -9` of this parent left behind.
-        self.children = {
-            "web": subprocess.Popen([py, "-m", "daphne", "-b", host, "-p", str(port), "minicloud.asgi:application"],
-                                    cwd=settings.BASE_DIR, start_new_session=True,
-                                    preexec_fn=die_with_parent(signal.SIGTERM)),
-            "workers": subprocess.Popen([py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True,
-                                        preexec_fn=die_with_parent(signal.SIGKILL)),
-        }
+        self.children = {}
+        if self.web:
+            self.children["web"] = subprocess.Popen(
+                [py, "-m", "daphne", "-b", host, "-p", str(port), "minicloud.asgi:application"],
+                cwd=settings.BASE_DIR, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
+        if self.worker:
+            self.children["workers"] = subprocess.Popen(
+                [py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGKILL))
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
-        url = f"http://{host}:{port}"
-        self.stdout.write(self.style.SUCCESS(f"MiniCloud is starting at {url}  (node {settings.NODE_NAME}, "
-                                             f"data in {settings.HOME})"))
+        where = f"at http://{host}:{port}" if self.web else "as a worker"
+        self.stdout.write(self.style.SUCCESS(f"MiniCloud is starting {where}  (node {settings.NODE_NAME}, "
+                                             f"role {role}, data in {settings.HOME})"))
         if admin and admin[1]:
             self.stdout.write(self.style.WARNING(f"Log in as '{admin[0]}' with password: {admin[1]}  "
                                                  "(shown once; change it in /admin/)"))
         elif admin:
             self.stdout.write(f"Log in as '{admin[0]}' with the password from DJANGO_SUPERUSER_PASSWORD.")
-        else:
+        elif self.web:
             self.stdout.write("Log in with your account; `python manage.py changepassword admin` resets a password.")
         self.stdout.write("Press Ctrl-C to stop.")
-        services.kick_queue()  # queued jobs from before this start
+        if self.worker:
+            services.kick_queue()  # queued jobs from before this start
         sys.stdout.flush()
         code = 0
+        next_beat = 0.0
         while not self.stopping:
             for name, proc in self.children.items():
                 if proc.poll() is not None and not self.stopping:
                     self.stderr.write(f"{name} exited with code {proc.returncode}; stopping")
                     code = 1
                     self.stopping = True
+            if self.worker and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + settings.NODE_HEARTBEAT_S
+                self._beat()
             time.sleep(0.3)
         self._shutdown()
         sys.exit(code)
+
+    def _beat(self):
+        """Heartbeat, and take over the jobs of nodes that stopped beating (a database hiccup is not fatal)."""
+        from django.db import DatabaseError, close_old_connections
+
+        from jobs import services
+
+        try:
+            services.beat(settings.NODE_NAME)
+            moved = services.fail_over()
+            if moved:
+                self.stdout.write(f"Requeued jobs of a silent node to resume elsewhere: {moved}")
+        except DatabaseError as exc:
+            self.stderr.write(f"heartbeat failed: {exc}")
+            close_old_connections()
 
     def _on_signal(self, signum, frame):
         self.stopping = True
 
     def _ensure_schedule(self):
+        """This node's housekeeping, run by its own cluster (each node samples and reconciles itself)."""
         from django_q.models import Schedule
 
+        Schedule.objects.filter(name="minicloud-housekeeping").delete()  # the single-node schedule of old
         Schedule.objects.update_or_create(
-            name="minicloud-housekeeping",
+            name=f"minicloud-housekeeping-{settings.NODE_NAME}"[:100],
             defaults={"func": "jobs.tasks.housekeeping", "schedule_type": Schedule.MINUTES, "minutes": 1,
-                      "repeats": -1})
+                      "repeats": -1, "cluster": settings.NODE_QUEUE})
 
     def _shutdown(self):
         from jobs.models import Job, Node
 
+        if not self.worker:
+            self._stop_children()
+            return
         self.stdout.write("Stopping: checkpointing running jobs …")
         Node.objects.filter(name=settings.NODE_NAME).update(stopping=True)
         grace = settings.JOB_KILL_GRACE_S + 5
@@ -109,6 +149,9 @@ class Command(BaseCommand):
         for pid in Job.objects.filter(node=settings.NODE_NAME, status__in=Job.LIVE).exclude(
                 pid=None).values_list("pid", flat=True):
             kill_group(pid, signal.SIGKILL)  # the supervisor is gone; reconcile requeues these on the next start
+        self._stop_children()
+
+    def _stop_children(self):
         for proc in self.children.values():
             kill_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -122,20 +165,6 @@ class Command(BaseCommand):
             proc.wait()
         self.pidfile.unlink(missing_ok=True)
         self.stdout.write("Stopped.")
-
-
-def die_with_parent(sig):
-    """A preexec_fn asking Linux to send ``sig`` to the child when this parent dies (prctl PR_SET_PDEATHSIG)."""
-
-    def set_pdeathsig():
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)
-        except OSError:
-            pass
-
-    return set_pdeathsig
 
 
 def _kill_leftovers(pidfile):
