@@ -50,6 +50,18 @@ class Decision:
         return self.node is not None
 
 
+def decayed_seconds(started: float, ended: float, gpus: int, now: float, half_life: float) -> float:
+    """Device-seconds of one run, counted half as much for every ``half_life`` seconds since it ended."""
+    return max(ended - started, 0.0) * gpus * 0.5 ** (max(now - ended, 0.0) / half_life)
+
+
+def fair_order(jobs: list, bonus: dict, running: dict, usage: dict) -> list:
+    """Queue order: priority (the job's plus its owner's quota bonus) first, then fair share — the owner's running
+    jobs (fewest first), then the owner's decayed recent device use (least first) — then age."""
+    return sorted(jobs, key=lambda j: (-(j.priority + bonus.get(j.owner_id, 0)), running.get(j.owner_id, 0),
+                                       usage.get(j.owner_id, 0.0), j.created_at, j.pk))
+
+
 def devices_from_inventory(node: str, inventory: list[dict]) -> list[Device]:
     return [Device(node, d["index"], d.get("kind", "cpu"), d.get("memory_total") if d.get("kind") == "cuda" else None)
             for d in inventory]

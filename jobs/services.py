@@ -298,8 +298,8 @@ def recent_usage(owner_ids, now=None) -> dict:
         Q(finished_at__isnull=True) | Q(finished_at__gte=since)).values("owner_id", "gpus", "started_at", "finished_at")
     for j in jobs:
         end = j["finished_at"] or now
-        seconds = max((end - j["started_at"]).total_seconds(), 0.0) * j["gpus"]
-        usage[j["owner_id"]] += seconds * 0.5 ** ((now - end).total_seconds() / half_life)
+        usage[j["owner_id"]] += scheduler.decayed_seconds(j["started_at"].timestamp(), end.timestamp(), j["gpus"],
+                                                          now.timestamp(), half_life)
     return usage
 
 
@@ -311,9 +311,7 @@ def queue_order(jobs: list) -> list:
     running = {pk: 0 for pk in owners}
     for owner_id in Job.objects.filter(status__in=Job.LIVE, owner_id__in=owners).values_list("owner_id", flat=True):
         running[owner_id] += 1
-    bonus = _quota_priorities(owners)
-    return sorted(jobs, key=lambda j: (-(j.priority + bonus[j.owner_id]), running[j.owner_id], usage[j.owner_id],
-                                       j.created_at, j.pk))
+    return scheduler.fair_order(jobs, _quota_priorities(owners), running, usage)
 
 
 def _quota_priorities(owner_ids) -> dict:
