@@ -8,6 +8,7 @@ resume on the next start), then the children: SIGTERM, then SIGKILL after a grac
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,9 +65,15 @@ class Command(BaseCommand):
         # recorded in a pidfile so a later start can clear what a `kill -9` of this parent left behind.
         self.children = {}
         if self.web:
-            self.children["web"] = subprocess.Popen(
-                [py, "-m", "daphne", "-b", host, "-p", str(port), "minicloud.asgi:application"],
-                cwd=settings.BASE_DIR, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
+            # Several daphne processes accept on one listening socket (the kernel spreads the connections), so pages
+            # render on several cores; each is a plain daphne given the socket's file descriptor.
+            listener = socket.create_server((host, port), backlog=1024, reuse_port=False)
+            for n in range(settings.WEB_PROCESSES):
+                self.children[f"web{n or ''}"] = subprocess.Popen(
+                    [py, "-m", "daphne", "--fd", str(listener.fileno()), "minicloud.asgi:application"],
+                    cwd=settings.BASE_DIR, start_new_session=True, pass_fds=(listener.fileno(),),
+                    preexec_fn=die_with_parent(signal.SIGTERM))
+            listener.close()  # the children hold it
         if self.worker:
             self.children["workers"] = subprocess.Popen(
                 [py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True,
