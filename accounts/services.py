@@ -347,3 +347,15 @@ def login_blocked(username: str, ip) -> bool:
     failures = AuditEntry.objects.filter(action="login_failed", time__gte=since)
     who = Q(username=username) | Q(ip=ip) if ip else Q(username=username)
     return failures.filter(who).count() >= settings.LOGIN_MAX_FAILURES
+
+
+def check_deletable(actor, obj, kind: str, references: list[str]) -> None:
+    """Refuse to delete ``obj`` unless ``actor`` owns (manages) it and nothing uses it (``references`` names what
+    does: 409 with the list)."""
+    from minicloud.errors import ServiceError
+
+    if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists() or obj.owner_id is None:
+        raise ServiceError(f"only the owner can delete this {kind}", status=403)
+    if references:
+        raise ServiceError(f"{kind} is in use by {len(references)} object(s): {', '.join(references[:10])}",
+                           status=409, details={"references": references})

@@ -6,7 +6,8 @@ node, each with ``memory`` bytes free (the estimate from ``training.estimate``).
 estimates fit and at most ``jobs_per_gpu`` run on it. Jobs are placed in queue order (priority, fair share, age);
 each goes to the node and devices where it fits most tightly (best fit: small jobs fill GPUs that are already in
 use, whole GPUs stay free for big jobs). A multi-device job that cannot start yet reserves the devices that could
-already take it, so that later single-device jobs cannot starve it (gang allocation).
+already take it, so that later single-device jobs cannot starve it (gang allocation). With ``multi_node``, a job
+that no single node can take may span several nodes with the same number of devices on each (torchrun's layout).
 """
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ class Device:
 @dataclass
 class Decision:
     job: object
-    node: str | None = None
+    node: str | None = None  # where rank 0 runs
     devices: list = field(default_factory=list)
     reason: str = ""  # why it waits: a code of REASONS ("" once placed)
     params: dict = field(default_factory=dict)
+    parts: list = field(default_factory=list)  # multi-node: [(node, [device indices]), ...], rank 0's node first
 
     @property
     def placed(self) -> bool:
@@ -82,17 +84,40 @@ def place(nodes: dict[str, list[Device]], gpus: int, memory: int, jobs_per_gpu: 
     return (best[1], best[2]) if best else None
 
 
-def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int) -> tuple[str, str] | None:
+def place_across(nodes: dict[str, list[Device]], gpus: int, memory: int, jobs_per_gpu: int):
+    """A multi-node spot for a job no single node can take: the fewest nodes n (gpus divisible by n, the same
+    number of devices on each, as torchrun needs) that have that many fitting devices each, tightest first; as
+    [(node, [devices]), ...] or None."""
+    for n in range(2, len(nodes) + 1):
+        if gpus % n:
+            continue
+        per = gpus // n
+        options = []
+        for name, devs in nodes.items():
+            ok = [d for d in devs if d.fits(memory, jobs_per_gpu)]
+            if len(ok) >= per:
+                ok.sort(key=lambda d: (d.free_memory if d.free_memory is not None else 0, -len(d.jobs), d.index))
+                options.append((sum(d.free_memory or 0 for d in ok[:per]), name, ok[:per]))
+        if len(options) >= n:
+            options.sort(key=lambda o: (o[0], o[1]))
+            return [(name, chosen) for _, name, chosen in options[:n]]
+    return None
+
+
+def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int,
+               multi_node: bool = False) -> tuple[str, str] | None:
     """Why no node could ever run such a job even when idle, as ("gpus" or "memory", English text), or None."""
     if not nodes:
         return None
     most = max(len(devs) for devs in nodes.values())
-    if gpus > most:
+    if gpus > most and not (multi_node and any(
+            gpus % n == 0 and sum(len(devs) >= gpus // n for devs in nodes.values()) >= n
+            for n in range(2, len(nodes) + 1))):
         return "gpus", f"needs {gpus} devices on one node; the largest node has {most}"
-    for devs in nodes.values():
-        big = [d for d in devs if d.memory_total is None or d.memory_total >= memory]
-        if len(big) >= gpus:
-            return None
+    big = [sum(d.memory_total is None or d.memory_total >= memory for d in devs) for devs in nodes.values()]
+    if any(b >= gpus for b in big) or (multi_node and any(
+            gpus % n == 0 and sum(b >= gpus // n for b in big) >= n for n in range(2, len(nodes) + 1))):
+        return None
     largest = max((d.memory_total or 0) for devs in nodes.values() for d in devs)
     return "memory", (f"needs about {memory / GiB:.1f} GiB per GPU; the largest GPU has {largest / GiB:.1f} GiB "
                       f"(lower batch_size or max_seq_len)")
@@ -116,7 +141,7 @@ def _reason(nodes, gpus: int, memory: int, jobs_per_gpu: int) -> tuple[str, dict
 
 
 def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory_of=None, gpus_of=None,
-         blocked=None, on_place=None) -> list[Decision]:
+         blocked=None, on_place=None, multi_node: bool = False) -> list[Decision]:
     """Place ``queued`` (already in queue order) onto ``nodes`` (mutated: placed jobs are added to their devices).
 
     ``memory_of(job)``/``gpus_of(job)`` read a job's needs (default: ``job.memory_estimate``, ``job.gpus``);
@@ -134,11 +159,14 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
             continue
         gpus, memory = gpus_of(job), memory_of(job)
         spot = place(nodes, gpus, memory, jobs_per_gpu)
-        if spot:
-            name, chosen = spot
-            for d in chosen:
-                d.jobs.append(memory)
-            out.append(Decision(job, name, [d.index for d in chosen]))
+        parts = [spot] if spot else (place_across(nodes, gpus, memory, jobs_per_gpu)
+                                     if multi_node and gpus > 1 else None)
+        if parts:
+            for _, chosen in parts:
+                for d in chosen:
+                    d.jobs.append(memory)
+            out.append(Decision(job, parts[0][0], [d.index for d in parts[0][1]],
+                                parts=[(n, [d.index for d in c]) for n, c in parts] if len(parts) > 1 else []))
             if on_place:
                 on_place(job)
             continue

@@ -21,7 +21,7 @@ from training import spec as tspec
 from training.estimate import estimate_memory
 
 from . import scheduler
-from .models import Dataset, DeviceSample, Job, JobEvent, JobTemplate, Node
+from .models import Dataset, DeviceSample, Job, JobEvent, JobPart, JobTemplate, Node
 
 
 
@@ -137,7 +137,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     memory = memory_parts["bytes"]
     if estimate is not None:
         estimate.update(memory=memory_parts, cuda=cuda)
-    why = scheduler.never_fits(nodes, gpus, memory)
+    why = scheduler.never_fits(nodes, gpus, memory, multi_node=settings.MULTI_NODE_JOBS)
     if why:
         field = "gpus" if why[0] == "gpus" else "config.batch_size"
         raise ServiceError(f"{field}: this job can never start: it {why[1]}", field=field)
@@ -221,11 +221,7 @@ def live_nodes() -> list[str]:
 def kick_queue() -> None:
     """Ask every live node's runner to claim what the scheduler places on it (tokens, not jobs: duplicates or stale
     tokens do nothing)."""
-    from django_q.tasks import async_task
-
-    for name in live_nodes() or [settings.NODE_NAME]:
-        async_task("jobs.tasks.run_next_job", task_name="run_next_job", cluster=node_queue(name),
-                   q_options={"ack_failure": True})
+    _kick_nodes(live_nodes() or [settings.NODE_NAME])
 
 
 def background_task(func: str, *args, task_name: str) -> None:
@@ -244,14 +240,16 @@ def fail_over(now=None) -> list[int]:
     stale = now - timedelta(seconds=settings.NODE_TIMEOUT_S)
     down = set(Node.objects.filter(heartbeat_at__lt=stale).values_list("name", flat=True))
     moved = []
-    for job in Job.objects.filter(node__in=down, status__in=Job.LIVE):
+    spanning = JobPart.objects.filter(node__in=down, finished_at__isnull=True).values_list("job_id", flat=True)
+    for job in Job.objects.filter(Q(node__in=down) | Q(pk__in=list(spanning)), status__in=Job.LIVE):
         if job.status == Job.Status.CANCELLING:
             finish_job(job, Job.Status.CANCELLED, actor="system")
         elif job.status == Job.Status.PAUSING:
             job.transition(Job.Status.PAUSED, "system", f"node {job.node} went down while pausing", pid=None,
                            worker_pid=None, resume=job.checkpoint_path.exists())
         else:
-            interrupt_job(job, f"node {job.node} stopped answering (no heartbeat for {settings.NODE_TIMEOUT_S:g} s)")
+            lost = job.node if job.node in down else ", ".join(sorted({p.node for p in job.parts.all()} & down))
+            interrupt_job(job, f"node {lost} stopped answering (no heartbeat for {settings.NODE_TIMEOUT_S:g} s)")
             moved.append(job.pk)
     if moved:
         kick_queue()
@@ -366,11 +364,12 @@ def device_state(node_name: str | None = None, slots: int | None = None) -> dict
             row = Node.objects.filter(name=node_name).first()
             nodes[node_name] = scheduler.devices_from_inventory(node_name, row.devices if row else _local_devices())
     index = {(d.node, d.index): d for devs in nodes.values() for d in devs}
-    for node, devices, memory in Job.objects.filter(status__in=Job.LIVE).values_list("node", "devices",
-                                                                                      "memory_estimate"):
-        for i in devices or []:
-            if (node, i) in index:
-                index[(node, i)].jobs.append(memory or 0)
+    for node, devices, memory, placement in Job.objects.filter(status__in=Job.LIVE).values_list(
+            "node", "devices", "memory_estimate", "placement"):
+        for part_node, part_devices in placement or [(node, devices)]:
+            for i in part_devices or []:
+                if (part_node, i) in index:
+                    index[(part_node, i)].jobs.append(memory or 0)
     return nodes
 
 
@@ -379,6 +378,7 @@ def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[s
     queued = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")))
     blocked, placed = _quota_gate()
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
+                          multi_node=settings.MULTI_NODE_JOBS,
                           on_place=placed)
 
 
@@ -436,10 +436,47 @@ def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
         for decision in queue_plan(node_name, slots):
             if decision.node != node_name:
                 continue
-            job, devices = decision.job, decision.devices
-            if job.transition(Job.Status.RUNNING, node_name, f"devices {devices}", node=node_name, devices=devices,
-                              started_at=timezone.now(), error="", pid=None, worker_pid=os.getpid()):
+            job, devices, now = decision.job, decision.devices, timezone.now()
+            placement = [[n, d] for n, d in decision.parts]
+            rendezvous = {"address": Node.objects.filter(name=node_name).values_list("address", flat=True).first()
+                          or settings.NODE_ADDRESS, "port": _free_port()} if placement else {}
+            where = (f"devices {devices}" if not placement else
+                     "; ".join(f"{n} devices {d}" for n, d in placement))
+            if job.transition(Job.Status.RUNNING, node_name, where, node=node_name, devices=devices, started_at=now,
+                              error="", pid=None, worker_pid=os.getpid(), placement=placement,
+                              rendezvous=rendezvous):
+                for rank, (other, devs) in enumerate(placement[1:], 1):
+                    JobPart.objects.create(job=job, node=other, rank=rank, devices=devs, run_started_at=now)
+                if placement:
+                    transaction.on_commit(lambda: _kick_nodes([n for n, _ in placement[1:]]))
                 return job
+    return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _kick_nodes(names) -> None:
+    from django_q.tasks import async_task
+
+    for name in names:
+        async_task("jobs.tasks.run_next_job", task_name="run_next_job", cluster=node_queue(name),
+                   q_options={"ack_failure": True})
+
+
+def claim_part(node_name: str):
+    """This node's share of a running multi-node job that nobody started yet, claimed atomically, or None."""
+    for part in JobPart.objects.filter(node=node_name, claimed_at__isnull=True,
+                                       job__status=Job.Status.RUNNING).select_related("job"):
+        if part.run_started_at != part.job.started_at:
+            continue  # a part of an earlier run of the job
+        if JobPart.objects.filter(pk=part.pk, claimed_at__isnull=True).update(claimed_at=timezone.now()):
+            return part
     return None
 
 
@@ -610,7 +647,7 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
 def register_node(node_name: str) -> Node:
     devices = _local_devices()
     node, _created = Node.objects.update_or_create(
-        name=node_name, defaults={"devices": devices, "started_at": timezone.now(),
+        name=node_name, defaults={"devices": devices, "started_at": timezone.now(), "address": settings.NODE_ADDRESS,
                                   "heartbeat_at": timezone.now(), "stopping": False})
     sample_devices(node_name, devices)
     return node
@@ -737,14 +774,9 @@ def dataset_references(ds: Dataset) -> list[str]:
 
 def delete_dataset(actor, ds: Dataset, request=None) -> None:
     """Delete a dataset version nobody uses (its file too, unless another version shares it)."""
-    from accounts.services import audit
+    from accounts.services import audit, check_deletable
 
-    if not Dataset.objects.manageable_by(actor).filter(pk=ds.pk).exists() or ds.owner_id is None:
-        raise ServiceError("only the owner can delete this dataset", status=403)
-    refs = dataset_references(ds)
-    if refs:
-        raise ServiceError(f"dataset is in use by {len(refs)} object(s): {', '.join(refs[:10])}", status=409,
-                           details={"references": refs})
+    check_deletable(actor, ds, "dataset", dataset_references(ds))
     path = Path(ds.path)
     audit(actor, "delete", ds, request=request, name=ds.name, version=ds.version)
     ds.delete()

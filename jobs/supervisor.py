@@ -20,6 +20,7 @@ from datetime import datetime, timezone as dt_tz
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from models_registry.services import record_evaluation, register_job_output
 
@@ -72,13 +73,29 @@ def notify(job_id: int) -> None:
         log.warning("channel layer push failed for job %s", job_id, exc_info=True)
 
 
-def engine_command(spec_path, n_devices: int) -> list[str]:
+def engine_command(spec_path, n_devices: int, job: Job | None = None, node_rank: int = 0) -> list[str]:
     """The training child: the engine itself, or torchrun with one process per allocated device (DDP; NCCL on GPUs,
-    gloo on CPU slots), whose rank 0 alone writes events."""
+    gloo on CPU slots), whose rank 0 alone writes events. A multi-node run gives every node torchrun with its node
+    rank and rank 0's node as master (static rendezvous, so that global rank 0 — the one that writes events and
+    files — runs under the supervisor that records them)."""
     run = ["-m", "training", "run", str(spec_path)]
+    torchrun = [sys.executable, "-u", "-m", "torch.distributed.run"]
+    if job is not None and job.placement:
+        rdzv = job.rendezvous
+        return [*torchrun, f"--nnodes={len(job.placement)}", f"--node_rank={node_rank}",
+                f"--nproc_per_node={n_devices}", f"--master_addr={rdzv['address']}", f"--master_port={rdzv['port']}",
+                *run]
     if n_devices <= 1:
         return [sys.executable, "-u", *run]
-    return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_devices}", *run]
+    return [*torchrun, "--standalone", f"--nproc_per_node={n_devices}", *run]
+
+
+def _device_env(node_name: str, devices: list[int]) -> dict:
+    """CUDA_VISIBLE_DEVICES for a child on ``node_name``'s ``devices`` (empty for CPU slots)."""
+    node = Node.objects.filter(name=node_name).first()
+    kinds = {d["index"]: d["kind"] for d in (node.devices if node else [])}
+    cuda = devices and all(kinds.get(i) == "cuda" for i in devices)
+    return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
 
 
 class Supervisor:
@@ -105,20 +122,14 @@ class Supervisor:
 
     def start(self) -> None:
         spec_path = services.write_spec(self.job)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         devices = self.job.devices
-        node = Node.objects.filter(name=self.job.node).first()
-        kinds = {d["index"]: d["kind"] for d in (node.devices if node else [])}
-        if devices and all(kinds.get(i) == "cuda" for i in devices):
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in devices)
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        env = _device_env(self.job.node, devices)
         log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
         self.raw_log = log_file
         # The child dies with its supervisor (PDEATHSIG): a job whose node is lost must not go on writing its run
         # folder while another node resumes it.
         self.proc = subprocess.Popen(
-            engine_command(spec_path, len(devices)), cwd=str(settings.BASE_DIR), env=env,
+            engine_command(spec_path, len(devices), self.job), cwd=str(settings.BASE_DIR), env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8",
             errors="replace", bufsize=1, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
         self.started = time.monotonic()
@@ -270,3 +281,40 @@ class Supervisor:
                                                      + " | ".join(self.tail[-3:]))
         notify(job.pk)
         return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+
+
+class PartSupervisor:
+    """Runs this node's share of a multi-node job (a torchrun with its node rank) and stops it when the job stops
+    or moves. Its output goes to ``engine-<node>.log`` in the run folder; rank 0's supervisor records the events."""
+
+    def __init__(self, part):
+        self.part = part
+        self.job = part.job
+
+    def run(self) -> None:
+        from .models import JobPart
+
+        spec_path = self.job.run_dir / "spec.json"
+        deadline = time.monotonic() + 60
+        while not spec_path.exists() and time.monotonic() < deadline:  # rank 0's runner writes it
+            time.sleep(0.2)
+        log = open(self.job.run_dir / f"engine-{self.part.node}.log", "a", encoding="utf-8")
+        proc = subprocess.Popen(
+            engine_command(spec_path, len(self.part.devices), self.job, self.part.rank),
+            cwd=str(settings.BASE_DIR), env=_device_env(self.part.node, self.part.devices), stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL))
+        JobPart.objects.filter(pk=self.part.pk).update(pid=proc.pid)
+        term_at = None
+        try:
+            while proc.poll() is None:
+                status, started = Job.objects.filter(pk=self.job.pk).values_list("status", "started_at").first()
+                if term_at is None and (status not in (Job.Status.RUNNING,) or started != self.part.run_started_at):
+                    services.kill_group(proc.pid, signal.SIGTERM)  # paused, cancelled, finished or moved
+                    term_at = time.monotonic()
+                elif term_at is not None and time.monotonic() - term_at > settings.JOB_KILL_GRACE_S:
+                    services.kill_group(proc.pid, signal.SIGKILL)
+                time.sleep(settings.JOB_POLL_S)
+        finally:
+            log.close()
+            JobPart.objects.filter(pk=self.part.pk).update(finished_at=timezone.now(), pid=None)

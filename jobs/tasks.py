@@ -2,11 +2,16 @@
 from django.conf import settings
 
 from . import services
-from .supervisor import Supervisor
+from .supervisor import PartSupervisor, Supervisor
 
 
 def run_next_job():
-    """Claim and supervise queued jobs until none fits this node; a stale or duplicate token does nothing."""
+    """Run this node's share of a multi-node job that waits for it, or claim and supervise queued jobs until none
+    fits this node; a stale or duplicate token does nothing."""
+    part = services.claim_part(settings.NODE_NAME)
+    if part is not None:
+        PartSupervisor(part).run()
+        return [part.job_id]
     slots = len(services._local_devices())
     ran = []
     while True:

@@ -30,6 +30,10 @@ NODE_QUEUE = f"{INSTANCE}.{NODE_NAME}"
 # A worker node writes a heartbeat every NODE_HEARTBEAT_S; one silent for NODE_TIMEOUT_S is down: its running jobs
 # are interrupted and resume elsewhere from their last checkpoint.
 NODE_HEARTBEAT_S = float(os.environ.get("MINICLOUD_HEARTBEAT_S", "10"))
+# Jobs that no single node can take may span several nodes (torchrun with node ranks); other nodes reach this one
+# at NODE_ADDRESS.
+MULTI_NODE_JOBS = os.environ.get("MINICLOUD_MULTI_NODE", "1") != "0"
+NODE_ADDRESS = os.environ.get("MINICLOUD_NODE_ADDRESS") or socket.getfqdn()
 # daphne processes of a web node (they share one listening socket). SQLite serialises writers: one by default there.
 WEB_PROCESSES = envint("MINICLOUD_WEB_PROCESSES", 1 if not os.environ.get("DATABASE_URL") else
                        min(4, max(2, os.cpu_count() or 1)))

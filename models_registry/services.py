@@ -439,7 +439,8 @@ def model_references(mv: ModelVersion) -> list[str]:
 
     from jobs.models import Job
 
-    refs = [f"job #{j.pk} {j.name}" for j in Job.objects.filter(Q(base_model=mv) | Q(teacher_model=mv)).order_by("pk")[:50]]
+    jobs = Job.objects.filter(Q(base_model=mv) | Q(teacher_model=mv)).order_by("pk")[:50]
+    refs = [f"job #{j.pk} {j.name}" for j in jobs]
     refs += [f"model #{m.pk} {m.name} v{m.version}" for m in mv.children.order_by("pk")[:50]]
     return refs
 
@@ -448,15 +449,9 @@ def delete_model(actor, mv: ModelVersion, request=None) -> None:
     """Delete a model version nothing depends on, with its files (the owner's storage shrinks accordingly)."""
     import shutil
 
-    from accounts.services import audit
-    from minicloud.errors import ServiceError
+    from accounts.services import audit, check_deletable
 
-    if not ModelVersion.objects.manageable_by(actor).filter(pk=mv.pk).exists() or mv.owner_id is None:
-        raise ServiceError("only the owner can delete this model", status=403)
-    refs = model_references(mv)
-    if refs:
-        raise ServiceError(f"model is in use by {len(refs)} object(s): {', '.join(refs[:10])}", status=409,
-                           details={"references": refs})
+    check_deletable(actor, mv, "model", model_references(mv))
     files = [Path(p) for p in (mv.path, mv.lora_path) if p]
     folders = [mv.files_dir] + ([Path(mv.adapter_path)] if mv.adapter_path else [])
     audit(actor, "delete", mv, request=request, name=mv.name, version=mv.version)

@@ -2,7 +2,8 @@
 
 Jobs spread over both nodes, a node that dies (every process of it killed with SIGKILL, as when its machine goes
 down) has its running job resumed on the other from the last checkpoint, a node on the wrong storage refuses to
-start, and live metrics from a worker reach a WebSocket client of the web process through the Redis channel layer.
+start, live metrics from a worker reach a WebSocket client of the web process through the Redis channel layer, and
+a 2-process DDP job (gloo) that neither node can take alone runs over both through torchrun.
 Runs where DATABASE_URL is PostgreSQL and REDIS_URL is set (the second pass of .ci/run).
 """
 import json
@@ -30,7 +31,7 @@ class WorkerNode:
     def __init__(self, web: LiveNode, name: str, **env):
         self.name = name
         self.env = dict(web.env, MINICLOUD_NODE=name, MINICLOUD_DEVICES="cpu:1", MINICLOUD_HEARTBEAT_S="1",
-                        MINICLOUD_NODE_TIMEOUT_S="6", **env)
+                        MINICLOUD_NODE_TIMEOUT_S="6", MINICLOUD_NODE_ADDRESS="127.0.0.1", **env)
         self.log_path = Path(self.env["MINICLOUD_HOME"]) / f"{name}.log"
 
     def start(self):
@@ -124,6 +125,25 @@ def test_two_worker_nodes_share_jobs_take_over_a_dead_node_and_stream_through_re
         log = web.request("GET", f"/api/v1/jobs/{victim['id']}/logs?after=0")[1]["text"]
         assert int(log.split("resumed from step ")[1].split()[0]) >= 10
         assert not workers[0].pids()
+
+        # node-a is back; a job asking for 2 devices, which neither node has alone, runs over both (torchrun with
+        # node ranks, gloo), rank 0's node recording its events.
+        workers[0] = WorkerNode(web, "node-a").start()
+        deadline = time.time() + 120
+        while not any(d["node"] == "node-a" and d["heartbeat_at"] for d in web.request("GET", "/api/v1/devices")[1][
+                "devices"]) or web.request("GET", f"/api/v1/jobs/{survivor['id']}")[1]["status"] != "cancelled":
+            assert time.time() < deadline, workers[0].log()
+            time.sleep(0.5)
+        time.sleep(3)  # node-a's fresh heartbeat is seen as live
+        pair = web.submit("two-nodes", {**TINY, "max_steps": 12, "log_interval": 2, "save_interval": 6}, gpus=2)
+        done = web.wait_for(pair["id"], lambda j: j["status"] in ("succeeded", "failed"), timeout=300,
+                            what="finished over two nodes")
+        assert done["status"] == "succeeded", (done, [w.log() for w in workers])
+        assert sorted(n for n, _ in done["placement"]) == ["node-a", "node-b"]
+        other = done["placement"][1][0]
+        assert (home / "runs" / f"job-{pair['id']}" / f"engine-{other}.log").exists()
+        points = web.request("GET", f"/api/v1/jobs/{pair['id']}/metrics?after=0")[1]["points"]
+        assert max(p["step"] for p in points) == 12
     finally:
         rcs = [w.stop() for w in workers if w.proc.poll() is None]
         rc = web.stop()

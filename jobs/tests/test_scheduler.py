@@ -70,6 +70,20 @@ def test_placement_picks_the_node_where_the_job_fits():
     assert scheduler.plan([job("j", mem=40)], nodes, 4)[0].node == "large"
 
 
+def test_a_job_no_node_can_take_alone_spans_nodes_with_equal_shares():
+    nodes = {**gpus("a", n=2), **gpus("b", n=2), **gpus("c", n=2)}
+    nodes["c"][0].jobs.append(80 * GiB)  # c has one free GPU only
+    out = scheduler.plan([job("four", gpus=4), job("three", gpus=3, mem=75)], nodes, 4, multi_node=True)
+    four = out[0]
+    assert four.placed and sorted(four.parts) == [("a", [0, 1]), ("b", [0, 1])] and four.node == four.parts[0][0]
+    assert not out[1].placed  # three GPUs with 75 GiB: only c has one left
+    single = scheduler.plan([job("two", gpus=2)], gpus("a", n=2), 4, multi_node=True)[0]
+    assert single.placed and single.parts == []  # one node can take it: no spanning
+    assert not scheduler.plan([job("four", gpus=4)], {**gpus("a", n=2), **gpus("b", n=2)}, 4)[0].placed
+    assert scheduler.never_fits({**gpus("a", n=2), **gpus("b", n=2)}, 4, GiB, multi_node=True) is None
+    assert scheduler.never_fits({**gpus("a", n=2), **gpus("b", n=2)}, 6, GiB, multi_node=True)[0] == "gpus"
+
+
 def test_never_fits_names_devices_or_memory():
     assert scheduler.never_fits(gpus(n=2), 3, GiB)[0] == "gpus"
     field, text = scheduler.never_fits(gpus(n=2, mem=24), 1, 30 * GiB)
