@@ -117,3 +117,37 @@ def test_reward_specs_are_checked():
         resolve_config("grpo", {"loss_type": "ppo"})
     assert exc.value.field == "loss_type"
     assert resolve_config("grpo", {})["loss_type"] == "cispo"
+
+
+def test_grpo_with_a_verifiable_reward_raises_heldout_answer_accuracy(trained, demo_dir, tmp_path, capsys):
+    """Addition prompts with their answers (rlaif ``gt``), the numeric reward: after GRPO the model gives the right
+    sum to held-out questions more often than the SFT model it started from, and its mean reward rose."""
+    import random
+
+    from training.generate import chat_replies
+
+    def plus(rng):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        return f"What is {a} plus {b}?", str(a + b)
+
+    rng = random.Random(5)
+    data = tmp_path / "plus.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": "n/a"}], "gt": [a]}) + "\n"
+                            for q, a in (plus(rng) for _ in range(400))))
+    heldout = [plus(random.Random(10_000 + i)) for i in range(150)]
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+
+    def accuracy(path):
+        replies = chat_replies(load_model({"path": path, "config": ARCH})[0], tok, [q for q, _ in heldout], 24)
+        return sum(match_rewards(r, [a])["numeric"] for (_, a), r in zip(heldout, replies)) / len(heldout)
+
+    spec = rl_spec("grpo", demo_dir, tmp_path, trained["sft"], max_steps=30, num_generations=8, temperature=0.8,
+                   rewards={"numeric": 1.0}, reward_regex="", log_interval=5)
+    spec["dataset"] = str(data)
+    rc, events = run_inprocess(spec, tmp_path, capsys)
+    assert rc == 0, events[-1]
+    rewards = [e["metrics"]["reward"] for e in events if e["event"] == "step"]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2, rewards
+    before, after = accuracy(trained["sft"]), accuracy(events[-1]["model_path"])
+    assert after >= before + 0.04, (before, after)
