@@ -33,7 +33,8 @@ def devices(request):
     out = []
     for node in Node.objects.order_by("name"):
         for d in node.devices:
-            out.append({**d, "node": node.name, "running_jobs": running.get((node.name, d["index"]), []),
+            out.append({**d, "node": node.name, "node_state": node.state,
+                        "running_jobs": running.get((node.name, d["index"]), []),
                         "heartbeat_at": node.heartbeat_at.isoformat() if node.heartbeat_at else None})
     return {"devices": out}
 

@@ -70,6 +70,16 @@ class Node(models.Model):
     def __str__(self):
         return self.name
 
+    @property
+    def state(self) -> str:
+        """"up", "stopping", or "down" (no heartbeat for MINICLOUD_NODE_TIMEOUT_S: its jobs move elsewhere)."""
+        from datetime import timedelta
+
+        if self.stopping:
+            return "stopping"
+        recent = timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S)
+        return "up" if self.heartbeat_at and self.heartbeat_at >= recent else "down"
+
 
 class Setting(models.Model):
     """Site-wide values the nodes share (e.g. the id in MINICLOUD_HOME's storage marker)."""

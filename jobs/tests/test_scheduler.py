@@ -134,6 +134,26 @@ def test_claims_pack_jobs_onto_a_registered_gpu(user, pretrain, settings):
     assert services.queue_plan()[0].reason == "gpu_memory"  # the GPU's job limit is reached
 
 
+def test_a_silent_node_is_down_and_its_jobs_move(user, pretrain, settings, client):
+    settings.NODE_TIMEOUT_S = 30
+    gone, alive = gpu_node("gone"), gpu_node("alive")
+    job = services.submit_job(owner=user, name="mover", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    claimed = services.claim_next_job("gone") or services.claim_next_job("alive")
+    assert claimed.pk == job.pk
+    Job.objects.filter(pk=job.pk).update(node="gone")
+    assert services.fail_over() == []  # both beat recently
+    Node.objects.filter(name="gone").update(heartbeat_at=timezone.now() - timedelta(seconds=60))
+    assert [gone.__class__.objects.get(name=n).state for n in ("gone", "alive")] == ["down", "up"]
+    assert services.fail_over() == [job.pk]
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED and job.auto_resumes == 1
+    assert "node gone stopped answering" in job.events.filter(kind="interrupted").get().message
+    assert services.claim_next_job("alive").pk == job.pk
+    client.force_login(user)
+    assert 'class="status s-failed">down<' in client.get("/devices/").content.decode()
+    assert alive.state == "up"
+
+
 def test_fifty_jobs_from_ten_users_drain_in_fair_order(db, pretrain, django_user_model):
     """Ten users; the first submits all five of its jobs before anyone else. Two CPU slots drain the queue through
     the real claim and finish services, each job running ten (simulated) minutes."""
