@@ -70,15 +70,24 @@ class Node(models.Model):
     def __str__(self):
         return self.name
 
+    @staticmethod
+    def heartbeat_cutoff(now=None):
+        """A node whose last heartbeat is older than this is down (MINICLOUD_NODE_TIMEOUT_S)."""
+        from datetime import timedelta
+
+        return (now or timezone.now()) - timedelta(seconds=settings.NODE_TIMEOUT_S)
+
+    @classmethod
+    def live(cls):
+        """Nodes that beat recently and are not stopping: the ones that take jobs."""
+        return cls.objects.filter(stopping=False, heartbeat_at__gte=cls.heartbeat_cutoff())
+
     @property
     def state(self) -> str:
         """"up", "stopping", or "down" (no heartbeat for MINICLOUD_NODE_TIMEOUT_S: its jobs move elsewhere)."""
-        from datetime import timedelta
-
         if self.stopping:
             return "stopping"
-        recent = timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S)
-        return "up" if self.heartbeat_at and self.heartbeat_at >= recent else "down"
+        return "up" if self.heartbeat_at and self.heartbeat_at >= self.heartbeat_cutoff() else "down"
 
 
 class Setting(models.Model):

@@ -213,9 +213,7 @@ def node_queue(node_name: str) -> str:
 
 def live_nodes() -> list[str]:
     """Worker nodes that beat recently and are not stopping, most recent heartbeat first."""
-    recent = timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S)
-    return list(Node.objects.filter(stopping=False, heartbeat_at__gte=recent).order_by("-heartbeat_at")
-                .values_list("name", flat=True))
+    return list(Node.live().order_by("-heartbeat_at").values_list("name", flat=True))
 
 
 def kick_queue() -> None:
@@ -236,20 +234,13 @@ def background_task(func: str, *args, task_name: str) -> None:
 def fail_over(now=None) -> list[int]:
     """Interrupt the live jobs of nodes that stopped beating (their runner is gone), so that they resume on a live
     node from their last checkpoint; a down node takes no new jobs until it beats again."""
-    now = now or timezone.now()
-    stale = now - timedelta(seconds=settings.NODE_TIMEOUT_S)
-    down = set(Node.objects.filter(heartbeat_at__lt=stale).values_list("name", flat=True))
+    down = set(Node.objects.filter(heartbeat_at__lt=Node.heartbeat_cutoff(now)).values_list("name", flat=True))
     moved = []
     spanning = JobPart.objects.filter(node__in=down, finished_at__isnull=True).values_list("job_id", flat=True)
     for job in Job.objects.filter(Q(node__in=down) | Q(pk__in=list(spanning)), status__in=Job.LIVE):
-        if job.status == Job.Status.CANCELLING:
-            finish_job(job, Job.Status.CANCELLED, actor="system")
-        elif job.status == Job.Status.PAUSING:
-            job.transition(Job.Status.PAUSED, "system", f"node {job.node} went down while pausing", pid=None,
-                           worker_pid=None, resume=job.checkpoint_path.exists())
-        else:
-            lost = job.node if job.node in down else ", ".join(sorted({p.node for p in job.parts.all()} & down))
-            interrupt_job(job, f"node {lost} stopped answering (no heartbeat for {settings.NODE_TIMEOUT_S:g} s)")
+        lost = job.node if job.node in down else ", ".join(sorted({p.node for p in job.parts.all()} & down))
+        if _end_orphaned(job, f"node {lost} stopped answering (no heartbeat for {settings.NODE_TIMEOUT_S:g} s)",
+                         f"node {job.node} went down while pausing"):
             moved.append(job.pk)
     if moved:
         kick_queue()
@@ -354,9 +345,7 @@ def _quota_gate():
 def device_state(node_name: str | None = None, slots: int | None = None) -> dict[str, list[scheduler.Device]]:
     """Every live node's devices with the live jobs placed on them. ``node_name`` is always included (its devices
     from its Node row, else this machine's inventory; ``slots`` CPU slots when given)."""
-    recent = timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S)  # a silent node takes no new jobs
-    nodes = {n.name: scheduler.devices_from_inventory(n.name, n.devices)
-             for n in Node.objects.filter(stopping=False, heartbeat_at__gte=recent)}
+    nodes = {n.name: scheduler.devices_from_inventory(n.name, n.devices) for n in Node.live()}
     if node_name:
         if slots is not None:
             nodes[node_name] = [scheduler.Device(node_name, i) for i in range(slots)]
@@ -633,15 +622,24 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
         if not starting and _pid_alive(job.worker_pid):
             continue
         kill_group(job.pid)  # nobody reads its events any more
-        if job.status == Job.Status.CANCELLING:
-            finish_job(job, Job.Status.CANCELLED, actor="system")
-        elif job.status == Job.Status.PAUSING:
-            job.transition(Job.Status.PAUSED, "system", "the node stopped while pausing", pid=None, worker_pid=None,
-                           resume=job.checkpoint_path.exists())
-        else:
-            interrupt_job(job, "the node restarted" if starting else "the job's supervisor died")
+        _end_orphaned(job, "the node restarted" if starting else "the job's supervisor died",
+                      "the node stopped while pausing")
         done.append(job.pk)
     return done
+
+
+def _end_orphaned(job: Job, reason: str, pausing_reason: str) -> bool:
+    """A live job whose supervisor is gone: a cancel completes, a pause completes (resumable from its checkpoint),
+    a running job is interrupted with ``reason`` (and maybe requeued). True for the interrupted case."""
+    if job.status == Job.Status.CANCELLING:
+        finish_job(job, Job.Status.CANCELLED, actor="system")
+    elif job.status == Job.Status.PAUSING:
+        job.transition(Job.Status.PAUSED, "system", pausing_reason, pid=None, worker_pid=None,
+                       resume=job.checkpoint_path.exists())
+    else:
+        interrupt_job(job, reason)
+        return True
+    return False
 
 
 def register_node(node_name: str) -> Node:

@@ -52,6 +52,16 @@ def _csrf_ok(request) -> bool:
     return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is None
 
 
+def request_user(request):
+    """The caller: a valid bearer token, else the page session (GET, or writes that carry its CSRF token); a sent
+    but bad token never falls back to the session. None when neither."""
+    user = _bearer_user(request)
+    if user is None and "Authorization" not in request.headers and request.user.is_authenticated and (
+            request.method == "GET" or _csrf_ok(request)):
+        user = request.user  # the pages' own calls
+    return user
+
+
 def endpoint(*methods, auth=True):
     """Decorate an API view: method check, auth (Bearer token; a logged-in session for GET, and for writes that
     carry its CSRF token), errors."""
@@ -63,11 +73,7 @@ def endpoint(*methods, auth=True):
             if request.method not in methods:
                 return error(405, f"method {request.method} not allowed; use {', '.join(methods)}")
             if auth:
-                user = _bearer_user(request)
-                sent_token = "Authorization" in request.headers
-                if user is None and not sent_token and request.user.is_authenticated and (
-                        request.method == "GET" or _csrf_ok(request)):
-                    user = request.user  # the pages' own calls (writes carry the CSRF token); a bad token never does
+                user = request_user(request)
                 if user is None:
                     return error(401, "authentication required: send 'Authorization: Bearer <token>'")
                 request.user = user

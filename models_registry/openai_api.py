@@ -14,6 +14,7 @@ from asgiref.sync import sync_to_async
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from minicloud.api import request_user
 from minicloud.errors import ServiceError
 
 from .models import ModelVersion
@@ -23,18 +24,6 @@ MAX_TOKENS = 4096
 
 def oai_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
     return JsonResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status=status)
-
-
-def _user(request):
-    """The caller: a bearer token, else the page session (writes must carry its CSRF token)."""
-    from minicloud.api import _bearer_user, _csrf_ok
-
-    if "Authorization" in request.headers:
-        return _bearer_user(request)
-    user = request.user
-    if user.is_authenticated and (request.method == "GET" or _csrf_ok(request)):
-        return user
-    return None
 
 
 def model_id(mv: ModelVersion) -> str:
@@ -110,7 +99,7 @@ def parse_request(body: dict) -> dict:
 
 def _prepare(request):
     """(user, model version, worker request, stream?) — synchronous: it reads the database."""
-    user = _user(request)
+    user = request_user(request)
     if user is None:
         raise ServiceError("authentication required: send 'Authorization: Bearer <token>'", status=401)
     try:
@@ -197,7 +186,7 @@ async def chat_completions(request):
 
 
 def _list_models(request):
-    user = _user(request)
+    user = request_user(request)
     if user is None:
         raise ServiceError("authentication required: send 'Authorization: Bearer <token>'", status=401)
     models = ModelVersion.objects.visible_to(user).select_related("owner").order_by("-created_at")[:500]
