@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one short run (a lent GPU machine's minutes are few): JSON lines into $OUT (default ./var/bench).
-# Most important first; each measurement has its own time limit so that one slow compile cannot eat the rest.
+# Every GPU training benchmark in one short run (a lent GPU machine's minutes are few): JSON lines into $OUT
+# (default ./var/bench). First every compiled variant is compiled at once in parallel processes (filling the inductor
+# caches), then each is timed alone, most important first, each under its own time limit.
 #   MINIMIND=path/to/minimind bash bench/gpu_session.sh
+#   SMALL="--hidden 64 --layers 2 --batch 4 --seq 64" bash bench/gpu_session.sh     # a smoke run of the script
 OUT=${OUT:-var/bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 MM=${MINIMIND:+--minimind $MINIMIND}
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-train() { local limit=$1; shift; timeout "$limit" $PY bench/train_throughput.py $MM --steps 10 --warmup 3 "$@" \
-          2> >(grep -v Warning >&2) | tee -a "$OUT/train.jsonl"; }
-train 60 --cases dense --compile no
-train 90 --cases moe --compile no
-train 60 --cases sft,sft_grouped --compile no
-timeout 120 $PY bench/rl_throughput.py --steps 2 | tee -a "$OUT/rl.jsonl"
-train 120 --cases dense --compile yes
-train 150 --cases sft,sft_grouped --compile yes --impls ours
-train 120 --cases moe --compile yes --impls ours
-echo done
+
+ours="--impls ours"; mm="--impls minimind"
+compiled=(
+  "--cases dense --compile yes $ours"
+  "--cases dense --compile yes $mm"
+  "--cases dense --compile yes $ours --unfused"
+  "--cases dense --compile yes $ours --sdpa-backend cudnn"
+  "--cases dense --compile yes $ours --attn sdpa_repeat_kv --sdpa-backend cudnn"
+  "--cases dense --compile yes $ours --attn sdpa_repeat_kv"
+  "--cases dense --compile yes $ours --batch 64 --accum 4"
+  "--cases sft --compile yes $ours"
+  "--cases moe --compile yes $ours"
+)
+eager=(
+  "--cases dense --compile no $mm"
+  "--cases sft --compile no $mm"
+  "--cases dense --compile no $ours"
+  "--cases moe --compile no $mm"
+)
+start=$(date +%s)
+for v in "${compiled[@]}"; do
+  TORCHINDUCTOR_COMPILE_THREADS=4 timeout "${WARM_S:-240}" $PY bench/train_throughput.py $MM $SMALL $v --steps 1 --warmup 1 \
+    >/dev/null 2>>"$OUT/warm.log" &
+done
+wait
+echo "compiled everything in $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+
+timed() { local limit=$1; shift; timeout "$limit" $PY bench/train_throughput.py $MM $SMALL --steps 8 --warmup 3 "$@" \
+          2>>"$OUT/stderr.log" | tee -a "$OUT/train.jsonl"; }
+timed 90 ${compiled[0]} --profile 1   # the kernel table goes to stderr.log
+timed 60 ${eager[0]}
+for v in "${compiled[@]:1}"; do timed 60 $v; done
+for v in "${eager[@]:1}"; do timed 60 $v; done
+echo "done in $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"

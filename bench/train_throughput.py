@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from training.loop import epoch_order, row_lengths, trim_padding  # noqa: E402
-from training.model import GPU_EXPERTS, aux_loss, build_model  # noqa: E402
+from training.model import ATTENTION, GPU_EXPERTS, aux_loss, build_model  # noqa: E402
 from training.spec import model_config, parameter_count, resolve_config  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "3090": 71.0}
@@ -39,6 +39,21 @@ def minimind_model(path, mcfg):
 
     return MiniMindForCausalLM(MiniMindConfig(hidden_size=mcfg["hidden_size"], num_hidden_layers=mcfg["num_hidden_layers"],
                                               use_moe=mcfg["use_moe"]))
+
+
+def sdpa_backends(name):
+    """A context that puts one SDPA backend first (``default``: PyTorch's own order)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(name)
+    if first is None:
+        return nullcontext()
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def make_batches(case, batch, seq, vocab, ours, multiple, n_batches=64):
@@ -75,7 +90,8 @@ def measure(name, case, args, impl, compiled):
     if impl == "minimind":
         model = minimind_model(args.minimind, mcfg).to(device)
     else:
-        model = build_model(mcfg, GPU_EXPERTS if is_cuda and case["use_moe"] else None).to(device)
+        model = build_model(mcfg, GPU_EXPERTS if is_cuda and case["use_moe"] else None, fused=not args.unfused,
+                            attention=args.attn).to(device)
     model.train()
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=is_cuda)
@@ -105,6 +121,15 @@ def measure(name, case, args, impl, compiled):
         warmup = max(warmup, -(-len(batches) // accum))
     for _ in range(warmup):
         optimizer_step()
+    if args.profile and is_cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.profile):
+                optimizer_step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+              file=sys.stderr, flush=True)
     if is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -124,7 +149,8 @@ def measure(name, case, args, impl, compiled):
     dense_active = params["active"] - v * h  # non-embedding active parameters
     width = tokens / (batch * accum)  # mean computed row width
     flops_per_token = 6 * (dense_active + v * h) + 12 * layers * h * width  # matmuls (incl. the head) + attention
-    out = {"case": name, "impl": impl, "compiled": compiled, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
+    out = {"case": name, "impl": impl, "compiled": compiled, "fused": impl == "ours" and not args.unfused,
+           "attn": args.attn if impl == "ours" else "minimind", "sdpa_backend": args.sdpa_backend, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
            "torch": torch.__version__, "hidden_size": h, "layers": layers, "use_moe": case["use_moe"], "batch": batch,
            "seq": seq, "accumulation": accum, "params": params["total"], "active_params": params["active"],
            "step_time_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
@@ -152,13 +178,19 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--unfused", action="store_true", help="ours: transformers' separate q/k/v and gate/up matmuls")
+    p.add_argument("--attn", default=ATTENTION, choices=["sdpa", "sdpa_repeat_kv"],
+                   help="ours: attention function (sdpa: transformers' own, with enable_gqa)")
+    p.add_argument("--sdpa-backend", default="default", choices=["default", "cudnn", "flash", "efficient"])
+    p.add_argument("--profile", type=int, default=0, help="CUDA: print the top kernels of N profiled steps to stderr")
     args = p.parse_args()
     impls = [i for i in args.impls.split(",") if i == "ours" or (i == "minimind" and args.minimind)]
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for name in args.cases.split(","):
         for impl in impls:
             for compiled in compiles:
-                print(json.dumps(measure(name, CASES[name], args, impl, compiled)), flush=True)
+                with sdpa_backends(args.sdpa_backend):
+                    print(json.dumps(measure(name, CASES[name], args, impl, compiled)), flush=True)
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
 

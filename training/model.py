@@ -12,8 +12,13 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
@@ -46,6 +51,84 @@ def grouped_mm_autocast(module, hidden_states, top_k_index, top_k_weights):
 
 ALL_EXPERTS_FUNCTIONS.register("grouped_mm_autocast", grouped_mm_autocast)
 GPU_EXPERTS = "grouped_mm_autocast"  # the experts implementation used on CUDA
+
+
+def sdpa_repeat_kv(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Causal self-attention as MiniMind calls it: k/v repeated per query head, then SDPA with ``is_causal``.
+
+    transformers' ``sdpa`` passes ``enable_gqa`` instead, which on an H100 (torch 2.11) dispatches to cuDNN's attention;
+    at MiniMind's shapes (head dim 96, 340 columns) the repeated k/v go to the flash kernel and dense pretraining ran
+    20-27 % faster (docs/performance.md). Only for the mask-free, cache-free case (training, a prefill of the whole
+    row); everything else is transformers' own SDPA path.
+    """
+    if attention_mask is not None or query.shape[2] == 1 or key.shape[2] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    groups = module.num_key_value_groups
+    out = F.scaled_dot_product_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), dropout_p=dropout,
+                                         scale=scaling, is_causal=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ALL_ATTENTION_FUNCTIONS.register("sdpa_repeat_kv", sdpa_repeat_kv)
+ATTENTION = "sdpa_repeat_kv"  # the engine's attention implementation
+
+
+def _plain(*linears) -> bool:
+    """Plain bias-free ``nn.Linear`` layers (not peft LoRA wrappers), whose weights may be read directly."""
+    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears)
+
+
+def _fused_attention_forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+    """Qwen3 attention with q/k/v computed by one matmul (training and cache-free forward passes).
+
+    The same arithmetic as transformers' forward, but one GEMM of width q+2kv instead of three narrow ones (and one
+    input-gradient GEMM in backward); the weights keep their own parameters and state-dict keys, concatenated per call
+    (under autocast the concatenation fuses with the cast to bf16 that autocast does anyway). q and k are cast to v's
+    dtype after norm and RoPE, where autocast would cast them for attention anyway, so fp32 copies are not kept for
+    backward. With a KV cache or LoRA-wrapped projections it is transformers' own forward.
+    """
+    cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+    if cache is not None or not _plain(self.q_proj, self.k_proj, self.v_proj):
+        return self._unfused_forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    shape = (*input_shape, -1, self.head_dim)
+    weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+    q, k, v = F.linear(hidden_states, weight).split(
+        [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+    q = self.q_norm(q.view(shape)).transpose(1, 2)
+    k = self.k_norm(k.view(shape)).transpose(1, 2)
+    v = v.view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                             scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _fused_mlp_forward(self, x):
+    """SwiGLU with gate and up projections in one matmul (same parameters and keys as transformers' Qwen3MLP)."""
+    if not _plain(self.gate_proj, self.up_proj):
+        return self._unfused_forward(x)
+    gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+_FUSED_CLASSES = {cls: type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_unfused_forward": cls.forward})
+                  for cls, forward in ((Qwen3Attention, _fused_attention_forward),
+                                       (Qwen3MoeAttention, _fused_attention_forward),
+                                       (Qwen3MLP, _fused_mlp_forward))}
+
+
+def fuse_projections(model):
+    """Switch every Qwen3 attention and dense MLP block of ``model`` to the fused-projection forward (in place;
+    parameters, state-dict keys and results are unchanged; peft may still wrap the projections later)."""
+    for module in model.modules():
+        fused = _FUSED_CLASSES.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+    return model
 
 
 def hf_config(mcfg: dict, experts_implementation: str | None = None):
@@ -133,10 +216,16 @@ def frozen_copy(model, device):
     return freeze(copy.deepcopy(model).to(device))
 
 
-def build_model(mcfg: dict, experts_implementation: str | None = None):
+def build_model(mcfg: dict, experts_implementation: str | None = None, fused: bool = True, attention: str = ATTENTION):
+    """A transformers Qwen3/Qwen3Moe model for MiniMind config names, with the engine's faster attention call and
+    fused projections (``attention="sdpa"``, ``fused=False``: transformers' own; the results are the same)."""
     config = hf_config(mcfg, experts_implementation)
     cls = Qwen3MoeForCausalLM if mcfg.get("use_moe") else Qwen3ForCausalLM
     model = cls(config).to(torch.get_default_dtype())
+    if attention != "sdpa":
+        model.set_attn_implementation(attention)
+    if fused:
+        fuse_projections(model)
     if mcfg.get("use_moe"):
         model.minimind_aux = MoeAuxLoss(model, mcfg["num_experts"], mcfg["router_aux_loss_coef"])
     return model

@@ -60,3 +60,48 @@ def test_autocast_grouped_experts_match_the_eager_experts(autocast):
     g_fast = fast.model.layers[0].mlp.experts.gate_up_proj.grad
     assert g_fast.dtype == torch.float32  # the master weights stay fp32
     assert ((g_fast - g_eager).norm() / g_eager.norm()).item() < (3e-2 if autocast else 1e-5)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_fused_projections_and_repeat_kv_attention_match_transformers(use_moe):
+    """The engine's model (one q/k/v matmul, one gate/up matmul, MiniMind's repeat-kv causal SDPA call) gives
+    transformers' own Qwen3 results: logits, loss, gradients, greedy generation with a KV cache, and state-dict keys."""
+    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 64, "num_hidden_layers": 2, "use_moe": use_moe}))
+    torch.manual_seed(0)
+    plain = build_model(mcfg, fused=False, attention="sdpa")
+    ours = build_model(mcfg)
+    assert type(ours.model.layers[0].self_attn).__name__.startswith("Fused")
+    assert ours.config._attn_implementation == "sdpa_repeat_kv"
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randint(3, 6400, (3, 40))
+    a, b = plain(input_ids=x, labels=x), ours(input_ids=x, labels=x)
+    assert torch.allclose(a.logits, b.logits, atol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    with torch.no_grad():
+        prompt = x[:1, :6]
+        assert torch.equal(plain.generate(prompt, max_new_tokens=6, do_sample=False),
+                           ours.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("target", ["q_proj", "v_proj", "up_proj"])
+def test_fused_projections_leave_lora_wrapped_layers_to_peft(target):
+    """With peft's LoRA on a projection the fused path steps aside: the adapter changes the output (B set non-zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 64, "num_hidden_layers": 2}))
+    torch.manual_seed(0)
+    model = build_model(mcfg)
+    x = torch.randint(3, 6400, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+        after = lora(input_ids=x).logits
+    assert not torch.allclose(before, after)
