@@ -25,6 +25,14 @@ def _own_home_for_runs(settings, tmp_path):
     settings.HOME = tmp_path / "home"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Nothing cached by an earlier test (the shared queue plan, say) is served to the next one."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def user(db):
     return get_user_model().objects.create_user("alice", password="alice-pass-123")

@@ -29,20 +29,36 @@ def ensure_first_admin() -> tuple[str, str | None] | None:
 def effective_quota(user) -> dict:
     """Each quota field for ``user``: their own value, else the most generous of their groups', else None (no
     limit). Staff accounts (admins) are not limited."""
+    return effective_quotas([user])[user.pk]
+
+
+def effective_quotas(users) -> dict:
+    """``effective_quota`` of many users at once ({user id: quotas}), in three queries whatever their number."""
+    from django.contrib.auth import get_user_model
+
     from .models import QUOTA_FIELDS, Quota
 
-    out = dict.fromkeys(QUOTA_FIELDS)
-    if user.is_staff:
-        return out
-    own = Quota.objects.filter(user=user).first()
-    groups = list(Quota.objects.filter(group__in=user.groups.all()))
-    for field in QUOTA_FIELDS:
-        value = getattr(own, field) if own else None
-        if value is None:
-            values = [getattr(q, field) for q in groups]
-            # A group without a limit on this field lifts it; else the most generous group wins.
-            value = None if not values or None in values else max(values)
-        out[field] = value
+    users = list(users)
+    ids = [u.pk for u in users if not u.is_staff]
+    own = {q.user_id: q for q in Quota.objects.filter(user_id__in=ids)}
+    membership = {}
+    for user_id, group_id in get_user_model().groups.through.objects.filter(user_id__in=ids).values_list(
+            "user_id", "group_id"):
+        membership.setdefault(user_id, []).append(group_id)
+    by_group = {q.group_id: q for q in Quota.objects.filter(group_id__in={g for gs in membership.values() for g in gs})}
+    out = {}
+    for user in users:
+        out[user.pk] = limits = dict.fromkeys(QUOTA_FIELDS)
+        if user.is_staff:
+            continue
+        groups = [by_group[g] for g in membership.get(user.pk, ()) if g in by_group]
+        for field in QUOTA_FIELDS:
+            value = getattr(own[user.pk], field) if user.pk in own else None
+            if value is None:
+                values = [getattr(q, field) for q in groups]
+                # A group without a limit on this field lifts it; else the most generous group wins.
+                value = None if not values or None in values else max(values)
+            limits[field] = value
     return out
 
 

@@ -1,25 +1,38 @@
-"""Portal load benchmark, as JSON: submission latency, page latency and live-update latency under load.
+"""Portal load benchmark, as JSON: submission, page and live-update latency with many people using the portal.
 
-    python bench/portal_load.py                      # 200 users, 50 running + 500 queued jobs in the database
-    python bench/portal_load.py --users 20 --running 5 --queued 50 --requests 200    # a quick run
+    python bench/portal_load.py                                   # 200 users, 50 running + 500 queued jobs, 60 s
+    python bench/portal_load.py --users 20 --duration 20          # a quick run
+    python bench/portal_load.py --think 0 --users 20              # closed loop: every user fires back to back
 
-It starts a real node (`manage.py serve`, SQLite by default; DATABASE_URL/REDIS_URL are honoured) in a temporary
-MINICLOUD_HOME, fills the database with jobs that belong to a node that is not running (so nothing trains), then
-measures with ``--users`` concurrent clients: POST /api/v1/jobs (p50/p99), the dashboard, a job page and the queue
-page (p50/p95), and the delay from a metric point written to the database to its arrival on a WebSocket (p50/p95).
+It starts a real web node (`manage.py serve --web`, SQLite by default; DATABASE_URL/REDIS_URL and
+MINICLOUD_WEB_PROCESSES are honoured) in a temporary MINICLOUD_HOME and fills its database the way a busy lab's looks:
+a GPU node (8 × 80 GiB, kept alive by a heartbeat from this script, running nothing real) with ``--running`` jobs on
+it and ``--queued`` jobs waiting, from 20 accounts; each account watches one of its running jobs (2,000
+metric points each).
+
+Then ``--users`` simulated people use it for ``--duration`` seconds, as load-testing tools model users (Locust's
+``wait_time = between(a, b)``): each starts at a random moment of the first think interval, then repeats — one
+request, chosen by weight (the dashboard 3, a running job's page 3, the queue page 2, a job submission through
+POST /api/v1/jobs 1), then a think time drawn uniformly from ``--think MIN,MAX`` seconds (``0``: none, a closed loop
+that measures the server at saturation). Meanwhile one watcher measures the delay from a metric point written to the
+database to its arrival on the job's WebSocket. Latencies are wall-clock from the client, on the same machine.
 Targets (issue 5): submission p99 < 100 ms, pages p95 < 200 ms, live updates p95 < 1 s.
 """
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+WEIGHTS = {"dashboard": 3, "job_page": 3, "queue_page": 2, "submission": 1}
 
 
 def pct(values, q):
@@ -27,21 +40,66 @@ def pct(values, q):
     return round(values[min(len(values) - 1, int(q / 100 * len(values)))] * 1000, 1) if values else None
 
 
+def fill(args):
+    """The busy lab's database: a live GPU node, running and queued jobs of 20 accounts, a watched job's metrics."""
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    from jobs.models import Dataset, Job, MetricPoint, Node
+    from models_registry.models import Tokenizer
+
+    User = get_user_model()
+    users = [User.objects.create_user(f"bench{i}", password="bench-password") for i in range(20)]
+    ds, tok = Dataset.objects.get(name="demo-pretrain"), Tokenizer.objects.get(name="demo-tokenizer")
+    gib = 2**30
+    Node.objects.create(name="bench-gpu", address="127.0.0.1", started_at=timezone.now(), heartbeat_at=timezone.now(),
+                        devices=[{"index": i, "kind": "cuda", "name": "bench GPU", "memory_total": 80 * gib}
+                                 for i in range(8)])
+    config = {"hidden_size": 768, "num_hidden_layers": 8}
+    Job.objects.bulk_create(
+        [Job(owner=users[i % 20], name=f"run-{i}", stage="pretrain", dataset=ds, tokenizer=tok, status="running",
+             node="bench-gpu", devices=[i % 8], started_at=timezone.now(), total_steps=1000, step=i, eta_s=600.0 + i,
+             memory_estimate=10 * gib, config=config, resolved_config=config) for i in range(args.running)]
+        + [Job(owner=users[i % 20], name=f"queued-{i}", stage="pretrain", dataset=ds, tokenizer=tok, status="queued",
+               memory_estimate=10 * gib, config=config, resolved_config=config) for i in range(args.queued)])
+    watched = {}  # each account watches its first running job, which has 2,000 metric points
+    for job in Job.objects.filter(status="running").order_by("pk"):
+        watched.setdefault(job.owner_id, job)
+    MetricPoint.objects.bulk_create([MetricPoint(job=job, seq=i, step=i, time=time.time(),
+                                                 values={"loss": 5.0 - i / 1000, "lr": 1e-3})
+                                     for job in watched.values() for i in range(1, 2001)])
+    return users, ds, [watched[u.pk] for u in users]
+
+
+def session_cookie(user):
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.sessions.backends.db import SessionStore
+
+    session = SessionStore()
+    session.update({SESSION_KEY: str(user.pk), BACKEND_SESSION_KEY: "django.contrib.auth.backends.ModelBackend",
+                    HASH_SESSION_KEY: user.get_session_auth_hash()})
+    session.create()
+    return f"sessionid={session.session_key}"
+
+
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--running", type=int, default=50)
     p.add_argument("--queued", type=int, default=500)
-    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    p.add_argument("--think", default="5,15", help="MIN,MAX seconds between one user's requests (0: none)")
     p.add_argument("--live-samples", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    think = (0.0, 0.0) if args.think.strip() == "0" else tuple(float(x) for x in args.think.split(","))
 
     sys.path.insert(0, str(ROOT / "tests"))
     from tests.live import LiveNode
 
     home = Path(tempfile.mkdtemp(prefix="minicloud-bench-"))
     node = LiveNode(home)
-    node.env["MINICLOUD_DEVICES"] = "cpu:1"
+    node.args = ["--web"]  # no worker: nothing is claimed or trained; the fake GPU node below "runs" the jobs
     node.start()
     try:
         os.environ.update({k: v for k, v in node.env.items() if k in ("MINICLOUD_HOME", "DATABASE_URL", "REDIS_URL",
@@ -50,66 +108,83 @@ def main():
         import django
 
         django.setup()
-        from django.contrib.auth import get_user_model
+        from django.db import close_old_connections
         from django.utils import timezone
 
-        from jobs.models import Dataset, Job, MetricPoint
-        from models_registry.models import Tokenizer
+        from jobs.models import MetricPoint, Node
 
-        admin = get_user_model().objects.get(username="admin")
-        ds, tok = Dataset.objects.get(name="demo-pretrain"), Tokenizer.objects.get(name="demo-tokenizer")
-        # A node that is not running owns the "running" jobs, so this node's reconcile leaves them alone.
-        Job.objects.bulk_create(
-            [Job(owner=admin, name=f"run-{i}", stage="pretrain", dataset=ds, tokenizer=tok, status="running",
-                 node="bench-elsewhere", devices=[0], started_at=timezone.now(), total_steps=1000, step=i)
-             for i in range(args.running)]
-            + [Job(owner=admin, name=f"queued-{i}", stage="pretrain", dataset=ds, tokenizer=tok, status="paused")
-               for i in range(args.queued)])  # paused: in the database and listed, but never claimed
-        hot = Job.objects.filter(status="running").first()
-        MetricPoint.objects.bulk_create([MetricPoint(job=hot, seq=i, step=i, time=time.time(),
-                                                     values={"loss": 5.0, "lr": 1e-3}) for i in range(1, 2001)])
+        users, ds, watched = fill(args)
+        cookies = [session_cookie(u) for u in users]
+        stop = threading.Event()
 
-        def timed(method, path, body=None):
+        def heartbeat():  # the fake GPU node stays "up" for the scheduler
+            while not stop.wait(5):
+                Node.objects.filter(name="bench-gpu").update(heartbeat_at=timezone.now())
+            close_old_connections()
+
+        job_config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "max_steps": 1}
+        results = {k: [] for k in WEIGHTS}
+        errors = {k: 0 for k in WEIGHTS}
+        lock = threading.Lock()
+
+        def request(kind, n, account):
+            if kind == "submission":
+                body = {"name": f"load-{n}", "stage": "pretrain", "dataset": ds.pk, "config": job_config}
+                t = time.perf_counter()
+                status, _ = node.request("POST", "/api/v1/jobs", body, raw=True)
+                return time.perf_counter() - t, status == 201
+            path = {"dashboard": "/", "job_page": f"/jobs/{watched[account].pk}/", "queue_page": "/queue/"}[kind]
+            req = urllib.request.Request(node.url + path, headers={"Cookie": cookies[account]})
             t = time.perf_counter()
-            status, _ = node.request(method, path, body, raw=True)
-            return time.perf_counter() - t, status
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    resp.read()
+                    ok = resp.status == 200 and resp.url.endswith(path)
+            except OSError:
+                ok = False
+            return time.perf_counter() - t, ok
 
-        config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "max_steps": 1}
-        with ThreadPoolExecutor(args.users) as pool:
-            subs = list(pool.map(lambda i: timed("POST", "/api/v1/jobs", {"name": f"b{i}", "stage": "pretrain",
-                                                                          "dataset": ds.pk, "config": config}),
-                                 range(args.requests)))
-        Job.objects.filter(name__startswith="b", status="queued").update(status="paused")
-        from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
-        from django.contrib.sessions.backends.db import SessionStore
+        def user(i, deadline):
+            rng = random.Random(args.seed * 100003 + i)
+            time.sleep(rng.uniform(0, think[1]))  # ramp-up: users arrive over the first think interval
+            n = 0
+            while time.time() < deadline:
+                kind = rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
+                dt, ok = request(kind, f"{i}-{n}", i % len(users))
+                n += 1
+                with lock:
+                    if ok:
+                        results[kind].append(dt)
+                    else:
+                        errors[kind] += 1
+                if think[1]:
+                    time.sleep(rng.uniform(*think))
 
-        session = SessionStore()
-        session.update({SESSION_KEY: str(admin.pk), BACKEND_SESSION_KEY: "django.contrib.auth.backends.ModelBackend",
-                        HASH_SESSION_KEY: admin.get_session_auth_hash()})
-        session.create()
-
-        def page(path):
-            import urllib.request
-
-            req = urllib.request.Request(node.url + path, headers={"Cookie": f"sessionid={session.session_key}"})
-            t = time.perf_counter()
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                resp.read()
-                return time.perf_counter() - t, resp.status if resp.url.endswith(path) else 302
-
-        pages = {}
-        for name, path in (("dashboard", "/"), ("job_page", f"/jobs/{hot.pk}/"), ("queue_page", "/queue/")):
-            with ThreadPoolExecutor(args.users) as pool:
-                pages[name] = list(pool.map(lambda i: page(path), range(args.requests // 5)))
-        live = live_latency(node, hot, args.live_samples, MetricPoint)
-        out = {"users": args.users, "running_jobs": args.running, "queued_jobs": args.queued,
+        live = []
+        threads = [threading.Thread(target=heartbeat, daemon=True),
+                   threading.Thread(target=lambda: live.extend(live_latency(node, watched[0], args.live_samples, MetricPoint,
+                                                                             think[1] / 2 or 0.1)), daemon=True)]
+        start = time.time()
+        deadline = start + args.duration
+        threads += [threading.Thread(target=user, args=(i, deadline), daemon=True) for i in range(args.users)]
+        for t in threads:
+            t.start()
+        for t in threads[2:]:
+            t.join()
+        elapsed = time.time() - start
+        threads[1].join(timeout=120)
+        stop.set()
+        done = sum(len(v) for v in results.values())
+        out = {"users": args.users, "think_s": list(think), "duration_s": args.duration,
+               "running_jobs": args.running, "queued_jobs": args.queued,
                "database": "postgresql" if "DATABASE_URL" in node.env else "sqlite",
-               "submission_ms": {"p50": pct([t for t, s in subs if s == 201], 50),
-                                 "p99": pct([t for t, s in subs if s == 201], 99),
-                                 "errors": sum(s != 201 for _, s in subs)},
-               **{f"{k}_ms": {"p50": pct([t for t, s in v if s == 200], 50),
-                              "p95": pct([t for t, s in v if s == 200], 95)} for k, v in pages.items()},
+               "web_processes": int(node.env.get("MINICLOUD_WEB_PROCESSES", 0)) or None,
+               "requests": done, "requests_per_s": round(done / elapsed, 1),
+               "submission_ms": {"p50": pct(results["submission"], 50), "p99": pct(results["submission"], 99),
+                                 "n": len(results["submission"]), "errors": errors["submission"]},
+               **{f"{k}_ms": {"p50": pct(results[k], 50), "p95": pct(results[k], 95), "n": len(results[k]),
+                              "errors": errors[k]} for k in ("dashboard", "job_page", "queue_page")},
                "live_update_ms": {"p50": pct(live, 50), "p95": pct(live, 95), "samples": len(live)}}
         print(json.dumps(out))
     finally:
@@ -117,8 +192,9 @@ def main():
         node.drop_database()
 
 
-def live_latency(node, job, samples, MetricPoint):
-    """Seconds from writing a metric point to receiving it on the job's WebSocket."""
+def live_latency(node, job, samples, MetricPoint, pause):
+    """Seconds from writing a metric point to receiving it on the job's WebSocket (while the users load the node)."""
+    from django.db import close_old_connections
     from websockets.sync.client import connect
 
     last = MetricPoint.objects.filter(job=job).order_by("-seq").first().seq
@@ -131,11 +207,12 @@ def live_latency(node, job, samples, MetricPoint):
             written = time.time()
             MetricPoint.objects.create(job=job, seq=seq, step=seq, time=written, values={"loss": 1.0})
             while True:
-                msg = json.loads(ws.recv(timeout=10))
-                if any(p["seq"] == seq for p in msg["points"]):
+                msg = json.loads(ws.recv(timeout=30))
+                if any(p["seq"] == seq for p in msg.get("points", ())):
                     delays.append(time.time() - written)
                     break
-            time.sleep(0.05)
+            time.sleep(pause)
+    close_old_connections()
     return delays
 
 

@@ -1,6 +1,7 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
@@ -19,10 +20,13 @@ from .models import Dataset, Job, JobTemplate, Node
 
 @login_required
 def dashboard(request):
+    queue = list(Job.objects.filter(status__in=Job.ACTIVE).select_related("owner").defer(*Job.PLAN_DEFERRED)
+                 .order_by("-status", "-priority", "created_at")[:20])
+    visible = set(Job.objects.visible_to(request.user).filter(pk__in=[j.pk for j in queue]).values_list("pk", flat=True))
+    for job in queue:
+        job.hidden = job.pk not in visible  # as on the queue page: others' private jobs without their name
     return render(request, "jobs/dashboard.html", {
-        "my_jobs": selectors.my_jobs(request.user)[:20],
-        "queue": Job.objects.filter(status__in=Job.ACTIVE).select_related("owner").order_by("-status", "-priority",
-                                                                                            "created_at")[:20],
+        "my_jobs": selectors.my_jobs(request.user).defer(*Job.PLAN_DEFERRED)[:20], "queue": queue,
         "nodes": Node.objects.order_by("name"),
     })
 
@@ -226,22 +230,45 @@ def compare(request):
     })
 
 
+QUEUE_PAGE_ROWS = 50
+
+
 @login_required
 def queue(request):
+    """Running jobs, then the queue in order (one shared plan, see services.queue_snapshot), page by page; the
+    visitor's own queued jobs are listed first."""
     live = list(Job.objects.filter(status__in=Job.LIVE).select_related("owner").order_by("started_at"))
-    plan = services.queue_plan()
-    forecast = services.queue_forecast(plan)
-    for position, decision in enumerate(plan, 1):
-        decision.job.position = position
-        decision.job.reason = services.wait_reason(decision)
-        decision.job.expected_start = _starts_in(forecast.get(decision.job))
-    jobs = live + [d.job for d in plan]
+    snapshot = services.queue_snapshot()
+    page = Paginator(live + [(n, e) for n, e in enumerate(snapshot, 1)], QUEUE_PAGE_ROWS).get_page(
+        request.GET.get("page"))
+    mine = [(n, e) for n, e in enumerate(snapshot, 1) if e["owner_id"] == request.user.pk]
+    planned = {e["id"] for _, e in mine}
+    mine = [(None, {"id": pk, "reason": "new", "params": {}, "starts_in": None})  # submitted since the plan
+            for pk in Job.objects.filter(owner=request.user, status=Job.Status.QUEUED).values_list("pk", flat=True)
+            if pk not in planned] + mine
+    wanted = [row for row in page.object_list if isinstance(row, tuple)] + mine[:20]
+    rows = Job.objects.filter(pk__in={e["id"] for _, e in wanted}).select_related("owner").defer(*Job.PLAN_DEFERRED)
+    by_id = rows.in_bulk()
+
+    def queued(position, entry):
+        job = by_id.get(entry["id"])
+        if job is None or job.status != Job.Status.QUEUED:  # started or left the queue since the plan was made
+            return None
+        job.position = position
+        job.reason = services.wait_reason_text(entry["reason"], entry["params"])
+        job.expected_start = _starts_in(entry["starts_in"])
+        return job
+
+    jobs = [row if isinstance(row, Job) else queued(*row) for row in page.object_list]
+    jobs = [j for j in jobs if j is not None]
     visible = set(Job.objects.visible_to(request.user).filter(pk__in=[j.pk for j in jobs]).values_list("pk", flat=True))
     for job in jobs:
         job.hidden = job.pk not in visible  # others' private jobs keep their place but not their name
     slots = sum(len(n.devices) for n in Node.objects.all())
     busy = sum(j.gpus for j in live)
-    return render(request, "jobs/queue.html", {"jobs": jobs, "slots": slots, "busy": busy})
+    return render(request, "jobs/queue.html", {
+        "jobs": jobs, "page": page, "slots": slots, "busy": busy, "queued": len(snapshot),
+        "mine": [j for j in (queued(*row) for row in mine[:20]) if j is not None], "mine_count": len(mine)})
 
 
 @login_required
