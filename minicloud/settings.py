@@ -115,6 +115,11 @@ ASGI_APPLICATION = "minicloud.asgi.application"
 
 if os.environ.get("DATABASE_URL"):
     DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=0)}
+    if envbool("MINICLOUD_DB_POOL"):
+        # serve's web processes: a pool of open connections (Django's psycopg pool) instead of a new connection per
+        # request. Not in the job workers, which django-q2 forks (a forked pool would share sockets).
+        DATABASES["default"]["OPTIONS"] = {**DATABASES["default"].get("OPTIONS", {}),
+                                           "pool": {"min_size": 1, "max_size": 8, "timeout": 20}}
 else:
     HOME.mkdir(parents=True, exist_ok=True)
     DATABASES = {

@@ -72,6 +72,7 @@ class Command(BaseCommand):
                 self.children[f"web{n or ''}"] = subprocess.Popen(
                     [py, "-m", "daphne", "--fd", str(listener.fileno()), "minicloud.asgi:application"],
                     cwd=settings.BASE_DIR, start_new_session=True, pass_fds=(listener.fileno(),),
+                    env={**os.environ, "MINICLOUD_DB_POOL": "1"},  # web processes keep PostgreSQL connections
                     preexec_fn=die_with_parent(signal.SIGTERM))
             listener.close()  # the children hold it
         if self.worker:
