@@ -15,11 +15,9 @@ ours="--impls ours"; mm="--impls minimind"
 compiled=(
   "--cases dense --compile yes $ours"
   "--cases dense --compile yes $mm"
-  "--cases dense --compile yes $ours --unfused"
-  "--cases dense --compile yes $ours --sdpa-backend cudnn"
-  "--cases dense --compile yes $ours --attn sdpa_repeat_kv --sdpa-backend cudnn"
-  "--cases dense --compile yes $ours --attn sdpa_repeat_kv"
+  "--cases dense --compile yes $ours --compile-mode reduce-overhead"
   "--cases dense --compile yes $ours --batch 64 --accum 4"
+  "--cases dense --compile yes $ours --attn sdpa --unfused"
   "--cases sft --compile yes $ours"
   "--cases moe --compile yes $ours"
 )

@@ -93,7 +93,7 @@ def measure(name, case, args, impl, compiled):
         model = build_model(mcfg, GPU_EXPERTS if is_cuda and case["use_moe"] else None, fused=not args.unfused,
                             attention=args.attn).to(device)
     model.train()
-    step_model = torch.compile(model) if compiled else model
+    step_model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=is_cuda)
     batch, seq = args.batch or case["batch"], args.seq or case["seq"]
     accum = args.accum or case["accum"]
@@ -150,7 +150,7 @@ def measure(name, case, args, impl, compiled):
     width = tokens / (batch * accum)  # mean computed row width
     flops_per_token = 6 * (dense_active + v * h) + 12 * layers * h * width  # matmuls (incl. the head) + attention
     out = {"case": name, "impl": impl, "compiled": compiled, "fused": impl == "ours" and not args.unfused,
-           "attn": args.attn if impl == "ours" else "minimind", "sdpa_backend": args.sdpa_backend, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
+           "attn": args.attn if impl == "ours" else "minimind", "compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
            "torch": torch.__version__, "hidden_size": h, "layers": layers, "use_moe": case["use_moe"], "batch": batch,
            "seq": seq, "accumulation": accum, "params": params["total"], "active_params": params["active"],
            "step_time_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
@@ -182,6 +182,9 @@ def main():
     p.add_argument("--attn", default=ATTENTION, choices=["sdpa", "sdpa_repeat_kv"],
                    help="ours: attention function (sdpa: transformers' own, with enable_gqa)")
     p.add_argument("--sdpa-backend", default="default", choices=["default", "cudnn", "flash", "efficient"])
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (reduce-overhead: CUDA graphs of each micro-step)")
     p.add_argument("--profile", type=int, default=0, help="CUDA: print the top kernels of N profiled steps to stderr")
     args = p.parse_args()
     impls = [i for i in args.impls.split(",") if i == "ours" or (i == "minimind" and args.minimind)]
