@@ -108,6 +108,7 @@ def main():
         import django
 
         django.setup()
+        from django.conf import settings
         from django.db import close_old_connections
         from django.utils import timezone
 
@@ -179,7 +180,7 @@ def main():
         out = {"users": args.users, "think_s": list(think), "duration_s": args.duration,
                "running_jobs": args.running, "queued_jobs": args.queued,
                "database": "postgresql" if "DATABASE_URL" in node.env else "sqlite",
-               "web_processes": int(node.env.get("MINICLOUD_WEB_PROCESSES", 0)) or None,
+               "web_processes": settings.WEB_PROCESSES,  # this process reads the node's environment
                "requests": done, "requests_per_s": round(done / elapsed, 1),
                "submission_ms": {"p50": pct(results["submission"], 50), "p99": pct(results["submission"], 99),
                                  "n": len(results["submission"]), "errors": errors["submission"]},
