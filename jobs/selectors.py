@@ -15,6 +15,15 @@ def job_for_user(job_id, user):
     return jobs_for(user).filter(pk=job_id).first()
 
 
+def mark_hidden(jobs, user):
+    """Set ``job.hidden`` on each of ``jobs`` that ``user`` may not read: lists of everyone's jobs (the queue page, the
+    dashboard) keep such a job's place but not its name."""
+    visible = set(Job.objects.visible_to(user).filter(pk__in=[j.pk for j in jobs]).values_list("pk", flat=True))
+    for job in jobs:
+        job.hidden = job.pk not in visible
+    return jobs
+
+
 def my_jobs(user):
     """The dashboard's list: the user's own jobs."""
     return Job.objects.filter(owner=user).select_related("owner", "dataset", "output_model")

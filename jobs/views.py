@@ -20,11 +20,9 @@ from .models import Dataset, Job, JobTemplate, Node
 
 @login_required
 def dashboard(request):
-    queue = list(Job.objects.filter(status__in=Job.ACTIVE).select_related("owner").defer(*Job.PLAN_DEFERRED)
-                 .order_by("-status", "-priority", "created_at")[:20])
-    visible = set(Job.objects.visible_to(request.user).filter(pk__in=[j.pk for j in queue]).values_list("pk", flat=True))
-    for job in queue:
-        job.hidden = job.pk not in visible  # as on the queue page: others' private jobs without their name
+    queue = selectors.mark_hidden(list(Job.objects.filter(status__in=Job.ACTIVE).select_related("owner")
+                                       .defer(*Job.PLAN_DEFERRED).order_by("-status", "-priority", "created_at")[:20]),
+                                  request.user)
     return render(request, "jobs/dashboard.html", {
         "my_jobs": selectors.my_jobs(request.user).defer(*Job.PLAN_DEFERRED)[:20], "queue": queue,
         "nodes": Node.objects.order_by("name"),
@@ -260,10 +258,7 @@ def queue(request):
         return job
 
     jobs = [row if isinstance(row, Job) else queued(*row) for row in page.object_list]
-    jobs = [j for j in jobs if j is not None]
-    visible = set(Job.objects.visible_to(request.user).filter(pk__in=[j.pk for j in jobs]).values_list("pk", flat=True))
-    for job in jobs:
-        job.hidden = job.pk not in visible  # others' private jobs keep their place but not their name
+    jobs = selectors.mark_hidden([j for j in jobs if j is not None], request.user)
     slots = sum(len(n.devices) for n in Node.objects.all())
     busy = sum(j.gpus for j in live)
     return render(request, "jobs/queue.html", {
