@@ -123,7 +123,7 @@ def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int,
                       f"(lower batch_size or max_seq_len)")
 
 
-# Why a job waits; services.wait_reason() renders these in the user's language.
+# Why a job waits; services.wait_reason_text() renders these in the user's language.
 REASONS = ("held", "gpu_memory", "slots", "no_nodes", "quota_running", "quota_hours")
 
 

@@ -400,13 +400,9 @@ def queue_forecast(plan: list[scheduler.Decision]) -> dict:
     return scheduler.estimated_starts(plan, busy, lambda j: typical.get(j.stage))
 
 
-def wait_reason(decision: scheduler.Decision) -> str:
-    """Why a queued job waits, in the active language ("starting" once it has a place)."""
-    return wait_reason_text(decision.reason, decision.params)
-
-
 def wait_reason_text(code: str, p: dict) -> str:
-    """A reason code of ``scheduler.REASONS`` with its parameters, in the active language."""
+    """Why a queued job waits: a reason code of ``scheduler.REASONS`` (or "new": not planned yet) with its parameters,
+    in the active language ("starting" once it has a place)."""
     if code == "":
         return _("starting")
     if code == "new":

@@ -38,7 +38,7 @@ def test_memory_decides_what_shares_a_gpu():
     assert placed(out) == {"big": [0], "small": [0]}
     waiting = next(d for d in out if d.job.name == "medium")
     assert (waiting.reason, waiting.params) == ("gpu_memory", {"n": 1, "gib": "40.0"})
-    assert services.wait_reason(waiting) == "waiting for 1 GPU(s) with 40.0 GiB free"
+    assert services.wait_reason_text(waiting.reason, waiting.params) == "waiting for 1 GPU(s) with 40.0 GiB free"
 
 
 def test_best_fit_keeps_a_whole_gpu_free_for_a_big_job():
