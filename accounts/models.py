@@ -66,6 +66,12 @@ class Shareable(models.Model):
     class Meta:
         abstract = True
 
+    def readable_by(self, user) -> bool:
+        """``visible_to`` for one object: the common cases (an admin, the owner, a public object) without a query."""
+        if user.is_superuser or self.is_public or self.owner_id == user.pk:
+            return True
+        return type(self).objects.visible_to(user).filter(pk=self.pk).exists()
+
     @property
     def visibility(self) -> str:
         return "public" if self.is_public else ("group" if self.shared_with_id else "private")

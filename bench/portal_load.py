@@ -163,11 +163,13 @@ def main():
                     time.sleep(rng.uniform(*think))
 
         live = []
-        threads = [threading.Thread(target=heartbeat, daemon=True),
-                   threading.Thread(target=lambda: live.extend(live_latency(node, watched[0], args.live_samples, MetricPoint,
-                                                                             think[1] / 2 or 0.1)), daemon=True)]
         start = time.time()
         deadline = start + args.duration
+        # the samples are spread over the load: one every duration / samples seconds (at least 0.1 s apart)
+        threads = [threading.Thread(target=heartbeat, daemon=True),
+                   threading.Thread(target=live_latency, daemon=True,
+                                    args=(node, watched[0], args.live_samples, MetricPoint,
+                                          max(args.duration / args.live_samples, 0.1), deadline, live))]
         threads += [threading.Thread(target=user, args=(i, deadline), daemon=True) for i in range(args.users)]
         for t in threads:
             t.start()
@@ -193,17 +195,19 @@ def main():
         node.drop_database()
 
 
-def live_latency(node, job, samples, MetricPoint, pause):
-    """Seconds from writing a metric point to receiving it on the job's WebSocket (while the users load the node)."""
+def live_latency(node, job, samples, MetricPoint, pause, deadline, delays):
+    """Seconds from writing a metric point to receiving it on the job's WebSocket (while the users load the node),
+    appended to ``delays``; it stops after ``samples`` or at ``deadline``."""
     from django.db import close_old_connections
     from websockets.sync.client import connect
 
     last = MetricPoint.objects.filter(job=job).order_by("-seq").first().seq
-    delays = []
     uri = f"ws://127.0.0.1:{node.port}/ws/jobs/{job.pk}/?after={last}&log_after=999999999"
     with connect(uri, origin=node.url, additional_headers={"Authorization": f"Bearer {node.token}"}) as ws:
         ws.recv(timeout=10)  # the first message (status)
         for i in range(samples):
+            if time.time() > deadline:
+                break
             seq = last + 1 + i
             written = time.time()
             MetricPoint.objects.create(job=job, seq=seq, step=seq, time=written, values={"loss": 1.0})
@@ -214,7 +218,6 @@ def live_latency(node, job, samples, MetricPoint, pause):
                     break
             time.sleep(pause)
     close_old_connections()
-    return delays
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ class Job(Shareable):
     ACTIVE = (S.QUEUED, S.RUNNING, S.PAUSING, S.CANCELLING)
     LIVE = (S.RUNNING, S.PAUSING, S.CANCELLING)  # a training process may exist
     FINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED)
-    PLAN_DEFERRED = ("config", "resolved_config", "placement", "rendezvous", "error")  # not read by the scheduler
+    # What planning the queue reads of each queued job (services.queue_plan; scheduler.plan, fair_order, the forecast)
+    PLAN_FIELDS = ("owner", "stage", "status", "priority", "gpus", "memory_estimate", "created_at")
 
     name = models.CharField(_("name"), max_length=200)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")

@@ -152,12 +152,16 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
     memory_of = memory_of or (lambda j: j.memory_estimate or 0)
     gpus_of = gpus_of or (lambda j: j.gpus)
     out = []
+    waits = {}  # (gpus, memory) -> why a job with those needs waits, while the devices stay as they were then
     for job in queued:
         why = blocked(job) if blocked else None
         if why:
             out.append(Decision(job, reason=why[0], params=why[1]))
             continue
         gpus, memory = gpus_of(job), memory_of(job)
+        if (gpus, memory) in waits:  # a long queue of alike jobs: placed or explained once, not once per job
+            out.append(Decision(job, reason=waits[(gpus, memory)][0], params=waits[(gpus, memory)][1]))
+            continue
         spot = place(nodes, gpus, memory, jobs_per_gpu)
         parts = [spot] if spot else (place_across(nodes, gpus, memory, jobs_per_gpu)
                                      if multi_node and gpus > 1 else None)
@@ -169,6 +173,7 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
                                 parts=[(n, [d.index for d in c]) for n, c in parts] if len(parts) > 1 else []))
             if on_place:
                 on_place(job)
+            waits.clear()  # the devices changed
             continue
         code, params = _reason(nodes, gpus, memory, jobs_per_gpu)
         out.append(Decision(job, reason=code, params=params))
@@ -177,6 +182,9 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
             for d in devs:
                 if d.fits(memory, jobs_per_gpu):
                     d.reserved = True
+            waits.clear()
+        else:
+            waits[(gpus, memory)] = code, params
     return out
 
 

@@ -315,16 +315,19 @@ def _quota_priorities(owner_ids) -> dict:
 def _quota_gate(jobs):
     """The scheduler's quota check for planning ``jobs``: (blocked(job) -> reason or None, placed(job)) over one
     planning pass, counting the jobs the pass places as running."""
+    from django.contrib.auth import get_user_model
+
     from accounts.services import device_hours, effective_quotas, week_start
 
-    quotas = effective_quotas({job.owner_id: job.owner for job in jobs}.values())  # one read for every owner
+    owners = get_user_model().objects.in_bulk({job.owner_id for job in jobs})
+    quotas = effective_quotas(owners.values())  # one read for every owner
     running, hours = {}, {}
     for owner_id in Job.objects.filter(status__in=Job.LIVE).values_list("owner_id", flat=True):
         running[owner_id] = running.get(owner_id, 0) + 1
     since = week_start()
 
     def blocked(job):
-        owner = job.owner
+        owner = owners[job.owner_id]
         q = quotas[owner.pk]
         if q["max_running_jobs"] is not None and running.get(owner.pk, 0) >= q["max_running_jobs"]:
             return "quota_running", {"n": running.get(owner.pk, 0), "limit": q["max_running_jobs"]}
@@ -363,9 +366,8 @@ def device_state(node_name: str | None = None, slots: int | None = None) -> dict
 
 def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[scheduler.Decision]:
     """Every queued job in queue order, with where it would start now or why it waits."""
-    # The large JSON fields are not needed to plan (a 500-job queue spent most of its time decoding them).
-    queued = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")
-                              .defer(*Job.PLAN_DEFERRED)))
+    # Only the fields planning reads: a 500-job queue spent most of its time building full jobs and their owners.
+    queued = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).only(*Job.PLAN_FIELDS)))
     blocked, placed = _quota_gate(queued)
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
                           multi_node=settings.MULTI_NODE_JOBS,
@@ -391,12 +393,13 @@ def queue_forecast(plan: list[scheduler.Decision]) -> dict:
     the typical length of each stage's recent jobs."""
     typical = _typical_durations()
     busy = {(d.node, d.index): 0.0 for devs in device_state().values() for d in devs}
-    for job in Job.objects.filter(status__in=Job.LIVE):
-        left = job.eta_s if job.eta_s is not None else typical.get(job.stage)
-        for i in job.devices or []:
-            if (job.node, i) in busy:
-                prev = busy[(job.node, i)]
-                busy[(job.node, i)] = None if left is None or prev is None else max(prev, left)
+    for node, devices, eta_s, stage in Job.objects.filter(status__in=Job.LIVE).values_list("node", "devices", "eta_s",
+                                                                                           "stage"):
+        left = eta_s if eta_s is not None else typical.get(stage)
+        for i in devices or []:
+            if (node, i) in busy:
+                prev = busy[(node, i)]
+                busy[(node, i)] = None if left is None or prev is None else max(prev, left)
     return scheduler.estimated_starts(plan, busy, lambda j: typical.get(j.stage))
 
 
@@ -436,6 +439,7 @@ def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
                           or settings.NODE_ADDRESS, "port": _free_port()} if placement else {}
             where = (f"devices {devices}" if not placement else
                      "; ".join(f"{n} devices {d}" for n, d in placement))
+            job = Job.objects.get(pk=job.pk)  # the plan read only what planning needs
             if job.transition(Job.Status.RUNNING, node_name, where, node=node_name, devices=devices, started_at=now,
                               error="", pid=None, worker_pid=os.getpid(), placement=placement,
                               rendezvous=rendezvous):

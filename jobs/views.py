@@ -20,11 +20,10 @@ from .models import Dataset, Job, JobTemplate, Node
 
 @login_required
 def dashboard(request):
-    queue = selectors.mark_hidden(list(Job.objects.filter(status__in=Job.ACTIVE).select_related("owner")
-                                       .defer(*Job.PLAN_DEFERRED).order_by("-status", "-priority", "created_at")[:20]),
-                                  request.user)
+    queue = selectors.mark_hidden(list(selectors.list_rows(Job.objects.filter(status__in=Job.ACTIVE))
+                                       .order_by("-status", "-priority", "created_at")[:20]), request.user)
     return render(request, "jobs/dashboard.html", {
-        "my_jobs": selectors.my_jobs(request.user).defer(*Job.PLAN_DEFERRED)[:20], "queue": queue,
+        "my_jobs": selectors.my_jobs(request.user)[:20], "queue": queue,
         "nodes": Node.objects.order_by("name"),
     })
 
@@ -138,12 +137,11 @@ def _job_or_404(request, job_id):
 @login_required
 def job_detail(request, job_id):
     job = _job_or_404(request, job_id)
-    points = selectors.metric_history(job)
+    rows = selectors.point_rows(selectors.history_points(job))
     log_text, log_offset = selectors.log_after(job, 0)
     return render(request, "jobs/detail.html", {
-        "job": job, "points": points, "log_text": log_text, "log_offset": log_offset,
-        "after": points[-1]["seq"] if points else 0, "events": job.events.all(),
-        "metric_keys": selectors.metric_keys(points),
+        "job": job, "points_script": selectors.points_script("points", rows), "log_text": log_text,
+        "log_offset": log_offset, "after": rows[-1][0] if rows else 0, "events": job.events.all(),
         "queue": _queue_info(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
         "disk_bytes": selectors.disk_usage(job.run_dir),
@@ -235,7 +233,8 @@ QUEUE_PAGE_ROWS = 50
 def queue(request):
     """Running jobs, then the queue in order (one shared plan, see services.queue_snapshot), page by page; the
     visitor's own queued jobs are listed first."""
-    live = list(Job.objects.filter(status__in=Job.LIVE).select_related("owner").order_by("started_at"))
+    live = list(selectors.list_rows(Job.objects.filter(status__in=Job.LIVE), "priority", "gpus")
+                .order_by("started_at"))
     snapshot = services.queue_snapshot()
     page = Paginator(live + [(n, e) for n, e in enumerate(snapshot, 1)], QUEUE_PAGE_ROWS).get_page(
         request.GET.get("page"))
@@ -245,8 +244,7 @@ def queue(request):
             for pk in Job.objects.filter(owner=request.user, status=Job.Status.QUEUED).values_list("pk", flat=True)
             if pk not in planned] + mine
     wanted = [row for row in page.object_list if isinstance(row, tuple)] + mine[:20]
-    rows = Job.objects.filter(pk__in={e["id"] for _, e in wanted}).select_related("owner").defer(*Job.PLAN_DEFERRED)
-    by_id = rows.in_bulk()
+    by_id = selectors.list_rows(Job.objects.filter(pk__in={e["id"] for _, e in wanted}), "priority").in_bulk()
 
     def queued(position, entry):
         job = by_id.get(entry["id"])

@@ -100,6 +100,25 @@ def test_job_page_downsamples_long_histories(logged_in, user):
     assert logged_in.get(f"/jobs/{job.pk}/").status_code == 200
 
 
+def test_job_page_points_are_the_stored_points(logged_in, user):
+    """The page writes its chart's points from the stored JSON text; they parse to what the API's reader returns."""
+    import json
+    import re
+
+    from jobs import selectors
+
+    from jobs.models import MetricPoint
+
+    job = _job_with_points(user, "pts", 40)
+    MetricPoint.objects.filter(job=job, seq=7).update(values={"eval_loss": 1.25, "note": "</script><b>&"})
+    html = logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    text = re.search(r'<script id="points" type="application/json">(.*?)</script>', html, re.S).group(1)
+    assert "</script><b>" not in text and "\\u003C/script\\u003E" in text  # escaped as json_script escapes
+    assert json.loads(text) == selectors.metric_history(job) and len(json.loads(text)) == 40
+    assert json.loads(text)[6]["values"] == {"eval_loss": 1.25, "note": "</script><b>&"}
+    assert re.search(r'"after": 40,', html)
+
+
 def test_log_download_and_queue_reasons(logged_in, user):
     job = _job_with_points(user, "q", 1)
     r = logged_in.get(f"/jobs/{job.pk}/log.txt")

@@ -40,6 +40,7 @@
     }
   }
   for (const el of [metricSel, smooth, logy]) el.addEventListener("input", drawMetric);
+  addMetricKeys(allPoints);
   drawMetric();
 
   const logEl = document.getElementById("log");
