@@ -68,8 +68,8 @@ class Command(BaseCommand):
             # Several daphne processes accept on one listening socket (the kernel spreads the connections), so pages
             # render on several cores; each is a plain daphne given the socket's file descriptor.
             listener = socket.create_server((host, port), backlog=1024, reuse_port=False)
-            # Accepted connections inherit TCP_NODELAY (Linux): twisted writes a response's headers and body
-            # separately, and Nagle's algorithm would hold the body until the client's delayed ACK (~40 ms).
+            # Accepted connections inherit TCP_NODELAY (Linux), as uvicorn and gunicorn set it: twisted writes a
+            # response's headers and body separately, which Nagle's algorithm may hold for the peer's delayed ACK.
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for n in range(settings.WEB_PROCESSES):
                 self.children[f"web{n or ''}"] = subprocess.Popen(
