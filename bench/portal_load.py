@@ -91,6 +91,7 @@ def main():
     p.add_argument("--think", default="5,15", help="MIN,MAX seconds between one user's requests (0: none)")
     p.add_argument("--live-samples", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", metavar="FILE", help="also write every request as a JSON line: start, kind, seconds, ok")
     args = p.parse_args()
     think = (0.0, 0.0) if args.think.strip() == "0" else tuple(float(x) for x in args.think.split(","))
 
@@ -127,6 +128,7 @@ def main():
                       "max_steps": 1}
         results = {k: [] for k in WEIGHTS}
         errors = {k: 0 for k in WEIGHTS}
+        raw = []
         lock = threading.Lock()
 
         def request(kind, n, account):
@@ -152,9 +154,11 @@ def main():
             n = 0
             while time.time() < deadline:
                 kind = rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
+                began = time.time()
                 dt, ok = request(kind, f"{i}-{n}", i % len(users))
                 n += 1
                 with lock:
+                    raw.append({"start": round(began - start, 3), "kind": kind, "s": round(dt, 4), "ok": ok})
                     if ok:
                         results[kind].append(dt)
                     else:
@@ -190,6 +194,8 @@ def main():
                               "errors": errors[k]} for k in ("dashboard", "job_page", "queue_page")},
                "live_update_ms": {"p50": pct(live, 50), "p95": pct(live, 95), "samples": len(live)}}
         print(json.dumps(out))
+        if args.raw:
+            Path(args.raw).write_text("".join(json.dumps(r) + "\n" for r in sorted(raw, key=lambda r: r["start"])))
     finally:
         node.stop()
         node.drop_database()

@@ -130,7 +130,8 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     if gpus < 1:
         raise ServiceError("gpus: at least 1", field="gpus")
     time_limit_s = check_submission_quota(owner, gpus, time_limit_s)
-    nodes = device_state() or device_state(settings.NODE_NAME)  # no live node yet: this machine's devices
+    # what could ever run it (no live node yet: this machine's devices), not what runs now
+    nodes = device_state(jobs=False) or device_state(settings.NODE_NAME, jobs=False)
     cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
     teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
     memory_parts = estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)
@@ -344,9 +345,11 @@ def _quota_gate(jobs):
     return blocked, placed
 
 
-def device_state(node_name: str | None = None, slots: int | None = None) -> dict[str, list[scheduler.Device]]:
-    """Every live node's devices with the live jobs placed on them. ``node_name`` is always included (its devices
-    from its Node row, else this machine's inventory; ``slots`` CPU slots when given)."""
+def device_state(node_name: str | None = None, slots: int | None = None,
+                 jobs: bool = True) -> dict[str, list[scheduler.Device]]:
+    """Every live node's devices with the live jobs placed on them (``jobs=False``: the devices alone). ``node_name``
+    is always included (its devices from its Node row, else this machine's inventory; ``slots`` CPU slots when
+    given)."""
     nodes = {n.name: scheduler.devices_from_inventory(n.name, n.devices) for n in Node.live()}
     if node_name:
         if slots is not None:
@@ -354,6 +357,8 @@ def device_state(node_name: str | None = None, slots: int | None = None) -> dict
         elif node_name not in nodes:
             row = Node.objects.filter(name=node_name).first()
             nodes[node_name] = scheduler.devices_from_inventory(node_name, row.devices if row else _local_devices())
+    if not jobs:
+        return nodes
     index = {(d.node, d.index): d for devs in nodes.values() for d in devs}
     for node, devices, memory, placement in Job.objects.filter(status__in=Job.LIVE).values_list(
             "node", "devices", "memory_estimate", "placement"):
@@ -392,7 +397,7 @@ def queue_forecast(plan: list[scheduler.Decision]) -> dict:
     """Estimated seconds until each queued job starts (None: cannot be told yet), from the running jobs' ETAs and
     the typical length of each stage's recent jobs."""
     typical = _typical_durations()
-    busy = {(d.node, d.index): 0.0 for devs in device_state().values() for d in devs}
+    busy = {(d.node, d.index): 0.0 for devs in device_state(jobs=False).values() for d in devs}
     for node, devices, eta_s, stage in Job.objects.filter(status__in=Job.LIVE).values_list("node", "devices", "eta_s",
                                                                                            "stage"):
         left = eta_s if eta_s is not None else typical.get(stage)

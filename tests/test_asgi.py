@@ -31,3 +31,11 @@ async def test_pages_and_the_login_redirect_work_through_asgi():
     login = await HttpCommunicator(application, "GET", "/accounts/login/",
                                    headers=[(b"host", b"127.0.0.1")]).get_response()
     assert login["status"] == 200 and b'name="csrfmiddlewaretoken"' in login["body"]
+
+
+def test_the_web_process_freezes_what_exists_once_it_is_ready():
+    """minicloud.asgi warms the URL maps, templates and catalogues, then hides those long-lived objects from the
+    garbage collector (a full collection of a web process walked ~120,000 objects, ~90 ms with the GIL held)."""
+    import gc
+
+    assert gc.get_freeze_count() > 10_000

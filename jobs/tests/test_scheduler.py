@@ -84,6 +84,35 @@ def test_a_job_no_node_can_take_alone_spans_nodes_with_equal_shares():
     assert scheduler.never_fits({**gpus("a", n=2), **gpus("b", n=2)}, 6, GiB, multi_node=True)[0] == "gpus"
 
 
+def test_a_long_queue_of_alike_jobs_plans_as_if_each_were_planned_alone():
+    """plan() explains a waiting (gpus, memory) once while the devices stay as they were; the decisions equal those of
+    the same queue where no two jobs look alike to it, multi-device gangs and quotas included."""
+    import random
+
+    class Distinct(int):  # the same number of bytes, but equal to no other: plan() cannot reuse an explanation
+        __hash__ = object.__hash__
+
+        def __eq__(self, other):
+            return self is other
+
+    rng = random.Random(3)
+    sizes = [(1, 10), (1, 30), (1, 50), (2, 20), (1, 70), (3, 10)]
+    queue = [job(f"j{i}", *rng.choice(sizes)) for i in range(300)]
+    unique = [job(j.name, j.gpus) for j in queue]
+    for j, u in zip(queue, unique):
+        u.memory_estimate = Distinct(j.memory_estimate)
+    blocked = lambda j: ("quota_running", {"n": 2, "limit": 2}) if int(j.name[1:]) % 17 == 0 else None  # noqa: E731
+
+    def decisions(jobs):
+        nodes = {**gpus("a", 2), **gpus("b", 4, mem=40)}
+        return [(d.job.name, d.node, d.devices, d.reason, d.params)
+                for d in scheduler.plan(jobs, nodes, jobs_per_gpu=2, blocked=blocked)]
+
+    alike, apart = decisions(queue), decisions(unique)
+    assert alike == apart
+    assert {r[3] for r in alike} >= {"", "gpu_memory", "held", "quota_running"}
+
+
 def test_never_fits_names_devices_or_memory():
     assert scheduler.never_fits(gpus(n=2), 3, GiB)[0] == "gpus"
     field, text = scheduler.never_fits(gpus(n=2, mem=24), 1, 30 * GiB)
