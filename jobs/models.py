@@ -167,6 +167,13 @@ class Job(Shareable):
     FINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED)
     # What planning the queue reads of each queued job (services.queue_plan; scheduler.plan, fair_order, the forecast)
     PLAN_FIELDS = ("owner", "stage", "status", "priority", "gpus", "memory_estimate", "created_at")
+    # What the lists of jobs show beside the fields, set per row by their views (selectors.mark_hidden, the queue
+    # page). The defaults matter for speed too: a template variable that does not resolve costs a row several
+    # exceptions (half of the queue table's rendering).
+    hidden = False
+    position = None
+    reason = ""
+    expected_start = ""
 
     name = models.CharField(_("name"), max_length=200)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
