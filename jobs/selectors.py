@@ -6,13 +6,16 @@ from django.db import close_old_connections
 from .models import Job, LogChunk, MetricPoint
 
 
+_SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job
+
+
 def jobs_for(user):
     """The jobs ``user`` may read (their own, shared with their groups, public; their members' for an instructor)."""
-    return Job.objects.visible_to(user).select_related("owner", "dataset", "output_model")
+    return Job.objects.visible_to(user).select_related(*_SHOWN_WITH)
 
 
 def job_for_user(job_id, user):
-    job = Job.objects.select_related("owner", "dataset", "output_model").filter(pk=job_id).first()
+    job = Job.objects.select_related(*_SHOWN_WITH).filter(pk=job_id).first()
     return job if job is not None and job.readable_by(user) else None
 
 

@@ -293,35 +293,40 @@ def recent_usage(owner_ids, now=None) -> dict:
     return usage
 
 
-def queue_order(jobs: list) -> list:
+def _queued() -> list:
+    """The queued jobs with only the fields planning reads (a 500-job queue spent most of its time building full jobs
+    and their owners)."""
+    return list(Job.objects.filter(status=Job.Status.QUEUED).only(*Job.PLAN_FIELDS))
+
+
+def _owner_quotas(jobs) -> tuple[dict, dict]:
+    """The owners of ``jobs`` ({id: user}) and their effective quotas ({id: quotas}), one read for all of them."""
+    from django.contrib.auth import get_user_model
+
+    from accounts.services import effective_quotas
+
+    owners = get_user_model().objects.in_bulk({job.owner_id for job in jobs})
+    return owners, effective_quotas(owners.values())
+
+
+def queue_order(jobs: list, quotas: dict | None = None) -> list:
     """Priority first, then fair share: the owner's running jobs (fewest first), then the owner's decayed recent
-    device use (least first); then age."""
+    device use (least first); then age. ``quotas``: the owners' (``_owner_quotas``), when already read."""
     owners = {j.owner_id for j in jobs}
     usage = recent_usage(owners)
     running = {pk: 0 for pk in owners}
     for owner_id in Job.objects.filter(status__in=Job.LIVE, owner_id__in=owners).values_list("owner_id", flat=True):
         running[owner_id] += 1
-    return scheduler.fair_order(jobs, _quota_priorities(owners), running, usage)
+    quotas = _owner_quotas(jobs)[1] if quotas is None else quotas
+    bonus = {**dict.fromkeys(owners, 0), **{pk: q["priority"] or 0 for pk, q in quotas.items()}}
+    return scheduler.fair_order(jobs, bonus, running, usage)
 
 
-def _quota_priorities(owner_ids) -> dict:
-    from django.contrib.auth import get_user_model
+def _quota_gate(owners: dict, quotas: dict):
+    """The scheduler's quota check for one planning pass over the jobs of ``owners`` (with their ``quotas``):
+    (blocked(job) -> reason or None, placed(job)), counting the jobs the pass places as running."""
+    from accounts.services import device_hours, week_start
 
-    from accounts.services import effective_quotas
-
-    quotas = effective_quotas(get_user_model().objects.filter(pk__in=owner_ids))
-    return {**dict.fromkeys(owner_ids, 0), **{pk: q["priority"] or 0 for pk, q in quotas.items()}}
-
-
-def _quota_gate(jobs):
-    """The scheduler's quota check for planning ``jobs``: (blocked(job) -> reason or None, placed(job)) over one
-    planning pass, counting the jobs the pass places as running."""
-    from django.contrib.auth import get_user_model
-
-    from accounts.services import device_hours, effective_quotas, week_start
-
-    owners = get_user_model().objects.in_bulk({job.owner_id for job in jobs})
-    quotas = effective_quotas(owners.values())  # one read for every owner
     running, hours = {}, {}
     for owner_id in Job.objects.filter(status__in=Job.LIVE).values_list("owner_id", flat=True):
         running[owner_id] = running.get(owner_id, 0) + 1
@@ -371,9 +376,10 @@ def device_state(node_name: str | None = None, slots: int | None = None,
 
 def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[scheduler.Decision]:
     """Every queued job in queue order, with where it would start now or why it waits."""
-    # Only the fields planning reads: a 500-job queue spent most of its time building full jobs and their owners.
-    queued = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED).only(*Job.PLAN_FIELDS)))
-    blocked, placed = _quota_gate(queued)
+    queued = _queued()
+    owners, quotas = _owner_quotas(queued)
+    queued = queue_order(queued, quotas)
+    blocked, placed = _quota_gate(owners, quotas)
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
                           multi_node=settings.MULTI_NODE_JOBS,
                           on_place=placed)
@@ -749,7 +755,7 @@ def queue_position(job: Job) -> int | None:
     """1 for the next job to start, or None when the job is not queued."""
     if job.status != Job.Status.QUEUED:
         return None
-    ordered = queue_order(list(Job.objects.filter(status=Job.Status.QUEUED)))
+    ordered = queue_order(_queued())
     # None as well when the job was claimed between reading it and reading the queue.
     return next((i for i, j in enumerate(ordered, 1) if j.pk == job.pk), None)
 
