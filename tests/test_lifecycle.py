@@ -74,6 +74,21 @@ def test_time_limit_fails_the_job_and_retry_continues(live):
     live.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=20, what="cancelled")
 
 
+def test_out_of_memory_fails_the_job_with_the_reason_and_frees_the_device(live):
+    """A model far too large for the machine (a 2 TiB embedding): the allocation fails at once, the job fails
+    saying so, and its device is free for the next job."""
+    if open("/proc/sys/vm/overcommit_memory").read().strip() == "1":
+        pytest.skip("this kernel grants any allocation (vm.overcommit_memory=1)")
+    job = live.submit("too-big", {**TINY, "vocab_size": 2**33, "max_steps": 1})
+    failed = live.wait_for(job["id"], lambda j: j["status"] in ("failed", "succeeded"), what="finished")
+    assert failed["status"] == "failed" and failed["error"].startswith("out of memory:"), failed
+    assert "choose a smaller model" in failed["error"]
+    assert not training_processes(f"job-{job['id']}/spec.json")
+    devices = live.request("GET", "/api/v1/devices")[1]["devices"]
+    assert all(job["id"] not in d["running_jobs"] for d in devices)
+    assert "ERROR out of memory" in log_text(live, job["id"])
+
+
 def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
     node = LiveNode(tmp_path / "home")
     (tmp_path / "home").mkdir()
@@ -107,3 +122,34 @@ def test_a_two_device_job_runs_ddp_under_torchrun(live):
     text = log_text(live, job["id"])
     # Two ranks of 16 rows × 64 tokens per step; one line per step (rank 0 alone reports).
     assert "step 1/6 (epoch 1)" in text and "tokens: 2048\n" in text and text.count("step 6/6") == 1, text[-3000:]
+
+
+def test_fifty_queued_jobs_from_ten_users_drain_in_fair_order(tmp_path):
+    """Ten users queue five jobs each while no worker runs (the first user all five before anyone else); then the
+    real `serve` drains the queue on its two CPU slots: everyone's first job starts before anyone's second, and so
+    on round after round (fair share: running jobs, then recent device use, then age)."""
+    (tmp_path / "home").mkdir()
+    node = LiveNode(tmp_path / "home")
+    node.args = ["--web"]  # a web node alone: nothing is claimed while the queue fills
+    node.start()
+    try:
+        csv = tmp_path / "users.csv"
+        csv.write_text("username,name,email,group\n" + "".join(f"user{i},,,\n" for i in range(10)))
+        passwords = dict(line.split(",")[:2] for line in node.manage("import_users", str(csv)).splitlines()[1:])
+        tokens = {f"user{i}": node.token_for(f"user{i}", passwords[f"user{i}"]) for i in range(10)}
+        ids = [node.submit(f"{name}-{k}", {**TINY, "max_steps": 1}, token=token)["id"]
+               for name, token in tokens.items() for k in range(5)]
+        assert all(node.job(pk)["status"] == "queued" for pk in ids)
+        node.stop()
+        node.args = []  # web and worker: the queue drains
+        node.start()
+        jobs = [node.wait_for(pk, lambda j: j["status"] in ("succeeded", "failed"), timeout=600, what="finished")
+                for pk in ids]
+    finally:
+        rc = node.stop()
+        node.drop_database()
+    assert rc == 0, node.log()
+    assert [j["status"] for j in jobs] == ["succeeded"] * 50, [j["error"] for j in jobs if j["status"] != "succeeded"]
+    starts = [j["name"].split("-")[0] for j in sorted(jobs, key=lambda j: (j["started_at"], j["id"]))]
+    for rnd in range(5):
+        assert sorted(starts[rnd * 10:(rnd + 1) * 10]) == sorted(tokens), starts

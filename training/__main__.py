@@ -19,6 +19,7 @@ def cmd_run(args) -> int:
     except SpecError as exc:
         events.emit("error", kind="spec", field=exc.field, message=str(exc))
         return 2
+    phase = "model"  # where an out-of-memory error happened: building the model(s), or training
     try:
         import torch
 
@@ -47,8 +48,10 @@ def cmd_run(args) -> int:
         stage = spec["stage"]
         if stage == "distill":
             teacher, tcfg = load_model(spec["teacher_model"], experts)
+            phase = "training"
             result = distill.run(spec, model, tok, teacher)
         else:
+            phase = "training"
             runner = {"pretrain": pretrain.run, "sft": sft.run, "lora": lora.run, "dpo": dpo.run, "ppo": ppo.run,
                       "grpo": grpo.run, "eval": evaluate.run}[stage]
             result = runner(spec, model, tok)
@@ -60,10 +63,22 @@ def cmd_run(args) -> int:
     except Exception as exc:  # one line for the user, the traceback for the log
         sys.stderr.write(traceback.format_exc())
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "out of memory" in message.lower():
-            message = f"out of memory: {message} — try a smaller batch_size or max_seq_len"
-        events.emit("error", kind=type(exc).__name__, message=message)
+        kind = type(exc).__name__
+        if out_of_memory(exc):
+            hint = ("try a smaller batch_size or max_seq_len (a larger accumulation_steps keeps the same effective "
+                    "batch)" if phase == "training" else "the model itself does not fit: choose a smaller model")
+            kind, message = "out_of_memory", f"out of memory: {message} — {hint}"
+        events.emit("error", kind=kind, message=message)
         return 1
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or an allocation the CPU could not make (torch raises a RuntimeError there)."""
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def cmd_demo_data(args) -> int:

@@ -3,14 +3,16 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
 from training.model import hf_config
 from training.spec import model_config, resolve_config
 
-from .conftest import ROOT, losses, run_engine
+from .conftest import ROOT, losses, run_engine, run_inprocess
 
 
 def test_pretrain_loss_falls_well_below_start(make_spec):
@@ -88,6 +90,32 @@ def test_bad_dataset_line_is_named(make_spec, tmp_path):
     rc, events, _ = run_engine(spec_path)
     assert rc == 1
     assert events[-1]["event"] == "error" and "line 2" in events[-1]["message"]
+
+
+def test_out_of_memory_while_training_fails_with_a_hint_for_a_smaller_batch(make_spec, tmp_path, capsys,
+                                                                             monkeypatch):
+    """What CUDA raises when a batch does not fit (torch.OutOfMemoryError), raised here from the first loss."""
+    import training.pretrain
+
+    def no_room(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.06 GiB is free.")
+
+    monkeypatch.setattr(training.pretrain, "lm_loss", no_room)
+    rc, events = run_inprocess(json.loads(make_spec(max_steps=2).read_text()), tmp_path, capsys)
+    assert rc == 1 and events[-1]["event"] == "error" and events[-1]["kind"] == "out_of_memory"
+    assert events[-1]["message"].startswith("out of memory: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "smaller batch_size" in events[-1]["message"]
+
+
+def test_a_model_too_large_for_memory_fails_with_one_line(make_spec):
+    """A real allocation failure: a 2 TiB embedding (refused at once unless the kernel overcommits everything)."""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("this kernel grants any allocation (vm.overcommit_memory=1)")
+    rc, events, other = run_engine(make_spec(vocab_size=2**33, max_steps=1))
+    assert rc == 1 and events[-1]["kind"] == "out_of_memory", other[-5:]
+    assert "can't allocate memory" in events[-1]["message"] and "choose a smaller model" in events[-1]["message"]
+    assert "\n" not in events[-1]["message"]
 
 
 def test_engine_runs_alone_in_a_fresh_interpreter_without_django():
