@@ -178,8 +178,8 @@ class Supervisor:
             elif kind == "done":
                 self.done_event = event
                 updates.update(step=event.get("step", 0))
-            elif kind == "error":
-                self.error_event = event
+            elif kind == "error" and self.error_event is None:
+                self.error_event = event  # the first error is the cause (a failed rank stops the others with theirs)
         self.raw_log.flush()
         if points or text or updates:
             chunk = "".join(t + "\n" for t in text)

@@ -12,9 +12,12 @@ def is_rank0() -> bool:
 
 
 def emit(event: str, **fields) -> None:
-    """Write one event line (rank 0 only) and flush, so the supervisor sees it at once."""
+    """Write one event line and flush, so the supervisor sees it at once. Rank 0 alone reports, but for errors: a
+    rank that fails says why (with its ``rank``), since its failure is what stops the others."""
     if not is_rank0():
-        return
+        if event != "error":
+            return
+        fields["rank"] = int(os.environ["RANK"])
     fields = {"event": event, "time": round(time.time(), 3), **fields}
     sys.stdout.write(json.dumps(fields, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()

@@ -222,6 +222,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(demo_dir
     assert max((results[1][k] - results[2][k]).abs().max().item() for k in results[1]) < 1e-4
 
 
+def test_only_rank_0_reports_but_any_rank_reports_its_failure(monkeypatch, capsys):
+    from training import events
+
+    monkeypatch.setenv("RANK", "1")
+    events.log("rank 1 speaks")
+    events.emit("step", step=1)
+    events.emit("error", kind="out_of_memory", message="out of memory: CUDA out of memory")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["event"], e["rank"], e["kind"]) for e in lines] == [("error", 1, "out_of_memory")]
+
+
 def test_trimming_right_padding_leaves_the_loss_unchanged(demo_dir):
     from training.loop import trim_padding
     from training.pretrain import lm_loss
