@@ -47,6 +47,25 @@ def stage_defaults() -> dict:
             for stage in tspec.STAGES}
 
 
+def initial_from_job(job, half_batch: bool = False) -> dict:
+    """The new-job form filled in as ``job`` ran (Clone: edit, then submit). ``half_batch``: half the batch size and
+    twice the accumulation steps, the same effective batch in less memory (offered after an out-of-memory failure)."""
+    config = {**(job.config or {}), **(job.resolved_config or {})}
+    initial = {k: config[k] for k in CONFIG_FIELDS + EXTRA_FIELDS if config.get(k) is not None}
+    chosen = {"eval_dataset": job.eval_dataset_id, "base_model": job.base_model_id, "teacher_model": job.teacher_model_id}
+    initial.update(name=f"{job.name} (copy)", stage=job.stage, dataset=job.dataset_id,
+                   **{k: v for k, v in chosen.items() if v is not None})
+    initial["preset"] = next((name for name, values in PRESETS.items()
+                              if all(initial.get(k, False) == v for k, v in values.items())), "custom")
+    other = {k: v for k, v in (job.config or {}).items() if k not in CONFIG_FIELDS + EXTRA_FIELDS}
+    if other:  # settings the form has no field for (set through the API) travel with the clone
+        initial["other_config"] = other
+    if half_batch and initial.get("batch_size", 1) > 1:
+        initial["batch_size"] //= 2
+        initial["accumulation_steps"] = initial.get("accumulation_steps", 1) * 2
+    return initial
+
+
 def _int(label, help_text, **kw):
     return forms.IntegerField(label=label, help_text=help_text, **kw)
 
@@ -128,6 +147,7 @@ class JobForm(forms.Form):
     kl_coef = _float(_("KL penalty"), _("Weight of the KL to the reference in the reward."), min_value=0,
                      required=False)
     clip_epsilon = _float(_("Clip range"), _("PPO's policy ratio clip."), min_value=1e-6, required=False)
+    other_config = forms.JSONField(required=False, widget=forms.HiddenInput)  # a clone's keys without a field
 
     def __init__(self, *args, user=None, **kwargs):
         kwargs.setdefault("initial", {**QUICK_START, **stage_defaults()["pretrain"], **QUICK_START,
@@ -141,10 +161,16 @@ class JobForm(forms.Form):
         if demo and "dataset" not in self.initial:
             self.initial["dataset"] = demo.pk
 
+    def clean_other_config(self):
+        value = self.cleaned_data.get("other_config") or {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError(_("Must be a JSON object."))
+        return value
+
     def job_config(self) -> dict:
         stage = self.cleaned_data.get("stage")
         keys = CONFIG_FIELDS + STAGE_FIELDS.get(stage, ())
-        out = {}
+        out = dict(self.cleaned_data.get("other_config") or {})
         for k in keys:
             value = self.cleaned_data.get(k)
             if value is None or value == "":

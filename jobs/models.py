@@ -259,6 +259,14 @@ class Job(Shareable):
         return self.run_dir / "checkpoints" / "resume.pt"
 
     @property
+    def can_halve_batch(self) -> bool:
+        """Failed for lack of memory while training (the engine's hint then names batch_size), with a batch that
+        can still shrink: the job page offers a clone with half the batch and twice the accumulation."""
+        batch = {**(self.config or {}), **(self.resolved_config or {})}.get("batch_size", 2)
+        return (self.status == self.Status.FAILED and self.error.startswith("out of memory:")
+                and "batch_size" in self.error and batch > 1)
+
+    @property
     def progress(self) -> float:
         if self.status == self.Status.SUCCEEDED:
             return 1.0

@@ -14,7 +14,7 @@ from training import spec as tspec
 
 from . import selectors, services
 from .forms import (ADVANCED_FIELDS, BASE_STAGES, BASIC_FIELDS, CONFIG_FIELDS, MODEL_FIELDS, PRESETS, QUICK_START,
-                    STAGE_FIELDS, JobForm, stage_defaults)
+                    STAGE_FIELDS, JobForm, initial_from_job, stage_defaults)
 from .models import Dataset, Job, JobTemplate, Node
 
 
@@ -35,6 +35,8 @@ def job_new(request):
     chosen = templates.filter(pk=request.GET.get("template") or 0).first() if request.method == "GET" else None
     if chosen:
         initial = chosen.fields
+    elif request.method == "GET" and request.GET.get("clone", "").isdigit():  # Clone: the job's settings, to edit
+        initial = initial_from_job(_job_or_404(request, int(request.GET["clone"])), "half_batch" in request.GET)
     form = JobForm(request.POST or None, user=request.user, **({"initial": initial} if initial else {}))
     if request.method == "POST" and form.is_valid():
         try:
@@ -156,7 +158,6 @@ JOB_ACTIONS = [
     ("pause", gettext_lazy("Pause"), [s.value for s in Job.USER_ACTIONS["pause"]]),
     ("resume", gettext_lazy("Resume"), [s.value for s in Job.USER_ACTIONS["resume"]]),
     ("retry", gettext_lazy("Retry from checkpoint"), [s.value for s in Job.USER_ACTIONS["retry"]]),
-    ("clone", gettext_lazy("Clone"), [s.value for s in Job.Status]),
     ("cancel", gettext_lazy("Cancel"), [s.value for s in Job.USER_ACTIONS["cancel"]]),
 ]
 
@@ -171,15 +172,6 @@ ACTIONS = {"cancel": (services.cancel_job, gettext_lazy("Cancel requested for jo
 @require_POST
 def job_action(request, job_id, action):
     job = _job_or_404(request, job_id)
-    if action == "clone":
-        try:
-            new = services.clone_job(job, request.user)
-        except services.ServiceError as exc:
-            messages.error(request, str(exc))
-            return redirect("job_detail", job_id=job.pk)
-        audit(request.user, "submit", new, request=request, clone_of=job.pk)
-        messages.success(request, _("Job #%(id)s is queued.") % {"id": new.pk})
-        return redirect("job_detail", job_id=new.pk)
     if action not in ACTIONS:
         raise Http404(_("No such action."))
     if not Job.objects.manageable_by(request.user).filter(pk=job.pk).exists():

@@ -113,7 +113,8 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
 
 
 def test_job_page_metrics_and_log_tools_and_the_compare_page(live, browser):
-    jobs = [live.submit(f"cmp-{i}", {**TINY, "max_steps": 8 + 4 * i, "log_interval": 1}) for i in range(2)]
+    jobs = [live.submit(f"cmp-{i}", {**TINY, "max_steps": 8 + 4 * i, "log_interval": 1, "seed": 5})
+            for i in range(2)]
     for job in jobs:
         live.wait_for(job["id"], lambda j: j["status"] == "succeeded", what="finished")
     page = login(live, browser)
@@ -133,6 +134,21 @@ def test_job_page_metrics_and_log_tools_and_the_compare_page(live, browser):
     page.select_option("#xaxis", "tokens")
     assert page.evaluate("() => document.getElementById('compare-chart').layout.xaxis.title.text") == "tokens"
     assert "max_steps" in page.inner_text("table.list")
+    # Clone: the form filled in as the job ran (a key the form has no field for kept), edited, then submitted.
+    page.goto(f"{live.url}/jobs/{jobs[1]['id']}/")
+    page.click("#action-clone")
+    page.wait_for_url("**/jobs/new/?clone=*")
+    assert (page.input_value("#id_name"), page.input_value("#id_max_steps")) == ("cmp-1 (copy)", "12")
+    assert (page.input_value("#id_preset"), page.input_value("#id_hidden_size")) == ("tiny", "64")
+    assert json.loads(page.text_content("#spec-preview"))["config"]["seed"] == 5
+    page.fill("#id_max_steps", "3")
+    page.wait_for_function("() => JSON.parse(document.getElementById('spec-preview').textContent).config.max_steps"
+                           " === 3")
+    page.click("#submit-job")
+    page.wait_for_url("**/jobs/*/")
+    clone = live.wait_for(int(page.url.rstrip("/").rsplit("/", 1)[1]), lambda j: j["status"] == "succeeded",
+                          what="the clone finished")
+    assert (clone["name"], clone["config"]["max_steps"], clone["config"]["seed"]) == ("cmp-1 (copy)", 3, 5)
     page.close()
 
 

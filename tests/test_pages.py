@@ -164,6 +164,53 @@ def test_a_saved_template_starts_the_next_job(logged_in, user):
     assert bad.status_code == 200 and "must divide" in bad.content.decode()  # checked before it is saved
 
 
+def test_clone_fills_the_form_to_edit_and_after_out_of_memory_halves_the_batch(logged_in, user, other_user):
+    initial = logged_in.get("/jobs/new/").context["form"].initial
+    logged_in.post("/jobs/new/", dict(initial, name="first", preset="tiny", max_steps=5, batch_size=16,
+                                      accumulation_steps=2, learning_rate=2e-3))
+    job = Job.objects.get()
+    assert f'href="/jobs/new/?clone={job.pk}"' in logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    form = logged_in.get(f"/jobs/new/?clone={job.pk}").context["form"]
+    assert form.initial["name"] == "first (copy)" and form.initial["preset"] == "tiny"
+    assert (form.initial["stage"], form.initial["dataset"], form.initial["max_steps"]) == ("pretrain", job.dataset_id, 5)
+    assert (form.initial["batch_size"], form.initial["accumulation_steps"], form.initial["learning_rate"]) == (16, 2, 2e-3)
+    assert Job.objects.count() == 1  # nothing is queued before the user submits
+    r = logged_in.post("/jobs/new/", dict(form.initial, learning_rate=1e-3))  # edited, then submitted
+    copy = Job.objects.exclude(pk=job.pk).get()
+    assert r["Location"] == f"/jobs/{copy.pk}/" and copy.name == "first (copy)"
+    assert {k: v for k, v in copy.resolved_config.items() if k != "learning_rate"} == \
+        {k: v for k, v in job.resolved_config.items() if k != "learning_rate"}
+    assert copy.resolved_config["learning_rate"] == 1e-3
+
+    assert "clone-half-batch" not in logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    Job.objects.filter(pk=job.pk).update(status="failed", error="out of memory: CUDA out of memory. Tried to allocate "
+                                         "2.00 GiB — try a smaller batch_size or max_seq_len")
+    assert f"/jobs/new/?clone={job.pk}&amp;half_batch=1" in logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    form = logged_in.get(f"/jobs/new/?clone={job.pk}&half_batch=1").context["form"]
+    assert (form.initial["batch_size"], form.initial["accumulation_steps"]) == (8, 4)  # the same effective batch
+
+    from jobs import services
+
+    api_job = services.submit_job(owner=user, name="api", stage="pretrain", dataset=job.dataset_id,
+                                  config={**{k: job.resolved_config[k] for k in ("hidden_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads")}, "seed": 7, "packing": False})
+    page = logged_in.get(f"/jobs/new/?clone={api_job.pk}")
+    assert 'id="other-config"' in page.content.decode() and "&quot;seed&quot;: 7" in page.content.decode()
+    r = logged_in.post("/jobs/new/", {k: v for k, v in page.context["form"].initial.items()
+                                      if k != "other_config"} | {"other_config": '{"seed": 7, "packing": false}'})
+    clone = Job.objects.latest("pk")
+    assert r.status_code == 302 and clone.name == "api (copy)"
+    assert (clone.resolved_config["seed"], clone.resolved_config["packing"]) == (7, False)
+    assert 'id="other-config"' not in logged_in.get(f"/jobs/new/?clone={job.pk}").content.decode()
+    assert 'id="other-config"' not in logged_in.get("/jobs/new/").content.decode()
+    bad = logged_in.post("/jobs/new/", dict(form.initial, other_config="[1, 2]"))
+    assert bad.status_code == 200 and "Must be a JSON object." in bad.content.decode()
+
+    theirs = Job.objects.create(owner=other_user, name="theirs", stage="pretrain", dataset_id=job.dataset_id,
+                                tokenizer=job.tokenizer)
+    assert logged_in.get(f"/jobs/new/?clone={theirs.pk}").status_code == 404
+
+
 def test_devices_page_charts_the_last_hour(logged_in, user):
     from jobs import services
     from jobs.models import DeviceSample, Node

@@ -100,7 +100,9 @@
 
   function update() {
     estimate();
-    const config = {}, stage = $("id_stage").value;
+    const stage = $("id_stage").value;
+    let config = {};
+    try { config = JSON.parse($("id_other_config").value || "{}") || {}; } catch (e) { config = {}; }
     const keys = [...wizard.config_fields, ...(wizard.stage_fields[stage] || [])];
     for (const key of keys) {
       const v = getValue(key);
