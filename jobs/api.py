@@ -120,8 +120,12 @@ job_retry = _action(services.retry_job, "retry")
 
 @endpoint("POST")
 def job_clone(request, job_id):
+    """A copy of the job, queued; the body may change any submission field first (``config`` is merged)."""
     data = json_body(request)
-    job = services.clone_job(_job(request, job_id), request.user, name=data.get("name"))
+    for key in data:
+        if key not in JOB_FIELDS:
+            raise ApiError(400, f"{key}: unknown field", {"field": key})
+    job = services.clone_job(_job(request, job_id), request.user, **data)
     audit(request.user, "submit", job, request=request, clone_of=job_id)
     return job.to_dict(), 201
 

@@ -567,12 +567,18 @@ def retry_job(job: Job, actor) -> Job:
     return job
 
 
-def clone_job(job: Job, actor, name: str | None = None) -> Job:
-    """A new queued job with the same stage, data, models and configuration."""
-    return submit_job(owner=actor, name=name or f"{job.name} (copy)", stage=job.stage, dataset=job.dataset_id,
-                      eval_dataset=job.eval_dataset_id,
-                      config=job.config, base_model=job.base_model_id, teacher_model=job.teacher_model_id,
-                      tokenizer=job.tokenizer_id, priority=job.priority, gpus=job.gpus, time_limit_s=job.time_limit_s)
+def clone_job(job: Job, actor, name: str | None = None, **changes) -> Job:
+    """A new queued job with the same stage, data, models and configuration. ``changes`` (``submit_job``'s
+    arguments) edit the copy before it is submitted; a ``config`` there is merged over the job's."""
+    if "config" in changes:
+        if not isinstance(changes["config"], dict):
+            raise ServiceError("config: must be a JSON object", field="config")
+        changes["config"] = {**job.config, **changes["config"]}
+    return submit_job(**{"owner": actor, "name": name or f"{job.name} (copy)", "stage": job.stage,
+                         "dataset": job.dataset_id, "eval_dataset": job.eval_dataset_id, "config": job.config,
+                         "base_model": job.base_model_id, "teacher_model": job.teacher_model_id,
+                         "tokenizer": job.tokenizer_id, "priority": job.priority, "gpus": job.gpus,
+                         "time_limit_s": job.time_limit_s, **changes})
 
 
 # --- finish and recover ----------------------------------------------------------------------------------------

@@ -69,6 +69,14 @@ SCHEMA = {
         "/jobs/{id}/logs": {"get": {**_op("Log text from an offset"), "parameters": ID + [
             {"name": "after", "in": "query", "schema": {"type": "integer"}}]}},
         "/jobs/{id}/cancel": {"post": {**_op("Cancel a queued or running job", ok="202"), "parameters": ID}},
+        "/jobs/{id}/pause": {"post": {**_op("Pause: checkpoint, free the device, keep the place", ok="202"),
+                                      "parameters": ID}},
+        "/jobs/{id}/resume": {"post": {**_op("Back into the queue, continuing from the checkpoint", ok="202"),
+                                       "parameters": ID}},
+        "/jobs/{id}/retry": {"post": {**_op("Requeue a failed or interrupted job from its last checkpoint",
+                                            ok="202"), "parameters": ID}},
+        "/jobs/{id}/clone": {"post": {**_op("Submit a copy; the body may change any field of a submission (config is "
+                                            "merged over the job's)", ok="201"), "parameters": ID}},
         **{f"/{kind}/{{id}}/share": {"post": {**_op("Make it private, shared with one of your groups, or public"),
                                               "parameters": ID}} for kind in ("jobs", "datasets", "models")},
         "/models": {"get": _op("Models you can use")},

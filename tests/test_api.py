@@ -67,6 +67,22 @@ def test_job_detail_metrics_logs_and_cancel(api, user, demo):
     assert api.post(f"/api/v1/jobs/{job.pk}/cancel").status_code == 409
 
 
+def test_clone_copies_the_job_with_the_changes_asked_for(api, demo):
+    job = api.post("/api/v1/jobs", {"name": "a", "stage": "pretrain", "dataset": demo.pk, "priority": 3,
+                                    "config": {**TINY, "seed": 5}}).json()
+    same = api.post(f"/api/v1/jobs/{job['id']}/clone")
+    assert same.status_code == 201 and same.json()["name"] == "a (copy)" and same.json()["config"] == job["config"]
+    edited = api.post(f"/api/v1/jobs/{job['id']}/clone", {"name": "b", "config": {"batch_size": 4}, "priority": 0})
+    body = edited.json()
+    assert edited.status_code == 201 and (body["name"], body["priority"]) == ("b", 0)
+    assert body["config"] == {**TINY, "seed": 5, "batch_size": 4}  # merged over the job's
+    bad = api.post(f"/api/v1/jobs/{job['id']}/clone", {"config": {"batch_size": 0}})
+    assert bad.status_code == 400 and bad.json()["details"]["field"] == "config.batch_size"
+    assert api.post(f"/api/v1/jobs/{job['id']}/clone", {"config": [1]}).json()["details"]["field"] == "config"
+    assert api.post(f"/api/v1/jobs/{job['id']}/clone", {"colour": "red"}).json()["details"]["field"] == "colour"
+    assert Job.objects.count() == 3
+
+
 def test_other_users_jobs_are_404(api, other_user, demo):
     job = Job.objects.create(owner=other_user, name="secret", stage="pretrain", dataset=demo, tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
     for path in (f"/api/v1/jobs/{job.pk}", f"/api/v1/jobs/{job.pk}/metrics", f"/api/v1/jobs/{job.pk}/logs"):
