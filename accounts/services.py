@@ -153,6 +153,22 @@ def storage_used(user) -> int:
     return total
 
 
+def check_storage(user, adding: int = 0, quota: dict | None = None) -> None:
+    """Refuse (403, naming the quota) storing ``adding`` more bytes — or anything more, with 0 — once the user's
+    storage quota would be passed. Checked by every path that stores files: job submission, dataset uploads, model
+    imports and merges."""
+    from minicloud.errors import ServiceError
+
+    limit = (quota or effective_quota(user))["storage_gb"]
+    if limit is None:
+        return
+    used = storage_used(user)
+    if used >= limit * 1e9 or used + adding > limit * 1e9:
+        more = f"; this adds {adding / 1e9:.2f} GB" if adding else ""
+        raise ServiceError(f"quota: you store {used / 1e9:.2f} GB of your {limit:g} GB{more}; delete old jobs, models "
+                           "or datasets first", status=403, field="quota")
+
+
 def usage_summary(user) -> dict:
     """The quota and this week's use of ``user`` (the usage page and ``GET /api/v1/me``)."""
     from jobs.models import Job

@@ -53,8 +53,10 @@ def initial_from_job(job, half_batch: bool = False) -> dict:
     config = {**(job.config or {}), **(job.resolved_config or {})}
     initial = {k: config[k] for k in CONFIG_FIELDS + EXTRA_FIELDS if config.get(k) is not None}
     chosen = {"eval_dataset": job.eval_dataset_id, "base_model": job.base_model_id, "teacher_model": job.teacher_model_id}
-    initial.update(name=f"{job.name} (copy)", stage=job.stage, dataset=job.dataset_id,
-                   **{k: v for k, v in chosen.items() if v is not None})
+    initial.update(name=f"{job.name} (copy)", stage=job.stage, dataset=job.dataset_id, gpus=job.gpus,
+                   priority=job.priority, **{k: v for k, v in chosen.items() if v is not None})
+    if job.time_limit_s:
+        initial["time_limit_h"] = round(job.time_limit_s / 3600, 4)
     initial["preset"] = next((name for name, values in PRESETS.items()
                               if all(initial.get(k, False) == v for k, v in values.items())), "custom")
     other = {k: v for k, v in (job.config or {}).items() if k not in CONFIG_FIELDS + EXTRA_FIELDS}
@@ -148,10 +150,17 @@ class JobForm(forms.Form):
                      required=False)
     clip_epsilon = _float(_("Clip range"), _("PPO's policy ratio clip."), min_value=1e-6, required=False)
     other_config = forms.JSONField(required=False, widget=forms.HiddenInput)  # a clone's keys without a field
+    gpus = _int(_("Devices"), _("GPUs (or CPU slots) for this job; more than one trains with DDP under torchrun, "
+                                "the batch size being per device."), min_value=1)
+    time_limit_h = _float(_("Time limit (hours, empty: none or your quota's)"),
+                          _("The job is stopped once it has run this long; retry continues from its checkpoint."),
+                          min_value=0.001, required=False)
+    priority = _int(_("Priority"), _("Orders your own queued jobs (higher first); only an administrator's priority "
+                                     "moves a job ahead of other people's."), required=False)
 
     def __init__(self, *args, user=None, **kwargs):
         kwargs.setdefault("initial", {**QUICK_START, **stage_defaults()["pretrain"], **QUICK_START,
-                                      "stage": "pretrain"})
+                                      "stage": "pretrain", "gpus": 1, "priority": 0})
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = Dataset.objects.visible_to(user)
         self.fields["eval_dataset"].queryset = Dataset.objects.visible_to(user)
@@ -183,6 +192,8 @@ class JobForm(forms.Form):
     def job_request(self, owner) -> dict:
         """The arguments of ``services.submit_job`` / ``estimate_job``."""
         d = self.cleaned_data
+        hours = d.get("time_limit_h")
         return dict(owner=owner, name=d["name"], stage=d["stage"], dataset=d["dataset"],
                     eval_dataset=d.get("eval_dataset"), base_model=d["base_model"], teacher_model=d["teacher_model"],
-                    config=self.job_config())
+                    config=self.job_config(), gpus=d["gpus"], priority=d.get("priority") or 0,
+                    time_limit_s=max(round(hours * 3600), 1) if hours else None)

@@ -57,11 +57,17 @@ def decayed_seconds(started: float, ended: float, gpus: int, now: float, half_li
     return max(ended - started, 0.0) * gpus * 0.5 ** (max(now - ended, 0.0) / half_life)
 
 
-def fair_order(jobs: list, bonus: dict, running: dict, usage: dict) -> list:
-    """Queue order: priority (the job's plus its owner's quota bonus) first, then fair share — the owner's running
-    jobs (fewest first), then the owner's decayed recent device use (least first) — then age."""
-    return sorted(jobs, key=lambda j: (-(j.priority + bonus.get(j.owner_id, 0)), running.get(j.owner_id, 0),
-                                       usage.get(j.owner_id, 0.0), j.created_at, j.pk))
+def fair_order(jobs: list, bonus: dict, running: dict, usage: dict, staff=frozenset()) -> list:
+    """Queue order: priority first — the owner's quota bonus, plus the job's own priority when an admin (``staff``)
+    owns it — then fair share: the owner's running jobs (fewest first), then the owner's decayed recent device use
+    (least first); then a user's own job priority, which orders that user's jobs among themselves (as Slurm's
+    ``nice``, it cannot push anyone else back); then age."""
+    def key(j):
+        admin = j.owner_id in staff
+        return (-(bonus.get(j.owner_id, 0) + (j.priority if admin else 0)), running.get(j.owner_id, 0),
+                usage.get(j.owner_id, 0.0), 0 if admin else -j.priority, j.created_at, j.pk)
+
+    return sorted(jobs, key=key)
 
 
 def devices_from_inventory(node: str, inventory: list[dict]) -> list[Device]:

@@ -165,14 +165,11 @@ def submit_job(**request) -> Job:
 def check_submission_quota(owner, gpus: int, time_limit_s, requeue: bool = False):
     """Refuse (403, naming the quota) what the owner's quota forbids at submission; returns the job's time limit,
     capped by the quota's wall-clock limit."""
-    from accounts.services import device_hours, effective_quota, storage_used, week_start
+    from accounts.services import check_storage, device_hours, effective_quota, week_start
 
     quota = effective_quota(owner)
-    if not requeue and quota["storage_gb"] is not None:
-        used = storage_used(owner) / 1e9
-        if used >= quota["storage_gb"]:
-            raise ServiceError(f"quota: you store {used:.2f} GB of your {quota['storage_gb']:g} GB; delete old jobs, "
-                               "models or datasets first", status=403, field="quota")
+    if not requeue:
+        check_storage(owner, quota=quota)
     if not requeue and quota["max_gpus_per_job"] is not None and gpus > quota["max_gpus_per_job"]:
         raise ServiceError(f"gpus: over your quota: at most {quota['max_gpus_per_job']} device(s) per job",
                            status=403, field="gpus")
@@ -309,17 +306,18 @@ def _owner_quotas(jobs) -> tuple[dict, dict]:
     return owners, effective_quotas(owners.values())
 
 
-def queue_order(jobs: list, quotas: dict | None = None) -> list:
-    """Priority first, then fair share: the owner's running jobs (fewest first), then the owner's decayed recent
-    device use (least first); then age. ``quotas``: the owners' (``_owner_quotas``), when already read."""
-    owners = {j.owner_id for j in jobs}
-    usage = recent_usage(owners)
-    running = {pk: 0 for pk in owners}
-    for owner_id in Job.objects.filter(status__in=Job.LIVE, owner_id__in=owners).values_list("owner_id", flat=True):
+def queue_order(jobs: list, owners_quotas: tuple[dict, dict] | None = None) -> list:
+    """scheduler.fair_order over the owners' priority bonus, running jobs and decayed recent device use.
+    ``owners_quotas``: ``_owner_quotas(jobs)``, when already read."""
+    owners, quotas = _owner_quotas(jobs) if owners_quotas is None else owners_quotas
+    ids = set(owners)
+    usage = recent_usage(ids)
+    running = dict.fromkeys(ids, 0)
+    for owner_id in Job.objects.filter(status__in=Job.LIVE, owner_id__in=ids).values_list("owner_id", flat=True):
         running[owner_id] += 1
-    quotas = _owner_quotas(jobs)[1] if quotas is None else quotas
-    bonus = {**dict.fromkeys(owners, 0), **{pk: q["priority"] or 0 for pk, q in quotas.items()}}
-    return scheduler.fair_order(jobs, bonus, running, usage)
+    bonus = {**dict.fromkeys(ids, 0), **{pk: q["priority"] or 0 for pk, q in quotas.items()}}
+    staff = {pk for pk, user in owners.items() if user.is_staff}
+    return scheduler.fair_order(jobs, bonus, running, usage, staff)
 
 
 def _quota_gate(owners: dict, quotas: dict):
@@ -378,7 +376,7 @@ def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[s
     """Every queued job in queue order, with where it would start now or why it waits."""
     queued = _queued()
     owners, quotas = _owner_quotas(queued)
-    queued = queue_order(queued, quotas)
+    queued = queue_order(queued, (owners, quotas))
     blocked, placed = _quota_gate(owners, quotas)
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
                           multi_node=settings.MULTI_NODE_JOBS,
@@ -780,7 +778,7 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
     ``keep_source``). The same name again makes the next version; the same content again returns the stored one."""
     import shutil
 
-    from accounts.services import audit
+    from accounts.services import audit, check_storage
 
     from .validation import validate_file
 
@@ -790,6 +788,7 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
     kinds = dict(Dataset._meta.get_field("kind").choices)
     if kind not in kinds:
         raise ServiceError(f"kind: one of {', '.join(kinds)}", field="kind")
+    check_storage(owner, Path(source).stat().st_size)
     report = validate_file(source, kind)
     if not report.ok:
         raise ServiceError(f"file: {report.summary()}", field="file", details={"validation": report.to_dict()})
@@ -923,8 +922,11 @@ def upload_dataset(request, owner) -> Dataset:
 
 
 def start_upload(owner):
+    from accounts.services import check_storage
+
     from .models import Upload
 
+    check_storage(owner)  # refused before the first chunk when the owner's storage is full
     upload = Upload.objects.create(owner=owner)
     upload.path.parent.mkdir(parents=True, exist_ok=True)
     upload.path.touch()

@@ -68,7 +68,7 @@ def job_new(request):
         "target_fields": [form[k] for k in ("name", "stage", "dataset", "eval_dataset", "base_model",
                                             "teacher_model")],
         "model_fields": [form[k] for k in MODEL_FIELDS], "basic_fields": [form[k] for k in BASIC_FIELDS],
-        "advanced_fields": [form[k] for k in ADVANCED_FIELDS],
+        "advanced_fields": [form[k] for k in ADVANCED_FIELDS + ("time_limit_h", "priority")],
         "stage_fields": [(form[k], " ".join(stages)) for k, stages in stage_of.items()]})
 
 

@@ -323,7 +323,7 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
     from django.conf import settings
     from django.db import transaction
 
-    from accounts.services import audit
+    from accounts.services import audit, check_storage
     from jobs.services import _check_upload_size
     from minicloud.errors import ServiceError
 
@@ -333,6 +333,7 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
     if upload is None:
         raise ServiceError("file: send a MiniMind .pth or a zipped Hugging Face folder", field="file")
     _check_upload_size(upload.size)
+    check_storage(owner, upload.size)
     if isinstance(config, str):
         try:
             config = json.loads(config) if config.strip() else {}
@@ -382,7 +383,7 @@ def merge_lora(*, owner, mv: ModelVersion, request=None) -> ModelVersion:
     LoRA → merged), verified against the unmerged forward."""
     from django.db import transaction
 
-    from accounts.services import audit
+    from accounts.services import audit, check_storage
     from minicloud.errors import ServiceError
 
     if not mv.lora_path:
@@ -390,6 +391,7 @@ def merge_lora(*, owner, mv: ModelVersion, request=None) -> ModelVersion:
     base = mv.parent
     if base is None or not base.pth_path.exists():
         raise ServiceError("the LoRA's base model is gone; it cannot be merged", status=409)
+    check_storage(owner, base.pth_path.stat().st_size)  # the merged model is about as large as its base
     with transaction.atomic():
         name = f"{mv.name}-merged"
         merged = ModelVersion.objects.create(

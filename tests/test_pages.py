@@ -32,6 +32,18 @@ def test_new_job_form_submits_a_job(logged_in):
     assert b'id="chart"' in detail.content and b"/static/vendor/plotly." in detail.content
 
 
+def test_new_job_form_asks_for_devices_a_time_limit_and_a_priority(logged_in):
+    initial = logged_in.get("/jobs/new/").context["form"].initial
+    assert (initial["gpus"], initial["priority"]) == (1, 0)
+    r = logged_in.post("/jobs/new/", dict(initial, name="limited", time_limit_h=0.5, priority=2))
+    job = Job.objects.get()
+    assert r.status_code == 302 and (job.gpus, job.time_limit_s, job.priority) == (1, 1800, 2)
+    form = logged_in.get(f"/jobs/new/?clone={job.pk}").context["form"]
+    assert (form.initial["gpus"], form.initial["time_limit_h"], form.initial["priority"]) == (1, 0.5, 2)
+    r = logged_in.post("/jobs/new/", dict(initial, name="too wide", gpus=64))
+    assert r.status_code == 200 and "can never start" in r.content.decode() and Job.objects.count() == 1
+
+
 def test_new_job_form_shows_errors_in_the_page(logged_in):
     page = logged_in.get("/jobs/new/")
     data = dict(page.context["form"].initial, name="x", hidden_size=64, num_attention_heads=5)

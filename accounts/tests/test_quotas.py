@@ -1,6 +1,7 @@
 """Quotas (per user, group defaults), their enforcement at submission and in the scheduler, usage accounting,
 the usage page and report, and the audit log."""
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Group
@@ -180,6 +181,29 @@ def test_storage_quota_counts_datasets_runs_and_imported_models(user, demo):
     Quota.objects.create(user=user, storage_gb=0.9)
     with pytest.raises(services.ServiceError, match=r"you store 0\.90 GB of your 0\.9 GB"):
         submit(user, demo)
+
+
+def test_storage_quota_refuses_uploads_imports_and_merges_that_would_pass_it(user, demo, tmp_path):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from accounts.services import storage_used
+    from models_registry.services import import_model
+
+    source = tmp_path / "more.jsonl"
+    source.write_bytes(Path(demo.path).read_bytes())
+    size = source.stat().st_size
+    Quota.objects.create(user=user, storage_gb=(storage_used(user) + size - 1) / 1e9)
+    with pytest.raises(services.ServiceError, match=r"this adds 0\.\d\d GB") as exc:
+        services.create_dataset(owner=user, name="more", kind="pretrain", source=source, keep_source=True)
+    assert exc.value.status == 403 and exc.value.field == "quota"
+    assert not Dataset.objects.filter(owner=user).exists() and source.exists()  # nothing stored, nothing lost
+    Quota.objects.filter(user=user).update(storage_gb=(storage_used(user) + size) / 1e9)
+    services.create_dataset(owner=user, name="more", kind="pretrain", source=source, keep_source=True)
+    with pytest.raises(services.ServiceError, match="quota"):  # full now: no new upload starts
+        services.start_upload(user)
+    with pytest.raises(services.ServiceError, match="quota") as exc:
+        import_model(owner=user, name="big", upload=SimpleUploadedFile("m.pth", b"x" * 10))
+    assert exc.value.status == 403
 
 
 def test_admin_edits_many_quotas_at_once_and_each_change_is_audited(client, user, other_user, django_user_model):

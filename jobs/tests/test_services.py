@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from django.contrib.auth import get_user_model
 
 from jobs import services
 from jobs.models import Dataset, Job, JobEvent
@@ -166,13 +167,17 @@ def test_fair_share_puts_the_user_who_used_less_first(user, other_user, demo):
     heavy.transition(Job.Status.SUCCEEDED)
     first = submit(user, demo, name="alice waits")  # older
     second = submit(other_user, demo, name="bob goes first")
-    urgent = submit(user, demo, name="urgent", priority=3)
+    urgent = submit(user, demo, name="urgent", priority=3)  # orders alice's own jobs: it pushes no one else back
     usage = services.recent_usage({user.pk, other_user.pk})
     assert usage[other_user.pk] == 0 and 4.9 * 3600 < usage[user.pk] < 5.1 * 3600
-    assert [j.name for j in services.queue_order([first, second, urgent])] == ["urgent", "bob goes first",
+    assert [j.name for j in services.queue_order([first, second, urgent])] == ["bob goes first", "urgent",
                                                                                "alice waits"]
-    assert services.queue_position(second) == 2
-    assert services.claim_next_job("n", 1).pk == urgent.pk
+    assert services.queue_position(second) == 1 and services.queue_position(urgent) == 2
+    assert services.claim_next_job("n", 1).pk == second.pk
+    admin = get_user_model().objects.create_user("root", password="x", is_staff=True)
+    rush = submit(admin, demo, name="an admin's rush job", priority=3)  # an admin's priority counts for everyone
+    assert [j.name for j in services.queue_order([first, urgent, rush])] == ["an admin's rush job", "urgent",
+                                                                             "alice waits"]
 
 
 def test_queue_position_of_a_job_claimed_meanwhile_is_none(user, demo):

@@ -113,6 +113,9 @@
     if ($("id_base_model").value) body.base_model = Number($("id_base_model").value);
     if ($("id_eval_dataset").value) body.eval_dataset = Number($("id_eval_dataset").value);
     if ($("id_teacher_model").value) body.teacher_model = Number($("id_teacher_model").value);
+    if (getValue("gpus") !== undefined && getValue("gpus") !== 1) body.gpus = getValue("gpus");
+    if (getValue("priority")) body.priority = getValue("priority");
+    if (getValue("time_limit_h")) body.time_limit_s = Math.max(Math.round(getValue("time_limit_h") * 3600), 1);
     $("spec-preview").textContent = JSON.stringify(body, null, 2);
   }
 
