@@ -151,7 +151,7 @@ class JobForm(forms.Form):
     clip_epsilon = _float(_("Clip range"), _("PPO's policy ratio clip."), min_value=1e-6, required=False)
     other_config = forms.JSONField(required=False, widget=forms.HiddenInput)  # a clone's keys without a field
     gpus = _int(_("Devices"), _("GPUs (or CPU slots) for this job; more than one trains with DDP under torchrun, "
-                                "the batch size being per device."), min_value=1)
+                                "the batch size being per device."), min_value=1, required=False)
     time_limit_h = _float(_("Time limit (hours, empty: none or your quota's)"),
                           _("The job is stopped once it has run this long; retry continues from its checkpoint."),
                           min_value=0.001, required=False)
@@ -195,5 +195,5 @@ class JobForm(forms.Form):
         hours = d.get("time_limit_h")
         return dict(owner=owner, name=d["name"], stage=d["stage"], dataset=d["dataset"],
                     eval_dataset=d.get("eval_dataset"), base_model=d["base_model"], teacher_model=d["teacher_model"],
-                    config=self.job_config(), gpus=d["gpus"], priority=d.get("priority") or 0,
+                    config=self.job_config(), gpus=d.get("gpus") or 1, priority=d.get("priority") or 0,
                     time_limit_s=max(round(hours * 3600), 1) if hours else None)
