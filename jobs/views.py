@@ -47,7 +47,9 @@ def job_new(request):
                 messages.success(request, _("Template “%(name)s” saved.") % {"name": template.name})
                 return redirect(f"{request.path}?template={template.pk}")
             job = services.submit_job(**form.job_request(request.user))
-            audit(request.user, "submit", job, request=request)
+            clone_of = request.GET.get("clone", "")  # the form posts back to its own address
+            audit(request.user, "submit", job, request=request,
+                  **({"clone_of": int(clone_of)} if clone_of.isdigit() else {}))
         except services.ServiceError as exc:
             field = (exc.field or "").removeprefix("config.")
             form.add_error(field if field in form.fields else None, str(exc))

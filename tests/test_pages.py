@@ -187,9 +187,12 @@ def test_clone_fills_the_form_to_edit_and_after_out_of_memory_halves_the_batch(l
     assert (form.initial["stage"], form.initial["dataset"], form.initial["max_steps"]) == ("pretrain", job.dataset_id, 5)
     assert (form.initial["batch_size"], form.initial["accumulation_steps"], form.initial["learning_rate"]) == (16, 2, 2e-3)
     assert Job.objects.count() == 1  # nothing is queued before the user submits
-    r = logged_in.post("/jobs/new/", dict(form.initial, learning_rate=1e-3))  # edited, then submitted
+    r = logged_in.post(f"/jobs/new/?clone={job.pk}", dict(form.initial, learning_rate=1e-3))  # edited, submitted
     copy = Job.objects.exclude(pk=job.pk).get()
     assert r["Location"] == f"/jobs/{copy.pk}/" and copy.name == "first (copy)"
+    from accounts.models import AuditEntry
+
+    assert AuditEntry.objects.filter(action="submit").latest("pk").detail == {"clone_of": job.pk}
     assert {k: v for k, v in copy.resolved_config.items() if k != "learning_rate"} == \
         {k: v for k, v in job.resolved_config.items() if k != "learning_rate"}
     assert copy.resolved_config["learning_rate"] == 1e-3
