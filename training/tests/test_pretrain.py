@@ -95,13 +95,14 @@ def test_bad_dataset_line_is_named(make_spec, tmp_path):
 def test_out_of_memory_while_training_fails_with_a_hint_for_a_smaller_batch(make_spec, tmp_path, capsys,
                                                                              monkeypatch):
     """What CUDA raises when a batch does not fit (torch.OutOfMemoryError), raised here from the first loss."""
-    import training.pretrain
+    # Every stage first, as the engine imports them: those that take pretrain's loss keep the real one.
+    from training import distill, dpo, evaluate, grpo, lora, ppo, pretrain, sft  # noqa: F401
 
     def no_room(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
                                      "79.19 GiB of which 1.06 GiB is free.")
 
-    monkeypatch.setattr(training.pretrain, "lm_loss", no_room)
+    monkeypatch.setattr(pretrain, "lm_loss", no_room)
     rc, events = run_inprocess(json.loads(make_spec(max_steps=2).read_text()), tmp_path, capsys)
     assert rc == 1 and events[-1]["event"] == "error" and events[-1]["kind"] == "out_of_memory"
     assert events[-1]["message"].startswith("out of memory: CUDA out of memory. Tried to allocate 2.00 GiB")
