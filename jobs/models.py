@@ -259,12 +259,16 @@ class Job(Shareable):
         return self.run_dir / "checkpoints" / "resume.pt"
 
     @property
+    def batch_can_shrink(self) -> bool:
+        return {**(self.config or {}), **(self.resolved_config or {})}.get("batch_size", 2) > 1
+
+    @property
     def can_halve_batch(self) -> bool:
         """Failed for lack of memory while training (the engine's hint then names batch_size), with a batch that
-        can still shrink: the job page offers a clone with half the batch and twice the accumulation."""
-        batch = {**(self.config or {}), **(self.resolved_config or {})}.get("batch_size", 2)
+        can still shrink: the job page offers a clone with half the batch and twice the accumulation (job.js
+        shows the offer when the job fails so while the page is open)."""
         return (self.status == self.Status.FAILED and self.error.startswith("out of memory:")
-                and "batch_size" in self.error and batch > 1)
+                and "batch_size" in self.error and self.batch_can_shrink)
 
     @property
     def progress(self) -> float:

@@ -197,10 +197,11 @@ def test_clone_fills_the_form_to_edit_and_after_out_of_memory_halves_the_batch(l
         {k: v for k, v in job.resolved_config.items() if k != "learning_rate"}
     assert copy.resolved_config["learning_rate"] == 1e-3
 
-    assert "clone-half-batch" not in logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    assert 'id="half-batch" hidden' in logged_in.get(f"/jobs/{job.pk}/").content.decode()  # shown if it fails so
     Job.objects.filter(pk=job.pk).update(status="failed", error="out of memory: CUDA out of memory. Tried to allocate "
                                          "2.00 GiB — try a smaller batch_size or max_seq_len")
-    assert f"/jobs/new/?clone={job.pk}&amp;half_batch=1" in logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    page = logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    assert 'id="half-batch">' in page and f"/jobs/new/?clone={job.pk}&amp;half_batch=1" in page
     form = logged_in.get(f"/jobs/new/?clone={job.pk}&half_batch=1").context["form"]
     assert (form.initial["batch_size"], form.initial["accumulation_steps"]) == (8, 4)  # the same effective batch
 
