@@ -43,11 +43,17 @@ JOB_FIELDS = ("name", "stage", "dataset", "eval_dataset", "base_model", "teacher
               "priority", "gpus", "time_limit_s")
 
 
-def _job_request(request) -> dict:
+def _job_fields(request) -> dict:
+    """The request's JSON body, refused (400) when it names a field a job does not have."""
     data = json_body(request)
     for key in data:
         if key not in JOB_FIELDS:
             raise ApiError(400, f"{key}: unknown field", {"field": key})
+    return data
+
+
+def _job_request(request) -> dict:
+    data = _job_fields(request)
     return dict(owner=request.user, name=data.get("name", ""), stage=data.get("stage", ""),
                 dataset=data.get("dataset"), eval_dataset=data.get("eval_dataset"), config=data.get("config"),
                 base_model=data.get("base_model"),
@@ -121,11 +127,7 @@ job_retry = _action(services.retry_job, "retry")
 @endpoint("POST")
 def job_clone(request, job_id):
     """A copy of the job, queued; the body may change any submission field first (``config`` is merged)."""
-    data = json_body(request)
-    for key in data:
-        if key not in JOB_FIELDS:
-            raise ApiError(400, f"{key}: unknown field", {"field": key})
-    job = services.clone_job(_job(request, job_id), request.user, **data)
+    job = services.clone_job(_job(request, job_id), request.user, **_job_fields(request))
     audit(request.user, "submit", job, request=request, clone_of=job_id)
     return job.to_dict(), 201
 
