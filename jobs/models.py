@@ -265,8 +265,8 @@ class Job(Shareable):
     @property
     def can_halve_batch(self) -> bool:
         """Failed for lack of memory while training (the engine's hint then names batch_size), with a batch that
-        can still shrink: the job page offers a clone with half the batch and twice the accumulation (job.js
-        shows the offer when the job fails so while the page is open)."""
+        can still shrink: the job page offers a clone with half the batch and twice the accumulation (to_dict
+        carries it, so job.js shows the offer when the job fails so while the page is open)."""
         return (self.status == self.Status.FAILED and self.error.startswith("out of memory:")
                 and "batch_size" in self.error and self.batch_can_shrink)
 
@@ -302,6 +302,7 @@ class Job(Shareable):
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
             "eta_s": self.eta_s, "error": self.error or None, "output_model": self.output_model_id,
             "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes,
+            "can_halve_batch": self.can_halve_batch,
             "memory_estimate": self.memory_estimate, "peak_memory": self.peak_memory,
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,

@@ -202,6 +202,7 @@ def test_clone_fills_the_form_to_edit_and_after_out_of_memory_halves_the_batch(l
                                          "2.00 GiB — try a smaller batch_size or max_seq_len")
     page = logged_in.get(f"/jobs/{job.pk}/").content.decode()
     assert 'id="half-batch">' in page and f"/jobs/new/?clone={job.pk}&amp;half_batch=1" in page
+    assert Job.objects.get(pk=job.pk).to_dict()["can_halve_batch"]  # what the live page's updates carry
     form = logged_in.get(f"/jobs/new/?clone={job.pk}&half_batch=1").context["form"]
     assert (form.initial["batch_size"], form.initial["accumulation_steps"]) == (8, 4)  # the same effective batch
 

@@ -62,8 +62,7 @@
     const err = document.getElementById("job-error");
     if (job.error) { err.hidden = false; err.textContent = job.error; }
     const halve = document.getElementById("half-batch");  // out of memory while training: offer half the batch
-    if (halve) halve.hidden = !(job.status === "failed" && (job.error || "").startsWith("out of memory:")
-                                && job.error.includes("batch_size"));
+    if (halve) halve.hidden = !job.can_halve_batch;
     if (job.output_model) {
       document.getElementById("job-model").innerHTML =
         '<a href="' + meta.modelUrl.replace("/0/", "/" + job.output_model + "/") + '">#' + job.output_model + "</a>";
