@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU training benchmark in one short run (a lent GPU machine's minutes are few): JSON lines into $OUT
 # (default ./var/bench). First every compiled variant is compiled at once in parallel processes (filling the inductor
-# caches), then each is timed alone, most important first, each under its own time limit.
+# caches), then each is timed alone, most important first, each under its own time limit; last, the engine itself
+# trains MiniMind's pretraining shapes (and SFT) on the demo data with CUDA graphs, and its step events are kept.
 #   MINIMIND=path/to/minimind bash bench/gpu_session.sh
-#   SMALL="--hidden 64 --layers 2 --batch 4 --seq 64" bash bench/gpu_session.sh     # a smoke run of the script
+# On a lent machine whose image has another transformers: carry a wheel and MiniMind's model file, then
+#   pip install --no-index --no-deps --target /tmp/site .whl/transformers-5.24.0-py3-none-any.whl
+#   PYTHONPATH=/tmp/site MINIMIND=.mm bash bench/gpu_session.sh      # .mm/model/model_minimind.py
+# The whole list takes over 10 minutes on an H100: what ran by the call's time limit is in $OUT, most important first.
+#   SMALL="--hidden 64 --layers 2 --batch 4 --seq 64" ENGINE_DEVICE=cpu \
+#     ENGINE_MODEL='"hidden_size": 64, "num_hidden_layers": 2, ' bash bench/gpu_session.sh     # a CPU smoke run
 OUT=${OUT:-var/bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
@@ -11,34 +17,47 @@ MM=${MINIMIND:+--minimind $MINIMIND}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-ours="--impls ours"; mm="--impls minimind"
+ours="--impls ours"; mm="--impls minimind"; graphs="--compile-mode reduce-overhead"
 compiled=(
+  "--cases dense --compile yes $ours $graphs"
+  "--cases dense --compile yes $ours --compile-mode max-autotune"
   "--cases dense --compile yes $ours"
-  "--cases dense --compile yes $mm"
-  "--cases dense --compile yes $ours --compile-mode reduce-overhead"
-  "--cases dense --compile yes $ours --batch 64 --accum 4"
-  "--cases dense --compile yes $ours --attn sdpa --unfused"
+  "--cases moe --compile yes $ours $graphs"
+  "--cases sft --compile yes $ours $graphs"
   "--cases sft --compile yes $ours"
-  "--cases moe --compile yes $ours"
-)
-eager=(
-  "--cases dense --compile no $mm"
-  "--cases sft --compile no $mm"
-  "--cases dense --compile no $ours"
-  "--cases moe --compile no $mm"
 )
 start=$(date +%s)
 for v in "${compiled[@]}"; do
-  TORCHINDUCTOR_COMPILE_THREADS=4 timeout "${WARM_S:-240}" $PY bench/train_throughput.py $MM $SMALL $v --steps 1 --warmup 1 \
+  TORCHINDUCTOR_COMPILE_THREADS=4 timeout "${WARM_S:-200}" $PY bench/train_throughput.py $MM $SMALL $v --steps 1 --warmup 1 \
     >/dev/null 2>>"$OUT/warm.log" &
 done
 wait
 echo "compiled everything in $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
-timed() { local limit=$1; shift; timeout "$limit" $PY bench/train_throughput.py $MM $SMALL --steps 8 --warmup 3 "$@" \
+timed() { local limit=$1; shift; timeout "$limit" $PY bench/train_throughput.py $MM $SMALL --warmup 3 "$@" \
           2>>"$OUT/stderr.log" | tee -a "$OUT/train.jsonl"; }
-timed 90 ${compiled[0]} --profile 1   # the kernel table goes to stderr.log
-timed 60 ${eager[0]}
-for v in "${compiled[@]:1}"; do timed 60 $v; done
-for v in "${eager[@]:1}"; do timed 60 $v; done
+timed 60 ${compiled[0]} --steps 20
+timed 60 ${compiled[1]} --steps 20
+timed 60 ${compiled[2]} --steps 20
+timed 60 --cases dense --compile no $mm --steps 8
+engine() {  # the engine itself (python -m training run) at MiniMind's pretraining shapes, CUDA graphs on
+  local d=/tmp/engine stage=$1 data=$2 steps=$3
+  mkdir -p $d && $PY -m training demo-data $d/data >/dev/null || return
+  for i in $(seq 30); do cat $d/data/$data.jsonl; done > $d/$stage.jsonl
+  cat > $d/$stage-spec.json <<EOF
+{"stage": "$stage", "dataset": "$d/$stage.jsonl", "tokenizer": "$d/data/demo-tokenizer", "run_dir": "$d/run-$stage",
+ "device": "${ENGINE_DEVICE:-cuda}", "config": {${ENGINE_MODEL:-}"use_compile": true, "compile_mode": "reduce-overhead", "max_steps": $steps,
+ "log_interval": 5, "save_interval": 20, "epochs": 1}}
+EOF
+  timeout 100 $PY -m training run $d/$stage-spec.json > "$OUT/engine-$stage.jsonl" 2>>"$OUT/stderr.log"
+  echo "engine $stage exit $?" | tee -a "$OUT/gpu.txt"; grep -h '"step"' "$OUT/engine-$stage.jsonl" | tail -2
+}
+[ "${ENGINE:-1}" = 1 ] && engine pretrain demo-pretrain 30
+timed 60 ${compiled[3]} --steps 8
+timed 60 ${compiled[4]}
+timed 60 ${compiled[5]}
+timed 60 --cases sft --compile no $mm
+[ "${ENGINE:-1}" = 1 ] && engine sft demo-sft 40
+timeout 60 $PY bench/train_throughput.py $MM $SMALL ${compiled[0]} --steps 2 --warmup 3 --profile 1 \
+  >"$OUT/profile.jsonl" 2>"$OUT/profile.txt"  # the kernel table of one optimizer step
 echo "done in $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"

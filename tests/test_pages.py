@@ -44,6 +44,19 @@ def test_new_job_form_asks_for_devices_a_time_limit_and_a_priority(logged_in):
     assert r.status_code == 200 and "can never start" in r.content.decode() and Job.objects.count() == 1
 
 
+def test_new_job_form_offers_cuda_graphs_when_compiling(logged_in):
+    page = logged_in.get("/jobs/new/")
+    initial = page.context["form"].initial
+    assert initial["compile_mode"] == "default" and 'value="reduce-overhead"' in page.content.decode()
+    r = logged_in.post("/jobs/new/", dict(initial, name="graphs", use_compile="on", compile_mode="reduce-overhead"))
+    job = Job.objects.get()
+    assert r.status_code == 302 and job.resolved_config["use_compile"] is True
+    assert job.resolved_config["compile_mode"] == "reduce-overhead"
+    assert logged_in.get(f"/jobs/new/?clone={job.pk}").context["form"].initial["compile_mode"] == "reduce-overhead"
+    r = logged_in.post("/jobs/new/", dict(initial, name="bad", compile_mode="fastest"))
+    assert r.status_code == 200 and "fastest" in r.content.decode() and Job.objects.count() == 1
+
+
 def test_new_job_form_shows_errors_in_the_page(logged_in):
     page = logged_in.get("/jobs/new/")
     data = dict(page.context["form"].initial, name="x", hidden_size=64, num_attention_heads=5)

@@ -168,6 +168,19 @@ def default_save(model, run_dir: Path) -> dict:
     return {"model_path": str(run_dir / "model.pth")}
 
 
+def compile_for_training(model, mode: str = "default"):
+    """``torch.compile`` for training micro-steps. ``reduce-overhead`` (and ``max-autotune``) replay each micro-step's
+    forward and backward as CUDA graphs (one launch instead of hundreds: the host no longer paces a small model).
+    A replay overwrites the last replay's outputs, and autograd keeps a micro-step's first gradient as ``.grad``
+    itself, so with graphs every trainable parameter gets a gradient buffer of its own here, which the backward adds
+    into and the optimizer zeroes (``zero_grad(set_to_none=False)``) instead of dropping."""
+    if mode != "default":
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=default_save, stage_extra=None,
           update=None, load_rows=None) -> dict:
     """Train ``model`` on ``data``; returns ``{"steps": n, **files written by save_fn}``.
@@ -231,9 +244,14 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         torch.manual_seed(cfg["seed"] + rank)
 
     core = model
+    graphs = False
     if cfg["use_compile"]:
-        model = torch.compile(model)
-        events.log("torch.compile enabled")
+        # CUDA graphs only where shapes repeat and nothing outside the graph joins the backward: supervised stages
+        # on one GPU (RL generates with its own compiled cache; DDP's gradient hooks stay eager).
+        mode = cfg["compile_mode"] if is_cuda and update is None and world_size == 1 else "default"
+        graphs = mode != "default"
+        model = compile_for_training(model, mode)
+        events.log("torch.compile enabled" + (" with CUDA graphs" if graphs else ""))
     if world_size > 1 and update is None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
 
@@ -249,7 +267,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphs)
         return norm
 
     last_eval = {"loss": None}
@@ -330,7 +348,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
                 scaler.step(optimizer)
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not graphs)
             step += 1
             if step % cfg["log_interval"] == 0 or step == total_steps or step == 1:
                 now = time.time()

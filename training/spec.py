@@ -46,6 +46,7 @@ TRAIN_DEFAULTS = {
     "eval_ratio": 0.01,  # share of rows held out for eval_loss (0 = none)
     "eval_interval": None,  # None: evaluate at every save_interval and at the end
     "use_compile": False,
+    "compile_mode": "default",  # with use_compile: default, or reduce-overhead (CUDA graphs; one GPU, supervised)
     "group_by_length": False,  # batches of rows of similar length: less padding, but less varied batches
     "keep_checkpoints": 2,  # resume checkpoints kept: the last N plus the best by eval loss
 }
@@ -98,6 +99,7 @@ STAGE_DATASET_KIND = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo"
 DTYPES = ("bfloat16", "float16", "float32")
 NEEDS_BASE = ("lora", "dpo", "ppo", "grpo", "eval")  # stages that start from a trained model
 
+COMPILE_MODES = ("default", "reduce-overhead")
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",
@@ -148,6 +150,10 @@ def _coerce(key: str, value):
         if not any(w for w in value.values()):
             raise SpecError(key, "at least one reward needs a non-zero weight")
         return {k: float(v) for k, v in value.items()}
+    if key == "compile_mode":
+        if value not in COMPILE_MODES:
+            raise SpecError(key, f"must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
+        return value
     if key == "loss_type":
         if value not in ("grpo", "cispo"):
             raise SpecError(key, f"must be grpo or cispo, got {value!r}")

@@ -80,6 +80,12 @@ def test_bad_spec_gives_one_line_error_naming_the_field(make_spec):
     assert events[-1]["event"] == "error" and events[-1]["field"] == "batch_sise"
 
 
+def test_unknown_compile_mode_is_refused_naming_the_field(make_spec):
+    rc, events, _ = run_engine(make_spec(use_compile=True, compile_mode="fastest"))
+    assert rc == 2
+    assert events[-1]["field"] == "compile_mode" and "reduce-overhead" in events[-1]["message"]
+
+
 def test_bad_dataset_line_is_named(make_spec, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')

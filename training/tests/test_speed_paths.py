@@ -1,9 +1,10 @@
-"""The engine's speed paths compute what the plain paths compute: length-grouped batch order, trimmed widths, and
-the autocast-aware grouped-mm MoE experts (checked on the CPU under bf16 autocast)."""
+"""The engine's speed paths compute what the plain paths compute: length-grouped batch order, trimmed widths, the
+autocast-aware grouped-mm MoE experts (checked on the CPU under bf16 autocast), the fused projections and attention,
+and compiled training with the gradient buffers that CUDA graphs need."""
 import pytest
 import torch
 
-from training.loop import epoch_order, row_lengths, trim_padding
+from training.loop import compile_for_training, epoch_order, row_lengths, trim_padding
 from training.model import GPU_EXPERTS, build_model
 from training.spec import model_config, resolve_config
 
@@ -105,3 +106,34 @@ def test_fused_projections_leave_lora_wrapped_layers_to_peft(target):
                 p.fill_(0.05)
         after = lora(input_ids=x).logits
     assert not torch.allclose(before, after)
+
+
+def test_gradient_buffers_for_cuda_graphs_train_exactly_as_dropped_gradients():
+    """With CUDA graphs the gradients accumulate in buffers of their own that zero_grad zeroes instead of dropping;
+    two optimizer steps of two accumulated micro-steps each end in the same losses and weights (the CPU compiles
+    both modes to the same code; only the gradient handling differs)."""
+    cfg = model_config(resolve_config("pretrain", {"hidden_size": 64, "num_hidden_layers": 2}))
+    batches = [torch.randint(3, cfg["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(i))
+               for i in range(4)]
+
+    def train(graphs):
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        step_model = compile_for_training(model, "reduce-overhead" if graphs else "default")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for step in range(2):
+            for x in batches[step * 2:step * 2 + 2]:
+                loss = step_model(input_ids=x, labels=x).loss
+                (loss / 2).backward()
+                losses.append(loss.item())
+            opt.step()
+            opt.zero_grad(set_to_none=not graphs)
+        return model, losses
+
+    plain, plain_losses = train(False)
+    kept, kept_losses = train(True)
+    assert kept_losses == plain_losses
+    for (name, a), b in zip(plain.named_parameters(), kept.parameters()):
+        assert torch.equal(a, b), name
+        assert b.grad is not None and not b.grad.any(), name  # kept, zeroed: the backward adds into it
