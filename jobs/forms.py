@@ -177,6 +177,12 @@ class JobForm(forms.Form):
         if demo and "dataset" not in self.initial:
             self.initial["dataset"] = demo.pk
 
+    @property
+    def kept_config(self) -> str:
+        """A clone's settings that have no field, as JSON text for the page ("" when there are none)."""
+        text = self["other_config"].value()
+        return "" if text in (None, "", "{}", "null") else text
+
     def clean_other_config(self):
         value = self.cleaned_data.get("other_config") or {}
         if not isinstance(value, dict):

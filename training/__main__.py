@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 
@@ -47,14 +48,13 @@ def cmd_run(args) -> int:
         events.log(f"Model Params: {params['total'] / 1e6:.2f}M{moe}")
         stage = spec["stage"]
         if stage == "distill":
-            teacher, tcfg = load_model(spec["teacher_model"], experts)
-            phase = "training"
-            result = distill.run(spec, model, tok, teacher)
+            teacher, _ = load_model(spec["teacher_model"], experts)
+            runner = partial(distill.run, teacher=teacher)
         else:
-            phase = "training"
             runner = {"pretrain": pretrain.run, "sft": sft.run, "lora": lora.run, "dpo": dpo.run, "ppo": ppo.run,
                       "grpo": grpo.run, "eval": evaluate.run}[stage]
-            result = runner(spec, model, tok)
+        phase = "training"
+        result = runner(spec, model, tok)
         steps = result.pop("steps")
         events.emit("done", step=steps, model_config=mcfg, params=params["total"], **result)
         return 0
