@@ -100,6 +100,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 NEEDS_BASE = ("lora", "dpo", "ppo", "grpo", "eval")  # stages that start from a trained model
 
 COMPILE_MODES = ("default", "reduce-overhead")
+_CHOICE_KEYS = {"dtype": DTYPES, "compile_mode": COMPILE_MODES}
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",
@@ -150,10 +151,6 @@ def _coerce(key: str, value):
         if not any(w for w in value.values()):
             raise SpecError(key, "at least one reward needs a non-zero weight")
         return {k: float(v) for k, v in value.items()}
-    if key == "compile_mode":
-        if value not in COMPILE_MODES:
-            raise SpecError(key, f"must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
-        return value
     if key == "loss_type":
         if value not in ("grpo", "cispo"):
             raise SpecError(key, f"must be grpo or cispo, got {value!r}")
@@ -191,9 +188,9 @@ def _coerce(key: str, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SpecError(key, f"must be a number, got {value!r}")
         value = float(value)
-    elif key == "dtype":
-        if value not in DTYPES:
-            raise SpecError(key, f"must be one of {', '.join(DTYPES)}, got {value!r}")
+    elif key in _CHOICE_KEYS:
+        if value not in _CHOICE_KEYS[key]:
+            raise SpecError(key, f"must be one of {', '.join(_CHOICE_KEYS[key])}, got {value!r}")
         return value
     if key in _RATIO_KEYS and not 0 <= value <= 1:
         raise SpecError(key, f"must be between 0 and 1, got {value!r}")

@@ -134,7 +134,8 @@ def test_grpo_with_a_verifiable_reward_raises_heldout_answer_accuracy(trained, d
     table = [(a, b) for a in range(21) for b in range(21)]
     held_out = {(a, b) for a, b in table if (a * 21 + b) % 3 == 0}
     rng = random.Random(5)
-    seen = [rng.choice([p for p in table if p not in held_out]) for _ in range(400)]
+    asked = [p for p in table if p not in held_out]
+    seen = [rng.choice(asked) for _ in range(400)]
     data = tmp_path / "plus.jsonl"
     data.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"What is {a} plus {b}?"},
                                                           {"role": "assistant", "content": "n/a"}],
