@@ -121,7 +121,21 @@ def _action(service, verb):
 job_cancel = _action(services.cancel_job, "cancel")
 job_pause = _action(services.pause_job, "pause")
 job_resume = _action(services.resume_job, "resume")
-job_retry = _action(services.retry_job, "retry")
+
+
+@endpoint("POST")
+def job_retry(request, job_id):
+    """Requeue from the last checkpoint; ``{"half_batch": true}`` halves the batch and doubles the accumulation."""
+    job = _owned_job(request, job_id)
+    body = {} if request.content_type.startswith("multipart/") else json_body(request)  # no body: a plain retry
+    unknown = set(body) - {"half_batch"}
+    if unknown:
+        raise ApiError(400, f"{min(unknown)}: unknown field", {"field": min(unknown)})
+    if not isinstance(body.get("half_batch", False), bool):
+        raise ApiError(400, "half_batch: must be true or false", {"field": "half_batch"})
+    job = services.retry_job(job, request.user, half_batch=body.get("half_batch", False))
+    audit(request.user, "retry", job, request=request)
+    return job.to_dict(), 202
 
 
 @endpoint("POST")

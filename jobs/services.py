@@ -130,11 +130,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     if gpus < 1:
         raise ServiceError("gpus: at least 1", field="gpus")
     time_limit_s = check_submission_quota(owner, gpus, time_limit_s)
-    # what could ever run it (no live node yet: this machine's devices), not what runs now
-    nodes = device_state(jobs=False) or device_state(settings.NODE_NAME, jobs=False)
-    cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
-    teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
-    memory_parts = estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)
+    nodes, cuda, memory_parts = _memory_need(stage, resolved, teacher)
     memory = memory_parts["bytes"]
     if estimate is not None:
         estimate.update(memory=memory_parts, cuda=cuda)
@@ -149,6 +145,15 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
                 teacher_model=teacher, tokenizer=tok,
                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
                 time_limit_s=time_limit_s, memory_estimate=memory)
+
+
+def _memory_need(stage: str, resolved: dict, teacher) -> tuple[dict, bool, dict]:
+    """What could ever run a job (no live node yet: this machine's devices), not what runs now; whether those are
+    GPUs; the job's memory estimate per device (bytes and parts)."""
+    nodes = device_state(jobs=False) or device_state(settings.NODE_NAME, jobs=False)
+    cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
+    teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
+    return nodes, cuda, estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)
 
 
 def submit_job(**request) -> Job:
@@ -556,13 +561,38 @@ def resume_job(job: Job, actor) -> Job:
     return job
 
 
-def retry_job(job: Job, actor) -> Job:
-    """A failed or interrupted job goes back to the queue, continuing from its last checkpoint when it has one."""
+def retry_job(job: Job, actor, half_batch: bool = False) -> Job:
+    """A failed or interrupted job goes back to the queue, continuing from its last checkpoint when it has one.
+    ``half_batch`` (after running out of memory): with half the batch size and twice the accumulation steps, the same
+    effective batch in less memory; the engine continues at the same row of its data."""
     job.refresh_from_db()
     check_submission_quota(job.owner, job.gpus, None, requeue=True)
-    if job.status not in Job.USER_ACTIONS["retry"] or not _requeue(job, _who(actor), "retry"):
+    if job.status not in Job.USER_ACTIONS["retry"]:
         _refuse(job, "retry")
+    with transaction.atomic():
+        message = "retry"
+        if half_batch:
+            message = _halve_batch(job)
+        if not _requeue(job, _who(actor), message):
+            _refuse(job, "retry")  # moved meanwhile: the halved batch rolls back with it
     return job
+
+
+def _halve_batch(job: Job) -> str:
+    """Half the job's batch size, twice its accumulation steps, and its memory estimate for that; returns what
+    changed, for the job's history."""
+    cfg = job.resolved_config
+    if not job.batch_can_shrink:
+        raise ServiceError("config.batch_size: the batch size is 1 already; it cannot be halved",
+                           field="config.batch_size")
+    changes = {"batch_size": cfg["batch_size"] // 2, "accumulation_steps": cfg["accumulation_steps"] * 2}
+    resolved = {**cfg, **changes}
+    memory = _memory_need(job.stage, resolved, job.teacher_model)[2]["bytes"]
+    Job.objects.filter(pk=job.pk).update(config={**job.config, **changes}, resolved_config=resolved,
+                                         memory_estimate=memory)
+    job.refresh_from_db()
+    return (f"retry with batch size {cfg['batch_size']} → {changes['batch_size']} and accumulation steps "
+            f"{cfg['accumulation_steps']} → {changes['accumulation_steps']}")
 
 
 def clone_job(job: Job, actor, name: str | None = None, **changes) -> Job:

@@ -1,3 +1,5 @@
+import functools
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -167,7 +169,9 @@ JOB_ACTIONS = [
 ACTIONS = {"cancel": (services.cancel_job, gettext_lazy("Cancel requested for job #%(id)s.")),
            "pause": (services.pause_job, gettext_lazy("Pause requested for job #%(id)s.")),
            "resume": (services.resume_job, gettext_lazy("Job #%(id)s is back in the queue.")),
-           "retry": (services.retry_job, gettext_lazy("Job #%(id)s is back in the queue."))}
+           "retry": (services.retry_job, gettext_lazy("Job #%(id)s is back in the queue.")),
+           "retry-half-batch": (functools.partial(services.retry_job, half_batch=True),
+                                gettext_lazy("Job #%(id)s is back in the queue with half the batch size."))}
 
 
 @login_required

@@ -73,8 +73,11 @@ SCHEMA = {
                                       "parameters": ID}},
         "/jobs/{id}/resume": {"post": {**_op("Back into the queue, continuing from the checkpoint", ok="202"),
                                        "parameters": ID}},
-        "/jobs/{id}/retry": {"post": {**_op("Requeue a failed or interrupted job from its last checkpoint",
-                                            ok="202"), "parameters": ID}},
+        "/jobs/{id}/retry": {"post": {**_op("Requeue a failed or interrupted job from its last checkpoint; "
+                                            "half_batch: with half the batch size and twice the accumulation steps "
+                                            "(after running out of memory)", ok="202"), "parameters": ID,
+                                      "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                                          "type": "object", "properties": {"half_batch": {"type": "boolean"}}}}}}}},
         "/jobs/{id}/clone": {"post": {**_op("Submit a copy; the body may change any field of a submission (config is "
                                             "merged over the job's)", ok="201"), "parameters": ID}},
         **{f"/{kind}/{{id}}/share": {"post": {**_op("Make it private, shared with one of your groups, or public"),

@@ -83,6 +83,22 @@ def test_clone_copies_the_job_with_the_changes_asked_for(api, demo):
     assert Job.objects.count() == 3
 
 
+def test_retry_after_running_out_of_memory_can_halve_the_batch(api, demo, settings, tmp_path):
+    settings.HOME = tmp_path
+    job = api.post("/api/v1/jobs", {"name": "big", "stage": "pretrain", "dataset": demo.pk,
+                                    "config": {**TINY, "batch_size": 16}}).json()
+    Job.objects.filter(pk=job["id"]).update(status="failed", error="out of memory: CUDA out of memory")
+    assert api.post(f"/api/v1/jobs/{job['id']}/retry", {"half_batch": "yes"}).json()["details"]["field"] == "half_batch"
+    assert api.post(f"/api/v1/jobs/{job['id']}/retry", {"halve": True}).json()["details"]["field"] == "halve"
+    assert Job.objects.get(pk=job["id"]).status == "failed"  # a refused request changes nothing
+    r = api.post(f"/api/v1/jobs/{job['id']}/retry", {"half_batch": True})
+    body = r.json()
+    assert r.status_code == 202 and body["status"] == "queued"
+    assert (body["resolved_config"]["batch_size"], body["resolved_config"]["accumulation_steps"]) == (8, 2)
+    Job.objects.filter(pk=job["id"]).update(status="failed")
+    assert api.post(f"/api/v1/jobs/{job['id']}/retry").json()["resolved_config"]["batch_size"] == 8  # plain retry
+
+
 def test_other_users_jobs_are_404(api, other_user, demo):
     job = Job.objects.create(owner=other_user, name="secret", stage="pretrain", dataset=demo, tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
     for path in (f"/api/v1/jobs/{job.pk}", f"/api/v1/jobs/{job.pk}/metrics", f"/api/v1/jobs/{job.pk}/logs"):

@@ -218,6 +218,12 @@ def test_clone_fills_the_form_to_edit_and_after_out_of_memory_halves_the_batch(l
     assert Job.objects.get(pk=job.pk).to_dict()["can_halve_batch"]  # what the live page's updates carry
     form = logged_in.get(f"/jobs/new/?clone={job.pk}&half_batch=1").context["form"]
     assert (form.initial["batch_size"], form.initial["accumulation_steps"]) == (8, 4)  # the same effective batch
+    assert f'action="/jobs/{job.pk}/retry-half-batch/"' in page  # or go on from the checkpoint with half the batch
+    r = logged_in.post(f"/jobs/{job.pk}/retry-half-batch/")
+    retried = Job.objects.get(pk=job.pk)
+    assert r["Location"] == f"/jobs/{job.pk}/" and retried.status == "queued"
+    assert (retried.resolved_config["batch_size"], retried.resolved_config["accumulation_steps"]) == (8, 4)
+    assert "with half the batch size" in logged_in.get(f"/jobs/{job.pk}/").content.decode()
 
     from jobs import services
 

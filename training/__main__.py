@@ -18,7 +18,8 @@ def cmd_run(args) -> int:
     try:
         spec = load_spec(args.spec)
     except SpecError as exc:
-        events.emit("error", kind="spec", field=exc.field, message=str(exc))
+        if events.is_rank0():  # every rank reads the same spec: one report is enough
+            events.emit("error", kind="spec", field=exc.field, message=str(exc))
         return 2
     phase = "model"  # where an out-of-memory error happened: building the model(s), or training
     try:

@@ -120,6 +120,16 @@ def epoch_order(n_rows: int, global_bs: int, seed: int, epoch: int, lengths=None
     return torch.cat([batches, order[full * global_bs:]])
 
 
+def resume_position(ck: dict, global_bs: int, n_rows: int) -> tuple[int, int]:
+    """Where a run resumed from checkpoint ``ck`` continues: (the batch index in this run's global batches, the
+    global batch the interrupted epoch's order was drawn with). The position is kept in rows, so a change of GPU count
+    or batch size resumes at the same place (MiniMind rescales by GPU count), and the rest of that epoch keeps its
+    order (length grouping depends on the global batch), so every row is still seen once in it."""
+    saved = ck["config"]["batch_size"] * ck.get("world_size", 1)
+    rows = ck["micro"] * saved
+    return (math.ceil(n_rows / global_bs) if rows >= n_rows else rows // global_bs), saved
+
+
 def trim_padding(batch: dict, multiple: int = 8) -> dict:
     """Drop the trailing columns that are right-padding (id 0) in every row of a batch.
 
@@ -228,18 +238,19 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         total_steps = min(total_steps, cfg["max_steps"])
 
     step, epoch, micro, tokens_seen = 0, 0, 0, 0
+    order_bs = global_bs  # the global batch the current epoch's order is drawn with
     if spec.get("resume") and resume_path.exists():
         ck = torch.load(resume_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         step, epoch, tokens_seen = ck["step"], ck["epoch"], ck.get("tokens_seen", 0)
-        # The data position is kept in rows, so a change of GPU count resumes at the same place (MiniMind rescales).
-        micro = ck["micro"] * ck.get("world_size", 1) // world_size
+        micro, order_bs = resume_position(ck, global_bs, n_rows)
         _set_rng_state(ck["rng"])
+        was = {"GPU count": (ck.get("world_size", 1), world_size),
+               "batch size": (ck["config"]["batch_size"], bs)}
         events.log(f"resumed from step {step} (epoch {epoch + 1}, batch {micro})"
-                   + (f"; GPU count {ck.get('world_size', 1)} → {world_size}" if ck.get("world_size", 1) != world_size
-                      else ""))
+                   + "".join(f"; {what} {a} → {b}" for what, (a, b) in was.items() if a != b))
     else:
         torch.manual_seed(cfg["seed"] + rank)
 
@@ -310,7 +321,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     lengths = row_lengths(data) if cfg["group_by_length"] else None
     multiple = 64 if cfg["use_compile"] else 8  # trimmed widths: few shapes for torch.compile
     while step < total_steps and epoch < cfg["epochs"]:
-        order = epoch_order(n_rows, global_bs, cfg["seed"], epoch, lengths)
+        order = epoch_order(n_rows, order_bs, cfg["seed"], epoch, lengths)
+        order_bs = global_bs
         while micro < iters and step < total_steps:
             rows = order[micro * global_bs:(micro + 1) * global_bs]
             idx = rows[rank * bs:(rank + 1) * bs] if world_size > 1 else rows

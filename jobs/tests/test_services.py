@@ -113,6 +113,33 @@ def test_pause_resume_retry_and_clone(user, demo, settings, tmp_path):
     assert copy.time_limit_s == 60 and copy.name == "j (copy)"
 
 
+def test_retry_with_half_the_batch_keeps_the_effective_batch_in_less_memory(user, demo, settings, tmp_path):
+    settings.HOME = tmp_path
+    job = submit(user, demo, config={**TINY, "batch_size": 16, "accumulation_steps": 2})
+    services.claim_next_job("n", 1)
+    job.checkpoint_path.parent.mkdir(parents=True)
+    job.checkpoint_path.write_bytes(b"x")
+    services.finish_job(job, Job.Status.FAILED, error="out of memory: CUDA out of memory — try a smaller batch_size")
+    before = job.memory_estimate
+    job = services.retry_job(job, user, half_batch=True)
+    assert job.status == "queued" and job.resume
+    assert (job.config["batch_size"], job.config["accumulation_steps"]) == (8, 4)
+    assert (job.resolved_config["batch_size"], job.resolved_config["accumulation_steps"]) == (8, 4)
+    assert job.memory_estimate < before  # the scheduler places it by the smaller need
+    assert "batch size 16 → 8 and accumulation steps 2 → 4" in job.events.latest("pk").message
+    assert services.build_spec(job)["config"]["batch_size"] == 8  # what the engine resumes with
+
+    services.claim_next_job("n", 1)
+    with pytest.raises(services.ServiceError) as exc:
+        services.retry_job(job, user, half_batch=True)  # running: refused, and nothing was halved
+    assert exc.value.status == 409 and Job.objects.get(pk=job.pk).resolved_config["batch_size"] == 8
+    Job.objects.filter(pk=job.pk).update(resolved_config={**job.resolved_config, "batch_size": 1})
+    services.finish_job(job, Job.Status.FAILED, error="out of memory")
+    with pytest.raises(services.ServiceError) as exc:
+        services.retry_job(job, user, half_batch=True)
+    assert exc.value.field == "config.batch_size" and Job.objects.get(pk=job.pk).status == "failed"
+
+
 def test_transitions_are_enforced_in_one_place(user, demo):
     job = submit(user, demo)
     assert not job.transition(Job.Status.SUCCEEDED)  # queued cannot succeed without running

@@ -1,5 +1,6 @@
 """The engine on a tiny model: it learns the demo data, writes MiniMind-layout weights, stops and resumes exactly."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,31 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
     assert sorted(resumed) == sorted(expected)
     for step, loss in expected.items():
         assert resumed[step] == loss, (step, resumed[step], loss)
+
+
+def test_resumed_with_half_the_batch_and_twice_the_accumulation_the_run_goes_on_as_before(make_spec, tmp_path):
+    """The out-of-memory retry: the checkpoint of step 6 resumed with batch 8 × accumulation 2 instead of 16 × 1
+    continues at the same row with the same optimizer batches, so the losses are those of the run that went on."""
+    rc, straight, other = run_engine(make_spec("straight", max_steps=12, save_interval=6, keep_checkpoints=3))
+    assert rc == 0, other
+    start = next(e for e in straight if e["event"] == "start")
+    assert start["samples"] > 12 * 16 and start["steps_per_epoch"] > 12  # one epoch: no short last step
+    spec_path = make_spec("halved", max_steps=12, save_interval=6, batch_size=8, accumulation_steps=2)
+    (tmp_path / "halved" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "straight" / "checkpoints" / "step-0000006.pt",
+                tmp_path / "halved" / "checkpoints" / "resume.pt")
+    spec = json.loads(spec_path.read_text())
+    spec_path.write_text(json.dumps({**spec, "resume": True}))
+    rc, resumed, other = run_engine(spec_path)
+    assert rc == 0, other
+    assert any("batch size 16 → 8" in e.get("message", "") for e in resumed)
+    assert next(e for e in resumed if e["event"] == "start")["resumed_from_step"] == 6
+    after = losses(resumed)
+    assert sorted(after) == list(range(7, 13))
+    for step, loss in after.items():
+        assert loss == pytest.approx(losses(straight)[step], rel=1e-4), step
+    ck = torch.load(tmp_path / "halved" / "checkpoints" / "resume.pt", weights_only=False)
+    assert (ck["step"], ck["micro"], ck["config"]["batch_size"]) == (12, 24, 8)
 
 
 def test_bad_spec_gives_one_line_error_naming_the_field(make_spec):

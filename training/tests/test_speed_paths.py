@@ -4,7 +4,7 @@ and compiled training with the gradient buffers that CUDA graphs need."""
 import pytest
 import torch
 
-from training.loop import compile_for_training, epoch_order, row_lengths, trim_padding
+from training.loop import compile_for_training, epoch_order, resume_position, row_lengths, trim_padding
 from training.model import GPU_EXPERTS, build_model
 from training.spec import model_config, resolve_config
 
@@ -30,6 +30,23 @@ def test_grouped_order_is_a_seeded_permutation_with_less_padding():
         return sum(trim_padding({k: v[order[i:i + 16]] for k, v in data.items()}, 1)["x"].numel()
                    for i in range(0, 1000, 16))
     assert computed(grouped) < 0.75 * computed(plain)
+
+
+@pytest.mark.parametrize("before, after", [((16, 1), (8, 1)), ((8, 2), (8, 1)), ((8, 2), (6, 1))])
+def test_a_grouped_epoch_resumed_with_another_global_batch_still_sees_every_row_once(before, after):
+    """Half the batch (an out-of-memory retry), another GPU count: the resumed epoch keeps the order it was drawn
+    with and continues at the same row, although grouping by length depends on the global batch."""
+    _, lengths = padded_rows()
+    (bs, world), (new_bs, new_world) = before, after
+    drawn = epoch_order(1000, bs * world, 42, 0, lengths)
+    assert not torch.equal(drawn, epoch_order(1000, new_bs * new_world, 42, 0, lengths))
+    ck = {"config": {"batch_size": bs}, "world_size": world, "micro": 24}
+    micro, order_bs = resume_position(ck, new_bs * new_world, 1000)
+    resumed = epoch_order(1000, order_bs, 42, 0, lengths)
+    seen = drawn[:24 * bs * world].tolist() + resumed[micro * new_bs * new_world:].tolist()
+    assert len(seen) == 1000 + 24 * bs * world % (new_bs * new_world) and set(seen) == set(range(1000))
+    end = {**ck, "micro": -(-1000 // (bs * world))}  # saved after the epoch's last batch: nothing is run again
+    assert resume_position(end, new_bs * new_world, 1000)[0] == -(-1000 // (new_bs * new_world))
 
 
 def test_rows_of_one_length_keep_the_plain_shuffle():

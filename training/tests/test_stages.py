@@ -233,6 +233,18 @@ def test_only_rank_0_reports_but_any_rank_reports_its_failure(monkeypatch, capsy
     assert [(e["event"], e["rank"], e["kind"]) for e in lines] == [("error", 1, "out_of_memory")]
 
 
+def test_a_bad_spec_is_reported_once_not_by_every_rank(monkeypatch, capsys, tmp_path):
+    from training.__main__ import main
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"stage": "pretrain", "config": {"batch_sise": 3}}))
+    monkeypatch.setenv("RANK", "1")
+    assert main(["run", str(path)]) == 2 and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["run", str(path)]) == 2
+    assert json.loads(capsys.readouterr().out)["kind"] == "spec"
+
+
 def test_trimming_right_padding_leaves_the_loss_unchanged(demo_dir):
     from training.loop import trim_padding
     from training.pretrain import lm_loss
