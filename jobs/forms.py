@@ -63,8 +63,7 @@ def initial_from_job(job, half_batch: bool = False) -> dict:
     if other:  # settings the form has no field for (set through the API) travel with the clone
         initial["other_config"] = other
     if half_batch and initial.get("batch_size", 1) > 1:
-        initial["batch_size"] //= 2
-        initial["accumulation_steps"] = initial.get("accumulation_steps", 1) * 2
+        initial.update(tspec.halved_batch(job.stage, {"accumulation_steps": 1, **initial}))
     return initial
 
 

@@ -585,14 +585,14 @@ def _halve_batch(job: Job) -> str:
     if not job.batch_can_shrink:
         raise ServiceError("config.batch_size: the batch size is 1 already; it cannot be halved",
                            field="config.batch_size")
-    changes = {"batch_size": cfg["batch_size"] // 2, "accumulation_steps": cfg["accumulation_steps"] * 2}
+    changes = tspec.halved_batch(job.stage, cfg)
     resolved = {**cfg, **changes}
     memory = _memory_need(job.stage, resolved, job.teacher_model)[2]["bytes"]
     Job.objects.filter(pk=job.pk).update(config={**job.config, **changes}, resolved_config=resolved,
                                          memory_estimate=memory)
     job.refresh_from_db()
-    return (f"retry with batch size {cfg['batch_size']} → {changes['batch_size']} and accumulation steps "
-            f"{cfg['accumulation_steps']} → {changes['accumulation_steps']}")
+    return "retry with " + " and ".join(f"{key.replace('_', ' ')} {cfg[key]} → {value}"
+                                        for key, value in changes.items() if cfg[key] != value)
 
 
 def clone_job(job: Job, actor, name: str | None = None, **changes) -> Job:

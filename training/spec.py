@@ -223,11 +223,20 @@ def resolve_config(stage: str, config: dict | None) -> dict:
         raise SpecError("reward_regex", "the regex reward needs a reward_regex")
     if rewards.get("model") and not merged.get("reward_model_path"):
         raise SpecError("reward_model_path", "the model reward needs a local reward_model_path")
+    if stage == "ppo" and merged["accumulation_steps"] != 1:
+        raise SpecError("accumulation_steps", "PPO steps its optimizer on every mini-batch (mini_batch_size); use 1")
     if merged["max_seq_len"] < 8:
         raise SpecError("max_seq_len", "must be at least 8")
     if merged["max_seq_len"] > merged["max_position_embeddings"]:
         raise SpecError("max_seq_len", "must not exceed max_position_embeddings")
     return merged
+
+
+def halved_batch(stage: str, config: dict) -> dict:
+    """The changes that halve a resolved config's batch size to fit in less memory: twice the accumulation steps keep
+    the effective batch (PPO, which steps on every mini-batch, takes fewer rollouts per step instead)."""
+    return {"batch_size": max(config["batch_size"] // 2, 1),
+            "accumulation_steps": 1 if stage == "ppo" else config["accumulation_steps"] * 2}
 
 
 def model_config(config: dict) -> dict:

@@ -119,6 +119,18 @@ def test_reward_specs_are_checked():
     assert resolve_config("grpo", {})["loss_type"] == "cispo"
 
 
+def test_ppo_refuses_accumulation_and_halves_its_batch_without_it():
+    """PPO steps its optimizer on every mini-batch of a rollout, so accumulation would only cut its epoch short."""
+    from training.spec import halved_batch
+
+    with pytest.raises(SpecError) as exc:
+        resolve_config("ppo", {"accumulation_steps": 2})
+    assert exc.value.field == "accumulation_steps"
+    assert halved_batch("ppo", resolve_config("ppo", {"batch_size": 4})) == {"batch_size": 2, "accumulation_steps": 1}
+    assert halved_batch("grpo", resolve_config("grpo", {"batch_size": 4})) == {"batch_size": 2,
+                                                                                "accumulation_steps": 2}
+
+
 def test_grpo_with_a_verifiable_reward_raises_heldout_answer_accuracy(trained, demo_dir, tmp_path, capsys):
     """Addition prompts with their answers (rlaif ``gt``), the numeric reward: after GRPO the model gives the right
     sum more often than the SFT model it started from, on the prompts it trained on and on held-out ones. The RL
