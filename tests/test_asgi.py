@@ -5,9 +5,10 @@ from channels.testing import HttpCommunicator
 
 from minicloud.asgi import application
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.mark.asyncio
 async def test_a_request_crosses_to_a_thread_a_few_times_not_once_per_middleware_hook(monkeypatch):
     hops = []
     original = sync.SyncToAsync.__init__
@@ -25,6 +26,7 @@ async def test_a_request_crosses_to_a_thread_a_few_times_not_once_per_middleware
     assert len(hops) <= 6, hops
 
 
+@pytest.mark.asyncio
 async def test_pages_and_the_login_redirect_work_through_asgi():
     response = await HttpCommunicator(application, "GET", "/", headers=[(b"host", b"127.0.0.1")]).get_response()
     assert response["status"] == 302 and dict(response["headers"])[b"Location"].startswith(b"/accounts/login/")
