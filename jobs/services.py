@@ -619,15 +619,17 @@ def finish_job(job: Job, status: str, *, error: str = "", output_model=None, act
 def interrupt_job(job: Job, reason: str, *, counts: bool = True) -> None:
     """The job's process stopped without finishing: mark it interrupted, and requeue it to resume from its last
     checkpoint. After a crash (``counts``) only while the automatic-resume budget (MINICLOUD_AUTO_RESUME, default 1)
-    lasts; a clean node shutdown always requeues."""
-    if not job.transition(Job.Status.INTERRUPTED, "system", reason, pid=None, worker_pid=None):
-        return
-    if not counts:
-        _requeue(job, "system", "requeued after the node stopped")
-    elif job.auto_resumes < settings.AUTO_RESUME_LIMIT:
-        Job.objects.filter(pk=job.pk).update(auto_resumes=F("auto_resumes") + 1)
-        job.refresh_from_db()
-        _requeue(job, "system", f"automatic resume {job.auto_resumes}/{settings.AUTO_RESUME_LIMIT}")
+    lasts; a clean node shutdown always requeues. One transaction: nobody sees a requeued job as interrupted (its
+    history keeps both events)."""
+    with transaction.atomic():
+        if not job.transition(Job.Status.INTERRUPTED, "system", reason, pid=None, worker_pid=None):
+            return
+        if not counts:
+            _requeue(job, "system", "requeued after the node stopped")
+        elif job.auto_resumes < settings.AUTO_RESUME_LIMIT:
+            Job.objects.filter(pk=job.pk).update(auto_resumes=F("auto_resumes") + 1)
+            job.refresh_from_db()
+            _requeue(job, "system", f"automatic resume {job.auto_resumes}/{settings.AUTO_RESUME_LIMIT}")
 
 
 def _pid_alive(pid: int | None) -> bool:

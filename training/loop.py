@@ -99,6 +99,14 @@ def row_lengths(data: dict) -> torch.Tensor:
     return lengths
 
 
+def leave_world() -> None:
+    """Every rank, at the same point of a run that ends well: destroy the process group while the interpreter is
+    whole. Without it gloo's worker threads may be torn down at exit, which aborts the process (SIGABRT, "terminate
+    called without an active exception"), and torchrun reports the finished run as failed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def epoch_order(n_rows: int, global_bs: int, seed: int, epoch: int, lengths=None, window: int = 64) -> torch.Tensor:
     """The row order of one epoch: a seeded shuffle, and with ``lengths`` grouped by length.
 
@@ -386,10 +394,12 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
             if stopping:
                 save_checkpoint()
                 events.log(f"stopped by signal at step {step}; resume continues from here")
+                leave_world()
                 raise SystemExit(EXIT_STOPPED)
             if step % cfg["save_interval"] == 0 and step < total_steps:
                 save_checkpoint()
         if micro >= iters:
             epoch, micro = epoch + 1, 0
     files = save_checkpoint()
+    leave_world()
     return {"steps": step, **files}

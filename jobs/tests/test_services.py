@@ -163,6 +163,26 @@ def test_crashed_job_is_resumed_automatically_once(user, demo, settings, tmp_pat
     assert job.status == "interrupted"  # the budget is spent: a person decides (retry or cancel)
 
 
+def test_an_interrupted_job_is_requeued_in_the_same_transaction(user, demo, settings, tmp_path, monkeypatch):
+    """A page or API poll never sees a job that resumes on its own as interrupted in between (its history still
+    holds both events): if the requeue fails, the interruption is not committed either."""
+    settings.HOME, settings.AUTO_RESUME_LIMIT = tmp_path, 1
+    job = submit(user, demo)
+    services.claim_next_job("n", 1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "_requeue", broken)
+    with pytest.raises(RuntimeError):
+        services.interrupt_job(job, "killed")
+    assert Job.objects.get(pk=job.pk).status == "running" and not job.events.filter(kind="interrupted").exists()
+    monkeypatch.undo()
+    services.interrupt_job(job, "killed")
+    assert Job.objects.get(pk=job.pk).status == "queued"
+    assert list(job.events.values_list("kind", flat=True))[-2:] == ["interrupted", "queued"]
+
+
 def test_reconcile_requeues_jobs_of_a_dead_node(user, demo, settings, tmp_path):
     settings.HOME = tmp_path
     job = submit(user, demo)
