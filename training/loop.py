@@ -237,7 +237,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     n_rows = len(data["x"])
     if n_rows == 0:
         raise ValueError("dataset: no training samples after tokenization")
-    bs, accum = cfg["batch_size"], cfg["accumulation_steps"] if update is None else 1  # PPO steps in its update
+    bs, accum = cfg["batch_size"], cfg["accumulation_steps"]
     global_bs = bs * world_size
     iters = math.ceil(n_rows / global_bs)
     steps_per_epoch = math.ceil(iters / accum)
