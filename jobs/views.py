@@ -309,6 +309,9 @@ def dataset_detail(request, dataset_id):
     ds = _dataset_or_404(request, dataset_id)
     page = max(int(request.GET.get("page", "1")) if request.GET.get("page", "1").isdigit() else 1, 1)
     records = selectors.dataset_records(ds, (page - 1) * PREVIEW_PAGE, PREVIEW_PAGE)
+    for r in records:  # an RL record's expected answer ('gt' or 'answer': a string or a list of strings), for display
+        gt = r.get("gt", r.get("answer"))
+        r["expected_answer"] = " · ".join(map(str, gt)) if isinstance(gt, list) else gt
     versions = Dataset.objects.visible_to(request.user).filter(owner=ds.owner, name=ds.name).order_by("-version")
     manageable = Dataset.objects.manageable_by(request.user).filter(pk=ds.pk).exists() and ds.owner_id is not None
     return render(request, "jobs/dataset_detail.html", {

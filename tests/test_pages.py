@@ -73,6 +73,20 @@ def test_pages_in_simplified_chinese(logged_in):
     assert "开始训练" in r.content.decode()
 
 
+@pytest.mark.parametrize("lang", ["en", "zh-hans"])
+def test_every_demo_dataset_page_shows_its_records(logged_in, lang):
+    kinds = set()
+    for ds in Dataset.objects.filter(owner=None):
+        r = logged_in.get(f"/datasets/{ds.pk}/", HTTP_ACCEPT_LANGUAGE=lang)
+        assert r.status_code == 200, ds.name
+        assert r.content.decode().count('class="record-view"') == 10, ds.name
+        kinds.add(ds.kind)
+    assert {"pretrain", "sft", "dpo", "rlaif"} <= kinds
+    rl = logged_in.get(f"/datasets/{Dataset.objects.filter(owner=None, kind='rlaif').first().pk}/",
+                       HTTP_ACCEPT_LANGUAGE=lang).content.decode()
+    assert rl.count("标准答案" if lang == "zh-hans" else "expected answer") == 10
+
+
 def test_language_switch(logged_in):
     r = logged_in.post("/i18n/setlang/", {"language": "zh-hans", "next": "/"})
     assert r.status_code == 302
