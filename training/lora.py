@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ def attach(model, cfg):
 
     lcfg = LoraConfig(r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["lora_targets"],
                       lora_dropout=0.0, bias="none", init_lora_weights=True)
-    model = get_peft_model(model, lcfg)
+    with warnings.catch_warnings():  # peft reads transformers' renamed is_gradient_checkpointing: noise in a job's log
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lcfg)
     gen = torch.Generator().manual_seed(cfg["seed"])
     for name, p in model.named_parameters():
         if "lora_A" in name:
