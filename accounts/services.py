@@ -4,6 +4,7 @@ from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.db.models import Q
+from django.utils.translation import gettext as _
 
 
 def ensure_first_admin() -> tuple[str, str | None] | None:
@@ -164,9 +165,13 @@ def check_storage(user, adding: int = 0, quota: dict | None = None) -> None:
         return
     used = storage_used(user)
     if used >= limit * 1e9 or used + adding > limit * 1e9:
-        more = f"; this adds {adding / 1e9:.2f} GB" if adding else ""
-        raise ServiceError(f"quota: you store {used / 1e9:.2f} GB of your {limit:g} GB{more}; delete old jobs, models "
-                           "or datasets first", status=403, field="quota")
+        more = _("; this adds %(gb)s GB") % {"gb": f"{adding / 1e9:.2f}"} if adding else ""
+        raise ServiceError(
+            _("quota: you store %(used)s GB of your %(limit)s GB%(more)s; delete old jobs, models or datasets first")
+            % {"used": format(used / 1e9, ".2f"), "limit": format(limit, "g"), "more": more},
+            status=403,
+            field="quota",
+        )
 
 
 def usage_summary(user) -> dict:
@@ -242,12 +247,14 @@ def create_group(actor, name: str, description: str = "", request=None):
     from .models import GroupInfo
 
     if role_of(actor) not in ("admin", "instructor"):
-        raise ServiceError("only instructors and admins create groups", status=403)
+        raise ServiceError(_("only instructors and admins create groups"), status=403)
     name = (name or "").strip()
     if not name or len(name) > 150:
-        raise ServiceError("name: 1 to 150 characters", field="name")
+        raise ServiceError(_("name: 1 to 150 characters"), field="name")
     if Group.objects.filter(name=name).exists():
-        raise ServiceError(f"name: a group called {name!r} exists already", field="name", status=409)
+        raise ServiceError(
+            _("name: a group called %(name)s exists already") % {"name": repr(name)}, field="name", status=409
+        )
     group = Group.objects.create(name=name)
     info = GroupInfo.objects.create(group=group, description=description[:500])
     info.instructors.add(actor)
@@ -259,7 +266,7 @@ def _managed(actor, group):
     from minicloud.errors import ServiceError
 
     if not manages_group(actor, group):
-        raise ServiceError("only the group's instructors and admins manage it", status=403)
+        raise ServiceError(_("only the group's instructors and admins manage it"), status=403)
 
 
 def add_member(actor, group, username: str, request=None):
@@ -270,7 +277,9 @@ def add_member(actor, group, username: str, request=None):
     _managed(actor, group)
     user = get_user_model().objects.filter(username=(username or "").strip(), is_active=True).first()
     if user is None:
-        raise ServiceError(f"username: no active user {username!r}", field="username", status=404)
+        raise ServiceError(
+            _("username: no active user %(username)s") % {"username": repr(username)}, field="username", status=404
+        )
     user.groups.add(group)
     audit(actor, "group_add_member", group, request=request, member=user.username)
     return user
@@ -300,12 +309,12 @@ def set_visibility(actor, obj, visibility: str, group=None, request=None):
     from minicloud.errors import ServiceError
 
     if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists():
-        raise ServiceError("only the owner can share it", status=403)
+        raise ServiceError(_("only the owner can share it"), status=403)
     if visibility not in ("private", "group", "public"):
-        raise ServiceError("visibility: private, group or public", field="visibility")
+        raise ServiceError(_("visibility: private, group or public"), field="visibility")
     if visibility == "group":
         if group is None or not groups_of(actor).filter(pk=group.pk).exists():
-            raise ServiceError("group: one of your groups", field="group")
+            raise ServiceError(_("group: one of your groups"), field="group")
     obj.is_public = visibility == "public"
     obj.shared_with = group if visibility == "group" else None
     obj.save(update_fields=["is_public", "shared_with"])
@@ -335,9 +344,12 @@ def bulk_create_users(rows, actor=None, request=None) -> list[dict]:
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         username = (row.get("username") or "").strip()
         if not username:
-            raise ServiceError(f"line {line}: username is empty", field="file")
+            raise ServiceError(_("line %(line)s: username is empty") % {"line": line}, field="file")
         if username in seen or User.objects.filter(username=username).exists():
-            raise ServiceError(f"line {line}: user {username!r} exists already", field="file")
+            raise ServiceError(
+                _("line %(line)s: user %(username)s exists already") % {"line": line, "username": repr(username)},
+                field="file",
+            )
         seen.add(username)
     created = []
     with transaction.atomic():
@@ -364,7 +376,7 @@ def read_users_csv(text: str) -> list[dict]:
 
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "username" not in [f.strip() for f in reader.fieldnames]:
-        raise ServiceError("file: a CSV with a header line: username,name,email,group", field="file")
+        raise ServiceError(_("file: a CSV with a header line: username,name,email,group"), field="file")
     return [{(k or "").strip(): v for k, v in row.items()} for row in reader]
 
 
@@ -387,7 +399,11 @@ def check_deletable(actor, obj, kind: str, references: list[str]) -> None:
     from minicloud.errors import ServiceError
 
     if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists() or obj.owner_id is None:
-        raise ServiceError(f"only the owner can delete this {kind}", status=403)
+        raise ServiceError(_("only the owner can delete this %(kind)s") % {"kind": kind}, status=403)
     if references:
-        raise ServiceError(f"{kind} is in use by {len(references)} object(s): {', '.join(references[:10])}",
-                           status=409, details={"references": references})
+        raise ServiceError(
+            _("%(kind)s is in use by %(n)s object(s): %(references)s")
+            % {"kind": kind, "n": len(references), "references": ", ".join(references[:10])},
+            status=409,
+            details={"references": references},
+        )

@@ -111,22 +111,22 @@ def place_across(nodes: dict[str, list[Device]], gpus: int, memory: int, jobs_pe
 
 
 def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int,
-               multi_node: bool = False) -> tuple[str, str] | None:
-    """Why no node could ever run such a job even when idle, as ("gpus" or "memory", English text), or None."""
+               multi_node: bool = False) -> tuple[str, dict] | None:
+    """Why no node could ever run such a job even when idle, as ("gpus" or "memory", parameters), or None;
+    services.never_fits_text() renders it in the user's language."""
     if not nodes:
         return None
     most = max(len(devs) for devs in nodes.values())
     if gpus > most and not (multi_node and any(
             gpus % n == 0 and sum(len(devs) >= gpus // n for devs in nodes.values()) >= n
             for n in range(2, len(nodes) + 1))):
-        return "gpus", f"needs {gpus} devices on one node; the largest node has {most}"
+        return "gpus", {"gpus": gpus, "most": most}
     big = [sum(d.memory_total is None or d.memory_total >= memory for d in devs) for devs in nodes.values()]
     if any(b >= gpus for b in big) or (multi_node and any(
             gpus % n == 0 and sum(b >= gpus // n for b in big) >= n for n in range(2, len(nodes) + 1))):
         return None
     largest = max((d.memory_total or 0) for devs in nodes.values() for d in devs)
-    return "memory", (f"needs about {memory / GiB:.1f} GiB per GPU; the largest GPU has {largest / GiB:.1f} GiB "
-                      f"(lower batch_size or max_seq_len)")
+    return "memory", {"gib": f"{memory / GiB:.1f}", "largest": f"{largest / GiB:.1f}"}
 
 
 # Why a job waits; services.wait_reason_text() renders these in the user's language.

@@ -62,8 +62,11 @@ def _visible(qs, pk, field, user):
     try:
         return qs.visible_to(user).get(pk=int(pk))
     except (ValueError, TypeError, qs.model.DoesNotExist):
-        raise ServiceError(f"{field}: no {qs.model._meta.verbose_name} with id {pk!r} that you can use",
-                           field=field) from None
+        raise ServiceError(
+            _("%(field)s: no %(verbose_name)s with id %(pk)s that you can use")
+            % {"field": field, "verbose_name": qs.model._meta.verbose_name, "pk": repr(pk)},
+            field=field,
+        ) from None
 
 
 def _model_version(value, field, owner):
@@ -81,39 +84,54 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     ``estimate``, when given, receives the memory estimate (bytes and parts) and whether the devices are GPUs."""
     name = (name or "").strip()
     if not name:
-        raise ServiceError("name: is required", field="name")
+        raise ServiceError(_("name: is required"), field="name")
     if len(name) > 200:
-        raise ServiceError("name: at most 200 characters", field="name")
+        raise ServiceError(_("name: at most 200 characters"), field="name")
     if stage not in tspec.STAGES:
-        raise ServiceError(f"stage: unknown stage {stage!r}; choose one of {', '.join(tspec.STAGES)}", field="stage")
+        raise ServiceError(
+            _("stage: unknown stage %(stage)s; choose one of %(stages)s")
+            % {"stage": repr(stage), "stages": ", ".join(tspec.STAGES)},
+            field="stage",
+        )
     ds = dataset if isinstance(dataset, Dataset) else _visible(Dataset.objects, dataset, "dataset", owner)
     if ds is None:
-        raise ServiceError("dataset: is required", field="dataset")
+        raise ServiceError(_("dataset: is required"), field="dataset")
     if tspec.STAGE_DATASET_KIND[stage] and ds.kind != tspec.STAGE_DATASET_KIND[stage]:
-        raise ServiceError(f"dataset: stage {stage} needs a {tspec.STAGE_DATASET_KIND[stage]} dataset, "
-                           f"{ds.name} is {ds.kind}", field="dataset")
+        raise ServiceError(
+            _("dataset: stage %(stage)s needs a %(needed)s dataset, %(name)s is %(kind)s")
+            % {"stage": stage, "needed": tspec.STAGE_DATASET_KIND[stage], "name": ds.name, "kind": ds.kind},
+            field="dataset",
+        )
     eval_ds = None
     if eval_dataset not in (None, ""):
         eval_ds = eval_dataset if isinstance(eval_dataset, Dataset) else _visible(Dataset.objects, eval_dataset,
                                                                                    "eval_dataset", owner)
         if eval_ds.kind != ds.kind:
-            raise ServiceError(f"eval_dataset: must be a {ds.kind} dataset like the training data, "
-                               f"{eval_ds.name} is {eval_ds.kind}", field="eval_dataset")
+            raise ServiceError(
+                _("eval_dataset: must be a %(kind)s dataset like the training data, %(name)s is %(other_kind)s")
+                % {"kind": ds.kind, "name": eval_ds.name, "other_kind": eval_ds.kind},
+                field="eval_dataset",
+            )
     base = _model_version(base_model, "base_model", owner)
     if base is None and stage in tspec.NEEDS_BASE:
-        raise ServiceError(f"base_model: the {stage} stage starts from a trained model", field="base_model")
+        raise ServiceError(
+            _("base_model: the %(stage)s stage starts from a trained model") % {"stage": stage}, field="base_model"
+        )
     teacher = _model_version(teacher_model, "teacher_model", owner)
     if stage == "distill" and teacher is None:
-        raise ServiceError("teacher_model: distillation needs a teacher model", field="teacher_model")
+        raise ServiceError(_("teacher_model: distillation needs a teacher model"), field="teacher_model")
     if stage != "distill" and teacher is not None:
-        raise ServiceError("teacher_model: only the distill stage takes a teacher", field="teacher_model")
+        raise ServiceError(_("teacher_model: only the distill stage takes a teacher"), field="teacher_model")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else _visible(Tokenizer.objects, tokenizer, "tokenizer", owner)
     if tok is None:
         tok = base.tokenizer if base and base.tokenizer else demo_tokenizer()
     if tok is None:
-        raise ServiceError("tokenizer: none given and the demo tokenizer is not installed", field="tokenizer")
+        raise ServiceError(_("tokenizer: none given and the demo tokenizer is not installed"), field="tokenizer")
     if tok.status != "ready":
-        raise ServiceError(f"tokenizer: {tok.name} is {tok.status}, not ready", field="tokenizer")
+        raise ServiceError(
+            _("tokenizer: %(name)s is %(status)s, not ready") % {"name": tok.name, "status": tok.status},
+            field="tokenizer",
+        )
     try:
         # A base model fixes the architecture: its keys replace any the job's config gives.
         arch = {k: v for k, v in (base.config if base else {}).items() if k in tspec.MODEL_DEFAULTS}
@@ -121,14 +139,17 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     except tspec.SpecError as exc:
         raise ServiceError(f"config.{exc}", field=f"config.{exc.field}") from None
     if tok.vocab_size > resolved["vocab_size"]:
-        raise ServiceError(f"config.vocab_size: the tokenizer has {tok.vocab_size} tokens, more than the model's "
-                           f"{resolved['vocab_size']}", field="config.vocab_size")
+        raise ServiceError(
+            _("config.vocab_size: the tokenizer has %(vocab_size)s tokens, more than the model's %(model_vocab)s")
+            % {"vocab_size": tok.vocab_size, "model_vocab": resolved["vocab_size"]},
+            field="config.vocab_size",
+        )
     try:
         priority, gpus = int(priority), int(gpus)
     except (TypeError, ValueError):
-        raise ServiceError("priority and gpus must be integers", field="gpus") from None
+        raise ServiceError(_("priority and gpus must be integers"), field="gpus") from None
     if gpus < 1:
-        raise ServiceError("gpus: at least 1", field="gpus")
+        raise ServiceError(_("gpus: at least 1"), field="gpus")
     time_limit_s = check_submission_quota(owner, gpus, time_limit_s)
     nodes, cuda, memory_parts = _memory_need(stage, resolved, teacher)
     memory = memory_parts["bytes"]
@@ -137,10 +158,13 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     why = scheduler.never_fits(nodes, gpus, memory, multi_node=settings.MULTI_NODE_JOBS)
     if why:
         field = "gpus" if why[0] == "gpus" else "config.batch_size"
-        raise ServiceError(f"{field}: this job can never start: it {why[1]}", field=field)
+        raise ServiceError(
+            _("%(field)s: this job can never start: it %(reason)s") % {"field": field, "reason": never_fits_text(*why)},
+            field=field,
+        )
     if time_limit_s is not None:
         if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, int) or time_limit_s < 1:
-            raise ServiceError("time_limit_s: a whole number of seconds, at least 1", field="time_limit_s")
+            raise ServiceError(_("time_limit_s: a whole number of seconds, at least 1"), field="time_limit_s")
     return dict(owner=owner, name=name, stage=stage, dataset=ds, eval_dataset=eval_ds, base_model=base,
                 teacher_model=teacher, tokenizer=tok,
                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
@@ -176,19 +200,31 @@ def check_submission_quota(owner, gpus: int, time_limit_s, requeue: bool = False
     if not requeue:
         check_storage(owner, quota=quota)
     if not requeue and quota["max_gpus_per_job"] is not None and gpus > quota["max_gpus_per_job"]:
-        raise ServiceError(f"gpus: over your quota: at most {quota['max_gpus_per_job']} device(s) per job",
-                           status=403, field="gpus")
+        raise ServiceError(
+            _("gpus: over your quota: at most %(max_gpus_per_job)s device(s) per job")
+            % {"max_gpus_per_job": quota["max_gpus_per_job"]},
+            status=403,
+            field="gpus",
+        )
     if quota["max_queued_jobs"] is not None:
         queued = Job.objects.filter(owner=owner, status=Job.Status.QUEUED).count()
         if queued >= quota["max_queued_jobs"]:
-            raise ServiceError(f"quota: you already have {queued} queued job(s), your limit is "
-                               f"{quota['max_queued_jobs']}", status=403, field="quota")
+            raise ServiceError(
+                _("quota: you already have %(queued)s queued job(s), your limit is %(max_queued_jobs)s")
+                % {"queued": queued, "max_queued_jobs": quota["max_queued_jobs"]},
+                status=403,
+                field="quota",
+            )
     limit = quota["device_hours_per_week"]
     if limit is not None:
         used = device_hours(owner, week_start())
         if used >= limit:
-            raise ServiceError(f"quota: you have used {used:.1f} of your {limit:g} device-hours this week",
-                               status=403, field="quota")
+            raise ServiceError(
+                _("quota: you have used %(used)s of your %(limit)s device-hours this week")
+                % {"used": format(used, ".1f"), "limit": format(limit, "g")},
+                status=403,
+                field="quota",
+            )
     if quota["max_job_hours"] is not None:
         cap = max(int(quota["max_job_hours"] * 3600), 1)
         time_limit_s = cap if time_limit_s is None else min(time_limit_s, cap)
@@ -439,6 +475,15 @@ def wait_reason_text(code: str, p: dict) -> str:
     return code
 
 
+def never_fits_text(kind: str, p: dict) -> str:
+    """``scheduler.never_fits``'s answer in the active language."""
+    if kind == "gpus":
+        return _("needs %(gpus)s devices on one node; the largest node has %(most)s") % p
+    return (
+        _("needs about %(gib)s GiB per GPU; the largest GPU has %(largest)s GiB (lower batch_size or max_seq_len)") % p
+    )
+
+
 def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
     """Atomically take the first queued job that the plan places on this node (see ``queue_order`` and
     ``scheduler.plan``). ``slots``: treat this node as that many CPU slots (tests)."""
@@ -522,7 +567,11 @@ def _who(actor) -> str:
 def _refuse(job: Job, action: str):
     states = [str(s) for s in Job.USER_ACTIONS[action]]
     allowed = ", ".join(states[:-1]) + f" or {states[-1]}" if len(states) > 1 else states[0]
-    raise ServiceError(f"job {job.pk} is {job.status}; {action} needs a {allowed} job", status=409)
+    raise ServiceError(
+        _("job %(pk)s is %(status)s; %(action)s needs a %(allowed)s job")
+        % {"pk": job.pk, "status": job.status, "action": action, "allowed": allowed},
+        status=409,
+    )
 
 
 def _user_action(job: Job, action: str, actor) -> Job:
@@ -583,8 +632,9 @@ def _halve_batch(job: Job) -> str:
     changed, for the job's history."""
     cfg = job.resolved_config
     if not job.batch_can_shrink:
-        raise ServiceError("config.batch_size: the batch size is 1 already; it cannot be halved",
-                           field="config.batch_size")
+        raise ServiceError(
+            _("config.batch_size: the batch size is 1 already; it cannot be halved"), field="config.batch_size"
+        )
     changes = tspec.halved_batch(job.stage, cfg)
     resolved = {**cfg, **changes}
     memory = _memory_need(job.stage, resolved, job.teacher_model)[2]["bytes"]
@@ -600,7 +650,7 @@ def clone_job(job: Job, actor, name: str | None = None, **changes) -> Job:
     arguments) edit the copy before it is submitted; a ``config`` there is merged over the job's."""
     if "config" in changes:
         if not isinstance(changes["config"], dict):
-            raise ServiceError("config: must be a JSON object", field="config")
+            raise ServiceError(_("config: must be a JSON object"), field="config")
         changes["config"] = {**job.config, **changes["config"]}
     return submit_job(**{"owner": actor, "name": name or f"{job.name} (copy)", "stage": job.stage,
                          "dataset": job.dataset_id, "eval_dataset": job.eval_dataset_id, "config": job.config,
@@ -740,7 +790,7 @@ def save_template(owner, name: str, fields: dict) -> JobTemplate:
     """Save (or replace) one of the owner's new-job templates."""
     name = (name or "").strip()
     if not name:
-        raise ServiceError("name: a template needs a name", field="name")
+        raise ServiceError(_("name: a template needs a name"), field="name")
     template, _created = JobTemplate.objects.update_or_create(owner=owner, name=name[:200],
                                                               defaults={"fields": fields})
     return template
@@ -816,10 +866,10 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
 
     name = (name or "").strip()
     if not name or len(name) > 200:
-        raise ServiceError("name: 1 to 200 characters", field="name")
+        raise ServiceError(_("name: 1 to 200 characters"), field="name")
     kinds = dict(Dataset._meta.get_field("kind").choices)
     if kind not in kinds:
-        raise ServiceError(f"kind: one of {', '.join(kinds)}", field="kind")
+        raise ServiceError(_("kind: one of %(kinds)s") % {"kinds": ", ".join(kinds)}, field="kind")
     check_storage(owner, Path(source).stat().st_size)
     report = validate_file(source, kind)
     if not report.ok:
@@ -898,8 +948,11 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
 
 def _check_upload_size(n_bytes: int) -> None:
     if n_bytes > settings.UPLOAD_MAX_BYTES:
-        raise ServiceError(f"file: larger than the upload limit of {settings.UPLOAD_MAX_BYTES / 1e9:g} GB",
-                           status=413, field="file")
+        raise ServiceError(
+            _("file: larger than the upload limit of %(gb)s GB") % {"gb": format(settings.UPLOAD_MAX_BYTES / 1e9, "g")},
+            status=413,
+            field="file",
+        )
 
 
 def find_upload(owner, upload_id):
@@ -923,20 +976,25 @@ def upload_dataset(request, owner) -> Dataset:
     if upload_id:  # a chunked upload finished: see start_upload / append_upload
         upload = find_upload(owner, upload_id)
         if upload is None:
-            raise ServiceError(f"upload: no upload {upload_id} of yours", status=404, field="upload")
+            raise ServiceError(
+                _("upload: no upload %(upload_id)s of yours") % {"upload_id": upload_id}, status=404, field="upload"
+            )
         return finish_upload(upload, name=name, kind=kind, request=request)
     server_path = request.POST.get("server_path", "").strip()
     if server_path:
         if not owner.is_superuser:
-            raise ServiceError("server_path: only admins import files from the server", status=403,
-                               field="server_path")
+            raise ServiceError(
+                _("server_path: only admins import files from the server"), status=403, field="server_path"
+            )
         path = Path(server_path)
         if not path.is_absolute() or not path.is_file():
-            raise ServiceError(f"server_path: no file at {server_path}", field="server_path")
+            raise ServiceError(
+                _("server_path: no file at %(server_path)s") % {"server_path": server_path}, field="server_path"
+            )
         return create_dataset(owner=owner, name=name, kind=kind, source=path, keep_source=True, request=request)
     upload = request.FILES.get("file")
     if upload is None:
-        raise ServiceError("file: attach a .jsonl or .jsonl.gz file", field="file")
+        raise ServiceError(_("file: attach a .jsonl or .jsonl.gz file"), field="file")
     _check_upload_size(upload.size)
     if not name:
         name = Path(upload.name or "dataset").name.removesuffix(".gz").removesuffix(".jsonl")[:200]
@@ -968,8 +1026,12 @@ def start_upload(owner):
 def append_upload(upload, offset: int, stream, length: int) -> int:
     """Append one chunk at ``offset`` (which must be the bytes received so far: a client resumes from there)."""
     if offset != upload.size:
-        raise ServiceError(f"offset: this upload has {upload.size} bytes; send from there", status=409,
-                           field="offset", details={"offset": upload.size})
+        raise ServiceError(
+            _("offset: this upload has %(size)s bytes; send from there") % {"size": upload.size},
+            status=409,
+            field="offset",
+            details={"offset": upload.size},
+        )
     _check_upload_size(upload.size + length)
     written = 0
     with open(upload.path, "ab") as f:

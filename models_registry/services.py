@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from django.utils.translation import gettext as _
+
 from .models import Evaluation, ModelVersion, Tokenizer
 
 
@@ -14,9 +16,9 @@ def vocab_size_of(folder: Path) -> int:
 
 
 def register_tokenizer(*, name: str, path: Path, owner=None, is_public=False) -> Tokenizer:
-    tok, _ = Tokenizer.objects.update_or_create(
-        name=name, owner=owner, defaults={"path": str(path), "is_public": is_public,
-                                          "vocab_size": vocab_size_of(path)})
+    tok, _created = Tokenizer.objects.update_or_create(
+        name=name, owner=owner, defaults={"path": str(path), "is_public": is_public, "vocab_size": vocab_size_of(path)}
+    )
     return tok
 
 
@@ -74,12 +76,15 @@ def start_evaluation(*, owner, mv: ModelVersion, dataset, config: dict | None = 
     from minicloud.errors import ServiceError
 
     if not isinstance(config or {}, dict):
-        raise ServiceError("config: a JSON object", field="config")
+        raise ServiceError(_("config: a JSON object"), field="config")
     allowed = {"eval_records", "accuracy_tasks", "max_gen_len", "max_seq_len", "batch_size"}
     unknown = sorted(set(config or {}) - allowed)
     if unknown:
-        raise ServiceError(f"config.{unknown[0]}: not an evaluation setting ({', '.join(sorted(allowed))})",
-                           field=f"config.{unknown[0]}")
+        raise ServiceError(
+            _("config.%(key)s: not an evaluation setting (%(allowed)s)")
+            % {"key": unknown[0], "allowed": ", ".join(sorted(allowed))},
+            field=f"config.{unknown[0]}",
+        )
     return submit_job(owner=owner, name=f"eval {mv.name} v{mv.version}", stage="eval", dataset=dataset,
                       base_model=mv, config=config or {})
 
@@ -118,7 +123,9 @@ def run_engine(*args, timeout: int = ENGINE_TIMEOUT_S) -> dict:
         out = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=settings.BASE_DIR,
                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ServiceError(f"the conversion took longer than {timeout} s", status=504) from None
+        raise ServiceError(
+            _("the conversion took longer than %(timeout)s s") % {"timeout": timeout}, status=504
+        ) from None
     lines = out.stdout.strip().splitlines()
     try:
         report = json.loads(lines[-1]) if lines else {}
@@ -192,8 +199,14 @@ def hf_zip(mv: ModelVersion) -> Path:
         report = run_engine(*args)
         _record_verification(mv, "hf", report)
         if not report["verification"]["ok"]:
-            raise ServiceError(f"conversion check failed: logits differ by {report['verification']['max_abs_diff']:.3g}"
-                               f" (> {report['verification']['tolerance']:g})", status=500)
+            raise ServiceError(
+                _("conversion check failed: logits differ by %(max_abs_diff)s (> %(tolerance)s)")
+                % {
+                    "max_abs_diff": format(report["verification"]["max_abs_diff"], ".3g"),
+                    "tolerance": format(report["verification"]["tolerance"], "g"),
+                },
+                status=500,
+            )
         _zip_folder(folder, out)
         shutil.rmtree(folder, ignore_errors=True)
     return out
@@ -221,11 +234,13 @@ def format_file(mv: ModelVersion, fmt: str) -> Path:
     from minicloud.errors import ServiceError
 
     if fmt not in ("pth", "hf", "lora"):
-        raise ServiceError(f"format: {fmt!r} is not one of pth, hf, lora", field="format")
+        raise ServiceError(_("format: %(fmt)s is not one of pth, hf, lora") % {"fmt": repr(fmt)}, field="format")
     if fmt == "lora" and not mv.lora_path:
-        raise ServiceError(f"format: model {mv.pk} has no LoRA adapter (only LoRA jobs make one)", field="format")
+        raise ServiceError(
+            _("format: model %(pk)s has no LoRA adapter (only LoRA jobs make one)") % {"pk": mv.pk}, field="format"
+        )
     if not mv.pth_path.exists():
-        raise ServiceError(f"the weights file of model {mv.pk} is missing on disk", status=404)
+        raise ServiceError(_("the weights file of model %(pk)s is missing on disk") % {"pk": mv.pk}, status=404)
     return {"pth": lambda: mv.pth_path, "hf": lambda: hf_zip(mv), "lora": lambda: lora_zip(mv)}[fmt]()
 
 
@@ -251,20 +266,24 @@ def _extract_zip(src: Path, dest: Path) -> Path:
     try:
         zf = zipfile.ZipFile(src)
     except zipfile.BadZipFile:
-        raise ServiceError("file: neither a MiniMind .pth nor a zip of a Hugging Face folder", field="file") from None
+        raise ServiceError(
+            _("file: neither a MiniMind .pth nor a zip of a Hugging Face folder"), field="file"
+        ) from None
     with zf:
         members = zf.infolist()
         if len(members) > 2000 or sum(m.file_size for m in members) > settings.UPLOAD_MAX_BYTES:
-            raise ServiceError("file: the zip is too large when unpacked", status=413, field="file")
+            raise ServiceError(_("file: the zip is too large when unpacked"), status=413, field="file")
         root = dest.resolve()
         for m in members:
             target = (dest / m.filename).resolve()
             if root not in target.parents and target != root:
-                raise ServiceError(f"file: unsafe path in the zip: {m.filename}", field="file")
+                raise ServiceError(
+                    _("file: unsafe path in the zip: %(filename)s") % {"filename": m.filename}, field="file"
+                )
         zf.extractall(dest)
     configs = sorted(dest.rglob("config.json"), key=lambda p: len(p.parts))
     if not configs:
-        raise ServiceError("file: the zip has no config.json (a Hugging Face model folder has one)", field="file")
+        raise ServiceError(_("file: the zip has no config.json (a Hugging Face model folder has one)"), field="file")
     return configs[0].parent
 
 
@@ -296,14 +315,20 @@ def _tokenizer_for_import(owner, name: str, folder: Path | None, tokenizer_json,
     if tokenizer_id:
         tok = Tokenizer.objects.visible_to(owner).filter(pk=tokenizer_id, status="ready").first()
         if tok is None:
-            raise ServiceError("tokenizer: one you can use", field="tokenizer")
+            raise ServiceError(_("tokenizer: one you can use"), field="tokenizer")
     else:
         tok = demo_tokenizer()
         if tok is None:
-            raise ServiceError("tokenizer: send tokenizer_json and tokenizer_config", field="tokenizer_json")
+            raise ServiceError(_("tokenizer: send tokenizer_json and tokenizer_config"), field="tokenizer_json")
     if tok.vocab_size > vocab_size:
-        raise ServiceError(f"tokenizer: {tok.name} has {tok.vocab_size} tokens but the model only {vocab_size}; "
-                           "send the model's own tokenizer_json and tokenizer_config", field="tokenizer_json")
+        raise ServiceError(
+            _(
+                "tokenizer: %(name)s has %(vocab_size)s tokens but the model only %(model_vocab)s; "
+                "send the model's own tokenizer_json and tokenizer_config"
+            )
+            % {"name": tok.name, "vocab_size": tok.vocab_size, "model_vocab": vocab_size},
+            field="tokenizer_json",
+        )
     return tok
 
 
@@ -329,18 +354,18 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
 
     name = (name or "").strip()
     if not name or len(name) > 200:
-        raise ServiceError("name: 1 to 200 characters", field="name")
+        raise ServiceError(_("name: 1 to 200 characters"), field="name")
     if upload is None:
-        raise ServiceError("file: send a MiniMind .pth or a zipped Hugging Face folder", field="file")
+        raise ServiceError(_("file: send a MiniMind .pth or a zipped Hugging Face folder"), field="file")
     _check_upload_size(upload.size)
     check_storage(owner, upload.size)
     if isinstance(config, str):
         try:
             config = json.loads(config) if config.strip() else {}
         except json.JSONDecodeError as exc:
-            raise ServiceError(f"config: not valid JSON ({exc.msg})", field="config") from None
+            raise ServiceError(_("config: not valid JSON (%(msg)s)") % {"msg": exc.msg}, field="config") from None
     if config is not None and not isinstance(config, dict):
-        raise ServiceError("config: a JSON object of MiniMind config names", field="config")
+        raise ServiceError(_("config: a JSON object of MiniMind config names"), field="config")
     work = settings.HOME / "models" / f"import-{uuid.uuid4().hex}"
     try:
         src = _save_upload(upload, work / "upload")
@@ -350,11 +375,13 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
             folder = _extract_zip(src, work / "hf")
             report = run_engine("convert", "pth", folder, weights)
             if not report["verification"]["ok"]:
-                raise ServiceError("the imported weights do not reproduce the folder's logits", status=400)
+                raise ServiceError(_("the imported weights do not reproduce the folder's logits"), status=400)
         else:
             if not config:
-                raise ServiceError("config: a .pth needs its MiniMind config (hidden_size, num_hidden_layers, "
-                                   "use_moe, ...)", field="config")
+                raise ServiceError(
+                    _("config: a .pth needs its MiniMind config (hidden_size, num_hidden_layers, use_moe, ...)"),
+                    field="config",
+                )
             src.rename(weights)
             report = run_engine("inspect", weights, "--config", _write_json(work / "config.json", config))
         mcfg = report["config"]
@@ -387,10 +414,10 @@ def merge_lora(*, owner, mv: ModelVersion, request=None) -> ModelVersion:
     from minicloud.errors import ServiceError
 
     if not mv.lora_path:
-        raise ServiceError(f"model {mv.pk} is not a LoRA version (nothing to merge)", status=409)
+        raise ServiceError(_("model %(pk)s is not a LoRA version (nothing to merge)") % {"pk": mv.pk}, status=409)
     base = mv.parent
     if base is None or not base.pth_path.exists():
-        raise ServiceError("the LoRA's base model is gone; it cannot be merged", status=409)
+        raise ServiceError(_("the LoRA's base model is gone; it cannot be merged"), status=409)
     check_storage(owner, base.pth_path.stat().st_size)  # the merged model is about as large as its base
     with transaction.atomic():
         name = f"{mv.name}-merged"
@@ -419,17 +446,17 @@ def update_model(actor, mv: ModelVersion, *, notes=None, tags=None) -> ModelVers
     from minicloud.errors import ServiceError
 
     if not ModelVersion.objects.manageable_by(actor).filter(pk=mv.pk).exists():
-        raise ServiceError("only the owner can edit this model", status=403)
+        raise ServiceError(_("only the owner can edit this model"), status=403)
     if notes is not None:
         if not isinstance(notes, str) or len(notes) > 20_000:
-            raise ServiceError("notes: text up to 20000 characters", field="notes")
+            raise ServiceError(_("notes: text up to 20000 characters"), field="notes")
         mv.notes = notes
     if tags is not None:
         if isinstance(tags, str):
             tags = [t for t in (x.strip() for x in tags.split(",")) if t]
         if not isinstance(tags, list) or len(tags) > 20 or not all(isinstance(t, str) and 0 < len(t) <= 40
                                                                     for t in tags):
-            raise ServiceError("tags: up to 20 tags of 1 to 40 characters", field="tags")
+            raise ServiceError(_("tags: up to 20 tags of 1 to 40 characters"), field="tags")
         mv.tags = list(dict.fromkeys(tags))
     mv.save(update_fields=["notes", "tags"])
     return mv
@@ -539,9 +566,11 @@ def _new_tokenizer_name(owner, name: str) -> str:
 
     name = (name or "").strip()
     if not name or len(name) > 100:
-        raise ServiceError("name: 1 to 100 characters", field="name")
+        raise ServiceError(_("name: 1 to 100 characters"), field="name")
     if Tokenizer.objects.filter(owner=owner, name=name).exists():
-        raise ServiceError(f"name: you already have a tokenizer called {name!r}", field="name", status=409)
+        raise ServiceError(
+            _("name: you already have a tokenizer called %(name)s") % {"name": repr(name)}, field="name", status=409
+        )
     return name
 
 
@@ -556,7 +585,7 @@ def upload_tokenizer(*, owner, name: str, tokenizer_json, tokenizer_config, requ
 
     name = _new_tokenizer_name(owner, name)
     if tokenizer_json is None or tokenizer_config is None:
-        raise ServiceError("files: send tokenizer_json and tokenizer_config", field="tokenizer_json")
+        raise ServiceError(_("files: send tokenizer_json and tokenizer_config"), field="tokenizer_json")
     folder = _tokenizer_dir()
     for upload, filename in ((tokenizer_json, "tokenizer.json"), (tokenizer_config, "tokenizer_config.json")):
         with open(folder / filename, "wb") as f:
@@ -586,7 +615,7 @@ def start_tokenizer_training(*, owner, name: str, dataset, vocab_size: int = 640
 
     name = _new_tokenizer_name(owner, name)
     if not isinstance(vocab_size, int) or not 300 <= vocab_size <= 200_000:
-        raise ServiceError("vocab_size: between 300 and 200000", field="vocab_size")
+        raise ServiceError(_("vocab_size: between 300 and 200000"), field="vocab_size")
     tok = Tokenizer.objects.create(name=name, owner=owner, path="", status="training", trained_on=dataset,
                                    vocab_size=vocab_size)
     audit(owner, "tokenizer_train", tok, request=request, dataset=dataset.pk, vocab_size=vocab_size)
@@ -627,7 +656,7 @@ def encode(tok: Tokenizer, text: str) -> dict:
     from minicloud.errors import ServiceError
 
     if tok.status != "ready":
-        raise ServiceError(f"tokenizer {tok.name} is {tok.status}", status=409)
+        raise ServiceError(_("tokenizer %(name)s is %(status)s") % {"name": tok.name, "status": tok.status}, status=409)
     hf = load_tokenizer(tok.path)
     enc = hf.encode(text[:20_000], add_special_tokens=False)
     return {"ids": enc.ids, "pieces": [hf.decode([i], skip_special_tokens=False) for i in enc.ids],

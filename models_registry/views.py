@@ -3,6 +3,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from accounts.services import share_context
@@ -29,8 +30,8 @@ def model_list(request):
     return render(request, "models_registry/list.html", {"models": models, "tag": tag})
 
 
-FORMAT_LABELS = {"pth": "MiniMind .pth (fp16)", "hf": "Hugging Face (safetensors, zip)",
-                 "lora": "LoRA (MiniMind .pth + peft adapter, zip)"}
+FORMAT_LABELS = {"pth": gettext_lazy("MiniMind .pth (fp16)"), "hf": gettext_lazy("Hugging Face (safetensors, zip)"),
+                 "lora": gettext_lazy("LoRA (MiniMind .pth + peft adapter, zip)")}
 
 
 @login_required

@@ -87,6 +87,18 @@ def test_every_demo_dataset_page_shows_its_records(logged_in, lang):
     assert rl.count("标准答案" if lang == "zh-hans" else "expected answer") == 10
 
 
+def test_a_refused_submission_is_explained_in_the_pages_language(logged_in, user):
+    from accounts.models import Quota
+
+    Quota.objects.create(user=user, max_queued_jobs=0)
+    data = dict(logged_in.get("/jobs/new/").context["form"].initial, name="x", preset="tiny")
+    zh = logged_in.post("/jobs/new/", data, HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "quota: 你已有 0 个排队中的任务，上限为 0" in zh
+    en = logged_in.post("/jobs/new/", data, HTTP_ACCEPT_LANGUAGE="en").content.decode()
+    assert "quota: you already have 0 queued job(s), your limit is 0" in en
+    assert Job.objects.count() == 0
+
+
 def test_language_switch(logged_in):
     r = logged_in.post("/i18n/setlang/", {"language": "zh-hans", "next": "/"})
     assert r.status_code == 302

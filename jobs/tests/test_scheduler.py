@@ -115,8 +115,9 @@ def test_a_long_queue_of_alike_jobs_plans_as_if_each_were_planned_alone():
 
 def test_never_fits_names_devices_or_memory():
     assert scheduler.never_fits(gpus(n=2), 3, GiB)[0] == "gpus"
-    field, text = scheduler.never_fits(gpus(n=2, mem=24), 1, 30 * GiB)
-    assert field == "memory" and "30.0 GiB" in text and "24.0 GiB" in text
+    field, p = scheduler.never_fits(gpus(n=2, mem=24), 1, 30 * GiB)
+    assert field == "memory" and services.never_fits_text(field, p) == (
+        "needs about 30.0 GiB per GPU; the largest GPU has 24.0 GiB (lower batch_size or max_seq_len)")
     assert scheduler.never_fits(gpus(), 2, 30 * GiB) is None
     assert scheduler.never_fits({}, 8, 10**15) is None  # no node known yet: cannot judge
 
