@@ -15,6 +15,7 @@ import sys
 import uuid
 
 from django.conf import settings
+from django.utils.translation import gettext as _
 
 from minicloud.errors import ServiceError
 
@@ -42,7 +43,7 @@ class ChatWorker:
             line = b""
         if not line.startswith(b'{"ready"'):
             self.stop()
-            raise ServiceError("the generation worker did not start; the server log says why", status=503)
+            raise ServiceError(_("the generation worker did not start; the server log says why"), status=503)
 
     def stop(self):
         if self.proc is not None and self.proc.returncode is None:
@@ -69,7 +70,7 @@ class ChatWorker:
                     line = await self.proc.stdout.readline()
                     if not line:
                         self.proc = None
-                        raise ServiceError("the generation worker stopped; try again", status=503)
+                        raise ServiceError(_("the generation worker stopped; try again"), status=503)
                     msg = json.loads(line)
                     if msg.get("id") != rid:
                         continue  # the tail of an earlier, cancelled request
@@ -117,7 +118,7 @@ def model_entry(mv) -> dict:
 
     tok = mv.tokenizer if mv.tokenizer_id and mv.tokenizer.status == "ready" else demo_tokenizer()
     if tok is None:
-        raise ServiceError(f"model {mv.pk} has no tokenizer", status=409)
+        raise ServiceError(_("model %(pk)s has no tokenizer") % {"pk": mv.pk}, status=409)
     if not mv.pth_path.exists():
-        raise ServiceError(f"the weights file of model {mv.pk} is missing on disk", status=404)
+        raise ServiceError(_("the weights file of model %(pk)s is missing on disk") % {"pk": mv.pk}, status=404)
     return {"path": str(mv.pth_path), "config": mv.config, "tokenizer": tok.path}

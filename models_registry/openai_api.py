@@ -13,6 +13,7 @@ import uuid
 from asgiref.sync import sync_to_async
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
+from django.utils.translation import gettext as _
 
 from minicloud.api import request_user
 from minicloud.errors import ServiceError
@@ -35,7 +36,7 @@ def find_model(user, ref) -> ModelVersion:
     qs = ModelVersion.objects.visible_to(user).select_related("tokenizer")
     ref = str(ref or "").strip()
     if not ref:
-        raise ServiceError("model: required (an id or name from GET /v1/models)", field="model")
+        raise ServiceError(_("model: required (an id or name from GET /v1/models)"), field="model")
     found = qs.filter(pk=int(ref)).first() if ref.isdigit() else None
     if found is None and ":v" in ref and ref.rsplit(":v", 1)[1].isdigit():
         name, version = ref.rsplit(":v", 1)
@@ -44,7 +45,9 @@ def find_model(user, ref) -> ModelVersion:
         candidates = list(qs.filter(name=ref).order_by("-version", "-created_at"))
         found = next((m for m in candidates if m.owner_id == user.pk), candidates[0] if candidates else None)
     if found is None:
-        raise ServiceError(f"model: no model {ref!r} that you can use", status=404, field="model")
+        raise ServiceError(
+            _("model: no model %(ref)s that you can use") % {"ref": repr(ref)}, status=404, field="model"
+        )
     return found
 
 
@@ -55,7 +58,7 @@ def _text(content) -> str:
         return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     if content is None:
         return ""
-    raise ServiceError("messages: content must be a string or a list of text parts", field="messages")
+    raise ServiceError(_("messages: content must be a string or a list of text parts"), field="messages")
 
 
 def _number(body, name, default, low, high):
@@ -63,7 +66,9 @@ def _number(body, name, default, low, high):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ServiceError(f"{name}: a number from {low} to {high}", field=name)
+        raise ServiceError(
+            _("%(name)s: a number from %(low)s to %(high)s") % {"name": name, "low": low, "high": high}, field=name
+        )
     return value
 
 
@@ -71,11 +76,13 @@ def parse_request(body: dict) -> dict:
     """The worker request for an OpenAI chat body (validated; errors name the parameter)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ServiceError("messages: a non-empty list of {role, content}", field="messages")
+        raise ServiceError(_("messages: a non-empty list of {role, content}"), field="messages")
     msgs = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise ServiceError(f"messages[{i}]: role must be system, user, assistant or tool", field="messages")
+            raise ServiceError(
+                _("messages[%(i)s]: role must be system, user, assistant or tool") % {"i": i}, field="messages"
+            )
         role = "system" if m["role"] == "developer" else m["role"]
         msg = {"role": role, "content": _text(m.get("content"))}
         if m.get("reasoning_content"):
@@ -87,12 +94,12 @@ def parse_request(body: dict) -> dict:
         thinking = True
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 512
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS:
-        raise ServiceError(f"max_tokens: an integer from 1 to {MAX_TOKENS}", field="max_tokens")
+        raise ServiceError(_("max_tokens: an integer from 1 to %(max)s") % {"max": MAX_TOKENS}, field="max_tokens")
     if body.get("n", 1) != 1:
-        raise ServiceError("n: only 1 is supported", field="n")
+        raise ServiceError(_("n: only 1 is supported"), field="n")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ServiceError("seed: an integer", field="seed")
+        raise ServiceError(_("seed: an integer"), field="seed")
     return {"messages": msgs, "max_new_tokens": max_tokens, "thinking": bool(thinking), "seed": seed,
             "temperature": _number(body, "temperature", 0.85, 0, 2), "top_p": _number(body, "top_p", 0.85, 0.01, 1)}
 
@@ -101,13 +108,13 @@ def _prepare(request):
     """(user, model version, worker request, stream?) — synchronous: it reads the database."""
     user = request_user(request)
     if user is None:
-        raise ServiceError("authentication required: send 'Authorization: Bearer <token>'", status=401)
+        raise ServiceError(_("authentication required: send 'Authorization: Bearer <token>'"), status=401)
     try:
         body = json.loads(request.body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServiceError(f"request body is not valid JSON: {exc}") from None
+        raise ServiceError(_("request body is not valid JSON: %(exc)s") % {"exc": exc}) from None
     if not isinstance(body, dict):
-        raise ServiceError("request body must be a JSON object")
+        raise ServiceError(_("request body must be a JSON object"))
     req = parse_request(body)
     mv = find_model(user, body.get("model"))
     from .inference import model_entry
@@ -188,7 +195,7 @@ async def chat_completions(request):
 def _list_models(request):
     user = request_user(request)
     if user is None:
-        raise ServiceError("authentication required: send 'Authorization: Bearer <token>'", status=401)
+        raise ServiceError(_("authentication required: send 'Authorization: Bearer <token>'"), status=401)
     models = ModelVersion.objects.visible_to(user).select_related("owner").order_by("-created_at")[:500]
     return {"object": "list", "data": [{"id": model_id(m), "object": "model", "created": int(m.created_at.timestamp()),
                                         "owned_by": m.owner.username if m.owner else "minicloud",

@@ -90,7 +90,7 @@ def model_action(request, model_id, action):
 
             ds = Dataset.objects.visible_to(request.user).filter(pk=request.POST.get("dataset") or 0).first()
             if ds is None:
-                raise ServiceError("dataset: choose one", field="dataset")
+                raise ServiceError(_("dataset: choose one"), field="dataset")
             config = {k: int(request.POST[k]) for k in ("eval_records", "accuracy_tasks")
                       if request.POST.get(k, "").isdigit()}
             job = services.start_evaluation(owner=request.user, mv=mv, dataset=ds, config=config)
@@ -164,7 +164,7 @@ def tokenizer_list(request):
             if request.POST.get("action") == "train":
                 ds = Dataset.objects.visible_to(request.user).filter(pk=request.POST.get("dataset") or 0).first()
                 if ds is None:
-                    raise ServiceError("dataset: choose one", field="dataset")
+                    raise ServiceError(_("dataset: choose one"), field="dataset")
                 vocab = request.POST.get("vocab_size", "6400")
                 tok = services.start_tokenizer_training(owner=request.user, name=request.POST.get("name", ""),
                                                         dataset=ds, vocab_size=int(vocab) if vocab.isdigit() else 0,
