@@ -14,6 +14,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from django.utils.translation import gettext as _
+
 MAX_ERRORS = 100
 MAX_WARNINGS = 100
 MAX_TRACKED = 500_000  # records whose fingerprints are kept for duplicate warnings (bounds memory on huge files)
@@ -54,40 +56,45 @@ class Report:
                 "warnings": self.warnings, "sha256": self.sha256, "size_bytes": self.size_bytes}
 
     def summary(self, limit: int = 5) -> str:
-        shown = "; ".join(f"line {n}: {m}" for n, m in self.errors[:limit])
-        more = f" (and {self.error_count - limit} more)" if self.error_count > limit else ""
-        return f"{self.error_count} error(s): {shown}{more}"
+        shown = "; ".join(_("line %(line)s: %(message)s") % {"line": n, "message": m} for n, m in self.errors[:limit])
+        more = _(" (and %(n)s more)") % {"n": self.error_count - limit} if self.error_count > limit else ""
+        return _("%(n)s error(s): %(errors)s%(more)s") % {"n": self.error_count, "errors": shown, "more": more}
 
 
 def _json_string_list(value, what: str) -> str | None:
     """``tools``/``tool_calls`` are JSON-encoded strings of a list in MiniMind's data."""
     if not isinstance(value, str):
-        return f"{what} must be a JSON-encoded string (MiniMind stores it as text)"
+        return _("%(what)s must be a JSON-encoded string (MiniMind stores it as text)") % {"what": what}
     try:
         decoded = json.loads(value)
     except json.JSONDecodeError as exc:
-        return f"{what} is not valid JSON ({exc.msg})"
+        return _("%(what)s is not valid JSON (%(msg)s)") % {"what": what, "msg": exc.msg}
     if not isinstance(decoded, list):
-        return f"{what} must encode a list"
+        return _("%(what)s must encode a list") % {"what": what}
     return None
 
 
 def check_conversation(msgs, where: str = "conversations", placeholder: bool = False) -> str | None:
     """The first problem of one conversation, or None. ``placeholder``: the last message is RL's empty answer."""
     if not isinstance(msgs, list) or not msgs:
-        return f"'{where}' must be a non-empty list of messages"
+        return _("'%(where)s' must be a non-empty list of messages") % {"where": where}
     previous = None
     for i, m in enumerate(msgs, 1):
         if not isinstance(m, dict):
-            return f"{where} message {i} must be an object"
+            return _("%(where)s message %(i)s must be an object") % {"where": where, "i": i}
         role = m.get("role")
         if role not in ROLES:
-            return f"{where} message {i}: role must be one of {', '.join(ROLES)}, not {role!r}"
+            return _("%(where)s message %(i)s: role must be one of %(roles)s, not %(role)s") % {
+                "where": where,
+                "i": i,
+                "roles": ", ".join(ROLES),
+                "role": repr(role),
+            }
         for key in ("content", "reasoning_content"):
             if key in m and not isinstance(m[key], str):
-                return f"{where} message {i}: '{key}' must be a string"
+                return _("%(where)s message %(i)s: '%(key)s' must be a string") % {"where": where, "i": i, "key": key}
         if "content" not in m:
-            return f"{where} message {i}: 'content' is missing"
+            return _("%(where)s message %(i)s: 'content' is missing") % {"where": where, "i": i}
         last = i == len(msgs)
         if m.get("tools"):
             problem = _json_string_list(m["tools"], f"{where} message {i}: 'tools'")
@@ -95,73 +102,91 @@ def check_conversation(msgs, where: str = "conversations", placeholder: bool = F
                 return problem
         if m.get("tool_calls"):
             if role != "assistant":
-                return f"{where} message {i}: only assistant messages carry 'tool_calls'"
+                return _("%(where)s message %(i)s: only assistant messages carry 'tool_calls'") % {
+                    "where": where,
+                    "i": i,
+                }
             problem = _json_string_list(m["tool_calls"], f"{where} message {i}: 'tool_calls'")
             if problem:
                 return problem
         empty = not m["content"].strip() and not m.get("tool_calls") and not m.get("reasoning_content")
         if empty and role in ("user", "assistant") and not (placeholder and last):
-            return f"{where} message {i}: empty {role} text"
+            return _("%(where)s message %(i)s: empty %(role)s text") % {"where": where, "i": i, "role": role}
         if role == "system" and i != 1:
-            return f"{where} message {i}: a system message may only come first"
+            return _("%(where)s message %(i)s: a system message may only come first") % {"where": where, "i": i}
         if role == "user" and previous not in (None, "system", "assistant", "tool"):
-            return f"{where} message {i}: roles out of order (user after {previous})"
+            return _("%(where)s message %(i)s: roles out of order (user after %(previous)s)") % {
+                "where": where,
+                "i": i,
+                "previous": previous,
+            }
         if role == "assistant" and previous not in ("user", "tool"):
-            return f"{where} message {i}: roles out of order (assistant after {previous or 'nothing'})"
+            return _("%(where)s message %(i)s: roles out of order (assistant after %(previous)s)") % {
+                "where": where,
+                "i": i,
+                "previous": previous or _("nothing"),
+            }
         if role == "tool" and previous not in ("assistant", "tool"):
-            return f"{where} message {i}: roles out of order (tool result after {previous})"
+            return _("%(where)s message %(i)s: roles out of order (tool result after %(previous)s)") % {
+                "where": where,
+                "i": i,
+                "previous": previous,
+            }
         if role == "tool" and previous == "assistant" and not msgs[i - 2].get("tool_calls"):
-            return f"{where} message {i}: a tool result must follow an assistant message with 'tool_calls'"
+            return _("%(where)s message %(i)s: a tool result must follow an assistant message with 'tool_calls'") % {
+                "where": where,
+                "i": i,
+            }
         previous = role
     if placeholder:
         if msgs[-1].get("role") != "assistant":
-            return "the last message must be the placeholder assistant turn"
+            return _("the last message must be the placeholder assistant turn")
         if len(msgs) < 2:
-            return "an RL prompt needs a user message before the placeholder"
+            return _("an RL prompt needs a user message before the placeholder")
     elif not any(m.get("role") == "assistant" for m in msgs):
-        return f"'{where}' has no assistant message to learn from"
+        return _("'%(where)s' has no assistant message to learn from") % {"where": where}
     return None
 
 
 def check_record(kind: str, rec) -> str | None:
     """The first problem of one record of ``kind``, or None."""
     if not isinstance(rec, dict):
-        return "a record must be a JSON object"
+        return _("a record must be a JSON object")
     if kind == "pretrain":
         text = rec.get("text")
         if "text" not in rec:
-            return "missing field 'text'"
+            return _("missing field 'text'")
         if not isinstance(text, str):
-            return f"'text' must be a string, not {type(text).__name__}"
+            return _("'text' must be a string, not %(type)s") % {"type": type(text).__name__}
         if not text.strip():
-            return "empty 'text'"
+            return _("empty 'text'")
         return None
     if kind == "sft":
         if "conversations" not in rec:
-            return "missing field 'conversations'"
+            return _("missing field 'conversations'")
         return check_conversation(rec["conversations"])
     if kind == "dpo":
         for side in ("chosen", "rejected"):
             if side not in rec:
-                return f"missing field '{side}'"
+                return _("missing field '%(side)s'") % {"side": side}
             problem = check_conversation(rec[side], side)
             if problem:
                 return problem
         if _prompt(rec["chosen"]) != _prompt(rec["rejected"]):
-            return "'chosen' and 'rejected' must share the same prompt (every message before the last answer)"
+            return _("'chosen' and 'rejected' must share the same prompt (every message before the last answer)")
         return None
     if kind == "rlaif":
         if "conversations" not in rec:
-            return "missing field 'conversations'"
+            return _("missing field 'conversations'")
         problem = check_conversation(rec["conversations"], placeholder=True)
         if problem:
             return problem
         gt = rec.get("gt", rec.get("answer"))
         if gt is not None and not (isinstance(gt, str) or (isinstance(gt, list) and all(isinstance(g, str)
                                                                                           for g in gt))):
-            return "'gt'/'answer' must be a string or a list of strings"
+            return _("'gt'/'answer' must be a string or a list of strings")
         return None
-    return f"unknown dataset kind {kind!r}"
+    return _("unknown dataset kind %(kind)s") % {"kind": repr(kind)}
 
 
 def _prompt(msgs) -> list:
@@ -210,7 +235,9 @@ def validate_file(path, kind: str, progress=None) -> Report:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    report.error(lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                    report.error(
+                        lineno, _("not valid JSON (%(msg)s at column %(colno)s)") % {"msg": exc.msg, "colno": exc.colno}
+                    )
                     continue
                 problem = check_record(kind, rec)
                 if problem:
@@ -220,19 +247,22 @@ def validate_file(path, kind: str, progress=None) -> Report:
                 text = record_text(kind, rec)
                 key = _fingerprint(line.strip())
                 if key in exact:
-                    report.warn(lineno, f"duplicate of line {exact[key]}")
+                    report.warn(lineno, _("duplicate of line %(line)s") % {"line": exact[key]})
                     continue
                 fuzzy = _fingerprint(_PUNCT.sub("", _SPACE.sub("", text.lower())))
                 if fuzzy in near:
-                    report.warn(lineno, f"near-duplicate of line {near[fuzzy]} (same text up to case, spaces "
-                                        "and punctuation)")
+                    report.warn(
+                        lineno,
+                        _("near-duplicate of line %(line)s (same text up to case, spaces and punctuation)")
+                        % {"line": near[fuzzy]},
+                    )
                 if len(exact) < MAX_TRACKED:
                     exact[key] = lineno
                     near.setdefault(fuzzy, lineno)
     except UnicodeDecodeError as exc:
-        report.error(report.lines + 1, f"not UTF-8 text ({exc.reason})")
+        report.error(report.lines + 1, _("not UTF-8 text (%(reason)s)") % {"reason": exc.reason})
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        report.error(report.lines + 1, f"unreadable file ({exc})")
+        report.error(report.lines + 1, _("unreadable file (%(exc)s)") % {"exc": exc})
     if report.records == 0 and report.ok:
-        report.error(1, "the file holds no records")
+        report.error(1, _("the file holds no records"))
     return report

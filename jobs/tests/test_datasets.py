@@ -199,6 +199,16 @@ def test_the_form_without_javascript_shows_the_errors(client, user):
     assert r.status_code == 302
 
 
+def test_a_refused_upload_is_explained_in_the_users_language(client, token):
+    r = client.post("/api/v1/datasets", {"name": "n", "kind": "sft", "file": SimpleUploadedFile(
+        "n.jsonl", b'{"conversations": [{"role": "user", "content": "hi"}]}\nnot json\n')},
+        HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_ACCEPT_LANGUAGE="zh-hans")
+    body = r.json()
+    assert r.status_code == 400 and body["details"]["validation"]["errors"] == [
+        [1, "'conversations' 中没有可供学习的 assistant 消息"], [2, "不是有效的 JSON（Expecting value，第 1 列）"]]
+    assert body["error"].startswith("file: 2 处错误：第 1 行：")
+
+
 def test_a_job_can_evaluate_on_a_second_file(user, db):
     from jobs.services import build_spec
 
