@@ -133,6 +133,9 @@ def measure(name, case, args, impl, compiled):
               file=sys.stderr, flush=True)
     if is_cuda:
         torch.cuda.synchronize()
+        # CUDA graphs keep their intermediates in a pool recorded during the warm-up; what the process holds at the
+        # busiest moment (pool included) is max_memory_reserved over the whole run, so keep that before the reset
+        whole_run_reserved = torch.cuda.max_memory_reserved()
         torch.cuda.reset_peak_memory_stats()
     steps = max(args.steps, len(batches) // accum) if case["padded"] else args.steps  # padded: every batch once
     feed = iter(range(10**9))  # the timed steps see the same batches whatever the warm-up took
@@ -158,7 +161,8 @@ def measure(name, case, args, impl, compiled):
            "nonpad_tokens_per_s": round(real / dt, 1), "mean_width": round(width, 1),
            "achieved_tflops": round(flops_per_token * real / dt / 1e12, 2)}  # useful (non-pad) work only
     if is_cuda:
-        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # the timed steps' own
+        out["peak_reserved_gb"] = round(max(whole_run_reserved, torch.cuda.max_memory_reserved()) / 2**30, 2)
         peak = next((t for k, t in PEAK_BF16_TFLOPS.items() if k in out["device"]), None)
         if peak:
             out["mfu"] = round(out["achieved_tflops"] / peak, 4)
