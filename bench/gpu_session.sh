@@ -21,6 +21,7 @@ ours="--impls ours"; mm="--impls minimind"; graphs="--compile-mode reduce-overhe
 compiled=(
   "--cases dense --compile yes $ours $graphs"
   "--cases dense --compile yes $ours --compile-mode max-autotune"
+  "--cases dense --compile yes $ours $graphs --coordinate-descent"
   "--cases dense --compile yes $ours"
   "--cases moe --compile yes $ours $graphs"
   "--cases sft --compile yes $ours $graphs"
@@ -39,6 +40,7 @@ timed() { local limit=$1; shift; timeout "$limit" $PY bench/train_throughput.py 
 timed 60 ${compiled[0]} --steps 20
 timed 60 ${compiled[1]} --steps 20
 timed 60 ${compiled[2]} --steps 20
+timed 60 ${compiled[3]} --steps 20
 timed 60 --cases dense --compile no $mm --steps 8
 engine() {  # the engine itself (python -m training run) at MiniMind's pretraining shapes, CUDA graphs on
   local d=/tmp/engine stage=$1 data=$2 steps=$3
@@ -53,9 +55,9 @@ EOF
   echo "engine $stage exit $?" | tee -a "$OUT/gpu.txt"; grep -h '"step"' "$OUT/engine-$stage.jsonl" | tail -2
 }
 [ "${ENGINE:-1}" = 1 ] && engine pretrain demo-pretrain 30
-timed 60 ${compiled[3]} --steps 8
-timed 60 ${compiled[4]}
+timed 60 ${compiled[4]} --steps 8
 timed 60 ${compiled[5]}
+timed 60 ${compiled[6]}
 timed 60 --cases sft --compile no $mm
 [ "${ENGINE:-1}" = 1 ] && engine sft demo-sft 40
 timeout 60 $PY bench/train_throughput.py $MM $SMALL ${compiled[0]} --steps 2 --warmup 3 --profile 1 \

@@ -154,7 +154,8 @@ def measure(name, case, args, impl, compiled):
     width = tokens / (batch * accum)  # mean computed row width
     flops_per_token = 6 * (dense_active + v * h) + 12 * layers * h * width  # matmuls (incl. the head) + attention
     out = {"case": name, "impl": impl, "compiled": compiled, "fused": impl == "ours" and not args.unfused,
-           "attn": args.attn if impl == "ours" else "minimind", "compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
+           "attn": args.attn if impl == "ours" else "minimind", "compile_mode": args.compile_mode,
+           "coordinate_descent": args.coordinate_descent, "sdpa_backend": args.sdpa_backend, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
            "torch": torch.__version__, "hidden_size": h, "layers": layers, "use_moe": case["use_moe"], "batch": batch,
            "seq": seq, "accumulation": accum, "params": params["total"], "active_params": params["active"],
            "step_time_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
@@ -190,8 +191,14 @@ def main():
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="the engine's compile_mode (reduce-overhead: CUDA graphs of each micro-step; max-autotune: "
                         "the same with autotuned kernels, not an engine mode yet)")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="inductor's coordinate-descent tuning of its generated kernels' block sizes (longer compile)")
     p.add_argument("--profile", type=int, default=0, help="CUDA: print the top kernels of N profiled steps to stderr")
     args = p.parse_args()
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     impls = [i for i in args.impls.split(",") if i == "ours" or (i == "minimind" and args.minimind)]
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for name in args.cases.split(","):
