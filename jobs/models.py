@@ -368,3 +368,10 @@ class JobEvent(models.Model):
 
     class Meta:
         ordering = ["time", "pk"]
+
+    @property
+    def label(self) -> str:
+        """The event's kind in the active language (a status, or "submitted")."""
+        if self.kind == "submitted":
+            return _("submitted")
+        return str(dict(Job.Status.choices).get(self.kind, self.kind))

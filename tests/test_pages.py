@@ -201,6 +201,19 @@ def test_job_page_shows_memory_estimate_and_peak(logged_in, user):
     assert "6.0 GB" in text and "5.0 GB" in text and "+20%" in text
 
 
+def test_job_history_names_its_events_in_the_pages_language(logged_in, user):
+    from jobs import services
+
+    job = services.submit_job(owner=user, name="h", stage="pretrain", dataset=Dataset.objects.get(name="demo-pretrain"),
+                              config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2})
+    services.cancel_job(job, user)
+    zh = logged_in.get(f"/jobs/{job.pk}/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "· 已提交 · alice" in zh and "· 已取消 · alice" in zh
+    en = logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    assert "· submitted · alice" in en and "· cancelled · alice" in en
+
+
 def test_a_saved_template_starts_the_next_job(logged_in, user):
     initial = logged_in.get("/jobs/new/").context["form"].initial
     data = dict(initial, name="my sft recipe", stage="sft", preset="tiny", epochs=3, max_steps=7,
