@@ -137,7 +137,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
         arch = {k: v for k, v in (base.config if base else {}).items() if k in tspec.MODEL_DEFAULTS}
         resolved = tspec.resolve_config(stage, {**(config or {}), **arch})
     except tspec.SpecError as exc:
-        raise ServiceError(f"config.{exc}", field=f"config.{exc.field}") from None
+        raise ServiceError(spec_error_text(exc), field=f"config.{exc.field}") from None
     if tok.vocab_size > resolved["vocab_size"]:
         raise ServiceError(
             _("config.vocab_size: the tokenizer has %(vocab_size)s tokens, more than the model's %(model_vocab)s")
@@ -473,6 +473,12 @@ def wait_reason_text(code: str, p: dict) -> str:
     if code == "quota_hours":
         return _("you have used %(used)s of your %(limit)s device-hours this week") % p
     return code
+
+
+def spec_error_text(exc) -> str:
+    """A ``training.spec.SpecError`` about a config key in the active language (its message is a catalogue entry)."""
+    message = _(exc.template)
+    return f"config.{exc.field}: {message % exc.params if exc.params else message}"
 
 
 def never_fits_text(kind: str, p: dict) -> str:

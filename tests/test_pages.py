@@ -62,6 +62,8 @@ def test_new_job_form_shows_errors_in_the_page(logged_in):
     data = dict(page.context["form"].initial, name="x", hidden_size=64, num_attention_heads=5)
     r = logged_in.post("/jobs/new/", data)
     assert r.status_code == 200 and "must divide hidden_size" in r.content.decode()
+    zh = logged_in.post("/jobs/new/", data, HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "config.num_attention_heads: 必须能整除 hidden_size" in zh
     assert Job.objects.count() == 0
 
 

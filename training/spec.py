@@ -124,80 +124,105 @@ _POSITIVE = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key
              "eval_records"}
 
 
-class SpecError(ValueError):
-    """A spec or config problem. ``field`` names the offending key; ``str()`` is a one-line message."""
+def gettext_noop(message: str) -> str:
+    """Marks a message for the portal's translation catalogue (Django's makemessages finds it); training/ itself stays
+    free of Django and speaks English."""
+    return message
 
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
+
+class SpecError(ValueError):
+    """A spec or config problem. ``field`` names the offending key; ``str()`` is a one-line message. A message with
+    ``params`` is a ``%(name)s`` template, so that the portal can show it in the user's language."""
+
+    def __init__(self, field: str, message: str, **params):
+        self.field, self.template, self.params = field, message, params
+        super().__init__(f"{field}: {message % params if params else message}")
 
 
 def defaults_for(stage: str) -> dict:
     """All config keys with MiniMind's default for ``stage``."""
     if stage not in STAGES:
-        raise SpecError("stage", f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+        raise SpecError(
+            "stage",
+            gettext_noop("unknown stage %(stage)s; choose one of %(stages)s"),
+            stage=repr(stage),
+            stages=", ".join(STAGES),
+        )
     return {**MODEL_DEFAULTS, **TRAIN_DEFAULTS, **STAGE_DEFAULTS[stage], **STAGE_EXTRA[stage]}
 
 
 def _coerce(key: str, value):
     if key == "rewards":
         if not isinstance(value, dict) or not value:
-            raise SpecError(key, "must be an object of reward kind → weight")
+            raise SpecError(key, gettext_noop("must be an object of reward kind → weight"))
         for kind, weight in value.items():
             if kind not in ("rule", "exact", "contains", "numeric", "regex", "model"):
-                raise SpecError(key, f"unknown reward {kind!r}; use rule, exact, contains, numeric, regex or model")
+                raise SpecError(
+                    key,
+                    gettext_noop("unknown reward %(kind)s; use rule, exact, contains, numeric, regex or model"),
+                    kind=repr(kind),
+                )
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise SpecError(key, f"the weight of {kind!r} must be a number")
+                raise SpecError(key, gettext_noop("the weight of %(kind)s must be a number"), kind=repr(kind))
         if not any(w for w in value.values()):
-            raise SpecError(key, "at least one reward needs a non-zero weight")
+            raise SpecError(key, gettext_noop("at least one reward needs a non-zero weight"))
         return {k: float(v) for k, v in value.items()}
     if key == "loss_type":
         if value not in ("grpo", "cispo"):
-            raise SpecError(key, f"must be grpo or cispo, got {value!r}")
+            raise SpecError(key, gettext_noop("must be grpo or cispo, got %(value)s"), value=repr(value))
         return value
     if key in ("reward_regex", "reward_model_path"):
         if not isinstance(value, str):
-            raise SpecError(key, "must be a string")
+            raise SpecError(key, gettext_noop("must be a string"))
         if key == "reward_regex" and value:
             import re
 
             try:
                 re.compile(value)
             except re.error as exc:
-                raise SpecError(key, f"not a valid regular expression ({exc})") from None
+                raise SpecError(
+                    key, gettext_noop("not a valid regular expression (%(error)s)"), error=str(exc)
+                ) from None
         return value
     if key == "lora_targets":
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise SpecError(key, f"must be a non-empty list of module names, got {value!r}")
+            raise SpecError(
+                key, gettext_noop("must be a non-empty list of module names, got %(value)s"), value=repr(value)
+            )
         return value
     if value is None:
         if key in ("max_steps", "intermediate_size", "moe_intermediate_size", "eval_interval"):
             return None
-        raise SpecError(key, "must not be null")
+        raise SpecError(key, gettext_noop("must not be null"))
     if key in _BOOL_KEYS:
         if isinstance(value, bool):
             return value
         if value in (0, 1):
             return bool(value)
-        raise SpecError(key, f"must be true or false, got {value!r}")
+        raise SpecError(key, gettext_noop("must be true or false, got %(value)s"), value=repr(value))
     if key in _INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise SpecError(key, f"must be an integer, got {value!r}")
+            raise SpecError(key, gettext_noop("must be an integer, got %(value)s"), value=repr(value))
         value = int(value)
     elif key in _FLOAT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SpecError(key, f"must be a number, got {value!r}")
+            raise SpecError(key, gettext_noop("must be a number, got %(value)s"), value=repr(value))
         value = float(value)
     elif key in _CHOICE_KEYS:
         if value not in _CHOICE_KEYS[key]:
-            raise SpecError(key, f"must be one of {', '.join(_CHOICE_KEYS[key])}, got {value!r}")
+            raise SpecError(
+                key,
+                gettext_noop("must be one of %(choices)s, got %(value)s"),
+                choices=", ".join(_CHOICE_KEYS[key]),
+                value=repr(value),
+            )
         return value
     if key in _RATIO_KEYS and not 0 <= value <= 1:
-        raise SpecError(key, f"must be between 0 and 1, got {value!r}")
+        raise SpecError(key, gettext_noop("must be between 0 and 1, got %(value)s"), value=repr(value))
     if key in _POSITIVE and value <= 0:
-        raise SpecError(key, f"must be greater than 0, got {value!r}")
+        raise SpecError(key, gettext_noop("must be greater than 0, got %(value)s"), value=repr(value))
     if value < 0:
-        raise SpecError(key, f"must not be negative, got {value!r}")
+        raise SpecError(key, gettext_noop("must not be negative, got %(value)s"), value=repr(value))
     return value
 
 
@@ -207,28 +232,30 @@ def resolve_config(stage: str, config: dict | None) -> dict:
     if config is None:
         config = {}
     if not isinstance(config, dict):
-        raise SpecError("config", "must be a JSON object")
+        raise SpecError("config", gettext_noop("must be a JSON object"))
     for key, value in config.items():
         if key not in merged:
-            raise SpecError(key, "unknown config key")
+            raise SpecError(key, gettext_noop("unknown config key"))
         merged[key] = _coerce(key, value)
     if merged["hidden_size"] % merged["num_attention_heads"]:
-        raise SpecError("num_attention_heads", "must divide hidden_size")
+        raise SpecError("num_attention_heads", gettext_noop("must divide hidden_size"))
     if merged["num_attention_heads"] % merged["num_key_value_heads"]:
-        raise SpecError("num_key_value_heads", "must divide num_attention_heads")
+        raise SpecError("num_key_value_heads", gettext_noop("must divide num_attention_heads"))
     if merged["num_experts_per_tok"] > merged["num_experts"]:
-        raise SpecError("num_experts_per_tok", "must not exceed num_experts")
+        raise SpecError("num_experts_per_tok", gettext_noop("must not exceed num_experts"))
     rewards = merged.get("rewards") or {}
     if rewards.get("regex") and not merged.get("reward_regex"):
-        raise SpecError("reward_regex", "the regex reward needs a reward_regex")
+        raise SpecError("reward_regex", gettext_noop("the regex reward needs a reward_regex"))
     if rewards.get("model") and not merged.get("reward_model_path"):
-        raise SpecError("reward_model_path", "the model reward needs a local reward_model_path")
+        raise SpecError("reward_model_path", gettext_noop("the model reward needs a local reward_model_path"))
     if stage == "ppo" and merged["accumulation_steps"] != 1:
-        raise SpecError("accumulation_steps", "PPO steps its optimizer on every mini-batch (mini_batch_size); use 1")
+        raise SpecError(
+            "accumulation_steps", gettext_noop("PPO steps its optimizer on every mini-batch (mini_batch_size); use 1")
+        )
     if merged["max_seq_len"] < 8:
-        raise SpecError("max_seq_len", "must be at least 8")
+        raise SpecError("max_seq_len", gettext_noop("must be at least 8"))
     if merged["max_seq_len"] > merged["max_position_embeddings"]:
-        raise SpecError("max_seq_len", "must not exceed max_position_embeddings")
+        raise SpecError("max_seq_len", gettext_noop("must not exceed max_position_embeddings"))
     return merged
 
 
@@ -315,7 +342,7 @@ def validate_spec(spec: dict) -> dict:
     out["device"] = device
     config = spec.get("config") or {}
     if not isinstance(config, dict):
-        raise SpecError("config", "must be a JSON object")
+        raise SpecError("config", gettext_noop("must be a JSON object"))
     if base is not None and base.get("config"):
         # A base model fixes the architecture: its config wins over any architecture keys in the job's config.
         config = {**config, **{k: v for k, v in base["config"].items() if k in MODEL_DEFAULTS}}
