@@ -19,7 +19,9 @@ ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer
 
 SCHEMA = {
     "openapi": "3.0.3",
-    "info": {"title": "MiniCloud API", "version": "1"},
+    "info": {"title": "MiniCloud API", "version": "1",
+             "description": "Errors are {\"error\": \"field: message\", \"details\": ...}; the message is in the "
+                            "language of the request's Accept-Language header (en, zh-hans), English by default."},
     "servers": [{"url": "/api/v1"}],
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
