@@ -12,8 +12,13 @@ from pathlib import Path
 
 
 def cmd_run(args) -> int:
+    import faulthandler
+    import signal
+
     from . import events
     from .spec import SpecError, load_spec, model_config, parameter_count
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where a stuck run is, on stderr
 
     try:
         spec = load_spec(args.spec)
@@ -183,4 +188,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as exc:  # a run stopped by a signal exits with EXIT_STOPPED
+        code = exc.code
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():  # a rank of a torchrun run
+        from .loop import leave_world
+
+        leave_world(code)
+    sys.exit(code)

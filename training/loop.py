@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -99,12 +100,15 @@ def row_lengths(data: dict) -> torch.Tensor:
     return lengths
 
 
-def leave_world() -> None:
-    """Every rank, at the same point of a run that ends well: destroy the process group while the interpreter is
-    whole. Without it gloo's worker threads may be torn down at exit, which aborts the process (SIGABRT, "terminate
-    called without an active exception"), and torchrun reports the finished run as failed."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave_world(code) -> None:
+    """End a process of a multi-process run (after its last output) without tearing the process group down: left to
+    interpreter shutdown, gloo's worker threads may abort a finished rank (SIGABRT, "terminate called without an
+    active exception"), and ``destroy_process_group()`` now and then never returns (pytorch/pytorch#75097); either
+    way torchrun reports or waits on a finished run. Every rank has passed the run's last barrier by now and all
+    files are written, so the process leaves at once with its exit code."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def epoch_order(n_rows: int, global_bs: int, seed: int, epoch: int, lengths=None, window: int = 64) -> torch.Tensor:
@@ -394,12 +398,10 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
             if stopping:
                 save_checkpoint()
                 events.log(f"stopped by signal at step {step}; resume continues from here")
-                leave_world()
                 raise SystemExit(EXIT_STOPPED)
             if step % cfg["save_interval"] == 0 and step < total_steps:
                 save_checkpoint()
         if micro >= iters:
             epoch, micro = epoch + 1, 0
     files = save_checkpoint()
-    leave_world()
     return {"steps": step, **files}

@@ -45,6 +45,41 @@ def run_engine(spec_path, **popen):
     return proc.returncode, events, other + proc.stderr.splitlines()
 
 
+def run_torchrun(spec_path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m training run SPEC``. If it outlives ``timeout``, every worker
+    prints its threads' stacks (the engine's SIGUSR1 handler) before the whole group is killed, and the test fails
+    with them: a hang says where it hangs."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(nproc), "-m", "training", "run", str(spec_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == proc.pid]
+        for pid in workers:
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(3)
+        for pid in workers:  # torchrun starts each worker in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s; workers {workers}; stdout tail:\n{out[-1500:]}\n"
+                    f"stderr tail (stacks):\n{err[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def losses(events):
     return {e["step"]: e["metrics"]["loss"] for e in events if e["event"] == "step"}
 

@@ -12,7 +12,7 @@ from training.chat import encode_conversations, load_hf_tokenizer, sequence_logp
 from training.generate import heldout_tasks, task_accuracy
 from training.model import load_model
 
-from .conftest import ARCH, ROOT, TINY, losses, run_inprocess
+from .conftest import ARCH, ROOT, TINY, losses, run_inprocess, run_torchrun
 
 
 def spec_for(stage, demo_dir, tmp_path, data, **extra):
@@ -210,10 +210,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(demo_dir
         (tmp_path / f"w{n}").mkdir()
         path = tmp_path / f"w{n}.json"
         path.write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "training", "run", str(path)] if n == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
-            "run", str(path)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = run_torchrun(path) if n == 2 else subprocess.run(
+            [sys.executable, "-m", "training", "run", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert sum(e["event"] == "done" for e in events) == 1  # only rank 0 writes events
@@ -269,8 +267,7 @@ def test_resume_on_another_process_count_keeps_the_data_position(demo_dir, tmp_p
                     config={"batch_size": 4, "max_steps": 6, "eval_ratio": 0, "log_interval": 1})
     path = tmp_path / "s.json"
     path.write_text(json.dumps(spec))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "training", "run", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    two = run_torchrun(path)
     assert two.returncode == 0, two.stderr[-2000:]
     ck = torch.load(tmp_path / "pretrain" / "checkpoints" / "resume.pt", weights_only=False)
     assert (ck["step"], ck["micro"], ck["world_size"]) == (6, 6, 2)
