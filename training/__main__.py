@@ -12,13 +12,8 @@ from pathlib import Path
 
 
 def cmd_run(args) -> int:
-    import faulthandler
-    import signal
-
     from . import events
     from .spec import SpecError, load_spec, model_config, parameter_count
-
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where a stuck run is, on stderr
 
     try:
         spec = load_spec(args.spec)
@@ -188,6 +183,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where a stuck process is, on stderr
     try:
         code = main()
     except SystemExit as exc:  # a run stopped by a signal exits with EXIT_STOPPED

@@ -103,8 +103,9 @@ def row_lengths(data: dict) -> torch.Tensor:
 def leave_world(code) -> None:
     """End a process of a multi-process run (after its last output) without tearing the process group down: left to
     interpreter shutdown, gloo's worker threads may abort a finished rank (SIGABRT, "terminate called without an
-    active exception"), and ``destroy_process_group()`` now and then never returns (pytorch/pytorch#75097); either
-    way torchrun reports or waits on a finished run. Every rank has passed the run's last barrier by now and all
+    active exception"), and after ``destroy_process_group()`` freeing DDP's reducer now and then deadlocks (its gloo
+    group joins a run-loop thread that waits for the GIL the main thread holds); either way torchrun reports or
+    waits on a finished run. Every rank has passed the run's last barrier by now and all
     files are written, so the process leaves at once with its exit code."""
     sys.stdout.flush()
     sys.stderr.flush()
