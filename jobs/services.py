@@ -477,8 +477,7 @@ def wait_reason_text(code: str, p: dict) -> str:
 
 def spec_error_text(exc) -> str:
     """A ``training.spec.SpecError`` about a config key in the active language (its message is a catalogue entry)."""
-    message = _(exc.template)
-    return f"config.{exc.field}: {message % exc.params if exc.params else message}"
+    return f"config.{exc.field}: {exc.text(_)}"
 
 
 def never_fits_text(kind: str, p: dict) -> str:

@@ -136,7 +136,12 @@ class SpecError(ValueError):
 
     def __init__(self, field: str, message: str, **params):
         self.field, self.template, self.params = field, message, params
-        super().__init__(f"{field}: {message % params if params else message}")
+        super().__init__(f"{field}: {self.text()}")
+
+    def text(self, translate=gettext_noop) -> str:
+        """The message without its field, its template passed through ``translate`` (the portal's gettext)."""
+        message = translate(self.template)
+        return message % self.params if self.params else message
 
 
 def defaults_for(stage: str) -> dict:
