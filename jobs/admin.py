@@ -6,7 +6,7 @@ from .models import Dataset, Job, JobEvent, JobTemplate, Node
 class JobEventInline(admin.TabularInline):
     model = JobEvent
     extra = 0
-    readonly_fields = ("time", "kind", "actor", "message")
+    fields = readonly_fields = ("time", "kind", "actor", "text")  # the note in the admin's language
 
 
 @admin.register(Job)

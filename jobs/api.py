@@ -81,7 +81,7 @@ def job_estimate(request):
 def job_detail(request, job_id):
     job = _job(request, job_id)
     info = services.queue_info(job)
-    events = [{"time": e.time.isoformat(), "kind": e.kind, "actor": e.actor, "message": e.message}
+    events = [{"time": e.time.isoformat(), "kind": e.kind, "actor": e.actor, "message": e.text}
               for e in job.events.order_by("-time", "-pk")[:100]][::-1]
     return {**job.to_dict(), "queue_position": info["position"] if info else None, "queue": info, "events": events}
 

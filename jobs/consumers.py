@@ -9,6 +9,8 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.utils import translation
 
 from . import selectors
 
@@ -28,6 +30,10 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         qs = parse_qs(self.scope.get("query_string", b"").decode())
         self.after = int((qs.get("after") or ["0"])[0] or 0)
         self.log_after = int((qs.get("log_after") or ["0"])[0] or 0)
+        try:  # the page's language (``lang``), for the texts the updates carry (a job's error)
+            self.language = translation.get_supported_language_variant((qs.get("lang") or [""])[0])
+        except LookupError:
+            self.language = settings.LANGUAGE_CODE
         self.last_status = None
         self.wake = asyncio.Event()
         self.group = f"job.{self.job_id}"
@@ -45,9 +51,13 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
     async def job_update(self, event):
         self.wake.set()
 
+    def read_update(self):
+        with translation.override(self.language):
+            return selectors.job_update(self.job_id, self.after, self.log_after)
+
     async def poll(self):
         while True:
-            update = await database_sync_to_async(selectors.job_update)(self.job_id, self.after, self.log_after)
+            update = await database_sync_to_async(self.read_update)()
             if update["points"]:
                 self.after = update["points"][-1]["seq"]
             self.log_after = update["log_offset"]

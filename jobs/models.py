@@ -3,7 +3,7 @@ import uuid
 from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
-from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext, gettext_lazy as _
 
 from accounts.models import Shareable
 
@@ -129,6 +129,28 @@ class JobTemplate(models.Model):
         return self.name
 
 
+def stored_text(template: str, params: dict | None) -> str:
+    """A message stored as an English template (marked with gettext_noop where it is written) and its parameters,
+    in the active language. Text stored without parameters (records written before, the engine's own errors) is
+    shown as it is."""
+    if params is None:
+        return template
+    try:
+        return gettext(template) % params
+    except (KeyError, TypeError, ValueError):  # a catalogue entry that does not fit: the English one
+        try:
+            return template % params
+        except (KeyError, TypeError, ValueError):
+            return template
+
+
+def clip_params(params: dict | None, limit: int = 2000) -> dict | None:
+    """Parameters bounded for storage (an exception's text or a log tail can be long)."""
+    if params is None:
+        return None
+    return {k: v[:limit] if isinstance(v, str) else v for k, v in params.items()}
+
+
 class Job(Shareable):
     class Status(models.TextChoices):
         QUEUED = "queued", _("queued")
@@ -208,6 +230,7 @@ class Job(Shareable):
     memory_estimate = models.BigIntegerField(null=True, blank=True)  # bytes per device (training.estimate)
     peak_memory = models.BigIntegerField(null=True, blank=True)  # bytes, the run's real peak (CUDA only)
     error = models.TextField(blank=True)
+    error_params = models.JSONField(null=True, blank=True)  # the portal's own errors: error is their English template
     output_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
@@ -230,8 +253,9 @@ class Job(Shareable):
     def get_stage_display(self):
         return _STAGE_LABELS.get(self.stage, self.stage)
 
-    def transition(self, to: str, actor: str = "", message: str = "", **fields) -> bool:
-        """Move to ``to`` if the current status allows it (a conditional UPDATE); record the event. Returns success.
+    def transition(self, to: str, actor: str = "", message: str = "", params: dict | None = None, **fields) -> bool:
+        """Move to ``to`` if the current status allows it (a conditional UPDATE); record the event (``message``: an
+        English template marked for the catalogue, with its ``params``; see stored_text). Returns success.
 
         Leaving a running state closes the job's run segment in the usage accounting."""
         from accounts.services import record_usage
@@ -247,7 +271,8 @@ class Job(Shareable):
             started = before.first() if live_sources else None
             done = Job.objects.filter(pk=self.pk, status__in=sources).update(status=to, **fields)
             if done:
-                JobEvent.objects.create(job=self, kind=to, actor=actor, message=message[:2000])
+                JobEvent.objects.create(job=self, kind=to, actor=actor, message=message[:2000],
+                                        params=clip_params(params))
             self.refresh_from_db()
             if done and started is not None:
                 self.started_at = started
@@ -281,6 +306,11 @@ class Job(Shareable):
         return settings.HOME / "runs" / f"job-{self.pk}"
 
     @property
+    def error_text(self) -> str:
+        """The error in the active language."""
+        return stored_text(self.error, self.error_params)
+
+    @property
     def is_final(self):
         return self.status in self.FINAL
 
@@ -300,7 +330,7 @@ class Job(Shareable):
             "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,
             "placement": self.placement,
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
-            "eta_s": self.eta_s, "error": self.error or None, "output_model": self.output_model_id,
+            "eta_s": self.eta_s, "error": self.error_text or None, "output_model": self.output_model_id,
             "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes,
             "can_halve_batch": self.can_halve_batch,
             "memory_estimate": self.memory_estimate, "peak_memory": self.peak_memory,
@@ -358,13 +388,20 @@ class LogChunk(models.Model):
 
 
 class JobEvent(models.Model):
-    """A lifecycle event of a job (submitted, started, cancel requested, finished ...), with time and actor."""
+    """A lifecycle event of a job (submitted, started, cancel requested, finished ...), with time and actor. The
+    portal's own notes are stored as an English template and its ``params`` and read in the reader's language."""
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
     time = models.DateTimeField(default=timezone.now)
     kind = models.CharField(max_length=40)
     actor = models.CharField(max_length=150, blank=True)
     message = models.TextField(blank=True)
+    params = models.JSONField(null=True, blank=True)
+
+    @property
+    def text(self) -> str:
+        """The message in the active language."""
+        return stored_text(self.message, self.params)
 
     class Meta:
         ordering = ["time", "pk"]

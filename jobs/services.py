@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
-from django.utils.translation import gettext as _
+from django.utils.translation import gettext as _, gettext_noop
 
 from minicloud.errors import ServiceError
 from models_registry.models import ModelVersion, Tokenizer
@@ -21,7 +21,7 @@ from training import spec as tspec
 from training.estimate import estimate_memory
 
 from . import scheduler
-from .models import Dataset, DeviceSample, Job, JobEvent, JobPart, JobTemplate, Node
+from .models import Dataset, DeviceSample, Job, JobEvent, JobPart, JobTemplate, Node, clip_params
 
 
 
@@ -278,8 +278,9 @@ def fail_over(now=None) -> list[int]:
     spanning = JobPart.objects.filter(node__in=down, finished_at__isnull=True).values_list("job_id", flat=True)
     for job in Job.objects.filter(Q(node__in=down) | Q(pk__in=list(spanning)), status__in=Job.LIVE):
         lost = job.node if job.node in down else ", ".join(sorted({p.node for p in job.parts.all()} & down))
-        if _end_orphaned(job, f"node {lost} stopped answering (no heartbeat for {settings.NODE_TIMEOUT_S:g} s)",
-                         f"node {job.node} went down while pausing"):
+        if _end_orphaned(job, gettext_noop("node %(lost)s stopped answering (no heartbeat for %(seconds)s s)"),
+                         gettext_noop("node %(node)s went down while pausing"),
+                         {"lost": lost, "node": job.node, "seconds": f"{settings.NODE_TIMEOUT_S:g}"}):
             moved.append(job.pk)
     if moved:
         kick_queue()
@@ -501,11 +502,12 @@ def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
             placement = [[n, d] for n, d in decision.parts]
             rendezvous = {"address": Node.objects.filter(name=node_name).values_list("address", flat=True).first()
                           or settings.NODE_ADDRESS, "port": _free_port()} if placement else {}
-            where = (f"devices {devices}" if not placement else
-                     "; ".join(f"{n} devices {d}" for n, d in placement))
+            where = ((gettext_noop("devices %(devices)s"), {"devices": str(devices)}) if not placement else
+                     (gettext_noop("nodes and devices: %(placement)s"),
+                      {"placement": "; ".join(f"{n} {d}" for n, d in placement)}))
             job = Job.objects.get(pk=job.pk)  # the plan read only what planning needs
-            if job.transition(Job.Status.RUNNING, node_name, where, node=node_name, devices=devices, started_at=now,
-                              error="", pid=None, worker_pid=os.getpid(), placement=placement,
+            if job.transition(Job.Status.RUNNING, node_name, *where, node=node_name, devices=devices, started_at=now,
+                              error="", error_params=None, pid=None, worker_pid=os.getpid(), placement=placement,
                               rendezvous=rendezvous):
                 for rank, (other, devs) in enumerate(placement[1:], 1):
                     JobPart.objects.create(job=job, node=other, rank=rank, devices=devs, run_started_at=now)
@@ -598,9 +600,23 @@ def pause_job(job: Job, actor) -> Job:
     return _user_action(job, "pause", actor)
 
 
-def _requeue(job: Job, actor: str, message: str = "") -> bool:
+# The history's notes for a job put back in the queue, and the same when it continues from its checkpoint.
+_RESUMING = {
+    gettext_noop("resumed"): gettext_noop("resumed (continues from its last checkpoint)"),
+    gettext_noop("retry"): gettext_noop("retry (continues from its last checkpoint)"),
+    gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s"):
+        gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s (continues from its last checkpoint)"),
+    gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → %(acc_to)s"):
+        gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → %(acc_to)s "
+           "(continues from its last checkpoint)"),
+    gettext_noop("requeued after the node stopped"): gettext_noop("requeued after the node stopped (continues from its last checkpoint)"),
+    gettext_noop("automatic resume %(n)s/%(limit)s"): gettext_noop("automatic resume %(n)s/%(limit)s (continues from its last checkpoint)"),
+}
+
+
+def _requeue(job: Job, actor: str, message: str, params: dict | None = None) -> bool:
     resume = job.checkpoint_path.exists()
-    ok = job.transition(Job.Status.QUEUED, actor, message + (" (continues from its last checkpoint)" if resume else ""),
+    ok = job.transition(Job.Status.QUEUED, actor, _RESUMING[message] if resume else message, params or {},
                         resume=resume, pid=None, worker_pid=None, node="", devices=[], finished_at=None)
     if ok:
         transaction.on_commit(kick_queue)
@@ -624,17 +640,17 @@ def retry_job(job: Job, actor, half_batch: bool = False) -> Job:
     if job.status not in Job.USER_ACTIONS["retry"]:
         _refuse(job, "retry")
     with transaction.atomic():
-        message = "retry"
+        message, params = gettext_noop("retry"), {}
         if half_batch:
-            message = _halve_batch(job)
-        if not _requeue(job, _who(actor), message):
+            message, params = _halve_batch(job)
+        if not _requeue(job, _who(actor), message, params):
             _refuse(job, "retry")  # moved meanwhile: the halved batch rolls back with it
     return job
 
 
-def _halve_batch(job: Job) -> str:
+def _halve_batch(job: Job) -> tuple[str, dict]:
     """Half the job's batch size, twice its accumulation steps, and its memory estimate for that; returns what
-    changed, for the job's history."""
+    changed, for the job's history (a template and its parameters)."""
     cfg = job.resolved_config
     if not job.batch_can_shrink:
         raise ServiceError(
@@ -646,8 +662,12 @@ def _halve_batch(job: Job) -> str:
     Job.objects.filter(pk=job.pk).update(config={**job.config, **changes}, resolved_config=resolved,
                                          memory_estimate=memory)
     job.refresh_from_db()
-    return "retry with " + " and ".join(f"{key.replace('_', ' ')} {cfg[key]} → {value}"
-                                        for key, value in changes.items() if cfg[key] != value)
+    params = {"batch_from": cfg["batch_size"], "batch_to": changes["batch_size"],
+              "acc_from": cfg["accumulation_steps"], "acc_to": changes["accumulation_steps"]}
+    if params["acc_from"] == params["acc_to"]:  # PPO takes fewer rollouts per step instead
+        return gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s"), params
+    return gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → "
+              "%(acc_to)s"), params
 
 
 def clone_job(job: Job, actor, name: str | None = None, **changes) -> Job:
@@ -666,25 +686,30 @@ def clone_job(job: Job, actor, name: str | None = None, **changes) -> Job:
 
 # --- finish and recover ----------------------------------------------------------------------------------------
 
-def finish_job(job: Job, status: str, *, error: str = "", output_model=None, actor: str = "") -> bool:
-    return job.transition(status, actor or job.node, error[:500], error=error[:4000], pid=None, worker_pid=None,
-                          output_model=output_model)
+def finish_job(job: Job, status: str, *, error: str = "", error_params: dict | None = None, output_model=None,
+               actor: str = "") -> bool:
+    """``error``: the engine's one line as it is, or the portal's own English template (marked with gettext_noop)
+    with ``error_params``, which the job's readers see in their language."""
+    params = clip_params(error_params)
+    return job.transition(status, actor or job.node, error[:500], params, error=error[:4000], error_params=params,
+                          pid=None, worker_pid=None, output_model=output_model)
 
 
-def interrupt_job(job: Job, reason: str, *, counts: bool = True) -> None:
+def interrupt_job(job: Job, reason: str, params: dict | None = None, *, counts: bool = True) -> None:
     """The job's process stopped without finishing: mark it interrupted, and requeue it to resume from its last
     checkpoint. After a crash (``counts``) only while the automatic-resume budget (MINICLOUD_AUTO_RESUME, default 1)
     lasts; a clean node shutdown always requeues. One transaction: nobody sees a requeued job as interrupted (its
     history keeps both events)."""
     with transaction.atomic():
-        if not job.transition(Job.Status.INTERRUPTED, "system", reason, pid=None, worker_pid=None):
+        if not job.transition(Job.Status.INTERRUPTED, "system", reason, params or {}, pid=None, worker_pid=None):
             return
         if not counts:
-            _requeue(job, "system", "requeued after the node stopped")
+            _requeue(job, "system", gettext_noop("requeued after the node stopped"))
         elif job.auto_resumes < settings.AUTO_RESUME_LIMIT:
             Job.objects.filter(pk=job.pk).update(auto_resumes=F("auto_resumes") + 1)
             job.refresh_from_db()
-            _requeue(job, "system", f"automatic resume {job.auto_resumes}/{settings.AUTO_RESUME_LIMIT}")
+            _requeue(job, "system", gettext_noop("automatic resume %(n)s/%(limit)s"),
+                     {"n": job.auto_resumes, "limit": settings.AUTO_RESUME_LIMIT})
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -733,22 +758,22 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
         if not starting and _pid_alive(job.worker_pid):
             continue
         kill_group(job.pid)  # nobody reads its events any more
-        _end_orphaned(job, "the node restarted" if starting else "the job's supervisor died",
-                      "the node stopped while pausing")
+        _end_orphaned(job, gettext_noop("the node restarted") if starting else gettext_noop("the job's supervisor died"),
+                      gettext_noop("the node stopped while pausing"))
         done.append(job.pk)
     return done
 
 
-def _end_orphaned(job: Job, reason: str, pausing_reason: str) -> bool:
+def _end_orphaned(job: Job, reason: str, pausing_reason: str, params: dict | None = None) -> bool:
     """A live job whose supervisor is gone: a cancel completes, a pause completes (resumable from its checkpoint),
     a running job is interrupted with ``reason`` (and maybe requeued). True for the interrupted case."""
     if job.status == Job.Status.CANCELLING:
         finish_job(job, Job.Status.CANCELLED, actor="system")
     elif job.status == Job.Status.PAUSING:
-        job.transition(Job.Status.PAUSED, "system", pausing_reason, pid=None, worker_pid=None,
+        job.transition(Job.Status.PAUSED, "system", pausing_reason, params or {}, pid=None, worker_pid=None,
                        resume=job.checkpoint_path.exists())
     else:
-        interrupt_job(job, reason)
+        interrupt_job(job, reason, params)
         return True
     return False
 

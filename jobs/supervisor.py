@@ -21,6 +21,7 @@ from datetime import datetime, timezone as dt_tz
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext_noop
 
 from models_registry.services import record_evaluation, register_job_output
 
@@ -231,7 +232,8 @@ class Supervisor:
         try:
             self.start()
         except Exception as exc:
-            services.finish_job(self.job, Job.Status.FAILED, error=f"could not start the training process: {exc}")
+            services.finish_job(self.job, Job.Status.FAILED, error=gettext_noop("could not start the training process: %(error)s"),
+                                error_params={"error": str(exc)})
             return Job.Status.FAILED
         try:
             while self.flush():
@@ -259,28 +261,40 @@ class Supervisor:
                                          lora_path=self.done_event.get("lora_path", ""),
                                          adapter_path=self.done_event.get("adapter_path", ""))
             except (OSError, KeyError) as exc:
-                services.finish_job(job, S.FAILED, error=f"could not register the model: {exc}")
+                services.finish_job(job, S.FAILED, error=gettext_noop("could not register the model: %(error)s"),
+                                    error_params={"error": str(exc)})
             else:
                 services.finish_job(job, S.SUCCEEDED, output_model=mv)
         elif self.reason == "cancel" or job.status == S.CANCELLING:
             services.finish_job(job, S.CANCELLED)
         elif self.reason == "pause" or job.status == S.PAUSING:
-            job.transition(S.PAUSED, job.node, f"checkpoint at step {job.step}", pid=None, worker_pid=None,
-                           resume=job.checkpoint_path.exists())
+            job.transition(S.PAUSED, job.node, gettext_noop("checkpoint at step %(step)s"), {"step": job.step}, pid=None,
+                           worker_pid=None, resume=job.checkpoint_path.exists())
         elif self.reason == "timeout":
-            services.finish_job(job, S.FAILED, error=f"time limit of {job.time_limit_s} s reached at step {job.step}; "
-                                                     "retry continues from the last checkpoint")
+            services.finish_job(job, S.FAILED, error=gettext_noop("time limit of %(limit)s s reached at step %(step)s; retry "
+                                                        "continues from the last checkpoint"),
+                                error_params={"limit": job.time_limit_s, "step": job.step})
         elif self.reason == "shutdown":
-            services.interrupt_job(job, "the node is shutting down", counts=False)
+            services.interrupt_job(job, gettext_noop("the node is shutting down"), counts=False)
         elif self.error_event is not None:
-            services.finish_job(job, S.FAILED, error=self.error_event.get("message", "training failed"))
+            services.finish_job(job, S.FAILED, **engine_error(self.error_event))
         elif rc and rc < 0:
-            services.interrupt_job(job, f"the training process was killed by signal {-rc}")
+            services.interrupt_job(job, gettext_noop("the training process was killed by signal %(signal)s"), {"signal": -rc})
         else:
-            services.finish_job(job, S.FAILED, error=f"training process exited with code {rc}: "
-                                                     + " | ".join(self.tail[-3:]))
+            services.finish_job(job, S.FAILED, error=gettext_noop("training process exited with code %(code)s: %(tail)s"),
+                                error_params={"code": rc, "tail": " | ".join(self.tail[-3:])})
         notify(job.pk)
         return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+
+
+def engine_error(event: dict) -> dict:
+    """finish_job's error arguments for the engine's error event: its English template and parameters where it sends
+    them (the errors it explains, such as running out of memory), else its one line as it is."""
+    if event.get("template") and isinstance(event.get("params"), dict):
+        return {"error": event["template"], "error_params": event["params"]}
+    if event.get("message"):
+        return {"error": event["message"]}
+    return {"error": gettext_noop("training failed"), "error_params": {}}
 
 
 class PartSupervisor:

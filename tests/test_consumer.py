@@ -95,3 +95,21 @@ async def test_a_job_shared_with_a_group_streams_to_its_members_only():
     comm = communicator(f"/ws/jobs/{job.pk}/", outsider_token)
     connected, code = await comm.connect()
     assert not connected and code == 4404
+
+
+async def test_updates_carry_the_job_error_in_the_pages_language():
+    user, token = await make_user("ivy")
+    job = await make_job(user)
+
+    @database_sync_to_async
+    def fail():
+        Job.objects.filter(pk=job.pk).update(status="failed", error="could not register the model: %(error)s",
+                                             error_params={"error": "disk full"})
+
+    await fail()
+    for lang, text in (("zh-hans", "无法登记模型：disk full"), ("", "could not register the model: disk full"),
+                       ("xx", "could not register the model: disk full")):
+        comm = communicator(f"/ws/jobs/{job.pk}/?lang={lang}", token)
+        assert (await comm.connect())[0]
+        assert (await comm.receive_json_from(timeout=5))["job"]["error"] == text
+        await comm.disconnect()

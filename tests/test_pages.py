@@ -216,6 +216,45 @@ def test_job_history_names_its_events_in_the_pages_language(logged_in, user):
     assert "· submitted · alice" in en and "· cancelled · alice" in en
 
 
+def test_job_history_notes_and_errors_read_in_the_readers_language(logged_in, user, settings, tmp_path, admin_client):
+    """The portal's own notes (where a job ran, why it stopped, how it resumed) and errors are stored as English
+    templates with their parameters: the page and the API show them in the reader's language; text stored without
+    parameters (an engine's own error line, records written before) as it is."""
+    from jobs import services
+    from jobs.models import JobEvent
+
+    settings.HOME, settings.AUTO_RESUME_LIMIT = tmp_path, 1
+    job = services.submit_job(owner=user, name="h", stage="pretrain", dataset=Dataset.objects.get(name="demo-pretrain"),
+                              config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2}, time_limit_s=6)
+    services.claim_next_job("n", 1)
+    job.checkpoint_path.parent.mkdir(parents=True)
+    job.checkpoint_path.write_bytes(b"x")
+    services.interrupt_job(Job.objects.get(pk=job.pk), "the training process was killed by signal %(signal)s",
+                           {"signal": 9})
+    services.claim_next_job("n", 1)
+    services.finish_job(Job.objects.get(pk=job.pk), Job.Status.FAILED,
+                        error="time limit of %(limit)s s reached at step %(step)s; retry continues from the last "
+                              "checkpoint", error_params={"limit": 6, "step": 40})
+    JobEvent.objects.create(job=job, kind="failed", message="an old note: 100% (%(kept)s as written)")
+
+    zh = logged_in.get(f"/jobs/{job.pk}/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    for text in ("· 运行中 · n · 设备 [0]", "训练进程被信号 9 终止", "自动恢复 1/1（从最近的检查点接着训练）",
+                 "在第 40 步达到 6 秒的时间限制；重试会从最近的检查点继续", "an old note: 100% (%(kept)s as written)"):
+        assert text in zh
+    assert zh.count("在第 40 步达到 6 秒的时间限制") == 2  # the error above the chart and the history line
+    en = logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    assert "the training process was killed by signal 9" in en and "automatic resume 1/1 (continues" in en
+    assert "time limit of 6 s reached at step 40" in en
+
+    api = logged_in.get(f"/api/v1/jobs/{job.pk}", HTTP_ACCEPT_LANGUAGE="zh-hans").json()
+    assert api["error"].startswith("在第 40 步达到 6 秒的时间限制")
+    assert "自动恢复 1/1（从最近的检查点接着训练）" in [e["message"] for e in api["events"]]
+    assert logged_in.get(f"/api/v1/jobs/{job.pk}").json()["error"].startswith("time limit of 6 s")
+    admin = admin_client.get(f"/admin/jobs/job/{job.pk}/change/")
+    assert admin.status_code == 200 and "automatic resume 1/1" in admin.content.decode()
+
+
 def test_a_saved_template_starts_the_next_job(logged_in, user):
     initial = logged_in.get("/jobs/new/").context["form"].initial
     data = dict(initial, name="my sft recipe", stage="sft", preset="tiny", epochs=3, max_steps=7,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def cmd_run(args) -> int:
     from . import events
-    from .spec import SpecError, load_spec, model_config, parameter_count
+    from .spec import SpecError, gettext_noop, load_spec, model_config, parameter_count
 
     try:
         spec = load_spec(args.spec)
@@ -64,12 +64,15 @@ def cmd_run(args) -> int:
     except Exception as exc:  # one line for the user, the traceback for the log
         sys.stderr.write(traceback.format_exc())
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        kind = type(exc).__name__
-        if out_of_memory(exc):
-            hint = ("try a smaller batch_size or max_seq_len (a larger accumulation_steps keeps the same effective "
-                    "batch)" if phase == "training" else "the model itself does not fit: choose a smaller model")
-            kind, message = "out_of_memory", f"out of memory: {message} — {hint}"
-        events.emit("error", kind=kind, message=message)
+        if out_of_memory(exc):  # explained, in the reader's language (the portal translates the template)
+            template = (gettext_noop("out of memory: %(error)s — try a smaller batch_size or max_seq_len (a larger "
+                                     "accumulation_steps keeps the same effective batch)") if phase == "training" else
+                        gettext_noop("out of memory: %(error)s — the model itself does not fit: choose a smaller "
+                                     "model"))
+            events.emit("error", kind="out_of_memory", message=template % {"error": message}, template=template,
+                        params={"error": message})
+        else:
+            events.emit("error", kind=type(exc).__name__, message=message)
         return 1
 
 

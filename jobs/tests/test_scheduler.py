@@ -177,7 +177,7 @@ def test_a_silent_node_is_down_and_its_jobs_move(user, pretrain, settings, clien
     assert services.fail_over() == [job.pk]
     job.refresh_from_db()
     assert job.status == Job.Status.QUEUED and job.auto_resumes == 1
-    assert "node gone stopped answering" in job.events.filter(kind="interrupted").get().message
+    assert "node gone stopped answering" in job.events.filter(kind="interrupted").get().text
     assert services.claim_next_job("alive").pk == job.pk
     client.force_login(user)
     assert 'class="status s-failed">down<' in client.get("/devices/").content.decode()
@@ -231,6 +231,31 @@ def test_the_supervisor_records_the_real_peak_memory(user, pretrain):
     sup.flush()
     assert sup.error_event["message"] == "out of memory: CUDA out of memory"
     assert "--nproc_per_node=2" in engine_command("s.json", 2)  # a gang job runs under torchrun
+
+
+def test_an_explained_engine_error_is_shown_in_the_readers_language(user, pretrain):
+    from django.utils import translation
+
+    from jobs.models import stored_text
+    from jobs.supervisor import engine_error
+
+    job = services.submit_job(owner=user, name="oom", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    services.claim_next_job("n", 1)
+    template = ("out of memory: %(error)s — try a smaller batch_size or max_seq_len (a larger accumulation_steps "
+                "keeps the same effective batch)")
+    event = {"event": "error", "kind": "out_of_memory", "message": template % {"error": "CUDA out of memory"},
+             "template": template, "params": {"error": "CUDA out of memory"}}
+    services.finish_job(job, Job.Status.FAILED, **engine_error(event))
+    job.refresh_from_db()
+    assert job.error_text == event["message"] and job.can_halve_batch  # the offer reads the stored template
+    with translation.override("zh-hans"):
+        assert job.error_text.startswith("显存/内存不足：CUDA out of memory — 请减小 batch_size")
+        assert job.events.latest("pk").text == job.error_text
+    # the engine's own one line (an exception's text) is kept as it is; an empty event still says something
+    assert engine_error({"message": "ValueError: 50% done"}) == {"error": "ValueError: 50% done"}
+    unexplained = engine_error({})
+    with translation.override("zh-hans"):
+        assert stored_text(unexplained["error"], unexplained["error_params"]) == "训练失败"
 
 
 def test_estimated_starts_follow_the_running_jobs_and_the_queue():

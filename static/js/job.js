@@ -90,7 +90,8 @@
   let after = meta.after, logOffset = meta.logOffset, retry = 1000;
   function connect() {
     const proto = location.protocol === "https:" ? "wss://" : "ws://";
-    const ws = new WebSocket(proto + location.host + "/ws/jobs/" + meta.id + "/?after=" + after + "&log_after=" + logOffset);
+    const ws = new WebSocket(proto + location.host + "/ws/jobs/" + meta.id + "/?after=" + after + "&log_after=" + logOffset +
+                              "&lang=" + encodeURIComponent(document.documentElement.lang));
     ws.onmessage = function (ev) {
       const msg = JSON.parse(ev.data);
       if (msg.points.length) {

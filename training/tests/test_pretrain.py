@@ -139,6 +139,10 @@ def test_out_of_memory_while_training_fails_with_a_hint_for_a_smaller_batch(make
     assert rc == 1 and events[-1]["event"] == "error" and events[-1]["kind"] == "out_of_memory"
     assert events[-1]["message"].startswith("out of memory: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "smaller batch_size" in events[-1]["message"]
+    # the same, as an English template and its parameters, for the portal to show in the reader's language
+    assert events[-1]["template"] % events[-1]["params"] == events[-1]["message"]
+    assert events[-1]["params"] == {"error": "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                             "capacity of 79.19 GiB of which 1.06 GiB is free."}
 
 
 def test_a_model_too_large_for_memory_fails_with_one_line(make_spec):
