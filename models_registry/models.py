@@ -16,7 +16,8 @@ class Tokenizer(Shareable):
     path = models.CharField(max_length=500)
     vocab_size = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
-    status = models.CharField(max_length=20, default="ready")  # "training", "ready" or "failed"
+    status = models.CharField(_("status"), max_length=20, default="ready",
+                              choices=[("training", _("training")), ("ready", _("ready")), ("failed", _("failed"))])
     error = models.TextField(blank=True)
     trained_on = models.ForeignKey("jobs.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
 
@@ -68,6 +69,15 @@ class ModelVersion(Shareable):
 
     def __str__(self):
         return f"{self.name} v{self.version}"
+
+    @property
+    def stage_label(self) -> str:
+        """The stage that made it, in the active language (an import has none of its own)."""
+        from jobs.models import JOB_STAGE_CHOICES
+
+        if self.stage == "import":
+            return _("imported")
+        return str(dict(JOB_STAGE_CHOICES).get(self.stage, self.stage))
 
     @property
     def files_dir(self) -> Path:

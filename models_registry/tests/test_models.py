@@ -180,6 +180,9 @@ def test_notes_and_tags_and_the_model_pages_in_both_languages(api, client, user,
     assert 'id="playground"' in client.get(f"/playground/?model={tiny.pk}").content.decode()
     zh = client.get(f"/models/{tiny.pk}/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "谱系" in zh and "下载" in zh
+    assert '<span class="status">预训练</span>' in zh and "(预训练文本)" in zh  # its stage; the datasets' kinds
+    assert "<td>预训练</td>" in client.get("/models/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "<td>Pretrain</td>" in client.get("/models/").content.decode()
     assert "导入模型" in client.get("/models/import/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "对话" in client.get("/playground/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     from jobs.models import Dataset

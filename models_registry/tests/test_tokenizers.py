@@ -66,3 +66,6 @@ def test_tokenizer_pages(client, user, lang):
     assert client.get("/tokenizers/", HTTP_ACCEPT_LANGUAGE=lang).status_code == 200
     page = client.get(f"/tokenizers/{demo.pk}/", HTTP_ACCEPT_LANGUAGE=lang).content.decode()
     assert 'id="playground-text"' in page and str(demo.vocab_size) in page
+    ready = "可用" if lang == "zh-hans" else "ready"
+    assert f'data-status="ready">{ready}' in page
+    assert f"<td>{ready}</td>" in client.get("/tokenizers/", HTTP_ACCEPT_LANGUAGE=lang).content.decode()
