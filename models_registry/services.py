@@ -656,7 +656,8 @@ def encode(tok: Tokenizer, text: str) -> dict:
     from minicloud.errors import ServiceError
 
     if tok.status != "ready":
-        raise ServiceError(_("tokenizer %(name)s is %(status)s") % {"name": tok.name, "status": tok.status}, status=409)
+        raise ServiceError(_("tokenizer %(name)s is %(status)s") % {"name": tok.name, "status": tok.get_status_display()},
+                           status=409)
     hf = load_tokenizer(tok.path)
     enc = hf.encode(text[:20_000], add_special_tokens=False)
     return {"ids": enc.ids, "pieces": [hf.decode([i], skip_special_tokens=False) for i in enc.ids],

@@ -270,3 +270,24 @@ def test_playground_streams_two_models_side_by_side_with_thinking(live, browser,
     assert last.locator(".reasoning").text_content()  # folded: in the page, not rendered until opened
     assert page.locator("#pg-chat-a .bubble.role-user").count() == 2  # multi-turn: the history grows
     page.close()
+
+
+def test_tokenizer_playground_counts_in_the_pages_language(live, browser):
+    tokenizers = live.request("GET", "/api/v1/tokenizers")[1]["tokenizers"]
+    demo = next(t["id"] for t in tokenizers if t["name"] == "demo-tokenizer")
+    page = login(live, browser)
+    page.goto(f"{live.url}/tokenizers/{demo}/")
+
+    def counted(words):
+        page.fill("#playground-text", "What is 12 plus 30?")
+        page.wait_for_function("w => document.getElementById('playground-count').textContent.includes(w)", arg=words)
+        return page.inner_text("#playground-count")
+
+    assert counted(" tokens · 19 characters · ids: ")
+    with page.expect_navigation():
+        page.select_option("select[name=language]", "zh-hans")
+    assert counted(" 个词元 · 19 个字符 · id: ")
+    assert page.locator("#playground-tokens .token").count() == int(counted("个词元").split()[0])
+    with page.expect_navigation():
+        page.select_option("select[name=language]", "en")
+    page.close()

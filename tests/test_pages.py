@@ -342,6 +342,16 @@ def test_devices_page_charts_the_last_hour(logged_in, user):
     assert history["box"]["devices"]["1"]["utilization"] == [0, 0]  # an idle CPU slot
 
 
+def test_cpu_slots_are_named_in_the_pages_language(logged_in):
+    from jobs.devices import _parse
+    from jobs.models import Node
+
+    Node.objects.create(name="box", devices=_parse("cpu:2"))
+    zh = logged_in.get("/devices/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "<td>CPU 槽位 0</td>" in zh and "<td>CPU 槽位 1</td>" in zh
+    assert "<td>CPU slot 1</td>" in logged_in.get("/devices/").content.decode()
+
+
 def test_records_and_logs_are_escaped(logged_in, user, tmp_path):
     from jobs.models import LogChunk
 

@@ -21,8 +21,9 @@
       span.textContent = body.pieces[i];  // text, never HTML
       out.appendChild(span);
     }
-    document.getElementById("playground-count").textContent =
-      `${body.count} tokens · ${body.characters} characters · ids: ${(body.ids || []).join(" ")}`;
+    const count = document.getElementById("playground-count");  // its words come in the page's language
+    count.textContent = `${body.count} ${count.dataset.tokens} · ${body.characters} ${count.dataset.characters} · ` +
+      `${count.dataset.ids}: ${(body.ids || []).join(" ")}`;
   }
   box.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(encode, 200); });
   encode();
