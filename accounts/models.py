@@ -5,7 +5,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
-from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext, gettext_lazy as _
 
 
 class Profile(models.Model):
@@ -75,6 +75,15 @@ class Shareable(models.Model):
     @property
     def visibility(self) -> str:
         return "public" if self.is_public else ("group" if self.shared_with_id else "private")
+
+    @property
+    def visibility_label(self) -> str:
+        """Who sees it, in the active language (the group named)."""
+        if self.is_public:
+            return gettext("public")
+        if self.shared_with_id:
+            return gettext("shared with %(name)s") % {"name": self.shared_with.name}
+        return gettext("private")
 
     def sharing_dict(self) -> dict:
         return {"visibility": self.visibility, "is_public": self.is_public,

@@ -274,7 +274,7 @@ def devices(request):
 @login_required
 def datasets(request):
     return render(request, "jobs/datasets.html", {
-        "datasets": Dataset.objects.visible_to(request.user).select_related("owner"),
+        "datasets": Dataset.objects.visible_to(request.user).select_related("owner", "shared_with"),
         "kinds": Dataset._meta.get_field("kind").choices})
 
 
@@ -289,7 +289,7 @@ def dataset_upload(request):
         messages.error(request, str(exc) if not validation else _("The file was refused: %(n)s error(s).")
                        % {"n": validation["error_count"]})
         return render(request, "jobs/datasets.html", {
-            "datasets": Dataset.objects.visible_to(request.user).select_related("owner"),
+            "datasets": Dataset.objects.visible_to(request.user).select_related("owner", "shared_with"),
             "kinds": Dataset._meta.get_field("kind").choices, "refused": validation}, status=exc.status)
     return redirect("dataset_detail", dataset_id=ds.pk)
 

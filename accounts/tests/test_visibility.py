@@ -117,6 +117,15 @@ def test_sharing_from_the_page_and_only_with_ones_own_groups(world, client):
         acc.set_visibility(world["users"]["alice"], job, "group", other)
     client.force_login(world["users"]["carol"])
     assert 'id="share-form"' not in client.get(f"/jobs/{job.pk}/").content.decode()  # public, but not hers
+    # Who sees it, for a reader who may not change it, and on the dataset list: in the page's language.
+    zh = client.get(f"/jobs/{job.pk}/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "可见性: 公开" in zh
+    assert "可见性: 共享给 course" in client.get(f"/jobs/{world['jobs']['group'].pk}/",
+                                               HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    Dataset.objects.filter(pk=world["data"].pk).update(shared_with=world["course"])
+    datasets = client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "<td>公开</td>" in datasets and "<td>共享给 course</td>" in datasets
+    assert "<td>shared with course</td>" in client.get("/datasets/").content.decode()
 
 
 def test_instructors_create_groups_and_manage_members_and_quotas(world, client):
