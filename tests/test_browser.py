@@ -97,6 +97,10 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
     page.wait_for_function("() => document.getElementById('job-status').dataset.status === 'succeeded'",
                            timeout=240_000)
     job_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    # Finished: only a clone is offered (the actions of other states, and the half-batch offer, are out of sight).
+    visible = page.evaluate("() => [...document.querySelectorAll('#job-actions button, #job-actions a, "
+                            "#retry-half-batch, #clone-half-batch')].filter(b => b.offsetParent !== null).map(b => b.id)")
+    assert visible == ["action-clone"], visible
     stored = live.request("GET", f"/api/v1/jobs/{job_id}/metrics?after=0")[1]["points"]
     train_points = [p for p in stored if "loss" in p["values"]]
     assert len(train_points) > 10 and chart_points(page) == len(train_points)  # every point reached the chart
