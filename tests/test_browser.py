@@ -138,6 +138,14 @@ def test_job_page_metrics_and_log_tools_and_the_compare_page(live, browser):
     page.select_option("#xaxis", "tokens")
     assert page.evaluate("() => document.getElementById('compare-chart').layout.xaxis.title.text") == "tokens"
     assert "max_steps" in page.inner_text("table.list")
+    toolbar = "() => [...document.querySelectorAll('#compare-chart .modebar-btn')].map(b => b.dataset.title)"
+    assert "Zoom" in page.evaluate(toolbar) and not any("Share" in t for t in page.evaluate(toolbar))  # no upload
+    with page.expect_navigation():
+        page.select_option("select[name=language]", "zh-hans")
+    page.wait_for_selector("#compare-chart.js-plotly-plot")
+    assert "缩放" in page.evaluate(toolbar)  # the chart in the page's language
+    with page.expect_navigation():
+        page.select_option("select[name=language]", "en")
     # Clone: the form filled in as the job ran (a key the form has no field for kept), edited, then submitted.
     page.goto(f"{live.url}/jobs/{jobs[1]['id']}/")
     page.click("#action-clone")
