@@ -604,13 +604,16 @@ def pause_job(job: Job, actor) -> Job:
 _RESUMING = {
     gettext_noop("resumed"): gettext_noop("resumed (continues from its last checkpoint)"),
     gettext_noop("retry"): gettext_noop("retry (continues from its last checkpoint)"),
-    gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s"):
-        gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s (continues from its last checkpoint)"),
-    gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → %(acc_to)s"):
-        gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → %(acc_to)s "
-           "(continues from its last checkpoint)"),
-    gettext_noop("requeued after the node stopped"): gettext_noop("requeued after the node stopped (continues from its last checkpoint)"),
-    gettext_noop("automatic resume %(n)s/%(limit)s"): gettext_noop("automatic resume %(n)s/%(limit)s (continues from its last checkpoint)"),
+    gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s"): gettext_noop(
+        "retry with batch size %(batch_from)s → %(batch_to)s (continues from its last checkpoint)"),
+    gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → "
+                 "%(acc_to)s"): gettext_noop(
+        "retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → %(acc_to)s "
+        "(continues from its last checkpoint)"),
+    gettext_noop("requeued after the node stopped"): gettext_noop(
+        "requeued after the node stopped (continues from its last checkpoint)"),
+    gettext_noop("automatic resume %(n)s/%(limit)s"): gettext_noop(
+        "automatic resume %(n)s/%(limit)s (continues from its last checkpoint)"),
 }
 
 
@@ -667,7 +670,7 @@ def _halve_batch(job: Job) -> tuple[str, dict]:
     if params["acc_from"] == params["acc_to"]:  # PPO takes fewer rollouts per step instead
         return gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s"), params
     return gettext_noop("retry with batch size %(batch_from)s → %(batch_to)s and accumulation steps %(acc_from)s → "
-              "%(acc_to)s"), params
+                        "%(acc_to)s"), params
 
 
 def clone_job(job: Job, actor, name: str | None = None, **changes) -> Job:
@@ -758,8 +761,8 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
         if not starting and _pid_alive(job.worker_pid):
             continue
         kill_group(job.pid)  # nobody reads its events any more
-        _end_orphaned(job, gettext_noop("the node restarted") if starting else gettext_noop("the job's supervisor died"),
-                      gettext_noop("the node stopped while pausing"))
+        why = gettext_noop("the node restarted") if starting else gettext_noop("the job's supervisor died")
+        _end_orphaned(job, why, gettext_noop("the node stopped while pausing"))
         done.append(job.pk)
     return done
 

@@ -232,7 +232,8 @@ class Supervisor:
         try:
             self.start()
         except Exception as exc:
-            services.finish_job(self.job, Job.Status.FAILED, error=gettext_noop("could not start the training process: %(error)s"),
+            services.finish_job(self.job, Job.Status.FAILED,
+                                error=gettext_noop("could not start the training process: %(error)s"),
                                 error_params={"error": str(exc)})
             return Job.Status.FAILED
         try:
@@ -268,20 +269,22 @@ class Supervisor:
         elif self.reason == "cancel" or job.status == S.CANCELLING:
             services.finish_job(job, S.CANCELLED)
         elif self.reason == "pause" or job.status == S.PAUSING:
-            job.transition(S.PAUSED, job.node, gettext_noop("checkpoint at step %(step)s"), {"step": job.step}, pid=None,
-                           worker_pid=None, resume=job.checkpoint_path.exists())
+            job.transition(S.PAUSED, job.node, gettext_noop("checkpoint at step %(step)s"), {"step": job.step},
+                           pid=None, worker_pid=None, resume=job.checkpoint_path.exists())
         elif self.reason == "timeout":
-            services.finish_job(job, S.FAILED, error=gettext_noop("time limit of %(limit)s s reached at step %(step)s; retry "
-                                                        "continues from the last checkpoint"),
-                                error_params={"limit": job.time_limit_s, "step": job.step})
+            limit = gettext_noop("time limit of %(limit)s s reached at step %(step)s; retry continues from the last "
+                                 "checkpoint")
+            services.finish_job(job, S.FAILED, error=limit, error_params={"limit": job.time_limit_s, "step": job.step})
         elif self.reason == "shutdown":
             services.interrupt_job(job, gettext_noop("the node is shutting down"), counts=False)
         elif self.error_event is not None:
             services.finish_job(job, S.FAILED, **engine_error(self.error_event))
         elif rc and rc < 0:
-            services.interrupt_job(job, gettext_noop("the training process was killed by signal %(signal)s"), {"signal": -rc})
+            services.interrupt_job(job, gettext_noop("the training process was killed by signal %(signal)s"),
+                                   {"signal": -rc})
         else:
-            services.finish_job(job, S.FAILED, error=gettext_noop("training process exited with code %(code)s: %(tail)s"),
+            services.finish_job(job, S.FAILED,
+                                error=gettext_noop("training process exited with code %(code)s: %(tail)s"),
                                 error_params={"code": rc, "tail": " | ".join(self.tail[-3:])})
         notify(job.pk)
         return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()

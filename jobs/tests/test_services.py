@@ -126,7 +126,9 @@ def test_retry_with_half_the_batch_keeps_the_effective_batch_in_less_memory(user
     assert (job.config["batch_size"], job.config["accumulation_steps"]) == (8, 4)
     assert (job.resolved_config["batch_size"], job.resolved_config["accumulation_steps"]) == (8, 4)
     assert job.memory_estimate < before  # the scheduler places it by the smaller need
-    assert "batch size 16 → 8 and accumulation steps 2 → 4" in job.events.latest("pk").text
+    assert job.events.latest("pk").text == ("retry with batch size 16 → 8 and accumulation steps 2 → 4 (continues "
+                                            "from its last checkpoint)")
+    assert all(v == k + " (continues from its last checkpoint)" for k, v in services._RESUMING.items())
     assert services.build_spec(job)["config"]["batch_size"] == 8  # what the engine resumes with
 
     services.claim_next_job("n", 1)
