@@ -65,7 +65,9 @@ SCHEMA = {
                                                         body={"$ref": "#/components/schemas/JobCreate"})},
         "/jobs/estimate": {"post": _op("Validate a job request and estimate parameters, memory per device and time "
                                        "(nothing is stored)", body={"$ref": "#/components/schemas/JobCreate"})},
-        "/jobs/{id}": {"get": {**_op("One job"), "parameters": ID}},
+        "/jobs/{id}": {"get": {**_op("One job, with its queue place and its last 100 history events (the job's "
+                                     "error and the events' messages follow Accept-Language, as errors do)"),
+                               "parameters": ID}},
         "/jobs/{id}/metrics": {"get": {**_op("Metric points after a sequence number"), "parameters": ID + [
             {"name": "after", "in": "query", "schema": {"type": "integer"}}]}},
         "/jobs/{id}/logs": {"get": {**_op("Log text from an offset"), "parameters": ID + [
