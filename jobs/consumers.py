@@ -2,7 +2,8 @@
 
 The database is the source of truth: the consumer tails the job's metric points, log and status every 0.5 s, so it
 works across processes on the SQLite default with no channel layer. With Redis, the supervisor's ``job.update``
-push makes it look at once.
+push makes it look at once. When the status moves, the update also carries the job's history; texts come in the
+page's language (``lang``).
 """
 import asyncio
 from urllib.parse import parse_qs
@@ -55,6 +56,10 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         with translation.override(self.language):
             return selectors.job_update(self.job_id, self.after, self.log_after)
 
+    def read_events(self):
+        with translation.override(self.language):
+            return selectors.job_events(self.job_id)
+
     async def poll(self):
         while True:
             update = await database_sync_to_async(self.read_update)()
@@ -63,6 +68,8 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
             self.log_after = update["log_offset"]
             status = update["job"]["status"], update["job"]["step"]
             if update["points"] or update["log"] or status != self.last_status:
+                if self.last_status is None or status[0] != self.last_status[0]:  # the history gained an event
+                    update["events"] = await database_sync_to_async(self.read_events)()
                 self.last_status = status
                 await self.send_json({"type": "update", **update})
             try:

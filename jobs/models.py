@@ -410,5 +410,5 @@ class JobEvent(models.Model):
     def label(self) -> str:
         """The event's kind in the active language (a status, or "submitted")."""
         if self.kind == "submitted":
-            return _("submitted")
+            return gettext("submitted")
         return str(dict(Job.Status.choices).get(self.kind, self.kind))

@@ -3,7 +3,7 @@ import json
 
 from django.db import close_old_connections
 
-from .models import Job, LogChunk, MetricPoint
+from .models import Job, JobEvent, LogChunk, MetricPoint
 
 
 _SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job
@@ -130,6 +130,15 @@ def job_update(job_id, after, log_offset):
     job = Job.objects.select_related("owner").get(pk=job_id)
     text, end = log_after(job, log_offset)
     return {"job": job.to_dict(), "points": metrics_after(job, after), "log": text, "log_offset": end}
+
+
+def job_events(job_id) -> list[dict]:
+    """A job's history as its page lists it, in the active language (the live view sends it when the status moves)."""
+    from django.utils import timezone
+    from django.utils.dateformat import format as date_format
+
+    return [{"time": date_format(timezone.localtime(e.time), "Y-m-d H:i:s"), "label": e.label, "actor": e.actor,
+             "message": e.text} for e in JobEvent.objects.filter(job_id=job_id)]
 
 
 def dataset_records(ds, offset=0, limit=20):

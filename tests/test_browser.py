@@ -101,6 +101,8 @@ def test_login_submit_watch_chart_and_succeed(live, browser):
     visible = page.evaluate("() => [...document.querySelectorAll('#job-actions button, #job-actions a, "
                             "#retry-half-batch, #clone-half-batch')].filter(b => b.offsetParent !== null).map(b => b.id)")
     assert visible == ["action-clone"], visible
+    history = page.inner_text("#job-events")  # grown while the page was open, with no reload
+    assert "· running ·" in history and "· succeeded" in history, history
     stored = live.request("GET", f"/api/v1/jobs/{job_id}/metrics?after=0")[1]["points"]
     train_points = [p for p in stored if "loss" in p["values"]]
     assert len(train_points) > 10 and chart_points(page) == len(train_points)  # every point reached the chart

@@ -5,7 +5,7 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from models_registry.models import Tokenizer
-from jobs.models import Dataset, Job, LogChunk, MetricPoint
+from jobs.models import Dataset, Job, JobEvent, LogChunk, MetricPoint
 from jobs.routing import websocket_urlpatterns
 from minicloud.wsauth import TokenAuthMiddleware
 
@@ -113,3 +113,27 @@ async def test_updates_carry_the_job_error_in_the_pages_language():
         assert (await comm.connect())[0]
         assert (await comm.receive_json_from(timeout=5))["job"]["error"] == text
         await comm.disconnect()
+
+
+async def test_the_history_arrives_when_the_status_moves_in_the_pages_language():
+    user, token = await make_user("jack")
+    job = await make_job(user)
+    await database_sync_to_async(JobEvent.objects.create)(job=job, kind="submitted", actor="jack")
+    comm = communicator(f"/ws/jobs/{job.pk}/?lang=zh-hans", token)
+    assert (await comm.connect())[0]
+    first = await comm.receive_json_from(timeout=5)
+    assert [(e["label"], e["actor"]) for e in first["events"]] == [("已提交", "jack")]
+    await write_step(job, 1, 7.5)
+    assert "events" not in await comm.receive_json_from(timeout=5)  # a new point: the history is as it was
+
+    @database_sync_to_async
+    def interrupt():
+        job.refresh_from_db()
+        job.transition(Job.Status.INTERRUPTED, "system", "the training process was killed by signal %(signal)s",
+                       {"signal": 9})
+
+    await interrupt()
+    moved = await comm.receive_json_from(timeout=5)
+    assert moved["job"]["status"] == "interrupted"
+    assert (moved["events"][-1]["label"], moved["events"][-1]["message"]) == ("已中断", "训练进程被信号 9 终止")
+    await comm.disconnect()

@@ -106,6 +106,13 @@
         if (atBottom) logEl.scrollTop = logEl.scrollHeight;
       }
       logOffset = msg.log_offset;
+      if (msg.events) {  // the status moved: the history as the server words it, in the page's language
+        document.getElementById("job-events").replaceChildren(...msg.events.map((e) => {
+          const li = document.createElement("li");
+          li.textContent = [e.time, e.label, e.actor, e.message].filter(Boolean).join(" · ");
+          return li;
+        }));
+      }
       setStatus(msg.job);
       if (FINAL.includes(msg.job.status)) { flushPoints(); ws.close(); ws.onclose = null; }
     };
