@@ -151,7 +151,7 @@ def datasets(request):
     if request.method == "GET":
         return {"datasets": [d.to_dict() for d in Dataset.objects.visible_to(request.user)]}
     ds = services.upload_dataset(request, request.user)
-    return {**ds.to_dict(), "validation": ds.validation}, 201
+    return {**ds.to_dict(), "validation": ds.validation_report()}, 201
 
 
 def _dataset(request, dataset_id) -> Dataset:
@@ -167,7 +167,8 @@ def dataset_detail(request, dataset_id):
     if request.method == "DELETE":
         services.delete_dataset(request.user, ds, request=request)
         return {"deleted": dataset_id}
-    return {**ds.to_dict(), "validation": ds.validation, "stats": ds.stats, "stats_progress": ds.stats_progress}
+    return {**ds.to_dict(), "validation": ds.validation_report(), "stats": ds.stats,
+            "stats_progress": ds.stats_progress}
 
 
 @endpoint("GET")

@@ -11,8 +11,8 @@ STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning"
                  ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
 JOB_STAGE_CHOICES = STAGE_CHOICES + [("eval", _("Evaluation"))]  # evaluations start from a model's page
 _STAGE_LABELS = dict(JOB_STAGE_CHOICES)
-KIND_CHOICES = [("pretrain", _("Pretrain text")), ("sft", _("Conversations (SFT)")), ("dpo", _("Preference pairs (DPO)")),
-                ("rlaif", _("RL prompts"))]
+KIND_CHOICES = [("pretrain", _("Pretrain text")), ("sft", _("Conversations (SFT)")),
+                ("dpo", _("Preference pairs (DPO)")), ("rlaif", _("RL prompts"))]
 
 
 class Dataset(Shareable):
@@ -43,6 +43,15 @@ class Dataset(Shareable):
                 "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
                 "owner": self.owner.username if self.owner else None, "created_at": self.created_at.isoformat(),
                 "warnings": self.validation.get("warning_count", 0), "stats_status": self.stats_status or None}
+
+    @property
+    def warning_lines(self) -> list[list]:
+        """The upload's warnings as [line, text], the text in the active language (older ones as written)."""
+        return [[w[0], stored_text(w[1], w[2]) if len(w) > 2 else w[1]] for w in self.validation.get("warnings", [])]
+
+    def validation_report(self) -> dict:
+        """The stored validation report as the API shows it (warnings as [line, text])."""
+        return {**self.validation, "warnings": self.warning_lines} if self.validation else {}
 
 
 class Upload(models.Model):
@@ -324,7 +333,8 @@ class Job(Shareable):
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage, **self.sharing_dict(),
-            "dataset": self.dataset_id, "eval_dataset": self.eval_dataset_id, "base_model": self.base_model_id, "teacher_model": self.teacher_model_id,
+            "dataset": self.dataset_id, "eval_dataset": self.eval_dataset_id, "base_model": self.base_model_id,
+            "teacher_model": self.teacher_model_id,
             "tokenizer": self.tokenizer_id,
             "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,
             "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from django.utils.translation import gettext as _
+from django.utils.translation import gettext as _, gettext_noop
 
 MAX_ERRORS = 100
 MAX_WARNINGS = 100
@@ -45,10 +45,12 @@ class Report:
         if len(self.errors) < MAX_ERRORS:
             self.errors.append([line, message])
 
-    def warn(self, line: int, message: str) -> None:
+    def warn(self, line: int, template: str, params: dict) -> None:
+        """Warnings are kept with the dataset: an English template and its parameters, shown to every reader in
+        their language (``Dataset.warning_lines``). Errors refuse the upload and answer its sender at once."""
         self.warning_count += 1
         if len(self.warnings) < MAX_WARNINGS:
-            self.warnings.append([line, message])
+            self.warnings.append([line, template, params])
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "records": self.records, "lines": self.lines, "ok": self.ok,
@@ -247,15 +249,13 @@ def validate_file(path, kind: str, progress=None) -> Report:
                 text = record_text(kind, rec)
                 key = _fingerprint(line.strip())
                 if key in exact:
-                    report.warn(lineno, _("duplicate of line %(line)s") % {"line": exact[key]})
+                    report.warn(lineno, gettext_noop("duplicate of line %(line)s"), {"line": exact[key]})
                     continue
                 fuzzy = _fingerprint(_PUNCT.sub("", _SPACE.sub("", text.lower())))
                 if fuzzy in near:
-                    report.warn(
-                        lineno,
-                        _("near-duplicate of line %(line)s (same text up to case, spaces and punctuation)")
-                        % {"line": near[fuzzy]},
-                    )
+                    near_note = gettext_noop("near-duplicate of line %(line)s (same text up to case, spaces and "
+                                             "punctuation)")
+                    report.warn(lineno, near_note, {"line": near[fuzzy]})
                 if len(exact) < MAX_TRACKED:
                     exact[key] = lineno
                     near.setdefault(fuzzy, lineno)

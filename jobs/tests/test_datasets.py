@@ -72,8 +72,9 @@ def test_valid_files_of_every_kind_pass_and_tools_are_accepted(tmp_path):
     assert validate_file(write(tmp_path, [SFT_OK, TOOLS]), "sft").ok
     report = validate_file(write(tmp_path, [{"text": "A b."}, {"text": "a  B"}, {"text": "A b."}]), "pretrain")
     assert report.ok and report.warning_count == 2
-    assert report.warnings[0] == [2, "near-duplicate of line 1 (same text up to case, spaces and punctuation)"]
-    assert report.warnings[1] == [3, "duplicate of line 1"]
+    assert report.warnings[0] == [2, "near-duplicate of line %(line)s (same text up to case, spaces and punctuation)",
+                                  {"line": 1}]
+    assert report.warnings[1] == [3, "duplicate of line %(line)s", {"line": 1}]
 
 
 def test_errors_are_capped_at_100_but_all_counted(tmp_path):
@@ -207,6 +208,23 @@ def test_a_refused_upload_is_explained_in_the_users_language(client, token):
     assert r.status_code == 400 and body["details"]["validation"]["errors"] == [
         [1, "'conversations' 中没有可供学习的 assistant 消息"], [2, "不是有效的 JSON（Expecting value，第 1 列）"]]
     assert body["error"].startswith("file: 2 处错误：第 1 行：")
+
+
+def test_duplicate_warnings_are_kept_and_read_in_each_readers_language(client, user, token):
+    """An upload's warnings stay with the dataset; a reader sees them in their own language, whoever uploaded."""
+    r = client.post("/api/v1/datasets", {"name": "dups", "kind": "pretrain", "file": SimpleUploadedFile(
+        "d.jsonl", b'{"text": "A b."}\n{"text": "a  B"}\n{"text": "A b."}\n')},
+        HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_ACCEPT_LANGUAGE="zh-hans")
+    assert r.status_code == 201 and r.json()["validation"]["warnings"][1] == [3, "与第 1 行重复"]
+    ds = r.json()["id"]
+    assert client.get(f"/api/v1/datasets/{ds}", HTTP_AUTHORIZATION=f"Bearer {token}").json()["validation"][
+        "warnings"][1] == [3, "duplicate of line 1"]
+    client.force_login(user)
+    assert "与第 1 行重复" in client.get(f"/datasets/{ds}/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    stored = Dataset.objects.get(pk=ds)  # a warning stored before, as text: shown as written
+    stored.validation["warnings"].append([9, "duplicate of line 4"])
+    stored.save()
+    assert "line 9: duplicate of line 4" in client.get(f"/datasets/{ds}/").content.decode()
 
 
 def test_a_job_can_evaluate_on_a_second_file(user, db):
