@@ -2,7 +2,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
-from django.utils.translation import gettext as _
+from django.utils.translation import gettext as _, pgettext
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
@@ -144,8 +144,10 @@ def playground(request):
     """Chat with one model, or two side by side, through /v1/chat/completions (streamed)."""
     models = ModelVersion.objects.visible_to(request.user).select_related("owner").order_by("-created_at")
     first = request.GET.get("model", "")
+    words = {"reasoning": _("Reasoning"), "you": _("You"), "error": _("Error"),
+             "tokens": pgettext("after a number", "tokens")}  # for playground.js, in the page's language
     return render(request, "models_registry/playground.html", {
-        "models": models, "first": int(first) if first.isdigit() else None})
+        "models": models, "first": int(first) if first.isdigit() else None, "words": words})
 
 
 @login_required

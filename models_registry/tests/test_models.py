@@ -184,7 +184,10 @@ def test_notes_and_tags_and_the_model_pages_in_both_languages(api, client, user,
     assert "<td>预训练</td>" in client.get("/models/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "<td>Pretrain</td>" in client.get("/models/").content.decode()
     assert "导入模型" in client.get("/models/import/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
-    assert "对话" in client.get("/playground/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    playground = client.get("/playground/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "对话" in playground
+    words = json.loads(playground.split('<script id="pg-text" type="application/json">')[1].split("</script>")[0])
+    assert words == {"reasoning": "推理过程", "you": "你", "error": "错误", "tokens": "个词元"}, words
     from jobs.models import Dataset
     from models_registry.models import Evaluation
 
