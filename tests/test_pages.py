@@ -376,3 +376,22 @@ def test_every_form_needs_its_csrf_token(user, path, data):
     client = Client(enforce_csrf_checks=True)
     client.force_login(user)
     assert client.post(path, data).status_code == 403
+
+
+def test_error_pages_keep_the_site_and_the_language(logged_in, user, other_user):
+    r = logged_in.get("/jobs/999999/", HTTP_ACCEPT_LANGUAGE="zh-hans")
+    page = r.content.decode()
+    assert r.status_code == 404 and 'id="not-found"' in page and "仪表盘" in page  # the site's header, in Chinese
+    assert logged_in.get("/no/such/page/").status_code == 404
+    theirs = Job.objects.create(owner=other_user, name="theirs", stage="pretrain", is_public=True,
+                                dataset=Dataset.objects.get(name="demo-pretrain"),
+                                tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
+    r = logged_in.post(f"/jobs/{theirs.pk}/cancel/")
+    assert r.status_code == 403 and "Only the job&#x27;s owner can do that." in r.content.decode()
+    zh = logged_in.post(f"/jobs/{theirs.pk}/cancel/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert 'id="forbidden"' in zh and "只有任务的所有者可以这样做。" in zh
+    assert Job.objects.get(pk=theirs.pk).status == "queued"
+
+    from django.template.loader import render_to_string
+
+    assert "服务器出错了" in render_to_string("500.html")  # rendered with no context at all, in both languages
