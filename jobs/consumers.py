@@ -52,24 +52,21 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
     async def job_update(self, event):
         self.wake.set()
 
-    def read_update(self):
+    def read(self, selector, *args):
+        """A selector's answer, its texts in the page's language."""
         with translation.override(self.language):
-            return selectors.job_update(self.job_id, self.after, self.log_after)
-
-    def read_events(self):
-        with translation.override(self.language):
-            return selectors.job_events(self.job_id)
+            return selector(self.job_id, *args)
 
     async def poll(self):
         while True:
-            update = await database_sync_to_async(self.read_update)()
+            update = await database_sync_to_async(self.read)(selectors.job_update, self.after, self.log_after)
             if update["points"]:
                 self.after = update["points"][-1]["seq"]
             self.log_after = update["log_offset"]
             status = update["job"]["status"], update["job"]["step"]
             if update["points"] or update["log"] or status != self.last_status:
                 if self.last_status is None or status[0] != self.last_status[0]:  # the history gained an event
-                    update["events"] = await database_sync_to_async(self.read_events)()
+                    update["events"] = await database_sync_to_async(self.read)(selectors.job_events)
                 self.last_status = status
                 await self.send_json({"type": "update", **update})
             try:

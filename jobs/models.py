@@ -11,6 +11,11 @@ STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning"
                  ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
 JOB_STAGE_CHOICES = STAGE_CHOICES + [("eval", _("Evaluation"))]  # evaluations start from a model's page
 _STAGE_LABELS = dict(JOB_STAGE_CHOICES)
+
+
+def stage_label(stage: str) -> str:
+    """A stage's name in the active language (jobs and the models they make)."""
+    return str(_STAGE_LABELS.get(stage, stage))
 KIND_CHOICES = [("pretrain", _("Pretrain text")), ("sft", _("Conversations (SFT)")),
                 ("dpo", _("Preference pairs (DPO)")), ("rlaif", _("RL prompts"))]
 
@@ -260,7 +265,7 @@ class Job(Shareable):
         return _STATUS_LABELS.get(self.status, self.status)
 
     def get_stage_display(self):
-        return _STAGE_LABELS.get(self.stage, self.stage)
+        return stage_label(self.stage)
 
     def transition(self, to: str, actor: str = "", message: str = "", params: dict | None = None, **fields) -> bool:
         """Move to ``to`` if the current status allows it (a conditional UPDATE); record the event (``message``: an
@@ -421,4 +426,4 @@ class JobEvent(models.Model):
         """The event's kind in the active language (a status, or "submitted")."""
         if self.kind == "submitted":
             return gettext("submitted")
-        return str(dict(Job.Status.choices).get(self.kind, self.kind))
+        return str(_STATUS_LABELS.get(self.kind, self.kind))

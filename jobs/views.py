@@ -147,7 +147,8 @@ def job_detail(request, job_id):
     log_text, log_offset = selectors.log_after(job, 0)
     return render(request, "jobs/detail.html", {
         "job": job, "points_script": selectors.points_script("points", rows), "log_text": log_text,
-        "log_offset": log_offset, "after": rows[-1][0] if rows else 0, "events": job.events.all(),
+        "log_offset": log_offset, "after": rows[-1][0] if rows else 0,
+        "events": selectors.job_events(job.pk),  # worded as the live updates word it
         "queue": _queue_info(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
         "disk_bytes": selectors.disk_usage(job.run_dir),

@@ -73,11 +73,9 @@ class ModelVersion(Shareable):
     @property
     def stage_label(self) -> str:
         """The stage that made it, in the active language (an import has none of its own)."""
-        from jobs.models import JOB_STAGE_CHOICES
+        from jobs.models import stage_label
 
-        if self.stage == "import":
-            return _("imported")
-        return str(dict(JOB_STAGE_CHOICES).get(self.stage, self.stage))
+        return str(_("imported")) if self.stage == "import" else stage_label(self.stage)
 
     @property
     def files_dir(self) -> Path:
