@@ -98,8 +98,8 @@ def parse_request(body: dict) -> dict:
     if body.get("n", 1) != 1:
         raise ServiceError(_("n: only 1 is supported"), field="n")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ServiceError(_("seed: an integer"), field="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+        raise ServiceError(_("seed: an integer from -2^63 to 2^64 - 1"), field="seed")  # torch's range
     return {"messages": msgs, "max_new_tokens": max_tokens, "thinking": bool(thinking), "seed": seed,
             "temperature": _number(body, "temperature", 0.85, 0, 2), "top_p": _number(body, "top_p", 0.85, 0.01, 1)}
 

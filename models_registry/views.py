@@ -145,6 +145,7 @@ def playground(request):
     models = ModelVersion.objects.visible_to(request.user).select_related("owner").order_by("-created_at")
     first = request.GET.get("model", "")
     words = {"reasoning": _("Reasoning"), "you": _("You"), "error": _("Error"),
+             "empty": _("(no text: the model ended at once or wrote only blank lines)"),
              "tokens": pgettext("after a number", "tokens")}  # for playground.js, in the page's language
     return render(request, "models_registry/playground.html", {
         "models": models, "first": int(first) if first.isdigit() else None, "words": words})

@@ -222,5 +222,8 @@ def test_openai_models_and_chat_errors_use_openai_shapes(client, token, tiny):
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     r = chat(model="tiny", messages=[])
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    for seed in (1.5, "7", 2**64):
+        r = chat(model="tiny", messages=[{"role": "user", "content": "hi"}], seed=seed)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", seed
     bad = client.post("/v1/chat/completions", "{", content_type="application/json", **auth)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]

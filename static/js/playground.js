@@ -44,7 +44,9 @@
     const body = { model: String(modelId), messages: messages.concat(col.history), stream: true,
       temperature: Number($("pg-temperature").value), top_p: Number($("pg-top-p").value),
       max_tokens: Number($("pg-max-tokens").value), enable_thinking: $("pg-thinking").checked };
-    let content = "";
+    const seed = $("pg-seed").value.trim();
+    if (seed !== "") body.seed = Number(seed);
+    let content = "", failed = false;
     try {
       const r = await fetch(root.dataset.url, { method: "POST", credentials: "same-origin", signal: controller.signal,
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrf }, body: JSON.stringify(body) });
@@ -73,6 +75,7 @@
         }
       }
     } catch (err) {
+      failed = true;
       if (err.name !== "AbortError") {
         const e = document.createElement("div");
         e.className = "error";
@@ -80,6 +83,12 @@
         out.appendChild(e);
       }
     } finally {
+      if (!failed && !content.trim() && !reasoning.textContent.trim()) {
+        const e = document.createElement("div");
+        e.className = "hint";
+        e.textContent = text.empty;
+        out.appendChild(e);
+      }
       out.classList.remove("pending");
       out.classList.add("done");
     }
