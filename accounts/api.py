@@ -1,4 +1,5 @@
 from django.contrib.auth import authenticate
+from django.utils.translation import gettext as _
 
 from minicloud.api import ApiError, endpoint, json_body
 
@@ -12,13 +13,13 @@ def token(request):
     data = json_body(request)
     username, password = data.get("username"), data.get("password")
     if not isinstance(username, str) or not isinstance(password, str):
-        raise ApiError(400, "username and password are required strings")
+        raise ApiError(400, _("username and password are required strings"))
     if services.login_blocked(username, services.client_ip(request)):
-        raise ApiError(429, "too many failed logins: try again in a few minutes")
+        raise ApiError(429, _("too many failed logins: try again in a few minutes"))
     user = authenticate(request, username=username, password=password)
     if user is None:
-        raise ApiError(401, "invalid username or password")
-    _, raw = ApiToken.issue(user)
+        raise ApiError(401, _("invalid username or password"))
+    raw = ApiToken.issue(user)[1]
     return {"token": raw, "username": user.username}
 
 
@@ -40,12 +41,13 @@ def share(request, pk, kind):
     model = shareable(kind)
     obj = model.objects.visible_to(request.user).filter(pk=pk).first()
     if obj is None:
-        raise ApiError(404, f"no {kind} {pk}")
+        raise ApiError(404, _("no %(kind)s %(id)s") % {"kind": model._meta.verbose_name, "id": pk})
     data = json_body(request)
     group = None
     if data.get("group") is not None:
-        group = Group.objects.filter(pk=data["group"]).first() if isinstance(data["group"], int) else None
+        raw = data["group"]
+        group = Group.objects.filter(pk=raw).first() if type(raw) is int and 0 < raw < 2**63 else None
         if group is None:
-            raise ApiError(400, "group: an id of one of your groups", {"field": "group"})
+            raise ApiError(400, _("group: an id of one of your groups"), {"field": "group"})
     services.set_visibility(request.user, obj, data.get("visibility", ""), group, request=request)
     return obj.to_dict()

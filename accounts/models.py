@@ -49,6 +49,20 @@ class VisibleQuerySet(models.QuerySet):
             q |= Q(owner__groups__in=instructed)
         return self.filter(q).distinct()
 
+    def usable_by(self, user, pk, field: str, required: bool = False):
+        """The object with id ``pk`` (as a client sent it: an integer or its digits) that ``user`` may read; None when
+        nothing was sent and it is not ``required``. Anything else is a ServiceError naming ``field``."""
+        from minicloud.errors import ServiceError, id_or_none
+
+        if pk in (None, "") and not required:
+            return None
+        found = self.visible_to(user).filter(pk=id_or_none(pk)).first()
+        if found is None:
+            raise ServiceError(gettext("%(field)s: no %(verbose_name)s with id %(pk)s that you can use")
+                               % {"field": field, "verbose_name": self.model._meta.verbose_name, "pk": repr(pk)},
+                               field=field)
+        return found
+
     def manageable_by(self, user):
         """What ``user`` may change, cancel, share or delete: their own objects (everything for an admin)."""
         return self.all() if user.is_superuser else self.filter(owner=user)

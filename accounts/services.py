@@ -242,15 +242,13 @@ def create_group(actor, name: str, description: str = "", request=None):
     """An instructor (or admin) creates a group and instructs it."""
     from django.contrib.auth.models import Group
 
-    from minicloud.errors import ServiceError
+    from minicloud.errors import ServiceError, clean_name
 
     from .models import GroupInfo
 
     if role_of(actor) not in ("admin", "instructor"):
         raise ServiceError(_("only instructors and admins create groups"), status=403)
-    name = (name or "").strip()
-    if not name or len(name) > 150:
-        raise ServiceError(_("name: 1 to 150 characters"), field="name")
+    name = clean_name(name, 150)
     if Group.objects.filter(name=name).exists():
         raise ServiceError(
             _("name: a group called %(name)s exists already") % {"name": repr(name)}, field="name", status=409

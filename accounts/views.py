@@ -13,7 +13,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
-from minicloud.errors import ServiceError
+from minicloud.errors import ServiceError, id_or_none
 
 from . import services
 from .models import QUOTA_FIELDS, Quota, UsageRecord
@@ -86,7 +86,7 @@ def group_detail(request, group_id):
             if action == "add":
                 services.add_member(request.user, group, request.POST.get("username", ""), request=request)
             elif action == "remove":
-                member = group.user_set.filter(pk=request.POST.get("user")).first()
+                member = group.user_set.filter(pk=id_or_none(request.POST.get("user"))).first()
                 if member:
                     services.remove_member(request.user, group, member, request=request)
             elif action == "quota" and form is not None and form.is_valid():
@@ -156,7 +156,7 @@ def tokens(request):
     new_token = None
     if request.method == "POST":
         if request.POST.get("action") == "revoke":
-            token = ApiToken.objects.filter(user=request.user, pk=request.POST.get("token") or 0).first()
+            token = ApiToken.objects.filter(user=request.user, pk=id_or_none(request.POST.get("token"))).first()
             if token:
                 services.audit(request.user, "token_revoke", token, request=request, name=token.name)
                 token.delete()

@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.utils.translation import gettext as _
 
 from accounts.services import audit
 from minicloud.api import ApiError, endpoint, int_param, json_body
@@ -10,7 +11,7 @@ from .models import Dataset, Job, Node
 def _job(request, job_id) -> Job:
     job = selectors.job_for_user(job_id, request.user)
     if job is None:
-        raise ApiError(404, f"no job {job_id}")
+        raise ApiError(404, _("no job %(id)s") % {"id": job_id})
     return job
 
 
@@ -48,7 +49,7 @@ def _job_fields(request) -> dict:
     data = json_body(request)
     for key in data:
         if key not in JOB_FIELDS:
-            raise ApiError(400, f"{key}: unknown field", {"field": key})
+            raise ApiError(400, _("%(field)s: unknown field") % {"field": key}, {"field": key})
     return data
 
 
@@ -103,7 +104,7 @@ def _owned_job(request, job_id) -> Job:
     """A job the user may change: 404 when they cannot see it, 403 when it is only shared with them."""
     job = _job(request, job_id)
     if not Job.objects.manageable_by(request.user).filter(pk=job.pk).exists():
-        raise ApiError(403, f"job {job_id} is not yours")
+        raise ApiError(403, _("job %(id)s is not yours") % {"id": job_id})
     return job
 
 
@@ -130,9 +131,9 @@ def job_retry(request, job_id):
     body = {} if request.content_type.startswith("multipart/") else json_body(request)  # no body: a plain retry
     unknown = set(body) - {"half_batch"}
     if unknown:
-        raise ApiError(400, f"{min(unknown)}: unknown field", {"field": min(unknown)})
+        raise ApiError(400, _("%(field)s: unknown field") % {"field": min(unknown)}, {"field": min(unknown)})
     if not isinstance(body.get("half_batch", False), bool):
-        raise ApiError(400, "half_batch: must be true or false", {"field": "half_batch"})
+        raise ApiError(400, _("half_batch: must be true or false"), {"field": "half_batch"})
     job = services.retry_job(job, request.user, half_batch=body.get("half_batch", False))
     audit(request.user, "retry", job, request=request)
     return job.to_dict(), 202
@@ -157,7 +158,7 @@ def datasets(request):
 def _dataset(request, dataset_id) -> Dataset:
     ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
     if ds is None:
-        raise ApiError(404, f"no dataset {dataset_id}")
+        raise ApiError(404, _("no dataset %(id)s") % {"id": dataset_id})
     return ds
 
 
@@ -190,7 +191,7 @@ def upload_detail(request, upload_id):
     """GET: bytes received so far (resume from there). PUT ?offset=N with the raw chunk as the body."""
     upload = services.find_upload(request.user, upload_id)
     if upload is None:
-        raise ApiError(404, f"no upload {upload_id}")
+        raise ApiError(404, _("no upload %(id)s") % {"id": upload_id})
     if request.method == "GET":
         return {"id": str(upload.id), "offset": upload.size}
     length = int(request.META.get("CONTENT_LENGTH") or 0)

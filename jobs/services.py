@@ -14,7 +14,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _, gettext_noop
 
-from minicloud.errors import ServiceError
+from minicloud.errors import ServiceError, clean_name, whole_number
 from models_registry.models import ModelVersion, Tokenizer
 from models_registry.services import demo_tokenizer, register_tokenizer
 from training import spec as tspec
@@ -56,24 +56,11 @@ def install_demo_data() -> None:
 
 # --- submit ----------------------------------------------------------------------------------------------------
 
-def _visible(qs, pk, field, user):
-    if pk in (None, ""):
-        return None
-    try:
-        return qs.visible_to(user).get(pk=int(pk))
-    except (ValueError, TypeError, qs.model.DoesNotExist):
-        raise ServiceError(
-            _("%(field)s: no %(verbose_name)s with id %(pk)s that you can use")
-            % {"field": field, "verbose_name": qs.model._meta.verbose_name, "pk": repr(pk)},
-            field=field,
-        ) from None
-
-
 def _model_version(value, field, owner):
     """A ModelVersion given as an instance, an id the owner can use, or nothing."""
     if value is None or isinstance(value, ModelVersion):
         return value
-    return _visible(ModelVersion.objects, value, field, owner)
+    return ModelVersion.objects.usable_by(owner, value, field)
 
 
 def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
@@ -82,18 +69,20 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field.
 
     ``estimate``, when given, receives the memory estimate (bytes and parts) and whether the devices are GPUs."""
-    name = (name or "").strip()
-    if not name:
-        raise ServiceError(_("name: is required"), field="name")
-    if len(name) > 200:
-        raise ServiceError(_("name: at most 200 characters"), field="name")
+    name = clean_name(name, 200)
+    if config is not None and not isinstance(config, dict):
+        raise ServiceError(_("config: a JSON object of MiniMind argument names and values"), field="config")
+    priority = whole_number(priority, "priority", -10**6, 10**6)
+    gpus = whole_number(gpus, "gpus", 1, 1024)
+    if time_limit_s is not None:
+        time_limit_s = whole_number(time_limit_s, "time_limit_s", 1, 2**31 - 1)
     if stage not in tspec.STAGES:
         raise ServiceError(
             _("stage: unknown stage %(stage)s; choose one of %(stages)s")
             % {"stage": repr(stage), "stages": ", ".join(tspec.STAGES)},
             field="stage",
         )
-    ds = dataset if isinstance(dataset, Dataset) else _visible(Dataset.objects, dataset, "dataset", owner)
+    ds = dataset if isinstance(dataset, Dataset) else Dataset.objects.usable_by(owner, dataset, "dataset")
     if ds is None:
         raise ServiceError(_("dataset: is required"), field="dataset")
     if tspec.STAGE_DATASET_KIND[stage] and ds.kind != tspec.STAGE_DATASET_KIND[stage]:
@@ -104,8 +93,8 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
         )
     eval_ds = None
     if eval_dataset not in (None, ""):
-        eval_ds = eval_dataset if isinstance(eval_dataset, Dataset) else _visible(Dataset.objects, eval_dataset,
-                                                                                   "eval_dataset", owner)
+        eval_ds = eval_dataset if isinstance(eval_dataset, Dataset) else Dataset.objects.usable_by(
+            owner, eval_dataset, "eval_dataset")
         if eval_ds.kind != ds.kind:
             raise ServiceError(
                 _("eval_dataset: must be a %(kind)s dataset like the training data, %(name)s is %(other_kind)s")
@@ -122,7 +111,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
         raise ServiceError(_("teacher_model: distillation needs a teacher model"), field="teacher_model")
     if stage != "distill" and teacher is not None:
         raise ServiceError(_("teacher_model: only the distill stage takes a teacher"), field="teacher_model")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else _visible(Tokenizer.objects, tokenizer, "tokenizer", owner)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.objects.usable_by(owner, tokenizer, "tokenizer")
     if tok is None:
         tok = base.tokenizer if base and base.tokenizer else demo_tokenizer()
     if tok is None:
@@ -144,12 +133,6 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
             % {"vocab_size": tok.vocab_size, "model_vocab": resolved["vocab_size"]},
             field="config.vocab_size",
         )
-    try:
-        priority, gpus = int(priority), int(gpus)
-    except (TypeError, ValueError):
-        raise ServiceError(_("priority and gpus must be integers"), field="gpus") from None
-    if gpus < 1:
-        raise ServiceError(_("gpus: at least 1"), field="gpus")
     time_limit_s = check_submission_quota(owner, gpus, time_limit_s)
     nodes, cuda, memory_parts = _memory_need(stage, resolved, teacher)
     memory = memory_parts["bytes"]
@@ -162,9 +145,6 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
             _("%(field)s: this job can never start: it %(reason)s") % {"field": field, "reason": never_fits_text(*why)},
             field=field,
         )
-    if time_limit_s is not None:
-        if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, int) or time_limit_s < 1:
-            raise ServiceError(_("time_limit_s: a whole number of seconds, at least 1"), field="time_limit_s")
     return dict(owner=owner, name=name, stage=stage, dataset=ds, eval_dataset=eval_ds, base_model=base,
                 teacher_model=teacher, tokenizer=tok,
                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
@@ -821,10 +801,8 @@ def sample_devices(node_name: str, devices: list[dict]) -> None:
 
 def save_template(owner, name: str, fields: dict) -> JobTemplate:
     """Save (or replace) one of the owner's new-job templates."""
-    name = (name or "").strip()
-    if not name:
-        raise ServiceError(_("name: a template needs a name"), field="name")
-    template, _created = JobTemplate.objects.update_or_create(owner=owner, name=name[:200],
+    name = clean_name(name, 200)
+    template, _created = JobTemplate.objects.update_or_create(owner=owner, name=name,
                                                               defaults={"fields": fields})
     return template
 
@@ -897,9 +875,7 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
 
     from .validation import validate_file
 
-    name = (name or "").strip()
-    if not name or len(name) > 200:
-        raise ServiceError(_("name: 1 to 200 characters"), field="name")
+    name = clean_name(name, 200)
     kinds = dict(Dataset._meta.get_field("kind").choices)
     if kind not in kinds:
         raise ServiceError(_("kind: one of %(kinds)s") % {"kinds": ", ".join(kinds)}, field="kind")

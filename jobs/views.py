@@ -11,6 +11,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from accounts.services import audit, share_context
+from minicloud.errors import id_or_none, int_or_none
 from models_registry.models import Tokenizer
 from training import spec as tspec
 
@@ -34,10 +35,10 @@ def dashboard(request):
 def job_new(request):
     templates = JobTemplate.objects.filter(owner=request.user)
     initial = None
-    chosen = templates.filter(pk=request.GET.get("template") or 0).first() if request.method == "GET" else None
+    chosen = templates.filter(pk=id_or_none(request.GET.get("template"))).first() if request.method == "GET" else None
     if chosen:
         initial = chosen.fields
-    elif request.method == "GET" and request.GET.get("clone", "").isdigit():  # Clone: the job's settings, to edit
+    elif request.method == "GET" and id_or_none(request.GET.get("clone")):  # Clone: the job's settings, to edit
         initial = initial_from_job(_job_or_404(request, int(request.GET["clone"])), "half_batch" in request.GET)
     form = JobForm(request.POST or None, user=request.user, **({"initial": initial} if initial else {}))
     if request.method == "POST" and form.is_valid():
@@ -49,9 +50,8 @@ def job_new(request):
                 messages.success(request, _("Template “%(name)s” saved.") % {"name": template.name})
                 return redirect(f"{request.path}?template={template.pk}")
             job = services.submit_job(**form.job_request(request.user))
-            clone_of = request.GET.get("clone", "")  # the form posts back to its own address
-            audit(request.user, "submit", job, request=request,
-                  **({"clone_of": int(clone_of)} if clone_of.isdigit() else {}))
+            clone_of = id_or_none(request.GET.get("clone"))  # the form posts back to its own address
+            audit(request.user, "submit", job, request=request, **({"clone_of": clone_of} if clone_of else {}))
         except services.ServiceError as exc:
             field = (exc.field or "").removeprefix("config.")
             form.add_error(field if field in form.fields else None, str(exc))
@@ -205,10 +205,7 @@ def job_log(request, job_id):
 @login_required
 def compare(request):
     """Overlay the curves of several jobs (same metric, by step or by tokens) with their configuration differences."""
-    try:
-        ids = [int(i) for i in request.GET.get("ids", "").split(",") if i.strip()]
-    except ValueError:
-        ids = []
+    ids = [i for i in map(id_or_none, request.GET.get("ids", "").split(",")) if i]
     jobs = list(selectors.jobs_for(request.user).filter(pk__in=ids).order_by("pk"))
     series = {job.pk: selectors.metric_history(job, max_points=5000) for job in jobs}
     keys = []
@@ -308,7 +305,7 @@ def _dataset_or_404(request, dataset_id):
 @login_required
 def dataset_detail(request, dataset_id):
     ds = _dataset_or_404(request, dataset_id)
-    page = max(int(request.GET.get("page", "1")) if request.GET.get("page", "1").isdigit() else 1, 1)
+    page = min(max(int_or_none(request.GET.get("page")) or 1, 1), 10**9)
     records = selectors.dataset_records(ds, (page - 1) * PREVIEW_PAGE, PREVIEW_PAGE)
     for r in records:  # an RL record's expected answer ('gt' or 'answer': a string or a list of strings), for display
         gt = r.get("gt", r.get("answer"))
@@ -329,10 +326,9 @@ def dataset_action(request, dataset_id, action):
     ds = _dataset_or_404(request, dataset_id)
     try:
         if action == "stats":
-            msl = request.POST.get("max_seq_len", "")
-            tok = request.POST.get("tokenizer", "")
-            services.request_dataset_stats(ds, int(msl) if msl.isdigit() and int(msl) >= 8 else None,
-                                           int(tok) if tok.isdigit() else None)
+            msl = int_or_none(request.POST.get("max_seq_len"))
+            services.request_dataset_stats(ds, msl if msl and 8 <= msl <= 10**6 else None,
+                                           id_or_none(request.POST.get("tokenizer")))
             messages.info(request, _("Statistics are being computed."))
         elif action == "delete":
             services.delete_dataset(request.user, ds, request=request)

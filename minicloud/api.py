@@ -6,9 +6,10 @@ import json
 import logging
 
 from django.http import JsonResponse
+from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 
-from .errors import ServiceError
+from .errors import ServiceError, int_or_none
 
 log = logging.getLogger("minicloud")
 
@@ -25,15 +26,33 @@ def error(status: int, message: str, details=None) -> JsonResponse:
 
 
 def json_body(request) -> dict:
-    if not request.body:
-        return {}
+    return json_object(request.body) if request.body else {}
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body that must be one JSON object; a ServiceError (400) saying what is wrong with it otherwise."""
     try:
-        data = json.loads(request.body)
+        data = json.loads(raw)
+        nul = _has_nul(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        raise ServiceError(_("request body is not valid JSON: %(error)s") % {"error": exc}) from None
+    except RecursionError:
+        raise ServiceError(_("request body is nested too deeply")) from None
     if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
+        raise ServiceError(_("request body must be a JSON object"))
+    if nul:  # no database stores it (PostgreSQL refuses it in text)
+        raise ServiceError(_("request body: text may not contain NUL characters (\\u0000)"))
     return data
+
+
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _bearer_user(request):
@@ -71,11 +90,12 @@ def endpoint(*methods, auth=True):
         @functools.wraps(view)
         def inner(request, *args, **kwargs):
             if request.method not in methods:
-                return error(405, f"method {request.method} not allowed; use {', '.join(methods)}")
+                return error(405, _("method %(method)s not allowed; use %(allowed)s")
+                             % {"method": request.method, "allowed": ", ".join(methods)})
             if auth:
                 user = request_user(request)
                 if user is None:
-                    return error(401, "authentication required: send 'Authorization: Bearer <token>'")
+                    return error(401, _("authentication required: send 'Authorization: Bearer <token>'"))
                 request.user = user
             try:
                 result = view(request, *args, **kwargs)
@@ -86,7 +106,7 @@ def endpoint(*methods, auth=True):
                     details = {**({"field": exc.field} if exc.field else {}), **(exc.details or {})}
                     return error(exc.status, str(exc), details or None)
                 log.exception("API error in %s", view.__name__)
-                return error(500, "internal error; the server log has the details")
+                return error(500, _("internal error; the server log has the details"))
             if isinstance(result, tuple):
                 return JsonResponse(result[0], status=result[1], json_dumps_params={"ensure_ascii": False})
             if isinstance(result, dict):
@@ -102,10 +122,9 @@ def int_param(request, name, default=0) -> int:
     raw = request.GET.get(name, "")
     if raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name}: must be an integer, got {raw!r}") from None
+    value = int_or_none(raw)
+    if value is None:
+        raise ApiError(400, _("%(name)s: must be an integer, got %(value)s") % {"name": name, "value": repr(raw)})
     if value < 0:
-        raise ApiError(400, f"{name}: must not be negative")
+        raise ApiError(400, _("%(name)s: must not be negative") % {"name": name})
     return value

@@ -1,4 +1,9 @@
-"""The one exception services raise for a refused request (views show it, the API answers it as JSON)."""
+"""The one exception services raise for a refused request (views show it, the API answers it as JSON), and the
+readings of a client's values that every view and service needs (a name, a whole number, an object's id), whatever
+type the client sent: never a ValueError or a database error from "abc", "²", 1.5, true or 2**70."""
+import re
+
+from django.utils.translation import gettext as _
 
 
 class ServiceError(Exception):
@@ -9,3 +14,37 @@ class ServiceError(Exception):
         self.status = status
         self.field = field
         self.details = details  # extra JSON for the API (e.g. a dataset's line-numbered errors)
+
+
+def clean_name(value, max_length: int, field: str = "name") -> str:
+    """A name as a client sent it, stripped: 1 to ``max_length`` characters of text."""
+    name = value.strip() if isinstance(value, str) else ""
+    if not name or len(name) > max_length:
+        raise ServiceError(_("%(field)s: 1 to %(max)s characters") % {"field": field, "max": max_length}, field=field)
+    return name
+
+
+def int_or_none(value) -> int | None:
+    """A whole number as a client sent it: an integer, an integral float, or its text (ASCII digits, at most 18, a
+    minus allowed: ``str.isdigit`` also takes "²", which ``int`` refuses); None for anything else."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def id_or_none(value) -> int | None:
+    """An object's id as a client sent it (a positive integer or its digits, not a float), or None: ``filter(pk=...)``
+    with it matches nothing rather than raising for "abc"."""
+    number = None if isinstance(value, float) else int_or_none(value)
+    return number if number is not None and 0 < number < 2**63 else None
+
+
+def whole_number(value, field: str, low: int, high: int) -> int:
+    """An integer as a client sent it (``int_or_none``), from low to high; a ServiceError naming the field otherwise."""
+    value = int_or_none(value)
+    if value is None or not low <= value <= high:
+        raise ServiceError(_("%(field)s: a whole number from %(low)s to %(high)s")
+                           % {"field": field, "low": low, "high": high}, field=field)
+    return value

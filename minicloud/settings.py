@@ -93,6 +93,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "minicloud.middleware.RefuseNulCharacters",
     "minicloud.middleware.SyncMiddlewareChain",  # innermost: the chain above runs in one thread (see its docstring)
 ]
 

@@ -95,3 +95,5 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     path("v1/", include(openai_v1)),
 ]
+
+handler400 = "minicloud.views.bad_request"

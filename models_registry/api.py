@@ -1,5 +1,8 @@
+from django.utils.translation import gettext as _
+
 from accounts.services import audit
 from minicloud.api import ApiError, endpoint, json_body
+from minicloud.errors import id_or_none
 from minicloud.downloads import serve_file
 
 from . import services
@@ -10,7 +13,7 @@ from .services import download_name
 def _model(request, model_id) -> ModelVersion:
     mv = ModelVersion.objects.visible_to(request.user).select_related("tokenizer").filter(pk=model_id).first()
     if mv is None:
-        raise ApiError(404, f"no model {model_id}")
+        raise ApiError(404, _("no model %(id)s") % {"id": model_id})
     return mv
 
 
@@ -58,7 +61,7 @@ def model_import(request):
     mv = services.import_model(owner=request.user, name=request.POST.get("name", ""), upload=request.FILES.get("file"),
                                config=request.POST.get("config"), tokenizer_json=request.FILES.get("tokenizer_json"),
                                tokenizer_config=request.FILES.get("tokenizer_config"),
-                               tokenizer_id=int(tok) if tok.isdigit() else None, request=request)
+                               tokenizer_id=id_or_none(tok), request=request)
     return mv.to_dict(), 201
 
 
@@ -71,9 +74,7 @@ def model_evaluations(request, model_id):
     if request.method == "GET":
         return {"evaluations": [e.to_dict() for e in mv.evaluations.select_related("dataset")]}
     data = json_body(request)
-    ds = Dataset.objects.visible_to(request.user).filter(pk=data.get("dataset") or 0).first()
-    if ds is None:
-        raise ApiError(400, "dataset: one you can read", {"field": "dataset"})
+    ds = Dataset.objects.usable_by(request.user, data.get("dataset"), "dataset", required=True)
     job = services.start_evaluation(owner=request.user, mv=mv, dataset=ds, config=data.get("config"))
     return job.to_dict(), 201
 
@@ -102,9 +103,7 @@ def tokenizer_train(request):
     from jobs.models import Dataset
 
     data = json_body(request)
-    ds = Dataset.objects.visible_to(request.user).filter(pk=data.get("dataset") or 0).first()
-    if ds is None:
-        raise ApiError(400, "dataset: one you can read", {"field": "dataset"})
+    ds = Dataset.objects.usable_by(request.user, data.get("dataset"), "dataset", required=True)
     tok = services.start_tokenizer_training(owner=request.user, name=data.get("name", ""), dataset=ds,
                                             vocab_size=data.get("vocab_size", 6400), request=request)
     return tok.to_dict(), 202
@@ -113,7 +112,7 @@ def tokenizer_train(request):
 def _tokenizer(request, tokenizer_id) -> Tokenizer:
     tok = Tokenizer.objects.visible_to(request.user).filter(pk=tokenizer_id).first()
     if tok is None:
-        raise ApiError(404, f"no tokenizer {tokenizer_id}")
+        raise ApiError(404, _("no tokenizer %(id)s") % {"id": tokenizer_id})
     return tok
 
 
@@ -127,5 +126,5 @@ def tokenizer_encode(request, tokenizer_id):
     """``{"text"}`` → ids, the text of each token, counts (the playground)."""
     text = json_body(request).get("text", "")
     if not isinstance(text, str):
-        raise ApiError(400, "text: a string", {"field": "text"})
+        raise ApiError(400, _("text: a string"), {"field": "text"})
     return services.encode(_tokenizer(request, tokenizer_id), text)

@@ -15,8 +15,8 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.utils.translation import gettext as _
 
-from minicloud.api import request_user
-from minicloud.errors import ServiceError
+from minicloud.api import json_body, request_user
+from minicloud.errors import ServiceError, id_or_none
 
 from .models import ModelVersion
 
@@ -37,10 +37,10 @@ def find_model(user, ref) -> ModelVersion:
     ref = str(ref or "").strip()
     if not ref:
         raise ServiceError(_("model: required (an id or name from GET /v1/models)"), field="model")
-    found = qs.filter(pk=int(ref)).first() if ref.isdigit() else None
-    if found is None and ":v" in ref and ref.rsplit(":v", 1)[1].isdigit():
-        name, version = ref.rsplit(":v", 1)
-        found = qs.filter(name=name, version=int(version)).order_by("-created_at").first()
+    found = qs.filter(pk=id_or_none(ref)).first()
+    name, _sep, version = ref.rpartition(":v")
+    if found is None and id_or_none(version):
+        found = qs.filter(name=name, version=id_or_none(version)).order_by("-created_at").first()
     if found is None:
         candidates = list(qs.filter(name=ref).order_by("-version", "-created_at"))
         found = next((m for m in candidates if m.owner_id == user.pk), candidates[0] if candidates else None)
@@ -109,12 +109,7 @@ def _prepare(request):
     user = request_user(request)
     if user is None:
         raise ServiceError(_("authentication required: send 'Authorization: Bearer <token>'"), status=401)
-    try:
-        body = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServiceError(_("request body is not valid JSON: %(exc)s") % {"exc": exc}) from None
-    if not isinstance(body, dict):
-        raise ServiceError(_("request body must be a JSON object"))
+    body = json_body(request)
     req = parse_request(body)
     mv = find_model(user, body.get("model"))
     from .inference import model_entry

@@ -350,11 +350,9 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
 
     from accounts.services import audit, check_storage
     from jobs.services import _check_upload_size
-    from minicloud.errors import ServiceError
+    from minicloud.errors import ServiceError, clean_name
 
-    name = (name or "").strip()
-    if not name or len(name) > 200:
-        raise ServiceError(_("name: 1 to 200 characters"), field="name")
+    name = clean_name(name, 200)
     if upload is None:
         raise ServiceError(_("file: send a MiniMind .pth or a zipped Hugging Face folder"), field="file")
     _check_upload_size(upload.size)
@@ -562,11 +560,9 @@ def check_tokenizer_files(folder: Path) -> str | None:
 
 def _new_tokenizer_name(owner, name: str) -> str:
     """A valid name that the owner has not used for a tokenizer yet."""
-    from minicloud.errors import ServiceError
+    from minicloud.errors import ServiceError, clean_name
 
-    name = (name or "").strip()
-    if not name or len(name) > 100:
-        raise ServiceError(_("name: 1 to 100 characters"), field="name")
+    name = clean_name(name, 100)
     if Tokenizer.objects.filter(owner=owner, name=name).exists():
         raise ServiceError(
             _("name: you already have a tokenizer called %(name)s") % {"name": repr(name)}, field="name", status=409

@@ -7,7 +7,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from accounts.services import share_context
-from minicloud.errors import ServiceError
+from minicloud.errors import ServiceError, id_or_none, int_or_none
 
 from . import services
 from .models import Evaluation, ModelVersion, Tokenizer
@@ -64,12 +64,12 @@ def evaluations(request):
     visible = ModelVersion.objects.visible_to(request.user)
     qs = Evaluation.objects.filter(model__in=visible).select_related("model", "dataset").order_by(
         "dataset_id", "model__name", "model__version")
-    ds = request.GET.get("dataset", "")
-    if ds.isdigit():
-        qs = qs.filter(dataset_id=int(ds))
+    ds = id_or_none(request.GET.get("dataset"))
+    if ds:
+        qs = qs.filter(dataset_id=ds)
     return render(request, "models_registry/evaluations.html", {
         "table": services.evaluation_table(qs[:1000]), "datasets": Dataset.objects.visible_to(request.user),
-        "dataset": int(ds) if ds.isdigit() else None})
+        "dataset": ds})
 
 
 @login_required
@@ -88,11 +88,11 @@ def model_action(request, model_id, action):
         elif action == "evaluate":
             from jobs.models import Dataset
 
-            ds = Dataset.objects.visible_to(request.user).filter(pk=request.POST.get("dataset") or 0).first()
+            ds = Dataset.objects.visible_to(request.user).filter(pk=id_or_none(request.POST.get("dataset"))).first()
             if ds is None:
                 raise ServiceError(_("dataset: choose one"), field="dataset")
-            config = {k: int(request.POST[k]) for k in ("eval_records", "accuracy_tasks")
-                      if request.POST.get(k, "").isdigit()}
+            config = {k: int_or_none(request.POST[k]) for k in ("eval_records", "accuracy_tasks")
+                      if int_or_none(request.POST.get(k)) is not None}
             job = services.start_evaluation(owner=request.user, mv=mv, dataset=ds, config=config)
             messages.success(request, _("Evaluation queued."))
             return redirect("job_detail", job_id=job.pk)
@@ -129,7 +129,7 @@ def model_import(request):
                                        upload=request.FILES.get("file"), config=request.POST.get("config", ""),
                                        tokenizer_json=request.FILES.get("tokenizer_json"),
                                        tokenizer_config=request.FILES.get("tokenizer_config"),
-                                       tokenizer_id=int(tok) if tok.isdigit() else None, request=request)
+                                       tokenizer_id=id_or_none(tok), request=request)
         except ServiceError as exc:
             messages.error(request, str(exc))
         else:
@@ -148,7 +148,7 @@ def playground(request):
              "empty": _("(no text: the model ended at once or wrote only blank lines)"),
              "tokens": pgettext("after a number", "tokens")}  # for playground.js, in the page's language
     return render(request, "models_registry/playground.html", {
-        "models": models, "first": int(first) if first.isdigit() else None, "words": words})
+        "models": models, "first": id_or_none(first), "words": words})
 
 
 @login_required
@@ -158,19 +158,19 @@ def tokenizer_list(request):
     from django.shortcuts import redirect
 
     from jobs.models import Dataset
-    from minicloud.errors import ServiceError
+    from minicloud.errors import ServiceError, id_or_none, int_or_none
 
     from . import services
 
     if request.method == "POST":
         try:
             if request.POST.get("action") == "train":
-                ds = Dataset.objects.visible_to(request.user).filter(pk=request.POST.get("dataset") or 0).first()
+                ds = Dataset.objects.visible_to(request.user).filter(pk=id_or_none(request.POST.get("dataset"))).first()
                 if ds is None:
                     raise ServiceError(_("dataset: choose one"), field="dataset")
                 vocab = request.POST.get("vocab_size", "6400")
                 tok = services.start_tokenizer_training(owner=request.user, name=request.POST.get("name", ""),
-                                                        dataset=ds, vocab_size=int(vocab) if vocab.isdigit() else 0,
+                                                        dataset=ds, vocab_size=int_or_none(vocab) or 0,
                                                         request=request)
             else:
                 tok = services.upload_tokenizer(owner=request.user, name=request.POST.get("name", ""),

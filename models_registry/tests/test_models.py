@@ -187,7 +187,8 @@ def test_notes_and_tags_and_the_model_pages_in_both_languages(api, client, user,
     playground = client.get("/playground/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "对话" in playground
     words = json.loads(playground.split('<script id="pg-text" type="application/json">')[1].split("</script>")[0])
-    assert words == {"reasoning": "推理过程", "you": "你", "error": "错误", "tokens": "个词元"}, words
+    assert words == {"reasoning": "推理过程", "you": "你", "error": "错误", "tokens": "个词元",
+                     "empty": "（没有文字：模型立即结束，或只输出了空行）"}, words
     from jobs.models import Dataset
     from models_registry.models import Evaluation
 
