@@ -13,6 +13,8 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import translation
 
+from minicloud.errors import int_or_none
+
 from . import selectors
 
 POLL_S = 0.5
@@ -29,8 +31,8 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=4404)
             return
         qs = parse_qs(self.scope.get("query_string", b"").decode())
-        self.after = int((qs.get("after") or ["0"])[0] or 0)
-        self.log_after = int((qs.get("log_after") or ["0"])[0] or 0)
+        self.after = max(int_or_none((qs.get("after") or ["0"])[0]) or 0, 0)  # "abc" starts from the beginning
+        self.log_after = max(int_or_none((qs.get("log_after") or ["0"])[0]) or 0, 0)
         try:  # the page's language (``lang``), for the texts the updates carry (a job's error)
             self.language = translation.get_supported_language_variant((qs.get("lang") or [""])[0])
         except LookupError:

@@ -93,3 +93,10 @@ def test_pages_refuse_nul_characters_and_ignore_ids_that_are_not_ids(client, use
     assert client.get("/?q=%00").status_code == 400
     r = client.post("/datasets/1/stats/", {"max_seq_len": "²", "tokenizer": "abc"})
     assert r.status_code == 302
+    from jobs.services import submit_job
+
+    job = submit_job(owner=user, name="j", stage="pretrain", dataset=Dataset.objects.get(name="demo-pretrain").pk,
+                     config=dict(TINY, max_steps=2))
+    for target, landed in (("abc", "/"), ("//evil.example/", "/"), (f"/jobs/{job.pk}/", f"/jobs/{job.pk}/")):
+        r = client.post(f"/share/job/{job.pk}/", {"visibility": "private", "next": target})
+        assert r.status_code == 302 and r["Location"] == landed, target  # "abc" is not taken for a view's name

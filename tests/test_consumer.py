@@ -60,6 +60,18 @@ async def test_points_and_log_stream_live():
     await comm.disconnect()
 
 
+async def test_offsets_that_are_not_numbers_start_from_the_beginning():
+    user, token = await make_user("fred")
+    job = await make_job(user)
+    await write_step(job, 1, 7.5)
+    comm = communicator(f"/ws/jobs/{job.pk}/?after=abc&log_after=%C2%B2&lang=%00", token)
+    connected, _ = await comm.connect()
+    assert connected
+    first = await comm.receive_json_from(timeout=5)
+    assert [p["seq"] for p in first["points"]] == [1] and first["log"] == "step 01\n"
+    await comm.disconnect()
+
+
 async def test_anonymous_and_foreign_users_are_refused():
     owner, _ = await make_user("dave")
     _, other_token = await make_user("erin")
