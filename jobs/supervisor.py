@@ -154,7 +154,7 @@ class Supervisor:
             event = None
             if line.startswith("{"):
                 try:
-                    event = json.loads(line)
+                    event = json.loads(line, parse_constant=lambda _name: None)  # NaN: no database stores it
                 except json.JSONDecodeError:
                     event = None
             if not isinstance(event, dict) or "event" not in event:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 
 from django.http import JsonResponse
 from django.utils.translation import gettext as _
@@ -32,9 +33,9 @@ def json_body(request) -> dict:
 def json_object(raw: bytes) -> dict:
     """A request body that must be one JSON object; a ServiceError (400) saying what is wrong with it otherwise."""
     try:
-        data = json.loads(raw)
+        data = strict_loads(raw)
         nul = _has_nul(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and NaN or Infinity (no database stores them)
         raise ServiceError(_("request body is not valid JSON: %(error)s") % {"error": exc}) from None
     except RecursionError:
         raise ServiceError(_("request body is nested too deeply")) from None
@@ -43,6 +44,22 @@ def json_object(raw: bytes) -> dict:
     if nul:  # no database stores it (PostgreSQL refuses it in text)
         raise ServiceError(_("request body: text may not contain NUL characters (\\u0000)"))
     return data
+
+
+def strict_loads(raw):
+    """``json.loads`` that refuses what JSON has no numbers for (NaN, Infinity, 1e400), with a ValueError."""
+    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large")
+    return value
 
 
 def _has_nul(value) -> bool:

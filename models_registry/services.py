@@ -350,6 +350,7 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
 
     from accounts.services import audit, check_storage
     from jobs.services import _check_upload_size
+    from minicloud.api import strict_loads
     from minicloud.errors import ServiceError, clean_name
 
     name = clean_name(name, 200)
@@ -359,9 +360,10 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
     check_storage(owner, upload.size)
     if isinstance(config, str):
         try:
-            config = json.loads(config) if config.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ServiceError(_("config: not valid JSON (%(msg)s)") % {"msg": exc.msg}, field="config") from None
+            config = strict_loads(config) if config.strip() else {}
+        except ValueError as exc:
+            raise ServiceError(_("config: not valid JSON (%(msg)s)") % {"msg": getattr(exc, "msg", exc)},
+                               field="config") from None
     if config is not None and not isinstance(config, dict):
         raise ServiceError(_("config: a JSON object of MiniMind config names"), field="config")
     work = settings.HOME / "models" / f"import-{uuid.uuid4().hex}"

@@ -77,6 +77,15 @@ def test_other_endpoints_refuse_wrong_types(api, client, token, db):
     assert r.status_code == 400
     r = api.post(f"/api/v1/datasets/{demo.pk}/share", {"visibility": "group", "group": True})
     assert r.status_code in (400, 404)
+    r = api.post("/api/v1/jobs", {"name": "n", "stage": "pretrain", "dataset": demo.pk,
+                                  "config": {"learning_rate": float("nan")}})  # json.dumps writes NaN, JSON has none
+    assert r.status_code == 400 and "NaN" in r.json()["error"]
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    r = client.post("/api/v1/models/import", {"name": "m", "config": '{"hidden_size": 1e400}',
+                                              "file": SimpleUploadedFile("m.pth", b"x")},
+                    HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert r.status_code == 400 and r.json()["details"]["field"] == "config"
     zh = client.get("/api/v1/jobs/999999", HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_ACCEPT_LANGUAGE="zh-hans")
     assert zh.status_code == 404 and "999999" in zh.json()["error"] and "job" not in zh.json()["error"]
 

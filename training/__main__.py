@@ -71,6 +71,9 @@ def cmd_run(args) -> int:
                                      "model"))
             events.emit("error", kind="out_of_memory", message=template % {"error": message}, template=template,
                         params={"error": message})
+        elif getattr(exc, "template", None) and isinstance(getattr(exc, "params", None), dict):  # loop.Diverged
+            events.emit("error", kind=type(exc).__name__.lower(), message=message, template=exc.template,
+                        params=exc.params)
         else:
             events.emit("error", kind=type(exc).__name__, message=message)
         return 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -19,8 +20,20 @@ def emit(event: str, **fields) -> None:
             return
         fields["rank"] = int(os.environ["RANK"])
     fields = {"event": event, "time": round(time.time(), 3), **fields}
-    sys.stdout.write(json.dumps(fields, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(finite(fields), ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def finite(value):
+    """``value`` with NaN and infinities as null: JSON has no such numbers (PostgreSQL refuses them, browsers cannot
+    parse them), and a gap in a chart says as much."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def log(message: str, level: str = "info") -> None:

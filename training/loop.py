@@ -25,8 +25,22 @@ import torch.distributed as dist
 
 from . import events
 from .model import save_pth
+from .spec import gettext_noop
 
 EXIT_STOPPED = 143  # stopped on SIGTERM after a checkpoint (128 + SIGTERM)
+
+
+class Diverged(RuntimeError):
+    """The loss is not a number and the trained weights are no longer finite: no later step can recover, so the job
+    stops instead of holding its device (fp16's skipped overflow steps leave the weights finite and go on)."""
+
+    template = gettext_noop("training diverged at step %(step)s: the loss is %(loss)s and the weights are no longer "
+                            "finite — lower learning_rate (it was %(lr)s), add warmup_steps, or use bf16 rather "
+                            "than fp16")
+
+    def __init__(self, step: int, loss: float, lr: float):
+        self.params = {"step": step, "loss": str(loss), "lr": f"{lr:g}"}
+        super().__init__(self.template % self.params)
 
 
 class StopFlag:
@@ -378,7 +392,10 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
             if step % cfg["log_interval"] == 0 or step == total_steps or step == 1:
                 now = time.time()
                 rate = (step - step_start) / max(now - t_start, 1e-9)
-                metrics = {"loss": float(acc_loss) / acc_n, **{k: float(v) / acc_n for k, v in acc_parts.items()},
+                loss_mean = float(acc_loss) / acc_n
+                if not math.isfinite(loss_mean) and not all(bool(torch.isfinite(p).all()) for p in params):
+                    raise Diverged(step, loss_mean, cfg.get("learning_rate", lr))
+                metrics = {"loss": loss_mean, **{k: float(v) / acc_n for k, v in acc_parts.items()},
                            "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9),
                            "tokens": tokens_seen}

@@ -145,6 +145,29 @@ def test_out_of_memory_while_training_fails_with_a_hint_for_a_smaller_batch(make
                                              "capacity of 79.19 GiB of which 1.06 GiB is free."}
 
 
+def test_a_diverging_run_stops_with_an_explained_error_and_valid_json(make_spec, tmp_path, capsys):
+    """A learning rate no model survives: the weights overflow, the loss turns NaN, and the job stops saying what to
+    change instead of holding its device; every line it wrote is JSON (NaN is not: it is sent as null)."""
+    spec = json.loads(make_spec(learning_rate=1e30, grad_clip=1e30, max_steps=20, log_interval=1).read_text())
+    path = tmp_path / "diverge.json"
+    path.write_text(json.dumps(spec))
+    from training.__main__ import main
+
+    capsys.readouterr()
+    rc = main(["run", str(path)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+    def refuse(name):
+        raise AssertionError(f"{name} in an event line")
+
+    events = [json.loads(line, parse_constant=refuse) for line in lines]
+    error = events[-1]
+    assert rc == 1 and error["event"] == "error" and error["kind"] == "diverged", events[-3:]
+    assert error["params"]["loss"] == "nan" and error["params"]["lr"] == "1e+30" and error["params"]["step"] < 20
+    assert error["template"] % error["params"] == error["message"] and "lower learning_rate" in error["message"]
+    assert any(e["event"] == "step" and e["metrics"]["grad_norm"] is None for e in events)  # NaN sent as null
+
+
 def test_a_model_too_large_for_memory_fails_with_one_line(make_spec):
     """A real allocation failure: a 2 TiB embedding (refused at once unless the kernel overcommits everything)."""
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
