@@ -36,10 +36,11 @@ def job_new(request):
     templates = JobTemplate.objects.filter(owner=request.user)
     initial = None
     chosen = templates.filter(pk=id_or_none(request.GET.get("template"))).first() if request.method == "GET" else None
+    clone = id_or_none(request.GET.get("clone")) if request.method == "GET" else None
     if chosen:
         initial = chosen.fields
-    elif request.method == "GET" and id_or_none(request.GET.get("clone")):  # Clone: the job's settings, to edit
-        initial = initial_from_job(_job_or_404(request, int(request.GET["clone"])), "half_batch" in request.GET)
+    elif clone:  # Clone: the job's settings, to edit
+        initial = initial_from_job(_job_or_404(request, clone), "half_batch" in request.GET)
     form = JobForm(request.POST or None, user=request.user, **({"initial": initial} if initial else {}))
     if request.method == "POST" and form.is_valid():
         try:

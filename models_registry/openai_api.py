@@ -39,8 +39,8 @@ def find_model(user, ref) -> ModelVersion:
         raise ServiceError(_("model: required (an id or name from GET /v1/models)"), field="model")
     found = qs.filter(pk=id_or_none(ref)).first()
     name, _sep, version = ref.rpartition(":v")
-    if found is None and id_or_none(version):
-        found = qs.filter(name=name, version=id_or_none(version)).order_by("-created_at").first()
+    if found is None and (version := id_or_none(version)):
+        found = qs.filter(name=name, version=version).order_by("-created_at").first()
     if found is None:
         candidates = list(qs.filter(name=ref).order_by("-version", "-created_at"))
         found = next((m for m in candidates if m.owner_id == user.pk), candidates[0] if candidates else None)
