@@ -94,7 +94,7 @@ def measure(name, case, args, impl, compiled):
                             attention=args.attn).to(device)
     model.train()
     graphs = compiled and args.compile_mode != "default"
-    step_model = compile_for_training(model, args.compile_mode) if compiled else model  # as the engine compiles
+    step_model = compile_for_training(model, args.compile_mode, args.coordinate_descent) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=is_cuda)
     batch, seq = args.batch or case["batch"], args.seq or case["seq"]
     accum = args.accum or case["accum"]
@@ -192,13 +192,10 @@ def main():
                    help="the engine's compile_mode (reduce-overhead: CUDA graphs of each micro-step; max-autotune: "
                         "the same with autotuned kernels, not an engine mode yet)")
     p.add_argument("--coordinate-descent", action="store_true",
-                   help="inductor's coordinate-descent tuning of its generated kernels' block sizes (longer compile)")
+                   help="the engine's compile_tuning: inductor's coordinate-descent tuning of its generated kernels' "
+                        "block sizes (longer compile)")
     p.add_argument("--profile", type=int, default=0, help="CUDA: print the top kernels of N profiled steps to stderr")
     args = p.parse_args()
-    if args.coordinate_descent:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = True
     impls = [i for i in args.impls.split(",") if i == "ours" or (i == "minimind" and args.minimind)]
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for name in args.cases.split(","):

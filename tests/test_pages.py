@@ -48,11 +48,14 @@ def test_new_job_form_offers_cuda_graphs_when_compiling(logged_in):
     page = logged_in.get("/jobs/new/")
     initial = page.context["form"].initial
     assert initial["compile_mode"] == "default" and 'value="reduce-overhead"' in page.content.decode()
-    r = logged_in.post("/jobs/new/", dict(initial, name="graphs", use_compile="on", compile_mode="reduce-overhead"))
+    assert initial["compile_tuning"] is False and 'name="compile_tuning"' in page.content.decode()
+    r = logged_in.post("/jobs/new/", dict(initial, name="graphs", use_compile="on", compile_mode="reduce-overhead",
+                                          compile_tuning="on"))
     job = Job.objects.get()
     assert r.status_code == 302 and job.resolved_config["use_compile"] is True
-    assert job.resolved_config["compile_mode"] == "reduce-overhead"
-    assert logged_in.get(f"/jobs/new/?clone={job.pk}").context["form"].initial["compile_mode"] == "reduce-overhead"
+    assert (job.resolved_config["compile_mode"], job.resolved_config["compile_tuning"]) == ("reduce-overhead", True)
+    clone = logged_in.get(f"/jobs/new/?clone={job.pk}").context["form"].initial
+    assert (clone["compile_mode"], clone["compile_tuning"]) == ("reduce-overhead", True)
     r = logged_in.post("/jobs/new/", dict(initial, name="bad", compile_mode="fastest"))
     assert r.status_code == 200 and "fastest" in r.content.decode() and Job.objects.count() == 1
 

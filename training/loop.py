@@ -205,12 +205,19 @@ def default_save(model, run_dir: Path) -> dict:
     return {"model_path": str(run_dir / "model.pth")}
 
 
-def compile_for_training(model, mode: str = "default"):
+def compile_for_training(model, mode: str = "default", tuning: bool = False):
     """``torch.compile`` for training micro-steps. ``reduce-overhead`` (and ``max-autotune``) replay each micro-step's
     forward and backward as CUDA graphs (one launch instead of hundreds: the host no longer paces a small model).
     A replay overwrites the last replay's outputs, and autograd keeps a micro-step's first gradient as ``.grad``
     itself, so with graphs every trainable parameter gets a gradient buffer of its own here, which the backward adds
-    into and the optimizer zeroes (``zero_grad(set_to_none=False)``) instead of dropping."""
+    into and the optimizer zeroes (``zero_grad(set_to_none=False)``) instead of dropping.
+    ``tuning``: inductor benchmarks block sizes around its heuristic choice for each generated (Triton) kernel
+    (coordinate descent, as gpt-fast does): a longer first compile for faster steps. It is a process-wide inductor
+    setting; the engine runs one job per process."""
+    if tuning:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     if mode != "default":
         for p in model.parameters():
             if p.requires_grad and p.grad is None:
@@ -288,8 +295,10 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         # on one GPU (RL generates with its own compiled cache; DDP's gradient hooks stay eager).
         mode = cfg["compile_mode"] if is_cuda and update is None and world_size == 1 else "default"
         graphs = mode != "default"
-        model = compile_for_training(model, mode)
-        events.log("torch.compile enabled" + (" with CUDA graphs" if graphs else ""))
+        tuning = cfg["compile_tuning"] and is_cuda  # tunes Triton kernels: the CPU's C++ kernels have no such step
+        model = compile_for_training(model, mode, tuning)
+        events.log("torch.compile enabled" + (" with CUDA graphs" if graphs else "")
+                   + (" and tuned kernels" if tuning else ""))
     if world_size > 1 and update is None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
 

@@ -47,6 +47,7 @@ TRAIN_DEFAULTS = {
     "eval_interval": None,  # None: evaluate at every save_interval and at the end
     "use_compile": False,
     "compile_mode": "default",  # with use_compile: default, or reduce-overhead (CUDA graphs; one GPU, supervised)
+    "compile_tuning": False,  # with use_compile on CUDA: inductor's coordinate-descent tuning of its kernels
     "group_by_length": False,  # batches of rows of similar length: less padding, but less varied batches
     "keep_checkpoints": 2,  # resume checkpoints kept: the last N plus the best by eval loss
 }
@@ -111,7 +112,7 @@ _FLOAT_KEYS = {"rope_theta", "rms_norm_eps", "router_aux_loss_coef", "learning_r
                "system_prompt_ratio", "empty_think_drop_ratio", "lora_alpha", "beta", "alpha", "temperature",
                "top_p", "thinking_ratio", "epsilon", "epsilon_high", "critic_learning_rate", "clip_epsilon", "vf_coef",
                "kl_coef", "gamma", "lam", "cliprange_value", "early_stop_kl"}
-_BOOL_KEYS = {"use_moe", "packing", "use_compile", "group_by_length"}
+_BOOL_KEYS = {"use_moe", "packing", "use_compile", "compile_tuning", "group_by_length"}
 _RATIO_KEYS = {"eval_ratio", "system_prompt_ratio", "empty_think_drop_ratio", "alpha", "top_p", "thinking_ratio",
                "gamma", "lam"}
 # Keys that must be > 0 when set; the rest of the integers must be >= 0.
