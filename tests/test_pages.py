@@ -110,6 +110,25 @@ def test_language_switch(logged_in):
     assert "仪表盘" in logged_in.get("/").content.decode()
 
 
+def test_the_menu_marks_the_current_section_in_both_languages(logged_in, user, admin_client):
+    import re
+
+    def current(path, lang="en", client=logged_in):
+        page = client.get(path, HTTP_ACCEPT_LANGUAGE=lang).content.decode()
+        return re.findall(r'<a href="([^"]*)" aria-current="page">([^<]*)</a>', page)
+
+    ds = Dataset.objects.get(name="demo-pretrain")
+    job = Job.objects.create(owner=user, name="mine", stage="pretrain", dataset=ds,
+                             tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
+    assert current("/datasets/") == [("/datasets/", "Datasets")]
+    assert current(f"/datasets/{ds.pk}/", "zh-hans") == [("/datasets/", "数据集")]  # a page below its section
+    assert current(f"/jobs/{job.pk}/") == [("/", "Dashboard")]
+    assert current("/jobs/new/") == [("/jobs/new/", "New job")]
+    assert current("/accounts/tokens/") == []  # the account pages are on the right, not in the menu
+    assert "/admin/" not in logged_in.get("/").content.decode()
+    assert 'href="/admin/"' in admin_client.get("/").content.decode()  # staff also see the admin
+
+
 def test_other_users_job_page_is_404(logged_in, other_user):
     from jobs.models import Dataset
 
