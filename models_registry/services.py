@@ -658,5 +658,24 @@ def encode(tok: Tokenizer, text: str) -> dict:
                            status=409)
     hf = load_tokenizer(tok.path)
     enc = hf.encode(text[:20_000], add_special_tokens=False)
-    return {"ids": enc.ids, "pieces": [hf.decode([i], skip_special_tokens=False) for i in enc.ids],
-            "count": len(enc.ids), "characters": len(text[:20_000])}
+    pieces, fragments = [], []
+    for n, i in enumerate(enc.ids):
+        piece = hf.decode([i], skip_special_tokens=False)
+        if "\ufffd" in piece:  # a byte-level token holding part of a character's UTF-8 bytes
+            piece = _byte_notation(hf.id_to_token(i))
+            fragments.append(n)
+        pieces.append(piece)
+    return {"ids": enc.ids, "pieces": pieces, "fragments": fragments, "count": len(enc.ids),
+            "characters": len(text[:20_000])}
+
+
+def _byte_notation(token: str) -> str:
+    """A byte-level BPE token (GPT-2's alphabet: one printable character per byte, as MiniMind's tokenizer stores
+    them) written as its bytes, ``<0xE4><0xBD>``, the notation of SentencePiece's byte tokens; a token of any other
+    alphabet is shown as stored."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    if not token or any(c not in to_byte for c in token):
+        return token
+    return "".join(f"<0x{to_byte[c]:02X}>" for c in token)

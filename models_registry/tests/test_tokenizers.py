@@ -31,6 +31,25 @@ def test_train_a_tokenizer_on_a_dataset(api, user, db):
     assert bad.status_code == 400 and bad.json()["details"]["field"] == "vocab_size"
 
 
+def test_playground_shows_a_split_characters_bytes(api, db):
+    """A byte-level tokenizer may split a character's UTF-8 bytes across tokens: each such token is shown as its
+    bytes (<0xE4>), not as a replacement character, and all the pieces together still spell the text."""
+    import re
+
+    demo = Tokenizer.objects.get(name="demo-tokenizer")  # small: most Chinese characters are split into bytes
+    text = "Hi 你好，世界。🙂"
+    out = api.post(f"/api/v1/tokenizers/{demo.pk}/encode", {"text": text}).json()
+    assert out["fragments"] and "\ufffd" not in "".join(out["pieces"])
+    spelled = b""
+    for n, piece in enumerate(out["pieces"]):
+        if n in out["fragments"]:
+            assert re.fullmatch(r"(<0x[0-9A-F]{2}>)+", piece)
+            spelled += bytes(int(h, 16) for h in re.findall(r"<0x([0-9A-F]{2})>", piece))
+        else:
+            spelled += piece.encode()
+    assert spelled.decode() == text
+
+
 def test_upload_checks_minimind_layout_and_fills_the_chat_template(client, user, token, db):
     demo = Tokenizer.objects.get(name="demo-tokenizer")
     tjson, tconfig = files_of(demo)

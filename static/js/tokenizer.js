@@ -14,9 +14,10 @@
     const body = await r.json();
     const out = document.getElementById("playground-tokens");
     out.replaceChildren();
+    const fragments = new Set(body.fragments || []);  // tokens that hold part of a character: shown as bytes
     for (let i = 0; i < (body.ids || []).length; i++) {
       const span = document.createElement("span");
-      span.className = "token";
+      span.className = fragments.has(i) ? "token bytes" : "token";
       span.title = String(body.ids[i]);
       span.textContent = body.pieces[i];  // text, never HTML
       out.appendChild(span);
