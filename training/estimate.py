@@ -18,7 +18,10 @@ from .spec import model_config, parameter_count
 
 GiB = 2**30
 CUDA_RUNTIME = int(0.6 * GiB)  # context, cuBLAS/cuDNN workspaces, allocator slack
-H100_TFLOPS = {False: 112e12, True: 266e12}  # achieved, dense MiniMind-3 pretraining (eager, compiled)
+# achieved 6 x parameters x tokens per second, dense MiniMind-3 pretraining on an H100 (docs/performance.md): eager,
+# compiled, compiled with CUDA graphs; compile_tuning adds 2 %
+H100_TFLOPS = {"eager": 112e12, "default": 266e12, "reduce-overhead": 276e12}
+TUNING_GAIN = 1.02
 H100_ROLLOUT_TOKENS_S = 5200.0
 
 
@@ -108,7 +111,16 @@ def estimate_seconds(stage: str, cfg: dict, rows: int | None, gpus: int = 1) -> 
     flops = (2 if stage == "eval" else 6) * active * tokens  # eval: forward passes only
     if stage in ("dpo", "distill", "grpo", "ppo"):
         flops *= 4 / 3  # a frozen reference's or teacher's forward pass
-    seconds = flops / (H100_TFLOPS[bool(cfg.get("use_compile"))] * gpus)
+    seconds = flops / (_achieved_flops(stage, cfg, gpus) * gpus)
     if stage in ("grpo", "ppo"):
         seconds += steps * micro_rows * cfg["max_gen_len"] / H100_ROLLOUT_TOKENS_S
     return seconds
+
+
+def _achieved_flops(stage: str, cfg: dict, gpus: int) -> float:
+    """What one GPU achieves for this job's compile settings (as the engine applies them: CUDA graphs only for the
+    supervised stages on one GPU)."""
+    if not cfg.get("use_compile"):
+        return H100_TFLOPS["eager"]
+    graphs = cfg.get("compile_mode") == "reduce-overhead" and gpus == 1 and stage not in ("ppo", "grpo")
+    return H100_TFLOPS["reduce-overhead" if graphs else "default"] * (TUNING_GAIN if cfg.get("compile_tuning") else 1)

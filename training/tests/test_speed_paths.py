@@ -167,3 +167,20 @@ def test_compile_tuning_turns_on_inductors_coordinate_descent(monkeypatch):
     assert inductor_config.coordinate_descent_tuning is False
     compile_for_training(model, "default", tuning=True)
     assert inductor_config.coordinate_descent_tuning is True
+
+
+def test_time_estimate_follows_the_compile_settings_the_engine_applies():
+    from training.estimate import estimate_seconds
+
+    def seconds(stage="pretrain", gpus=1, **config):
+        return estimate_seconds(stage, resolve_config(stage, {"max_steps": 1000, **config}), 10**6, gpus)
+
+    eager, compiled = seconds(), seconds(use_compile=True)
+    graphs = seconds(use_compile=True, compile_mode="reduce-overhead")
+    tuned = seconds(use_compile=True, compile_mode="reduce-overhead", compile_tuning=True)
+    assert eager > compiled > graphs > tuned
+    assert eager / tuned == pytest.approx(282 / 112, rel=0.01)  # the measured H100 rates (docs/performance.md)
+    # the engine compiles without CUDA graphs on several GPUs and for RL, and the estimate knows it
+    assert seconds(gpus=2, use_compile=True, compile_mode="reduce-overhead") == seconds(gpus=2, use_compile=True)
+    assert (seconds("grpo", use_compile=True, compile_mode="reduce-overhead")
+            == seconds("grpo", use_compile=True))
