@@ -136,11 +136,9 @@ class JobForm(forms.Form):
                                                  "pretraining). PPO, GRPO, several GPUs and the CPU use the standard "
                                                  "mode."))
     compile_tuning = forms.BooleanField(label=_("Tune compiled kernels"), required=False,
-                                        help_text=_("With “Compile the model” on a GPU: the compiler also tries "
-                                                    "block sizes around its choice for each kernel it generates. "
-                                                    "The first compile takes minutes longer; on an H100, 2 % more "
-                                                    "tokens/s with CUDA graphs (MiniMind-3 pretraining, 30.4 % of "
-                                                    "the GPU's peak)."))
+                                        help_text=_("With “Compile the model” on a GPU: the compiler also tunes "
+                                                    "the kernels it generates. Minutes more compiling, then 2% more "
+                                                    "tokens/s on an H100."))
     group_by_length = forms.BooleanField(label=_("Group rows by length"), required=False,
                                          help_text=_("Less padding, faster conversations; batches are less varied."))
     lora_rank = _int(_("LoRA rank"), _("Size of the low-rank adapters; 16 in MiniMind."), min_value=1,
