@@ -239,3 +239,29 @@ def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path):
     path.write_text(json.dumps(spec))
     rc, events, other = run_engine(path)
     assert rc == 2 and "eval_dataset" in (other[-1] if other else json.dumps(events[-1]))
+
+
+def test_eval_loss_is_computed_without_gradients_in_eval_mode(make_spec, capsys):
+    """Training batches build a graph in train mode; the eval batches (up to 20 per eval) neither build one nor run
+    in train mode, so a compiled job compiles nothing for them and they cost no activation memory."""
+    from training import pretrain
+    from training.chat import load_hf_tokenizer
+    from training.loop import train
+    from training.model import build_model
+    from training.spec import load_spec, model_config
+
+    spec = load_spec(make_spec(max_steps=3, eval_ratio=0.2, save_interval=2))
+    torch.manual_seed(0)
+    model = build_model(model_config(spec["config"]))
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append((m.training, torch.is_grad_enabled()))
+        return pretrain.lm_loss(m, batch)
+
+    tok = load_hf_tokenizer(spec["tokenizer"])
+    train(spec, model, pretrain.load_rows(spec, tok), loss_fn)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [2, 3]
+    assert set(seen) == {(True, True), (False, False)}  # training: train mode with grad; eval: neither
+    assert seen.count((True, True)) == 3  # one micro-batch per step
