@@ -325,6 +325,13 @@ class Job(Shareable):
         return stored_text(self.error, self.error_params)
 
     @property
+    def config_json(self) -> str:
+        """The resolved configuration as the API and a spec file write it (true, null; not Python's True, None)."""
+        import json
+
+        return json.dumps(self.resolved_config, indent=2, sort_keys=True, ensure_ascii=False)
+
+    @property
     def is_final(self):
         return self.status in self.FINAL
 

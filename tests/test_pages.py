@@ -156,7 +156,7 @@ def test_compare_page_overlays_jobs_and_lists_config_differences(logged_in, user
     b = _job_with_points(user, "b", 20, {"batch_size": 32, "learning_rate": 1e-3})
     r = logged_in.get(f"/jobs/compare/?ids={a.pk},{b.pk}")
     assert r.status_code == 200
-    assert [k for k, _ in r.context["differing"]][-1] == "batch_size"
+    assert r.context["differing"][-1] == ("batch_size", ["16", "32"])
     assert set(r.context["series"]) == {str(a.pk), str(b.pk)} and "loss" in r.context["metric_keys"]
     assert logged_in.get("/jobs/compare/?ids=oops").status_code == 200  # bad input: an empty comparison
 
@@ -223,6 +223,18 @@ def test_job_page_shows_memory_estimate_and_peak(logged_in, user):
     Job.objects.filter(pk=job.pk).update(memory_estimate=6 * 2**30, peak_memory=5 * 2**30)
     text = logged_in.get(f"/jobs/{job.pk}/").content.decode().replace("\xa0", " ")
     assert "6.0 GB" in text and "5.0 GB" in text and "+20%" in text
+
+
+def test_job_page_shows_its_configuration_as_json(logged_in, user):
+    import html
+    import json
+    import re
+
+    config = {"use_compile": True, "max_steps": None, "learning_rate": 0.0005, "lora_targets": ["q_proj"]}
+    job = _job_with_points(user, "cfg", 1, config)
+    page = logged_in.get(f"/jobs/{job.pk}/").content.decode()
+    shown = re.search(r'<pre class="record">(.*?)</pre>', page, re.S).group(1)
+    assert json.loads(html.unescape(shown)) == config  # copyable into a spec or an API call as it stands
 
 
 def test_job_history_names_its_events_in_the_pages_language(logged_in, user):

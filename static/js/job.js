@@ -18,9 +18,9 @@
     { x: lr.x, y: lr.y, name: "lr", mode: "lines", yaxis: "y2", line: { color: "#f59e0b", dash: "dot" } },
     { x: evl.x, y: evl.y, name: "eval loss", mode: "lines+markers", line: { color: "#16a34a" } },
   ], {
-    margin: { t: 10, r: 60, b: 40, l: 50 }, height: 320, legend: { orientation: "h" },
+    margin: { t: 10, r: 70, b: 40, l: 50 }, height: 320, legend: { orientation: "h" },
     xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
-    yaxis2: { title: { text: "lr" }, overlaying: "y", side: "right", exponentformat: "e" },
+    yaxis2: { title: { text: "lr" }, overlaying: "y", side: "right", tickformat: ".1e" },  // 3.0e-4: short ticks
   }, { responsive: true, displaylogo: false });
   chart.dataset.points = String(loss.x.length);
 
