@@ -418,6 +418,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
                             eta_s=round((total_steps - step) / max(rate, 1e-9), 1))
                 t_log, tok_log = now, tokens_seen
             acc_loss, acc_parts, acc_n = 0.0, {}, 0
+            t_aside = time.time()
             if eval_data is not None and (step % eval_every == 0 or step == total_steps):
                 last_eval["loss"] = evaluate()
                 events.emit("eval", step=step, metrics={"eval_loss": last_eval["loss"]})
@@ -432,6 +433,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
                 raise SystemExit(EXIT_STOPPED)
             if step % cfg["save_interval"] == 0 and step < total_steps:
                 save_checkpoint()
+            t_log += time.time() - t_aside  # tokens/s is the training's own: evals and checkpoints are not in it
         if micro >= iters:
             epoch, micro = epoch + 1, 0
     files = save_checkpoint()

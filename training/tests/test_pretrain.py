@@ -265,3 +265,31 @@ def test_eval_loss_is_computed_without_gradients_in_eval_mode(make_spec, capsys)
     assert [e["step"] for e in events if e["event"] == "eval"] == [2, 3]
     assert set(seen) == {(True, True), (False, False)}  # training: train mode with grad; eval: neither
     assert seen.count((True, True)) == 3  # one micro-batch per step
+
+
+def test_tokens_per_s_leaves_out_the_time_of_evals_and_checkpoints(make_spec, capsys):
+    """A slow checkpoint (a busy disk) is not a dip in the throughput chart: each interval's tokens/s counts the
+    training's own time."""
+    import time
+
+    from training import pretrain
+    from training.chat import load_hf_tokenizer
+    from training.loop import default_save, train
+    from training.model import build_model
+    from training.spec import load_spec, model_config
+
+    spec = load_spec(make_spec(max_steps=8, save_interval=4, eval_ratio=0.1))
+
+    def slow_save(model, run_dir):
+        time.sleep(1.5)
+        return default_save(model, run_dir)
+
+    torch.manual_seed(0)
+    tok = load_hf_tokenizer(spec["tokenizer"])
+    train(spec, build_model(model_config(spec["config"])), pretrain.load_rows(spec, tok), pretrain.lm_loss,
+          save_fn=slow_save)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rates = {e["step"]: e["metrics"]["tokens_per_s"] for e in events if e["event"] == "step"}
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4, 8]
+    # step 5's interval began with step 4's 1.5 s save; a tiny model's step takes milliseconds
+    assert rates[5] > 0.3 * min(rates[3], rates[6]), rates
