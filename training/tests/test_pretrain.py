@@ -75,6 +75,32 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
         assert resumed[step] == loss, (step, resumed[step], loss)
 
 
+def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_spec, tmp_path):
+    """MiniMind's trainers cannot resume a --use_compile 1 run (minimind#701: the compiled wrapper's `_orig_mod.`
+    keys). The engine saves the model itself, so a compiled run's checkpoint resumes with or without compiling and
+    its .pth loads strictly into Qwen3ForCausalLM."""
+    rc, compiled, other = run_engine(make_spec("compiled", use_compile=True, max_steps=8, save_interval=4,
+                                               keep_checkpoints=3))
+    assert rc == 0, other
+    assert any("torch.compile enabled" in e.get("message", "") for e in compiled)
+    checkpoint = tmp_path / "compiled" / "checkpoints" / "step-0000004.pt"
+    assert not any("_orig_mod" in k for k in torch.load(checkpoint, weights_only=False)["model"])
+    done = compiled[-1]
+    Qwen3ForCausalLM(hf_config(done["model_config"])).load_state_dict(
+        torch.load(done["model_path"], weights_only=True), strict=True)
+    spec_path = make_spec("eager", max_steps=8, save_interval=4)
+    (tmp_path / "eager" / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, tmp_path / "eager" / "checkpoints" / "resume.pt")
+    spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), "resume": True}))
+    rc, resumed, other = run_engine(spec_path)
+    assert rc == 0, other
+    assert next(e for e in resumed if e["event"] == "start")["resumed_from_step"] == 4
+    after = losses(resumed)
+    assert sorted(after) == [5, 6, 7, 8]
+    for step, loss in after.items():  # the same run: compiled and eager kernels differ only in rounding
+        assert loss == pytest.approx(losses(compiled)[step], rel=1e-3), step
+
+
 def test_resumed_with_half_the_batch_and_twice_the_accumulation_the_run_goes_on_as_before(make_spec, tmp_path):
     """The out-of-memory retry: the checkpoint of step 6 resumed with batch 8 × accumulation 2 instead of 16 × 1
     continues at the same row with the same optimizer batches, so the losses are those of the run that went on."""
