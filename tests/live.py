@@ -61,6 +61,7 @@ class LiveNode:
 
     def start(self, timeout=120):
         self.log_file = open(self.log_path, "ab")
+        started_at = self.log_path.stat().st_size  # a restart: only this serve's own lines count below
         self.proc = subprocess.Popen([sys.executable, "manage.py", "serve", *self.args], cwd=ROOT, env=self.env,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
@@ -68,7 +69,10 @@ class LiveNode:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited early:\n{self.log()}")
             try:
-                if self.request("GET", "/api/v1/health", auth=False)[0] == 200:
+                # after a kill -9, the old web processes may still answer while they shut down: wait for this
+                # serve's own start (its web processes spawned, the old ones killed) before asking
+                ready = b"Press Ctrl-C to stop." in self.log_path.read_bytes()[started_at:]
+                if ready and self.request("GET", "/api/v1/health", auth=False)[0] == 200:
                     break
             except OSError:
                 pass

@@ -37,6 +37,11 @@ class Command(BaseCommand):
         from jobs import services
         from minicloud.errors import ServiceError
 
+        # Ctrl-C or SIGTERM during the setup below (migrations, the first admin, reconciling this node's jobs) is
+        # kept and honoured once the setup is done, so a migration is never cut in half and the signal is not lost.
+        self.stopping = False
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
         self.web, self.worker = not worker, not web
         if not no_setup and self.web:
             call_command("migrate", interactive=False, verbosity=0)
@@ -57,9 +62,9 @@ class Command(BaseCommand):
             if requeued:
                 self.stdout.write(f"Requeued interrupted jobs to resume: {requeued}")
 
-        self.stopping = False
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        if self.stopping:
+            self.stdout.write("Stopped before starting.")
+            return
         py = sys.executable
         # Own sessions, so a terminal's Ctrl-C reaches only this parent; killed with it if it dies (PDEATHSIG), and
         # recorded in a pidfile so a later start can clear what a `kill -9` of this parent left behind.
