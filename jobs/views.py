@@ -214,8 +214,8 @@ def compare(request):
     for points in series.values():
         keys += [k for k in selectors.metric_keys(points) if k not in keys]
     config_keys = sorted({k for job in jobs for k in job.resolved_config})
-    differing = [(k, [json.dumps(job.resolved_config.get(k), ensure_ascii=False) for job in jobs]) for k in config_keys
-                 if len({repr(job.resolved_config.get(k)) for job in jobs}) > 1]  # values written as JSON
+    values = {k: [json.dumps(job.resolved_config.get(k), ensure_ascii=False) for job in jobs] for k in config_keys}
+    differing = [(k, v) for k, v in values.items() if len(set(v)) > 1]  # values written as JSON
     return render(request, "jobs/compare.html", {
         "jobs": jobs, "series": {str(k): v for k, v in series.items()}, "metric_keys": keys,
         "differing": [("stage", [j.stage for j in jobs]), ("dataset", [j.dataset.name for j in jobs])]

@@ -1,6 +1,7 @@
 """Registering models and tokenizers. No torch here: the engine writes the files, the portal records them."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -669,13 +670,19 @@ def encode(tok: Tokenizer, text: str) -> dict:
             "characters": len(text[:20_000])}
 
 
+@functools.cache
+def _byte_of_character() -> dict:
+    """GPT-2's byte-level alphabet inverted: the byte each of its 256 printable characters stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def _byte_notation(token: str) -> str:
     """A byte-level BPE token (GPT-2's alphabet: one printable character per byte, as MiniMind's tokenizer stores
     them) written as its bytes, ``<0xE4><0xBD>``, the notation of SentencePiece's byte tokens; a token of any other
     alphabet is shown as stored."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    to_byte = _byte_of_character()
     if not token or any(c not in to_byte for c in token):
         return token
     return "".join(f"<0x{to_byte[c]:02X}>" for c in token)

@@ -267,27 +267,35 @@ def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path):
     assert rc == 2 and "eval_dataset" in (other[-1] if other else json.dumps(events[-1]))
 
 
-def test_eval_loss_is_computed_without_gradients_in_eval_mode(make_spec, capsys):
-    """Training batches build a graph in train mode; the eval batches (up to 20 per eval) neither build one nor run
-    in train mode, so a compiled job compiles nothing for them and they cost no activation memory."""
+def _pretrain_in_process(spec_path, capsys, **train_args) -> list[dict]:
+    """``training.loop.train`` on a tiny pretraining spec in this process (so that a test can hand it its own loss_fn
+    or save_fn); returns the events it printed."""
     from training import pretrain
     from training.chat import load_hf_tokenizer
     from training.loop import train
     from training.model import build_model
     from training.spec import load_spec, model_config
 
-    spec = load_spec(make_spec(max_steps=3, eval_ratio=0.2, save_interval=2))
+    spec = load_spec(spec_path)
     torch.manual_seed(0)
-    model = build_model(model_config(spec["config"]))
+    tok = load_hf_tokenizer(spec["tokenizer"])
+    train_args.setdefault("loss_fn", pretrain.lm_loss)
+    train(spec, build_model(model_config(spec["config"])), pretrain.load_rows(spec, tok), **train_args)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_eval_loss_is_computed_without_gradients_in_eval_mode(make_spec, capsys):
+    """Training batches build a graph in train mode; the eval batches (up to 20 per eval) neither build one nor run
+    in train mode, so a compiled job compiles nothing for them and they cost no activation memory."""
+    from training.pretrain import lm_loss
+
     seen = []
 
     def loss_fn(m, batch):
         seen.append((m.training, torch.is_grad_enabled()))
-        return pretrain.lm_loss(m, batch)
+        return lm_loss(m, batch)
 
-    tok = load_hf_tokenizer(spec["tokenizer"])
-    train(spec, model, pretrain.load_rows(spec, tok), loss_fn)
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    events = _pretrain_in_process(make_spec(max_steps=3, eval_ratio=0.2, save_interval=2), capsys, loss_fn=loss_fn)
     assert [e["step"] for e in events if e["event"] == "eval"] == [2, 3]
     assert set(seen) == {(True, True), (False, False)}  # training: train mode with grad; eval: neither
     assert seen.count((True, True)) == 3  # one micro-batch per step
@@ -298,23 +306,13 @@ def test_tokens_per_s_leaves_out_the_time_of_evals_and_checkpoints(make_spec, ca
     training's own time."""
     import time
 
-    from training import pretrain
-    from training.chat import load_hf_tokenizer
-    from training.loop import default_save, train
-    from training.model import build_model
-    from training.spec import load_spec, model_config
-
-    spec = load_spec(make_spec(max_steps=8, save_interval=4, eval_ratio=0.1))
+    from training.loop import default_save
 
     def slow_save(model, run_dir):
         time.sleep(1.5)
         return default_save(model, run_dir)
 
-    torch.manual_seed(0)
-    tok = load_hf_tokenizer(spec["tokenizer"])
-    train(spec, build_model(model_config(spec["config"])), pretrain.load_rows(spec, tok), pretrain.lm_loss,
-          save_fn=slow_save)
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    events = _pretrain_in_process(make_spec(max_steps=8, save_interval=4, eval_ratio=0.1), capsys, save_fn=slow_save)
     rates = {e["step"]: e["metrics"]["tokens_per_s"] for e in events if e["event"] == "step"}
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4, 8]
     # step 5's interval began with step 4's 1.5 s save; a tiny model's step takes milliseconds
