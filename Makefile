@@ -3,7 +3,12 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test setup messages clean
+.PHONY: run test test-fast setup messages clean
+
+# Two pytest-xdist workers by default (docs/performance.md, "The test suite"); `make test WORKERS=0` runs in one
+# process. PYTEST_ARGS adds pytest options (.ci/run leaves the pure engine tests out of the PostgreSQL pass).
+WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +27,11 @@ run: setup
 	$(BIN)/python manage.py serve
 
 test: setup
-	$(BIN)/python -m pytest
+	$(PYTEST) $(PYTEST_ARGS)
+
+# Everything but the slow end-to-end flows (marked `slow`), for use while working; `make test` and CI run them too.
+test-fast: setup
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # Refresh the Simplified Chinese catalogue after changing strings (needs GNU gettext); the .mo is committed.
 messages: setup

@@ -1,5 +1,65 @@
+"""Fixtures for every test, and how the suite is shared between pytest-xdist's workers (docs/performance.md, "The test
+suite"): the tests that use the one shared live node (``live``) go to one worker so that they share one `serve`
+start; the slow flows are handed out first so that neither worker is left with a long tail."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 from django.contrib.auth import get_user_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on a 2-core machine, each running tiny models (and a live node's training processes): one thread
+    # each is faster than two that fight over both cores. Set before anything imports torch; inherited by the
+    # engine subprocesses and the live nodes the tests start.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Each worker its own broker queue and channel prefix when tests share one Redis.
+    os.environ.setdefault("MINICLOUD_INSTANCE", f"minicloud-test-{os.environ['PYTEST_XDIST_WORKER']}")
+
+def pytest_configure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller: where the first worker writes the groups
+        os.environ["MINICLOUD_TEST_GROUPS"] = str(Path(tempfile.gettempdir()) / f"minicloud-groups-{os.getpid()}.json")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    result = yield
+    # After the other plugins (pytest-django orders by database use; the order within each part stays): the live
+    # node's tests, then the slow flows. xdist hands out work in this order (a group where its first test stands).
+    items.sort(key=lambda item: ("live" not in getattr(item, "fixturenames", ()), not item.get_closest_marker("slow")))
+    if os.environ.get("PYTEST_XDIST_WORKER") == "gw0" and os.environ.get("MINICLOUD_TEST_GROUPS"):
+        groups = {item.nodeid: "live" for item in items if "live" in getattr(item, "fixturenames", ())}
+        Path(os.environ["MINICLOUD_TEST_GROUPS"]).write_text(json.dumps(groups))
+    return result
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown where xdist is not loaded (-p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups the first worker wrote while collecting: xdist's own loadgroup renames
+    a test's node id to mark its group, which pytest 9 no longer lets it do (every test ends up alone)."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        groups = None
+
+        def _split_scope(self, nodeid):
+            if self.groups is None:
+                path = Path(os.environ["MINICLOUD_TEST_GROUPS"])
+                self.groups = json.loads(path.read_text()) if path.exists() else {}
+                path.unlink(missing_ok=True)
+            return self.groups.get(nodeid, nodeid)
+
+    return Groups(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """In-process tests create many users; PBKDF2's 1,000,000 rounds cost ~0.5 s each on a small CPU. The live nodes
+    (end-to-end and browser tests) run with the real hasher."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture(autouse=True)

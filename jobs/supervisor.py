@@ -1,6 +1,7 @@
 """Runs one claimed job as a child process and mirrors its events into the database.
 
-The child is ``python -u -m training run SPEC.json`` in a new process group. Its stdout (JSON-lines events, with
+The child is ``python -u -m training run SPEC.json`` in a new process group (forked from this worker's warm engine
+when it runs on a CPU slot: jobs/engine_process.py). Its stdout (JSON-lines events, with
 stderr merged in) is read by a thread; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text
 in one short transaction, checks for cancellation or node shutdown, and signals the group: SIGTERM (the engine
 checkpoints and exits), then SIGKILL after ``JOB_KILL_GRACE_S``.
@@ -25,7 +26,7 @@ from django.utils.translation import gettext_noop
 
 from models_registry.services import record_evaluation, register_job_output
 
-from . import services
+from . import engine_process, services
 from .models import Job, LogChunk, MetricPoint, Node
 from .services import die_with_parent
 
@@ -127,12 +128,8 @@ class Supervisor:
         env = _device_env(self.job.node, devices)
         log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
         self.raw_log = log_file
-        # The child dies with its supervisor (PDEATHSIG): a job whose node is lost must not go on writing its run
-        # folder while another node resumes it.
-        self.proc = subprocess.Popen(
-            engine_command(spec_path, len(devices), self.job), cwd=str(settings.BASE_DIR), env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8",
-            errors="replace", bufsize=1, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
+        self.proc = engine_process.launch(engine_command(spec_path, len(devices), self.job), env=env,
+                                          cwd=str(settings.BASE_DIR))
         self.started = time.monotonic()
         Job.objects.filter(pk=self.job.pk).update(pid=self.proc.pid)
         threading.Thread(target=self._reader, args=(self.proc.stdout,), daemon=True).start()

@@ -224,6 +224,8 @@ else:
 # The job supervisor: seconds between SIGTERM and SIGKILL, and how often it flushes events and checks for cancel.
 JOB_KILL_GRACE_S = envint("MINICLOUD_KILL_GRACE", 8)
 JOB_POLL_S = 0.5
+# Single-process jobs on CPU slots fork from a warm engine that imported torch and transformers once (jobs/engine_process.py).
+WARM_START = envbool("MINICLOUD_WARM_START", "1")
 # How many times a job whose process crashed (killed, node lost) is resumed automatically from its checkpoint.
 AUTO_RESUME_LIMIT = envint("MINICLOUD_AUTO_RESUME", 1)
 # Fair share: a user's past device use counts half as much after this many hours.

@@ -7,7 +7,7 @@ import pytest
 
 from .live import ADMIN, TINY
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
 
 

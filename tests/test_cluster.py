@@ -19,7 +19,7 @@ from websockets.sync.client import connect
 
 from .live import ROOT, TINY, LiveNode, processes_of
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.skipif(
     not os.environ.get("DATABASE_URL", "").startswith("postgres") or not os.environ.get("REDIS_URL"),
     reason="needs DATABASE_URL=postgres://… and REDIS_URL (several nodes share them)")]
 

@@ -69,6 +69,7 @@ def test_devices_health_and_errors(live):
     assert status == 400 and body["details"]["field"] == "config.hidden_size"
 
 
+@pytest.mark.slow
 def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_client(live, tmp_path):
     import json
     import zipfile

@@ -16,8 +16,10 @@ def log_text(live, job_id):
     return live.request("GET", f"/api/v1/jobs/{job_id}/logs?after=0")[1]["text"]
 
 
+@pytest.mark.slow
 def test_pause_then_resume_continues_from_the_checkpoint(live):
-    job = live.submit("pause-me", {**TINY, "max_steps": 400, "log_interval": 1, "save_interval": 1000,
+    # 150 steps: the pause lands within a few steps of step 5, the rest runs after the resume
+    job = live.submit("pause-me", {**TINY, "max_steps": 150, "log_interval": 1, "save_interval": 1000,
                                    "epochs": 5})
     live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 5, what="running")
     status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/pause")
@@ -29,7 +31,7 @@ def test_pause_then_resume_continues_from_the_checkpoint(live):
     status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/resume")
     assert status == 202 and body["status"] == "queued"
     done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="finished")
-    assert done["status"] == "succeeded" and done["step"] == 400
+    assert done["status"] == "succeeded" and done["step"] == 150
     text = log_text(live, job["id"])
     resumed_at = int(text.split("resumed from step ")[1].split()[0])
     assert resumed_at >= step > 0  # continued from the pause checkpoint, not from step 0
@@ -90,12 +92,13 @@ def test_out_of_memory_fails_the_job_with_the_reason_and_frees_the_device(live):
     assert "ERROR out of memory" in log_text(live, job["id"])
 
 
+@pytest.mark.slow
 def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
     node = LiveNode(tmp_path / "home")
     (tmp_path / "home").mkdir()
     node.start()
     try:
-        job = node.submit("survivor", {**TINY, "max_steps": 150, "log_interval": 1, "save_interval": 10})
+        job = node.submit("survivor", {**TINY, "max_steps": 60, "log_interval": 1, "save_interval": 10})
         node.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 25, what="past a checkpoint")
         node.proc.send_signal(signal.SIGKILL)
         node.proc.wait()
@@ -125,6 +128,7 @@ def test_a_two_device_job_runs_ddp_under_torchrun(live):
     assert "step 1/6 (epoch 1)" in text and "tokens: 2048\n" in text and text.count("step 6/6") == 1, text[-3000:]
 
 
+@pytest.mark.slow
 def test_fifty_queued_jobs_from_ten_users_drain_in_fair_order(tmp_path):
     """Ten users queue five jobs each while no worker runs (the first user all five before anyone else); then the
     real `serve` drains the queue on its two CPU slots: everyone's first job starts before anyone's second, and every

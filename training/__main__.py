@@ -1,5 +1,6 @@
 """``python -m training run SPEC.json`` | ``demo-data OUT_DIR`` | ``train-tokenizer DATA.jsonl... --out DIR`` |
-``convert hf|pth SRC OUT`` | ``inspect PTH --config C`` | ``merge-lora BASE LORA OUT --config C`` | ``chat-worker``."""
+``convert hf|pth SRC OUT`` | ``inspect PTH --config C`` | ``merge-lora BASE LORA OUT --config C`` | ``chat-worker`` |
+``warm FD`` (the fork server of training.warm)."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +151,12 @@ def cmd_chat_worker(args) -> int:
     return worker()
 
 
+def cmd_warm(args) -> int:
+    from .warm import serve
+
+    return serve(args.fd)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     parser = argparse.ArgumentParser(prog="python -m training")
@@ -184,17 +191,24 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_merge_lora)
     p = sub.add_parser("chat-worker", help="JSON-lines generation server on stdin/stdout (playground, /v1 API)")
     p.set_defaults(func=cmd_chat_worker)
+    p = sub.add_parser("warm", help="fork server: the engine imported once, a forked child per run (training.warm)")
+    p.add_argument("fd", type=int, help="the Unix socket its supervisor sends runs on")
+    p.add_argument("room", nargs="?", help="blank room in the command line for the children's titles")
+    p.set_defaults(func=cmd_warm)
     args = parser.parse_args(argv)
     return args.func(args)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """What ``python -m training ARGS`` does, as a function (the warm fork server's children call it too): the exit
+    code of ``main``, a SIGUSR1 handler that prints every thread's stack (kill -USR1 PID: where a stuck process is),
+    and the end of a torchrun rank."""
     import faulthandler
     import signal
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where a stuck process is, on stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        code = main()
+        code = main(argv)
     except SystemExit as exc:  # a run stopped by a signal exits with EXIT_STOPPED
         code = exc.code
     dist = sys.modules.get("torch.distributed")
@@ -202,4 +216,8 @@ if __name__ == "__main__":
         from .loop import leave_world
 
         leave_world(code)
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

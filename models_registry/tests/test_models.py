@@ -87,6 +87,7 @@ def test_private_models_are_invisible_to_others_until_shared(client, tiny, other
     assert client.delete(f"/api/v1/models/{tiny.pk}", **bob).status_code == 403
 
 
+@pytest.mark.slow
 def test_import_a_minimind_pth_with_its_config_and_generate(client, token, user, tmp_path):
     mcfg = _weights(tmp_path / "full_sft_64.pth", seed=3)
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
@@ -118,6 +119,7 @@ def test_import_a_minimind_pth_with_its_config_and_generate(client, token, user,
     assert out["usage"]["completion_tokens"] <= 5 and out["choices"][0]["message"]["role"] == "assistant"
 
 
+@pytest.mark.slow
 def test_import_a_zipped_hf_folder_and_refuse_other_architectures(api, client, token, tiny, tmp_path):
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
     raw = b"".join(api.get(f"/api/v1/models/{tiny.pk}/download?format=hf").streaming_content)

@@ -1,4 +1,6 @@
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -6,18 +8,52 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / "var" / "test-cache"
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "batch_size": 16, "max_seq_len": 64, "accumulation_steps": 1, "learning_rate": 3e-3, "log_interval": 1,
         "dtype": "float32"}
 
 
+def code_key(*extra) -> str:
+    """What a cached fixture depends on: the engine's code (training/, not its tests), the versions of torch,
+    transformers and tokenizers, and the fixture's own parameters."""
+    import tokenizers
+    import torch
+    import transformers
+
+    h = hashlib.sha256(f"{torch.__version__} {transformers.__version__} {tokenizers.__version__} {extra!r}".encode())
+    for path in sorted((ROOT / "training").glob("*")):
+        if path.is_file() and path.suffix in (".py", ".jinja"):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def built_once(name: str, build, *params) -> Path:
+    """The folder ``var/test-cache/NAME-KEY``, made by ``build(folder)`` once for every pytest-xdist worker and every
+    later session until the engine's code (or ``params``) changes: a file lock makes the other workers wait for the
+    first, and only a finished folder is renamed into place (a killed build leaves nothing that is trusted)."""
+    from filelock import FileLock
+
+    done = CACHE / f"{name}-{code_key(name, *params)}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(CACHE / f"{name}.lock")):
+        if not done.exists():
+            for old in CACHE.glob(f"{name}-*"):  # older code's fixtures, a killed build's leftovers
+                shutil.rmtree(old, ignore_errors=True)
+            part = done.with_name(done.name + ".part")
+            part.mkdir()
+            build(part)
+            part.rename(done)
+    return done
+
+
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
+def demo_dir():
+    """The demo datasets and tokenizer, as `python -m training demo-data` writes them (the tokenizer the cached
+    ``trained`` models were trained with)."""
     from training.__main__ import main
 
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo-data", str(out)]) == 0
-    return out
+    return built_once("demo", lambda out: main(["demo-data", str(out)]) == 0 or pytest.fail("demo-data failed"))
 
 
 @pytest.fixture
@@ -43,6 +79,39 @@ def run_engine(spec_path, **popen):
         except json.JSONDecodeError:
             other.append(line)
     return proc.returncode, events, other + proc.stderr.splitlines()
+
+
+def run_in_process(spec_path):
+    """``run_engine`` in this process: the same CLI (``training.__main__.main``), without the ~7 s of imports that a
+    fresh interpreter pays. For the tests about what the engine computes; the ones about the process (signals, exit
+    codes, a fresh interpreter, a real allocation failure) keep ``run_engine``."""
+    import contextlib
+    import io
+    import signal
+
+    from training.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["run", str(spec_path)])
+    finally:  # the engine's stop flag catches SIGTERM/SIGINT: pytest's own handlers come back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    events, other = [], []
+    for line in out.getvalue().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            other.append(line)
+    return rc, events, other + err.getvalue().splitlines()
+
+
+@pytest.fixture
+def engine():
+    """``run_in_process`` as a fixture: ``engine(spec_path)`` -> (rc, events, other output lines)."""
+    return run_in_process
 
 
 def run_torchrun(spec_path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -87,32 +156,37 @@ def losses(events):
 ARCH = {k: TINY[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
 
 
-def run_inprocess(spec: dict, tmp_path, capsys, name="run"):
-    """Run the engine's CLI in this process (no interpreter start-up); returns (rc, events)."""
-    from training.__main__ import main
-
+def run_inprocess(spec: dict, tmp_path, capsys=None, name="run"):
+    """``run_in_process`` for a spec given as a dict; returns (rc, events). (``capsys`` is no longer needed: the
+    output is captured here.)"""
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(spec))
-    capsys.readouterr()
-    rc = main(["run", str(path)])
-    out = capsys.readouterr().out
-    return rc, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rc, events, _ = run_in_process(path)
+    return rc, [e for e in events if isinstance(e, dict)]
+
+
+TRAINED = (("pretrain", "demo-pretrain", None, 150), ("sft", "demo-sft", "pretrain", 300))
 
 
 @pytest.fixture(scope="session")
-def trained(demo_dir, tmp_path_factory):
-    """A tiny pretrained model and an SFT model on top of it (trained once per session, in a subprocess)."""
-    root = tmp_path_factory.mktemp("trained")
-    out = {}
-    for stage, data, base, steps in (("pretrain", "demo-pretrain", None, 150), ("sft", "demo-sft", "pretrain", 300)):
-        spec = {"stage": stage, "run_dir": str(root / stage), "dataset": str(demo_dir / f"{data}.jsonl"),
-                "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu",
-                "config": {**TINY, "max_steps": steps, "epochs": 3, "log_interval": 50}}
-        if base:
-            spec["base_model"] = {"path": out[base], "config": ARCH}
-        path = root / f"{stage}.json"
-        path.write_text(json.dumps(spec))
-        rc, events, other = run_engine(path)
-        assert rc == 0, other
-        out[stage] = events[-1]["model_path"]
-    return out
+def trained(demo_dir):
+    """A tiny pretrained model and an SFT model on top of it, trained by the engine once for all workers and sessions
+    until the engine changes (``built_once``); the paths of their MiniMind ``.pth`` files."""
+
+    def build(root):
+        out = {}
+        for stage, data, base, steps in TRAINED:
+            spec = {"stage": stage, "run_dir": str(root / stage), "dataset": str(demo_dir / f"{data}.jsonl"),
+                    "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu",
+                    "config": {**TINY, "max_steps": steps, "epochs": 3, "log_interval": 50}}
+            if base:
+                spec["base_model"] = {"path": str(root / out[base]), "config": ARCH}
+            path = root / f"{stage}.json"
+            path.write_text(json.dumps(spec))
+            rc, events, other = run_in_process(path)
+            assert rc == 0, other
+            out[stage] = str(Path(events[-1]["model_path"]).relative_to(root))
+        (root / "trained.json").write_text(json.dumps(out))
+
+    root = built_once("trained", build, TRAINED, TINY)
+    return {stage: str(root / rel) for stage, rel in json.loads((root / "trained.json").read_text()).items()}

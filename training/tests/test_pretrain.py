@@ -16,8 +16,8 @@ from training.spec import model_config, resolve_config
 from .conftest import ROOT, losses, run_engine, run_inprocess
 
 
-def test_pretrain_loss_falls_well_below_start(make_spec):
-    rc, events, other = run_engine(make_spec(max_steps=120))
+def test_pretrain_loss_falls_well_below_start(make_spec, engine):
+    rc, events, other = engine(make_spec(max_steps=120))
     assert rc == 0, other
     kinds = [e["event"] for e in events]
     assert kinds[0] == "log" and "start" in kinds and kinds[-1] == "done"
@@ -29,8 +29,8 @@ def test_pretrain_loss_falls_well_below_start(make_spec):
     assert step["step"] == 120 and step["metrics"]["tokens"] > 0 and step["metrics"]["lr"] > 0
 
 
-def test_pth_is_minimind_layout_and_loads_strictly_into_qwen3(make_spec, tmp_path):
-    rc, events, other = run_engine(make_spec(max_steps=3))
+def test_pth_is_minimind_layout_and_loads_strictly_into_qwen3(make_spec, engine):
+    rc, events, other = engine(make_spec(max_steps=3))
     assert rc == 0, other
     done = events[-1]
     sd = torch.load(done["model_path"], weights_only=True)
@@ -75,7 +75,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
         assert resumed[step] == loss, (step, resumed[step], loss)
 
 
-def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_spec, tmp_path):
+@pytest.mark.slow
+def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_spec, tmp_path, engine):
     """MiniMind's trainers cannot resume a --use_compile 1 run (minimind#701: the compiled wrapper's `_orig_mod.`
     keys). The engine saves the model itself, so a compiled run's checkpoint resumes with or without compiling and
     its .pth loads strictly into Qwen3ForCausalLM."""
@@ -92,7 +93,7 @@ def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_sp
     (tmp_path / "eager" / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpoint, tmp_path / "eager" / "checkpoints" / "resume.pt")
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), "resume": True}))
-    rc, resumed, other = run_engine(spec_path)
+    rc, resumed, other = engine(spec_path)
     assert rc == 0, other
     assert next(e for e in resumed if e["event"] == "start")["resumed_from_step"] == 4
     after = losses(resumed)
@@ -101,10 +102,11 @@ def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_sp
         assert loss == pytest.approx(losses(compiled)[step], rel=1e-3), step
 
 
-def test_resumed_with_half_the_batch_and_twice_the_accumulation_the_run_goes_on_as_before(make_spec, tmp_path):
+def test_resumed_with_half_the_batch_and_twice_the_accumulation_the_run_goes_on_as_before(make_spec, tmp_path,
+                                                                                            engine):
     """The out-of-memory retry: the checkpoint of step 6 resumed with batch 8 × accumulation 2 instead of 16 × 1
     continues at the same row with the same optimizer batches, so the losses are those of the run that went on."""
-    rc, straight, other = run_engine(make_spec("straight", max_steps=12, save_interval=6, keep_checkpoints=3))
+    rc, straight, other = engine(make_spec("straight", max_steps=12, save_interval=6, keep_checkpoints=3))
     assert rc == 0, other
     start = next(e for e in straight if e["event"] == "start")
     assert start["samples"] > 12 * 16 and start["steps_per_epoch"] > 12  # one epoch: no short last step
@@ -114,7 +116,7 @@ def test_resumed_with_half_the_batch_and_twice_the_accumulation_the_run_goes_on_
                 tmp_path / "halved" / "checkpoints" / "resume.pt")
     spec = json.loads(spec_path.read_text())
     spec_path.write_text(json.dumps({**spec, "resume": True}))
-    rc, resumed, other = run_engine(spec_path)
+    rc, resumed, other = engine(spec_path)
     assert rc == 0, other
     assert any("batch size 16 → 8" in e.get("message", "") for e in resumed)
     assert next(e for e in resumed if e["event"] == "start")["resumed_from_step"] == 6
@@ -138,14 +140,14 @@ def test_unknown_compile_mode_is_refused_naming_the_field(make_spec):
     assert events[-1]["field"] == "compile_mode" and "reduce-overhead" in events[-1]["message"]
 
 
-def test_bad_dataset_line_is_named(make_spec, tmp_path):
+def test_bad_dataset_line_is_named(make_spec, tmp_path, engine):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
     spec_path = make_spec(max_steps=2)
     spec = json.loads(spec_path.read_text())
     spec["dataset"] = str(bad)
     spec_path.write_text(json.dumps(spec))
-    rc, events, _ = run_engine(spec_path)
+    rc, events, _ = engine(spec_path)
     assert rc == 1
     assert events[-1]["event"] == "error" and "line 2" in events[-1]["message"]
 
@@ -221,7 +223,7 @@ def test_config_defaults_and_derived_sizes():
 
 
 
-def test_bad_sft_record_is_named_by_line(demo_dir, tmp_path):
+def test_bad_sft_record_is_named_by_line(demo_dir, tmp_path, engine):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                    '{"conversations": [{"role": "user", "content": "no answer"}]}\n')
@@ -229,7 +231,7 @@ def test_bad_sft_record_is_named_by_line(demo_dir, tmp_path):
             "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu", "config": {"max_steps": 1}}
     path = tmp_path / "s.json"
     path.write_text(json.dumps(spec))
-    rc, events, _ = run_engine(path)
+    rc, events, _ = engine(path)
     assert rc == 1 and "line 2" in events[-1]["message"] and "assistant" in events[-1]["message"]
 
 
@@ -245,7 +247,7 @@ def test_checkpoints_rotate_keeping_the_last_and_the_best(tmp_path):
     assert [(e["step"], e["best"]) for e in index] == [(20, True), (40, False), (50, False)]
 
 
-def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path):
+def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path, engine):
     """With eval_dataset the whole dataset trains and the eval loss comes from the other file."""
     held_out = tmp_path / "held-out.jsonl"
     lines = (demo_dir / "demo-pretrain.jsonl").read_text().splitlines()
@@ -254,16 +256,16 @@ def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path):
     spec = json.loads(path.read_text())
     spec["eval_dataset"] = str(held_out)
     path.write_text(json.dumps(spec))
-    rc, events, other = run_engine(path)
+    rc, events, other = engine(path)
     assert rc == 0, other
     start = next(e for e in events if e["event"] == "start")
-    _, split_events, _ = run_engine(make_spec("split", max_steps=1))
+    _, split_events, _ = engine(make_spec("split", max_steps=1))
     split_start = next(e for e in split_events if e["event"] == "start")
     assert start["samples"] > split_start["samples"]  # nothing held out of the training data
     assert start["eval_samples"] > 0 and [e["step"] for e in events if e["event"] == "eval"] == [2, 4]
     spec["eval_dataset"] = str(tmp_path / "missing.jsonl")
     path.write_text(json.dumps(spec))
-    rc, events, other = run_engine(path)
+    rc, events, other = engine(path)
     assert rc == 2 and "eval_dataset" in (other[-1] if other else json.dumps(events[-1]))
 
 

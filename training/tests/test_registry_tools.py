@@ -20,10 +20,14 @@ def _random_model(tmp_path, moe=False, name="a.pth"):
     return tmp_path / name, cfg
 
 
-def _cli(*args):
-    out = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
+def _cli(capsys, *args):
+    """``python -m training ARGS`` through its main() in this process (the portal's subprocess calls of the same
+    commands are covered by models_registry's tests); returns (exit code, the JSON line it printed last)."""
+    from training.__main__ import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -41,17 +45,17 @@ def test_export_and_import_report_equal_logits(moe, demo_dir, tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_refuses_other_architectures_and_mismatched_pth_in_one_line(tmp_path):
+def test_cli_refuses_other_architectures_and_mismatched_pth_in_one_line(tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    rc, out = _cli("convert", "pth", tmp_path / "llama", tmp_path / "x.pth")
+    rc, out = _cli(capsys, "convert", "pth", tmp_path / "llama", tmp_path / "x.pth")
     assert rc == 2 and "model_type 'llama' is not a MiniMind/Qwen3 architecture" in out["error"]
     pth, cfg = _random_model(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
-    rc, out = _cli("inspect", pth, "--config", tmp_path / "cfg.json")
+    rc, out = _cli(capsys, "inspect", pth, "--config", tmp_path / "cfg.json")
     assert rc == 2 and "shape mismatch" in out["error"]
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    rc, out = _cli("inspect", pth, "--config", tmp_path / "cfg.json")
+    rc, out = _cli(capsys, "inspect", pth, "--config", tmp_path / "cfg.json")
     assert rc == 0 and out["config"]["hidden_size"] == 64
 
 

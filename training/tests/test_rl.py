@@ -41,6 +41,7 @@ def heldout_reward(model_path, tok, regex="。$", n=4):
     return sum(match_rewards(o, [], regex)["regex"] for o in outs) / len(outs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["cispo", "grpo"])
 def test_grpo_raises_the_reward_on_heldout_prompts(trained, demo_dir, tmp_path, capsys, loss_type):
     spec = rl_spec("grpo", demo_dir, tmp_path, trained["sft"], max_steps=30, num_generations=8, loss_type=loss_type)
@@ -74,6 +75,7 @@ def test_ppo_raises_the_reward_and_saves_only_the_actor(trained, demo_dir, tmp_p
     assert any(k.startswith("critic.") for k in ck["model"]) and "value_head.weight" in ck["model"]
 
 
+@pytest.mark.slow
 def test_grpo_stopped_and_resumed_matches_an_uninterrupted_run(trained, demo_dir, tmp_path):
     def run(name, stop_at=None, resume=False):
         spec = rl_spec("grpo", demo_dir, tmp_path / name, trained["sft"], max_steps=6, num_generations=4,
@@ -131,6 +133,7 @@ def test_ppo_refuses_accumulation_and_halves_its_batch_without_it():
                                                                                 "accumulation_steps": 2}
 
 
+@pytest.mark.slow
 def test_grpo_with_a_verifiable_reward_raises_heldout_answer_accuracy(trained, demo_dir, tmp_path, capsys):
     """Addition prompts with their answers (rlaif ``gt``), the numeric reward: after GRPO the model gives the right
     sum more often than the SFT model it started from, on the prompts it trained on and on held-out ones. The RL

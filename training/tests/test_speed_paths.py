@@ -125,6 +125,7 @@ def test_fused_projections_leave_lora_wrapped_layers_to_peft(target):
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.slow
 def test_gradient_buffers_for_cuda_graphs_train_exactly_as_dropped_gradients():
     """With CUDA graphs the gradients accumulate in buffers of their own that zero_grad zeroes instead of dropping;
     two optimizer steps of two accumulated micro-steps each end in the same losses and weights (the CPU compiles
