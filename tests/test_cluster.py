@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -128,13 +129,18 @@ def test_two_worker_nodes_share_jobs_take_over_a_dead_node_and_stream_through_re
 
         # node-a is back; a job asking for 2 devices, which neither node has alone, runs over both (torchrun with
         # node ranks, gloo), rank 0's node recording its events.
+        restarted = time.time()
         workers[0] = WorkerNode(web, "node-a").start()
+
+        def beat_again():  # a heartbeat of the restarted node-a (its old one is still in the table, stale)
+            return any(d["node"] == "node-a" and d["heartbeat_at"] and
+                       datetime.fromisoformat(d["heartbeat_at"]).timestamp() > restarted
+                       for d in web.request("GET", "/api/v1/devices")[1]["devices"])
+
         deadline = time.time() + 120
-        while not any(d["node"] == "node-a" and d["heartbeat_at"] for d in web.request("GET", "/api/v1/devices")[1][
-                "devices"]) or web.request("GET", f"/api/v1/jobs/{survivor['id']}")[1]["status"] != "cancelled":
+        while not beat_again() or web.request("GET", f"/api/v1/jobs/{survivor['id']}")[1]["status"] != "cancelled":
             assert time.time() < deadline, workers[0].log()
             time.sleep(0.5)
-        time.sleep(3)  # node-a's fresh heartbeat is seen as live
         pair = web.submit("two-nodes", {**TINY, "max_steps": 12, "log_interval": 2, "save_interval": 6}, gpus=2)
         done = web.wait_for(pair["id"], lambda j: j["status"] in ("succeeded", "failed"), timeout=300,
                             what="finished over two nodes")

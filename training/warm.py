@@ -16,7 +16,8 @@ A child is what a fresh ``python -m training`` would be to its supervisor: its o
 supervisor stops it with killpg), the same command line in ``ps`` (setproctitle), stdin from /dev/null, the environment and working directory of the request, fresh
 seeds for ``random``; it dies with the server (PR_SET_PDEATHSIG), which dies with its supervisor, so a lost worker
 leaves no training behind. Only the server ever imports; it never computes, so no thread pool and no device exists
-yet when it forks. The server ends when its supervisor closes the socket.
+yet when it forks (importing torch starts one idle native thread; torch's own DataLoader forks after far more). The
+server ends when its supervisor closes the socket.
 """
 from __future__ import annotations
 
@@ -138,7 +139,10 @@ def _child(request: dict, out_fd: int, started_w: int, server_fds) -> None:
         setproctitle(" ".join([sys.executable, "-u", "-m", "training", *request["argv"]]))
         import random
 
-        random.seed()  # a fresh interpreter's draw, not the server's (every child would share it)
+        import numpy
+
+        random.seed()  # a fresh interpreter's draws, not the server's (every child would share them)
+        numpy.random.seed()
         from .__main__ import cli
 
         code = cli(request["argv"])
