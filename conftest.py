@@ -17,6 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Each worker its own broker queue and channel prefix when tests share one Redis.
     os.environ.setdefault("MINICLOUD_INSTANCE", f"minicloud-test-{os.environ['PYTEST_XDIST_WORKER']}")
 
+
 def pytest_configure(config):
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller: where the first worker writes the groups
         os.environ["MINICLOUD_TEST_GROUPS"] = str(Path(tempfile.gettempdir()) / f"minicloud-groups-{os.getpid()}.json")
