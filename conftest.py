@@ -84,6 +84,7 @@ def _english_unless_asked():
 def _own_home_for_runs(settings, tmp_path):
     """Run folders (checkpoints, weights) of in-process tests go to a fresh folder, not the developer's var/."""
     settings.HOME = tmp_path / "home"
+    settings.DATA_CACHE_DIR = settings.HOME / "cache" / "data"
 
 
 @pytest.fixture(autouse=True)

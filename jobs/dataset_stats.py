@@ -33,7 +33,9 @@ def _pieces(kind: str, rec) -> list[tuple[list[str], int]]:
 
 
 def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_records: int = 0, progress=None,
-            batch: int = 512) -> dict:
+            batch: int = 512, known_lengths=None) -> dict:
+    """``known_lengths``: each record's token count from a job's token cache of this dataset and tokenizer (exact, as
+    the engine trains it); the file is then read for the language shares only, nothing is tokenised."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
@@ -45,6 +47,16 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
     long_lines: list[int] = []  # the first 100 records longer than max_seq_len, by line
 
     def flush():
+        if known_lengths is not None:
+            for lineno, _ in pending:
+                length = int(known_lengths[len(lengths)])
+                lengths.append(length)
+                if length > max_seq_len and len(long_lines) < 100:
+                    long_lines.append(lineno)
+            pending.clear()
+            if progress and total_records:
+                progress(min(len(lengths) / total_records, 1.0))
+            return
         flat = [t for _, rows in pending for texts, _ in rows for t in texts]
         counts = iter(len(e.ids) for e in tok.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
         for lineno, rows in pending:

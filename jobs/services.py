@@ -528,9 +528,13 @@ def build_spec(job: Job) -> dict:
     spec = {
         "job_id": job.pk, "stage": job.stage, "run_dir": str(job.run_dir), "dataset": job.dataset.path,
         "tokenizer": job.tokenizer.path, "device": "auto", "resume": job.resume, "config": job.resolved_config,
+        "data_cache": str(settings.DATA_CACHE_DIR), "data_cache_gb": settings.DATA_CACHE_GB,
+        "checksums": {job.dataset.path: job.dataset.sha256} if job.dataset.sha256 else {},
     }
     if job.eval_dataset:
         spec["eval_dataset"] = job.eval_dataset.path
+        if job.eval_dataset.sha256:
+            spec["checksums"][job.eval_dataset.path] = job.eval_dataset.sha256
     if job.base_model:
         spec["base_model"] = {"path": job.base_model.path, "config": job.base_model.config}
     if job.teacher_model:
@@ -945,13 +949,22 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
     stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
     msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
     Dataset.objects.filter(pk=ds.pk).update(stats_status="running", stats_progress=0.0)
+    cached = None
+    if ds.sha256:  # a job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising
+        from training import token_cache
+
+        processing = token_cache.PROCESSING[stage]
+        cached = token_cache.find(settings.DATA_CACHE_DIR, ds.sha256, token_cache.tokenizer_digest(tok.path),
+                                  processing)
     try:
         stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
-                                      progress=lambda p: Dataset.objects.filter(pk=ds.pk).update(stats_progress=p))
+                                      progress=lambda p: Dataset.objects.filter(pk=ds.pk).update(stats_progress=p),
+                                      known_lengths=token_cache.record_lengths(cached) if cached else None)
     except Exception as exc:  # a task must record why, not vanish
         Dataset.objects.filter(pk=ds.pk).update(stats_status="failed", stats={"error": str(exc)[:500]})
         raise
     stats["tokenizer"] = tok.name
+    stats["from_token_cache"] = cached is not None
     Dataset.objects.filter(pk=ds.pk).update(stats_status="done", stats_progress=1.0, stats=stats)
 
 

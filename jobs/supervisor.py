@@ -55,11 +55,18 @@ def _format(event: dict) -> str:
             f"{k}: {v:.4g}" for k, v in event.get("metrics", {}).items())
     if kind == "checkpoint":
         return f"[{stamp}] checkpoint at step {event.get('step')}"
+    if kind == "progress":
+        return f"[{stamp}] preparing data: {100 * _number(event, 'fraction'):.0f} %, {int(_number(event, 'records'))} records"
     if kind == "done":
         return f"[{stamp}] done after {event.get('step')} steps"
     if kind == "error":
         return f"[{stamp}] ERROR {event.get('message', '')}"
     return f"[{stamp}] {json.dumps(event, ensure_ascii=False)}"
+
+
+def _number(event: dict, key: str) -> float:
+    value = event.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def notify(job_id: int) -> None:
@@ -172,7 +179,11 @@ class Supervisor:
                         self.peak_memory = int(peak * 2**30)
                         updates["peak_memory"] = self.peak_memory
             elif kind == "start":
-                updates.update(total_steps=event.get("total_steps", 0), step=event.get("resumed_from_step", 0))
+                updates.update(total_steps=event.get("total_steps", 0), step=event.get("resumed_from_step", 0),
+                               phase={})
+            elif kind == "progress":
+                updates["phase"] = {"name": str(event.get("phase", ""))[:20], "fraction": _number(event, "fraction"),
+                                    "records": int(_number(event, "records"))}
             elif kind == "done":
                 self.done_event = event
                 updates.update(step=event.get("step", 0))

@@ -226,6 +226,10 @@ JOB_KILL_GRACE_S = envint("MINICLOUD_KILL_GRACE", 8)
 JOB_POLL_S = 0.5
 # Single-process jobs on CPU slots fork from a warm engine that imported torch and transformers once (jobs/engine_process.py).
 WARM_START = envbool("MINICLOUD_WARM_START", "1")
+# Token caches of datasets (training/token_cache.py): shared by every job on the same data, counted against nobody's
+# quota, least recently used ones removed beyond this many GB (`manage.py data_cache` lists and clears them).
+DATA_CACHE_DIR = HOME / "cache" / "data"
+DATA_CACHE_GB = float(os.environ.get("MINICLOUD_DATA_CACHE_GB", "100"))
 # How many times a job whose process crashed (killed, node lost) is resumed automatically from its checkpoint.
 AUTO_RESUME_LIMIT = envint("MINICLOUD_AUTO_RESUME", 1)
 # Fair share: a user's past device use counts half as much after this many hours.

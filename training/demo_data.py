@@ -119,13 +119,53 @@ def write_demo_datasets(out_dir: str | Path, seed: int = 1234) -> dict[str, Path
 
 
 def iter_texts(path: str | Path):
-    """Every text in a JSONL dataset of any kind (for tokenizer training)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
+    """Every text in a JSONL dataset of any kind, ``.jsonl`` or ``.jsonl.gz`` (for tokenizer training)."""
+    from .records import iter_records
+
+    for _, rec in iter_records(path):
+        if isinstance(rec, dict):
             if "text" in rec:
                 yield rec["text"]
             for key in ("conversations", "chosen", "rejected"):
                 for msg in rec.get(key, []):
-                    if msg.get("content"):
+                    if isinstance(msg, dict) and msg.get("content"):
                         yield msg["content"]
+
+
+def _paragraph(rng: random.Random, chars: int) -> str:
+    parts, n = [], 0
+    while n < chars:
+        s = _sentence(rng)
+        parts.append(s)
+        n += len(s) + 1
+    return " ".join(parts)
+
+
+def write_sized(path: str | Path, kind: str, size_bytes: int, seed: int = 7, gz: bool = False) -> dict:
+    """A MiniMind-format ``pretrain`` or ``sft`` file of about ``size_bytes`` (``.jsonl``, or gzip-compressed),
+    with records of MiniMind's sizes: pretraining texts of ~1.3 KB (pretrain_hq.jsonl: 1.6 GB in ~1.2 M records),
+    conversations of 1-3 turns with ~150-600 characters per answer (sft_mini_512.jsonl). For benchmarks and the
+    memory tests: ``{"records", "bytes"}``."""
+    import gzip
+
+    rng = random.Random(seed)
+    path = Path(path)
+    records = written = 0
+    opener = (lambda p: gzip.open(p, "wt", encoding="utf-8", compresslevel=1)) if gz else \
+        (lambda p: open(p, "w", encoding="utf-8"))
+    with opener(path) as f:
+        while written < size_bytes:
+            if kind == "pretrain":
+                rec = {"text": _paragraph(rng, rng.randint(600, 2000))}
+            else:
+                msgs = []
+                for _ in range(rng.randint(1, 3)):
+                    q, _, full = _task(rng)
+                    msgs += [{"role": "user", "content": q},
+                             {"role": "assistant", "content": full + " " + _paragraph(rng, rng.randint(150, 600))}]
+                rec = {"conversations": msgs}
+            line = json.dumps(rec, ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode())
+            records += 1
+    return {"records": records, "bytes": path.stat().st_size}

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chat import check_dpo, encode_conversations, read_jsonl, sequence_logps
+from . import rows
+from .chat import sequence_logps
 from .loop import pick_device, train
 from .model import aux_loss, frozen_copy
 
@@ -19,14 +20,7 @@ def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta: float):
 
 
 def load_rows(spec: dict, tok):
-    cfg = spec["config"]
-    recs = read_jsonl(spec["dataset"], check_dpo)
-    # Empty-think removal is drawn independently for each side (seeded differently), no random system prompt.
-    xc, yc = encode_conversations(tok, [r["chosen"] for r in recs], cfg["max_seq_len"], cfg["seed"], 0.0,
-                                  cfg["empty_think_drop_ratio"])
-    xr, yr = encode_conversations(tok, [r["rejected"] for r in recs], cfg["max_seq_len"], cfg["seed"] + 1, 0.0,
-                                  cfg["empty_think_drop_ratio"])
-    return {"x": xc, "y": yc, "xr": xr, "yr": yr}
+    return rows.load(spec, tok, processing="dpo")
 
 
 def make_loss(reference, beta: float):

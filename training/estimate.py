@@ -41,6 +41,8 @@ def lora_parameters(mcfg: dict, rank: int, targets) -> int:
     shapes = {"q_proj": (h, h), "o_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv),
               "gate_proj": (h, mcfg["intermediate_size"]), "up_proj": (h, mcfg["intermediate_size"]),
               "down_proj": (mcfg["intermediate_size"], h)}
+    if targets is None:  # MiniMind's rule: the square ones
+        targets = [t for t, (a, b) in shapes.items() if a == b]
     return mcfg["num_hidden_layers"] * sum(rank * sum(shapes.get(t, (h, h))) for t in targets)
 
 

@@ -13,35 +13,15 @@ them as ``evaluation``.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 
-from . import events
-from .chat import check_dpo, check_sft, encode_conversations, read_jsonl, sequence_logps
+from . import events, rows
+from .chat import sequence_logps
 from .generate import chat_replies, heldout_tasks
-from .rl import check_rlaif, expected_answers, match_rewards
-
-
-def _first_record(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return json.loads(line)
-    raise ValueError("dataset: no records")
-
-
-def kind_of(rec: dict) -> str:
-    if "text" in rec:
-        return "pretrain"
-    if "chosen" in rec:
-        return "dpo"
-    if "gt" in rec or "answer" in rec:
-        return "rlaif"
-    if "conversations" in rec:
-        return "sft"
-    raise ValueError("dataset: records need text, conversations, chosen/rejected, or conversations with gt")
+from .records import expected_answers, first_record, iter_records, kind_of
+from .rl import match_rewards
 
 
 @torch.no_grad()
@@ -65,28 +45,24 @@ def _loss_metrics(loss: float, tokens: int) -> dict:
 
 
 def run(spec: dict, model, tok) -> dict:
-    from .pretrain import build_rows, check
-
     cfg = spec["config"]
     device = "cuda" if torch.cuda.is_available() and spec.get("device") != "cpu" else "cpu"
     model = model.to(device).eval()
-    limit, bs, msl = cfg["eval_records"], cfg["batch_size"], cfg["max_seq_len"]
-    kind = kind_of(_first_record(spec["dataset"]))
+    limit, bs = cfg["eval_records"], cfg["batch_size"]
+    kind = kind_of(first_record(spec["dataset"]))
     events.emit("start", stage="eval", total_steps=1, steps_per_epoch=1, epochs=1, samples=limit, device=device,
                 dataset_kind=kind)
     metrics: dict = {"records": 0}
-    if kind == "pretrain":
-        texts = [r["text"] for r in read_jsonl(spec["dataset"], check)[:limit]]
-        x, y = build_rows(texts, tok.backend_tokenizer, msl, False)
-        metrics.update(_loss_metrics(*mean_loss(model, x, y, bs, device)), records=len(texts))
-    elif kind == "sft":
-        convs = [r["conversations"] for r in read_jsonl(spec["dataset"], check_sft)[:limit]]
-        x, y = encode_conversations(tok, convs, msl, cfg["seed"])
-        metrics.update(_loss_metrics(*mean_loss(model, x, y, bs, device)), records=len(convs))
+    # the first eval_records records only, read and encoded here as the training stages' token cache would
+    plain = {**cfg, "packing": False, "system_prompt_ratio": 0.0, "empty_think_drop_ratio": 0.0}
+    if kind in ("pretrain", "sft"):
+        recs = [r for _, r in iter_records(spec["dataset"], kind, limit)]
+        data = rows.from_records(tok, kind, recs, plain).all()
+        metrics.update(_loss_metrics(*mean_loss(model, data["x"], data["y"], bs, device)), records=len(recs))
     elif kind == "dpo":
-        recs = read_jsonl(spec["dataset"], check_dpo)[:limit]
-        cx, cy = encode_conversations(tok, [r["chosen"] for r in recs], msl, cfg["seed"])
-        rx, ry = encode_conversations(tok, [r["rejected"] for r in recs], msl, cfg["seed"])
+        recs = [r for _, r in iter_records(spec["dataset"], kind, limit)]
+        data = rows.from_records(tok, "dpo", recs, plain).all()
+        cx, cy, rx, ry = data["x"], data["y"], data["xr"], data["yr"]
         metrics.update(_loss_metrics(*mean_loss(model, cx, cy, bs, device)), records=len(recs))
         wins = 0
         with torch.no_grad():
@@ -96,7 +72,12 @@ def run(spec: dict, model, tok) -> dict:
                 wins += int((lc > lr).sum())
         metrics["preference_accuracy"] = wins / max(len(recs), 1)
     else:
-        recs = [r for r in read_jsonl(spec["dataset"], check_rlaif) if expected_answers(r)][:limit]
+        recs = []
+        for _, r in iter_records(spec["dataset"], kind):
+            if expected_answers(r):
+                recs.append(r)
+                if len(recs) >= limit:
+                    break
         questions = [r["conversations"][:-1] for r in recs]
         replies = chat_replies(model, tok, questions, max_new_tokens=cfg["max_gen_len"])
         scores = [match_rewards(text, expected_answers(r)) for text, r in zip(replies, recs)]

@@ -35,7 +35,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, loss_type: str, beta: float
 
 def run(spec: dict, model, tok):
     cfg = spec["config"]
-    data, records, reference, rewards = setup(spec, model, tok)
+    data, reference, rewards = setup(spec, model, tok)
     group = cfg["num_generations"]
     calls = {"n": 0}
 
@@ -44,7 +44,7 @@ def run(spec: dict, model, tok):
         seq, mask, width, cmask = rollout(core, batch["x"], group, cfg["max_gen_len"], cfg["temperature"],
                                           cfg["top_p"])
         texts = decode(tok, seq, width, cmask)
-        recs = [records[i] for i in batch["idx"].tolist() for _ in range(group)]
+        recs = [data.record(i) for i in batch["idx"].tolist() for _ in range(group)]
         reward, reward_parts = rewards(texts, recs)
         adv = group_advantages(reward, group).to(seq.device)
         logp = token_logps(model, seq, mask, width)
@@ -62,4 +62,4 @@ def run(spec: dict, model, tok):
                  "aux_loss": aux.item() if aux is not None else 0.0, "tokens": int(cmask.sum())}
         return (loss + aux if aux is not None else loss), parts
 
-    return train(spec, model, data, loss_fn, stage_extra={"prompts": len(records), "num_generations": group})
+    return train(spec, model, data, loss_fn, stage_extra={"prompts": len(data), "num_generations": group})

@@ -5,7 +5,8 @@ MiniMind's cosine schedule (lr → lr/10, optional warm-up), gradient accumulati
 GPUs, gloo on the CPU), an eval split, events, checkpoints every ``save_interval`` / at the end / on SIGTERM, and
 exact resume (model, optimizer, scaler, RNG states and data position).
 
-Data is a dict of equal-length tensors (rows); ``loss_fn(model, batch) -> (loss, parts)`` gives the total loss and
+Data is a ``rows.Rows`` view of the job's token cache (batches read by index, padded per batch);
+``loss_fn(model, batch) -> (loss, parts)`` gives the total loss and
 a dict of values to log (floats or detached 0-d tensors, read only at log time so the host never waits for the
 device between micro-steps). ``batch["y"]`` holds labels (-100 = not trained) and is used to count tokens.
 """
@@ -90,17 +91,6 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def split_eval(data: dict, ratio: float, seed: int) -> tuple[dict, dict | None]:
-    """Hold out ``ratio`` of the rows (at least one, at most 1000) as a fixed eval split."""
-    n = len(next(iter(data.values())))
-    n_eval = min(max(int(n * ratio), 1), 1000) if ratio > 0 and n >= 20 else 0
-    if not n_eval:
-        return data, None
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 10_000))
-    ev, tr = perm[:n_eval].sort().values, perm[n_eval:].sort().values
-    return {k: v[tr] for k, v in data.items()}, {k: v[ev] for k, v in data.items()}
 
 
 def row_lengths(data: dict) -> torch.Tensor:
@@ -233,7 +223,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     (PPO's critic). ``update(model, batch, opt_step) -> parts`` replaces the loss_fn path for stages that take several
     optimizer steps per batch (PPO): it calls ``opt_step(loss) -> grad_norm`` itself and returns ``loss`` and
     ``grad_norm`` among its parts. ``load_rows(spec) -> data`` reads another file the same way (a spec with an
-    ``eval_dataset`` evaluates on that file instead of holding out ``eval_ratio`` of the rows).
+    ``eval_dataset`` evaluates on that file instead of holding out ``eval_ratio`` of the rows). ``data`` is a
+    ``rows.Rows``: batches are read from the token cache by index.
     """
     cfg = spec["config"]
     rank, world_size = world()
@@ -259,8 +250,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     if spec.get("eval_dataset") and load_rows is not None:
         eval_data = load_rows({**spec, "dataset": spec["eval_dataset"]})
     else:
-        data, eval_data = split_eval(data, cfg["eval_ratio"], cfg["seed"])
-    n_rows = len(data["x"])
+        data, eval_data = data.split(cfg["eval_ratio"], cfg["seed"])
+    n_rows = len(data)
     if n_rows == 0:
         raise ValueError("dataset: no training samples after tokenization")
     bs, accum = cfg["batch_size"], cfg["accumulation_steps"]
@@ -341,8 +332,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         core.eval()
         total, n = 0.0, 0
         with torch.no_grad():
-            for i in range(0, min(len(eval_data["x"]), 20 * bs), bs):
-                rows = trim_padding({k: v[i:i + bs] for k, v in eval_data.items()})
+            for i in range(0, min(len(eval_data), 20 * bs), bs):
+                rows = eval_data.batch(range(i, min(i + bs, len(eval_data))))
                 batch = {k: v.to(device) for k, v in rows.items()}
                 with autocast:
                     loss, _ = loss_fn(core, batch)
@@ -352,13 +343,13 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
 
     stop = StopFlag()
     events.emit("start", stage=spec["stage"], total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                epochs=cfg["epochs"], samples=n_rows, eval_samples=len(eval_data["x"]) if eval_data else 0,
+                epochs=cfg["epochs"], samples=n_rows, eval_samples=len(eval_data) if eval_data is not None else 0,
                 device=device, world_size=world_size, resumed_from_step=step, **(stage_extra or {}))
     t_log, tok_log = time.time(), tokens_seen
     t_start, step_start = time.time(), step
     acc_loss, acc_parts, acc_n = 0.0, {}, 0
     eval_every = cfg["eval_interval"] or cfg["save_interval"]
-    lengths = row_lengths(data) if cfg["group_by_length"] else None
+    lengths = data.lengths() if cfg["group_by_length"] else None
     multiple = 64 if cfg["use_compile"] else 8  # trimmed widths: few shapes for torch.compile
     while step < total_steps and epoch < cfg["epochs"]:
         order = epoch_order(n_rows, order_bs, cfg["seed"], epoch, lengths)
@@ -366,7 +357,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         while micro < iters and step < total_steps:
             rows = order[micro * global_bs:(micro + 1) * global_bs]
             idx = rows[rank * bs:(rank + 1) * bs] if world_size > 1 else rows
-            rows = trim_padding({k: v[idx] for k, v in data.items()}, multiple)
+            rows = data.batch(idx, multiple)
             n_tokens = int((rows["y"] != -100).sum()) if "y" in rows else 0  # counted on the host: no device sync
             batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
             lr = lr_at(step, total_steps, cfg["learning_rate"], cfg["warmup_steps"])

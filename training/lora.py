@@ -1,6 +1,6 @@
 """LoRA fine-tuning through peft on a frozen base (MiniMind's train_lora.py).
 
-MiniMind's adapter: rank 16 on q_proj and o_proj, no scaling (alpha = rank), A ~ N(0, 0.02), B = 0. Writes the
+MiniMind's adapter: rank 16 on every square Linear (q_proj and o_proj; k/v_proj without GQA), no scaling (alpha = rank), A ~ N(0, 0.02), B = 0. Writes the
 peft adapter folder, MiniMind's LoRA ``.pth`` layout (``model.layers.{i}.self_attn.{q,o}_proj.lora.{A,B}.weight``,
 fp16) and the merged full model (``model.pth``).
 """
@@ -22,10 +22,19 @@ from .sft import load_rows
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.default\.weight$")
 
 
+def minimind_targets(model) -> list[str]:
+    """MiniMind's ``apply_lora`` rule: every ``nn.Linear`` whose in and out features are equal (q_proj and o_proj;
+    k_proj and v_proj too when num_key_value_heads == num_attention_heads), so that MiniMind's ``load_lora`` finds
+    exactly the adapters it expects in our ``lora.pth``."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.in_features == m.out_features]
+
+
 def attach(model, cfg):
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["lora_targets"],
+    targets = cfg["lora_targets"] or minimind_targets(model)
+    lcfg = LoraConfig(r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], target_modules=targets,
                       lora_dropout=0.0, bias="none", init_lora_weights=True)
     with warnings.catch_warnings():  # peft reads transformers' renamed is_gradient_checkpointing: noise in a job's log
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -69,7 +69,7 @@ def ppo_losses(logp, old_logp, ref_logp, adv, new_v, old_v, returns, mask, cfg):
 
 def run(spec: dict, model, tok):
     cfg = spec["config"]
-    data, records, reference, rewards = setup(spec, model, tok)
+    data, reference, rewards = setup(spec, model, tok)
     ac = ActorCritic(model)
     calls = {"n": 0}
 
@@ -77,7 +77,7 @@ def run(spec: dict, model, tok):
         actor = ac.actor
         seq, mask, width, cmask = rollout(actor, batch["x"], 1, cfg["max_gen_len"], cfg["temperature"], cfg["top_p"])
         texts = decode(tok, seq, width, cmask)
-        reward, reward_parts = rewards(texts, [records[i] for i in batch["idx"].tolist()])
+        reward, reward_parts = rewards(texts, [data.record(i) for i in batch["idx"].tolist()])
         with torch.no_grad():
             old_logp = token_logps(actor, seq, mask, width)
             ref_logp = token_logps(reference, seq, mask, width)
@@ -121,7 +121,7 @@ def run(spec: dict, model, tok):
               {"params": list(ac.critic.parameters()) + list(ac.value_head.parameters()),
                "lr_scale": cfg["critic_learning_rate"] / cfg["learning_rate"]}]
     return train(spec, ac, data, params=groups, update=update, save_fn=_save_actor,
-                 stage_extra={"prompts": len(records)})
+                 stage_extra={"prompts": len(data)})
 
 
 def _save_actor(ac, run_dir):

@@ -2,18 +2,17 @@
 
 Prompts come from rlaif records (MiniMind's SFT-style record whose last message is a placeholder assistant turn; an
 optional ``gt``/``answer`` field carries expected answers). They are rendered with the chat template and a generation
-prompt, thinking opened with probability ``thinking_ratio``, and left-padded.
+prompt, thinking opened with probability ``thinking_ratio``, kept in the token cache and left-padded per batch.
 """
 from __future__ import annotations
 
 import math
-import random
 import re
 from pathlib import Path
 
 import torch
 
-from .chat import SYSTEM_PROMPTS, _prepare, check_messages, read_jsonl
+from . import rows
 from .model import frozen_copy
 from .tokenizer import EOS_ID, PAD_ID
 
@@ -21,54 +20,14 @@ REWARD_KINDS = ("rule", "exact", "contains", "numeric", "regex", "model")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def check_rlaif(rec) -> str | None:
-    if not isinstance(rec, dict) or "conversations" not in rec:
-        return "an RL prompt record needs a 'conversations' list"
-    msgs = rec["conversations"]
-    if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
-        return "the last message must be the placeholder assistant turn"
-    problem = check_messages(msgs)
-    if problem:
-        return problem
-    gt = rec.get("gt", rec.get("answer"))
-    if gt is not None and not (isinstance(gt, str) or (isinstance(gt, list) and all(isinstance(g, str) for g in gt))):
-        return "'gt'/'answer' must be a string or a list of strings"
-    return None
-
-
-def expected_answers(rec) -> list[str]:
-    gt = rec.get("gt", rec.get("answer"))
-    return [gt] if isinstance(gt, str) else list(gt or [])
-
-
-def load_prompts(spec: dict, tok):
-    """({"x": left-padded prompt ids, "idx": row index}, records)."""
-    cfg = spec["config"]
-    recs = read_jsonl(spec["dataset"], check_rlaif)
-    rng = random.Random(cfg["seed"])
-    rows = []
-    for rec in recs:
-        msgs, tools = _prepare(rec["conversations"][:-1])
-        if not tools and msgs[0]["role"] != "system" and rng.random() < cfg["system_prompt_ratio"]:
-            msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + msgs
-        text = tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True,
-                                       open_thinking=rng.random() < cfg["thinking_ratio"])
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        rows.append(ids[-cfg["max_seq_len"]:])  # keep the end of long prompts (MiniMind's GRPO)
-    width = max(len(r) for r in rows)
-    x = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        x[i, width - len(ids):] = torch.tensor(ids)
-    return {"x": x, "idx": torch.arange(len(rows))}, recs
-
-
 def setup(spec: dict, model, tok):
-    """What every RL stage starts with: (prompt rows, records, frozen reference, reward mix)."""
+    """What every RL stage starts with: (prompt rows, frozen reference, reward mix). ``data.record(i)`` is prompt
+    ``i``'s expected answers and question."""
     from .loop import pick_device
 
     device = pick_device(spec["device"])
-    data, records = load_prompts(spec, tok)
-    return data, records, frozen_copy(model, device), Rewards(spec["config"], device)
+    data = rows.load(spec, tok, processing="rl")
+    return data, frozen_copy(model, device), Rewards(spec["config"], device)
 
 
 def unwrap(model):
@@ -212,15 +171,14 @@ class Rewards:
     def __call__(self, texts: list[str], records: list[dict]) -> tuple[torch.Tensor, dict]:
         parts = {k: [] for k in self.weights}
         for text, rec in zip(texts, records):
-            matched = match_rewards(text, expected_answers(rec), self.regex)
+            matched = match_rewards(text, rec["gt"], self.regex)
             for k in self.weights:
                 if k == "rule":
                     parts[k].append(rule_reward(text))
                 elif k != "model":
                     parts[k].append(matched[k])
         if self.model is not None:
-            questions = [next(m["content"] for m in reversed(r["conversations"][:-1]) if m["role"] == "user")
-                         for r in records]
+            questions = [r["question"] for r in records]
             parts["model"] = self.model.score(questions, [split_answer(t)[1] for t in texts])
         total = torch.zeros(len(texts))
         for k, w in self.weights.items():

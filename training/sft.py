@@ -5,17 +5,13 @@ and empty-think dropping as in MiniMind (``system_prompt_ratio``, ``empty_think_
 """
 from __future__ import annotations
 
-from .chat import check_sft, encode_conversations, read_jsonl
+from . import rows
 from .loop import train
 from .pretrain import lm_loss
 
 
 def load_rows(spec: dict, tok):
-    cfg = spec["config"]
-    convs = [r["conversations"] for r in read_jsonl(spec["dataset"], check_sft)]
-    x, y = encode_conversations(tok, convs, cfg["max_seq_len"], cfg["seed"], cfg["system_prompt_ratio"],
-                                cfg["empty_think_drop_ratio"])
-    return {"x": x, "y": y}
+    return rows.load(spec, tok, processing="sft")
 
 
 def run(spec: dict, model, tok):

@@ -62,7 +62,8 @@ SFT_EXTRA = {"system_prompt_ratio": 0.2, "empty_think_drop_ratio": 0.8}
 STAGE_EXTRA = {
     "pretrain": {"packing": True},
     "sft": dict(SFT_EXTRA),
-    "lora": {**SFT_EXTRA, "lora_rank": 16, "lora_alpha": 16, "lora_targets": ["q_proj", "o_proj"]},
+    # lora_targets null: MiniMind's rule, every square nn.Linear (q/o_proj; k/v_proj too without GQA)
+    "lora": {**SFT_EXTRA, "lora_rank": 16, "lora_alpha": 16, "lora_targets": None},
     "dpo": {"beta": 0.15, "empty_think_drop_ratio": 0.8},
     "distill": {**SFT_EXTRA, "alpha": 0.5, "temperature": 1.5},
     "ppo": {**RL_EXTRA, "critic_learning_rate": 5e-7, "clip_epsilon": 0.2, "vf_coef": 0.5, "kl_coef": 0.02,
@@ -191,6 +192,8 @@ def _coerce(key: str, value):
                 ) from None
         return value
     if key == "lora_targets":
+        if value is None:
+            return None
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             raise SpecError(
                 key, gettext_noop("must be a non-empty list of module names, got %(value)s"), value=repr(value)

@@ -54,7 +54,7 @@ def write(tmp_path, lines, name="d.jsonl"):
      "must share the same prompt"),
     ("rlaif", {"conversations": [{"role": "user", "content": "Q"}]}, "placeholder assistant turn"),
     ("rlaif", {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}],
-               "gt": 4}, "'gt'/'answer' must be a string"),
+               "gt": {"value": 4}}, "'gt'/'answer' must be a string, a number"),
 ])
 def test_each_error_kind_is_reported_with_its_line(tmp_path, kind, bad, message):
     good = {"pretrain": {"text": "fine"}, "sft": SFT_OK, "dpo": {"chosen": SFT_OK["conversations"],

@@ -57,7 +57,7 @@
     el.dataset.status = job.status;
     el.textContent = labels[job.status] || job.status;
     document.getElementById("job-progress").value = job.progress;
-    document.getElementById("job-steps").textContent = job.step + " / " + (job.total_steps || "?");
+    document.getElementById("job-steps").textContent = job.phase_text || (job.step + " / " + (job.total_steps || "?"));
     document.getElementById("job-node").textContent = job.node || "–";
     const err = document.getElementById("job-error");
     if (job.error) { err.hidden = false; err.textContent = job.error; }

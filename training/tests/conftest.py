@@ -178,7 +178,10 @@ def trained(demo_dir):
         for stage, data, base, steps in TRAINED:
             spec = {"stage": stage, "run_dir": str(root / stage), "dataset": str(demo_dir / f"{data}.jsonl"),
                     "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu",
-                    "config": {**TINY, "max_steps": steps, "epochs": 3, "log_interval": 50}}
+                    "config": {**TINY, "max_steps": steps, "epochs": 3, "log_interval": 50,
+                               # MiniMind's identity prompts take 21-68 demo-tokenizer tokens: in 64-token rows
+                               # they would push most answers out
+                               **({"system_prompt_ratio": 0.0} if stage == "sft" else {})}}
             if base:
                 spec["base_model"] = {"path": str(root / out[base]), "config": ARCH}
             path = root / f"{stage}.json"

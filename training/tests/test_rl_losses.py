@@ -137,8 +137,7 @@ def test_reward_model_from_a_local_sequence_classification_folder(demo_dir, tmp_
         shutil.copy(demo_dir / "demo-tokenizer" / name, tmp_path / "rm" / name)
     rewards = Rewards({"rewards": {"model": 1.0, "contains": 0.5}, "reward_regex": "",
                        "reward_model_path": str(tmp_path / "rm")}, "cpu")
-    recs = [{"conversations": [{"role": "user", "content": "What is 2 plus 2?"},
-                               {"role": "assistant", "content": "n/a"}], "gt": ["4"]}] * 2
+    recs = [{"gt": ["4"], "question": "What is 2 plus 2?"}] * 2  # what the token cache keeps of an RL record
     total, parts = rewards(["2 plus 2 is 4.", "It is five."], recs)
     assert set(parts) == {"reward_model", "reward_contains"}
     scores = rewards.model.score(["What is 2 plus 2?"] * 2, ["2 plus 2 is 4.", "It is five."])

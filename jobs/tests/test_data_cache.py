@@ -1,0 +1,106 @@
+"""The portal's side of the token caches: specs name the cache and the dataset's checksum, the job page shows the
+data preparation, token statistics reuse a cache, and ``manage.py data_cache`` lists and clears them."""
+import io
+import json
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from jobs import services
+from jobs.models import Dataset
+from jobs.validation import validate_file
+from models_registry.services import demo_tokenizer
+from training import token_cache
+
+from conftest import TINY
+
+
+@pytest.fixture
+def cache_dir(settings, tmp_path):
+    settings.DATA_CACHE_DIR = tmp_path / "data-cache"
+    return settings.DATA_CACHE_DIR
+
+
+def _prepare(ds, processing, cache_dir):
+    from training.chat import load_hf_tokenizer
+
+    tok_dir = demo_tokenizer().path
+    return token_cache.prepare(ds.path, load_hf_tokenizer(tok_dir), tok_dir, processing, {}, cache_dir,
+                               data_sha=ds.sha256)
+
+
+def test_the_spec_names_the_cache_its_cap_and_the_dataset_checksum(user, cache_dir):
+    ds = Dataset.objects.get(name="demo-sft")
+    job = services.submit_job(owner=user, name="j", stage="sft", dataset=ds.pk, config=TINY)
+    spec = services.build_spec(job)
+    assert spec["data_cache"] == str(cache_dir) and spec["data_cache_gb"] > 0
+    assert spec["checksums"] == {ds.path: ds.sha256} and len(ds.sha256) == 64
+
+
+def test_the_job_shows_its_data_preparation_until_its_first_step(user):
+    from jobs.supervisor import Supervisor
+
+    ds = Dataset.objects.get(name="demo-pretrain")
+    job = services.submit_job(owner=user, name="prep", stage="pretrain", dataset=ds.pk, config=TINY)
+    job.transition("running")
+    sup = Supervisor(job)
+    sup.raw_log = io.StringIO()
+    sup.lines.put(json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": 0.41,
+                              "records": 2_100_000}))
+    sup.flush()
+    job.refresh_from_db()
+    assert job.phase_text == "preparing data: 41 %, 2.1 M records"
+    assert job.to_dict()["phase_text"] == job.phase_text
+    from jobs.models import LogChunk
+
+    assert "preparing data: 41 %, 2100000 records" in "".join(LogChunk.objects.filter(job=job).values_list("text",
+                                                                                                      flat=True))
+    from django.utils import translation
+
+    with translation.override("zh-hans"):
+        assert job.phase_text == "正在准备数据：41 %，2.1 M 条记录"
+    sup.lines.put(json.dumps({"event": "start", "time": 0, "total_steps": 5}))
+    sup.flush()
+    job.refresh_from_db()
+    assert job.phase == {} and job.phase_text == ""
+    # a forged or odd progress event is recorded as numbers, never trusted as text
+    sup.lines.put(json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": "<b>x</b>",
+                              "records": None}))
+    sup.flush()
+    job.refresh_from_db()
+    assert job.phase == {"name": "prepare", "fraction": 0.0, "records": 0}
+
+
+def test_token_statistics_reuse_a_jobs_cache(user, cache_dir):
+    ds = Dataset.objects.get(name="demo-sft")
+    services.compute_dataset_stats(ds.pk)
+    fresh = Dataset.objects.get(pk=ds.pk).stats
+    assert fresh["from_token_cache"] is False
+    cache = token_cache.Cache(_prepare(ds, "sft", cache_dir))
+    services.compute_dataset_stats(ds.pk)
+    reused = Dataset.objects.get(pk=ds.pk).stats
+    assert reused["from_token_cache"] is True and reused["records"] == 3000
+    assert reused["total_tokens"] == int(token_cache.record_lengths(cache).sum())
+    # exact (the rendered template: framing, empty think blocks) where the statistics' own count estimates
+    assert reused["mean_tokens"] > fresh["mean_tokens"] and sum(reused["histogram"]["counts"]) == 3000
+
+
+def test_the_command_lists_and_clears_caches(user, cache_dir):
+    folder = _prepare(Dataset.objects.get(name="demo-pretrain"), "pretrain", cache_dir)
+    out = io.StringIO()
+    call_command("data_cache", "list", stdout=out)
+    assert folder.name in out.getvalue() and "1 cache(s)" in out.getvalue() and "6000 records" in out.getvalue()
+    out = io.StringIO()
+    call_command("data_cache", "clear", "--all", stdout=out)
+    assert f"removed: {folder.name}" in out.getvalue() and not Path(folder).exists()
+    call_command("data_cache", "evict", "--gb", "0", stdout=io.StringIO())
+
+
+def test_numeric_expected_answers_pass_validation(tmp_path):
+    """MiniMind's agent-RL data gives ``gt`` as numbers; it reads them with str()."""
+    path = tmp_path / "agent.jsonl"
+    msgs = [{"role": "user", "content": "What is 50 plus 9?"}, {"role": "assistant", "content": ""}]
+    path.write_text("".join(json.dumps({"conversations": msgs, "gt": gt}) + "\n" for gt in ([59], 59, ["59", 1.5])))
+    report = validate_file(path, "rlaif")
+    assert report.ok and report.records == 3, report.errors

@@ -1,0 +1,232 @@
+"""MiniMind's JSONL datasets: the one reader and record schema of the portal and the engine.
+
+A dataset is a ``.jsonl`` file or a gzip-compressed one (``.jsonl.gz``, told by its magic bytes), one JSON record per
+line, of one kind (../docs/datasets.md): ``pretrain`` ``{"text"}``; ``sft`` ``{"conversations": [...]}``; ``dpo``
+``{"chosen", "rejected"}`` sharing their prompt; ``rlaif`` conversations ending with a placeholder assistant turn,
+optionally with the expected answers ``gt``/``answer`` (strings or numbers, which MiniMind reads with ``str()``).
+
+The portal's upload validation (jobs/validation.py), the engine's data preparation (training/token_cache.py), the
+eval stage and the demo data all read through here, so a record the portal accepted is one the engine trains on.
+Problems are ``(template, params)``: English templates marked for the catalogue (the portal translates them, the
+engine writes them as they are). Pure Python: no torch, no Django.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+from .spec import gettext_noop
+
+KINDS = ("pretrain", "sft", "dpo", "rlaif")
+ROLES = ("system", "user", "assistant", "tool")
+Problem = tuple  # (template, params)
+
+
+def problem(template: str, **params) -> Problem:
+    return template, params
+
+
+def message(p: Problem, translate=None) -> str:
+    """A problem as text, its template passed through ``translate`` (the portal's gettext) when given."""
+    template, params = p
+    return (translate(template) if translate else template) % params
+
+
+def open_binary(path) -> io.BufferedIOBase:
+    """A dataset file's bytes, gunzipped on the fly when it is gzip-compressed (by its magic bytes)."""
+    raw = open(path, "rb")
+    if raw.read(2) == b"\x1f\x8b":
+        raw.seek(0)
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    raw.seek(0)
+    return raw
+
+
+def open_text(path) -> io.TextIOBase:
+    """A dataset file as text (UTF-8, strict), gunzipped on the fly when compressed."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="strict", newline="")
+
+
+def _json_string_list(value, what: str) -> Problem | None:
+    """``tools``/``tool_calls`` are JSON-encoded strings of a list in MiniMind's data."""
+    if not isinstance(value, str):
+        return problem(gettext_noop("%(what)s must be a JSON-encoded string (MiniMind stores it as text)"), what=what)
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError as exc:
+        return problem(gettext_noop("%(what)s is not valid JSON (%(msg)s)"), what=what, msg=exc.msg)
+    if not isinstance(decoded, list):
+        return problem(gettext_noop("%(what)s must encode a list"), what=what)
+    return None
+
+
+def check_conversation(msgs, where: str = "conversations", placeholder: bool = False) -> Problem | None:
+    """The first problem of one conversation, or None. ``placeholder``: the last message is RL's empty answer."""
+    if not isinstance(msgs, list) or not msgs:
+        return problem(gettext_noop("'%(where)s' must be a non-empty list of messages"), where=where)
+    previous = None
+    for i, m in enumerate(msgs, 1):
+        if not isinstance(m, dict):
+            return problem(gettext_noop("%(where)s message %(i)s must be an object"), where=where, i=i)
+        role = m.get("role")
+        if role not in ROLES:
+            return problem(gettext_noop("%(where)s message %(i)s: role must be one of %(roles)s, not %(role)s"),
+                           where=where, i=i, roles=", ".join(ROLES), role=repr(role))
+        for key in ("content", "reasoning_content"):
+            if key in m and not isinstance(m[key], str):
+                return problem(gettext_noop("%(where)s message %(i)s: '%(key)s' must be a string"), where=where, i=i,
+                               key=key)
+        if "content" not in m:
+            return problem(gettext_noop("%(where)s message %(i)s: 'content' is missing"), where=where, i=i)
+        last = i == len(msgs)
+        if m.get("tools"):
+            found = _json_string_list(m["tools"], f"{where} message {i}: 'tools'")
+            if found:
+                return found
+        if m.get("tool_calls"):
+            if role != "assistant":
+                return problem(gettext_noop("%(where)s message %(i)s: only assistant messages carry 'tool_calls'"),
+                               where=where, i=i)
+            found = _json_string_list(m["tool_calls"], f"{where} message {i}: 'tool_calls'")
+            if found:
+                return found
+        empty = not m["content"].strip() and not m.get("tool_calls") and not m.get("reasoning_content")
+        if empty and role in ("user", "assistant") and not (placeholder and last):
+            return problem(gettext_noop("%(where)s message %(i)s: empty %(role)s text"), where=where, i=i, role=role)
+        if role == "system" and i != 1:
+            return problem(gettext_noop("%(where)s message %(i)s: a system message may only come first"),
+                           where=where, i=i)
+        if role == "user" and previous not in (None, "system", "assistant", "tool"):
+            return problem(gettext_noop("%(where)s message %(i)s: roles out of order (user after %(previous)s)"),
+                           where=where, i=i, previous=previous)
+        if role == "assistant" and previous not in ("user", "tool"):
+            return problem(gettext_noop("%(where)s message %(i)s: roles out of order (assistant after %(previous)s)"),
+                           where=where, i=i, previous=previous or "nothing")
+        if role == "tool" and previous not in ("assistant", "tool"):
+            return problem(gettext_noop("%(where)s message %(i)s: roles out of order (tool result after "
+                                        "%(previous)s)"), where=where, i=i, previous=previous)
+        if role == "tool" and previous == "assistant" and not msgs[i - 2].get("tool_calls"):
+            return problem(gettext_noop("%(where)s message %(i)s: a tool result must follow an assistant message "
+                                        "with 'tool_calls'"), where=where, i=i)
+        previous = role
+    if placeholder:
+        if msgs[-1].get("role") != "assistant":
+            return problem(gettext_noop("the last message must be the placeholder assistant turn"))
+        if len(msgs) < 2:
+            return problem(gettext_noop("an RL prompt needs a user message before the placeholder"))
+    elif not any(m.get("role") == "assistant" for m in msgs):
+        return problem(gettext_noop("'%(where)s' has no assistant message to learn from"), where=where)
+    return None
+
+
+def _answer_ok(g) -> bool:
+    return isinstance(g, (str, int, float)) and not isinstance(g, bool)
+
+
+def check_record(kind: str, rec) -> Problem | None:
+    """The first problem of one record of ``kind``, or None."""
+    if not isinstance(rec, dict):
+        return problem(gettext_noop("a record must be a JSON object"))
+    if kind == "pretrain":
+        text = rec.get("text")
+        if "text" not in rec:
+            return problem(gettext_noop("missing field 'text'"))
+        if not isinstance(text, str):
+            return problem(gettext_noop("'text' must be a string, not %(type)s"), type=type(text).__name__)
+        if not text.strip():
+            return problem(gettext_noop("empty 'text'"))
+        return None
+    if kind == "sft":
+        if "conversations" not in rec:
+            return problem(gettext_noop("missing field 'conversations'"))
+        return check_conversation(rec["conversations"])
+    if kind == "dpo":
+        for side in ("chosen", "rejected"):
+            if side not in rec:
+                return problem(gettext_noop("missing field '%(side)s'"), side=side)
+            found = check_conversation(rec[side], side)
+            if found:
+                return found
+        if _prompt(rec["chosen"]) != _prompt(rec["rejected"]):
+            return problem(gettext_noop("'chosen' and 'rejected' must share the same prompt (every message before "
+                                        "the last answer)"))
+        return None
+    if kind == "rlaif":
+        if "conversations" not in rec:
+            return problem(gettext_noop("missing field 'conversations'"))
+        found = check_conversation(rec["conversations"], placeholder=True)
+        if found:
+            return found
+        gt = rec.get("gt", rec.get("answer"))
+        if gt is not None and not (_answer_ok(gt) or (isinstance(gt, list) and all(_answer_ok(g) for g in gt))):
+            return problem(gettext_noop("'gt'/'answer' must be a string, a number or a list of them"))
+        return None
+    return problem(gettext_noop("unknown dataset kind %(kind)s"), kind=repr(kind))
+
+
+def _prompt(msgs) -> list:
+    last_answer = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=len(msgs))
+    return [(m.get("role"), m.get("content")) for m in msgs[:last_answer]]
+
+
+def expected_answers(rec) -> list[str]:
+    """An RL record's expected answers as strings (MiniMind applies ``str()``: ``"gt": [59]`` means "59")."""
+    gt = rec.get("gt", rec.get("answer"))
+    if gt is None:
+        return []
+    return [str(g) for g in (gt if isinstance(gt, list) else [gt])]
+
+
+def kind_of(rec) -> str:
+    """The kind of dataset a record belongs to (the eval stage reads any kind)."""
+    if isinstance(rec, dict):
+        if "text" in rec:
+            return "pretrain"
+        if "chosen" in rec:
+            return "dpo"
+        if "gt" in rec or "answer" in rec:
+            return "rlaif"
+        if "conversations" in rec:
+            return "sft"
+    raise ValueError("dataset: records need text, conversations, chosen/rejected, or conversations with gt")
+
+
+def record_text(kind: str, rec) -> str:
+    """All the text of a record (statistics, duplicate checks, tokenizer training)."""
+    if kind == "pretrain":
+        return rec.get("text", "")
+    msgs = rec.get("chosen", []) + rec.get("rejected", []) if kind == "dpo" else rec.get("conversations", [])
+    return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
+
+
+def parse(line, lineno: int, kind: str | None):
+    """One line's record, checked against ``kind`` (None: any JSON object); a ValueError names the line."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"dataset line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"dataset line {lineno}: not UTF-8 text ({exc.reason})") from None
+    found = check_record(kind, rec) if kind else None
+    if found:
+        raise ValueError(f"dataset line {lineno}: {message(found)}")
+    return rec
+
+
+def iter_records(path, kind: str | None = None, limit: int | None = None):
+    """``(line number, record)`` of every non-blank line, each checked against ``kind``; at most ``limit``."""
+    n = 0
+    with open_binary(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and n >= limit:
+                return
+            if line.strip():
+                n += 1
+                yield lineno, parse(line, lineno, kind)
+
+
+def first_record(path) -> dict:
+    for _, rec in iter_records(path, limit=1):
+        return rec
+    raise ValueError("dataset: no records")

@@ -1,0 +1,172 @@
+"""A stage's training rows, read by index from a token cache (training/token_cache.py) and padded per batch.
+
+Modes: ``packed`` pretraining cuts the document stream (``[bos] text [eos]`` back to back) into full ``max_seq_len``
+windows, as nanoGPT reads its token file; ``padded`` pretraining is MiniMind's (one document per row, truncated to
+``max_seq_len`` with its eos kept, pad positions out of the loss); ``sft`` rows are conversations with labels on the
+assistant spans; ``dpo`` rows pair a chosen and a rejected conversation; ``rl`` rows are prompts, left-padded, with
+each record's expected answers beside them. A batch is padded only to its longest row (rounded up to ``multiple``
+columns, so that torch.compile sees few shapes): rows are right-padded and attention is causal, so the logits and
+the loss of the real tokens are those of rows padded to ``max_seq_len``.
+
+Nothing here holds the dataset: a view is the cache's memory-mapped columns and, for a subset (the train/eval
+split), an index array; peak memory grows with the batch, not with the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from . import token_cache
+from .tokenizer import EOS_ID, PAD_ID
+
+
+class Rows:
+    def __init__(self, cache, mode: str, max_seq_len: int, index: np.ndarray | None = None):
+        self.cache, self.mode, self.msl, self.index = cache, mode, max_seq_len, index
+        self.columns = cache.columns
+        if mode == "packed":
+            self.n_base = len(self.columns["x"].ids) // max_seq_len
+        else:
+            self.n_base = len(next(iter(self.columns.values())))
+
+    def __len__(self):
+        return self.n_base if self.index is None else len(self.index)
+
+    def base(self, positions) -> np.ndarray:
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        return pos if self.index is None else self.index[pos]
+
+    def subset(self, positions) -> "Rows":
+        return Rows(self.cache, self.mode, self.msl, self.base(positions))
+
+    def split(self, ratio: float, seed: int) -> tuple["Rows", "Rows | None"]:
+        """Hold out ``ratio`` of the rows (at least one, at most 1000) as a fixed eval split."""
+        n = len(self)
+        n_eval = min(max(int(n * ratio), 1), 1000) if ratio > 0 and n >= 20 else 0
+        if not n_eval:
+            return self, None
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 10_000))
+        ev, tr = perm[:n_eval].sort().values, perm[n_eval:].sort().values
+        return self.subset(tr.numpy()), self.subset(ev.numpy())
+
+    def lengths(self) -> torch.Tensor:
+        """Each row's real length in tokens after the cut to max_seq_len (the longer side for DPO)."""
+        if self.mode == "packed":
+            return torch.full((len(self),), self.msl, dtype=torch.long)
+        lengths = None
+        for col in self.columns.values():
+            n = np.minimum(col.lengths(), self.msl)
+            lengths = n if lengths is None else np.maximum(lengths, n)
+        lengths = lengths if self.index is None else lengths[self.index]
+        return torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
+
+    def record(self, i: int) -> dict:
+        """An RL record's expected answers and question, by its index in the dataset."""
+        return self.cache.record_meta(int(i))
+
+    def _ids(self, name: str, i: int) -> np.ndarray:
+        col = self.columns[name]
+        return col.ids[col.off[i]:col.off[i + 1]].astype(np.int64)
+
+    def _labels(self, name: str, i: int, ids: np.ndarray) -> np.ndarray:
+        mask = self.columns[name].mask[self.columns[name].off[i]:][:len(ids)]
+        return np.where(mask.astype(bool), ids, -100)
+
+    def batch(self, positions, multiple: int = 8) -> dict:
+        """The rows at ``positions`` as tensors: ``x``/``y`` (``xr``/``yr`` for DPO's rejected side; ``idx`` for RL)."""
+        base = self.base(positions)
+        msl = self.msl
+        if self.mode == "packed":
+            ids = self.columns["x"].ids
+            x = torch.from_numpy(np.stack([ids[i * msl:(i + 1) * msl] for i in base]).astype(np.int64))
+            return {"x": x, "y": x.clone()}
+        if self.mode == "rl":
+            rows = [self._ids("p", i)[-msl:] for i in base]
+            width = _width(max(len(r) for r in rows), multiple, msl)
+            x = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+            for j, r in enumerate(rows):
+                x[j, width - len(r):] = r
+            return {"x": torch.from_numpy(x), "idx": torch.from_numpy(base.copy())}
+        sides = [("x", "y", "c"), ("xr", "yr", "r")] if self.mode == "dpo" else [("x", "y", "x")]
+        cut = {}
+        for xk, yk, col in sides:
+            rows = []
+            for i in base:
+                ids = self._ids(col, i)
+                if self.mode == "padded":
+                    ids = ids if len(ids) <= msl else np.append(ids[:msl - 1], EOS_ID)
+                    rows.append((ids, np.where(ids == PAD_ID, -100, ids)))
+                else:
+                    ids = ids[:msl]
+                    rows.append((ids, self._labels(col, i, ids)))
+            cut[(xk, yk)] = rows
+        width = _width(max(len(ids) for rows in cut.values() for ids, _ in rows), multiple, msl)
+        out = {}
+        for (xk, yk), rows in cut.items():
+            x = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+            y = np.full((len(rows), width), -100, dtype=np.int64)
+            for j, (ids, labels) in enumerate(rows):
+                x[j, :len(ids)], y[j, :len(ids)] = ids, labels
+            out[xk], out[yk] = torch.from_numpy(x), torch.from_numpy(y)
+        return out
+
+    def all(self, multiple: int = 8) -> dict:
+        return self.batch(np.arange(len(self)), multiple)
+
+
+def _width(longest: int, multiple: int, msl: int) -> int:
+    return max(min(-(-longest // multiple) * multiple, msl), 1)
+
+
+MODES = {"sft": "sft", "dpo": "dpo", "rl": "rl"}
+
+
+def mode_for(processing: str, cfg: dict) -> str:
+    if processing == "pretrain":
+        return "packed" if cfg.get("packing") else "padded"
+    return MODES[processing]
+
+
+def load(spec: dict, tok, dataset: str | None = None, processing: str | None = None) -> Rows:
+    """The rows of the job's dataset (or of ``dataset``, its eval file), from the token cache, prepared when absent."""
+    cfg = spec["config"]
+    processing = processing or token_cache.PROCESSING[spec["stage"]]
+    path = dataset or spec["dataset"]
+    root = Path(spec.get("data_cache") or token_cache.default_root())
+    cap = spec.get("data_cache_gb")
+    folder = token_cache.prepare(path, tok, spec["tokenizer"], processing,
+                                 token_cache.processing_options(processing, cfg), root,
+                                 data_sha=(spec.get("checksums") or {}).get(str(path)),
+                                 cap_bytes=int(float(cap) * 1e9) if cap else None)
+    return Rows(token_cache.Cache(folder), mode_for(processing, cfg), cfg["max_seq_len"])
+
+
+def from_records(tok, processing: str, records: list[dict], cfg: dict) -> Rows:
+    """Rows of a few records encoded in memory (the eval stage's first ``eval_records``), through the same encoder."""
+    encoded = token_cache.Encoder(tok, processing, token_cache.processing_options(processing, cfg)).rows(
+        list(enumerate(records)))
+    columns = {}
+    for name in token_cache.COLUMNS[processing]:
+        rows = encoded.get(name, [])
+        off = np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)]).astype(np.int64)
+        ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint32)
+        mask = np.concatenate(encoded[name + ".mask"]) if rows and name + ".mask" in encoded else None
+        columns[name] = _Col(off, ids, mask)
+    cache = SimpleNamespace(columns=columns, records=len(records))
+    return Rows(cache, mode_for(processing, cfg), cfg["max_seq_len"])
+
+
+class _Col:
+    """A column in memory, shaped like token_cache.Column."""
+
+    def __init__(self, off, ids, mask):
+        self.off, self.ids, self.mask = off, ids, mask
+
+    def __len__(self):
+        return len(self.off) - 1
+
+    def lengths(self):
+        return np.diff(self.off)

@@ -1,0 +1,278 @@
+"""The tokenised, memory-mapped data path (training/token_cache.py, training/rows.py): one cache per dataset and
+processing, built once and atomically, shared by jobs, cut per max_seq_len, and memory that does not grow with the
+file."""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from training import token_cache
+from training.chat import SYSTEM_PROMPTS, encode_conversations, load_hf_tokenizer
+from training.demo_data import write_sized
+
+from .conftest import ROOT, TINY, losses, run_engine, run_in_process
+
+
+def minimind_generate_labels(ids, start, end):
+    """MiniMind's SFTDataset.generate_labels (dataset/lm_dataset.py), as the reference for our array version."""
+    labels = [-100] * len(ids)
+    i = 0
+    while i < len(ids):
+        if ids[i:i + len(start)] == start:
+            s = i + len(start)
+            e = s
+            while e < len(ids):
+                if ids[e:e + len(end)] == end:
+                    break
+                e += 1
+            for j in range(s, min(e + len(end), len(ids))):
+                labels[j] = ids[j]
+            i = e + len(end) if e < len(ids) else len(ids)
+        else:
+            i += 1
+    return labels
+
+
+def test_assistant_mask_is_minimind_generate_labels():
+    rng = random.Random(0)
+    start, end = [1, 77, 5], [2, 5]
+    for _ in range(3000):
+        ids = [rng.choice([1, 2, 5, 77, 9, 10]) for _ in range(rng.randint(0, 40))]
+        mask = token_cache.assistant_mask(np.array(ids), start, end)
+        ref = minimind_generate_labels(ids, start, end)
+        assert [int(m) for m in mask] == [int(r != -100) for r in ref], ids
+
+
+def _spec(demo_dir, tmp_path, name, stage="pretrain", data=None, **config):
+    return {"stage": stage, "run_dir": str(tmp_path / name), "device": "cpu",
+            "dataset": str(data or demo_dir / f"demo-{'pretrain' if stage == 'pretrain' else 'sft'}.jsonl"),
+            "tokenizer": str(demo_dir / "demo-tokenizer"), "data_cache": str(tmp_path / "cache"),
+            "config": {**TINY, "max_steps": 2, **config}}
+
+
+def _write(tmp_path, spec, name):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _logs(events):
+    return [e["message"] for e in events if e["event"] == "log"]
+
+
+def test_one_cache_serves_every_length_and_mode_and_other_options_get_their_own(demo_dir, tmp_path):
+    runs = [("a", {}), ("b", {"max_seq_len": 32}), ("c", {"packing": False})]
+    for name, cfg in runs:
+        rc, events, other = run_in_process(_write(tmp_path, _spec(demo_dir, tmp_path, name, **cfg), name))
+        assert rc == 0, other
+        assert any(("tokenised" if name == "a" else "reusing") in m for m in _logs(events)), _logs(events)
+    caches = token_cache.list_caches(tmp_path / "cache")
+    assert len(caches) == 1 and caches[0]["processing"] == "pretrain" and caches[0]["records"] == 6000
+    for name, cfg in (("s1", {}), ("s2", {"system_prompt_ratio": 0.0}), ("s3", {"max_seq_len": 48})):
+        rc, events, other = run_in_process(_write(tmp_path, _spec(demo_dir, tmp_path, name, "sft", **cfg), name))
+        assert rc == 0, other
+    sft = [c for c in token_cache.list_caches(tmp_path / "cache") if c["processing"] == "sft"]
+    assert sorted(c["options"]["system_prompt_ratio"] for c in sft) == [0.0, 0.2]
+
+
+def test_rows_cut_to_max_seq_len_are_the_padded_rows_of_the_old_encoder(demo_dir, tmp_path):
+    """Rows stored whole and cut when read equal MiniMind's truncate-then-label rows (labels of a cut span run to
+    the end of the row)."""
+    from training import rows
+
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    convs = [json.loads(line)["conversations"] for line in open(demo_dir / "demo-sft.jsonl")][:300]
+    for msl in (24, 40, 128):
+        x, y = encode_conversations(tok, convs, msl)
+        data = rows.from_records(tok, "sft", [{"conversations": c} for c in convs],
+                                 {"max_seq_len": msl, "system_prompt_ratio": 0.0, "empty_think_drop_ratio": 0.0})
+        batch = data.batch(range(len(convs)), 1)
+        width = batch["x"].shape[1]
+        assert torch.equal(batch["x"], x[:, :width]) and torch.equal(batch["y"], y[:, :width])
+        assert (x[:, width:] == 0).all()
+        ids = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False)["input_ids"][:msl]
+               for c in convs]
+        assert batch["x"].shape[1] == max(len(i) for i in ids)
+
+
+def test_a_gzipped_file_trains_and_shares_the_cache_of_its_plain_twin(demo_dir, tmp_path):
+    import gzip
+
+    gz = tmp_path / "demo-sft.jsonl.gz"
+    gz.write_bytes(gzip.compress((demo_dir / "demo-sft.jsonl").read_bytes()))
+    rc, events, other = run_in_process(_write(tmp_path, _spec(demo_dir, tmp_path, "gz", "sft", data=gz), "gz"))
+    assert rc == 0, other
+    start = next(e for e in events if e["event"] == "start")
+    assert start["samples"] + start["eval_samples"] == 3000
+
+
+def _popen(spec_path):
+    return subprocess.Popen([sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+@pytest.fixture(scope="module")
+def six_mb(tmp_path_factory):
+    """A 6 MB pretraining file: above the size tokenised inline, so worker processes prepare it."""
+    path = tmp_path_factory.mktemp("six") / "six.jsonl"
+    write_sized(path, "pretrain", 6_000_000)
+    return path
+
+
+def test_a_job_killed_while_preparing_leaves_no_cache_and_the_next_prepares_again(demo_dir, tmp_path, six_mb):
+    spec_path = _write(tmp_path, _spec(demo_dir, tmp_path, "killed", data=six_mb), "killed")
+    proc = _popen(spec_path)
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["fraction"] < 1:
+            proc.kill()
+            break
+    else:
+        pytest.fail("no progress event before the preparation ended")
+    proc.wait(timeout=30)
+    root = tmp_path / "cache"
+    assert token_cache.list_caches(root) == []
+    leftovers = [p.name for p in root.iterdir() if ".part" in p.name]
+    rc, events, other = run_engine(_write(tmp_path, _spec(demo_dir, tmp_path, "next", data=six_mb), "next"))
+    assert rc == 0, other
+    assert any(m.startswith("data: tokenised") for m in _logs(events)), _logs(events)
+    assert not any(".part" in p.name for p in root.iterdir()), leftovers  # the next job cleared the leftovers
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["fraction"] == 1.0 and progress[-1]["records"] > 4000
+
+
+def test_two_jobs_on_one_dataset_tokenise_once(demo_dir, tmp_path, six_mb):
+    procs = [_popen(_write(tmp_path, _spec(demo_dir, tmp_path, f"twin{n}", data=six_mb), f"twin{n}"))
+             for n in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    logs = [_logs([json.loads(line) for line in out.splitlines()]) for out in outputs]
+    tokenised = [m for log in logs for m in log if m.startswith("data: tokenised")]
+    assert len(tokenised) == 1, logs
+    assert len(token_cache.list_caches(tmp_path / "cache")) == 1
+
+
+def test_a_killed_run_resumes_at_the_same_data_position(demo_dir, tmp_path):
+    """kill -9 after the checkpoint of step 6, resume from it: steps 7-12 have the losses of a run never stopped."""
+    cfg = {"max_steps": 12, "save_interval": 6, "log_interval": 1, "group_by_length": True, "batch_size": 8}
+    rc, straight, other = run_in_process(_write(tmp_path, _spec(demo_dir, tmp_path, "straight", "sft", **cfg), "s"))
+    assert rc == 0, other
+    spec = _spec(demo_dir, tmp_path, "killed", "sft", **cfg)
+    spec_path = _write(tmp_path, spec, "k")
+    proc = _popen(spec_path)
+    first = []
+    for line in proc.stdout:
+        first.append(json.loads(line))
+        if first[-1]["event"] == "checkpoint":
+            proc.kill()
+            break
+    proc.wait(timeout=30)
+    rc, second, other = run_in_process(_write(tmp_path, {**spec, "resume": True}, "k"))
+    assert rc == 0, other
+    assert next(e for e in second if e["event"] == "start")["resumed_from_step"] == 6
+    expected = losses(straight)
+    assert losses(second) == {s: v for s, v in expected.items() if s > 6}
+
+
+def _peak_rss_kb(spec_path) -> int:
+    code = ("import resource, subprocess, sys\n"
+            f"rc = subprocess.run([sys.executable, '-m', 'training', 'run', {str(spec_path)!r}],"
+            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
+            "assert rc == 0, rc\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              check=True, timeout=600).stdout)
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_dataset(demo_dir, tmp_path):
+    """A run on a 40 MB file peaks within 15 % of the same run on a 4 MB file (the largest process of the job:
+    the engine or one of its tokenising workers; the old path held every token as Python ints: ~20x)."""
+    peaks = {}
+    for mb in (4, 40):
+        data = tmp_path / f"p{mb}.jsonl"
+        write_sized(data, "pretrain", mb * 1_000_000)
+        spec = _spec(demo_dir, tmp_path, f"rss{mb}", data=data, max_seq_len=128, eval_ratio=0.01)
+        peaks[mb] = _peak_rss_kb(_write(tmp_path, spec, f"rss{mb}"))
+    assert peaks[40] <= 1.15 * peaks[4], peaks
+
+
+def test_caches_beyond_the_cap_are_evicted_least_recently_used_first(tmp_path):
+    root = tmp_path / "cache"
+    for i, name in enumerate(("old", "mid", "new")):
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "x.ids").write_bytes(b"\0" * 1000)
+        meta = {"name": name, "processing": "pretrain", "dataset_sha256": name, "records": 1, "tokens": 500}
+        (folder / "meta.json").write_text(json.dumps(meta))
+        os.utime(folder / "meta.json", (time.time() - 100 + i, time.time() - 100 + i))
+    assert [c["name"] for c in token_cache.list_caches(root)] == ["new", "mid", "old"]
+    assert token_cache.evict(root, 2500, keep={"old"}) == ["mid"]
+    assert sorted(c["name"] for c in token_cache.list_caches(root)) == ["new", "old"]
+    assert not token_cache.remove(root, "../cache/new") and token_cache.remove(root, "new")
+
+
+def test_identity_system_prompts_are_minimind_own():
+    """dataset/lm_dataset.py pre_processing_chat's SYSTEM_PROMPTS, in its order."""
+    assert SYSTEM_PROMPTS[1] == "你是minimind，一个小巧但有用的语言模型。" and len(SYSTEM_PROMPTS) == 10
+    assert SYSTEM_PROMPTS[5:] == ["You are a helpful AI assistant.",
+                                  "You are minimind, a lightweight intelligent assistant.",
+                                  "You are a friendly chatbot. Please answer the user's questions carefully.",
+                                  "You are a knowledgeable AI. Try your best to provide accurate information.",
+                                  "You are minimind, a small but useful language model."]
+
+
+def test_numeric_expected_answers_are_read_as_minimind_reads_them(demo_dir, tmp_path):
+    """Agent-RL records give ``gt`` as numbers (``[59]``): MiniMind applies str(), so do the checks and rewards."""
+    from training import rows
+    from training.records import check_record
+
+    rec = {"conversations": [{"role": "user", "content": "What is 50 plus 9?"}, {"role": "assistant", "content": ""}],
+           "gt": [59]}
+    assert check_record("rlaif", rec) is None and check_record("rlaif", {**rec, "gt": 59}) is None
+    assert check_record("rlaif", {**rec, "gt": [True]}) is not None
+    data = tmp_path / "agent.jsonl"
+    data.write_text(json.dumps(rec) + "\n")
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    spec = {"stage": "grpo", "dataset": str(data), "tokenizer": str(demo_dir / "demo-tokenizer"),
+            "data_cache": str(tmp_path / "c"), "config": {"max_seq_len": 64, "seed": 1}}
+    prompts = rows.load(spec, tok)
+    assert prompts.record(0) == {"gt": ["59"], "question": "What is 50 plus 9?"}
+
+
+class _MiniMindLoRA(torch.nn.Module):
+    """MiniMind's model/model_lora.py LoRA module (A: in -> rank, B: rank -> out)."""
+
+    def __init__(self, n, rank):
+        super().__init__()
+        self.A = torch.nn.Linear(n, rank, bias=False)
+        self.B = torch.nn.Linear(rank, n, bias=False)
+
+
+@pytest.mark.parametrize("kv_heads,expected", [(2, {"q_proj", "o_proj"}),
+                                               (4, {"q_proj", "k_proj", "v_proj", "o_proj"})])
+def test_lora_default_targets_are_minimind_rule_and_its_load_lora_takes_our_file(kv_heads, expected):
+    """MiniMind's apply_lora puts an adapter on every square nn.Linear and load_lora loads each one's keys
+    strictly: our default targets and lora.pth must match that for every shape we allow."""
+    from training.lora import attach, minimind_lora_state_dict
+    from training.model import build_model
+    from training.spec import model_config, resolve_config
+
+    cfg = resolve_config("lora", {**TINY, "num_key_value_heads": kv_heads})
+    model = attach(build_model(model_config(cfg)), cfg)
+    ours = minimind_lora_state_dict(model)
+    assert {k.split(".")[-4] for k in ours} == expected
+    theirs = build_model(model_config(cfg))  # MiniMind's apply_lora, then load_lora, on a fresh model
+    for name, module in theirs.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.in_features == module.out_features:
+            module.lora = _MiniMindLoRA(module.in_features, 16)
+    for name, module in theirs.named_modules():
+        if hasattr(module, "lora"):
+            state = {k.replace(f"{name}.lora.", ""): v for k, v in ours.items() if f"{name}.lora." in k}
+            module.lora.load_state_dict(state)  # strict: raises on a missing or extra adapter
