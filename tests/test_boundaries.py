@@ -14,6 +14,8 @@ def test_django_processes_do_not_import_torch():
         "jobs.api, jobs.views, models_registry.api, models_registry.views, accounts.api\n"
         "from django.core.management import load_command_class\n"
         "load_command_class('minicloud', 'serve')\n"
+        "load_command_class('jobs', 'data_cache')\n"
+        "import jobs.dataset_stats, jobs.validation, training.token_cache, training.records\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'transformers')))\n"
         "assert not bad, bad[:5]\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -303,9 +303,11 @@ def build(folder: Path, path, encoder: Encoder, progress=None) -> dict:
                 for chunk in _chunks(f):
                     done(_encode_chunk(*chunk), raw.tell())
             else:
+                from .warm import die_with_parent
+
                 ctx = multiprocessing.get_context("fork")  # the workers inherit the loaded tokenizer
                 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: they are the parallelism
-                with ctx.Pool(workers) as pool:
+                with ctx.Pool(workers, initializer=die_with_parent) as pool:  # a killed job takes them along
                     pending = deque()
                     for chunk in _chunks(f):
                         pending.append((pool.apply_async(_encode_chunk, chunk), raw.tell()))

@@ -166,6 +166,8 @@ def run_inprocess(spec: dict, tmp_path, capsys=None, name="run"):
 
 
 TRAINED = (("pretrain", "demo-pretrain", None, 150), ("sft", "demo-sft", "pretrain", 300))
+# MiniMind's identity system prompts take 21-68 demo-tokenizer tokens: 64-token rows would lose most answers behind them
+SFT_ROWS = {"max_seq_len": 128}
 
 
 @pytest.fixture(scope="session")
@@ -179,9 +181,7 @@ def trained(demo_dir):
             spec = {"stage": stage, "run_dir": str(root / stage), "dataset": str(demo_dir / f"{data}.jsonl"),
                     "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu",
                     "config": {**TINY, "max_steps": steps, "epochs": 3, "log_interval": 50,
-                               # MiniMind's identity prompts take 21-68 demo-tokenizer tokens: in 64-token rows
-                               # they would push most answers out
-                               **({"system_prompt_ratio": 0.0} if stage == "sft" else {})}}
+                               **(SFT_ROWS if stage == "sft" else {})}}
             if base:
                 spec["base_model"] = {"path": str(root / out[base]), "config": ARCH}
             path = root / f"{stage}.json"
@@ -191,5 +191,5 @@ def trained(demo_dir):
             out[stage] = str(Path(events[-1]["model_path"]).relative_to(root))
         (root / "trained.json").write_text(json.dumps(out))
 
-    root = built_once("trained", build, TRAINED, TINY)
+    root = built_once("trained", build, TRAINED, TINY, SFT_ROWS)
     return {stage: str(root / rel) for stage, rel in json.loads((root / "trained.json").read_text()).items()}

@@ -163,7 +163,7 @@ def test_grpo_with_a_verifiable_reward_raises_heldout_answer_accuracy(trained, d
         return {p for p, r in zip(table, replies) if match_rewards(r, [str(sum(p))])["numeric"]}
 
     spec = rl_spec("grpo", demo_dir, tmp_path, trained["sft"], max_steps=40, num_generations=8, temperature=0.8,
-                   rewards={"numeric": 1.0}, reward_regex="", log_interval=5, learning_rate=2e-3)
+                   rewards={"numeric": 1.0}, reward_regex="", log_interval=5, learning_rate=1e-3)
     spec["dataset"] = str(data)
     rc, events = run_inprocess(spec, tmp_path, capsys)
     assert rc == 0, events[-1]

@@ -130,12 +130,16 @@ def test_a_job_killed_while_preparing_leaves_no_cache_and_the_next_prepares_agai
     proc = _popen(spec_path)
     for line in proc.stdout:
         event = json.loads(line)
-        if event["event"] == "progress" and event["fraction"] < 1:
+        if event["event"] == "progress" and 0 < event["fraction"] < 1:
+            workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             proc.kill()
             break
     else:
         pytest.fail("no progress event before the preparation ended")
     proc.wait(timeout=30)
+    assert len(workers) == token_cache.workers_for(six_mb.stat().st_size), workers
+    time.sleep(1)
+    assert [w for w in workers if _running(w)] == [], "the tokenising workers must die with their job"
     root = tmp_path / "cache"
     assert token_cache.list_caches(root) == []
     leftovers = [p.name for p in root.iterdir() if ".part" in p.name]
@@ -145,6 +149,14 @@ def test_a_job_killed_while_preparing_leaves_no_cache_and_the_next_prepares_agai
     assert not any(".part" in p.name for p in root.iterdir()), leftovers  # the next job cleared the leftovers
     progress = [e for e in events if e["event"] == "progress"]
     assert progress and progress[-1]["fraction"] == 1.0 and progress[-1]["records"] > 4000
+
+
+def _running(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except OSError:
+        return False
 
 
 def test_two_jobs_on_one_dataset_tokenise_once(demo_dir, tmp_path, six_mb):
