@@ -11,6 +11,9 @@ With ``--minimind`` (a checkout of jingyaogong/minimind, run from a copy) the sa
 (``model/``); its DataLoader keeps MiniMind's default of 8 workers. MiniMind needs the ``datasets`` package: give
 its location with ``--minimind-pythonpath`` if it is not installed.
 
+``ours_warm_forked``: the warm cache with the job forked from a warm engine (training/warm.py), as the portal
+starts jobs on CPU slots: no interpreter start, no torch import.
+
 Peak memory: ``peak_rss_mb`` is the engine process's own high-water mark (VmHWM); ``peak_pss_mb`` samples the
 proportional set size of the whole process tree every 0.2 s (tokenising workers, DataLoader workers; shared pages
 counted once). Prints one JSON object.
@@ -99,7 +102,15 @@ def run_until(cmd, cwd, env, first_step, timeout=7200):
                 "launched": t0}, lines
 
 
-def ours(path: Path, stage: str, tokenizer: Path, cache: Path, run_dir: Path) -> dict:
+def _options(stage: str) -> dict:
+    """The token cache options of the stage's defaults (what a job with MiniMind's defaults uses)."""
+    from training import spec as tspec, token_cache
+
+    cfg = tspec.resolve_config(stage, {})
+    return token_cache.processing_options(token_cache.PROCESSING[stage], cfg)
+
+
+def ours(path: Path, stage: str, tokenizer: Path, cache: Path, run_dir: Path, warm: bool = False) -> dict:
     spec = {"stage": stage, "run_dir": str(run_dir), "dataset": str(path), "tokenizer": str(tokenizer),
             "device": "cpu", "data_cache": str(cache), "config": {**TINY, "max_steps": 1000}}
     spec_path = run_dir.with_suffix(".json")
@@ -115,13 +126,55 @@ def ours(path: Path, stage: str, tokenizer: Path, cache: Path, run_dir: Path) ->
     launched = mem.pop("launched")
     # startup_s: the interpreter, torch and transformers imports and the model (what the portal's warm engine saves)
     out = {"first_step_s": round(at, 1), "startup_s": round(model_t - launched, 1), "data_s": round(start_t - model_t, 2),
-           **mem}
+           **mem, "warm": warm}
+    if any(e["event"] == "log" and "read as they are needed" in e["message"] for e in events):
+        out["lazy"] = True  # trained at once; the run was stopped before its background build ended: finish it
+        t = time.time()
+        subprocess.run([sys.executable, "-m", "training", "prepare", str(path), "--tokenizer", str(tokenizer),
+                        "--processing", "pretrain" if stage == "pretrain" else stage, "--options", json.dumps(
+                            _options(stage)), "--cache", str(cache)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        out["background_build_s"] = round(time.time() - t, 1)
     built = [c for c in (cache.iterdir() if cache.exists() else []) if (c / "meta.json").exists()]
     meta = json.loads((built[0] / "meta.json").read_text()) if built else {}
-    if any(e["event"] == "log" and e["message"].startswith("data: tokenised") for e in events):
+    if meta and not out.pop("warm"):
         out.update(tokenise_s=meta["seconds"], tokenise_mb_s=round(meta["source_bytes"] / 1e6 / meta["seconds"], 2),
                    workers=meta["workers"], tokens=meta["tokens"])
     return out
+
+
+def ours_forked(path: Path, stage: str, tokenizer: Path, cache: Path, run_dir: Path) -> dict:
+    """The portal's warm start: the job forked from a warm engine (training/warm.py, as jobs/engine_process.py asks
+    it) that imported torch and transformers once; an earlier fork has warmed it. Seconds from the request to the
+    first step."""
+    import socket
+
+    ours_sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = subprocess.Popen([sys.executable, "-u", "-m", "training", "warm", str(theirs.fileno()), " " * 4096],
+                              cwd=ROOT, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    theirs.close()
+    times = []
+    try:
+        for n in range(2):  # the first fork waits for the server's imports; the second is what a later job sees
+            spec = {"stage": stage, "run_dir": str(run_dir) + f"-{n}", "dataset": str(path),
+                    "tokenizer": str(tokenizer), "device": "cpu", "data_cache": str(cache),
+                    "config": {**TINY, "max_steps": 1}}
+            spec_path = Path(str(run_dir) + f"-{n}.json")
+            spec_path.write_text(json.dumps(spec))
+            out_r, out_w = os.pipe()
+            t0 = time.time()
+            socket.send_fds(ours_sock, [json.dumps({"argv": ["run", str(spec_path)], "env": dict(
+                os.environ, CUDA_VISIBLE_DEVICES=""), "cwd": str(ROOT)}).encode()], [out_w])
+            os.close(out_w)
+            with open(out_r, encoding="utf-8") as out:
+                at = next((time.time() - t0 for line in out if '"event": "step"' in line), None)
+                for _ in out:  # to the end of the run (one step)
+                    pass
+            times.append(round(at, 2) if at is not None else None)
+    finally:
+        ours_sock.close()
+        server.wait(timeout=30)
+    return {"first_step_s": times[1], "first_fork_s": times[0]}
 
 
 def minimind(checkout: Path, path: Path, stage: str, pythonpath: str | None) -> dict:
@@ -182,7 +235,8 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 tmp = Path(tmp)
                 row["ours_cold"] = ours(path, stage, tokenizer, tmp / "cache", tmp / "cold")
-                row["ours_warm"] = ours(path, stage, tokenizer, tmp / "cache", tmp / "warm")
+                row["ours_warm"] = ours(path, stage, tokenizer, tmp / "cache", tmp / "warm", warm=True)
+                row["ours_warm_forked"] = ours_forked(path, stage, tokenizer, tmp / "cache", tmp / "forked")
             if args.minimind:
                 row["minimind"] = minimind(Path(args.minimind), path, stage, args.minimind_pythonpath)
             print(json.dumps(row), file=sys.stderr)

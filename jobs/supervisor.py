@@ -121,6 +121,7 @@ class Supervisor:
         self.killed = False
         self.reason = None  # "cancel", "pause", "shutdown", "timeout" or "lost" once the child must stop
         self.peak_memory = job.peak_memory
+        self.steps_started = False  # the engine's start event came: its data is ready
 
     def _reader(self, stream):
         try:
@@ -179,9 +180,10 @@ class Supervisor:
                         self.peak_memory = int(peak * 2**30)
                         updates["peak_memory"] = self.peak_memory
             elif kind == "start":
+                self.steps_started = True
                 updates.update(total_steps=event.get("total_steps", 0), step=event.get("resumed_from_step", 0),
                                phase={})
-            elif kind == "progress":
+            elif kind == "progress" and not self.steps_started:  # later: a background build, shown in the log
                 updates["phase"] = {"name": str(event.get("phase", ""))[:20], "fraction": _number(event, "fraction"),
                                     "records": int(_number(event, "records"))}
             elif kind == "done":

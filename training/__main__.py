@@ -1,5 +1,6 @@
 """``python -m training run SPEC.json`` | ``demo-data OUT_DIR`` | ``train-tokenizer DATA.jsonl... --out DIR`` |
 ``convert hf|pth SRC OUT`` | ``inspect PTH --config C`` | ``merge-lora BASE LORA OUT --config C`` | ``chat-worker`` |
+``prepare DATASET ...`` (build a token cache) |
 ``warm FD`` (the fork server of training.warm)."""
 from __future__ import annotations
 
@@ -151,6 +152,24 @@ def cmd_chat_worker(args) -> int:
     return worker()
 
 
+def cmd_prepare(args) -> int:
+    """Build a dataset's token cache (the background builder of a job that started without waiting for it). Its
+    events go to the job's own stdout; a failure is a warning there (the job reads the same records itself and
+    reports a bad one when it reaches it)."""
+    from . import events, token_cache
+    from .chat import load_hf_tokenizer
+
+    try:
+        token_cache.prepare(args.dataset, load_hf_tokenizer(args.tokenizer), args.tokenizer, args.processing,
+                            json.loads(args.options), Path(args.cache), data_sha=args.sha256 or None,
+                            cap_bytes=int(float(args.cap_gb) * 1e9) if args.cap_gb else None)
+    except Exception as exc:  # noqa: BLE001 -- reported, the job goes on
+        events.log(f"data: the background tokenisation stopped: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                   level="warning")
+        return 1
+    return 0
+
+
 def cmd_warm(args) -> int:
     from .warm import serve
 
@@ -191,6 +210,15 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_merge_lora)
     p = sub.add_parser("chat-worker", help="JSON-lines generation server on stdin/stdout (playground, /v1 API)")
     p.set_defaults(func=cmd_chat_worker)
+    p = sub.add_parser("prepare", help="build a dataset's token cache (training.token_cache)")
+    p.add_argument("dataset")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--processing", required=True, choices=["pretrain", "sft", "dpo", "rl"])
+    p.add_argument("--options", default="{}", help="the processing's options as JSON")
+    p.add_argument("--cache", required=True, help="the cache root")
+    p.add_argument("--sha256", default="")
+    p.add_argument("--cap-gb", default="")
+    p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("warm", help="fork server: the engine imported once, a forked child per run (training.warm)")
     p.add_argument("fd", type=int, help="the Unix socket its supervisor sends runs on")
     p.add_argument("room", nargs="?", help="blank room in the command line for the children's titles")

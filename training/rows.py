@@ -13,6 +13,10 @@ split), an index array; peak memory grows with the batch, not with the file.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,13 +28,30 @@ from .tokenizer import EOS_ID, PAD_ID
 
 
 class Rows:
-    def __init__(self, cache, mode: str, max_seq_len: int, index: np.ndarray | None = None):
-        self.cache, self.mode, self.msl, self.index = cache, mode, max_seq_len, index
-        self.columns = cache.columns
+    """``source``: a token_cache.Cache (or rows in memory), or a LazySource while the cache is being built (rows
+    encoded on demand, identical to the cache's) with ``pending`` the cache's folder: the view moves to the cache
+    as soon as it is complete, for every subset of it at once."""
+
+    def __init__(self, source, mode: str, max_seq_len: int, index: np.ndarray | None = None, pending=None,
+                 shared: dict | None = None):
+        self.mode, self.msl, self.index = mode, max_seq_len, index
+        self.shared = shared if shared is not None else {"source": source, "pending": pending}
+        source = self.shared["source"]
         if mode == "packed":
-            self.n_base = len(self.columns["x"].ids) // max_seq_len
+            self.n_base = len(source.columns["x"].ids) // max_seq_len
         else:
-            self.n_base = len(next(iter(self.columns.values())))
+            self.n_base = source.records
+
+    @property
+    def cache(self):
+        pending = self.shared["pending"]
+        if pending is not None and (Path(pending) / "meta.json").exists():
+            self.shared["source"], self.shared["pending"] = token_cache.Cache(pending), None
+        return self.shared["source"]
+
+    @property
+    def columns(self):
+        return self.cache.columns
 
     def __len__(self):
         return self.n_base if self.index is None else len(self.index)
@@ -40,7 +61,7 @@ class Rows:
         return pos if self.index is None else self.index[pos]
 
     def subset(self, positions) -> "Rows":
-        return Rows(self.cache, self.mode, self.msl, self.base(positions))
+        return Rows(None, self.mode, self.msl, self.base(positions), shared=self.shared)
 
     def split(self, ratio: float, seed: int) -> tuple["Rows", "Rows | None"]:
         """Hold out ``ratio`` of the rows (at least one, at most 1000) as a fixed eval split."""
@@ -67,14 +88,6 @@ class Rows:
         """An RL record's expected answers and question, by its index in the dataset."""
         return self.cache.record_meta(int(i))
 
-    def _ids(self, name: str, i: int) -> np.ndarray:
-        col = self.columns[name]
-        return col.ids[col.off[i]:col.off[i + 1]].astype(np.int64)
-
-    def _labels(self, name: str, i: int, ids: np.ndarray) -> np.ndarray:
-        mask = self.columns[name].mask[self.columns[name].off[i]:][:len(ids)]
-        return np.where(mask.astype(bool), ids, -100)
-
     def batch(self, positions, multiple: int = 8) -> dict:
         """The rows at ``positions`` as tensors: ``x``/``y`` (``xr``/``yr`` for DPO's rejected side; ``idx`` for RL)."""
         base = self.base(positions)
@@ -83,8 +96,9 @@ class Rows:
             ids = self.columns["x"].ids
             x = torch.from_numpy(np.stack([ids[i * msl:(i + 1) * msl] for i in base]).astype(np.int64))
             return {"x": x, "y": x.clone()}
+        fetched = self.cache.rows(base)
         if self.mode == "rl":
-            rows = [self._ids("p", i)[-msl:] for i in base]
+            rows = [r.astype(np.int64)[-msl:] for r in fetched["p"]]
             width = _width(max(len(r) for r in rows), multiple, msl)
             x = np.full((len(rows), width), PAD_ID, dtype=np.int64)
             for j, r in enumerate(rows):
@@ -94,14 +108,14 @@ class Rows:
         cut = {}
         for xk, yk, col in sides:
             rows = []
-            for i in base:
-                ids = self._ids(col, i)
+            for j, ids in enumerate(fetched[col]):
+                ids = ids.astype(np.int64)
                 if self.mode == "padded":
                     ids = ids if len(ids) <= msl else np.append(ids[:msl - 1], EOS_ID)
                     rows.append((ids, np.where(ids == PAD_ID, -100, ids)))
                 else:
                     ids = ids[:msl]
-                    rows.append((ids, self._labels(col, i, ids)))
+                    rows.append((ids, np.where(fetched[col + ".mask"][j][:msl].astype(bool), ids, -100)))
             cut[(xk, yk)] = rows
         width = _width(max(len(ids) for rows in cut.values() for ids, _ in rows), multiple, msl)
         out = {}
@@ -130,18 +144,51 @@ def mode_for(processing: str, cfg: dict) -> str:
     return MODES[processing]
 
 
+LAZY_BYTES = int(float(os.environ.get("MINICLOUD_LAZY_DATA_MB", "32")) * 1e6)
+
+
 def load(spec: dict, tok, dataset: str | None = None, processing: str | None = None) -> Rows:
-    """The rows of the job's dataset (or of ``dataset``, its eval file), from the token cache, prepared when absent."""
+    """The rows of the job's dataset (or of ``dataset``, its eval file), from the token cache, prepared when absent.
+
+    A large plain file without a cache yet, in a stage whose rows are records (all but packed pretraining) and
+    without ``group_by_length`` (which needs every length), is not waited for: its cache is built by a background
+    process (``python -m training prepare``, this node's first rank only) while training reads the records it needs
+    and encodes them as the cache will (MiniMind's way of starting at once), and moves to the cache when it is done.
+    """
     cfg = spec["config"]
     processing = processing or token_cache.PROCESSING[spec["stage"]]
     path = dataset or spec["dataset"]
     root = Path(spec.get("data_cache") or token_cache.default_root())
     cap = spec.get("data_cache_gb")
-    folder = token_cache.prepare(path, tok, spec["tokenizer"], processing,
-                                 token_cache.processing_options(processing, cfg), root,
-                                 data_sha=(spec.get("checksums") or {}).get(str(path)),
+    options = token_cache.processing_options(processing, cfg)
+    data_sha = (spec.get("checksums") or {}).get(str(path))
+    mode = mode_for(processing, cfg)
+    if mode != "packed" and not cfg.get("group_by_length") and os.path.getsize(path) >= LAZY_BYTES \
+            and not token_cache.is_gzip(path):
+        root.mkdir(parents=True, exist_ok=True)
+        name = token_cache.cache_name(data_sha or token_cache.file_sha256(path, root),
+                                      token_cache.tokenizer_digest(spec["tokenizer"]), processing, options)
+        if not (root / name / "meta.json").exists():
+            command = ["--tokenizer", str(spec["tokenizer"]), "--processing", processing, "--options",
+                       json.dumps(options), "--cache", str(root), "--sha256", data_sha or "", "--cap-gb", str(cap or "")]
+            return _lazy(spec, tok, path, command, processing, options, mode, root / name)
+    folder = token_cache.prepare(path, tok, spec["tokenizer"], processing, options, root, data_sha=data_sha,
                                  cap_bytes=int(float(cap) * 1e9) if cap else None)
-    return Rows(token_cache.Cache(folder), mode_for(processing, cfg), cfg["max_seq_len"])
+    return Rows(token_cache.Cache(folder), mode, cfg["max_seq_len"])
+
+
+def _lazy(spec, tok, path, command, processing, options, mode, folder) -> Rows:
+    from . import events
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        from .warm import die_with_parent
+
+        subprocess.Popen([sys.executable, "-u", "-m", "training", "prepare", str(path), *command],
+                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    source = token_cache.LazySource(path, token_cache.Encoder(tok, processing, options), folder.parent)
+    events.log(f"data: {source.records} records read as they are needed while the token cache is built in the "
+               "background")
+    return Rows(source, mode, spec["config"]["max_seq_len"], pending=folder)
 
 
 def from_records(tok, processing: str, records: list[dict], cfg: dict) -> Rows:
@@ -155,7 +202,8 @@ def from_records(tok, processing: str, records: list[dict], cfg: dict) -> Rows:
         ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint32)
         mask = np.concatenate(encoded[name + ".mask"]) if rows and name + ".mask" in encoded else None
         columns[name] = _Col(off, ids, mask)
-    cache = SimpleNamespace(columns=columns, records=len(records))
+    cache = SimpleNamespace(columns=columns, records=len(records),
+                            rows=lambda base: token_cache.column_rows(columns, base))
     return Rows(cache, mode_for(processing, cfg), cfg["max_seq_len"])
 
 

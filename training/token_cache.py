@@ -223,6 +223,11 @@ def _chunks(f):
         yield first_line, first_index, lines
 
 
+def is_gzip(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def workers_for(size_bytes: int) -> int:
     if size_bytes < INLINE_BYTES:
         return 0
@@ -479,6 +484,100 @@ class Cache:
     def record_meta(self, i: int) -> dict:
         off, blob = self._meta
         return json.loads(bytes(blob[off[i]:off[i + 1]]))
+
+    def rows(self, base) -> dict:
+        return column_rows(self.columns, base)
+
+
+def column_rows(columns: dict, base) -> dict:
+    """``{name: [ids of row i for i in base]}`` (and ``name + ".mask"``) of memory-mapped or in-memory columns."""
+    out = {}
+    for name, col in columns.items():
+        spans = [(int(col.off[i]), int(col.off[i + 1])) for i in base]
+        out[name] = [col.ids[a:b] for a, b in spans]
+        if col.mask is not None:
+            out[name + ".mask"] = [col.mask[a:b] for a, b in spans]
+    return out
+
+
+_SPACE = np.frombuffer(b" \t\r\x0b\x0c", dtype=np.uint8)
+
+
+def line_index(path, scratch, block: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte offsets of every non-blank line of a plain (not compressed) file, from one newline scan,
+    as arrays memory-mapped from files in the folder ``scratch`` (removed once mapped): a 9 GB file's index does not
+    sit in the job's memory."""
+    size = os.path.getsize(path)
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    files = {k: scratch / f".index-{os.getpid()}-{time.time_ns()}.{k}" for k in ("start", "end")}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with open(files["start"], "wb") as out_s, open(files["end"], "wb") as out_e:
+            pos, line_start = 0, 0
+            while chunk := os.pread(fd, block, pos):
+                ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10).astype(np.int64) + pos + 1
+                pos += len(chunk)
+                if pos >= size and (not len(ends) or ends[-1] < size):
+                    ends = np.append(ends, size)  # a last line without its newline
+                starts = np.concatenate([[line_start], ends[:-1]]).astype(np.int64) if len(ends) else ends
+                if len(ends):
+                    line_start = int(ends[-1])
+                keep = ends > starts
+                here = starts - (pos - len(chunk))  # where each line starts in this chunk (< 0: in an earlier one)
+                first = np.frombuffer(chunk, dtype=np.uint8)[np.clip(here, 0, max(len(chunk) - 1, 0))]
+                maybe_blank = keep & ((ends - starts <= 4) | (here < 0) | np.isin(first, _SPACE))
+                for i in np.flatnonzero(maybe_blank):  # a blank line is white space only
+                    keep[i] = bool(os.pread(fd, int(ends[i] - starts[i]), int(starts[i])).strip())
+                out_s.write(starts[keep].tobytes())
+                out_e.write(ends[keep].tobytes())
+        maps = tuple(_map(files[k], np.int64) for k in ("start", "end"))
+    finally:
+        os.close(fd)
+        for f in files.values():
+            f.unlink(missing_ok=True)  # the mappings keep the data until they are dropped
+    return maps
+
+
+def line_number(path, offset: int) -> int:
+    """The line number of the byte ``offset`` (for an error message)."""
+    count, pos = 1, 0
+    with open(path, "rb") as f:
+        while pos < offset and (chunk := f.read(min(1 << 20, offset - pos))):
+            count += chunk.count(b"\n")
+            pos += len(chunk)
+    return count
+
+
+class LazySource:
+    """The rows of a dataset whose cache is still being built, encoded on demand by the cache's own encoder (so
+    identical to the cache's rows) from the lines of the file, found by ``line_index``."""
+
+    def __init__(self, path, encoder: Encoder, scratch):
+        self.path = path
+        self.starts, self.ends = line_index(path, scratch)
+        self.records = len(self.starts)
+        self.encoder, self.kind = encoder, DATASET_KIND[encoder.processing]
+        self.file = open(path, "rb")
+        self.columns = None  # no lengths: group_by_length waits for the cache
+
+    def _records(self, base) -> list[tuple[int, dict]]:
+        out = []
+        for i in base:
+            i = int(i)
+            self.file.seek(self.starts[i])
+            line = self.file.read(int(self.ends[i] - self.starts[i]))
+            try:
+                out.append((i, parse(line, 0, self.kind)))
+            except ValueError:  # name the line as the cache's build would
+                out.append((i, parse(line, line_number(self.path, int(self.starts[i])), self.kind)))
+        return out
+
+    def rows(self, base) -> dict:
+        return self.encoder.rows(self._records(base))
+
+    def record_meta(self, i: int) -> dict:
+        return json.loads(self.rows([i])["meta"][0])
 
 
 def record_lengths(cache: Cache) -> np.ndarray:

@@ -288,3 +288,40 @@ def test_lora_default_targets_are_minimind_rule_and_its_load_lora_takes_our_file
         if hasattr(module, "lora"):
             state = {k.replace(f"{name}.lora.", ""): v for k, v in ours.items() if f"{name}.lora." in k}
             module.lora.load_state_dict(state)  # strict: raises on a missing or extra adapter
+
+
+def test_a_large_file_trains_at_once_while_its_cache_is_built_and_the_rows_are_the_same(demo_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Above rows.LAZY_BYTES a record-row stage does not wait for the cache: it reads and encodes the records it
+    needs (as the cache will) while ``python -m training prepare`` builds the cache in the background; the losses
+    are those of a run on the finished cache, and the cache is there afterwards for the next job."""
+    from training import rows
+
+    cfg = {"max_steps": 12, "log_interval": 1, "batch_size": 8, "eval_interval": 6}
+    rc, cached, other = run_in_process(_write(tmp_path, _spec(demo_dir, tmp_path, "cached", "sft", **cfg), "c"))
+    assert rc == 0, other
+    monkeypatch.setattr(rows, "LAZY_BYTES", 0)
+    spec = {**_spec(demo_dir, tmp_path, "lazy", "sft", **cfg), "data_cache": str(tmp_path / "lazy-cache")}
+    rc, lazy, other = run_in_process(_write(tmp_path, spec, "l"))
+    assert rc == 0, other
+    assert any("read as they are needed" in m for m in _logs(lazy)), _logs(lazy)
+    assert losses(lazy) == losses(cached)
+    assert [e["metrics"] for e in lazy if e["event"] == "eval"] == [e["metrics"] for e in cached if e["event"] == "eval"]
+    deadline = time.time() + 120
+    while not token_cache.list_caches(tmp_path / "lazy-cache") and time.time() < deadline:
+        time.sleep(0.5)
+    [built] = token_cache.list_caches(tmp_path / "lazy-cache")
+    assert built["records"] == 3000 and built["name"] == token_cache.list_caches(tmp_path / "cache")[0]["name"]
+
+
+def test_the_line_index_finds_every_record_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "lines.jsonl"
+    lines = [b'{"text": "a"}\n', b"\n", b"   \n", b'{"text": "b"}\r\n', b" \t \n", b'  {"text": "c"}\n',
+             b'{"text": "d"}']
+    path.write_bytes(b"".join(lines))
+    data = path.read_bytes()
+    for block in (7, 64 << 20):  # lines across the scan's blocks too
+        starts, ends = token_cache.line_index(path, tmp_path / "scratch", block=block)
+        assert [data[a:b] for a, b in zip(starts, ends)] == [lines[0], lines[3], lines[5], lines[6]]
+    assert [token_cache.line_number(path, int(a)) for a in starts] == [1, 4, 6, 7]
+    assert list((tmp_path / "scratch").iterdir()) == []
