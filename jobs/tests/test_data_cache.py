@@ -64,7 +64,14 @@ def test_the_job_shows_its_data_preparation_until_its_first_step(user):
     sup.flush()
     job.refresh_from_db()
     assert job.phase == {} and job.phase_text == ""
-    # a forged or odd progress event is recorded as numbers, never trusted as text
+    # after the start, a background build's progress is for the log only: the page keeps the steps
+    sup.lines.put(json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": 0.5, "records": 9}))
+    sup.flush()
+    job.refresh_from_db()
+    assert job.phase == {} and "preparing data: 50 %, 9 records" in LogChunk.objects.filter(job=job).last().text
+    # an odd progress event (a new run of the job) is recorded as numbers, never trusted as text
+    sup = Supervisor(job)
+    sup.raw_log = io.StringIO()
     sup.lines.put(json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": "<b>x</b>",
                               "records": None}))
     sup.flush()
