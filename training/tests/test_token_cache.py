@@ -293,25 +293,27 @@ def test_lora_default_targets_are_minimind_rule_and_its_load_lora_takes_our_file
 def test_a_large_file_trains_at_once_while_its_cache_is_built_and_the_rows_are_the_same(demo_dir, tmp_path,
                                                                                      monkeypatch):
     """Above rows.LAZY_BYTES a record-row stage does not wait for the cache: it reads and encodes the records it
-    needs (as the cache will) while ``python -m training prepare`` builds the cache in the background; the losses
-    are those of a run on the finished cache, and the cache is there afterwards for the next job."""
+    needs (as the cache will) while ``python -m training prepare`` builds the cache in the background, then moves to
+    the cache. The rows on demand are the cache's, every one of them, for SFT and DPO."""
     from training import rows
 
-    cfg = {"max_steps": 12, "log_interval": 1, "batch_size": 8, "eval_interval": 6}
-    rc, cached, other = run_in_process(_write(tmp_path, _spec(demo_dir, tmp_path, "cached", "sft", **cfg), "c"))
-    assert rc == 0, other
     monkeypatch.setattr(rows, "LAZY_BYTES", 0)
-    spec = {**_spec(demo_dir, tmp_path, "lazy", "sft", **cfg), "data_cache": str(tmp_path / "lazy-cache")}
-    rc, lazy, other = run_in_process(_write(tmp_path, spec, "l"))
-    assert rc == 0, other
-    assert any("read as they are needed" in m for m in _logs(lazy)), _logs(lazy)
-    assert losses(lazy) == losses(cached)
-    assert [e["metrics"] for e in lazy if e["event"] == "eval"] == [e["metrics"] for e in cached if e["event"] == "eval"]
-    deadline = time.time() + 120
-    while not token_cache.list_caches(tmp_path / "lazy-cache") and time.time() < deadline:
-        time.sleep(0.5)
-    [built] = token_cache.list_caches(tmp_path / "lazy-cache")
-    assert built["records"] == 3000 and built["name"] == token_cache.list_caches(tmp_path / "cache")[0]["name"]
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    for stage, data in (("sft", "demo-sft"), ("dpo", "demo-dpo")):
+        spec = {**_spec(demo_dir, tmp_path, f"lazy-{stage}", stage, data=demo_dir / f"{data}.jsonl"),
+                "data_cache": str(tmp_path / f"lazy-{stage}")}
+        lazy = rows.load(spec, tok)
+        assert lazy.shared["pending"] is not None and isinstance(lazy.cache, token_cache.LazySource)
+        every = range(len(lazy))
+        on_demand = lazy.batch(every, 1)
+        deadline = time.time() + 120
+        while lazy.shared["pending"] is not None and time.time() < deadline:
+            time.sleep(0.5)
+            lazy.cache  # noqa: B018 -- looks for the finished cache
+        assert isinstance(lazy.cache, token_cache.Cache), "the background build did not finish"
+        cached = lazy.batch(every, 1)
+        assert on_demand.keys() == cached.keys()
+        assert all(torch.equal(on_demand[k], cached[k]) for k in cached)
 
 
 def test_the_line_index_finds_every_record_and_skips_blank_lines(tmp_path):
