@@ -85,7 +85,10 @@ def serve(fd: int) -> int:
                 children.discard(pid)
                 _send(sock, {"pid": pid, "exit": os.waitstatus_to_exitcode(status)})
         if sock in ready:
-            msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
+            try:
+                msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
+            except ConnectionResetError:  # closed with our replies unread: gone as well
+                msg = b""
             if not msg:  # the supervisor is gone; the children follow us by PDEATHSIG
                 return 0
             request = json.loads(msg)
