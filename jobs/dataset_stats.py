@@ -48,19 +48,12 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
 
     def flush():
         if known_lengths is not None:
-            for lineno, _ in pending:
-                length = int(known_lengths[len(lengths)])
-                lengths.append(length)
-                if length > max_seq_len and len(long_lines) < 100:
-                    long_lines.append(lineno)
-            pending.clear()
-            if progress and total_records:
-                progress(min(len(lengths) / total_records, 1.0))
-            return
-        flat = [t for _, rows in pending for texts, _ in rows for t in texts]
-        counts = iter(len(e.ids) for e in tok.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
-        for lineno, rows in pending:
-            length = max(frame + sum(next(counts) for _ in texts) for texts, frame in rows)
+            found = [int(known_lengths[len(lengths) + i]) for i in range(len(pending))]
+        else:
+            flat = [t for _, rows in pending for texts, _ in rows for t in texts]
+            counts = iter(len(e.ids) for e in tok.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
+            found = [max(frame + sum(next(counts) for _ in texts) for texts, frame in rows) for _, rows in pending]
+        for (lineno, _), length in zip(pending, found):
             lengths.append(length)
             if length > max_seq_len and len(long_lines) < 100:
                 long_lines.append(lineno)

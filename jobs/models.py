@@ -43,15 +43,6 @@ class Dataset(Shareable):
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name
 
-    @property
-    def phase_text(self) -> str:
-        """"preparing data: 41 %, 2.1 M records" while the engine tokenises the dataset, else ""."""
-        if (self.phase or {}).get("name") != "prepare" or self.status not in self.LIVE:
-            return ""
-        return _("preparing data: %(percent)s %%, %(records)s records") % {
-            "percent": round(100 * float(self.phase.get("fraction") or 0)),
-            "records": _count(int(self.phase.get("records") or 0))}
-
     def to_dict(self):
         return {"id": self.pk, "name": self.name, "version": self.version, "kind": self.kind, "records": self.records,
                 "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
@@ -400,15 +391,6 @@ class MetricPoint(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["job", "seq"], name="metric_job_seq")]
         ordering = ["seq"]
-
-    @property
-    def phase_text(self) -> str:
-        """"preparing data: 41 %, 2.1 M records" while the engine tokenises the dataset, else ""."""
-        if (self.phase or {}).get("name") != "prepare" or self.status not in self.LIVE:
-            return ""
-        return _("preparing data: %(percent)s %%, %(records)s records") % {
-            "percent": round(100 * float(self.phase.get("fraction") or 0)),
-            "records": _count(int(self.phase.get("records") or 0))}
 
     def to_dict(self):
         return {"seq": self.seq, "step": self.step, "time": self.time, "values": self.values}
