@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from training.loop import compile_for_training, epoch_order, row_lengths, trim_padding  # noqa: E402
+from training.loop import compile_for_training, row_lengths, trim_padding  # noqa: E402
+from training.rows import epoch_order  # noqa: E402
 from training.model import ATTENTION, GPU_EXPERTS, aux_loss, build_model  # noqa: E402
 from training.spec import model_config, parameter_count, resolve_config  # noqa: E402
 

@@ -116,27 +116,6 @@ def leave_world(code) -> None:
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
-def epoch_order(n_rows: int, global_bs: int, seed: int, epoch: int, lengths=None, window: int = 64) -> torch.Tensor:
-    """The row order of one epoch: a seeded shuffle, and with ``lengths`` grouped by length.
-
-    Grouping sorts each window of ``window`` global batches by length and shuffles the resulting batches, so a batch
-    holds rows of similar length and ``trim_padding`` removes most of the padding, while every row is still seen once
-    per epoch and the order depends only on (seed, epoch), which exact resume relies on. A last partial batch stays
-    last. Rows of one length (packed pretraining) keep the plain shuffle.
-    """
-    gen = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n_rows, generator=gen)
-    if lengths is None or n_rows <= global_bs or int(lengths.min()) == int(lengths.max()):
-        return order
-    chunk = global_bs * window
-    order = torch.cat([idx[torch.argsort(lengths[idx], descending=True, stable=True)]
-                       for idx in order.split(chunk)])
-    full = n_rows // global_bs
-    batches = order[:full * global_bs].view(full, global_bs)
-    batches = batches[torch.randperm(full, generator=gen)].reshape(-1)
-    return torch.cat([batches, order[full * global_bs:]])
-
-
 def resume_position(ck: dict, global_bs: int, n_rows: int) -> tuple[int, int]:
     """Where a run resumed from checkpoint ``ck`` continues: (the batch index in this run's global batches, the
     global batch the interrupted epoch's order was drawn with). The position is kept in rows, so a change of GPU count
@@ -271,6 +250,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         scaler.load_state_dict(ck["scaler"])
         step, epoch, tokens_seen = ck["step"], ck["epoch"], ck.get("tokens_seen", 0)
         micro, order_bs = resume_position(ck, global_bs, n_rows)
+        data.load_state(ck.get("data_state"))
         _set_rng_state(ck["rng"])
         was = {"GPU count": (ck.get("world_size", 1), world_size),
                "batch size": (ck["config"]["batch_size"], bs)}
@@ -314,7 +294,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         if rank == 0:
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "epoch": epoch, "micro": micro, "tokens_seen": tokens_seen, "rng": _rng_state(),
-                     "world_size": world_size, "config": cfg}
+                     "world_size": world_size, "config": cfg, "data_state": data.state()}
             path = write_checkpoint(ckpt_dir, state, step, last_eval["loss"], cfg["keep_checkpoints"])
             files = save_fn(core, run_dir)
             events.emit("checkpoint", step=step, path=str(path))
@@ -352,7 +332,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     lengths = data.lengths() if cfg["group_by_length"] else None
     multiple = 64 if cfg["use_compile"] else 8  # trimmed widths: few shapes for torch.compile
     while step < total_steps and epoch < cfg["epochs"]:
-        order = epoch_order(n_rows, order_bs, cfg["seed"], epoch, lengths)
+        order = data.order(order_bs, cfg["seed"], epoch, lengths)
         order_bs = global_bs
         while micro < iters and step < total_steps:
             rows = order[micro * global_bs:(micro + 1) * global_bs]

@@ -84,6 +84,17 @@ class Rows:
         lengths = lengths if self.index is None else lengths[self.index]
         return torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
 
+    def order(self, global_bs: int, seed: int, epoch: int, lengths=None) -> torch.Tensor:
+        """The positions of one epoch, in the order they are trained (``epoch_order``)."""
+        return epoch_order(len(self), global_bs, seed, epoch, lengths)
+
+    def state(self):
+        """What a checkpoint keeps of the data besides the position (nothing: rows are found by index)."""
+        return None
+
+    def load_state(self, state) -> None:
+        pass
+
     def record(self, i: int) -> dict:
         """An RL record's expected answers and question, by its index in the dataset."""
         return self.cache.record_meta(int(i))
@@ -131,6 +142,27 @@ class Rows:
         return self.batch(np.arange(len(self)), multiple)
 
 
+def epoch_order(n_rows: int, global_bs: int, seed: int, epoch: int, lengths=None, window: int = 64) -> torch.Tensor:
+    """The row order of one epoch: a seeded shuffle, and with ``lengths`` grouped by length.
+
+    Grouping sorts each window of ``window`` global batches by length and shuffles the resulting batches, so a batch
+    holds rows of similar length and ``trim_padding`` removes most of the padding, while every row is still seen once
+    per epoch and the order depends only on (seed, epoch), which exact resume relies on. A last partial batch stays
+    last. Rows of one length (packed pretraining) keep the plain shuffle.
+    """
+    gen = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_rows, generator=gen)
+    if lengths is None or n_rows <= global_bs or int(lengths.min()) == int(lengths.max()):
+        return order
+    chunk = global_bs * window
+    order = torch.cat([idx[torch.argsort(lengths[idx], descending=True, stable=True)]
+                       for idx in order.split(chunk)])
+    full = n_rows // global_bs
+    batches = order[:full * global_bs].view(full, global_bs)
+    batches = batches[torch.randperm(full, generator=gen)].reshape(-1)
+    return torch.cat([batches, order[full * global_bs:]])
+
+
 def _width(longest: int, multiple: int, msl: int) -> int:
     return max(min(-(-longest // multiple) * multiple, msl), 1)
 
@@ -147,14 +179,18 @@ def mode_for(processing: str, cfg: dict) -> str:
 LAZY_BYTES = int(float(os.environ.get("MINICLOUD_LAZY_DATA_MB", "32")) * 1e6)
 
 
-def load(spec: dict, tok, dataset: str | None = None, processing: str | None = None) -> Rows:
+def load(spec: dict, tok, dataset: str | None = None, processing: str | None = None):
     """The rows of the job's dataset (or of ``dataset``, its eval file), from the token cache, prepared when absent.
 
-    A large plain file without a cache yet, in a stage whose rows are records (all but packed pretraining) and
-    without ``group_by_length`` (which needs every length), is not waited for: its cache is built by a background
-    process (``python -m training prepare``, this node's first rank only) while training reads the records it needs
-    and encodes them as the cache will (MiniMind's way of starting at once), and moves to the cache when it is done.
+    A large plain file without a cache yet is not waited for where the rows can be read before it is tokenised:
+    the record-row stages (all but packed pretraining) without ``group_by_length`` (which needs every length), and
+    packed pretraining, which reads a large file shard by shard (training/shards.py, cache or not). Its cache is
+    built by a background process (``python -m training prepare``, this node's first rank only) while training
+    reads the records it needs and encodes them as the cache will (MiniMind's way of starting at once), and moves to
+    the cache when it is done.
     """
+    from . import shards
+
     cfg = spec["config"]
     processing = processing or token_cache.PROCESSING[spec["stage"]]
     path = dataset or spec["dataset"]
@@ -163,32 +199,50 @@ def load(spec: dict, tok, dataset: str | None = None, processing: str | None = N
     options = token_cache.processing_options(processing, cfg)
     data_sha = (spec.get("checksums") or {}).get(str(path))
     mode = mode_for(processing, cfg)
-    if mode != "packed" and not cfg.get("group_by_length") and os.path.getsize(path) >= LAZY_BYTES \
-            and not token_cache.is_gzip(path):
+    large = os.path.getsize(path) >= LAZY_BYTES
+    source = pending = None
+    if large and (mode == "packed" or not cfg.get("group_by_length")) and not token_cache.is_gzip(path):
         root.mkdir(parents=True, exist_ok=True)
         name = token_cache.cache_name(data_sha or token_cache.file_sha256(path, root),
                                       token_cache.tokenizer_digest(spec["tokenizer"]), processing, options)
         if not (root / name / "meta.json").exists():
             command = ["--tokenizer", str(spec["tokenizer"]), "--processing", processing, "--options",
                        json.dumps(options), "--cache", str(root), "--sha256", data_sha or "", "--cap-gb", str(cap or "")]
-            return _lazy(spec, tok, path, command, processing, options, mode, root / name)
-    folder = token_cache.prepare(path, tok, spec["tokenizer"], processing, options, root, data_sha=data_sha,
-                                 cap_bytes=int(float(cap) * 1e9) if cap else None)
-    return Rows(token_cache.Cache(folder), mode, cfg["max_seq_len"])
+            source, pending = _lazy(spec, tok, path, command, processing, options, root / name), root / name
+    if source is None:
+        source = token_cache.Cache(token_cache.prepare(path, tok, spec["tokenizer"], processing, options, root,
+                                                       data_sha=data_sha,
+                                                       cap_bytes=int(float(cap) * 1e9) if cap else None))
+    if mode == "packed" and large:
+        from . import events
+
+        view = shards.ShardedRows(shards.Shards(source, cfg["max_seq_len"], os.path.getsize(path), pending),
+                                  cfg.get("seed", 42))
+        events.log(f"data: packed windows read shard by shard ({view.shards.count} shards; the window count is "
+                   "estimated from the first ones)")
+        return view
+    return Rows(source, mode, cfg["max_seq_len"], pending=pending)
 
 
-def _lazy(spec, tok, path, command, processing, options, mode, folder) -> Rows:
+def _lazy(spec, tok, path, command, processing, options, folder):
     from . import events
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        from .warm import die_with_parent
-
         subprocess.Popen([sys.executable, "-u", "-m", "training", "prepare", str(path), *command],
-                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                         stdin=subprocess.DEVNULL, preexec_fn=_background)
     source = token_cache.LazySource(path, token_cache.Encoder(tok, processing, options), folder.parent)
     events.log(f"data: {source.records} records read as they are needed while the token cache is built in the "
                "background")
-    return Rows(source, mode, spec["config"]["max_seq_len"], pending=folder)
+    return source
+
+
+def _background() -> None:
+    """The background builder dies with its job and yields the CPUs to it: at the lowest priority it uses what the
+    training leaves (most of a GPU box's cores; on a small CPU box the job's first steps are not slowed by it)."""
+    from .warm import die_with_parent
+
+    die_with_parent()
+    os.nice(19)
 
 
 def from_records(tok, processing: str, records: list[dict], cfg: dict) -> Rows:
@@ -202,9 +256,18 @@ def from_records(tok, processing: str, records: list[dict], cfg: dict) -> Rows:
         ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint32)
         mask = np.concatenate(encoded[name + ".mask"]) if rows and name + ".mask" in encoded else None
         columns[name] = _Col(off, ids, mask)
-    cache = SimpleNamespace(columns=columns, records=len(records),
+    return _in_memory(columns, len(records), mode_for(processing, cfg), cfg["max_seq_len"])
+
+
+def memory_rows(stream: np.ndarray, mode: str, msl: int) -> Rows:
+    """Packed rows of a token stream held in memory (a sharded file's eval windows)."""
+    return _in_memory({"x": _Col(np.array([0, len(stream)], dtype=np.int64), stream, None)}, 1, mode, msl)
+
+
+def _in_memory(columns: dict, records: int, mode: str, msl: int) -> Rows:
+    cache = SimpleNamespace(columns=columns, records=records,
                             rows=lambda base: token_cache.column_rows(columns, base))
-    return Rows(cache, mode_for(processing, cfg), cfg["max_seq_len"])
+    return Rows(cache, mode, msl)
 
 
 class _Col:

@@ -558,15 +558,18 @@ class LazySource:
         self.starts, self.ends = line_index(path, scratch)
         self.records = len(self.starts)
         self.encoder, self.kind = encoder, DATASET_KIND[encoder.processing]
-        self.file = open(path, "rb")
+        self.fd = os.open(path, os.O_RDONLY)  # read with pread: no shared file position between threads
         self.columns = None  # no lengths: group_by_length waits for the cache
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
 
     def _records(self, base) -> list[tuple[int, dict]]:
         out = []
         for i in base:
             i = int(i)
-            self.file.seek(self.starts[i])
-            line = self.file.read(int(self.ends[i] - self.starts[i]))
+            line = os.pread(self.fd, int(self.ends[i] - self.starts[i]), int(self.starts[i]))
             try:
                 out.append((i, parse(line, 0, self.kind)))
             except ValueError:  # name the line as the cache's build would

@@ -4,7 +4,8 @@ and compiled training with the gradient buffers that CUDA graphs need."""
 import pytest
 import torch
 
-from training.loop import compile_for_training, epoch_order, resume_position, row_lengths, trim_padding
+from training.loop import compile_for_training, resume_position, row_lengths, trim_padding
+from training.rows import epoch_order
 from training.model import GPU_EXPERTS, build_model
 from training.spec import model_config, resolve_config
 

@@ -112,9 +112,22 @@ def test_a_gzipped_file_trains_and_shares_the_cache_of_its_plain_twin(demo_dir, 
     assert start["samples"] + start["eval_samples"] == 3000
 
 
-def _popen(spec_path):
+def _popen(spec_path, env=None):
     return subprocess.Popen([sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def _killed_at_first_checkpoint(spec_path, env=None) -> list[dict]:
+    """Run the engine and kill -9 it once it has written its first checkpoint; the events up to there."""
+    proc = _popen(spec_path, env)
+    events = []
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "checkpoint":
+            proc.kill()
+            break
+    proc.wait(timeout=30)
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +189,7 @@ def test_a_killed_run_resumes_at_the_same_data_position(demo_dir, tmp_path):
     rc, straight, other = run_in_process(_write(tmp_path, _spec(demo_dir, tmp_path, "straight", "sft", **cfg), "s"))
     assert rc == 0, other
     spec = _spec(demo_dir, tmp_path, "killed", "sft", **cfg)
-    spec_path = _write(tmp_path, spec, "k")
-    proc = _popen(spec_path)
-    first = []
-    for line in proc.stdout:
-        first.append(json.loads(line))
-        if first[-1]["event"] == "checkpoint":
-            proc.kill()
-            break
-    proc.wait(timeout=30)
+    _killed_at_first_checkpoint(_write(tmp_path, spec, "k"))
     rc, second, other = run_in_process(_write(tmp_path, {**spec, "resume": True}, "k"))
     assert rc == 0, other
     assert next(e for e in second if e["event"] == "start")["resumed_from_step"] == 6
@@ -327,3 +332,75 @@ def test_the_line_index_finds_every_record_and_skips_blank_lines(tmp_path):
         assert [data[a:b] for a, b in zip(starts, ends)] == [lines[0], lines[3], lines[5], lines[6]]
     assert [token_cache.line_number(path, int(a)) for a in starts] == [1, 4, 6, 7]
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def _epoch(view, epoch, bs=32):
+    order = view.order(bs, 3, epoch)
+    return torch.cat([view.batch(order[i:i + bs])["x"] for i in range(0, len(order), bs)])
+
+
+def test_packed_pretraining_on_a_large_file_starts_at_once_with_the_windows_and_order_of_its_cache(
+        demo_dir, tmp_path, monkeypatch):
+    """Above rows.LAZY_BYTES packed pretraining reads its file shard by shard (training/shards.py): it trains while
+    the cache is built, and every position of two epochs, and the eval windows, hold the windows read from the
+    finished cache. An epoch sees distinct windows of its training shards only (as many as the estimate says)."""
+    from training import rows, shards
+
+    monkeypatch.setattr(rows, "LAZY_BYTES", 0)
+    data = tmp_path / "large.jsonl"
+    write_sized(data, "pretrain", 1_500_000)
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    spec = _spec(demo_dir, tmp_path, "sharded", data=data, packing=True)
+    lazy = rows.load(spec, tok)
+    assert isinstance(lazy, shards.ShardedRows) and isinstance(lazy.shards.source, token_cache.LazySource)
+    train, held = lazy.split(0.01, 3)
+    seen = {e: _epoch(train, e) for e in (0, 1)}
+    held_rows = held.all()["x"]
+    deadline = time.time() + 120
+    while lazy.shards.shared["pending"] is not None and time.time() < deadline:
+        time.sleep(0.5)
+        lazy.shards.source  # noqa: B018 -- looks for the finished cache
+    cached = rows.load(spec, tok)
+    assert isinstance(cached.shards.source, token_cache.Cache), "the background build did not finish"
+    train2, held2 = cached.split(0.01, 3)
+    assert (len(train2), len(held2)) == (len(train), len(held)) and 0 < len(held) <= 1000
+    for e in (0, 1):
+        assert torch.equal(seen[e], _epoch(train2, e))
+    assert torch.equal(held_rows, held2.all()["x"])
+    assert not torch.equal(seen[0], seen[1])
+
+    def windows(view):
+        return {tuple(view.shards.window(int(k), j).tolist()) for k in view.members
+                for j in range(view.shards.n_windows(int(k)))}
+
+    every = windows(train2)
+    epoch0 = [tuple(r.tolist()) for r in seen[0]]
+    assert len(set(epoch0)) == min(len(train2), len(every)) and set(epoch0) <= every
+    assert not {tuple(r.tolist()) for r in held_rows} & every  # eval windows come from shards not trained on
+    assert abs(len(train2) - len(every)) / len(every) < 0.05  # the estimate from the first group's shards
+
+
+def test_sharded_packed_pretraining_resumes_at_the_same_window_whether_its_cache_was_ready_or_not(
+        demo_dir, tmp_path, monkeypatch):
+    """A run on a complete cache, and a run started while its cache was still being built, killed after the
+    checkpoint of step 6 and resumed: the same 12 losses."""
+    from training import rows
+
+    monkeypatch.setattr(rows, "LAZY_BYTES", 0)
+    data = tmp_path / "large.jsonl"
+    write_sized(data, "pretrain", 1_500_000)
+    cfg = {"max_steps": 12, "save_interval": 6, "batch_size": 8, "eval_ratio": 0.01, "eval_interval": 6}
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    token_cache.prepare(data, tok, demo_dir / "demo-tokenizer", "pretrain", {}, tmp_path / "ready")
+    ready = {**_spec(demo_dir, tmp_path, "ready", data=data, **cfg), "data_cache": str(tmp_path / "ready")}
+    rc, straight, other = run_in_process(_write(tmp_path, ready, "ready"))
+    assert rc == 0, other
+    assert any("shard by shard" in m for m in _logs(straight))
+    spec = {**_spec(demo_dir, tmp_path, "killed", data=data, **cfg), "data_cache": str(tmp_path / "building")}
+    first = _killed_at_first_checkpoint(_write(tmp_path, spec, "k"), dict(os.environ, MINICLOUD_LAZY_DATA_MB="0"))
+    assert any("read as they are needed" in m for m in _logs(first)), _logs(first)
+    rc, second, other = run_in_process(_write(tmp_path, {**spec, "resume": True}, "k"))
+    assert rc == 0, other
+    expected = losses(straight)
+    assert losses(first) == {s: v for s, v in expected.items() if s <= 6}
+    assert losses(second) == {s: v for s, v in expected.items() if s > 6}
