@@ -1,11 +1,13 @@
 from django.contrib.auth import authenticate
 from django.utils.translation import gettext as _
 
+from jobs.services import usage_summary
 from minicloud.api import ApiError, endpoint, json_body
 
-from .models import ApiToken
 from . import services
-from .services import usage_summary
+from .access import readable, role_of
+from .models import ApiToken
+from .views import shareable
 
 
 @endpoint("POST", auth=False)
@@ -27,7 +29,7 @@ def token(request):
 def me(request):
     u = request.user
     return {"id": u.pk, "username": u.username, "email": u.email,
-            "role": "admin" if u.is_superuser else ("staff" if u.is_staff else "member"),
+            "role": role_of(u),
             "groups": [{"id": g.pk, "name": g.name} for g in u.groups.order_by("name")], **usage_summary(u)}
 
 
@@ -36,12 +38,11 @@ def share(request, pk, kind):
     """``{"visibility": "private" | "group" | "public", "group": id}`` for one of your jobs, datasets or models."""
     from django.contrib.auth.models import Group
 
-    from .views import shareable
 
     model = shareable(kind)
-    obj = model.objects.visible_to(request.user).filter(pk=pk).first()
-    if obj is None:
-        raise ApiError(404, _("no %(kind)s %(id)s") % {"kind": model._meta.verbose_name, "id": pk})
+    if model is None:
+        raise ApiError(404, _("Not found."))
+    obj = readable(model, request.user, pk)
     data = json_body(request)
     group = None
     if data.get("group") is not None:

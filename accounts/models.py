@@ -7,6 +7,8 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext, gettext_lazy as _
 
+from minicloud.errors import ServiceError, id_or_none
+
 
 class Profile(models.Model):
     """A user's role: members see their own objects and what is shared with their groups; instructors also create
@@ -52,8 +54,6 @@ class VisibleQuerySet(models.QuerySet):
     def usable_by(self, user, pk, field: str, required: bool = False):
         """The object with id ``pk`` (as a client sent it: an integer or its digits) that ``user`` may read; None when
         nothing was sent and it is not ``required``. Anything else is a ServiceError naming ``field``."""
-        from minicloud.errors import ServiceError, id_or_none
-
         if pk in (None, "") and not required:
             return None
         found = self.visible_to(user).filter(pk=id_or_none(pk)).first()
@@ -79,6 +79,12 @@ class Shareable(models.Model):
 
     class Meta:
         abstract = True
+
+    @classmethod
+    def stored_bytes(cls, user) -> int:
+        """Bytes of files that objects of this kind owned by ``user`` keep on disk (their storage quota); each kind
+        that stores files says how (accounts.services.storage_used adds them up without knowing the kinds)."""
+        return 0
 
     def readable_by(self, user) -> bool:
         """``visible_to`` for one object: the common cases (an admin, the owner, a public object) without a query."""
@@ -186,6 +192,16 @@ class UsageRecord(models.Model):
     @property
     def hours(self) -> float:
         return self.device_seconds / 3600
+
+    @classmethod
+    def close_segment(cls, job, ended_at) -> None:
+        """Record the run segment of ``job`` (anything with ``owner_id``, ``gpus`` and ``started_at``) that ends at
+        ``ended_at``; called by Job.transition when a job leaves a running state."""
+        if job.started_at is None:
+            return
+        length = max((ended_at - job.started_at).total_seconds(), 0.0)
+        cls.objects.create(user_id=job.owner_id, job=job, devices=job.gpus, started_at=job.started_at,
+                           ended_at=ended_at, device_seconds=length * job.gpus)
 
 
 class AuditEntry(models.Model):

@@ -1,10 +1,24 @@
+"""Accounts: quotas and their week, storage used, usage records and reports, the audit log, groups and their
+instructors, sharing, bulk user creation and login throttling. Access checks: accounts/access.py."""
+import csv
+import io
 import os
 import secrets
 from datetime import timedelta
 
+from django.apps import apps
+from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.db import transaction
 from django.db.models import Q
+from django.utils import timezone
 from django.utils.translation import gettext as _
+
+from minicloud.errors import ServiceError, clean_name
+
+from .access import role_of  # noqa: F401 -- also a public name here
+from .models import QUOTA_FIELDS, AuditEntry, GroupInfo, Quota, Shareable, UsageRecord
 
 
 def ensure_first_admin() -> tuple[str, str | None] | None:
@@ -35,10 +49,6 @@ def effective_quota(user) -> dict:
 
 def effective_quotas(users) -> dict:
     """``effective_quota`` of many users at once ({user id: quotas}), in three queries whatever their number."""
-    from django.contrib.auth import get_user_model
-
-    from .models import QUOTA_FIELDS, Quota
-
     users = list(users)
     ids = [u.pk for u in users if not u.is_staff]
     own = {q.user_id: q for q in Quota.objects.filter(user_id__in=ids)}
@@ -65,50 +75,12 @@ def effective_quotas(users) -> dict:
 
 def week_start(now=None):
     """Monday 00:00 of this week, in the server's time zone: device-hour quotas count from there."""
-    from django.utils import timezone
-
     now = timezone.localtime(now or timezone.now())
     return (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def device_hours(user, since, now=None) -> float:
-    """Device-hours ``user`` used since ``since``: finished run segments (the part after ``since``) and the jobs
-    running now."""
-    from django.utils import timezone
-
-    from jobs.models import Job
-
-    from .models import UsageRecord
-
-    now = now or timezone.now()
-    seconds = 0.0
-    for r in UsageRecord.objects.filter(user=user, ended_at__gt=since):
-        length = (r.ended_at - r.started_at).total_seconds()
-        inside = (r.ended_at - max(r.started_at, since)).total_seconds()
-        seconds += r.device_seconds * (inside / length if length > 0 else 1.0)
-    for started, gpus in Job.objects.filter(owner=user, status__in=Job.LIVE, started_at__isnull=False).values_list(
-            "started_at", "gpus"):
-        seconds += max((now - max(started, since)).total_seconds(), 0.0) * gpus
-    return seconds / 3600
-
-
-def record_usage(job, ended_at) -> None:
-    """Close the job's current run segment (called when it leaves a running state)."""
-    from .models import UsageRecord
-
-    if job.started_at is None:
-        return
-    length = max((ended_at - job.started_at).total_seconds(), 0.0)
-    UsageRecord.objects.create(user_id=job.owner_id, job=job, devices=job.gpus, started_at=job.started_at,
-                               ended_at=ended_at, device_seconds=length * job.gpus)
-
-
 def usage_by_day(user, days: int = 56) -> list[tuple[str, float]]:
     """(date, device-hours) for each of the last ``days`` days, attributed to the day each segment ended."""
-    from django.utils import timezone
-
-    from .models import UsageRecord
-
     start = timezone.localdate() - timedelta(days=days - 1)
     totals = {start + timedelta(days=i): 0.0 for i in range(days)}
     for r in UsageRecord.objects.filter(user=user, ended_at__date__gte=start):
@@ -126,8 +98,6 @@ def client_ip(request):
 
 def audit(actor, action: str, obj=None, *, request=None, username: str = "", **detail) -> None:
     """Record one audited action. ``actor`` may be None (a failed login names ``username``)."""
-    from .models import AuditEntry
-
     user = actor if getattr(actor, "is_authenticated", False) else None
     AuditEntry.objects.create(actor=user, username=username or (user.username if user else ""), action=action,
                               object_type=obj._meta.model_name if obj is not None else "",
@@ -136,30 +106,15 @@ def audit(actor, action: str, obj=None, *, request=None, username: str = "", **d
 
 
 def storage_used(user) -> int:
-    """Bytes the user stores: their datasets, their jobs' run folders (checkpoints and trained weights) and the
-    models they imported or merged, and the conversions cached for their models (models trained by a job live in
-    its run folder)."""
-    from django.db.models import Sum
-
-    from jobs.models import Dataset, Job
-    from jobs.selectors import disk_usage
-    from models_registry.models import ModelVersion
-
-    total = Dataset.objects.filter(owner=user).aggregate(n=Sum("size_bytes"))["n"] or 0
-    for mv in ModelVersion.objects.filter(owner=user).only("pk", "job_id", "size_bytes"):
-        used = disk_usage(mv.files_dir)  # imported/merged weights and cached conversions (Hugging Face zips)
-        total += max(used, mv.size_bytes) if mv.job_id is None else used
-    for job in Job.objects.filter(owner=user).only("pk"):
-        total += disk_usage(job.run_dir)
-    return total
+    """Bytes the user stores: the sum of what every kind of shareable object says it keeps on disk for them
+    (``Shareable.stored_bytes``: datasets, jobs' run folders, imported and merged models and their conversions)."""
+    return sum(model.stored_bytes(user) for model in apps.get_models() if issubclass(model, Shareable))
 
 
 def check_storage(user, adding: int = 0, quota: dict | None = None) -> None:
     """Refuse (403, naming the quota) storing ``adding`` more bytes — or anything more, with 0 — once the user's
     storage quota would be passed. Checked by every path that stores files: job submission, dataset uploads, model
     imports and merges."""
-    from minicloud.errors import ServiceError
-
     limit = (quota or effective_quota(user))["storage_gb"]
     if limit is None:
         return
@@ -174,24 +129,8 @@ def check_storage(user, adding: int = 0, quota: dict | None = None) -> None:
         )
 
 
-def usage_summary(user) -> dict:
-    """The quota and this week's use of ``user`` (the usage page and ``GET /api/v1/me``)."""
-    from jobs.models import Job
-
-    quota = effective_quota(user)
-    return {"quota": quota,
-            "usage": {"device_hours_this_week": round(device_hours(user, week_start()), 4),
-                      "storage_bytes": storage_used(user),
-                      "week_start": week_start().isoformat(),
-                      "running_jobs": Job.objects.filter(owner=user, status__in=Job.LIVE).count(),
-                      "queued_jobs": Job.objects.filter(owner=user, status=Job.Status.QUEUED).count(),
-                      "jobs": Job.objects.filter(owner=user).count()}}
-
-
 def usage_report(since, until) -> list[dict]:
     """Device-hours per user (and their groups) between two times, for the admin's CSV report."""
-    from .models import UsageRecord
-
     rows = {}
     for r in UsageRecord.objects.filter(ended_at__gt=since, started_at__lt=until).select_related("user"):
         length = (r.ended_at - r.started_at).total_seconds()
@@ -209,30 +148,16 @@ def usage_report(since, until) -> list[dict]:
 
 # --- roles, groups and sharing ------------------------------------------------------------------------------------
 
-def role_of(user) -> str:
-    """``admin`` (a superuser), ``instructor`` or ``member``."""
-    from .models import Profile
-
-    if user.is_superuser:
-        return "admin"
-    profile = Profile.objects.filter(user=user).first()
-    return profile.role if profile else Profile.Role.MEMBER
-
-
 def manages_group(user, group) -> bool:
     return user.is_superuser or group_instructors(group).filter(pk=user.pk).exists()
 
 
 def group_instructors(group):
-    from django.contrib.auth import get_user_model
-
     return get_user_model().objects.filter(instructed_groups__group=group)
 
 
 def groups_of(user):
     """The groups ``user`` belongs to or instructs (every group for an admin)."""
-    from django.contrib.auth.models import Group
-
     if user.is_superuser:
         return Group.objects.order_by("name")
     return Group.objects.filter(Q(user=user) | Q(info__instructors=user)).distinct().order_by("name")
@@ -240,11 +165,7 @@ def groups_of(user):
 
 def create_group(actor, name: str, description: str = "", request=None):
     """An instructor (or admin) creates a group and instructs it."""
-    from django.contrib.auth.models import Group
 
-    from minicloud.errors import ServiceError, clean_name
-
-    from .models import GroupInfo
 
     if role_of(actor) not in ("admin", "instructor"):
         raise ServiceError(_("only instructors and admins create groups"), status=403)
@@ -261,16 +182,11 @@ def create_group(actor, name: str, description: str = "", request=None):
 
 
 def _managed(actor, group):
-    from minicloud.errors import ServiceError
-
     if not manages_group(actor, group):
         raise ServiceError(_("only the group's instructors and admins manage it"), status=403)
 
 
 def add_member(actor, group, username: str, request=None):
-    from django.contrib.auth import get_user_model
-
-    from minicloud.errors import ServiceError
 
     _managed(actor, group)
     user = get_user_model().objects.filter(username=(username or "").strip(), is_active=True).first()
@@ -290,8 +206,6 @@ def remove_member(actor, group, user, request=None) -> None:
 
 
 def set_group_quota(actor, group, values: dict, request=None):
-    from .models import QUOTA_FIELDS, Quota
-
     _managed(actor, group)
     quota, _created = Quota.objects.get_or_create(group=group)
     for key in QUOTA_FIELDS:
@@ -304,8 +218,6 @@ def set_group_quota(actor, group, values: dict, request=None):
 
 def set_visibility(actor, obj, visibility: str, group=None, request=None):
     """Make one of the actor's objects private, shared with one of their groups, or public."""
-    from minicloud.errors import ServiceError
-
     if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists():
         raise ServiceError(_("only the owner can share it"), status=403)
     if visibility not in ("private", "group", "public"):
@@ -331,11 +243,6 @@ def share_context(user, obj) -> dict:
 def bulk_create_users(rows, actor=None, request=None) -> list[dict]:
     """Create users from CSV rows (``username``, ``name``, ``email``, ``group``) with generated passwords, which are
     returned once and never stored in clear. All or nothing: the first bad row refuses the whole file."""
-    from django.contrib.auth.models import Group
-    from django.db import transaction
-
-    from minicloud.errors import ServiceError
-
     User = get_user_model()
     rows = list(rows)
     seen = set()
@@ -367,10 +274,6 @@ def bulk_create_users(rows, actor=None, request=None) -> list[dict]:
 
 
 def read_users_csv(text: str) -> list[dict]:
-    import csv
-    import io
-
-    from minicloud.errors import ServiceError
 
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "username" not in [f.strip() for f in reader.fieldnames]:
@@ -380,11 +283,6 @@ def read_users_csv(text: str) -> list[dict]:
 
 def login_blocked(username: str, ip) -> bool:
     """Too many failed logins for this username or address within the window (settings.LOGIN_FAILURE_WINDOW_S)."""
-    from django.conf import settings
-    from django.utils import timezone
-
-    from .models import AuditEntry
-
     since = timezone.now() - timedelta(seconds=settings.LOGIN_FAILURE_WINDOW_S)
     failures = AuditEntry.objects.filter(action="login_failed", time__gte=since)
     who = Q(username=username) | Q(ip=ip) if ip else Q(username=username)
@@ -394,8 +292,6 @@ def login_blocked(username: str, ip) -> bool:
 def check_deletable(actor, obj, kind: str, references: list[str]) -> None:
     """Refuse to delete ``obj`` unless ``actor`` owns (manages) it and nothing uses it (``references`` names what
     does: 409 with the list)."""
-    from minicloud.errors import ServiceError
-
     if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists() or obj.owner_id is None:
         raise ServiceError(_("only the owner can delete this %(kind)s") % {"kind": kind}, status=403)
     if references:

@@ -13,11 +13,15 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
+from jobs.models import Dataset, Job
+from jobs.services import usage_summary
 from minicloud.errors import ServiceError, id_or_none
+from models_registry.models import ModelVersion, Tokenizer
 
 from . import services
-from .models import QUOTA_FIELDS, Quota, UsageRecord
-from .services import usage_by_day, usage_report, usage_summary
+from .access import readable
+from .models import QUOTA_FIELDS, ApiToken, Quota, UsageRecord
+from .services import usage_by_day, usage_report
 
 
 class GroupQuotaForm(forms.ModelForm):
@@ -103,8 +107,6 @@ def group_detail(request, group_id):
 
 
 def _group_context(request, group, manages, form):
-    from jobs.models import Job
-
     members = group.user_set.order_by("username")
     return {"group": group, "manages": manages, "members": members, "form": form,
             "instructors": services.group_instructors(group),
@@ -115,9 +117,6 @@ def _group_context(request, group, manages, form):
 
 def shareable(kind: str):
     """The model class behind a share URL's kind."""
-    from jobs.models import Dataset, Job
-    from models_registry.models import ModelVersion, Tokenizer
-
     return {"job": Job, "dataset": Dataset, "model": ModelVersion, "tokenizer": Tokenizer}.get(kind)
 
 
@@ -125,9 +124,9 @@ def shareable(kind: str):
 @require_POST
 def share(request, kind, pk):
     model = shareable(kind)
-    obj = model.objects.visible_to(request.user).filter(pk=pk).first() if model else None
-    if obj is None:
+    if model is None:
         raise Http404(_("Not found."))
+    obj = readable(model, request.user, pk)
     choice = request.POST.get("visibility", "")
     group = None
     if choice.startswith("group:"):
@@ -151,8 +150,6 @@ def share(request, kind, pk):
 @login_required
 def tokens(request):
     """The user's API tokens: create one (shown once), see when each was last used, revoke."""
-    from .models import ApiToken
-
     new_token = None
     if request.method == "POST":
         if request.POST.get("action") == "revoke":

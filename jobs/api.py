@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.utils.translation import gettext as _
 
+from accounts.access import manageable, readable
 from accounts.services import audit
 from minicloud.api import ApiError, endpoint, int_param, json_body
 
@@ -9,10 +10,7 @@ from .models import Dataset, Job, Node
 
 
 def _job(request, job_id) -> Job:
-    job = selectors.job_for_user(job_id, request.user)
-    if job is None:
-        raise ApiError(404, _("no job %(id)s") % {"id": job_id})
-    return job
+    return readable(Job, request.user, job_id, *selectors.SHOWN_WITH)
 
 
 @endpoint("GET", auth=False)
@@ -102,10 +100,7 @@ def job_logs(request, job_id):
 
 def _owned_job(request, job_id) -> Job:
     """A job the user may change: 404 when they cannot see it, 403 when it is only shared with them."""
-    job = _job(request, job_id)
-    if not Job.objects.manageable_by(request.user).filter(pk=job.pk).exists():
-        raise ApiError(403, _("job %(id)s is not yours") % {"id": job_id})
-    return job
+    return manageable(Job, request.user, job_id, *selectors.SHOWN_WITH)
 
 
 def _action(service, verb):
@@ -156,10 +151,7 @@ def datasets(request):
 
 
 def _dataset(request, dataset_id) -> Dataset:
-    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
-    if ds is None:
-        raise ApiError(404, _("no dataset %(id)s") % {"id": dataset_id})
-    return ds
+    return readable(Dataset, request.user, dataset_id)
 
 
 @endpoint("GET", "DELETE")

@@ -13,9 +13,11 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import translation
 
+from accounts.access import NotFound, readable
 from minicloud.errors import int_or_none
 
 from . import selectors
+from .models import Job
 
 POLL_S = 0.5
 
@@ -27,7 +29,9 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        if not await database_sync_to_async(selectors.job_for_user)(self.job_id, user):
+        try:
+            await database_sync_to_async(readable)(Job, user, self.job_id)
+        except NotFound:
             await self.close(code=4404)
             return
         qs = parse_qs(self.scope.get("query_string", b"").decode())

@@ -22,7 +22,7 @@ import sys
 
 from django.conf import settings
 
-from . import services
+from minicloud.processes import die_with_parent
 
 ENGINE = [sys.executable, "-u", "-m", "training"]
 FIRST_FORK_TIMEOUT_S = 180  # the first job waits for the server's imports (seconds on a busy small machine)
@@ -40,7 +40,7 @@ def launch(cmd: list[str], env: dict, cwd: str):
         encoding="utf-8", errors="replace", bufsize=1, start_new_session=True,
         # The child dies with its supervisor (PDEATHSIG): a job whose node is lost must not go on writing its run
         # folder while another node resumes it.
-        preexec_fn=services.die_with_parent(signal.SIGKILL))
+        preexec_fn=die_with_parent(signal.SIGKILL))
 
 
 class ForkedChild:
@@ -74,7 +74,7 @@ class WarmEngine:
             # (the blank argument is room for the children's command lines: training/warm.py)
             self.proc = subprocess.Popen([*ENGINE, "warm", str(theirs.fileno()), " " * 4096], cwd=cwd, env=env,
                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=services.die_with_parent(signal.SIGKILL))
+                                         start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
         self.sock = ours
         self.exits: dict[int, int] = {}
         self.env = env

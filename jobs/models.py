@@ -5,7 +5,8 @@ from django.db import models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext, gettext_lazy as _
 
-from accounts.models import Shareable
+from accounts.models import Shareable, UsageRecord
+from minicloud.files import disk_usage
 
 STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning")), ("lora", _("LoRA")),
                  ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
@@ -39,6 +40,10 @@ class Dataset(Shareable):
         verbose_name = _("dataset")
         verbose_name_plural = _("datasets")
         ordering = ["name", "-version"]
+
+    @classmethod
+    def stored_bytes(cls, user) -> int:
+        return cls.objects.filter(owner=user).aggregate(n=models.Sum("size_bytes"))["n"] or 0
 
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name
@@ -258,6 +263,11 @@ class Job(Shareable):
         verbose_name_plural = _("jobs")
         ordering = ["-created_at"]
 
+    @classmethod
+    def stored_bytes(cls, user) -> int:
+        """The run folders: checkpoints and trained weights (a trained model's files live there)."""
+        return sum(disk_usage(job.run_dir) for job in cls.objects.filter(owner=user).only("pk"))
+
     def __str__(self):
         return f"#{self.pk} {self.name}"
 
@@ -274,8 +284,6 @@ class Job(Shareable):
         English template marked for the catalogue, with its ``params``; see stored_text). Returns success.
 
         Leaving a running state closes the job's run segment in the usage accounting."""
-        from accounts.services import record_usage
-
         sources = [s for s, targets in self.TRANSITIONS.items() if to in targets]
         if to in self.FINAL:
             fields.setdefault("finished_at", timezone.now())
@@ -292,7 +300,7 @@ class Job(Shareable):
             self.refresh_from_db()
             if done and started is not None:
                 self.started_at = started
-                record_usage(self, now)
+                UsageRecord.close_segment(self, now)
         return bool(done)
 
     @property

@@ -3,20 +3,15 @@ import json
 
 from django.db import close_old_connections
 
-from .models import Job, JobEvent, LogChunk, MetricPoint
+from .models import DeviceSample, Job, JobEvent, LogChunk, MetricPoint
+from .validation import open_text
 
-
-_SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job
+SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job
 
 
 def jobs_for(user):
     """The jobs ``user`` may read (their own, shared with their groups, public; their members' for an instructor)."""
-    return Job.objects.visible_to(user).select_related(*_SHOWN_WITH)
-
-
-def job_for_user(job_id, user):
-    job = Job.objects.select_related(*_SHOWN_WITH).filter(pk=job_id).first()
-    return job if job is not None and job.readable_by(user) else None
+    return Job.objects.visible_to(user).select_related(*SHOWN_WITH)
 
 
 def mark_hidden(jobs, user):
@@ -146,19 +141,10 @@ def dataset_records(ds, offset=0, limit=20):
     import itertools
     import json
 
-    from .validation import open_text
 
     with open_text(ds.path) as f:
         lines = (line for line in f if line.strip())
         return [json.loads(line) for line in itertools.islice(lines, offset, offset + limit)]
-
-
-def disk_usage(path) -> int:
-    """Bytes under ``path`` (a job's run folder: checkpoints, weights, logs)."""
-    from pathlib import Path
-
-    root = Path(path)
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink()) if root.exists() else 0
 
 
 def device_history(hours: float = 1.0) -> dict:
@@ -168,7 +154,6 @@ def device_history(hours: float = 1.0) -> dict:
 
     from django.utils import timezone
 
-    from .models import DeviceSample
 
     out = {}
     for sample in DeviceSample.objects.filter(time__gte=timezone.now() - timedelta(hours=hours)).order_by("time"):

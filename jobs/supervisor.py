@@ -24,11 +24,11 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_noop
 
+from minicloud.processes import die_with_parent, kill_group
 from models_registry.services import record_evaluation, register_job_output
 
 from . import engine_process, services
-from .models import Job, LogChunk, MetricPoint, Node
-from .services import die_with_parent
+from .models import Job, JobPart, LogChunk, MetricPoint, Node
 
 log = logging.getLogger("jobs")
 
@@ -235,7 +235,7 @@ class Supervisor:
             self.killed = True
 
     def _signal(self, sig) -> None:
-        services.kill_group(self.proc.pid, sig)
+        kill_group(self.proc.pid, sig)
 
     def run(self) -> str:
         """Start the child, mirror it until it exits, record the outcome. Returns the final status."""
@@ -319,8 +319,6 @@ class PartSupervisor:
         self.job = part.job
 
     def run(self) -> None:
-        from .models import JobPart
-
         spec_path = self.job.run_dir / "spec.json"
         deadline = time.monotonic() + 60
         while not spec_path.exists() and time.monotonic() < deadline:  # rank 0's runner writes it
@@ -337,10 +335,10 @@ class PartSupervisor:
             while proc.poll() is None:
                 status, started = Job.objects.filter(pk=self.job.pk).values_list("status", "started_at").first()
                 if term_at is None and (status not in (Job.Status.RUNNING,) or started != self.part.run_started_at):
-                    services.kill_group(proc.pid, signal.SIGTERM)  # paused, cancelled, finished or moved
+                    kill_group(proc.pid, signal.SIGTERM)  # paused, cancelled, finished or moved
                     term_at = time.monotonic()
                 elif term_at is not None and time.monotonic() - term_at > settings.JOB_KILL_GRACE_S:
-                    services.kill_group(proc.pid, signal.SIGKILL)
+                    kill_group(proc.pid, signal.SIGKILL)
                 time.sleep(settings.JOB_POLL_S)
         finally:
             log.close()

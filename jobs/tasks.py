@@ -1,7 +1,8 @@
-"""django-q2 entry points only: each is a thin interface to services (django-stack-notes §1.3)."""
+"""django-q2 entry points only: each is a thin interface to services (docs/architecture.md, "The processes")."""
 from django.conf import settings
 
 from . import services
+from .models import Job
 from .supervisor import PartSupervisor, Supervisor
 
 
@@ -28,8 +29,6 @@ def housekeeping():
     services.refresh_node(settings.NODE_NAME)
     services.prune_uploads()
     services.reconcile_node(settings.NODE_NAME, starting=False)
-    from .models import Job
-
     if Job.objects.filter(status=Job.Status.QUEUED).exists():
         services.kick_queue()
 

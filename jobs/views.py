@@ -3,16 +3,16 @@ import json
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
-from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext as _, gettext_lazy
 from django.views.decorators.http import require_POST
 
+from accounts.access import check_manage, may_manage, readable
 from accounts.services import audit, share_context
 from minicloud.errors import id_or_none, int_or_none
+from minicloud.files import disk_usage
 from models_registry.models import Tokenizer
 from training import spec as tspec
 
@@ -136,10 +136,7 @@ def job_estimate(request):
 
 
 def _job_or_404(request, job_id):
-    job = selectors.job_for_user(job_id, request.user)
-    if job is None:
-        raise Http404(_("No such job."))
-    return job
+    return readable(Job, request.user, job_id, *selectors.SHOWN_WITH)
 
 
 @login_required
@@ -153,7 +150,7 @@ def job_detail(request, job_id):
         "events": selectors.job_events(job.pk),  # worded as the live updates word it
         "queue": _queue_info(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
-        "disk_bytes": selectors.disk_usage(job.run_dir),
+        "disk_bytes": disk_usage(job.run_dir),
         "memory_error": f"{job.memory_error:+.0%}" if job.memory_error is not None else "",
         **share_context(request.user, job),
         "actions": [(name, label, states, " ".join(states)) for name, label, states in JOB_ACTIONS],
@@ -183,8 +180,7 @@ def job_action(request, job_id, action):
     job = _job_or_404(request, job_id)
     if action not in ACTIONS:
         raise Http404(_("No such action."))
-    if not Job.objects.manageable_by(request.user).filter(pk=job.pk).exists():
-        raise PermissionDenied(_("Only the job's owner can do that."))
+    check_manage(request.user, job)
     service, done = ACTIONS[action]
     try:
         service(job, request.user)
@@ -298,10 +294,7 @@ PREVIEW_PAGE = 10
 
 
 def _dataset_or_404(request, dataset_id):
-    ds = Dataset.objects.visible_to(request.user).filter(pk=dataset_id).first()
-    if ds is None:
-        raise Http404(_("No such dataset."))
-    return ds
+    return readable(Dataset, request.user, dataset_id)
 
 
 @login_required
@@ -313,7 +306,7 @@ def dataset_detail(request, dataset_id):
         gt = r.get("gt", r.get("answer"))
         r["expected_answer"] = " · ".join(map(str, gt)) if isinstance(gt, list) else gt
     versions = Dataset.objects.visible_to(request.user).filter(owner=ds.owner, name=ds.name).order_by("-version")
-    manageable = Dataset.objects.manageable_by(request.user).filter(pk=ds.pk).exists() and ds.owner_id is not None
+    manageable = may_manage(request.user, ds) and ds.owner_id is not None
     return render(request, "jobs/dataset_detail.html", {
         "dataset": ds, "records": records, "page": page,
         "next_page": page + 1 if len(records) == PREVIEW_PAGE else None, "first": (page - 1) * PREVIEW_PAGE + 1,

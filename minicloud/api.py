@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 
 from django.http import JsonResponse
 from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 
-from .errors import ServiceError, int_or_none
+from accounts.models import ApiToken
+
+from .errors import ServiceError, int_or_none, strict_loads
 
 log = logging.getLogger("minicloud")
 
@@ -46,22 +46,6 @@ def json_object(raw: bytes) -> dict:
     return data
 
 
-def strict_loads(raw):
-    """``json.loads`` that refuses what JSON has no numbers for (NaN, Infinity, 1e400), with a ValueError."""
-    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is too large")
-    return value
-
-
 def _has_nul(value) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -73,8 +57,6 @@ def _has_nul(value) -> bool:
 
 
 def _bearer_user(request):
-    from accounts.models import ApiToken
-
     header = request.headers.get("Authorization", "")
     if not header.lower().startswith("bearer "):
         return None

@@ -1,6 +1,8 @@
 """The one exception services raise for a refused request (views show it, the API answers it as JSON), and the
 readings of a client's values that every view and service needs (a name, a whole number, an object's id), whatever
 type the client sent: never a ValueError or a database error from "abc", "²", 1.5, true or 2**70."""
+import json
+import math
 import re
 
 from django.utils.translation import gettext as _
@@ -47,4 +49,20 @@ def whole_number(value, field: str, low: int, high: int) -> int:
     if value is None or not low <= value <= high:
         raise ServiceError(_("%(field)s: a whole number from %(low)s to %(high)s")
                            % {"field": field, "low": low, "high": high}, field=field)
+    return value
+
+
+def strict_loads(raw):
+    """``json.loads`` that refuses what JSON has no numbers for (NaN, Infinity, 1e400), with a ValueError."""
+    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large")
     return value

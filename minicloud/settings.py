@@ -1,11 +1,10 @@
-"""MiniCloud settings: one module, driven by environment variables (see README and ARCHITECTURE.md)."""
+"""MiniCloud settings: one module, driven by environment variables (README, docs/deploy.md). Importing it has no
+side effects: no app imported, no device probed, no file written (minicloud/apps.py makes the folders and the key)."""
 import os
 import socket
 from pathlib import Path
 
 import dj_database_url
-
-from jobs.devices import worker_count
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -40,18 +39,10 @@ WEB_PROCESSES = envint("MINICLOUD_WEB_PROCESSES", min(2, os.cpu_count() or 1) if
                        else min(4, max(2, os.cpu_count() or 1)))
 NODE_TIMEOUT_S = float(os.environ.get("MINICLOUD_NODE_TIMEOUT_S", "90"))
 
-SECRET_KEY = os.environ.get("SECRET_KEY", "")
-if not SECRET_KEY:
-    # A per-install key kept under MINICLOUD_HOME, so sessions survive restarts without a committed secret.
-    _key_file = HOME / "secret_key"
-    if _key_file.exists():
-        SECRET_KEY = _key_file.read_text().strip()
-    else:
-        import secrets
-
-        HOME.mkdir(parents=True, exist_ok=True)
-        SECRET_KEY = secrets.token_urlsafe(50)
-        _key_file.write_text(SECRET_KEY)
+# A per-install key kept under MINICLOUD_HOME (so sessions survive restarts without a committed secret), unless given.
+# This module only reads it: the first start writes it (minicloud.apps.MinicloudConfig.ready, or `serve`).
+SECRET_KEY = os.environ.get("SECRET_KEY", "") or (
+    (HOME / "secret_key").read_text().strip() if (HOME / "secret_key").exists() else "")
 DEBUG = envbool("DEBUG")
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
 CSRF_TRUSTED_ORIGINS = [f"http://{h}:{PORT}" for h in ALLOWED_HOSTS if h and h != "*"]
@@ -124,13 +115,12 @@ if os.environ.get("DATABASE_URL"):
         DATABASES["default"]["OPTIONS"] = {**DATABASES["default"].get("OPTIONS", {}),
                                            "pool": {"min_size": 1, "max_size": 8, "timeout": 20}}
 else:
-    HOME.mkdir(parents=True, exist_ok=True)
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": HOME / "minicloud.sqlite3",
             # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN so a read-then-write
-            # transaction never fails on upgrade; 20 s busy timeout (django-stack-notes §1.6).
+            # transaction never fails on upgrade; 20 s busy timeout (docs/architecture.md, "Databases").
             "OPTIONS": {
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
                 "transaction_mode": "IMMEDIATE",
@@ -180,11 +170,10 @@ WHITENOISE_MANIFEST_STRICT = False
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 # Dataset uploads stream to a temporary file (never into memory); larger requests are refused with 413.
 UPLOAD_MAX_BYTES = envint("MINICLOUD_UPLOAD_MAX_BYTES", 50 * 10**9)
-FILE_UPLOAD_TEMP_DIR = str(HOME / "uploads")  # the same disk as the dataset store: storing is a rename
-(HOME / "uploads").mkdir(parents=True, exist_ok=True)
+FILE_UPLOAD_TEMP_DIR = str(HOME / "uploads")  # the same disk as the dataset store: storing is a rename (made at start)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 
-# django-q2 must never run a job twice (django-stack-notes §1.3): one attempt, failures acked, and a retry window far
+# django-q2 must never run a job twice (docs/architecture.md, "The processes"): one attempt, failures acked, and a retry window far
 # above any job length. A task only "claims the next job"; job time limits and cancellation live in the supervisor.
 # Jobs that may share one GPU while their memory estimates fit (CPU slots take one job each).
 JOBS_PER_GPU = envint("MINICLOUD_JOBS_PER_GPU", 4)
@@ -193,8 +182,9 @@ Q_CLUSTER = {
     "name": INSTANCE,
     "cluster_name": NODE_QUEUE,
     # One worker per job that can run at once (each supervises one job), plus one for background work (dataset
-    # statistics) so that it never waits behind training.
-    "workers": worker_count(JOBS_PER_GPU) + 1,
+    # statistics) so that it never waits behind training. `serve` counts this node's devices and passes the number
+    # to its qcluster (no device probe here); a qcluster started by hand gets one runner.
+    "workers": envint("MINICLOUD_JOB_RUNNERS", 1) + 1,
     "recycle": 50,
     "timeout": 6 * 24 * 3600,
     "retry": 7 * 24 * 3600,

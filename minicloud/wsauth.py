@@ -3,11 +3,11 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 
+from accounts.models import ApiToken
+
 
 @database_sync_to_async
 def _user_for(raw):
-    from accounts.models import ApiToken
-
     return ApiToken.user_for(raw)
 
 

@@ -1,9 +1,11 @@
 from django.utils.translation import gettext as _
 
+from accounts.access import readable
 from accounts.services import audit
+from jobs.models import Dataset
 from minicloud.api import ApiError, endpoint, json_body
-from minicloud.errors import id_or_none
 from minicloud.downloads import serve_file
+from minicloud.errors import id_or_none
 
 from . import services
 from .models import ModelVersion, Tokenizer
@@ -11,10 +13,7 @@ from .services import download_name
 
 
 def _model(request, model_id) -> ModelVersion:
-    mv = ModelVersion.objects.visible_to(request.user).select_related("tokenizer").filter(pk=model_id).first()
-    if mv is None:
-        raise ApiError(404, _("no model %(id)s") % {"id": model_id})
-    return mv
+    return readable(ModelVersion, request.user, model_id, "tokenizer")
 
 
 @endpoint("GET")
@@ -68,8 +67,6 @@ def model_import(request):
 @endpoint("GET", "POST")
 def model_evaluations(request, model_id):
     """GET: the model's evaluations. POST ``{"dataset", "config"}``: queue an evaluation job (201 with the job)."""
-    from jobs.models import Dataset
-
     mv = _model(request, model_id)
     if request.method == "GET":
         return {"evaluations": [e.to_dict() for e in mv.evaluations.select_related("dataset")]}
@@ -100,8 +97,6 @@ def tokenizers(request):
 @endpoint("POST")
 def tokenizer_train(request):
     """``{"name", "dataset", "vocab_size"}``: train a tokenizer on a dataset in the background (status "training")."""
-    from jobs.models import Dataset
-
     data = json_body(request)
     ds = Dataset.objects.usable_by(request.user, data.get("dataset"), "dataset", required=True)
     tok = services.start_tokenizer_training(owner=request.user, name=data.get("name", ""), dataset=ds,
@@ -110,10 +105,7 @@ def tokenizer_train(request):
 
 
 def _tokenizer(request, tokenizer_id) -> Tokenizer:
-    tok = Tokenizer.objects.visible_to(request.user).filter(pk=tokenizer_id).first()
-    if tok is None:
-        raise ApiError(404, _("no tokenizer %(id)s") % {"id": tokenizer_id})
-    return tok
+    return readable(Tokenizer, request.user, tokenizer_id)
 
 
 @endpoint("GET")

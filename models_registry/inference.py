@@ -18,6 +18,9 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from minicloud.errors import ServiceError
+from minicloud.processes import die_with_parent
+
+from .services import demo_tokenizer
 
 START_TIMEOUT_S = 180
 _worker = None
@@ -30,8 +33,6 @@ class ChatWorker:
         self.proc = None
 
     async def _start(self):
-        from jobs.services import die_with_parent
-
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training", "chat-worker", cwd=settings.BASE_DIR, env=env,
@@ -114,8 +115,6 @@ def worker() -> ChatWorker:
 
 def model_entry(mv) -> dict:
     """What the worker needs to load a model version."""
-    from .services import demo_tokenizer
-
     tok = mv.tokenizer if mv.tokenizer_id and mv.tokenizer.status == "ready" else demo_tokenizer()
     if tok is None:
         raise ServiceError(_("model %(pk)s has no tokenizer") % {"pk": mv.pk}, status=409)

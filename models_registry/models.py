@@ -6,6 +6,8 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import Shareable
+from jobs.models import stage_label
+from minicloud.files import disk_usage
 
 
 class Tokenizer(Shareable):
@@ -67,14 +69,22 @@ class ModelVersion(Shareable):
         verbose_name_plural = _("models")
         ordering = ["-created_at"]
 
+    @classmethod
+    def stored_bytes(cls, user) -> int:
+        """Imported and merged weights and the cached conversions (Hugging Face zips) of every model; a model
+        trained by a job keeps its weights in the job's run folder (counted there)."""
+        total = 0
+        for mv in cls.objects.filter(owner=user).only("pk", "job_id", "size_bytes"):
+            used = disk_usage(mv.files_dir)
+            total += max(used, mv.size_bytes) if mv.job_id is None else used
+        return total
+
     def __str__(self):
         return f"{self.name} v{self.version}"
 
     @property
     def stage_label(self) -> str:
         """The stage that made it, in the active language (an import has none of its own)."""
-        from jobs.models import stage_label
-
         return str(_("imported")) if self.stage == "import" else stage_label(self.stage)
 
     @property

@@ -12,12 +12,13 @@ import uuid
 
 from asgiref.sync import sync_to_async
 from django.http import JsonResponse, StreamingHttpResponse
-from django.views.decorators.csrf import csrf_exempt
 from django.utils.translation import gettext as _
+from django.views.decorators.csrf import csrf_exempt
 
 from minicloud.api import json_body, request_user
 from minicloud.errors import ServiceError, id_or_none
 
+from .inference import model_entry, worker
 from .models import ModelVersion
 
 MAX_TOKENS = 4096
@@ -112,8 +113,6 @@ def _prepare(request):
     body = json_body(request)
     req = parse_request(body)
     mv = find_model(user, body.get("model"))
-    from .inference import model_entry
-
     req["model"] = model_entry(mv)
     return mv, req, bool(body.get("stream"))
 
@@ -138,8 +137,6 @@ def _finish_reason(reason: str) -> str:
 
 @csrf_exempt
 async def chat_completions(request):
-    from .inference import worker
-
     if request.method != "POST":
         return oai_error(405, "use POST")
     try:

@@ -2,23 +2,21 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
-from django.utils.translation import gettext as _, pgettext
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext as _, gettext_lazy, pgettext
 from django.views.decorators.http import require_POST
 
+from accounts.access import may_manage, readable
 from accounts.services import share_context
+from jobs.models import Dataset
 from minicloud.errors import ServiceError, id_or_none, int_or_none
 
 from . import services
+from .api import download
 from .models import Evaluation, ModelVersion, Tokenizer
 
 
 def _model_or_404(request, model_id):
-    mv = ModelVersion.objects.visible_to(request.user).select_related("tokenizer", "job", "parent", "dataset").filter(
-        pk=model_id).first()
-    if mv is None:
-        raise Http404(_("No such model."))
-    return mv
+    return readable(ModelVersion, request.user, model_id, "tokenizer", "job", "parent", "dataset")
 
 
 @login_required
@@ -37,9 +35,7 @@ FORMAT_LABELS = {"pth": gettext_lazy("MiniMind .pth (fp16)"), "hf": gettext_lazy
 @login_required
 def model_detail(request, model_id):
     mv = _model_or_404(request, model_id)
-    can_manage = ModelVersion.objects.manageable_by(request.user).filter(pk=mv.pk).exists()
-    from jobs.models import Dataset
-
+    can_manage = may_manage(request.user, mv)
     formats = [{"key": f, "label": FORMAT_LABELS[f], "check": mv.verifications.get(f)} for f in mv.formats]
     lineage = services.lineage(mv, request.user)
     # This version's evaluations beside those of its ancestors and descendants: before/after each stage.
@@ -59,8 +55,6 @@ def _descendant_ids(nodes) -> list[int]:
 @login_required
 def evaluations(request):
     """Every evaluation you can see, comparable across versions (optionally of one dataset)."""
-    from jobs.models import Dataset
-
     visible = ModelVersion.objects.visible_to(request.user)
     qs = Evaluation.objects.filter(model__in=visible).select_related("model", "dataset").order_by(
         "dataset_id", "model__name", "model__version")
@@ -86,8 +80,6 @@ def model_action(request, model_id, action):
             messages.success(request, _("LoRA merged into a new full model."))
             return redirect("model_detail", model_id=merged.pk)
         elif action == "evaluate":
-            from jobs.models import Dataset
-
             ds = Dataset.objects.visible_to(request.user).filter(pk=id_or_none(request.POST.get("dataset"))).first()
             if ds is None:
                 raise ServiceError(_("dataset: choose one"), field="dataset")
@@ -109,8 +101,6 @@ def model_action(request, model_id, action):
 
 @login_required
 def model_download(request, model_id):
-    from .api import download
-
     mv = _model_or_404(request, model_id)
     try:
         return download(request, mv)
@@ -157,10 +147,7 @@ def tokenizer_list(request):
     from django.contrib import messages
     from django.shortcuts import redirect
 
-    from jobs.models import Dataset
-    from minicloud.errors import ServiceError, id_or_none, int_or_none
 
-    from . import services
 
     if request.method == "POST":
         try:
@@ -188,8 +175,6 @@ def tokenizer_list(request):
 
 @login_required
 def tokenizer_detail(request, tokenizer_id):
-    tok = Tokenizer.objects.visible_to(request.user).filter(pk=tokenizer_id).first()
-    if tok is None:
-        raise Http404(_("No such tokenizer."))
+    tok = readable(Tokenizer, request.user, tokenizer_id)
     return render(request, "models_registry/tokenizer_detail.html", {"tokenizer": tok,
                                                                      **share_context(request.user, tok)})

@@ -273,20 +273,25 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     if world_size > 1 and update is None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
 
-    def opt_step(loss):
-        """Backward, average gradients across ranks (for update stages), unscale, clip, step."""
-        scaler.scale(loss).backward()
-        if world_size > 1 and update is not None:
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
+    def optimizer_step() -> float:
+        """One optimizer step on the accumulated gradients: unscale, clip (the norm is returned), step, zero."""
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=not graphs)
         return norm
+
+    def opt_step(loss) -> float:
+        """For update stages (PPO), which step several times per batch: backward, average the gradients across
+        ranks (no DDP wrapper does it for them), then ``optimizer_step``."""
+        scaler.scale(loss).backward()
+        if world_size > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
+        return optimizer_step()
 
     last_eval = {"loss": None}
 
@@ -367,11 +372,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
             if not last_micro:
                 continue
             if update is None:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=not graphs)
+                grad_norm = optimizer_step()
             step += 1
             if step % cfg["log_interval"] == 0 or step == total_steps or step == 1:
                 now = time.time()

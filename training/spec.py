@@ -94,7 +94,7 @@ STAGE_DEFAULTS = {
     "eval": {"epochs": 1, "batch_size": 16, "accumulation_steps": 1, "log_interval": 1, "max_seq_len": 512},
 }
 
-# The dataset kind each stage reads (ARCHITECTURE.md: pretrain, sft, dpo, rlaif).
+# The dataset kind each stage reads (docs/datasets.md: pretrain, sft, dpo, rlaif).
 STAGE_DATASET_KIND = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "distill": "sft",
                       "ppo": "rlaif", "grpo": "rlaif", "eval": None}  # None: any kind
 

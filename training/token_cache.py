@@ -20,6 +20,7 @@ Records are tokenised in worker processes (forked, so each has the job's tokeniz
 streamed from the file, at most two chunks per worker in flight: memory does not grow with the file. Least recently
 used caches beyond a size cap are removed after a new one is written (a running job's mapped files stay readable:
 the kernel keeps a removed file until it is unmapped). No torch here; the portal lists and clears caches with it.
+One module (past 500 lines) because the folder's format, its builder and its readers change together.
 """
 from __future__ import annotations
 

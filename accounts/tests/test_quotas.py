@@ -8,11 +8,11 @@ from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from accounts.models import AuditEntry, Quota, UsageRecord
-from accounts.services import device_hours, effective_quota, week_start
+from accounts.services import effective_quota, week_start
+from conftest import TINY
 from jobs import services
 from jobs.models import Dataset, Job
-
-from conftest import TINY
+from jobs.services import device_hours
 
 
 @pytest.fixture

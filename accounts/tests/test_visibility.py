@@ -3,8 +3,8 @@ endpoint refuses non-owners; sharing with a group and publishing; instructors ma
 import pytest
 from django.contrib.auth.models import Group
 
-from accounts.models import ApiToken, AuditEntry, GroupInfo, Profile
 from accounts import services as acc
+from accounts.models import ApiToken, AuditEntry, GroupInfo, Profile
 from jobs.models import Dataset, Job, LogChunk, MetricPoint
 from minicloud.errors import ServiceError
 from models_registry.models import ModelVersion, Tokenizer
@@ -147,3 +147,32 @@ def test_instructors_create_groups_and_manage_members_and_quotas(world, client):
     client.post(f"/groups/{group.pk}/", {"action": "add", "username": "carol"})
     assert not world["users"]["carol"].groups.filter(pk=group.pk).exists()  # members do not manage
     assert {e.action for e in AuditEntry.objects.all()} >= {"group_create", "group_add_member", "quota_change"}
+
+
+@pytest.mark.parametrize("who,role", [("alice", "member"), ("dave", "instructor"), ("root", "admin")])
+def test_me_reports_the_one_role_rule(world, client, who, role):
+    """``GET /api/v1/me`` says what the pages say (accounts.access.role_of): an instructor was reported a member."""
+    r = client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {world['tokens'][who]}")
+    assert r.json()["role"] == role == acc.role_of(world["users"][who])
+
+
+def test_the_access_layer_answers_every_entry_point_alike(world):
+    """accounts.access: what a user may not read is NotFound (a 404 page and a JSON 404 alike, never 403), what they
+    may read but not manage is Forbidden; the WebSocket consumer and the pages ask the same functions."""
+    from django.core.exceptions import PermissionDenied
+    from django.http import Http404
+
+    from accounts.access import Forbidden, NotFound, manageable, may_manage, readable
+
+    job, users = world["jobs"]["group"], world["users"]
+    with pytest.raises(NotFound) as missing:
+        readable(Job, users["bob"], job.pk)
+    assert isinstance(missing.value, Http404) and isinstance(missing.value, ServiceError) and missing.value.status == 404
+    with pytest.raises(NotFound):
+        readable(Job, users["alice"], "abc")  # an id a client made up: not a ValueError
+    assert readable(Job, users["carol"], str(job.pk)) == job
+    with pytest.raises(Forbidden) as refused:
+        manageable(Job, users["carol"], job.pk)
+    assert isinstance(refused.value, PermissionDenied) and refused.value.status == 403
+    assert manageable(Job, users["alice"], job.pk) == job and may_manage(users["root"], job)
+    assert not may_manage(users["dave"], job)  # an instructor reads their members' jobs but does not act on them

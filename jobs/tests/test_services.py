@@ -3,11 +3,10 @@ import os
 import pytest
 from django.contrib.auth import get_user_model
 
+from conftest import TINY
 from jobs import services
 from jobs.models import Dataset, Job, JobEvent
 from models_registry.models import Tokenizer
-
-from conftest import TINY
 
 
 @pytest.fixture
@@ -175,7 +174,7 @@ def test_an_interrupted_job_is_requeued_in_the_same_transaction(user, demo, sett
     def broken(*args, **kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(services, "_requeue", broken)
+    monkeypatch.setattr(services.lifecycle, "_requeue", broken)
     with pytest.raises(RuntimeError):
         services.interrupt_job(job, "killed")
     assert Job.objects.get(pk=job.pk).status == "running" and not job.events.filter(kind="interrupted").exists()

@@ -17,7 +17,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from jobs.services import die_with_parent, kill_group
+from jobs.devices import worker_count
+from minicloud.processes import die_with_parent, kill_group
 
 
 class Command(BaseCommand):
@@ -84,9 +85,10 @@ class Command(BaseCommand):
                     preexec_fn=die_with_parent(signal.SIGTERM))
             listener.close()  # the children hold it
         if self.worker:
+            runners = worker_count(settings.JOBS_PER_GPU)  # one per CPU slot, JOBS_PER_GPU per GPU
             self.children["workers"] = subprocess.Popen(
                 [py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True,
-                preexec_fn=die_with_parent(signal.SIGKILL))
+                env={**os.environ, "MINICLOUD_JOB_RUNNERS": str(runners)}, preexec_fn=die_with_parent(signal.SIGKILL))
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
         where = f"at http://{host}:{port}" if self.web else "as a worker"

@@ -1,0 +1,64 @@
+"""Who may read and who may manage an object: the one access layer that every entry point asks (pages, the API,
+the WebSocket consumers, management commands), so that they cannot diverge. The rules live on the shared base of
+the objects (accounts.models.Shareable and its VisibleQuerySet: ``visible_to``, ``manageable_by``); the user's role
+is ``role_of``. docs/architecture.md, "Access"."""
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+from django.utils.translation import gettext as _
+
+from minicloud.errors import ServiceError, id_or_none
+
+from .models import Profile
+
+
+class NotFound(ServiceError, Http404):
+    """Nothing the user may read has this id: a 404 page in a view, a JSON 404 from the API (never "forbidden": that
+    would tell a stranger the object exists)."""
+
+    def __init__(self, message):
+        super().__init__(message, status=404)
+
+
+class Forbidden(ServiceError, PermissionDenied):
+    """The user may read the object but not change it: a 403 page, or a JSON 403."""
+
+    def __init__(self, message):
+        super().__init__(message, status=403)
+
+
+def readable(model, user, pk, *related):
+    """The ``model`` object with id ``pk`` (as a client sent it) that ``user`` may read, with ``related`` joined;
+    NotFound otherwise."""
+    obj = model.objects.select_related(*related).filter(pk=id_or_none(pk)).first()
+    if obj is None or not obj.readable_by(user):
+        raise NotFound(_("No such %(what)s (id %(id)s).") % {"what": model._meta.verbose_name, "id": pk})
+    return obj
+
+
+def may_manage(user, obj) -> bool:
+    """Whether ``user`` may change, cancel, share or delete ``obj`` (its owner, or an admin)."""
+    if user.is_superuser or (obj.owner_id is not None and obj.owner_id == user.pk):
+        return True
+    return type(obj).objects.manageable_by(user).filter(pk=obj.pk).exists()
+
+
+def manageable(model, user, pk, *related):
+    """``readable``, and Forbidden unless ``user`` may also manage it."""
+    obj = readable(model, user, pk, *related)
+    check_manage(user, obj)
+    return obj
+
+
+def check_manage(user, obj) -> None:
+    if not may_manage(user, obj):
+        raise Forbidden(_("Only the %(what)s's owner can do that.") % {"what": type(obj)._meta.verbose_name})
+
+
+def role_of(user) -> str:
+    """``admin`` (a superuser), ``instructor`` or ``member``: the one role rule (pages, ``GET /api/v1/me``)."""
+    if user.is_superuser:
+        return "admin"
+    profile = Profile.objects.filter(user=user).first()
+    return profile.role if profile else Profile.Role.MEMBER

@@ -1,0 +1,221 @@
+"""Datasets: a version created from a file (validated, stored by checksum), its references and deletion, token
+statistics, chunked uploads."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from accounts.services import audit, check_deletable, check_storage
+from minicloud.errors import ServiceError, clean_name
+from minicloud.files import check_upload_size, save_upload
+from training import spec as tspec
+
+from .. import dataset_stats
+from ..models import Dataset, Job, Upload
+from ..validation import validate_file
+from .queue import background_task
+from .submission import ModelVersion, Tokenizer, demo_tokenizer
+
+
+def _dataset_store() -> Path:
+    path = settings.HOME / "datasets"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = False, request=None) -> Dataset:
+    """Validate a JSONL(.gz) file and store it as a new immutable dataset version; a bad file is refused with its
+    line-numbered errors and nothing is stored. ``source``: a file path (moved into the store unless
+    ``keep_source``). The same name again makes the next version; the same content again returns the stored one."""
+    import shutil
+
+
+    name = clean_name(name, 200)
+    kinds = dict(Dataset._meta.get_field("kind").choices)
+    if kind not in kinds:
+        raise ServiceError(_("kind: one of %(kinds)s") % {"kinds": ", ".join(kinds)}, field="kind")
+    check_storage(owner, Path(source).stat().st_size)
+    report = validate_file(source, kind)
+    if not report.ok:
+        raise ServiceError(f"file: {report.summary()}", field="file", details={"validation": report.to_dict()})
+    latest = Dataset.objects.filter(owner=owner, name=name).order_by("-version").first()
+    if latest and latest.sha256 == report.sha256:
+        return latest
+    with open(source, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    dest = _dataset_store() / f"{report.sha256}.jsonl{'.gz' if gz else ''}"
+    if not dest.exists():
+        tmp = dest.with_suffix(dest.suffix + ".part")
+        if keep_source:
+            shutil.copyfile(source, tmp)
+        else:
+            shutil.move(str(source), tmp)
+        os.replace(tmp, dest)
+    elif not keep_source:
+        Path(source).unlink(missing_ok=True)
+    ds = Dataset.objects.create(owner=owner, name=name, kind=kind, path=str(dest), records=report.records,
+                                size_bytes=report.size_bytes, sha256=report.sha256,
+                                version=(latest.version + 1) if latest else 1, validation=report.to_dict())
+    audit(owner, "upload", ds, request=request, sha256=report.sha256, version=ds.version)
+    request_dataset_stats(ds)
+    return ds
+
+
+def dataset_references(ds: Dataset) -> list[str]:
+    """What uses a dataset version: jobs (any state) and models trained on it."""
+    jobs = Job.objects.filter(Q(dataset=ds) | Q(eval_dataset=ds)).order_by("pk")[:50]
+    refs = [f"job #{j.pk} {j.name}" for j in jobs]
+    refs += [f"model #{m.pk} {m.name}" for m in ModelVersion.objects.filter(dataset=ds).order_by("pk")[:50]]
+    return refs
+
+
+def delete_dataset(actor, ds: Dataset, request=None) -> None:
+    """Delete a dataset version nobody uses (its file too, unless another version shares it)."""
+
+    check_deletable(actor, ds, "dataset", dataset_references(ds))
+    path = Path(ds.path)
+    audit(actor, "delete", ds, request=request, name=ds.name, version=ds.version)
+    ds.delete()
+    if path.parent == _dataset_store() and not Dataset.objects.filter(path=str(path)).exists():
+        path.unlink(missing_ok=True)
+
+
+def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:
+    """Queue the token statistics of a dataset (a background task with progress)."""
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0)
+    transaction.on_commit(lambda: background_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
+                                                  task_name=f"dataset-stats-{ds.pk}"))
+
+
+def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:
+    """Run the statistics of one dataset version (the background task), recording progress and the result."""
+    ds = Dataset.objects.filter(pk=ds_id).first()
+    if ds is None:
+        return
+    tok = Tokenizer.objects.filter(pk=tokenizer_id).first() if tokenizer_id else None
+    tok = tok or demo_tokenizer()
+    stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
+    msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="running", stats_progress=0.0)
+    cached = None
+    if ds.sha256:  # a job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising
+        from training import token_cache
+
+        processing = token_cache.PROCESSING[stage]
+        cached = token_cache.find(settings.DATA_CACHE_DIR, ds.sha256, token_cache.tokenizer_digest(tok.path),
+                                  processing)
+    try:
+        stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
+                                      progress=lambda p: Dataset.objects.filter(pk=ds.pk).update(stats_progress=p),
+                                      known_lengths=token_cache.record_lengths(cached) if cached else None)
+    except Exception as exc:  # a task must record why, not vanish
+        Dataset.objects.filter(pk=ds.pk).update(stats_status="failed", stats={"error": str(exc)[:500]})
+        raise
+    stats["tokenizer"] = tok.name
+    stats["from_token_cache"] = cached is not None
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="done", stats_progress=1.0, stats=stats)
+
+
+def find_upload(owner, upload_id):
+    """One of the owner's unfinished uploads, or None (also for an id that is not a UUID)."""
+    try:
+        return Upload.objects.filter(pk=upload_id, owner=owner).first()
+    except ValidationError:
+        return None
+
+
+def upload_dataset(request, owner) -> Dataset:
+    """A dataset from a multipart request (``file``, ``name``, ``kind``; admins may give ``server_path`` instead of a
+    file). The file was streamed to a temporary file by Django's upload handler; too large a request is a 413."""
+    check_upload_size(int(request.META.get("CONTENT_LENGTH") or 0))
+    name, kind = request.POST.get("name", ""), request.POST.get("kind", "")
+    upload_id = request.POST.get("upload", "").strip()
+    if upload_id:  # a chunked upload finished: see start_upload / append_upload
+        upload = find_upload(owner, upload_id)
+        if upload is None:
+            raise ServiceError(
+                _("upload: no upload %(upload_id)s of yours") % {"upload_id": upload_id}, status=404, field="upload"
+            )
+        return finish_upload(upload, name=name, kind=kind, request=request)
+    server_path = request.POST.get("server_path", "").strip()
+    if server_path:
+        if not owner.is_superuser:
+            raise ServiceError(
+                _("server_path: only admins import files from the server"), status=403, field="server_path"
+            )
+        path = Path(server_path)
+        if not path.is_absolute() or not path.is_file():
+            raise ServiceError(
+                _("server_path: no file at %(server_path)s") % {"server_path": server_path}, field="server_path"
+            )
+        return create_dataset(owner=owner, name=name, kind=kind, source=path, keep_source=True, request=request)
+    upload = request.FILES.get("file")
+    if upload is None:
+        raise ServiceError(_("file: attach a .jsonl or .jsonl.gz file"), field="file")
+    check_upload_size(upload.size)
+    if not name:
+        name = Path(upload.name or "dataset").name.removesuffix(".gz").removesuffix(".jsonl")[:200]
+    if hasattr(upload, "temporary_file_path"):  # streamed to disk: validated, then moved into the store
+        return create_dataset(owner=owner, name=name, kind=kind, source=upload.temporary_file_path(), request=request)
+    import tempfile
+    import uuid
+
+    tmp = save_upload(upload, Path(settings.FILE_UPLOAD_TEMP_DIR or tempfile.gettempdir()) / f"upload-{uuid.uuid4().hex}")
+    try:
+        return create_dataset(owner=owner, name=name, kind=kind, source=tmp, request=request)
+    finally:
+        tmp.unlink(missing_ok=True)  # moved into the store, or refused
+
+
+def start_upload(owner):
+
+    check_storage(owner)  # refused before the first chunk when the owner's storage is full
+    upload = Upload.objects.create(owner=owner)
+    upload.path.parent.mkdir(parents=True, exist_ok=True)
+    upload.path.touch()
+    return upload
+
+
+def append_upload(upload, offset: int, stream, length: int) -> int:
+    """Append one chunk at ``offset`` (which must be the bytes received so far: a client resumes from there)."""
+    if offset != upload.size:
+        raise ServiceError(
+            _("offset: this upload has %(size)s bytes; send from there") % {"size": upload.size},
+            status=409,
+            field="offset",
+            details={"offset": upload.size},
+        )
+    check_upload_size(upload.size + length)
+    written = 0
+    with open(upload.path, "ab") as f:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            f.write(block)
+            written += len(block)
+    type(upload).objects.filter(pk=upload.pk).update(size=upload.size + written)
+    upload.size += written
+    return upload.size
+
+
+def finish_upload(upload, *, name: str, kind: str, request=None) -> Dataset:
+    """Turn a complete upload into a dataset version (validated; refused files keep the upload for a fix-up)."""
+    ds = create_dataset(owner=upload.owner, name=name, kind=kind, source=upload.path, keep_source=True,
+                        request=request)
+    upload.path.unlink(missing_ok=True)
+    upload.delete()
+    return ds
+
+
+def prune_uploads(max_age_h: float = 24) -> int:
+    """Forget uploads left unfinished for a day (housekeeping)."""
+    old = Upload.objects.filter(created_at__lt=timezone.now() - timedelta(hours=max_age_h))
+    for upload in old:
+        upload.path.unlink(missing_ok=True)
+    return old.delete()[0]

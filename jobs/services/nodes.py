@@ -1,0 +1,121 @@
+"""Nodes: registration, heartbeats, device samples, fail-over of a silent node's jobs, reconciling a restarted node, the
+shared-storage check."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_noop
+
+from minicloud.errors import ServiceError
+from minicloud.processes import kill_group, pid_alive
+
+from ..models import DeviceSample, Job, JobPart, Node, Setting
+from .lifecycle import finish_job, interrupt_job
+from .queue import _local_devices, kick_queue
+
+
+def fail_over(now=None) -> list[int]:
+    """Interrupt the live jobs of nodes that stopped beating (their runner is gone), so that they resume on a live
+    node from their last checkpoint; a down node takes no new jobs until it beats again."""
+    down = set(Node.objects.filter(heartbeat_at__lt=Node.heartbeat_cutoff(now)).values_list("name", flat=True))
+    moved = []
+    spanning = JobPart.objects.filter(node__in=down, finished_at__isnull=True).values_list("job_id", flat=True)
+    for job in Job.objects.filter(Q(node__in=down) | Q(pk__in=list(spanning)), status__in=Job.LIVE):
+        lost = job.node if job.node in down else ", ".join(sorted({p.node for p in job.parts.all()} & down))
+        if _end_orphaned(job, gettext_noop("node %(lost)s stopped answering (no heartbeat for %(seconds)s s)"),
+                         gettext_noop("node %(node)s went down while pausing"),
+                         {"lost": lost, "node": job.node, "seconds": f"{settings.NODE_TIMEOUT_S:g}"}):
+            moved.append(job.pk)
+    if moved:
+        kick_queue()
+    return moved
+
+
+def check_shared_storage() -> None:
+    """Every node must see the same MINICLOUD_HOME (datasets, checkpoints and models live there): the first node
+    writes a marker with a random id and records the id in the database; a node that cannot read the same id
+    refuses to start."""
+    import uuid
+
+    marker = settings.HOME / ".minicloud-storage"
+    with transaction.atomic():
+        row, created = Setting.objects.get_or_create(key="storage_id", defaults={"value": uuid.uuid4().hex})
+    if created:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(row.value)
+    found = marker.read_text().strip() if marker.exists() else None
+    if found != row.value:
+        raise ServiceError(
+            f"MINICLOUD_HOME={settings.HOME} is not the storage the other nodes use: "
+            + ("it has no marker file .minicloud-storage" if found is None else "its marker file names another one")
+            + ". Mount the shared filesystem (NFS) there on every node (docs/deploy.md).", status=500)
+
+
+def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
+    """Jobs of this node whose supervisor is gone: stop any orphan training process, then interrupt (and maybe
+    requeue) them. At start every live job is orphaned; later (housekeeping) only those whose worker died."""
+    done = []
+    for job in Job.objects.filter(node=node_name, status__in=Job.LIVE):
+        if not starting and pid_alive(job.worker_pid):
+            continue
+        kill_group(job.pid)  # nobody reads its events any more
+        why = gettext_noop("the node restarted") if starting else gettext_noop("the job's supervisor died")
+        _end_orphaned(job, why, gettext_noop("the node stopped while pausing"))
+        done.append(job.pk)
+    return done
+
+
+def _end_orphaned(job: Job, reason: str, pausing_reason: str, params: dict | None = None) -> bool:
+    """A live job whose supervisor is gone: a cancel completes, a pause completes (resumable from its checkpoint),
+    a running job is interrupted with ``reason`` (and maybe requeued). True for the interrupted case."""
+    if job.status == Job.Status.CANCELLING:
+        finish_job(job, Job.Status.CANCELLED, actor="system")
+    elif job.status == Job.Status.PAUSING:
+        job.transition(Job.Status.PAUSED, "system", pausing_reason, params or {}, pid=None, worker_pid=None,
+                       resume=job.checkpoint_path.exists())
+    else:
+        interrupt_job(job, reason, params)
+        return True
+    return False
+
+
+def register_node(node_name: str) -> Node:
+    devices = _local_devices()
+    node, _created = Node.objects.update_or_create(
+        name=node_name, defaults={"devices": devices, "started_at": timezone.now(), "address": settings.NODE_ADDRESS,
+                                  "heartbeat_at": timezone.now(), "stopping": False})
+    sample_devices(node_name, devices)
+    return node
+
+
+def beat(node_name: str) -> None:
+    """This node's heartbeat (the serve loop of a worker node, every MINICLOUD_HEARTBEAT_S)."""
+    Node.objects.filter(name=node_name).update(heartbeat_at=timezone.now(), stopping=False)
+
+
+def refresh_node(node_name: str) -> None:
+    devices = _local_devices()
+    Node.objects.filter(name=node_name).update(devices=devices, heartbeat_at=timezone.now())
+    sample_devices(node_name, devices)
+
+
+SAMPLES_KEPT = timedelta(hours=24)
+
+
+def sample_devices(node_name: str, devices: list[dict]) -> None:
+    """Store one compact reading of the node's devices (the devices page charts the last hour); prune old ones."""
+    running = {}
+    for devs in Job.objects.filter(node=node_name, status__in=Job.LIVE).values_list("devices", flat=True):
+        for i in devs or []:
+            running[i] = running.get(i, 0) + 1
+    readings = []
+    for d in devices:
+        i = d["index"]
+        util = d.get("utilization") if d.get("kind") == "cuda" else (100 if running.get(i) else 0)
+        readings.append([i, util, d.get("memory_used"), running.get(i, 0)])
+    DeviceSample.objects.create(node=node_name, readings=readings)
+    DeviceSample.objects.filter(time__lt=timezone.now() - SAMPLES_KEPT).delete()

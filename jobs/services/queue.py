@@ -1,0 +1,255 @@
+"""The fair queue: planning which queued job runs where (jobs/scheduler.py decides), claiming it on a node, its engine
+spec, the queue page's snapshot."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.db.models import Count, F, Sum, Window
+from django.db.models.functions import RowNumber
+from django.utils import timezone
+from django.utils.translation import gettext_noop
+from django_q.tasks import async_task
+
+from .. import scheduler
+from ..devices import inventory
+from ..models import Job, JobPart, Node
+from .quota import _owner_quotas, _quota_gate, recent_usage
+from .reasons import wait_reason_text
+
+
+def node_queue(node_name: str) -> str:
+    """The django-q2 queue a node's job runner listens on."""
+    return f"{settings.INSTANCE}.{node_name}"
+
+
+def live_nodes() -> list[str]:
+    """Worker nodes that beat recently and are not stopping, most recent heartbeat first."""
+    return list(Node.live().order_by("-heartbeat_at").values_list("name", flat=True))
+
+
+def kick_queue() -> None:
+    """Ask every live node's runner to claim what the scheduler places on it (tokens, not jobs: duplicates or stale
+    tokens do nothing)."""
+    _kick_nodes(live_nodes() or [settings.NODE_NAME])
+
+
+def background_task(func: str, *args, task_name: str) -> None:
+    """Queue background work (statistics, tokenizer training) on a live worker node: this one when it is one."""
+    nodes = live_nodes()
+    target = settings.NODE_NAME if settings.NODE_NAME in nodes or not nodes else nodes[0]
+    async_task(func, *args, task_name=task_name, cluster=node_queue(target), q_options={"ack_failure": True})
+
+
+def _local_devices():
+    return inventory()
+
+
+def _queued() -> list:
+    """The queued jobs with only the fields planning reads (a 500-job queue spent most of its time building full jobs
+    and their owners)."""
+    return list(Job.objects.filter(status=Job.Status.QUEUED).only(*Job.PLAN_FIELDS))
+
+
+def queue_order(jobs: list, owners_quotas: tuple[dict, dict] | None = None) -> list:
+    """scheduler.fair_order over the owners' priority bonus, running jobs and decayed recent device use.
+    ``owners_quotas``: ``_owner_quotas(jobs)``, when already read."""
+    owners, quotas = _owner_quotas(jobs) if owners_quotas is None else owners_quotas
+    ids = set(owners)
+    usage = recent_usage(ids)
+    running = dict.fromkeys(ids, 0)
+    for owner_id in Job.objects.filter(status__in=Job.LIVE, owner_id__in=ids).values_list("owner_id", flat=True):
+        running[owner_id] += 1
+    bonus = {**dict.fromkeys(ids, 0), **{pk: q["priority"] or 0 for pk, q in quotas.items()}}
+    staff = {pk for pk, user in owners.items() if user.is_staff}
+    return scheduler.fair_order(jobs, bonus, running, usage, staff)
+
+
+def device_state(node_name: str | None = None, slots: int | None = None,
+                 jobs: bool = True) -> dict[str, list[scheduler.Device]]:
+    """Every live node's devices with the live jobs placed on them (``jobs=False``: the devices alone). ``node_name``
+    is always included (its devices from its Node row, else this machine's inventory; ``slots`` CPU slots when
+    given)."""
+    nodes = {n.name: scheduler.devices_from_inventory(n.name, n.devices) for n in Node.live()}
+    if node_name:
+        if slots is not None:
+            nodes[node_name] = [scheduler.Device(node_name, i) for i in range(slots)]
+        elif node_name not in nodes:
+            row = Node.objects.filter(name=node_name).first()
+            nodes[node_name] = scheduler.devices_from_inventory(node_name, row.devices if row else _local_devices())
+    if not jobs:
+        return nodes
+    index = {(d.node, d.index): d for devs in nodes.values() for d in devs}
+    for node, devices, memory, placement in Job.objects.filter(status__in=Job.LIVE).values_list(
+            "node", "devices", "memory_estimate", "placement"):
+        for part_node, part_devices in placement or [(node, devices)]:
+            for i in part_devices or []:
+                if (part_node, i) in index:
+                    index[(part_node, i)].jobs.append(memory or 0)
+    return nodes
+
+
+def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[scheduler.Decision]:
+    """Every queued job in queue order, with where it would start now or why it waits."""
+    queued = _queued()
+    owners, quotas = _owner_quotas(queued)
+    queued = queue_order(queued, (owners, quotas))
+    blocked, placed = _quota_gate(owners, quotas)
+    return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
+                          multi_node=settings.MULTI_NODE_JOBS,
+                          on_place=placed)
+
+
+def _typical_durations() -> dict:
+    """Median run seconds of each stage's last 20 succeeded jobs (one query: a row number per stage)."""
+    runs = (Job.objects.filter(status=Job.Status.SUCCEEDED, started_at__isnull=False, finished_at__isnull=False)
+            .annotate(n=Window(RowNumber(), partition_by=F("stage"), order_by=F("finished_at").desc()))
+            .filter(n__lte=20).values_list("stage", "started_at", "finished_at"))
+    lengths = {}
+    for stage, started, finished in runs:
+        lengths.setdefault(stage, []).append((finished - started).total_seconds())
+    return {stage: sorted(v)[len(v) // 2] for stage, v in lengths.items()}
+
+
+def queue_forecast(plan: list[scheduler.Decision]) -> dict:
+    """Estimated seconds until each queued job starts (None: cannot be told yet), from the running jobs' ETAs and
+    the typical length of each stage's recent jobs."""
+    typical = _typical_durations()
+    busy = {(d.node, d.index): 0.0 for devs in device_state(jobs=False).values() for d in devs}
+    for node, devices, eta_s, stage in Job.objects.filter(status__in=Job.LIVE).values_list("node", "devices", "eta_s",
+                                                                                           "stage"):
+        left = eta_s if eta_s is not None else typical.get(stage)
+        for i in devices or []:
+            if (node, i) in busy:
+                prev = busy[(node, i)]
+                busy[(node, i)] = None if left is None or prev is None else max(prev, left)
+    return scheduler.estimated_starts(plan, busy, lambda j: typical.get(j.stage))
+
+
+def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
+    """Atomically take the first queued job that the plan places on this node (see ``queue_order`` and
+    ``scheduler.plan``). ``slots``: treat this node as that many CPU slots (tests)."""
+    with transaction.atomic():
+        Node.objects.select_for_update().filter(name=node_name).exists()  # serialises claims on PostgreSQL
+        for decision in queue_plan(node_name, slots):
+            if decision.node != node_name:
+                continue
+            job, devices, now = decision.job, decision.devices, timezone.now()
+            placement = [[n, d] for n, d in decision.parts]
+            rendezvous = {"address": Node.objects.filter(name=node_name).values_list("address", flat=True).first()
+                          or settings.NODE_ADDRESS, "port": _free_port()} if placement else {}
+            where = ((gettext_noop("devices %(devices)s"), {"devices": str(devices)}) if not placement else
+                     (gettext_noop("nodes and devices: %(placement)s"),
+                      {"placement": "; ".join(f"{n} {d}" for n, d in placement)}))
+            job = Job.objects.get(pk=job.pk)  # the plan read only what planning needs
+            if job.transition(Job.Status.RUNNING, node_name, *where, node=node_name, devices=devices, started_at=now,
+                              error="", error_params=None, pid=None, worker_pid=os.getpid(), placement=placement,
+                              rendezvous=rendezvous):
+                for rank, (other, devs) in enumerate(placement[1:], 1):
+                    JobPart.objects.create(job=job, node=other, rank=rank, devices=devs, run_started_at=now)
+                if placement:
+                    transaction.on_commit(lambda: _kick_nodes([n for n, _ in placement[1:]]))
+                return job
+    return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _kick_nodes(names) -> None:
+    for name in names:
+        async_task("jobs.tasks.run_next_job", task_name="run_next_job", cluster=node_queue(name),
+                   q_options={"ack_failure": True})
+
+
+def claim_part(node_name: str):
+    """This node's share of a running multi-node job that nobody started yet, claimed atomically, or None."""
+    for part in JobPart.objects.filter(node=node_name, claimed_at__isnull=True,
+                                       job__status=Job.Status.RUNNING).select_related("job"):
+        if part.run_started_at != part.job.started_at:
+            continue  # a part of an earlier run of the job
+        if JobPart.objects.filter(pk=part.pk, claimed_at__isnull=True).update(claimed_at=timezone.now()):
+            return part
+    return None
+
+
+def build_spec(job: Job) -> dict:
+    spec = {
+        "job_id": job.pk, "stage": job.stage, "run_dir": str(job.run_dir), "dataset": job.dataset.path,
+        "tokenizer": job.tokenizer.path, "device": "auto", "resume": job.resume, "config": job.resolved_config,
+        "data_cache": str(settings.DATA_CACHE_DIR), "data_cache_gb": settings.DATA_CACHE_GB,
+        "checksums": {job.dataset.path: job.dataset.sha256} if job.dataset.sha256 else {},
+    }
+    if job.eval_dataset:
+        spec["eval_dataset"] = job.eval_dataset.path
+        if job.eval_dataset.sha256:
+            spec["checksums"][job.eval_dataset.path] = job.eval_dataset.sha256
+    if job.base_model:
+        spec["base_model"] = {"path": job.base_model.path, "config": job.base_model.config}
+    if job.teacher_model:
+        spec["teacher_model"] = {"path": job.teacher_model.path, "config": job.teacher_model.config}
+    return spec
+
+
+def write_spec(job: Job) -> Path:
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    path = job.run_dir / "spec.json"
+    path.write_text(json.dumps(build_spec(job), indent=2))
+    return path
+
+
+QUEUE_SNAPSHOT_S = 2.0  # how long one planned queue serves every queue page
+
+
+def queue_snapshot(fresh: bool = False) -> list[dict]:
+    """Every queued job in queue order as {"id", "owner_id", "reason", "params", "starts_in"} (reason codes, not
+    text: the caller renders them in its visitor's language).
+
+    Planning a queue of 500 jobs takes tens of milliseconds and a lab's 200 people open the queue page, so one plan
+    serves every visitor of this process for QUEUE_SNAPSHOT_S seconds, or until a job starts or ends; jobs submitted
+    meanwhile join at the next plan (``fresh``: plan now, as a job's own page does when it is not in the plan yet).
+    """
+    signature = list(Job.objects.filter(status__in=Job.LIVE).values_list("status").annotate(n=Count("id"), s=Sum("id"))
+                     .order_by("status"))
+    key = "minicloud:queue:" + hashlib.sha1(repr(signature).encode()).hexdigest()
+    snapshot = None if fresh else cache.get(key)
+    if snapshot is None:
+        plan = queue_plan()
+        forecast = queue_forecast(plan)
+        snapshot = [{"id": d.job.pk, "owner_id": d.job.owner_id, "reason": d.reason, "params": d.params,
+                     "starts_in": forecast.get(d.job)} for d in plan]
+        cache.set(key, snapshot, QUEUE_SNAPSHOT_S)
+    return snapshot
+
+
+def queue_info(job: Job) -> dict | None:
+    """Where a queued job stands: its position, why it waits (code and text) and the estimated seconds until it
+    starts (None: unknown). None when the job is not queued."""
+    if job.status != Job.Status.QUEUED:
+        return None
+    for fresh in (False, True):  # a job submitted since the last plan: plan again
+        for position, entry in enumerate(queue_snapshot(fresh), 1):
+            if entry["id"] == job.pk:
+                return {"position": position, "reason": entry["reason"] or "starting",
+                        "reason_text": wait_reason_text(entry["reason"], entry["params"]),
+                        "expected_start_s": entry["starts_in"]}
+    return None
+
+
+def queue_position(job: Job) -> int | None:
+    """1 for the next job to start, or None when the job is not queued."""
+    if job.status != Job.Status.QUEUED:
+        return None
+    ordered = queue_order(_queued())
+    # None as well when the job was claimed between reading it and reading the queue.
+    return next((i for i, j in enumerate(ordered, 1) if j.pk == job.pk), None)

@@ -1,0 +1,167 @@
+"""Submitting a job: the request checked field by field, its memory estimate, the job row and its first event;
+templates."""
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+from django.utils.translation import gettext as _
+
+from minicloud.errors import ServiceError, clean_name, whole_number
+from training import spec as tspec
+from training.estimate import estimate_memory
+
+from .. import scheduler
+from ..models import Dataset, Job, JobEvent, JobTemplate
+from .queue import device_state, kick_queue
+from .quota import check_submission_quota
+from .reasons import never_fits_text, spec_error_text
+
+# A job's inputs that models_registry owns (above jobs in the layer order, docs/architecture.md), reached through the
+# job's own foreign keys as Django resolves them: the schema names them, no code of models_registry is used.
+ModelVersion = Job._meta.get_field("base_model").related_model
+Tokenizer = Job._meta.get_field("tokenizer").related_model
+
+
+def demo_tokenizer():
+    return Tokenizer.objects.filter(name="demo-tokenizer", is_public=True).first()
+
+
+def record_event(job: Job, kind: str, actor: str = "", message: str = "") -> None:
+    JobEvent.objects.create(job=job, kind=kind, actor=actor, message=message)
+
+
+def _model_version(value, field, owner):
+    """A ModelVersion given as an instance, an id the owner can use, or nothing."""
+    if value is None or isinstance(value, ModelVersion):
+        return value
+    return ModelVersion.objects.usable_by(owner, value, field)
+
+
+def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
+                teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
+                time_limit_s: int | None = None, eval_dataset=None, estimate: dict | None = None) -> dict:
+    """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field.
+
+    ``estimate``, when given, receives the memory estimate (bytes and parts) and whether the devices are GPUs."""
+    name = clean_name(name, 200)
+    if config is not None and not isinstance(config, dict):
+        raise ServiceError(_("config: a JSON object of MiniMind argument names and values"), field="config")
+    priority = whole_number(priority, "priority", -10**6, 10**6)
+    gpus = whole_number(gpus, "gpus", 1, 1024)
+    if time_limit_s is not None:
+        time_limit_s = whole_number(time_limit_s, "time_limit_s", 1, 2**31 - 1)
+    if stage not in tspec.STAGES:
+        raise ServiceError(
+            _("stage: unknown stage %(stage)s; choose one of %(stages)s")
+            % {"stage": repr(stage), "stages": ", ".join(tspec.STAGES)},
+            field="stage",
+        )
+    ds = dataset if isinstance(dataset, Dataset) else Dataset.objects.usable_by(owner, dataset, "dataset")
+    if ds is None:
+        raise ServiceError(_("dataset: is required"), field="dataset")
+    if tspec.STAGE_DATASET_KIND[stage] and ds.kind != tspec.STAGE_DATASET_KIND[stage]:
+        raise ServiceError(
+            _("dataset: stage %(stage)s needs a %(needed)s dataset, %(name)s is %(kind)s")
+            % {"stage": stage, "needed": tspec.STAGE_DATASET_KIND[stage], "name": ds.name, "kind": ds.kind},
+            field="dataset",
+        )
+    eval_ds = None
+    if eval_dataset not in (None, ""):
+        eval_ds = eval_dataset if isinstance(eval_dataset, Dataset) else Dataset.objects.usable_by(
+            owner, eval_dataset, "eval_dataset")
+        if eval_ds.kind != ds.kind:
+            raise ServiceError(
+                _("eval_dataset: must be a %(kind)s dataset like the training data, %(name)s is %(other_kind)s")
+                % {"kind": ds.kind, "name": eval_ds.name, "other_kind": eval_ds.kind},
+                field="eval_dataset",
+            )
+    base = _model_version(base_model, "base_model", owner)
+    if base is None and stage in tspec.NEEDS_BASE:
+        raise ServiceError(
+            _("base_model: the %(stage)s stage starts from a trained model") % {"stage": stage}, field="base_model"
+        )
+    teacher = _model_version(teacher_model, "teacher_model", owner)
+    if stage == "distill" and teacher is None:
+        raise ServiceError(_("teacher_model: distillation needs a teacher model"), field="teacher_model")
+    if stage != "distill" and teacher is not None:
+        raise ServiceError(_("teacher_model: only the distill stage takes a teacher"), field="teacher_model")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.objects.usable_by(owner, tokenizer, "tokenizer")
+    if tok is None:
+        tok = base.tokenizer if base and base.tokenizer else demo_tokenizer()
+    if tok is None:
+        raise ServiceError(_("tokenizer: none given and the demo tokenizer is not installed"), field="tokenizer")
+    if tok.status != "ready":
+        raise ServiceError(
+            _("tokenizer: %(name)s is %(status)s, not ready") % {"name": tok.name, "status": tok.status},
+            field="tokenizer",
+        )
+    try:
+        # A base model fixes the architecture: its keys replace any the job's config gives.
+        arch = {k: v for k, v in (base.config if base else {}).items() if k in tspec.MODEL_DEFAULTS}
+        resolved = tspec.resolve_config(stage, {**(config or {}), **arch})
+    except tspec.SpecError as exc:
+        raise ServiceError(spec_error_text(exc), field=f"config.{exc.field}") from None
+    if tok.vocab_size > resolved["vocab_size"]:
+        raise ServiceError(
+            _("config.vocab_size: the tokenizer has %(vocab_size)s tokens, more than the model's %(model_vocab)s")
+            % {"vocab_size": tok.vocab_size, "model_vocab": resolved["vocab_size"]},
+            field="config.vocab_size",
+        )
+    time_limit_s = check_submission_quota(owner, gpus, time_limit_s)
+    nodes, cuda, memory_parts = _memory_need(stage, resolved, teacher)
+    memory = memory_parts["bytes"]
+    if estimate is not None:
+        estimate.update(memory=memory_parts, cuda=cuda)
+    why = scheduler.never_fits(nodes, gpus, memory, multi_node=settings.MULTI_NODE_JOBS)
+    if why:
+        field = "gpus" if why[0] == "gpus" else "config.batch_size"
+        raise ServiceError(
+            _("%(field)s: this job can never start: it %(reason)s") % {"field": field, "reason": never_fits_text(*why)},
+            field=field,
+        )
+    return dict(owner=owner, name=name, stage=stage, dataset=ds, eval_dataset=eval_ds, base_model=base,
+                teacher_model=teacher, tokenizer=tok,
+                config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
+                time_limit_s=time_limit_s, memory_estimate=memory)
+
+
+def _memory_need(stage: str, resolved: dict, teacher) -> tuple[dict, bool, dict]:
+    """What could ever run a job (no live node yet: this machine's devices), not what runs now; whether those are
+    GPUs; the job's memory estimate per device (bytes and parts)."""
+    nodes = device_state(jobs=False) or device_state(settings.NODE_NAME, jobs=False)
+    cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
+    teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
+    return nodes, cuda, estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)
+
+
+def submit_job(**request) -> Job:
+    """Validate and queue a job (``prepare_job``'s arguments: ``dataset``/``base_model``/``tokenizer`` are ids or
+    model instances)."""
+    fields = prepare_job(**request)
+    with transaction.atomic():
+        job = Job.objects.create(**fields)
+        record_event(job, "submitted", fields["owner"].username)
+        transaction.on_commit(kick_queue)
+    return job
+
+
+def estimate_job(**request) -> dict:
+    """What the new-job page shows while the form is filled in: the validated request's resolved config, parameter
+    count, memory per device (with its parts) and a rough time on H100-class GPUs. Raises like ``prepare_job``."""
+    from training.estimate import estimate_seconds
+
+    request["name"] = request.get("name") or "estimate"  # a name is not needed to estimate
+    est = {}
+    fields = prepare_job(**request, estimate=est)
+    cfg, stage = fields["resolved_config"], fields["stage"]
+    return {"stage": stage, "resolved_config": cfg, "parameters": tspec.parameter_count(tspec.model_config(cfg)),
+            "memory": est["memory"], "cuda": est["cuda"],
+            "seconds": estimate_seconds(stage, cfg, fields["dataset"].records, fields["gpus"])}
+
+
+def save_template(owner, name: str, fields: dict) -> JobTemplate:
+    """Save (or replace) one of the owner's new-job templates."""
+    name = clean_name(name, 200)
+    template, _created = JobTemplate.objects.update_or_create(owner=owner, name=name,
+                                                              defaults={"fields": fields})
+    return template
