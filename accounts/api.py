@@ -5,9 +5,9 @@ from jobs.services import usage_summary
 from minicloud.api import ApiError, endpoint, json_body
 
 from . import services
-from .access import readable, role_of
+from .access import role_of
 from .models import ApiToken
-from .views import shareable
+from .views import shared_object
 
 
 @endpoint("POST", auth=False)
@@ -38,11 +38,7 @@ def share(request, pk, kind):
     """``{"visibility": "private" | "group" | "public", "group": id}`` for one of your jobs, datasets or models."""
     from django.contrib.auth.models import Group
 
-
-    model = shareable(kind)
-    if model is None:
-        raise ApiError(404, _("Not found."))
-    obj = readable(model, request.user, pk)
+    obj = shared_object(request.user, kind, pk)
     data = json_body(request)
     group = None
     if data.get("group") is not None:

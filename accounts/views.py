@@ -19,7 +19,7 @@ from minicloud.errors import ServiceError, id_or_none
 from models_registry.models import ModelVersion, Tokenizer
 
 from . import services
-from .access import readable
+from .access import NotFound, readable
 from .models import QUOTA_FIELDS, ApiToken, Quota, UsageRecord
 from .services import usage_by_day, usage_report
 
@@ -115,18 +115,19 @@ def _group_context(request, group, manages, form):
 
 # --- sharing ------------------------------------------------------------------------------------------------------
 
-def shareable(kind: str):
-    """The model class behind a share URL's kind."""
-    return {"job": Job, "dataset": Dataset, "model": ModelVersion, "tokenizer": Tokenizer}.get(kind)
+def shared_object(user, kind: str, pk):
+    """The object a share URL names (its kind: job, dataset, model or tokenizer) if ``user`` may read it; NotFound
+    otherwise (the page and the API alike)."""
+    model = {"job": Job, "dataset": Dataset, "model": ModelVersion, "tokenizer": Tokenizer}.get(kind)
+    if model is None:
+        raise NotFound(_("Not found."))
+    return readable(model, user, pk)
 
 
 @login_required
 @require_POST
 def share(request, kind, pk):
-    model = shareable(kind)
-    if model is None:
-        raise Http404(_("Not found."))
-    obj = readable(model, request.user, pk)
+    obj = shared_object(request.user, kind, pk)
     choice = request.POST.get("visibility", "")
     group = None
     if choice.startswith("group:"):

@@ -20,7 +20,8 @@ from django.utils.translation import gettext as _
 from minicloud.errors import ServiceError
 from minicloud.processes import die_with_parent
 
-from .services import demo_tokenizer
+from .models import Tokenizer
+
 
 START_TIMEOUT_S = 180
 _worker = None
@@ -115,7 +116,7 @@ def worker() -> ChatWorker:
 
 def model_entry(mv) -> dict:
     """What the worker needs to load a model version."""
-    tok = mv.tokenizer if mv.tokenizer_id and mv.tokenizer.status == "ready" else demo_tokenizer()
+    tok = mv.tokenizer if mv.tokenizer_id and mv.tokenizer.status == "ready" else Tokenizer.demo()
     if tok is None:
         raise ServiceError(_("model %(pk)s has no tokenizer") % {"pk": mv.pk}, status=409)
     if not mv.pth_path.exists():

@@ -31,6 +31,11 @@ class Tokenizer(Shareable):
     def __str__(self):
         return self.name
 
+    @classmethod
+    def demo(cls):
+        """The public demo tokenizer (installed after migrate), or None."""
+        return cls.objects.filter(name="demo-tokenizer", is_public=True).first()
+
     def to_dict(self):
         return {"id": self.pk, "name": self.name, "vocab_size": self.vocab_size, "status": self.status,
                 "error": self.error or None, "owner": self.owner.username if self.owner else None,

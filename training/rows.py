@@ -44,10 +44,7 @@ class Rows:
 
     @property
     def cache(self):
-        pending = self.shared["pending"]
-        if pending is not None and (Path(pending) / "meta.json").exists():
-            self.shared["source"], self.shared["pending"] = token_cache.Cache(pending), None
-        return self.shared["source"]
+        return token_cache.settled(self.shared)
 
     @property
     def columns(self):
@@ -199,7 +196,8 @@ def load(spec: dict, tok, dataset: str | None = None, processing: str | None = N
     options = token_cache.processing_options(processing, cfg)
     data_sha = (spec.get("checksums") or {}).get(str(path))
     mode = mode_for(processing, cfg)
-    large = os.path.getsize(path) >= LAZY_BYTES
+    size = os.path.getsize(path)
+    large = size >= LAZY_BYTES
     source = pending = None
     if large and (mode == "packed" or not cfg.get("group_by_length")) and not token_cache.is_gzip(path):
         root.mkdir(parents=True, exist_ok=True)
@@ -216,7 +214,7 @@ def load(spec: dict, tok, dataset: str | None = None, processing: str | None = N
     if mode == "packed" and large:
         from . import events
 
-        view = shards.ShardedRows(shards.Shards(source, cfg["max_seq_len"], os.path.getsize(path), pending),
+        view = shards.ShardedRows(shards.Shards(source, cfg["max_seq_len"], size, pending),
                                   cfg.get("seed", 42))
         events.log(f"data: packed windows read shard by shard ({view.shards.count} shards; the window count is "
                    "estimated from the first ones)")

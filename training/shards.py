@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,11 +54,10 @@ class Shards:
 
     @property
     def source(self):
-        pending = self.shared["pending"]
-        if pending is not None and (Path(pending) / "meta.json").exists():
-            self.shared["source"], self.shared["pending"] = token_cache.Cache(pending), None
-            self._encoded.clear()
-        return self.shared["source"]
+        source = token_cache.settled(self.shared)
+        if self._encoded and isinstance(source, token_cache.Cache):
+            self._encoded.clear()  # the cache's memory-mapped stream from now on
+        return source
 
     def span(self, k: int) -> tuple[int, int]:
         return k * self.per, min((k + 1) * self.per, self.records)

@@ -550,6 +550,15 @@ def line_number(path, offset: int) -> int:
     return count
 
 
+def settled(shared: dict):
+    """``shared["source"]``, replaced by the finished Cache once the folder ``shared["pending"]`` being built in the
+    background has its meta.json (one dict shared by every view of a dataset, so they all move at once)."""
+    pending = shared["pending"]
+    if pending is not None and (Path(pending) / "meta.json").exists():
+        shared["source"], shared["pending"] = Cache(pending), None
+    return shared["source"]
+
+
 class LazySource:
     """The rows of a dataset whose cache is still being built, encoded on demand by the cache's own encoder (so
     identical to the cache's rows) from the lines of the file, found by ``line_index``."""

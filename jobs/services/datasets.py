@@ -22,7 +22,7 @@ from .. import dataset_stats
 from ..models import Dataset, Job, Upload
 from ..validation import validate_file
 from .queue import background_task
-from .submission import ModelVersion, Tokenizer, demo_tokenizer
+from .submission import ModelVersion, Tokenizer
 
 
 def _dataset_store() -> Path:
@@ -101,7 +101,7 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
     if ds is None:
         return
     tok = Tokenizer.objects.filter(pk=tokenizer_id).first() if tokenizer_id else None
-    tok = tok or demo_tokenizer()
+    tok = tok or Tokenizer.demo()
     stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
     msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
     Dataset.objects.filter(pk=ds.pk).update(stats_status="running", stats_progress=0.0)

@@ -22,10 +22,6 @@ ModelVersion = Job._meta.get_field("base_model").related_model
 Tokenizer = Job._meta.get_field("tokenizer").related_model
 
 
-def demo_tokenizer():
-    return Tokenizer.objects.filter(name="demo-tokenizer", is_public=True).first()
-
-
 def record_event(job: Job, kind: str, actor: str = "", message: str = "") -> None:
     JobEvent.objects.create(job=job, kind=kind, actor=actor, message=message)
 
@@ -87,7 +83,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
         raise ServiceError(_("teacher_model: only the distill stage takes a teacher"), field="teacher_model")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.objects.usable_by(owner, tokenizer, "tokenizer")
     if tok is None:
-        tok = base.tokenizer if base and base.tokenizer else demo_tokenizer()
+        tok = base.tokenizer if base and base.tokenizer else Tokenizer.demo()
     if tok is None:
         raise ServiceError(_("tokenizer: none given and the demo tokenizer is not installed"), field="tokenizer")
     if tok.status != "ready":

@@ -10,7 +10,7 @@ from django.core.management import call_command
 from jobs import services
 from jobs.models import Dataset
 from jobs.validation import validate_file
-from models_registry.services import demo_tokenizer
+from models_registry.models import Tokenizer
 from training import token_cache
 
 from conftest import TINY
@@ -25,7 +25,7 @@ def cache_dir(settings, tmp_path):
 def _prepare(ds, processing, cache_dir):
     from training.chat import load_hf_tokenizer
 
-    tok_dir = demo_tokenizer().path
+    tok_dir = Tokenizer.demo().path
     return token_cache.prepare(ds.path, load_hf_tokenizer(tok_dir), tok_dir, processing, {}, cache_dir,
                                data_sha=ds.sha256)
 

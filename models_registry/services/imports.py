@@ -16,7 +16,7 @@ from minicloud.files import check_upload_size, save_upload
 from ..models import ModelVersion, Tokenizer
 from .conversions import _write_json, run_engine
 from .registry import _parameters, next_version
-from .tokenizers import demo_tokenizer, upload_tokenizer
+from .tokenizers import upload_tokenizer
 
 
 def _extract_zip(src: Path, dest: Path) -> Path:
@@ -75,7 +75,7 @@ def _tokenizer_for_import(owner, name: str, folder: Path | None, tokenizer_json,
         if tok is None:
             raise ServiceError(_("tokenizer: one you can use"), field="tokenizer")
     else:
-        tok = demo_tokenizer()
+        tok = Tokenizer.demo()
         if tok is None:
             raise ServiceError(_("tokenizer: send tokenizer_json and tokenizer_config"), field="tokenizer_json")
     if tok.vocab_size > vocab_size:

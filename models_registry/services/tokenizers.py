@@ -32,10 +32,6 @@ def register_tokenizer(*, name: str, path: Path, owner=None, is_public=False) ->
     return tok
 
 
-def demo_tokenizer() -> Tokenizer | None:
-    return Tokenizer.objects.filter(name="demo-tokenizer", is_public=True).first()
-
-
 MINIMIND_IDS = {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"}
 
 
