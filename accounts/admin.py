@@ -10,7 +10,7 @@ from django.utils.translation import gettext_lazy as _
 from minicloud.errors import ServiceError
 
 from .forms import UsersImportForm
-from .models import ApiToken, AuditEntry, GroupInfo, Profile, Quota, UsageRecord
+from .models import ApiToken, AuditEntry, GroupInfo, GroupInvitation, GroupLimit, Profile, Quota, UsageRecord
 from .services import audit, bulk_create_users, read_users_csv
 
 
@@ -113,6 +113,21 @@ class QuotaAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         audit(request.user, "quota_change", obj, request=request,
               fields={k: form.cleaned_data.get(k) for k in form.changed_data if k not in ("user", "group")})
+
+
+@admin.register(GroupLimit)
+class GroupLimitAdmin(admin.ModelAdmin):
+    """What instructors set for their groups (they only lower the admins' quotas)."""
+
+    list_display = ("group", "set_by", "max_running_jobs", "max_queued_jobs", "max_gpus_per_job",
+                    "device_hours_per_week", "max_job_hours", "storage_gb")
+    search_fields = ("group__name",)
+
+
+@admin.register(GroupInvitation)
+class GroupInvitationAdmin(admin.ModelAdmin):
+    list_display = ("group", "user", "invited_by", "created_at")
+    search_fields = ("group__name", "user__username")
 
 
 @admin.register(UsageRecord)

@@ -146,23 +146,33 @@ class ApiToken(models.Model):
         return token.user
 
 
-QUOTA_FIELDS = ("max_running_jobs", "max_queued_jobs", "max_gpus_per_job", "device_hours_per_week", "max_job_hours",
-                "storage_gb", "priority")
+LIMIT_FIELDS = ("max_running_jobs", "max_queued_jobs", "max_gpus_per_job", "device_hours_per_week", "max_job_hours",
+                "storage_gb")
+QUOTA_FIELDS = (*LIMIT_FIELDS, "priority")
 
 
-class Quota(models.Model):
-    """Limits for one user or, as the default of its members, one group. An empty field is not limited here:
-    a user's own value wins, else the most generous of their groups' values, else no limit."""
+class Limits(models.Model):
+    """The limits a quota sets (an empty field: not limited here)."""
 
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
-                                related_name="quota")
-    group = models.OneToOneField("auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="quota")
     max_running_jobs = models.PositiveIntegerField(_("concurrent running jobs"), null=True, blank=True)
     max_queued_jobs = models.PositiveIntegerField(_("queued jobs"), null=True, blank=True)
     max_gpus_per_job = models.PositiveIntegerField(_("devices per job"), null=True, blank=True)
     device_hours_per_week = models.FloatField(_("device-hours per week"), null=True, blank=True)
     max_job_hours = models.FloatField(_("job wall-clock limit (hours)"), null=True, blank=True)
     storage_gb = models.FloatField(_("storage (GB)"), null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class Quota(Limits):
+    """An admin's limits for one user or, as the default of its members, one group: a user's own value wins, else
+    the most generous of their groups' values, else no limit. Only admins set quotas and priority (the admin, and
+    the group page for an admin); an instructor's limits on their group are ``GroupLimit``s, which only tighten."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                                related_name="quota")
+    group = models.OneToOneField("auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="quota")
     priority = models.IntegerField(_("priority"), null=True, blank=True,
                                    help_text=_("Added to the priority of every job of the user or group."))
 
@@ -174,6 +184,39 @@ class Quota(models.Model):
 
     def __str__(self):
         return f"quota of {self.user or self.group}"
+
+
+class GroupLimit(Limits):
+    """What a group's instructor sets for its members: each value can only lower what admins gave them (the smaller
+    of the two wins; an empty field changes nothing), never raise it, and there is no priority to give."""
+
+    group = models.OneToOneField("auth.Group", on_delete=models.CASCADE, related_name="instructor_limit")
+    set_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        verbose_name = _("instructor's group limit")
+        verbose_name_plural = _("instructors' group limits")
+
+    def __str__(self):
+        return f"limits of {self.group} set by its instructor"
+
+
+class GroupInvitation(models.Model):
+    """An instructor's invitation into a group: the user joins only when they accept it (an instructor of a group
+    reads its members' objects, so nobody is made a member without their consent; admins add members directly)."""
+
+    group = models.ForeignKey("auth.Group", on_delete=models.CASCADE, related_name="invitations")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="group_invitations")
+    invited_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["group", "user"], name="one_invitation_per_group_and_user")]
+        verbose_name = _("group invitation")
+        verbose_name_plural = _("group invitations")
+
+    def __str__(self):
+        return f"{self.user} invited to {self.group}"
 
 
 class UsageRecord(models.Model):

@@ -15,10 +15,11 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from minicloud.errors import ServiceError, clean_name
+from minicloud.errors import ServiceError, clean_name, id_or_none
 
 from .access import role_of  # noqa: F401 -- also a public name here
-from .models import QUOTA_FIELDS, AuditEntry, GroupInfo, Quota, Shareable, UsageRecord
+from .models import (LIMIT_FIELDS, QUOTA_FIELDS, AuditEntry, GroupInfo, GroupInvitation, GroupLimit, Quota, Shareable,
+                     UsageRecord)
 
 
 def ensure_first_admin() -> tuple[str, str | None] | None:
@@ -43,7 +44,8 @@ def ensure_first_admin() -> tuple[str, str | None] | None:
 
 def effective_quota(user) -> dict:
     """Each quota field for ``user``: their own value, else the most generous of their groups', else None (no
-    limit). Staff accounts (admins) are not limited."""
+    limit) — the admins' values; then each of their groups' instructor limits (``GroupLimit``) can only lower it.
+    Staff accounts (admins) are not limited."""
     return effective_quotas([user])[user.pk]
 
 
@@ -56,7 +58,9 @@ def effective_quotas(users) -> dict:
     for user_id, group_id in get_user_model().groups.through.objects.filter(user_id__in=ids).values_list(
             "user_id", "group_id"):
         membership.setdefault(user_id, []).append(group_id)
-    by_group = {q.group_id: q for q in Quota.objects.filter(group_id__in={g for gs in membership.values() for g in gs})}
+    all_groups = {g for gs in membership.values() for g in gs}
+    by_group = {q.group_id: q for q in Quota.objects.filter(group_id__in=all_groups)}
+    tightening = {gl.group_id: gl for gl in GroupLimit.objects.filter(group_id__in=all_groups)}
     out = {}
     for user in users:
         out[user.pk] = limits = dict.fromkeys(QUOTA_FIELDS)
@@ -70,6 +74,11 @@ def effective_quotas(users) -> dict:
                 # A group without a limit on this field lifts it; else the most generous group wins.
                 value = None if not values or None in values else max(values)
             limits[field] = value
+        for gl in (tightening[g] for g in membership.get(user.pk, ()) if g in tightening):
+            for field in LIMIT_FIELDS:
+                lower = getattr(gl, field)
+                if lower is not None and (limits[field] is None or lower < limits[field]):
+                    limits[field] = lower
     return out
 
 
@@ -186,17 +195,40 @@ def _managed(actor, group):
         raise ServiceError(_("only the group's instructors and admins manage it"), status=403)
 
 
-def add_member(actor, group, username: str, request=None):
-
+def add_member(actor, group, username: str, request=None) -> tuple[object, bool]:
+    """An admin adds a user to a group; an instructor invites them (they join when they accept: ``answer_invitation``).
+    Returns (the user, whether they are a member now)."""
     _managed(actor, group)
     user = get_user_model().objects.filter(username=(username or "").strip(), is_active=True).first()
     if user is None:
         raise ServiceError(
             _("username: no active user %(username)s") % {"username": repr(username)}, field="username", status=404
         )
-    user.groups.add(group)
-    audit(actor, "group_add_member", group, request=request, member=user.username)
-    return user
+    if actor.is_superuser:
+        user.groups.add(group)
+        GroupInvitation.objects.filter(group=group, user=user).delete()
+        audit(actor, "group_add_member", group, request=request, member=user.username)
+        return user, True
+    if not group.user_set.filter(pk=user.pk).exists():
+        GroupInvitation.objects.get_or_create(group=group, user=user, defaults={"invited_by": actor})
+        audit(actor, "group_invite", group, request=request, member=user.username)
+    return user, group.user_set.filter(pk=user.pk).exists()
+
+
+def invitations_of(user):
+    return GroupInvitation.objects.filter(user=user).select_related("group", "invited_by").order_by("created_at")
+
+
+def answer_invitation(user, invitation_id, accept: bool, request=None):
+    """The invited user joins the group (``accept``) or declines; only they can."""
+    invitation = GroupInvitation.objects.filter(pk=id_or_none(invitation_id), user=user).select_related("group").first()
+    if invitation is None:
+        raise ServiceError(_("No such invitation."), status=404)
+    if accept:
+        user.groups.add(invitation.group)
+    audit(user, "group_join" if accept else "group_decline", invitation.group, request=request)
+    invitation.delete()
+    return invitation.group
 
 
 def remove_member(actor, group, user, request=None) -> None:
@@ -206,13 +238,21 @@ def remove_member(actor, group, user, request=None) -> None:
 
 
 def set_group_quota(actor, group, values: dict, request=None):
+    """An admin sets the group's quota (its members' default, priority included); an instructor sets the group's
+    ``GroupLimit``, which only lowers what admins gave its members and has no priority."""
     _managed(actor, group)
-    quota, _created = Quota.objects.get_or_create(group=group)
-    for key in QUOTA_FIELDS:
+    if actor.is_superuser:
+        quota, fields = Quota.objects.get_or_create(group=group)[0], QUOTA_FIELDS
+    else:
+        if values.get("priority") is not None:
+            raise ServiceError(_("priority: only admins give priority"), status=403, field="priority")
+        quota, fields = GroupLimit.objects.get_or_create(group=group)[0], LIMIT_FIELDS
+        quota.set_by = actor
+    for key in fields:
         if key in values:
             setattr(quota, key, values[key])
     quota.save()
-    audit(actor, "quota_change", quota, request=request, fields={k: values[k] for k in QUOTA_FIELDS if k in values})
+    audit(actor, "quota_change", quota, request=request, fields={k: values[k] for k in fields if k in values})
     return quota
 
 

@@ -20,14 +20,30 @@ from models_registry.models import ModelVersion, Tokenizer
 
 from . import services
 from .access import NotFound, readable
-from .models import QUOTA_FIELDS, ApiToken, Quota, UsageRecord
+from .models import LIMIT_FIELDS, QUOTA_FIELDS, ApiToken, GroupLimit, Quota, UsageRecord
 from .services import usage_by_day, usage_report
 
 
 class GroupQuotaForm(forms.ModelForm):
+    """An admin's quota for a group (its members' default)."""
+
     class Meta:
         model = Quota
         fields = QUOTA_FIELDS
+
+
+class GroupLimitForm(forms.ModelForm):
+    """An instructor's limits for their group: they only lower what admins gave its members."""
+
+    class Meta:
+        model = GroupLimit
+        fields = LIMIT_FIELDS
+
+
+def _quota_form(user, group, data):
+    if user.is_superuser:
+        return GroupQuotaForm(data, instance=Quota.objects.filter(group=group).first())
+    return GroupLimitForm(data, instance=GroupLimit.objects.filter(group=group).first())
 
 
 @login_required
@@ -63,6 +79,16 @@ def usage_report_csv(request):
 
 @login_required
 def group_list(request):
+    if request.method == "POST" and request.POST.get("action") in ("accept", "decline"):
+        try:
+            joined = services.answer_invitation(request.user, request.POST.get("invitation"),
+                                                request.POST["action"] == "accept", request=request)
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            if request.POST["action"] == "accept":
+                messages.success(request, _("You joined “%(name)s”.") % {"name": joined.name})
+        return redirect("groups")
     if request.method == "POST":
         try:
             group = services.create_group(request.user, request.POST.get("name", ""),
@@ -73,7 +99,8 @@ def group_list(request):
             messages.success(request, _("Group “%(name)s” created.") % {"name": group.name})
             return redirect("group_detail", group_id=group.pk)
     return render(request, "accounts/groups.html", {
-        "groups": services.groups_of(request.user), "role": services.role_of(request.user)})
+        "groups": services.groups_of(request.user), "role": services.role_of(request.user),
+        "invitations": services.invitations_of(request.user)})
 
 
 @login_required
@@ -82,13 +109,16 @@ def group_detail(request, group_id):
     if group is None:
         raise Http404(_("No such group."))
     manages = services.manages_group(request.user, group)
-    quota = Quota.objects.filter(group=group).first()
-    form = GroupQuotaForm(request.POST or None, instance=quota) if manages else None
+    form = _quota_form(request.user, group, request.POST or None) if manages else None
     if request.method == "POST":
         action = request.POST.get("action")
         try:
             if action == "add":
-                services.add_member(request.user, group, request.POST.get("username", ""), request=request)
+                member, joined = services.add_member(request.user, group, request.POST.get("username", ""),
+                                                     request=request)
+                if not joined:
+                    messages.success(request, _("%(username)s is invited: they join when they accept.")
+                                     % {"username": member.username})
             elif action == "remove":
                 member = group.user_set.filter(pk=id_or_none(request.POST.get("user"))).first()
                 if member:
@@ -109,6 +139,7 @@ def group_detail(request, group_id):
 def _group_context(request, group, manages, form):
     members = group.user_set.order_by("username")
     return {"group": group, "manages": manages, "members": members, "form": form,
+            "invited": group.invitations.select_related("user") if manages else [],
             "instructors": services.group_instructors(group),
             "jobs": Job.objects.visible_to(request.user).filter(owner__in=members).select_related("owner")[:100]}
 

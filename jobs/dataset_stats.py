@@ -6,9 +6,10 @@ longer side. Uses the ``tokenizers`` library only (no torch in the portal).
 """
 from __future__ import annotations
 
-import json
 import re
 from array import array
+
+from training.records import loads
 
 from .validation import open_text
 
@@ -65,7 +66,7 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            rec = loads(line)
             pieces = _pieces(kind, rec)
             pending.append((lineno, pieces))
             text = "".join(t for texts, _ in pieces[:1] for t in texts)

@@ -43,6 +43,11 @@ def launch(cmd: list[str], env: dict, cwd: str):
         preexec_fn=die_with_parent(signal.SIGKILL))
 
 
+def _same(env: dict) -> dict:
+    """What must be equal for a server to fork a run: its environment but the run's own event token."""
+    return {k: v for k, v in env.items() if k != "MINICLOUD_EVENT_TOKEN"}
+
+
 class ForkedChild:
     """A run forked by the warm engine, seen like a subprocess.Popen."""
 
@@ -82,10 +87,10 @@ class WarmEngine:
     @classmethod
     def fork(cls, argv: list[str], env: dict, cwd: str) -> ForkedChild | None:
         server = cls.current
-        if server is None or server.proc.poll() is not None or server.env != env:
+        if server is None or server.proc.poll() is not None or _same(server.env) != _same(env):
             if server is not None:
                 server.close()
-            server = cls.current = cls(env, cwd)
+            server = cls.current = cls(_same(env), cwd)
         try:
             return server._fork(argv, env, cwd)
         except (OSError, ValueError, KeyError) as exc:  # ConnectionError, a timeout: a fresh interpreter this time

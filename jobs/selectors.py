@@ -4,6 +4,8 @@ import json
 from django.db import close_old_connections
 
 from .models import DeviceSample, Job, JobEvent, LogChunk, MetricPoint
+from training.records import loads
+
 from .validation import open_text
 
 SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job
@@ -139,12 +141,10 @@ def job_events(job_id) -> list[dict]:
 def dataset_records(ds, offset=0, limit=20):
     """Records ``offset``…``offset+limit`` of a dataset file (blank lines skipped; .gz read as it streams)."""
     import itertools
-    import json
-
 
     with open_text(ds.path) as f:
         lines = (line for line in f if line.strip())
-        return [json.loads(line) for line in itertools.islice(lines, offset, offset + limit)]
+        return [loads(line) for line in itertools.islice(lines, offset, offset + limit)]
 
 
 def device_history(hours: float = 1.0) -> dict:

@@ -1,8 +1,9 @@
 """Runs one claimed job as a child process and mirrors its events into the database.
 
 The child is ``python -u -m training run SPEC.json`` in a new process group (forked from this worker's warm engine
-when it runs on a CPU slot: jobs/engine_process.py). Its stdout (JSON-lines events, with
-stderr merged in) is read by a thread; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text
+when it runs on a CPU slot: jobs/engine_process.py), with only the environment a training run needs (``engine_env``:
+never the database URL, the secret key or an admin's password). Its stdout and stderr are read by a thread: a line
+that starts with the run's event token (drawn for each run, training/events.py) is an event, anything else log text; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text
 in one short transaction, checks for cancellation or node shutdown, and signals the group: SIGTERM (the engine
 checkpoints and exits), then SIGKILL after ``JOB_KILL_GRACE_S``.
 """
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -99,12 +101,28 @@ def engine_command(spec_path, n_devices: int, job: Job | None = None, node_rank:
     return [*torchrun, "--standalone", f"--nproc_per_node={n_devices}", *run]
 
 
+# What a training process inherits from the portal's environment: the system's and the libraries' own settings, the
+# engine's MINICLOUD_ knobs that training/ reads, never the portal's secrets (database and Redis URLs, the secret key,
+# the first admin's password: a process that runs a user's data and templates has no use for them).
+ENGINE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "PYTHONPATH",
+              "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MINICLOUD_HOME", "MINICLOUD_LAZY_DATA_MB", "MASTER_ADDR",
+              "MASTER_PORT")
+ENGINE_ENV_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_", "TORCH", "TRITON_", "HF_", "TRANSFORMERS_", "GLOO_",
+                       "KMP_", "PYTORCH_", "XDG_")
+
+
+def engine_env(environ=os.environ) -> dict:
+    """The environment a training process starts with (see ENGINE_ENV)."""
+    return {k: v for k, v in environ.items() if k in ENGINE_ENV or k.startswith(ENGINE_ENV_PREFIXES)}
+
+
 def _device_env(node_name: str, devices: list[int]) -> dict:
-    """CUDA_VISIBLE_DEVICES for a child on ``node_name``'s ``devices`` (empty for CPU slots)."""
+    """``engine_env`` with CUDA_VISIBLE_DEVICES for a child on ``node_name``'s ``devices`` (empty for CPU slots)."""
     node = Node.objects.filter(name=node_name).first()
     kinds = {d["index"]: d["kind"] for d in (node.devices if node else [])}
     cuda = devices and all(kinds.get(i) == "cuda" for i in devices)
-    return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
+    return dict(engine_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
 
 
 class Supervisor:
@@ -122,6 +140,7 @@ class Supervisor:
         self.reason = None  # "cancel", "pause", "shutdown", "timeout" or "lost" once the child must stop
         self.peak_memory = job.peak_memory
         self.steps_started = False  # the engine's start event came: its data is ready
+        self.token = secrets.token_hex(16)  # only lines that start with it are events (training/events.py)
 
     def _reader(self, stream):
         try:
@@ -133,7 +152,7 @@ class Supervisor:
     def start(self) -> None:
         spec_path = services.write_spec(self.job)
         devices = self.job.devices
-        env = _device_env(self.job.node, devices)
+        env = dict(_device_env(self.job.node, devices), MINICLOUD_EVENT_TOKEN=self.token)
         log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
         self.raw_log = log_file
         self.proc = engine_process.launch(engine_command(spec_path, len(devices), self.job), env=env,
@@ -155,13 +174,8 @@ class Supervisor:
                 break
             if self.reason == "lost":
                 continue  # the job is another node's now: its output is not ours to record
+            event, line = self._event(line)
             self.raw_log.write(line + "\n")
-            event = None
-            if line.startswith("{"):
-                try:
-                    event = json.loads(line, parse_constant=lambda _name: None)  # NaN: no database stores it
-                except json.JSONDecodeError:
-                    event = None
             if not isinstance(event, dict) or "event" not in event:
                 text.append(line)
                 self.tail = (self.tail + [line])[-20:]
@@ -204,6 +218,18 @@ class Supervisor:
             self.log_offset += len(chunk)
             notify(self.job.pk)
         return not ended
+
+    def _event(self, line: str) -> tuple[dict | None, str]:
+        """(the event, the line without the token) for a line the engine wrote as an event; (None, line) for anything
+        else, however much it looks like one."""
+        head, sep, rest = line.partition(" ")
+        if not sep or not secrets.compare_digest(head, self.token):
+            return None, line
+        try:
+            event = json.loads(rest, parse_constant=lambda _name: None)  # NaN: no database stores it
+        except (json.JSONDecodeError, RecursionError):
+            return None, rest
+        return (event if isinstance(event, dict) and "event" in event else None), rest
 
     def check_stop(self) -> None:
         """Stop the child when the job is cancelled or paused, the node shuts down or the time limit passes:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from django.utils.translation import gettext as _, gettext_noop
 
-from training.records import check_record, message, open_text, record_text
+from training.records import DataTooLarge, check_record, message, open_text, record_text, unreadable
 
 __all__ = ["Report", "validate_file", "check_record", "open_text", "record_text"]
 
@@ -93,6 +93,9 @@ def validate_file(path, kind: str, progress=None) -> Report:
                         lineno, _("not valid JSON (%(msg)s at column %(colno)s)") % {"msg": exc.msg, "colno": exc.colno}
                     )
                     continue
+                except (RecursionError, ValueError) as exc:  # nesting too deep, an integer of 4300+ digits
+                    report.error(lineno, unreadable(exc))
+                    continue
                 problem = check_record(kind, rec)
                 if problem:
                     report.error(lineno, message(problem, _))
@@ -113,6 +116,8 @@ def validate_file(path, kind: str, progress=None) -> Report:
                     near.setdefault(fuzzy, lineno)
     except UnicodeDecodeError as exc:
         report.error(report.lines + 1, _("not UTF-8 text (%(reason)s)") % {"reason": exc.reason})
+    except DataTooLarge as exc:
+        report.error(report.lines + 1, str(exc).partition(": ")[2])
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         report.error(report.lines + 1, _("unreadable file (%(exc)s)") % {"exc": exc})
     if report.records == 0 and report.ok:

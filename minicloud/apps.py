@@ -5,11 +5,16 @@ from django.core.exceptions import ImproperlyConfigured
 
 def ensure_home() -> None:
     """The folders and the per-install secret key under MINICLOUD_HOME, made on the first start of any process
-    (the settings module only reads them)."""
+    (the settings module only reads them). What the portal writes is its own: every process creates files 0600 and
+    folders 0700 (umask 077: the secret key, the SQLite file, datasets, models, logs), and MINICLOUD_HOME itself is
+    0700, so no other account on the box reads a user's data through it."""
+    import os
     import secrets
 
+    os.umask(0o077)
     home = settings.HOME
     (home / "uploads").mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
     try:
         settings.SECRET_KEY  # noqa: B018 -- given, or read from the key file by the settings
     except ImproperlyConfigured:  # empty: this is the install's first start

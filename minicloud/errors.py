@@ -53,8 +53,12 @@ def whole_number(value, field: str, low: int, high: int) -> int:
 
 
 def strict_loads(raw):
-    """``json.loads`` that refuses what JSON has no numbers for (NaN, Infinity, 1e400), with a ValueError."""
-    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    """``json.loads`` that refuses what JSON has no numbers for (NaN, Infinity, 1e400), with a ValueError; so is
+    nesting too deep for the parser, and an integer too long to read (Python's 4300 digits)."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _refuse_constant(name: str):

@@ -170,6 +170,8 @@ WHITENOISE_MANIFEST_STRICT = False
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 # Dataset uploads stream to a temporary file (never into memory); larger requests are refused with 413.
 UPLOAD_MAX_BYTES = envint("MINICLOUD_UPLOAD_MAX_BYTES", 50 * 10**9)
+FILE_UPLOAD_PERMISSIONS = 0o600  # Django's default is 0644: a user's data is theirs (docs/security.md)
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 FILE_UPLOAD_TEMP_DIR = str(HOME / "uploads")  # the same disk as the dataset store: storing is a rename (made at start)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 

@@ -1,4 +1,9 @@
-"""JSON-lines events on stdout: the engine's only channel to the portal (docs/training-spec.md)."""
+"""JSON-lines events on stdout: the engine's only channel to the portal (docs/training-spec.md).
+
+Under a supervisor each event line starts with the run's token (``MINICLOUD_EVENT_TOKEN``, drawn per run by the
+supervisor) and a space: the supervisor takes only such lines as events, and anything else the process prints (stderr,
+a library's warnings, text a user controls such as a chat template's error message) stays log text, however it looks.
+Run by hand, without the token, the lines are plain JSON."""
 from __future__ import annotations
 
 import json
@@ -20,7 +25,9 @@ def emit(event: str, **fields) -> None:
             return
         fields["rank"] = int(os.environ["RANK"])
     fields = {"event": event, "time": round(time.time(), 3), **fields}
-    sys.stdout.write(json.dumps(finite(fields), ensure_ascii=False, default=str) + "\n")
+    token = os.environ.get("MINICLOUD_EVENT_TOKEN")
+    line = json.dumps(finite(fields), ensure_ascii=False, default=str)
+    sys.stdout.write(f"{token} {line}\n" if token else line + "\n")
     sys.stdout.flush()
 
 

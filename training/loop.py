@@ -244,7 +244,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     step, epoch, micro, tokens_seen = 0, 0, 0, 0
     order_bs = global_bs  # the global batch the current epoch's order is drawn with
     if spec.get("resume") and resume_path.exists():
-        ck = torch.load(resume_path, map_location="cpu", weights_only=False)
+        ck = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and plain values only
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])

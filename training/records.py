@@ -13,8 +13,8 @@ engine writes them as they are). Pure Python: no torch, no Django.
 from __future__ import annotations
 
 import gzip
-import io
 import json
+import os
 
 from .spec import gettext_noop
 
@@ -33,19 +33,66 @@ def message(p: Problem, translate=None) -> str:
     return (translate(template) if translate else template) % params
 
 
-def open_binary(path) -> io.BufferedIOBase:
-    """A dataset file's bytes, gunzipped on the fly when it is gzip-compressed (by its magic bytes)."""
-    raw = open(path, "rb")
-    if raw.read(2) == b"\x1f\x8b":
-        raw.seek(0)
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    raw.seek(0)
-    return raw
+# Bounds of the one reader: a line longer than this is refused, not read into memory (a record is a few KB; MiniMind's
+# longest are well under 1 MB), and a gzip file may unpack to at most this many times its size (text packs 2-10x; a
+# "zip bomb" packs a thousand) or GZIP_FLOOR_BYTES, whichever is more.
+MAX_LINE_BYTES = int(os.environ.get("MINICLOUD_MAX_LINE_MB", "16")) << 20
+GZIP_MAX_RATIO = 50
+GZIP_FLOOR_BYTES = 256 << 20
 
 
-def open_text(path) -> io.TextIOBase:
-    """A dataset file as text (UTF-8, strict), gunzipped on the fly when compressed."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="strict", newline="")
+class DataTooLarge(ValueError):
+    """A line or an unpacked file beyond the reader's bounds."""
+
+
+class Lines:
+    """A dataset file read line by line (bytes, ``\\n`` kept), gunzipped on the fly when compressed, within the bounds
+    above: iterating never holds more than one line of at most MAX_LINE_BYTES. ``text=True`` yields str (UTF-8,
+    strict: a UnicodeDecodeError names nothing, callers add the line)."""
+
+    def __init__(self, path, text: bool = False):
+        self.raw = open(path, "rb")
+        self.text = text
+        self.gzip = self.raw.read(2) == b"\x1f\x8b"
+        self.raw.seek(0)
+        self.f = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gzip else self.raw
+        self.budget = max(GZIP_MAX_RATIO * os.fstat(self.raw.fileno()).st_size, GZIP_FLOOR_BYTES)
+        self.lineno = 0
+        self.unpacked = 0
+
+    def __iter__(self):
+        while True:
+            line = self.f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            self.lineno += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise DataTooLarge(f"dataset line {self.lineno}: longer than {MAX_LINE_BYTES >> 20} MB")
+            self.unpacked += len(line)
+            if self.gzip and self.unpacked > self.budget:
+                raise DataTooLarge(f"dataset line {self.lineno}: the gzip file unpacks to more than "
+                                   f"{self.budget >> 20} MB ({GZIP_MAX_RATIO} times its size)")
+            yield line.decode("utf-8") if self.text else line
+
+    def close(self):
+        self.f.close()
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_binary(path) -> Lines:
+    """A dataset file's lines as bytes (``Lines``)."""
+    return Lines(path)
+
+
+def open_text(path) -> Lines:
+    """A dataset file's lines as text (``Lines``)."""
+    return Lines(path, text=True)
 
 
 def _json_string_list(value, what: str) -> Problem | None:
@@ -203,15 +250,30 @@ def record_text(kind: str, rec) -> str:
 def parse(line, lineno: int, kind: str | None):
     """One line's record, checked against ``kind`` (None: any JSON object); a ValueError names the line."""
     try:
-        rec = json.loads(line)
+        rec = loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"dataset line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"dataset line {lineno}: not UTF-8 text ({exc.reason})") from None
+    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of more than 4300 digits
+        raise ValueError(f"dataset line {lineno}: {unreadable(exc)}") from None
     found = check_record(kind, rec) if kind else None
     if found:
         raise ValueError(f"dataset line {lineno}: {message(found)}")
     return rec
+
+
+def unreadable(exc: BaseException) -> str:
+    """Why JSON that parses in principle could not be read: nesting too deep, or a number too long."""
+    return "nested too deeply" if isinstance(exc, RecursionError) else f"not readable JSON ({exc})"
+
+
+def loads(line):
+    """``json.loads`` of one dataset line, its RecursionError (deep nesting) a ValueError like the others."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def iter_records(path, kind: str | None = None, limit: int | None = None):

@@ -289,9 +289,8 @@ def build(folder: Path, path, encoder: Encoder, progress=None) -> dict:
     writer = Writer(folder, encoder.processing, dtype)
     workers = workers_for(size)
     t0 = time.time()
-    with open(path, "rb") as raw:
-        f = open_binary(path) if raw.read(2) == b"\x1f\x8b" else raw
-        raw.seek(0)
+    with open_binary(path) as f:
+        raw = f.raw  # the file as stored: how far the reading has come
         last = [0.0]
 
         def done(result, position):
@@ -325,8 +324,6 @@ def build(folder: Path, path, encoder: Encoder, progress=None) -> dict:
                         done(result.get(), position)
         finally:
             _WORKER.clear()
-            if f is not raw:
-                f.close()
     writer.close()
     if progress:
         progress(1.0, writer.records)

@@ -137,7 +137,13 @@ def test_instructors_create_groups_and_manage_members_and_quotas(world, client):
     group = Group.objects.get(name="nlp-2026")
     assert r.status_code == 302 and acc.manages_group(dave, group)
     client.post(f"/groups/{group.pk}/", {"action": "add", "username": "bob"})
+    assert not bob.groups.filter(pk=group.pk).exists()  # invited: bob joins when he accepts
+    client.force_login(bob)
+    invitation = bob.group_invitations.get()
+    assert "nlp-2026" in client.get("/groups/").content.decode()
+    client.post("/groups/", {"action": "accept", "invitation": invitation.pk})
     assert bob.groups.filter(pk=group.pk).exists()
+    client.force_login(dave)
     client.post(f"/groups/{group.pk}/", {"action": "quota", "max_running_jobs": 1, "device_hours_per_week": 5})
     assert acc.effective_quota(bob)["max_running_jobs"] == 1
     client.force_login(world["users"]["carol"])
@@ -146,7 +152,8 @@ def test_instructors_create_groups_and_manage_members_and_quotas(world, client):
     assert client.get(f"/groups/{group.pk}/").status_code == 200
     client.post(f"/groups/{group.pk}/", {"action": "add", "username": "carol"})
     assert not world["users"]["carol"].groups.filter(pk=group.pk).exists()  # members do not manage
-    assert {e.action for e in AuditEntry.objects.all()} >= {"group_create", "group_add_member", "quota_change"}
+    assert {e.action for e in AuditEntry.objects.all()} >= {"group_create", "group_invite", "group_join",
+                                                            "quota_change"}
 
 
 @pytest.mark.parametrize("who,role", [("alice", "member"), ("dave", "instructor"), ("root", "admin")])

@@ -46,7 +46,7 @@ def test_the_job_shows_its_data_preparation_until_its_first_step(user):
     job.transition("running")
     sup = Supervisor(job)
     sup.raw_log = io.StringIO()
-    sup.lines.put(json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": 0.41,
+    sup.lines.put(sup.token + " " + json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": 0.41,
                               "records": 2_100_000}))
     sup.flush()
     job.refresh_from_db()
@@ -60,19 +60,19 @@ def test_the_job_shows_its_data_preparation_until_its_first_step(user):
 
     with translation.override("zh-hans"):
         assert job.phase_text == "正在准备数据：41 %，2.1 M 条记录"
-    sup.lines.put(json.dumps({"event": "start", "time": 0, "total_steps": 5}))
+    sup.lines.put(sup.token + " " + json.dumps({"event": "start", "time": 0, "total_steps": 5}))
     sup.flush()
     job.refresh_from_db()
     assert job.phase == {} and job.phase_text == ""
     # after the start, a background build's progress is for the log only: the page keeps the steps
-    sup.lines.put(json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": 0.5, "records": 9}))
+    sup.lines.put(sup.token + " " + json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": 0.5, "records": 9}))
     sup.flush()
     job.refresh_from_db()
     assert job.phase == {} and "preparing data: 50 %, 9 records" in LogChunk.objects.filter(job=job).last().text
     # an odd progress event (a new run of the job) is recorded as numbers, never trusted as text
     sup = Supervisor(job)
     sup.raw_log = io.StringIO()
-    sup.lines.put(json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": "<b>x</b>",
+    sup.lines.put(sup.token + " " + json.dumps({"event": "progress", "time": 0, "phase": "prepare", "fraction": "<b>x</b>",
                               "records": None}))
     sup.flush()
     job.refresh_from_db()

@@ -219,15 +219,15 @@ def test_the_supervisor_records_the_real_peak_memory(user, pretrain):
     sup = Supervisor(job)
     sup.raw_log = io.StringIO()
     for gb in (1.5, 2.25, 2.0):
-        sup.lines.put(_json.dumps({"event": "step", "step": 1, "time": 0, "metrics": {"loss": 1, "peak_mem_gb": gb}}))
+        sup.lines.put(sup.token + " " + _json.dumps({"event": "step", "step": 1, "time": 0, "metrics": {"loss": 1, "peak_mem_gb": gb}}))
     sup.flush()
     job.refresh_from_db()
     assert job.peak_memory == int(2.25 * GiB) and job.memory_error == pytest.approx(job.memory_estimate / job.peak_memory - 1)
     assert engine_command("s.json", 1)[-4:] == ["-m", "training", "run", "s.json"]
     # Under torchrun a failed rank reports first; the others fail after it, for its sake: the first error is the cause.
-    sup.lines.put(_json.dumps({"event": "error", "time": 0, "rank": 1, "kind": "out_of_memory",
+    sup.lines.put(sup.token + " " + _json.dumps({"event": "error", "time": 0, "rank": 1, "kind": "out_of_memory",
                                "message": "out of memory: CUDA out of memory"}))
-    sup.lines.put(_json.dumps({"event": "error", "time": 0, "kind": "DistBackendError", "message": "Connection reset"}))
+    sup.lines.put(sup.token + " " + _json.dumps({"event": "error", "time": 0, "kind": "DistBackendError", "message": "Connection reset"}))
     sup.flush()
     assert sup.error_event["message"] == "out of memory: CUDA out of memory"
     assert "--nproc_per_node=2" in engine_command("s.json", 2)  # a gang job runs under torchrun

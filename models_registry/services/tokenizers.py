@@ -13,6 +13,7 @@ from django.utils.translation import gettext as _
 from accounts.services import audit
 from jobs.services import background_task
 from jobs.validation import open_text, record_text
+from training.records import loads
 from minicloud.errors import ServiceError, clean_name
 from minicloud.files import save_upload
 
@@ -129,7 +130,7 @@ def train_tokenizer_now(tokenizer_id: int, max_records: int = 200_000) -> None:
                 if i >= max_records:
                     return
                 if line.strip():
-                    yield record_text(ds.kind, json.loads(line))
+                    yield record_text(ds.kind, loads(line))
 
     try:
         folder = _tokenizer_dir()

@@ -1,0 +1,230 @@
+"""The portal as an attacker sees it (docs/security.md, "Threat model"): each test names the class of defect it
+closes, and goes through the real HTTP or WebSocket surface where the defect is reachable there."""
+import gzip
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+
+from jobs import services
+from jobs.models import Dataset, Job
+from models_registry.models import Tokenizer
+
+from conftest import TINY
+
+User = get_user_model()
+
+
+def _bearer(user):
+    from accounts.models import ApiToken
+
+    return {"HTTP_AUTHORIZATION": f"Bearer {ApiToken.issue(user)[1]}"}
+
+
+def _post_json(client, path, data, user):
+    return client.post(path, json.dumps(data), content_type="application/json", **_bearer(user))
+
+
+# --- 4. job output is not trusted as events ---------------------------------------------------------------------------
+
+FORGED = '{"event": "error", "time": 0, "message": "FORGED: your job was deleted"}'
+
+
+def test_text_a_user_controls_cannot_forge_a_jobs_events(user, settings):
+    """A tokenizer's chat template that raises with a crafted message: its traceback reaches the engine's stderr with
+    the message on a line of its own. Only lines that carry the run's token are events."""
+    from jobs.supervisor import Supervisor
+
+    demo = Tokenizer.demo()
+    folder = Path(settings.HOME) / "evil-tokenizer"
+    shutil.copytree(demo.path, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{{ raise_exception('bad\\n" + FORGED.replace('"', '\\"') + "\\n') }}"
+    config_path.write_text(json.dumps(config))
+    tok = Tokenizer.objects.create(name="evil", owner=user, path=str(folder), vocab_size=demo.vocab_size)
+    job = services.submit_job(owner=user, name="forge", stage="sft", dataset=Dataset.objects.get(name="demo-sft").pk,
+                              tokenizer=tok.pk, config={**TINY, "max_steps": 2})
+    job = services.claim_next_job(settings.NODE_NAME, 1)
+    assert job is not None
+    Supervisor(job).run()
+    job.refresh_from_db()
+    assert job.status == Job.Status.FAILED
+    assert "FORGED" not in job.error and "bad" in job.error
+    from jobs.models import LogChunk
+
+    assert FORGED in "".join(LogChunk.objects.filter(job=job).values_list("text", flat=True))  # as log text
+
+
+def test_lines_without_the_runs_token_are_log_text(user):
+    import io
+
+    from jobs.supervisor import Supervisor
+
+    job = services.submit_job(owner=user, name="t", stage="pretrain",
+                              dataset=Dataset.objects.get(name="demo-pretrain").pk, config=TINY)
+    sup = Supervisor(job)
+    sup.raw_log = io.StringIO()
+    sup.lines.put(json.dumps({"event": "step", "step": 7, "time": 0, "metrics": {"loss": 0.1}}))
+    sup.lines.put("0" * 32 + " " + json.dumps({"event": "step", "step": 8, "time": 0, "metrics": {}}))
+    sup.lines.put(sup.token + " " + json.dumps({"event": "step", "step": 3, "time": 0, "metrics": {"loss": 2.0}}))
+    sup.flush()
+    job.refresh_from_db()
+    assert job.step == 3 and list(job.metrics.values_list("step", flat=True)) == [3]
+    assert '"step": 7' in sup.raw_log.getvalue() and sup.token not in sup.raw_log.getvalue()
+
+
+# --- 5. hardening -----------------------------------------------------------------------------------------------------
+
+def test_training_processes_get_no_secrets_from_the_portals_environment(monkeypatch):
+    from jobs.supervisor import engine_env
+
+    monkeypatch.setenv("DATABASE_URL", "postgres://admin:secret@db/minicloud")
+    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "hunter2")
+    monkeypatch.setenv("SECRET_KEY", "k")
+    monkeypatch.setenv("REDIS_URL", "redis://x")
+    monkeypatch.setenv("CUDA_HOME", "/usr/local/cuda")
+    env = engine_env()
+    assert not {"DATABASE_URL", "DJANGO_SUPERUSER_PASSWORD", "SECRET_KEY", "REDIS_URL"} & set(env)
+    assert env["CUDA_HOME"] == "/usr/local/cuda" and env["PATH"] == os.environ["PATH"]
+
+
+def test_what_the_portal_writes_is_readable_by_its_own_account_only(settings, tmp_path, client, user):
+    from minicloud.apps import ensure_home
+
+    settings.HOME = tmp_path / "fresh-home"
+    ensure_home()
+    assert stat.S_IMODE(os.stat(settings.HOME).st_mode) == 0o700
+    client.force_login(user)
+    body = b'{"text": "hello"}\n' * 10
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    r = client.post("/datasets/upload/", {"name": "mine", "kind": "pretrain",
+                                          "file": SimpleUploadedFile("a.jsonl", body)})
+    assert r.status_code in (200, 302)
+    ds = Dataset.objects.get(name="mine")
+    assert stat.S_IMODE(os.stat(ds.path).st_mode) & 0o077 == 0
+    assert settings.FILE_UPLOAD_PERMISSIONS == 0o600
+
+
+@pytest.mark.parametrize("line", [b"[" * 100_000 + b"]" * 100_000, b'{"text": ' + b"9" * 5000 + b"}"])
+def test_malformed_dataset_lines_are_named_not_a_500(client, user, line):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    client.force_login(user)
+    r = client.post("/api/v1/datasets", {"name": "bad", "kind": "pretrain",
+                                         "file": SimpleUploadedFile("bad.jsonl", b'{"text": "ok"}\n' + line + b"\n")},
+                    **_bearer(user))
+    assert r.status_code == 400, r.content[:300]
+    assert "line 2" in r.json()["error"] + json.dumps(r.json().get("details"))
+
+
+def test_a_gzip_bomb_is_refused_without_unpacking_it(client, user, tmp_path):
+    """One line of 64 MB of spaces packs into 64 KB: the reader stops at its line bound."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    raw = gzip.compress(b'{"text": "' + b" " * (64 << 20) + b'"}\n', compresslevel=9)
+    assert len(raw) < 200_000
+    r = client.post("/api/v1/datasets", {"name": "bomb", "kind": "pretrain",
+                                         "file": SimpleUploadedFile("bomb.jsonl.gz", raw)}, **_bearer(user))
+    assert r.status_code == 400
+    assert "longer than" in json.dumps(r.json())
+
+
+def test_the_one_reader_bounds_lines_and_unpacking(tmp_path, monkeypatch):
+    from training import records
+
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"text": "a"}\n' + b'{"text": "' + b"x" * 2000 + b'"}\n')
+    with pytest.raises(records.DataTooLarge, match="line 2: longer than"):
+        list(records.iter_records(path))
+    monkeypatch.setattr(records, "GZIP_FLOOR_BYTES", 10_000)
+    gz = tmp_path / "b.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "aaaaaaaa"}\n' * 5000))
+    with pytest.raises(records.DataTooLarge, match="unpacks to more than"):
+        list(records.iter_records(gz))
+
+
+def test_a_resume_checkpoint_is_loaded_with_weights_only():
+    source = (Path(__file__).resolve().parents[1] / "training" / "loop.py").read_text()
+    assert "weights_only=False" not in source
+
+
+# --- 1. instructors reach no further than their consenting members ------------------------------------------------------
+
+@pytest.fixture
+def course(db, client):
+    from accounts.models import Profile
+    from accounts.services import create_group
+
+    teacher = User.objects.create_user("teacher", password="pw-teacher-1")
+    Profile.objects.update_or_create(user=teacher, defaults={"role": "instructor"})
+    root = User.objects.create_superuser("root", password="pw-root-1")
+    student = User.objects.create_user("student", password="pw-student-1")
+    return {"teacher": teacher, "root": root, "student": student, "group": create_group(teacher, "course")}
+
+
+def test_an_instructor_cannot_make_anyone_a_member_without_their_consent(course, client):
+    teacher, root, student, group = course["teacher"], course["root"], course["student"], course["group"]
+    secret = Dataset.objects.create(name="root-private", owner=root, kind="pretrain", path="/nonexistent")
+    client.force_login(teacher)
+    for who in ("root", "student"):
+        r = client.post(f"/groups/{group.pk}/", {"action": "add", "username": who})
+        assert r.status_code == 302
+    assert not root.groups.exists() and not student.groups.exists()
+    assert client.get(f"/datasets/{secret.pk}/").status_code == 404
+    assert client.get(f"/api/v1/datasets/{secret.pk}", **_bearer(teacher)).status_code == 404
+    # the student accepts, the admin declines: only the student's objects are the teacher's to read
+    client.force_login(student)
+    invitation = student.group_invitations.get()
+    assert client.post("/groups/", {"action": "accept", "invitation": invitation.pk}).status_code == 302
+    client.force_login(root)
+    client.post("/groups/", {"action": "decline", "invitation": root.group_invitations.get().pk})
+    assert list(student.groups.all()) == [group] and not root.groups.exists()
+    # nobody answers another user's invitation
+    from accounts.models import GroupInvitation
+
+    client.force_login(teacher)
+    other = GroupInvitation.objects.create(group=group, user=root, invited_by=teacher)
+    client.post("/groups/", {"action": "accept", "invitation": other.pk})
+    assert not root.groups.exists()
+
+
+def test_an_instructor_can_only_tighten_an_admins_limits_and_never_give_priority(course, client):
+    from accounts.models import Quota
+    from accounts.services import effective_quota
+
+    teacher, student, group = course["teacher"], course["student"], course["group"]
+    student.groups.add(group)
+    Quota.objects.create(user=student, device_hours_per_week=2, storage_gb=1, max_running_jobs=1)
+    client.force_login(teacher)
+    r = client.post(f"/groups/{group.pk}/", {"action": "quota", "device_hours_per_week": 500, "storage_gb": 1000,
+                                             "max_running_jobs": "", "max_job_hours": 3})
+    assert r.status_code == 302
+    limits = effective_quota(student)
+    assert (limits["device_hours_per_week"], limits["storage_gb"], limits["max_running_jobs"]) == (2, 1, 1)
+    assert limits["max_job_hours"] == 3  # tighter than the admin's (none): it applies
+    # a group of the instructor's with no admin quota does not lift a user without one either
+    other = User.objects.create_user("other", password="pw-other-1")
+    Quota.objects.create(group=Group.objects.create(name="admins-course"), device_hours_per_week=4)
+    other.groups.add(Group.objects.get(name="admins-course"), group)
+    assert effective_quota(other)["device_hours_per_week"] == 4
+    # no priority from an instructor: the form has no such field, the service refuses it
+    r = client.post(f"/groups/{group.pk}/", {"action": "quota", "priority": 1000})
+    assert not Quota.objects.filter(group=group, priority__isnull=False).exists()
+    from accounts.services import set_group_quota
+    from minicloud.errors import ServiceError
+
+    with pytest.raises(ServiceError, match="priority"):
+        set_group_quota(teacher, group, {"priority": 1000})
+    assert effective_quota(student)["priority"] is None
+    # the admin sets the group's quota, priority included
+    set_group_quota(course["root"], group, {"priority": 5, "device_hours_per_week": 10})
+    assert Quota.objects.get(group=group).priority == 5
