@@ -16,8 +16,10 @@ def token(request):
     username, password = data.get("username"), data.get("password")
     if not isinstance(username, str) or not isinstance(password, str):
         raise ApiError(400, _("username and password are required strings"))
-    if services.login_blocked(username, services.client_ip(request)):
-        raise ApiError(429, _("too many failed logins: try again in a few minutes"))
+    wait = services.login_wait(username, services.client_ip(request))
+    if wait:
+        raise ApiError(429, _("too many failed logins: try again in %(seconds)s s") % {"seconds": wait},
+                       {"retry_after_s": wait})
     user = authenticate(request, username=username, password=password)
     if user is None:
         raise ApiError(401, _("invalid username or password"))

@@ -2,6 +2,7 @@
 instructors, sharing, bulk user creation and login throttling. Access checks: accounts/access.py."""
 import csv
 import io
+import ipaddress
 import os
 import secrets
 from datetime import timedelta
@@ -18,8 +19,7 @@ from django.utils.translation import gettext as _
 from minicloud.errors import ServiceError, clean_name, id_or_none
 
 from .access import role_of  # noqa: F401 -- also a public name here
-from .models import (LIMIT_FIELDS, QUOTA_FIELDS, AuditEntry, GroupInfo, GroupInvitation, GroupLimit, Quota, Shareable,
-                     UsageRecord)
+from .models import LIMIT_FIELDS, QUOTA_FIELDS, AuditEntry, GroupInfo, GroupInvitation, GroupLimit, Quota, UsageRecord
 
 
 def ensure_first_admin() -> tuple[str, str | None] | None:
@@ -101,8 +101,31 @@ def usage_by_day(user, days: int = 56) -> list[tuple[str, float]]:
 
 # --- audit --------------------------------------------------------------------------------------------------------
 
+def _trusted(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+        return any(ip in ipaddress.ip_network(net, strict=False) for net in settings.TRUSTED_PROXIES)
+    except ValueError:
+        return False
+
+
 def client_ip(request):
-    return request.META.get("REMOTE_ADDR") if request is not None else None
+    """The client's address: the peer's, or behind a trusted proxy (settings.TRUSTED_PROXIES) the nearest address
+    in X-Forwarded-For that is not one of those proxies (each proxy appends the address it got the request from;
+    anything further left is the client's own word)."""
+    if request is None:
+        return None
+    peer = request.META.get("REMOTE_ADDR")
+    if not peer or not _trusted(peer):
+        return peer
+    for hop in reversed(request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")):
+        hop = hop.strip()
+        if hop and not _trusted(hop):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer
+    return peer
 
 
 def audit(actor, action: str, obj=None, *, request=None, username: str = "", **detail) -> None:
@@ -115,15 +138,22 @@ def audit(actor, action: str, obj=None, *, request=None, username: str = "", **d
 
 
 def storage_used(user) -> int:
-    """Bytes the user stores: the sum of what every kind of shareable object says it keeps on disk for them
-    (``Shareable.stored_bytes``: datasets, jobs' run folders, imported and merged models and their conversions)."""
-    return sum(model.stored_bytes(user) for model in apps.get_models() if issubclass(model, Shareable))
+    """Bytes the user stores: the sum of what every kind of object that keeps files says it keeps on disk for them
+    (``stored_bytes``: datasets, jobs' run folders, imported and merged models and their conversions, and unfinished
+    uploads: a model of any app that defines it is counted, without accounts knowing the kinds)."""
+    return sum(model.stored_bytes(user) for model in apps.get_models() if callable(getattr(model, "stored_bytes", None)))
+
+
+def storage_room(user, quota: dict | None = None) -> int | None:
+    """Bytes ``user`` may still store (0 once full), or None without a storage quota."""
+    limit = (quota or effective_quota(user))["storage_gb"]
+    return None if limit is None else max(int(limit * 1e9) - storage_used(user), 0)
 
 
 def check_storage(user, adding: int = 0, quota: dict | None = None) -> None:
     """Refuse (403, naming the quota) storing ``adding`` more bytes — or anything more, with 0 — once the user's
-    storage quota would be passed. Checked by every path that stores files: job submission, dataset uploads, model
-    imports and merges."""
+    storage quota would be passed. Checked by every path that stores files: job submission, dataset uploads (each
+    chunk of a resumable one), model imports and merges."""
     limit = (quota or effective_quota(user))["storage_gb"]
     if limit is None:
         return
@@ -321,12 +351,25 @@ def read_users_csv(text: str) -> list[dict]:
     return [{(k or "").strip(): v for k, v in row.items()} for row in reader]
 
 
-def login_blocked(username: str, ip) -> bool:
-    """Too many failed logins for this username or address within the window (settings.LOGIN_FAILURE_WINDOW_S)."""
-    since = timezone.now() - timedelta(seconds=settings.LOGIN_FAILURE_WINDOW_S)
+def login_wait(username: str, ip) -> int:
+    """Seconds before another login may be tried for ``username`` from address ``ip`` (0: now). Failures count
+    within settings.LOGIN_FAILURE_WINDOW_S for the pair (username, address) — so a classmate's typos or an attacker
+    elsewhere never lock a user out — and, five times as many, for the address alone (one client guessing many
+    names). Past LOGIN_MAX_FAILURES each further failure doubles the wait, from 1 s to at most the window."""
+    now = timezone.now()
+    since = now - timedelta(seconds=settings.LOGIN_FAILURE_WINDOW_S)
     failures = AuditEntry.objects.filter(action="login_failed", time__gte=since)
-    who = Q(username=username) | Q(ip=ip) if ip else Q(username=username)
-    return failures.filter(who).count() >= settings.LOGIN_MAX_FAILURES
+    limit = settings.LOGIN_MAX_FAILURES
+    wait = 0
+    for times, threshold in ((failures.filter(username=username, ip=ip), limit),
+                             (failures.filter(ip=ip) if ip else failures.none(), 5 * limit)):
+        recent = list(times.order_by("-time").values_list("time", flat=True)[:limit * 5 + 32])
+        if len(recent) < threshold:
+            continue
+        backoff = min(2 ** min(len(recent) - threshold, 30), settings.LOGIN_FAILURE_WINDOW_S)
+        wait = max(wait, int(backoff - (now - recent[0]).total_seconds() + 0.999))
+    return max(wait, 0)
+
 
 
 def check_deletable(actor, obj, kind: str, references: list[str]) -> None:

@@ -7,8 +7,16 @@ from __future__ import annotations
 import os
 
 
+def machine_memory() -> int:
+    """This machine's RAM in bytes: what a CPU slot's job can use at most."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _cpu_slots(n: int) -> list[dict]:
-    return [{"index": i, "kind": "cpu", "name": f"CPU slot {i}", "memory_total": None, "memory_used": None,
+    """N CPU slots, each as large as the machine's RAM (a job on a CPU slot is bounded by it: the scheduler and
+    submissions refuse what could never fit, as for a GPU's memory)."""
+    ram = machine_memory()
+    return [{"index": i, "kind": "cpu", "name": f"CPU slot {i}", "memory_total": ram, "memory_used": None,
              "utilization": None, "temperature": None} for i in range(n)]
 
 

@@ -76,6 +76,11 @@ class Upload(models.Model):
     def path(self):
         return settings.HOME / "uploads" / f"{self.id}.part"
 
+    @classmethod
+    def stored_bytes(cls, user) -> int:
+        """Unfinished uploads count against the storage quota like finished files."""
+        return cls.objects.filter(owner=user).aggregate(n=models.Sum("size"))["n"] or 0
+
 
 class Node(models.Model):
     """A machine running `serve`: its devices (from NVML or MINICLOUD_DEVICES), refreshed while it runs."""

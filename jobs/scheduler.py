@@ -71,8 +71,8 @@ def fair_order(jobs: list, bonus: dict, running: dict, usage: dict, staff=frozen
 
 
 def devices_from_inventory(node: str, inventory: list[dict]) -> list[Device]:
-    return [Device(node, d["index"], d.get("kind", "cpu"), d.get("memory_total") if d.get("kind") == "cuda" else None)
-            for d in inventory]
+    """Devices with their memory: a GPU's, or for a CPU slot the machine's RAM (jobs/devices.py)."""
+    return [Device(node, d["index"], d.get("kind", "cpu"), d.get("memory_total")) for d in inventory]
 
 
 def place(nodes: dict[str, list[Device]], gpus: int, memory: int, jobs_per_gpu: int):

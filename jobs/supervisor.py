@@ -137,7 +137,9 @@ class Supervisor:
         self.tail: list[str] = []
         self.term_sent_at = None
         self.killed = False
-        self.reason = None  # "cancel", "pause", "shutdown", "timeout" or "lost" once the child must stop
+        self.reason = None  # "cancel", "pause", "quota", "shutdown", "timeout" or "lost" once the child must stop
+        self.quota_checked_at = time.monotonic()
+        self.hours = None  # (used, limit) of the weekly device-hours once they ran out
         self.peak_memory = job.peak_memory
         self.steps_started = False  # the engine's start event came: its data is ready
         self.token = secrets.token_hex(16)  # only lines that start with it are events (training/events.py)
@@ -253,12 +255,31 @@ class Supervisor:
                 self.reason = "shutdown"
             elif limit and time.monotonic() - self.started > limit:
                 self.reason = "timeout"
+            elif time.monotonic() - self.quota_checked_at > settings.QUOTA_CHECK_S and self._hours_used_up():
+                self.reason = "quota"
+                self.job.transition(Job.Status.PAUSING, "quota", gettext_noop(
+                    "the weekly quota of %(limit)s device-hours is used up (%(used)s): pausing at a checkpoint"),
+                    self._hours_params())
             if self.reason:
                 self._signal(signal.SIGTERM)
                 self.term_sent_at = time.monotonic()
         elif not self.killed and time.monotonic() - self.term_sent_at > settings.JOB_KILL_GRACE_S:
             self._signal(signal.SIGKILL)
             self.killed = True
+
+    def _hours_used_up(self) -> bool:
+        """Whether the owner's weekly device-hours ran out while the job runs (this job's own hours counted): the
+        one quota a running job can pass, so it is paused with the reason rather than let run on."""
+        self.quota_checked_at = time.monotonic()
+        used, limit = services.hours_left(self.job.owner)
+        if limit is None or used < limit:
+            return False
+        self.hours = (used, limit)
+        return True
+
+    def _hours_params(self) -> dict:
+        used, limit = self.hours
+        return {"limit": format(limit, "g"), "used": format(used, ".2f")}
 
     def _signal(self, sig) -> None:
         kill_group(self.proc.pid, sig)
@@ -304,6 +325,12 @@ class Supervisor:
                 services.finish_job(job, S.SUCCEEDED, output_model=mv)
         elif self.reason == "cancel" or job.status == S.CANCELLING:
             services.finish_job(job, S.CANCELLED)
+        elif self.reason == "quota":
+            job.transition(S.PAUSED, job.node,
+                           gettext_noop("paused at step %(step)s: the weekly quota of %(limit)s device-hours is used up "
+                                        "(%(used)s); resume it next week or ask an admin for more"),
+                           {"step": job.step, **self._hours_params()},
+                           pid=None, worker_pid=None, resume=job.checkpoint_path.exists())
         elif self.reason == "pause" or job.status == S.PAUSING:
             job.transition(S.PAUSED, job.node, gettext_noop("checkpoint at step %(step)s"), {"step": job.step},
                            pid=None, worker_pid=None, resume=job.checkpoint_path.exists())

@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import JsonResponse
 from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
@@ -100,6 +102,11 @@ def endpoint(*methods, auth=True):
                 result = view(request, *args, **kwargs)
             except ApiError as exc:
                 return error(exc.status, str(exc), exc.details)
+            except RequestDataTooBig:  # Django's own bound on a body it reads into memory
+                return error(413, _("request body: larger than the %(mb)s MB this address accepts")
+                             % {"mb": format(settings.DATA_UPLOAD_MAX_MEMORY_SIZE / 2**20, ".4g")})
+            except SuspiciousOperation as exc:  # too many fields, a malformed multipart body
+                return error(400, _("bad request: %(error)s") % {"error": exc})
             except Exception as exc:  # a bug must still answer in JSON
                 if isinstance(exc, ServiceError):
                     details = {**({"field": exc.field} if exc.field else {}), **(exc.details or {})}

@@ -138,6 +138,9 @@ LOGIN_URL = "/accounts/login/"
 # Login rate limit: this many failures for one username or address within the window block further tries.
 LOGIN_MAX_FAILURES = envint("MINICLOUD_LOGIN_MAX_FAILURES", 10)
 LOGIN_FAILURE_WINDOW_S = envint("MINICLOUD_LOGIN_WINDOW_S", 900)
+# The proxies (addresses or networks, comma-separated) whose X-Forwarded-For names the real client: behind nginx on the
+# same box, 127.0.0.1. Without it the peer's address is the client's (a forged header is never believed).
+TRUSTED_PROXIES = [p.strip() for p in os.environ.get("MINICLOUD_TRUSTED_PROXIES", "").split(",") if p.strip()]
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
@@ -170,6 +173,8 @@ WHITENOISE_MANIFEST_STRICT = False
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 # Dataset uploads stream to a temporary file (never into memory); larger requests are refused with 413.
 UPLOAD_MAX_BYTES = envint("MINICLOUD_UPLOAD_MAX_BYTES", 50 * 10**9)
+# Any other request body (JSON, forms): refused with a 413 at the ASGI layer beyond this (minicloud/bodylimit.py).
+MAX_BODY_BYTES = envint("MINICLOUD_MAX_BODY_BYTES", DATA_UPLOAD_MAX_MEMORY_SIZE)
 FILE_UPLOAD_PERMISSIONS = 0o600  # Django's default is 0644: a user's data is theirs (docs/security.md)
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 FILE_UPLOAD_TEMP_DIR = str(HOME / "uploads")  # the same disk as the dataset store: storing is a rename (made at start)
@@ -216,6 +221,7 @@ else:
 # The job supervisor: seconds between SIGTERM and SIGKILL, and how often it flushes events and checks for cancel.
 JOB_KILL_GRACE_S = envint("MINICLOUD_KILL_GRACE", 8)
 JOB_POLL_S = 0.5
+QUOTA_CHECK_S = 30.0  # how often a supervisor checks its owner's weekly device-hours while the job runs
 # Single-process jobs on CPU slots fork from a warm engine that imported torch and transformers once (jobs/engine_process.py).
 WARM_START = envbool("MINICLOUD_WARM_START", "1")
 # Token caches of datasets (training/token_cache.py): shared by every job on the same data, counted against nobody's

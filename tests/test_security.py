@@ -1,5 +1,6 @@
 """The portal as an attacker sees it (docs/security.md, "Threat model"): each test names the class of defect it
 closes, and goes through the real HTTP or WebSocket surface where the defect is reachable there."""
+import asyncio
 import gzip
 import json
 import os
@@ -228,3 +229,156 @@ def test_an_instructor_can_only_tighten_an_admins_limits_and_never_give_priority
     # the admin sets the group's quota, priority included
     set_group_quota(course["root"], group, {"priority": 5, "device_hours_per_week": 10})
     assert Quota.objects.get(group=group).priority == 5
+
+
+# --- 2. limits that cannot be talked around ---------------------------------------------------------------------------
+
+async def _asgi(path, body_chunks, headers=()):
+    """One HTTP request through the ASGI application as daphne delivers it (the body in chunks)."""
+    from minicloud.asgi import application
+
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(body_chunks) - 1}
+                for i, c in enumerate(body_chunks)] or [{"type": "http.request", "body": b""}]
+    received, sent = iter(messages), []
+
+    async def receive():
+        message = next(received, None)
+        if message is None:  # as a server does: the client is still there, waiting for the answer
+            await asyncio.Event().wait()
+        return message
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), *headers],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "scheme": "http", "asgi": {"version": "3.0"}}
+    await application(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), \
+        sum(1 for _ in received)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_request_bodies_are_bounded_before_authentication(settings):
+    settings.MAX_BODY_BYTES = 1 << 20
+    # declared too large: refused before a byte is read
+    status, body, unread = await _asgi("/api/v1/auth/token", [b"x" * 1000] * 3,
+                                       [(b"content-length", str(400 << 20).encode())])
+    assert status == 413 and json.loads(body)["details"]["limit_bytes"] == 1 << 20 and unread == 3
+    # no length, and more than allowed: reading stops at the allowance
+    status, body, unread = await _asgi("/api/v1/auth/token", [b"x" * (256 << 10)] * 40)
+    assert status == 413 and unread > 30
+    # a small body still reaches the view
+    status, body, _ = await _asgi("/api/v1/auth/token", [json.dumps({"username": "x", "password": "y"}).encode()])
+    assert status == 401
+    # an upload route allows files
+    from minicloud.bodylimit import allowance
+
+    assert allowance("/api/v1/uploads/abc") == allowance("/api/v1/datasets") == settings.UPLOAD_MAX_BYTES
+    assert allowance("/api/v1/jobs") == settings.MAX_BODY_BYTES
+
+
+def test_too_large_a_body_read_by_django_is_a_413_not_a_500(client, user, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    r = _post_json(client, "/api/v1/jobs", {"name": "x" * 5000}, user)
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
+
+
+def test_every_upload_chunk_spends_the_storage_quota(client, user):
+    from accounts.models import Quota
+
+    Quota.objects.create(user=user, storage_gb=1e-6)  # 1000 bytes
+    auth = _bearer(user)
+    up = client.post("/api/v1/uploads", **auth).json()
+    put = lambda offset, data: client.put(f"/api/v1/uploads/{up['id']}?offset={offset}", data,  # noqa: E731
+                                          content_type="application/octet-stream", **auth)
+    assert put(0, b"a" * 600).status_code == 200
+    r = put(600, b"b" * 600)
+    assert r.status_code == 403 and "quota" in r.json()["error"]
+    assert client.get(f"/api/v1/uploads/{up['id']}", **auth).json()["offset"] == 600  # nothing of it kept
+    # a second upload cannot start beside a first that holds the quota either
+    assert put(600, b"c" * 300).status_code == 200
+    r = client.post("/api/v1/uploads", **auth)
+    assert r.status_code in (201, 403)
+    if r.status_code == 201:
+        other = r.json()["id"]
+        assert client.put(f"/api/v1/uploads/{other}?offset=0", b"d" * 200, content_type="application/octet-stream",
+                          **auth).status_code == 403
+    from accounts.services import storage_used
+
+    assert storage_used(user) == 900
+
+
+def test_a_running_job_is_paused_when_the_weekly_hours_run_out(user, settings):
+    from accounts.models import Quota
+    from jobs.supervisor import Supervisor
+
+    settings.QUOTA_CHECK_S = 0.2
+    Quota.objects.create(user=user, device_hours_per_week=3 / 3600)  # three device-seconds
+    ds = Dataset.objects.get(name="demo-pretrain")
+    services.submit_job(owner=user, name="long", stage="pretrain", dataset=ds.pk,
+                        config={**TINY, "epochs": 50, "save_interval": 5})
+    job = services.claim_next_job(settings.NODE_NAME, 1)
+    assert Supervisor(job).run() == Job.Status.PAUSED
+    job.refresh_from_db()
+    assert "paused at step" in job.events.last().text
+    assert "the weekly quota of 0.000833333 device-hours is used up" in job.events.last().text
+    from minicloud.errors import ServiceError
+
+    with pytest.raises(ServiceError, match="device-hours"):
+        services.resume_job(job, user)
+
+
+def test_a_model_no_device_here_could_hold_is_refused_before_anything_is_built(client, user):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    huge = {"hidden_size": 65536, "num_hidden_layers": 512, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "intermediate_size": 262144}
+    r = _post_json(client, "/api/v1/jobs", {"name": "huge", "stage": "pretrain", "config": huge,
+                                            "dataset": Dataset.objects.get(name="demo-pretrain").pk}, user)
+    assert r.status_code == 400 and "can never start" in r.json()["error"]
+    r = client.post("/api/v1/models/import", {"name": "huge", "config": json.dumps(huge),
+                                              "file": SimpleUploadedFile("m.pth", b"\0" * 1000)}, **_bearer(user))
+    assert r.status_code == 400 and "parameters needs" in r.json()["error"]
+    small = {"hidden_size": 512, "num_hidden_layers": 8}
+    r = client.post("/api/v1/models/import", {"name": "liar", "config": json.dumps(small),
+                                              "file": SimpleUploadedFile("m.pth", b"\0" * 1000)}, **_bearer(user))
+    assert r.status_code == 400 and "more than a file of 1,000 bytes holds" in r.json()["error"]
+
+
+def test_the_login_throttle_is_per_user_behind_the_proxy_and_backs_off(client, user, other_user, settings):
+    settings.TRUSTED_PROXIES = ["127.0.0.1"]
+    settings.LOGIN_MAX_FAILURES = 3
+    proxy = {"REMOTE_ADDR": "127.0.0.1"}
+    mallory = {**proxy, "HTTP_X_FORWARDED_FOR": "1.2.3.4, 203.0.113.9"}  # the left part is the client's own word
+    for _ in range(4):
+        client.post("/accounts/login/", {"username": "alice", "password": "wrong"}, **mallory)
+    from accounts.models import AuditEntry
+
+    assert set(AuditEntry.objects.filter(action="login_failed").values_list("ip", flat=True)) == {"203.0.113.9"}
+    r = client.post("/accounts/login/", {"username": "alice", "password": "alice-pass-123"}, **mallory)
+    assert "Too many failed logins: try again in" in r.content.decode()
+    # alice herself, from her own address behind the same proxy, logs in; so does bob
+    alice = {**proxy, "HTTP_X_FORWARDED_FOR": "198.51.100.7"}
+    assert client.post("/accounts/login/", {"username": "alice", "password": "alice-pass-123"}, **alice).status_code == 302
+    client.logout()
+    assert client.post("/accounts/login/", {"username": "bob", "password": "bob-pass-123"}, **mallory).status_code == 302
+    # the wait doubles with each failure, and passes
+    from datetime import timedelta
+
+    from accounts.services import login_wait
+
+    first = login_wait("alice", "203.0.113.9")
+    AuditEntry.objects.create(action="login_failed", username="alice", ip="203.0.113.9")
+    assert login_wait("alice", "203.0.113.9") > first
+    AuditEntry.objects.filter(action="login_failed").update(time=AuditEntry.objects.first().time - timedelta(hours=1))
+    assert login_wait("alice", "203.0.113.9") == 0
+    # without a trusted proxy, the header is not believed
+    settings.TRUSTED_PROXIES = []
+    from django.test import RequestFactory
+
+    from accounts.services import client_ip
+
+    assert client_ip(RequestFactory().get("/", REMOTE_ADDR="10.0.0.5", HTTP_X_FORWARDED_FOR="9.9.9.9")) == "10.0.0.5"

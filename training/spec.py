@@ -358,3 +358,8 @@ def validate_spec(spec: dict) -> dict:
     out["config"] = resolve_config(stage, config)
     out["resume"] = bool(spec.get("resume", False))
     return out
+
+
+# The Hugging Face model types whose folders convert to MiniMind's .pth (training/convert.py; the portal checks an
+# import's config.json against them without importing torch).
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")

@@ -13,7 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from accounts.services import audit, check_deletable, check_storage
+from accounts.services import audit, check_deletable, check_storage, storage_room
 from minicloud.errors import ServiceError, clean_name
 from minicloud.files import check_upload_size, save_upload
 from training import spec as tspec
@@ -31,7 +31,8 @@ def _dataset_store() -> Path:
     return path
 
 
-def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = False, request=None) -> Dataset:
+def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = False,
+                   quota_checked: bool = False, request=None) -> Dataset:
     """Validate a JSONL(.gz) file and store it as a new immutable dataset version; a bad file is refused with its
     line-numbered errors and nothing is stored. ``source``: a file path (moved into the store unless
     ``keep_source``). The same name again makes the next version; the same content again returns the stored one."""
@@ -42,7 +43,8 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
     kinds = dict(Dataset._meta.get_field("kind").choices)
     if kind not in kinds:
         raise ServiceError(_("kind: one of %(kinds)s") % {"kinds": ", ".join(kinds)}, field="kind")
-    check_storage(owner, Path(source).stat().st_size)
+    if not quota_checked:
+        check_storage(owner, Path(source).stat().st_size)
     report = validate_file(source, kind)
     if not report.ok:
         raise ServiceError(f"file: {report.summary()}", field="file", details={"validation": report.to_dict()})
@@ -194,11 +196,18 @@ def append_upload(upload, offset: int, stream, length: int) -> int:
             details={"offset": upload.size},
         )
     check_upload_size(upload.size + length)
+    check_storage(upload.owner, adding=length)  # every chunk, the unfinished parts counted
+    room = storage_room(upload.owner)
+    allowed = min(settings.UPLOAD_MAX_BYTES - upload.size, room if room is not None else settings.UPLOAD_MAX_BYTES)
     written = 0
     with open(upload.path, "ab") as f:
         for block in iter(lambda: stream.read(1 << 20), b""):
-            f.write(block)
             written += len(block)
+            if written > allowed:  # more than it declared: the chunk is dropped, the upload kept as it was
+                f.truncate(upload.size)
+                check_upload_size(upload.size + written)
+                check_storage(upload.owner, adding=written)
+            f.write(block)
     type(upload).objects.filter(pk=upload.pk).update(size=upload.size + written)
     upload.size += written
     return upload.size
@@ -207,7 +216,7 @@ def append_upload(upload, offset: int, stream, length: int) -> int:
 def finish_upload(upload, *, name: str, kind: str, request=None) -> Dataset:
     """Turn a complete upload into a dataset version (validated; refused files keep the upload for a fix-up)."""
     ds = create_dataset(owner=upload.owner, name=name, kind=kind, source=upload.path, keep_source=True,
-                        request=request)
+                        quota_checked=True, request=request)  # each chunk was, and counts until it is a dataset
     upload.path.unlink(missing_ok=True)
     upload.delete()
     return ds

@@ -32,6 +32,12 @@ def device_hours(user, since, now=None) -> float:
     return seconds / 3600
 
 
+def hours_left(user) -> tuple[float, float | None]:
+    """(device-hours ``user`` used this week, their weekly limit or None): what a running job's supervisor checks."""
+    limit = effective_quota(user)["device_hours_per_week"]
+    return (device_hours(user, week_start()) if limit is not None else 0.0), limit
+
+
 def usage_summary(user) -> dict:
     """The quota and this week's use of ``user`` (the usage page and ``GET /api/v1/me``)."""
     return {"quota": effective_quota(user),

@@ -121,10 +121,21 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
                 time_limit_s=time_limit_s, memory_estimate=memory)
 
 
+def _devices_that_could_run() -> dict:
+    """Every node's devices as the scheduler sees them idle (no live node yet: this machine's)."""
+    return device_state(jobs=False) or device_state(settings.NODE_NAME, jobs=False)
+
+
+def largest_device_memory() -> int | None:
+    """The most memory one device of any node has (GPU memory, or RAM for a CPU slot); None when unknown."""
+    sizes = [d.memory_total for devs in _devices_that_could_run().values() for d in devs if d.memory_total]
+    return max(sizes) if sizes else None
+
+
 def _memory_need(stage: str, resolved: dict, teacher) -> tuple[dict, bool, dict]:
-    """What could ever run a job (no live node yet: this machine's devices), not what runs now; whether those are
-    GPUs; the job's memory estimate per device (bytes and parts)."""
-    nodes = device_state(jobs=False) or device_state(settings.NODE_NAME, jobs=False)
+    """What could ever run a job, not what runs now; whether those are GPUs; the job's memory estimate per device
+    (bytes and parts)."""
+    nodes = _devices_that_could_run()
     cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
     teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
     return nodes, cuda, estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)

@@ -10,6 +10,8 @@ from django.db import transaction
 from django.utils.translation import gettext as _
 
 from accounts.services import audit, check_storage
+from jobs.services import largest_device_memory, spec_error_text
+from training import spec as tspec
 from minicloud.errors import ServiceError, clean_name, strict_loads
 from minicloud.files import check_upload_size, save_upload
 
@@ -17,6 +19,17 @@ from ..models import ModelVersion, Tokenizer
 from .conversions import _write_json, run_engine
 from .registry import _parameters, next_version
 from .tokenizers import upload_tokenizer
+
+
+def _folder_config(folder: Path) -> dict:
+    try:
+        config = strict_loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ServiceError(_("file: the folder's config.json is unreadable (%(error)s)") % {"error": exc},
+                           field="file") from None
+    if not isinstance(config, dict):
+        raise ServiceError(_("file: the folder's config.json is not a JSON object"), field="file")
+    return config
 
 
 def _extract_zip(src: Path, dest: Path) -> Path:
@@ -96,6 +109,28 @@ def _free_tokenizer_name(owner, name: str) -> str:
     return next(n for n in [base] + [f"{base}-{i}" for i in range(2, 1000)] if n not in taken)
 
 
+def check_model_size(config: dict, weights_bytes: int) -> None:
+    """Refuse, before the engine builds anything from it, a config whose model no device here could hold (its fp32
+    weights alone against the largest device's memory, a CPU slot's RAM included) or that a file of
+    ``weights_bytes`` could not hold (at least one byte per parameter): the engine would allocate the model the
+    config describes before it reads the file."""
+    known = {k: v for k, v in config.items() if k in tspec.MODEL_DEFAULTS}
+    try:
+        total = tspec.parameter_count(tspec.model_config(tspec.resolve_config("pretrain", known)))["total"]
+    except tspec.SpecError as exc:
+        raise ServiceError(_("config: %(error)s") % {"error": spec_error_text(exc)}, field="config") from None
+    largest = largest_device_memory()
+    if largest is not None and 4 * total > largest:
+        raise ServiceError(
+            _("config: a model of %(params)s parameters needs %(need)s GiB for its weights alone; the largest device "
+              "here has %(largest)s GiB") % {"params": f"{total:,}", "need": f"{4 * total / 2**30:.1f}",
+                                            "largest": f"{largest / 2**30:.1f}"}, field="config")
+    if total > weights_bytes:
+        raise ServiceError(
+            _("config: it describes %(params)s parameters, more than a file of %(bytes)s bytes holds")
+            % {"params": f"{total:,}", "bytes": f"{weights_bytes:,}"}, field="config")
+
+
 def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, tokenizer_config=None,
                  tokenizer_id=None, request=None) -> ModelVersion:
     """Register an existing model: a MiniMind ``.pth`` (with its MiniMind config) or a zipped Hugging Face folder
@@ -124,6 +159,10 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
         folder = None
         if _is_hf_zip(src):
             folder = _extract_zip(src, work / "hf")
+            hf_config = _folder_config(folder)
+            if hf_config.get("model_type") in tspec.SUPPORTED_MODEL_TYPES:  # the engine names what it does not read
+                check_model_size(hf_config, sum(f.stat().st_size for f in folder.iterdir()
+                                                if f.suffix in (".safetensors", ".bin", ".pth")))
             report = run_engine("convert", "pth", folder, weights)
             if not report["verification"]["ok"]:
                 raise ServiceError(_("the imported weights do not reproduce the folder's logits"), status=400)
@@ -133,6 +172,7 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
                     _("config: a .pth needs its MiniMind config (hidden_size, num_hidden_layers, use_moe, ...)"),
                     field="config",
                 )
+            check_model_size(config, src.stat().st_size)
             src.rename(weights)
             report = run_engine("inspect", weights, "--config", _write_json(work / "config.json", config))
         mcfg = report["config"]
