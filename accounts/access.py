@@ -56,6 +56,24 @@ def check_manage(user, obj) -> None:
         raise Forbidden(_("Only the %(what)s's owner can do that.") % {"what": type(obj)._meta.verbose_name})
 
 
+def connection_user(user_id, token_digest=None, session=None):
+    """The user of a live connection (a WebSocket) if what it connected with still holds — the account is active,
+    its API token not revoked, its login session not ended — else None. Live connections ask this now and then
+    (with ``readable`` for what they stream), so that access taken away ends a stream already open."""
+    from django.contrib.auth import get_user_model
+
+    from .models import ApiToken
+
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        return None
+    if token_digest is not None:
+        return user if ApiToken.objects.filter(digest=token_digest, user=user).exists() else None
+    if session is not None and session.session_key and not session.exists(session.session_key):
+        return None
+    return user
+
+
 def role_of(user) -> str:
     """``admin`` (a superuser), ``instructor`` or ``member``: the one role rule (pages, ``GET /api/v1/me``)."""
     if user.is_superuser:

@@ -13,14 +13,14 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import translation
 
-from accounts.access import NotFound, readable
+from accounts.access import NotFound, connection_user, readable
 from minicloud.errors import int_or_none
 
 from . import selectors
 from .models import Job
 
 POLL_S = 0.5
-
+RECHECK_S = 2.0  # how often an open stream checks that its user may still read the job
 
 class JobConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
@@ -42,6 +42,8 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         except LookupError:
             self.language = settings.LANGUAGE_CODE
         self.last_status = None
+        self.user_id = user.pk
+        self.checked_at = asyncio.get_running_loop().time()
         self.wake = asyncio.Event()
         self.group = f"job.{self.job_id}"
         if self.channel_layer is not None:
@@ -63,8 +65,25 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         with translation.override(self.language):
             return selector(self.job_id, *args)
 
+    def still_allowed(self) -> bool:
+        """The connection's credentials still hold and its user may still read the job (accounts.access)."""
+        user = connection_user(self.user_id, self.scope.get("token_digest"), self.scope.get("session"))
+        if user is None:
+            return False
+        try:
+            readable(Job, user, self.job_id)
+        except NotFound:
+            return False
+        return True
+
     async def poll(self):
         while True:
+            now = asyncio.get_running_loop().time()
+            if now - self.checked_at >= RECHECK_S:
+                self.checked_at = now
+                if not await database_sync_to_async(self.still_allowed)():
+                    await self.close(code=4403)  # made private, token revoked, logged out: the stream ends
+                    return
             update = await database_sync_to_async(self.read)(selectors.job_update, self.after, self.log_after)
             if update["points"]:
                 self.after = update["points"][-1]["seq"]

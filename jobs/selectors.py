@@ -138,6 +138,14 @@ def job_events(job_id) -> list[dict]:
              "message": e.text} for e in JobEvent.objects.filter(job_id=job_id)]
 
 
+def chart_text(text: str) -> str:
+    """A user's text (a job's name) as a chart label: plotly reads labels as HTML of its own (links, styles), so
+    the text's markup characters are escaped and shown as they are."""
+    import html
+
+    return html.escape(text, quote=False)
+
+
 def dataset_records(ds, offset=0, limit=20):
     """Records ``offset``…``offset+limit`` of a dataset file (blank lines skipped; .gz read as it streams)."""
     import itertools

@@ -217,6 +217,7 @@ def compare(request):
         "differing": [("stage", [j.stage for j in jobs]), ("dataset", [j.dataset.name for j in jobs])]
         + differing if len(jobs) > 1 else differing,
         "candidates": selectors.jobs_for(request.user).exclude(pk__in=ids)[:50], "ids": ",".join(map(str, ids)),
+        "chart_names": {str(j.pk): selectors.chart_text(f"#{j.pk} {j.name}") for j in jobs},
     })
 
 
@@ -323,7 +324,7 @@ def dataset_action(request, dataset_id, action):
         if action == "stats":
             msl = int_or_none(request.POST.get("max_seq_len"))
             services.request_dataset_stats(ds, msl if msl and 8 <= msl <= 10**6 else None,
-                                           id_or_none(request.POST.get("tokenizer")))
+                                           request.POST.get("tokenizer"), actor=request.user)
             messages.info(request, _("Statistics are being computed."))
         elif action == "delete":
             services.delete_dataset(request.user, ds, request=request)

@@ -3,7 +3,7 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 
-from accounts.models import ApiToken
+from accounts.models import ApiToken, hash_token
 
 
 @database_sync_to_async
@@ -26,6 +26,6 @@ class TokenAuthMiddleware:
                 raw = (parse_qs(scope.get("query_string", b"").decode()).get("token") or [None])[0]
             if raw:
                 found = await _user_for(raw)
-                if found is not None:
-                    scope = dict(scope, user=found)
+                if found is not None:  # the digest: a live connection re-checks that the token still exists
+                    scope = dict(scope, user=found, token_digest=hash_token(raw))
         return await self.app(scope, receive, send)

@@ -8,7 +8,7 @@ from minicloud.downloads import serve_file
 from minicloud.errors import id_or_none
 
 from . import services
-from .models import ModelVersion, Tokenizer
+from .models import Evaluation, ModelVersion, Tokenizer
 from .services import download_name
 
 
@@ -31,7 +31,8 @@ def model_detail(request, model_id):
     if request.method == "DELETE":
         services.delete_model(request.user, mv, request=request)
         return {"deleted": model_id}
-    return {**mv.to_dict(), "evaluations": [e.to_dict() for e in mv.evaluations.select_related("dataset")]}
+    evaluations = Evaluation.objects.visible_to(request.user).filter(model=mv).select_related("dataset")
+    return {**mv.to_dict(), "evaluations": [e.to_dict() for e in evaluations]}
 
 
 CONTENT_TYPES = {"pth": "application/octet-stream", "hf": "application/zip", "lora": "application/zip"}
@@ -69,7 +70,7 @@ def model_evaluations(request, model_id):
     """GET: the model's evaluations. POST ``{"dataset", "config"}``: queue an evaluation job (201 with the job)."""
     mv = _model(request, model_id)
     if request.method == "GET":
-        return {"evaluations": [e.to_dict() for e in mv.evaluations.select_related("dataset")]}
+        return {"evaluations": [e.to_dict() for e in Evaluation.objects.visible_to(request.user).filter(model=mv).select_related("dataset")]}
     data = json_body(request)
     ds = Dataset.objects.usable_by(request.user, data.get("dataset"), "dataset", required=True)
     job = services.start_evaluation(owner=request.user, mv=mv, dataset=ds, config=data.get("config"))

@@ -118,6 +118,16 @@ class ModelVersion(Shareable):
         }
 
 
+class EvaluationQuerySet(models.QuerySet):
+    def visible_to(self, user):
+        """The evaluations ``user`` may read: of a model they may read, on a dataset they may read (a public model's
+        evaluation on someone's private dataset would show that dataset's name and figures)."""
+        from jobs.models import Dataset
+
+        return self.filter(model__in=ModelVersion.objects.visible_to(user)).filter(
+            models.Q(dataset__isnull=True) | models.Q(dataset__in=Dataset.objects.visible_to(user)))
+
+
 class Evaluation(models.Model):
     """What an ``eval`` job measured for a model version on a dataset (loss, perplexity, accuracies)."""
 
@@ -126,6 +136,8 @@ class Evaluation(models.Model):
     dataset = models.ForeignKey("jobs.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     metrics = models.JSONField(default=dict)
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = EvaluationQuerySet.as_manager()
 
     METRICS = ("eval_loss", "perplexity", "preference_accuracy", "exact_accuracy", "contains_accuracy",
                "numeric_accuracy", "demo_accuracy")

@@ -43,7 +43,8 @@ def model_detail(request, model_id):
     return render(request, "models_registry/detail.html", {
         "model": mv, "formats": formats, "merge_check": mv.verifications.get("merge"), "can_manage": can_manage,
         "lineage": lineage, "thumbnail": services.loss_thumbnail(mv), "metrics": sorted(mv.metrics.items()),
-        "evaluations": services.evaluation_table(Evaluation.objects.filter(model__in=family).select_related(
+        "evaluations": services.evaluation_table(Evaluation.objects.visible_to(request.user).filter(
+            model__in=family).select_related(
             "model", "dataset")), "datasets": Dataset.objects.visible_to(request.user),
         **share_context(request.user, mv)})
 
@@ -55,8 +56,7 @@ def _descendant_ids(nodes) -> list[int]:
 @login_required
 def evaluations(request):
     """Every evaluation you can see, comparable across versions (optionally of one dataset)."""
-    visible = ModelVersion.objects.visible_to(request.user)
-    qs = Evaluation.objects.filter(model__in=visible).select_related("model", "dataset").order_by(
+    qs = Evaluation.objects.visible_to(request.user).select_related("model", "dataset").order_by(
         "dataset_id", "model__name", "model__version")
     ds = id_or_none(request.GET.get("dataset"))
     if ds:

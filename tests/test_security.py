@@ -9,7 +9,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 
@@ -382,3 +381,106 @@ def test_the_login_throttle_is_per_user_behind_the_proxy_and_backs_off(client, u
     from accounts.services import client_ip
 
     assert client_ip(RequestFactory().get("/", REMOTE_ADDR="10.0.0.5", HTTP_X_FORWARDED_FOR="9.9.9.9")) == "10.0.0.5"
+
+
+# --- 3. side doors ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("revoke", ["made_private", "token_revoked"])
+async def test_an_open_websocket_ends_when_access_is_taken_away(revoke, monkeypatch):
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+
+    from accounts.models import ApiToken
+    from jobs import consumers
+    from minicloud.asgi import application
+
+    monkeypatch.setattr(consumers, "RECHECK_S", 0.2)
+
+    @database_sync_to_async
+    def setup():
+        owner = User.objects.create_user("owner", password="pw-owner-1")
+        reader = User.objects.create_user("reader", password="pw-reader-1")
+        job = Job.objects.create(owner=owner, name="ws", stage="pretrain", status="running", is_public=True,
+                                 dataset=Dataset.objects.get(name="demo-pretrain"), tokenizer=Tokenizer.demo())
+        return job, reader, ApiToken.issue(reader)[1]
+
+    job, reader, raw = await setup()
+    comm = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/",
+                                 headers=[(b"authorization", f"Bearer {raw}".encode()), (b"host", b"127.0.0.1"),
+                                          (b"origin", b"http://127.0.0.1")])
+    connected, _ = await comm.connect()
+    assert connected
+    assert (await comm.receive_json_from(timeout=5))["type"] == "update"
+
+    @database_sync_to_async
+    def take_away():
+        if revoke == "made_private":
+            Job.objects.filter(pk=job.pk).update(is_public=False)
+        else:
+            ApiToken.objects.filter(user=reader).delete()
+
+    await take_away()
+    closed = await comm.receive_output(timeout=5)
+    while closed["type"] != "websocket.close":
+        closed = await comm.receive_output(timeout=5)
+    assert closed["code"] == 4403
+
+
+def test_statistics_are_the_owners_to_recompute_with_a_tokenizer_they_may_use(client, user, other_user):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    client.force_login(user)
+    client.post("/datasets/upload/", {"name": "pub", "kind": "pretrain",
+                                      "file": SimpleUploadedFile("a.jsonl", b'{"text": "hello there"}\n' * 20)})
+    ds = Dataset.objects.get(name="pub")
+    Dataset.objects.filter(pk=ds.pk).update(is_public=True, stats={"total_tokens": 42}, stats_status="done")
+    private_tok = Tokenizer.objects.create(name="bobs", owner=other_user, path="/secret/tok", vocab_size=10)
+    client.force_login(other_user)  # a reader of the public dataset
+    page = client.get(f"/datasets/{ds.pk}/").content.decode()
+    assert 'id="stats-form"' not in page
+    client.post(f"/datasets/{ds.pk}/stats/", {"tokenizer": private_tok.pk, "max_seq_len": 64})
+    assert Dataset.objects.get(pk=ds.pk).stats == {"total_tokens": 42}
+    client.force_login(user)  # the owner, with someone else's private tokenizer
+    client.post(f"/datasets/{ds.pk}/stats/", {"tokenizer": private_tok.pk, "max_seq_len": 64})
+    assert Dataset.objects.get(pk=ds.pk).stats == {"total_tokens": 42}
+
+
+def test_a_reward_model_is_never_a_path_a_member_names(client, user):
+    from models_registry.models import ModelVersion
+
+    base = ModelVersion.objects.create(name="base", owner=user, tokenizer=Tokenizer.demo(), path="/x",
+                                       config={k: TINY[k] for k in ("hidden_size", "num_hidden_layers")})
+    ds = Dataset.objects.filter(kind="rlaif").first()
+    r = _post_json(client, "/api/v1/jobs", {"name": "rm", "stage": "grpo", "dataset": ds.pk, "base_model": base.pk,
+                                            "config": {**TINY, "rewards": {"model": 1.0},
+                                                       "reward_model_path": "/home/bob/secret-model"}}, user)
+    assert r.status_code == 403 and "reward_model_path" in r.json()["error"]
+
+
+def test_evaluations_never_show_a_private_dataset_to_readers_of_a_public_model(client, user, other_user):
+    from models_registry.models import Evaluation, ModelVersion
+
+    mv = ModelVersion.objects.create(name="pub-model", owner=user, is_public=True, tokenizer=Tokenizer.demo(),
+                                     config={}, path="/x")
+    secret = Dataset.objects.create(name="alices-private-exam", owner=user, kind="sft", path="/x")
+    shown = Dataset.objects.get(name="demo-sft")
+    Evaluation.objects.create(model=mv, dataset=secret, metrics={"eval_loss": 1.234567})
+    Evaluation.objects.create(model=mv, dataset=shown, metrics={"eval_loss": 7.654321})
+    client.force_login(other_user)
+    for url in (f"/models/{mv.pk}/", "/models/evaluations/"):
+        page = client.get(url).content.decode()
+        assert "alices-private-exam" not in page and "1.23" not in page and "7.65" in page, url
+    for url in (f"/api/v1/models/{mv.pk}", f"/api/v1/models/{mv.pk}/evaluations"):
+        body = json.dumps(client.get(url, **_bearer(other_user)).json())
+        assert "alices-private-exam" not in body and "1.234567" not in body and "7.654321" in body, url
+
+
+def test_job_names_are_text_in_the_compare_chart(client, user):
+    job = services.submit_job(owner=user, name='<a href="https://evil.example">click</a>', stage="pretrain",
+                              dataset=Dataset.objects.get(name="demo-pretrain").pk, config=TINY)
+    client.force_login(user)
+    page = client.get(f"/jobs/compare/?ids={job.pk}").content.decode()
+    names = page.split('id="job-names" type="application/json">')[1].split("</script>")[0]
+    assert json.loads(names)[str(job.pk)] == f'#{job.pk} &lt;a href="https://evil.example"&gt;click&lt;/a&gt;'

@@ -13,6 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from accounts.access import check_manage
 from accounts.services import audit, check_deletable, check_storage, storage_room
 from minicloud.errors import ServiceError, clean_name
 from minicloud.files import check_upload_size, save_upload
@@ -90,8 +91,13 @@ def delete_dataset(actor, ds: Dataset, request=None) -> None:
         path.unlink(missing_ok=True)
 
 
-def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:
-    """Queue the token statistics of a dataset (a background task with progress)."""
+def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id=None, actor=None) -> None:
+    """Queue the token statistics of a dataset (a background task with progress). Asked by a person (``actor``),
+    they replace the dataset's stored statistics: only its owner (or an admin) may, with a tokenizer they may use."""
+    if actor is not None:
+        check_manage(actor, ds)
+        tok = Tokenizer.objects.usable_by(actor, tokenizer_id, "tokenizer")
+        tokenizer_id = tok.pk if tok else None
     Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0)
     transaction.on_commit(lambda: background_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
                                                   task_name=f"dataset-stats-{ds.pk}"))

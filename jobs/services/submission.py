@@ -97,6 +97,11 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
         resolved = tspec.resolve_config(stage, {**(config or {}), **arch})
     except tspec.SpecError as exc:
         raise ServiceError(spec_error_text(exc), field=f"config.{exc.field}") from None
+    if resolved.get("reward_model_path") and not owner.is_superuser:
+        # a folder on the server is read by the training process with the portal's rights: anyone could name
+        # another user's folder, and its error would say what exists there
+        raise ServiceError(_("config.reward_model_path: only admins name a folder on the server; ask an admin to "
+                             "set up the reward model"), status=403, field="config.reward_model_path")
     if tok.vocab_size > resolved["vocab_size"]:
         raise ServiceError(
             _("config.vocab_size: the tokenizer has %(vocab_size)s tokens, more than the model's %(model_vocab)s")
