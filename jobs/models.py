@@ -251,6 +251,10 @@ class Job(Shareable):
     phase = models.JSONField(default=dict, blank=True)
     worker_pid = models.IntegerField(null=True, blank=True)  # the django-q2 worker supervising it
     resume = models.BooleanField(default=False)  # continue from the run's last checkpoint when next started
+    # The fencing token of the job's current run: one more at every start, and a supervisor writes only while the
+    # job still has the generation it started with (a node declared down and its job restarted elsewhere cannot
+    # write over the new run, whatever it still believes).
+    generation = models.PositiveIntegerField(default=0)
     time_limit_s = models.PositiveIntegerField(_("time limit (s)"), null=True, blank=True)
     auto_resumes = models.PositiveSmallIntegerField(default=0)  # automatic resumes after crashes so far
     memory_estimate = models.BigIntegerField(null=True, blank=True)  # bytes per device (training.estimate)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import secrets
 import signal
@@ -26,7 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_noop
 
-from minicloud.processes import die_with_parent, kill_group
+from minicloud.processes import die_with_parent, engine_env, kill_group
 from models_registry.services import record_evaluation, register_job_output
 
 from . import engine_process, services
@@ -101,22 +100,6 @@ def engine_command(spec_path, n_devices: int, job: Job | None = None, node_rank:
     return [*torchrun, "--standalone", f"--nproc_per_node={n_devices}", *run]
 
 
-# What a training process inherits from the portal's environment: the system's and the libraries' own settings, the
-# engine's MINICLOUD_ knobs that training/ reads, never the portal's secrets (database and Redis URLs, the secret key,
-# the first admin's password: a process that runs a user's data and templates has no use for them).
-ENGINE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "PYTHONPATH",
-              "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
-              "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MINICLOUD_HOME", "MINICLOUD_LAZY_DATA_MB", "MASTER_ADDR",
-              "MASTER_PORT")
-ENGINE_ENV_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_", "TORCH", "TRITON_", "HF_", "TRANSFORMERS_", "GLOO_",
-                       "KMP_", "PYTORCH_", "XDG_")
-
-
-def engine_env(environ=os.environ) -> dict:
-    """The environment a training process starts with (see ENGINE_ENV)."""
-    return {k: v for k, v in environ.items() if k in ENGINE_ENV or k.startswith(ENGINE_ENV_PREFIXES)}
-
-
 def _device_env(node_name: str, devices: list[int]) -> dict:
     """``engine_env`` with CUDA_VISIBLE_DEVICES for a child on ``node_name``'s ``devices`` (empty for CPU slots)."""
     node = Node.objects.filter(name=node_name).first()
@@ -143,6 +126,7 @@ class Supervisor:
         self.peak_memory = job.peak_memory
         self.steps_started = False  # the engine's start event came: its data is ready
         self.token = secrets.token_hex(16)  # only lines that start with it are events (training/events.py)
+        self.generation = job.generation  # the run's fencing token: writes only while the job still has it
 
     def _reader(self, stream):
         try:
@@ -211,6 +195,9 @@ class Supervisor:
         if points or text or updates:
             chunk = "".join(t + "\n" for t in text)
             with transaction.atomic():
+                if not self._still_ours():
+                    self._lose()
+                    return not ended
                 if points:
                     MetricPoint.objects.bulk_create(points)
                 if chunk:
@@ -220,6 +207,17 @@ class Supervisor:
             self.log_offset += len(chunk)
             notify(self.job.pk)
         return not ended
+
+    def _still_ours(self) -> bool:
+        """Whether the job still has this run's generation (locked until the transaction ends, on PostgreSQL)."""
+        return Job.objects.select_for_update().filter(pk=self.job.pk, generation=self.generation).exists()
+
+    def _lose(self) -> None:
+        """The job is another run's now: stop the child at once and write nothing more."""
+        self.reason = "lost"
+        if self.proc.poll() is None:
+            self._signal(signal.SIGKILL)
+        self.killed = True
 
     def _event(self, line: str) -> tuple[dict | None, str]:
         """(the event, the line without the token) for a line the engine wrote as an event; (None, line) for anything
@@ -239,11 +237,19 @@ class Supervisor:
         if self.proc.poll() is not None:
             return
         if self.reason is None:
-            status, node = Job.objects.filter(pk=self.job.pk).values_list("status", "node").first() or (None, None)
+            status, node, generation = Job.objects.filter(pk=self.job.pk).values_list(
+                "status", "node", "generation").first() or (None, None, None)
             limit = self.job.time_limit_s
-            if status not in Job.LIVE or node != self.job.node:
+            if status not in Job.LIVE or node != self.job.node or generation != self.generation:
                 # Another node took the job over (this node was declared down): stop at once, write nothing more.
-                self.reason = "lost"
+                self._lose()
+                return
+            stopping, beat = Node.objects.filter(name=self.job.node).values_list(
+                "stopping", "heartbeat_at").first() or (False, None)
+            if beat is not None and (timezone.now() - beat).total_seconds() > settings.NODE_TIMEOUT_S / 2:
+                # This node's lease is running out (its `serve` stopped beating): stop the run now, before the
+                # other nodes may declare the node down and start the job elsewhere. It must never run twice.
+                self.reason = "lease"
                 self._signal(signal.SIGKILL)
                 self.killed = True
                 return
@@ -251,7 +257,7 @@ class Supervisor:
                 self.reason = "cancel"
             elif status == Job.Status.PAUSING:
                 self.reason = "pause"
-            elif Node.objects.filter(name=self.job.node, stopping=True).exists():
+            elif stopping:
                 self.reason = "shutdown"
             elif limit and time.monotonic() - self.started > limit:
                 self.reason = "timeout"
@@ -306,8 +312,12 @@ class Supervisor:
     def finish(self, rc: int) -> str:
         job = Job.objects.get(pk=self.job.pk)
         S = Job.Status
-        if self.reason == "lost":
+        if self.reason == "lost" or job.generation != self.generation:
             return job.status
+        if self.reason == "lease":
+            services.interrupt_job(job, gettext_noop("node %(node)s stopped beating: the run was stopped so that the "
+                                                     "job runs in one place only"), {"node": job.node})
+            return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
         if self.done_event is not None and rc == 0 and "evaluation" in self.done_event:
             record_evaluation(job, self.done_event["evaluation"])
             services.finish_job(job, S.SUCCEEDED)

@@ -15,6 +15,23 @@ def die_with_parent(sig: int):
     return lambda: _die_with_parent(sig)
 
 
+# What a training process inherits from the portal's environment: the system's and the libraries' own settings, the
+# engine's MINICLOUD_ knobs that training/ reads, never the portal's secrets (database and Redis URLs, the secret key,
+# the first admin's password: a process that runs a user's data and templates has no use for them).
+ENGINE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "PYTHONPATH",
+              "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MINICLOUD_HOME", "MINICLOUD_LAZY_DATA_MB", "MINICLOUD_MAX_LINE_MB",
+              "MASTER_ADDR",
+              "MASTER_PORT")
+ENGINE_ENV_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_", "TORCH", "TRITON_", "HF_", "TRANSFORMERS_", "GLOO_",
+                       "KMP_", "PYTORCH_", "XDG_")
+
+
+def engine_env(environ=os.environ) -> dict:
+    """The environment a training process starts with (see ENGINE_ENV)."""
+    return {k: v for k, v in environ.items() if k in ENGINE_ENV or k.startswith(ENGINE_ENV_PREFIXES)}
+
+
 def pid_alive(pid: int | None) -> bool:
     """Whether ``pid`` is a live process (a zombie is not)."""
     if not pid:

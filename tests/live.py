@@ -58,12 +58,13 @@ class LiveNode:
         self.proc = None
         self.token = None
         self.args = []  # e.g. ["--web"]
+        self.own_group = False  # serve in a process group of its own (a test kills the whole group)
 
     def start(self, timeout=120):
         self.log_file = open(self.log_path, "ab")
         started_at = self.log_path.stat().st_size  # a restart: only this serve's own lines count below
         self.proc = subprocess.Popen([sys.executable, "manage.py", "serve", *self.args], cwd=ROOT, env=self.env,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=self.own_group)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -83,7 +83,7 @@ def test_lines_without_the_runs_token_are_log_text(user):
 # --- 5. hardening -----------------------------------------------------------------------------------------------------
 
 def test_training_processes_get_no_secrets_from_the_portals_environment(monkeypatch):
-    from jobs.supervisor import engine_env
+    from minicloud.processes import engine_env
 
     monkeypatch.setenv("DATABASE_URL", "postgres://admin:secret@db/minicloud")
     monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "hunter2")
@@ -484,3 +484,61 @@ def test_job_names_are_text_in_the_compare_chart(client, user):
     page = client.get(f"/jobs/compare/?ids={job.pk}").content.decode()
     names = page.split('id="job-names" type="application/json">')[1].split("</script>")[0]
     assert json.loads(names)[str(job.pk)] == f'#{job.pk} &lt;a href="https://evil.example"&gt;click&lt;/a&gt;'
+
+
+# --- 6. a job runs in one place only ----------------------------------------------------------------------------------
+
+def _running(user, settings, name):
+    from jobs.supervisor import Supervisor
+
+    services.submit_job(owner=user, name=name, stage="pretrain", dataset=Dataset.objects.get(name="demo-pretrain").pk,
+                        config={**TINY, "epochs": 50, "save_interval": 5, "log_interval": 1})
+    job = services.claim_next_job(settings.NODE_NAME, 1)
+    sup = Supervisor(job)
+    sup.start()
+    import time
+
+    deadline = time.time() + 120
+    while Job.objects.get(pk=job.pk).step < 2 and time.time() < deadline:
+        sup.flush()
+        sup.check_stop()
+        time.sleep(0.2)
+    assert Job.objects.get(pk=job.pk).step >= 2
+    return job, sup
+
+
+def test_a_run_whose_job_was_started_elsewhere_stops_and_writes_nothing_more(user, settings):
+    from django.db.models import F
+
+    from jobs.models import MetricPoint
+
+    job, sup = _running(user, settings, "fenced")
+    Job.objects.filter(pk=job.pk).update(generation=F("generation") + 1)  # another node's run of the job now
+    points = MetricPoint.objects.filter(job=job).count()
+    sup.flush()
+    sup.check_stop()
+    assert sup.reason == "lost" and sup.proc.wait() != 0
+    while sup.flush():
+        pass
+    sup.raw_log.close()
+    assert MetricPoint.objects.filter(job=job).count() == points
+    assert sup.finish(sup.proc.returncode) == Job.Status.RUNNING  # the other run's job, untouched
+
+
+def test_a_node_whose_heartbeat_stops_stops_its_runs_before_its_lease_ends(user, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import Node
+
+    job, sup = _running(user, settings, "leased")
+    Node.objects.update_or_create(name=settings.NODE_NAME, defaults={
+        "heartbeat_at": timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S * 0.6)})
+    sup.check_stop()
+    assert sup.reason == "lease" and sup.proc.wait() != 0
+    while sup.flush():
+        pass
+    sup.raw_log.close()
+    assert sup.finish(sup.proc.returncode) == Job.Status.QUEUED  # interrupted here, to resume in one place
+    assert "stopped beating" in Job.objects.get(pk=job.pk).events.filter(kind="interrupted").last().text

@@ -149,7 +149,7 @@ def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
             job = Job.objects.get(pk=job.pk)  # the plan read only what planning needs
             if job.transition(Job.Status.RUNNING, node_name, *where, node=node_name, devices=devices, started_at=now,
                               error="", error_params=None, pid=None, worker_pid=os.getpid(), placement=placement,
-                              rendezvous=rendezvous):
+                              rendezvous=rendezvous, generation=F("generation") + 1):
                 for rank, (other, devs) in enumerate(placement[1:], 1):
                     JobPart.objects.create(job=job, node=other, rank=rank, devices=devs, run_started_at=now)
                 if placement:

@@ -11,6 +11,7 @@ from django.utils.translation import gettext as _
 
 from minicloud.errors import ServiceError
 from minicloud.files import folder_entries, zip_files
+from minicloud.processes import die_with_parent, engine_env
 
 from ..models import ModelVersion
 
@@ -28,13 +29,15 @@ ENGINE_TIMEOUT_S = 1800
 
 def run_engine(*args, timeout: int = ENGINE_TIMEOUT_S) -> dict:
     """``python -m training ARGS`` → its JSON report; its one-line error becomes a ServiceError (400)."""
+    import signal
     import subprocess
     import sys
 
 
     try:
         out = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=settings.BASE_DIR,
-                             capture_output=True, text=True, timeout=timeout)
+                             capture_output=True, text=True, timeout=timeout, env=engine_env(),
+                             preexec_fn=die_with_parent(signal.SIGKILL))  # ends with the worker that asked
     except subprocess.TimeoutExpired:
         raise ServiceError(
             _("the conversion took longer than %(timeout)s s") % {"timeout": timeout}, status=504

@@ -87,7 +87,7 @@ class Command(BaseCommand):
         if self.worker:
             runners = worker_count(settings.JOBS_PER_GPU)  # one per CPU slot, JOBS_PER_GPU per GPU
             self.children["workers"] = subprocess.Popen(
-                [py, "manage.py", "qcluster"], cwd=settings.BASE_DIR, start_new_session=True,
+                [py, "manage.py", "workers"], cwd=settings.BASE_DIR, start_new_session=True,
                 env={**os.environ, "MINICLOUD_JOB_RUNNERS": str(runners)}, preexec_fn=die_with_parent(signal.SIGKILL))
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
@@ -200,7 +200,7 @@ def _kill_leftovers(pidfile):
             cmd = open(f"/proc/{proc}/cmdline", "rb").read().decode(errors="replace")
         except (OSError, ValueError, IndexError):
             continue
-        if pgrp in pgids and any(name in cmd for name in ("qcluster", "daphne", "chat-worker")):  # our old children
+        if pgrp in pgids and any(name in cmd for name in ("qcluster", "workers", "daphne", "chat-worker")):  # our old children
             kill_group(pgrp, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
 
