@@ -29,6 +29,10 @@ def error(status: int, message: str, details=None) -> JsonResponse:
 
 
 def json_body(request) -> dict:
+    """The request's JSON object body ({} when empty). A form body (whose stream the middleware already read for
+    its fields) is refused with a 415 naming what to send."""
+    if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise ServiceError(_("request body: send a JSON object (Content-Type: application/json)"), status=415)
     return json_object(request.body) if request.body else {}
 
 

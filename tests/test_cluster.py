@@ -1,7 +1,7 @@
 """Several nodes on one PostgreSQL + Redis: a web process and two worker nodes started as separate processes.
 
-Jobs spread over both nodes, a node that dies (every process of it killed with SIGKILL, as when its machine goes
-down) has its running job resumed on the other from the last checkpoint, a node on the wrong storage refuses to
+Jobs spread over both nodes, a node whose serve is killed with SIGKILL takes its whole process tree with it and has
+its running job resumed on the other from the last checkpoint (one training process for the job at any time), a node on the wrong storage refuses to
 start, live metrics from a worker reach a WebSocket client of the web process through the Redis channel layer, and
 a 2-process DDP job (gloo) that neither node can take alone runs over both through torchrun.
 Runs where DATABASE_URL is PostgreSQL and REDIS_URL is set (the second pass of .ci/run).
@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from .live import ROOT, TINY, LiveNode, processes_of
+from .live import ROOT, TINY, LiveNode, processes_of, training_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.skipif(
     not os.environ.get("DATABASE_URL", "").startswith("postgres") or not os.environ.get("REDIS_URL"),
@@ -55,15 +56,6 @@ class WorkerNode:
                 except OSError:
                     pass
         return found
-
-    def crash(self):
-        """Every process of this node dies at once (its machine lost power)."""
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.proc.wait()
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGINT)
@@ -114,13 +106,29 @@ def test_two_worker_nodes_share_jobs_take_over_a_dead_node_and_stream_through_re
         victim = next(j for j in running if j["node"] == "node-a")
         survivor = next(j for j in running if j["node"] == "node-b")
         web.wait_for(victim["id"], lambda j: j["step"] >= 15, what="past a checkpoint")
-        workers[0].crash()
+        # kill -9 of node-a's serve alone: its runners and training process must end with it (a parent-death signal
+        # down the whole tree), so that the job, moved to node-b, never runs in two places at once
+        spec = f"job-{victim['id']}/spec.json"
+        most, watching = [0], threading.Event()
+
+        def watch():
+            while not watching.is_set():
+                most[0] = max(most[0], len(training_processes(spec)))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        workers[0].proc.kill()
+        workers[0].proc.wait()
         web.request("POST", f"/api/v1/jobs/{survivor['id']}/cancel")  # frees node-b's only slot
         moved = web.wait_for(victim["id"], lambda j: j["status"] == "running" and j["node"] == "node-b",
                              timeout=120, what="resumed on node-b")
         done = web.wait_for(moved["id"], lambda j: j["status"] in ("succeeded", "failed"), timeout=300,
                             what="finished on node-b")
         assert done["status"] == "succeeded", (done, workers[1].log())
+        watching.set()
+        watcher.join()
+        assert most[0] == 1, "one training process for the job at any time"
         events = web.request("GET", f"/api/v1/jobs/{victim['id']}")[1]["events"]
         assert any("node node-a stopped answering" in e["message"] for e in events), events
         log = web.request("GET", f"/api/v1/jobs/{victim['id']}/logs?after=0")[1]["text"]
