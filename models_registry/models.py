@@ -67,7 +67,7 @@ class ModelVersion(Shareable):
     notes = models.TextField(_("notes"), blank=True)
     tags = models.JSONField(_("tags"), default=list, blank=True)
 
-    SOURCES = ("job", "import", "merge")
+    SOURCES = ("job", "import", "merge", "reward")  # reward: a Hugging Face sequence-classification folder (RL)
 
     class Meta:
         verbose_name = _("model")
@@ -90,7 +90,9 @@ class ModelVersion(Shareable):
     @property
     def stage_label(self) -> str:
         """The stage that made it, in the active language (an import has none of its own)."""
-        return str(_("imported")) if self.stage == "import" else stage_label(self.stage)
+        if self.stage in ("import", "reward"):
+            return str(_("imported")) if self.stage == "import" else str(_("reward model"))
+        return stage_label(self.stage)
 
     @property
     def files_dir(self) -> Path:
@@ -103,6 +105,8 @@ class ModelVersion(Shareable):
 
     @property
     def formats(self) -> list[str]:
+        if self.source == "reward":
+            return []  # a scorer for RL jobs (config.reward_model), not a language model to convert or chat with
         return ["pth", "hf"] + (["lora"] if self.lora_path else [])
 
     def to_dict(self):

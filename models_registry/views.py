@@ -132,7 +132,8 @@ def model_import(request):
 @login_required
 def playground(request):
     """Chat with one model, or two side by side, through /v1/chat/completions (streamed)."""
-    models = ModelVersion.objects.visible_to(request.user).select_related("owner").order_by("-created_at")
+    models = ModelVersion.objects.visible_to(request.user).exclude(source="reward").select_related("owner").order_by(
+        "-created_at")
     first = request.GET.get("model", "")
     words = {"reasoning": _("Reasoning"), "you": _("You"), "error": _("Error"),
              "empty": _("(no text: the model ended at once or wrote only blank lines)"),

@@ -542,3 +542,49 @@ def test_a_node_whose_heartbeat_stops_stops_its_runs_before_its_lease_ends(user,
     sup.raw_log.close()
     assert sup.finish(sup.proc.returncode) == Job.Status.QUEUED  # interrupted here, to resume in one place
     assert "stopped beating" in Job.objects.get(pk=job.pk).events.filter(kind="interrupted").last().text
+
+
+def test_a_reward_model_is_named_by_its_registry_id_under_the_visibility_rule(client, user, other_user, tmp_path):
+    """A sequence-classification folder imported into the registry; a GRPO job names it by id (its path is the
+    portal's business); someone else's private reward model is not found."""
+    import io
+    import shutil
+    import zipfile
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    from models_registry.models import ModelVersion
+
+    cfg = Qwen3Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    Qwen3ForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(Tokenizer.demo().path) / name, tmp_path / "rm" / name)
+    raw = io.BytesIO()
+    with zipfile.ZipFile(raw, "w") as zf:
+        for f in (tmp_path / "rm").iterdir():
+            zf.write(f, f"rm/{f.name}")
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    r = client.post("/api/v1/models/import", {"name": "judge", "file": SimpleUploadedFile("rm.zip", raw.getvalue())},
+                    **_bearer(other_user))
+    assert r.status_code == 201, r.json()
+    reward = ModelVersion.objects.get(pk=r.json()["id"])
+    assert reward.source == "reward" and Path(reward.path, "config.json").exists() and r.json()["formats"] == []
+    base = ModelVersion.objects.create(name="base", owner=user, tokenizer=Tokenizer.demo(), path="/x",
+                                       config={k: TINY[k] for k in ("hidden_size", "num_hidden_layers")})
+    job = {"name": "rm", "stage": "grpo", "dataset": Dataset.objects.filter(kind="rlaif").first().pk,
+           "base_model": base.pk, "config": {**TINY, "rewards": {"model": 1.0}, "reward_model": reward.pk}}
+    r = _post_json(client, "/api/v1/jobs", job, user)
+    assert r.status_code == 400 and "config.reward_model: no" in r.json()["error"]  # bob's, private
+    assert str(reward.path) not in json.dumps(r.json())
+    ModelVersion.objects.filter(pk=reward.pk).update(is_public=True)
+    r = _post_json(client, "/api/v1/jobs", job, user)
+    assert r.status_code == 201, r.json()
+    created = Job.objects.get(pk=r.json()["id"])
+    assert created.resolved_config["reward_model_path"] == reward.path and created.config["reward_model"] == reward.pk
+    # a reward model is not a language model to train from
+    r = _post_json(client, "/api/v1/jobs", {**job, "base_model": reward.pk}, user)
+    assert r.status_code == 400 and "is a reward model" in r.json()["error"]

@@ -30,7 +30,32 @@ def _model_version(value, field, owner):
     """A ModelVersion given as an instance, an id the owner can use, or nothing."""
     if value is None or isinstance(value, ModelVersion):
         return value
-    return ModelVersion.objects.usable_by(owner, value, field)
+    mv = ModelVersion.objects.usable_by(owner, value, field)
+    if mv is not None and mv.source == "reward":
+        raise ServiceError(_("%(field)s: %(name)s is a reward model, not a language model")
+                           % {"field": field, "name": str(mv)}, field=field)
+    return mv
+
+
+def _reward_model_config(owner, config: dict) -> dict:
+    """The config the engine gets: ``reward_model`` (the registry id of a reward model the owner may use, resolved
+    through the same visibility rule as every object a request names) becomes the engine's ``reward_model_path``.
+    A folder on the server is never a member's to name: the training process reads it with the portal's rights, so
+    anyone could name another user's folder, and its error would say what exists there (admins may)."""
+    config = dict(config)
+    if config.get("reward_model_path") and not owner.is_superuser:
+        raise ServiceError(_("config.reward_model_path: only admins name a folder on the server; give "
+                             "config.reward_model, the id of a reward model in the registry"), status=403,
+                           field="config.reward_model_path")
+    if "reward_model" not in config:
+        return config
+    reward = ModelVersion.objects.usable_by(owner, config.pop("reward_model"), "config.reward_model")
+    if reward is not None and reward.source != "reward":
+        raise ServiceError(_("config.reward_model: %(name)s is not a reward model (import a Hugging Face "
+                             "sequence-classification folder)") % {"name": str(reward)}, field="config.reward_model")
+    if reward is not None:
+        config["reward_model_path"] = reward.path
+    return config
 
 
 def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
@@ -91,17 +116,13 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
             _("tokenizer: %(name)s is %(status)s, not ready") % {"name": tok.name, "status": tok.status},
             field="tokenizer",
         )
+    engine_config = _reward_model_config(owner, config or {})
     try:
         # A base model fixes the architecture: its keys replace any the job's config gives.
         arch = {k: v for k, v in (base.config if base else {}).items() if k in tspec.MODEL_DEFAULTS}
-        resolved = tspec.resolve_config(stage, {**(config or {}), **arch})
+        resolved = tspec.resolve_config(stage, {**engine_config, **arch})
     except tspec.SpecError as exc:
         raise ServiceError(spec_error_text(exc), field=f"config.{exc.field}") from None
-    if resolved.get("reward_model_path") and not owner.is_superuser:
-        # a folder on the server is read by the training process with the portal's rights: anyone could name
-        # another user's folder, and its error would say what exists there
-        raise ServiceError(_("config.reward_model_path: only admins name a folder on the server; ask an admin to "
-                             "set up the reward model"), status=403, field="config.reward_model_path")
     if tok.vocab_size > resolved["vocab_size"]:
         raise ServiceError(
             _("config.vocab_size: the tokenizer has %(vocab_size)s tokens, more than the model's %(model_vocab)s")

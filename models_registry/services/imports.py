@@ -160,6 +160,8 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
         if _is_hf_zip(src):
             folder = _extract_zip(src, work / "hf")
             hf_config = _folder_config(folder)
+            if any(str(a).endswith("ForSequenceClassification") for a in hf_config.get("architectures") or ()):
+                return _import_reward_model(owner, name, folder, hf_config, request)
             if hf_config.get("model_type") in tspec.SUPPORTED_MODEL_TYPES:  # the engine names what it does not read
                 check_model_size(hf_config, sum(f.stat().st_size for f in folder.iterdir()
                                                 if f.suffix in (".safetensors", ".bin", ".pth")))
@@ -194,6 +196,32 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
         return mv
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _import_reward_model(owner, name: str, folder: Path, hf_config: dict, request=None) -> ModelVersion:
+    """A Hugging Face sequence-classification folder (with its tokenizer) kept as it is: the reward model RL jobs
+    name by its registry id (``config.reward_model``); its weights are bounded by the devices' memory."""
+    weights = sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin"))
+    if not weights or not (folder / "tokenizer_config.json").exists():
+        raise ServiceError(_("file: a reward model folder needs its weights (.safetensors) and its tokenizer"),
+                           field="file")
+    largest = largest_device_memory()
+    if largest is not None and 2 * weights > largest:
+        raise ServiceError(_("file: a reward model of %(gib)s GiB does not fit the largest device here")
+                           % {"gib": f"{weights / 2**30:.1f}"}, field="file")
+    with transaction.atomic():
+        mv = ModelVersion.objects.create(
+            name=name, version=next_version(owner, name), owner=owner, stage="reward", source="reward",
+            config={k: hf_config[k] for k in ("model_type", "architectures", "hidden_size", "num_hidden_layers",
+                                              "vocab_size") if k in hf_config},
+            path="", size_bytes=weights)
+        final = mv.files_dir / "reward"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder.replace(final)
+        ModelVersion.objects.filter(pk=mv.pk).update(path=str(final))
+        mv.path = str(final)
+    audit(owner, "model_import", mv, request=request, kind="reward")
+    return mv
 
 
 def merge_lora(*, owner, mv: ModelVersion, request=None) -> ModelVersion:
