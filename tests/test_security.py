@@ -152,9 +152,31 @@ def test_the_one_reader_bounds_lines_and_unpacking(tmp_path, monkeypatch):
         list(records.iter_records(gz))
 
 
-def test_a_resume_checkpoint_is_loaded_with_weights_only():
-    source = (Path(__file__).resolve().parents[1] / "training" / "loop.py").read_text()
-    assert "weights_only=False" not in source
+class _Payload:
+    """What a crafted checkpoint would smuggle in: unpickling it runs code (here: it writes a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_resume_checkpoint_runs_no_code_when_loaded(tmp_path):
+    import pickle
+
+    import torch
+
+    from training.loop import load_checkpoint
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "resume.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 3, "evil": _Payload(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+    assert not marker.exists()
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 3, "rng": {"torch": torch.get_rng_state()}}, path)
+    assert load_checkpoint(path)["step"] == 3
 
 
 # --- 1. instructors reach no further than their consenting members ------------------------------------------------------

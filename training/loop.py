@@ -87,6 +87,12 @@ def _rng_state():
     return state
 
 
+def load_checkpoint(path) -> dict:
+    """A resume checkpoint: tensors and plain values only (``weights_only``: a crafted file in a run folder can run
+    no code when a job resumes from it)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -244,7 +250,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     step, epoch, micro, tokens_seen = 0, 0, 0, 0
     order_bs = global_bs  # the global batch the current epoch's order is drawn with
     if spec.get("resume") and resume_path.exists():
-        ck = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        ck = load_checkpoint(resume_path)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
