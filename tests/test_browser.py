@@ -178,11 +178,22 @@ def test_an_instructor_builds_a_group_and_students_see_only_what_is_theirs_or_sh
     teacher.fill("#group-name", "nlp-lab")
     teacher.click("#new-group button[type=submit]")
     teacher.wait_for_selector("#add-member")
-    for student in ("stu1", "stu2"):
+    for student in ("stu1", "stu2"):  # invited: each joins by accepting on their own groups page
         teacher.fill("#member-username", student)
         teacher.click("#add-member button[type=submit]")
-        teacher.wait_for_selector(f"#member-table >> text={student}")
+        teacher.wait_for_selector(f"#invited >> text={student}")
     group_url = teacher.url
+    for student in ("stu1", "stu2"):
+        invited = login(live, browser, student, passwords[student])
+        invited.goto(live.url + "/groups/")
+        assert "nlp-lab" in invited.inner_text("#invitations")
+        with invited.expect_navigation():
+            invited.click("#invitations button[value=accept]")
+        invited.wait_for_selector("#group-table >> text=nlp-lab")
+        invited.close()
+    teacher.goto(group_url)
+    for student in ("stu1", "stu2"):
+        teacher.wait_for_selector(f"#member-table >> text={student}")
     tokens = {s: live.token_for(s, passwords[s]) for s in ("stu1", "stu2", "stu3")}
     slow = {**TINY, "max_steps": 3}
     own = live.submit("stu1-own", slow, token=tokens["stu1"])
