@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import uuid
@@ -18,7 +17,7 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from minicloud.errors import ServiceError
-from minicloud.processes import die_with_parent
+from minicloud.processes import die_with_parent, engine_env
 
 from .models import Tokenizer
 
@@ -34,7 +33,7 @@ class ChatWorker:
         self.proc = None
 
     async def _start(self):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(engine_env(), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")  # no secrets
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training", "chat-worker", cwd=settings.BASE_DIR, env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24,
