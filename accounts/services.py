@@ -3,6 +3,7 @@ instructors, sharing, bulk user creation and login throttling. Access checks: ac
 import csv
 import io
 import ipaddress
+import math
 import os
 import secrets
 from datetime import timedelta
@@ -239,10 +240,11 @@ def add_member(actor, group, username: str, request=None) -> tuple[object, bool]
         GroupInvitation.objects.filter(group=group, user=user).delete()
         audit(actor, "group_add_member", group, request=request, member=user.username)
         return user, True
-    if not group.user_set.filter(pk=user.pk).exists():
-        GroupInvitation.objects.get_or_create(group=group, user=user, defaults={"invited_by": actor})
-        audit(actor, "group_invite", group, request=request, member=user.username)
-    return user, group.user_set.filter(pk=user.pk).exists()
+    if group.user_set.filter(pk=user.pk).exists():
+        return user, True
+    GroupInvitation.objects.get_or_create(group=group, user=user, defaults={"invited_by": actor})
+    audit(actor, "group_invite", group, request=request, member=user.username)
+    return user, False
 
 
 def invitations_of(user):
@@ -363,13 +365,12 @@ def login_wait(username: str, ip) -> int:
     wait = 0
     for times, threshold in ((failures.filter(username=username, ip=ip), limit),
                              (failures.filter(ip=ip) if ip else failures.none(), 5 * limit)):
-        recent = list(times.order_by("-time").values_list("time", flat=True)[:limit * 5 + 32])
-        if len(recent) < threshold:
+        failed = times.count()
+        if failed < threshold:
             continue
-        backoff = min(2 ** min(len(recent) - threshold, 30), settings.LOGIN_FAILURE_WINDOW_S)
-        wait = max(wait, int(backoff - (now - recent[0]).total_seconds() + 0.999))
-    return max(wait, 0)
-
+        backoff = min(2 ** min(failed - threshold, 30), settings.LOGIN_FAILURE_WINDOW_S)
+        wait = max(wait, math.ceil(backoff - (now - times.latest("time").time).total_seconds()))
+    return wait
 
 
 def check_deletable(actor, obj, kind: str, references: list[str]) -> None:

@@ -22,6 +22,7 @@ from .models import Job
 POLL_S = 0.5
 RECHECK_S = 2.0  # how often an open stream checks that its user may still read the job
 
+
 class JobConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
         user = self.scope.get("user")

@@ -174,8 +174,8 @@ class JobForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = Dataset.objects.visible_to(user)
         self.fields["eval_dataset"].queryset = Dataset.objects.visible_to(user)
-        self.fields["base_model"].queryset = ModelVersion.objects.visible_to(user).exclude(source="reward")
-        self.fields["teacher_model"].queryset = ModelVersion.objects.visible_to(user).exclude(source="reward")
+        self.fields["base_model"].queryset = ModelVersion.objects.visible_to(user).language_models()
+        self.fields["teacher_model"].queryset = ModelVersion.objects.visible_to(user).language_models()
         demo = self.fields["dataset"].queryset.filter(name="demo-pretrain").first()
         if demo and "dataset" not in self.initial:
             self.initial["dataset"] = demo.pk

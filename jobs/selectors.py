@@ -3,9 +3,9 @@ import json
 
 from django.db import close_old_connections
 
-from .models import DeviceSample, Job, JobEvent, LogChunk, MetricPoint
 from training.records import loads
 
+from .models import DeviceSample, Job, JobEvent, LogChunk, MetricPoint
 from .validation import open_text
 
 SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job

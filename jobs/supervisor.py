@@ -3,9 +3,11 @@
 The child is ``python -u -m training run SPEC.json`` in a new process group (forked from this worker's warm engine
 when it runs on a CPU slot: jobs/engine_process.py), with only the environment a training run needs (``engine_env``:
 never the database URL, the secret key or an admin's password). Its stdout and stderr are read by a thread: a line
-that starts with the run's event token (drawn for each run, training/events.py) is an event, anything else log text; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text
-in one short transaction, checks for cancellation or node shutdown, and signals the group: SIGTERM (the engine
-checkpoints and exits), then SIGKILL after ``JOB_KILL_GRACE_S``.
+that starts with the run's event token (drawn for each run, training/events.py) is an event, anything else log
+text; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text in one short transaction (while
+the job still has this run's generation), checks for cancellation, node shutdown, its node's lease and its owner's
+weekly hours, and signals the group: SIGTERM (the engine checkpoints and exits), then SIGKILL after
+``JOB_KILL_GRACE_S``.
 """
 from __future__ import annotations
 
@@ -120,9 +122,10 @@ class Supervisor:
         self.tail: list[str] = []
         self.term_sent_at = None
         self.killed = False
-        self.reason = None  # "cancel", "pause", "quota", "shutdown", "timeout" or "lost" once the child must stop
+        # "cancel", "pause", "quota", "shutdown", "timeout", "lease" or "lost" once the child must stop
+        self.reason = None
         self.quota_checked_at = time.monotonic()
-        self.hours = None  # (used, limit) of the weekly device-hours once they ran out
+        self.hours = None  # the message parameters of the weekly device-hours once they ran out
         self.peak_memory = job.peak_memory
         self.steps_started = False  # the engine's start event came: its data is ready
         self.token = secrets.token_hex(16)  # only lines that start with it are events (training/events.py)
@@ -214,7 +217,10 @@ class Supervisor:
 
     def _lose(self) -> None:
         """The job is another run's now: stop the child at once and write nothing more."""
-        self.reason = "lost"
+        self._kill_now("lost")
+
+    def _kill_now(self, reason: str) -> None:
+        self.reason = reason
         if self.proc.poll() is None:
             self._signal(signal.SIGKILL)
         self.killed = True
@@ -249,9 +255,7 @@ class Supervisor:
             if beat is not None and (timezone.now() - beat).total_seconds() > settings.NODE_TIMEOUT_S / 2:
                 # This node's lease is running out (its `serve` stopped beating): stop the run now, before the
                 # other nodes may declare the node down and start the job elsewhere. It must never run twice.
-                self.reason = "lease"
-                self._signal(signal.SIGKILL)
-                self.killed = True
+                self._kill_now("lease")
                 return
             if status == Job.Status.CANCELLING:
                 self.reason = "cancel"
@@ -265,7 +269,7 @@ class Supervisor:
                 self.reason = "quota"
                 self.job.transition(Job.Status.PAUSING, "quota", gettext_noop(
                     "the weekly quota of %(limit)s device-hours is used up (%(used)s): pausing at a checkpoint"),
-                    self._hours_params())
+                    self.hours)
             if self.reason:
                 self._signal(signal.SIGTERM)
                 self.term_sent_at = time.monotonic()
@@ -280,12 +284,8 @@ class Supervisor:
         used, limit = services.hours_left(self.job.owner)
         if limit is None or used < limit:
             return False
-        self.hours = (used, limit)
+        self.hours = {"limit": format(limit, "g"), "used": format(used, ".2f")}
         return True
-
-    def _hours_params(self) -> dict:
-        used, limit = self.hours
-        return {"limit": format(limit, "g"), "used": format(used, ".2f")}
 
     def _signal(self, sig) -> None:
         kill_group(self.proc.pid, sig)
@@ -335,14 +335,13 @@ class Supervisor:
                 services.finish_job(job, S.SUCCEEDED, output_model=mv)
         elif self.reason == "cancel" or job.status == S.CANCELLING:
             services.finish_job(job, S.CANCELLED)
-        elif self.reason == "quota":
-            job.transition(S.PAUSED, job.node,
-                           gettext_noop("paused at step %(step)s: the weekly quota of %(limit)s device-hours is used up "
-                                        "(%(used)s); resume it next week or ask an admin for more"),
-                           {"step": job.step, **self._hours_params()},
-                           pid=None, worker_pid=None, resume=job.checkpoint_path.exists())
-        elif self.reason == "pause" or job.status == S.PAUSING:
-            job.transition(S.PAUSED, job.node, gettext_noop("checkpoint at step %(step)s"), {"step": job.step},
+        elif self.reason in ("quota", "pause") or job.status == S.PAUSING:
+            if self.reason == "quota":
+                why = gettext_noop("paused at step %(step)s: the weekly quota of %(limit)s device-hours is used up "
+                                   "(%(used)s); resume it next week or ask an admin for more")
+            else:
+                why = gettext_noop("checkpoint at step %(step)s")
+            job.transition(S.PAUSED, job.node, why, {"step": job.step, **(self.hours or {})},
                            pid=None, worker_pid=None, resume=job.checkpoint_path.exists())
         elif self.reason == "timeout":
             limit = gettext_noop("time limit of %(limit)s s reached at step %(step)s; retry continues from the last "

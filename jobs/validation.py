@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from django.utils.translation import gettext as _, gettext_noop
 
-from training.records import DataTooLarge, check_record, message, open_text, record_text, unreadable
+from training.records import DataTooLarge, check_record, loads, message, open_text, record_text, unreadable
 
 __all__ = ["Report", "validate_file", "check_record", "open_text", "record_text"]
 
@@ -87,13 +87,13 @@ def validate_file(path, kind: str, progress=None) -> Report:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = loads(line)
                 except json.JSONDecodeError as exc:
                     report.error(
                         lineno, _("not valid JSON (%(msg)s at column %(colno)s)") % {"msg": exc.msg, "colno": exc.colno}
                     )
                     continue
-                except (RecursionError, ValueError) as exc:  # nesting too deep, an integer of 4300+ digits
+                except ValueError as exc:  # nesting too deep, an integer of 4300+ digits
                     report.error(lineno, unreadable(exc))
                     continue
                 problem = check_record(kind, rec)

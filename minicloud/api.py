@@ -12,6 +12,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from accounts.models import ApiToken
 
+from .bodylimit import too_large
 from .errors import ServiceError, int_or_none, strict_loads
 
 log = logging.getLogger("minicloud")
@@ -41,10 +42,8 @@ def json_object(raw: bytes) -> dict:
     try:
         data = strict_loads(raw)
         nul = _has_nul(data)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and NaN or Infinity (no database stores them)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN or Infinity, nesting too deep (strict_loads)
         raise ServiceError(_("request body is not valid JSON: %(error)s") % {"error": exc}) from None
-    except RecursionError:
-        raise ServiceError(_("request body is nested too deeply")) from None
     if not isinstance(data, dict):
         raise ServiceError(_("request body must be a JSON object"))
     if nul:  # no database stores it (PostgreSQL refuses it in text)
@@ -107,8 +106,7 @@ def endpoint(*methods, auth=True):
             except ApiError as exc:
                 return error(exc.status, str(exc), exc.details)
             except RequestDataTooBig:  # Django's own bound on a body it reads into memory
-                return error(413, _("request body: larger than the %(mb)s MB this address accepts")
-                             % {"mb": format(settings.DATA_UPLOAD_MAX_MEMORY_SIZE / 2**20, ".4g")})
+                return error(413, too_large(settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
             except SuspiciousOperation as exc:  # too many fields, a malformed multipart body
                 return error(400, _("bad request: %(error)s") % {"error": exc})
             except Exception as exc:  # a bug must still answer in JSON

@@ -8,10 +8,16 @@ import json
 import re
 
 from django.conf import settings
+from django.utils.translation import gettext as _
 
 # Routes whose bodies are files: a chunk of a resumable upload, a multipart upload of a dataset, a model or a tokenizer.
 UPLOAD_ROUTES = re.compile(r"^/(api/v1/(uploads/[^/]+|datasets|models/import|tokenizers)"
                            r"|datasets/upload/|models/import/|tokenizers/)$")
+
+
+def too_large(limit: int) -> str:
+    """The refusal of a body over ``limit`` bytes (here and in the API's own answer to Django's bound)."""
+    return _("request body: larger than the %(mb)s MB this address accepts") % {"mb": format(limit / 2**20, ".4g")}
 
 
 def allowance(path: str) -> int:
@@ -53,10 +59,7 @@ class BodyLimit:
 
     @staticmethod
     async def _refuse(send, limit: int):
-        from django.utils.translation import gettext as _
-
-        body = json.dumps({"error": _("request body: larger than the %(mb)s MB this address accepts")
-                           % {"mb": format(limit / 2**20, ".4g")}, "details": {"limit_bytes": limit}}).encode()
+        body = json.dumps({"error": too_large(limit), "details": {"limit_bytes": limit}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

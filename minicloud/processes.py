@@ -20,9 +20,8 @@ def die_with_parent(sig: int):
 # the first admin's password: a process that runs a user's data and templates has no use for them).
 ENGINE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "PYTHONPATH",
               "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
-              "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MINICLOUD_HOME", "MINICLOUD_LAZY_DATA_MB", "MINICLOUD_MAX_LINE_MB",
-              "MASTER_ADDR",
-              "MASTER_PORT")
+              "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MINICLOUD_HOME", "MINICLOUD_LAZY_DATA_MB",
+              "MINICLOUD_MAX_LINE_MB", "MASTER_ADDR", "MASTER_PORT")
 ENGINE_ENV_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_", "TORCH", "TRITON_", "HF_", "TRANSFORMERS_", "GLOO_",
                        "KMP_", "PYTORCH_", "XDG_")
 

@@ -31,8 +31,7 @@ def model_detail(request, model_id):
     if request.method == "DELETE":
         services.delete_model(request.user, mv, request=request)
         return {"deleted": model_id}
-    evaluations = Evaluation.objects.visible_to(request.user).filter(model=mv).select_related("dataset")
-    return {**mv.to_dict(), "evaluations": [e.to_dict() for e in evaluations]}
+    return {**mv.to_dict(), "evaluations": _evaluations(request.user, mv)}
 
 
 CONTENT_TYPES = {"pth": "application/octet-stream", "hf": "application/zip", "lora": "application/zip"}
@@ -65,12 +64,17 @@ def model_import(request):
     return mv.to_dict(), 201
 
 
+def _evaluations(user, mv) -> list[dict]:
+    """The evaluations of ``mv`` that ``user`` may see (on datasets they may read)."""
+    return [e.to_dict() for e in Evaluation.objects.visible_to(user).filter(model=mv).select_related("dataset")]
+
+
 @endpoint("GET", "POST")
 def model_evaluations(request, model_id):
     """GET: the model's evaluations. POST ``{"dataset", "config"}``: queue an evaluation job (201 with the job)."""
     mv = _model(request, model_id)
     if request.method == "GET":
-        return {"evaluations": [e.to_dict() for e in Evaluation.objects.visible_to(request.user).filter(model=mv).select_related("dataset")]}
+        return {"evaluations": _evaluations(request.user, mv)}
     data = json_body(request)
     ds = Dataset.objects.usable_by(request.user, data.get("dataset"), "dataset", required=True)
     job = services.start_evaluation(owner=request.user, mv=mv, dataset=ds, config=data.get("config"))

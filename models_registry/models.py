@@ -5,7 +5,7 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from accounts.models import Shareable
+from accounts.models import Shareable, VisibleQuerySet
 from jobs.models import stage_label
 from minicloud.files import disk_usage
 
@@ -42,6 +42,12 @@ class Tokenizer(Shareable):
                 "trained_on": self.trained_on_id, "created_at": self.created_at.isoformat(), **self.sharing_dict()}
 
 
+class ModelVersionQuerySet(VisibleQuerySet):
+    def language_models(self):
+        """Versions to train from, chat with or convert: every one but the reward models (RL's scorers)."""
+        return self.exclude(source="reward")
+
+
 class ModelVersion(Shareable):
     """A registered model: weights in MiniMind's .pth layout, its config, tokenizer and lineage."""
 
@@ -67,6 +73,8 @@ class ModelVersion(Shareable):
     notes = models.TextField(_("notes"), blank=True)
     tags = models.JSONField(_("tags"), default=list, blank=True)
 
+    objects = ModelVersionQuerySet.as_manager()
+
     SOURCES = ("job", "import", "merge", "reward")  # reward: a Hugging Face sequence-classification folder (RL)
 
     class Meta:
@@ -90,8 +98,10 @@ class ModelVersion(Shareable):
     @property
     def stage_label(self) -> str:
         """The stage that made it, in the active language (an import has none of its own)."""
-        if self.stage in ("import", "reward"):
-            return str(_("imported")) if self.stage == "import" else str(_("reward model"))
+        if self.stage == "import":
+            return str(_("imported"))
+        if self.stage == "reward":
+            return str(_("reward model"))
         return stage_label(self.stage)
 
     @property

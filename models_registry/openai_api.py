@@ -34,7 +34,7 @@ def model_id(mv: ModelVersion) -> str:
 
 def find_model(user, ref) -> ModelVersion:
     """A model the user may read, by id (``12``), ``name:vN`` or name (its newest version, the user's own first)."""
-    qs = ModelVersion.objects.visible_to(user).exclude(source="reward").select_related("tokenizer")
+    qs = ModelVersion.objects.visible_to(user).language_models().select_related("tokenizer")
     ref = str(ref or "").strip()
     if not ref:
         raise ServiceError(_("model: required (an id or name from GET /v1/models)"), field="model")
@@ -188,7 +188,7 @@ def _list_models(request):
     user = request_user(request)
     if user is None:
         raise ServiceError(_("authentication required: send 'Authorization: Bearer <token>'"), status=401)
-    models = ModelVersion.objects.visible_to(user).exclude(source="reward").select_related("owner").order_by(
+    models = ModelVersion.objects.visible_to(user).language_models().select_related("owner").order_by(
         "-created_at")[:500]
     return {"object": "list", "data": [{"id": model_id(m), "object": "model", "created": int(m.created_at.timestamp()),
                                         "owned_by": m.owner.username if m.owner else "minicloud",

@@ -132,7 +132,7 @@ def model_import(request):
 @login_required
 def playground(request):
     """Chat with one model, or two side by side, through /v1/chat/completions (streamed)."""
-    models = ModelVersion.objects.visible_to(request.user).exclude(source="reward").select_related("owner").order_by(
+    models = ModelVersion.objects.visible_to(request.user).language_models().select_related("owner").order_by(
         "-created_at")
     first = request.GET.get("model", "")
     words = {"reasoning": _("Reasoning"), "you": _("You"), "error": _("Error"),

@@ -255,7 +255,7 @@ def parse(line, lineno: int, kind: str | None):
         raise ValueError(f"dataset line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"dataset line {lineno}: not UTF-8 text ({exc.reason})") from None
-    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of more than 4300 digits
+    except ValueError as exc:  # nested too deeply (``loads``); an integer of more than 4300 digits
         raise ValueError(f"dataset line {lineno}: {unreadable(exc)}") from None
     found = check_record(kind, rec) if kind else None
     if found:
@@ -263,9 +263,9 @@ def parse(line, lineno: int, kind: str | None):
     return rec
 
 
-def unreadable(exc: BaseException) -> str:
-    """Why JSON that parses in principle could not be read: nesting too deep, or a number too long."""
-    return "nested too deeply" if isinstance(exc, RecursionError) else f"not readable JSON ({exc})"
+def unreadable(exc: ValueError) -> str:
+    """Why a line of valid JSON syntax could not be read (``loads``: nesting too deep, a number too long)."""
+    return f"not readable JSON ({exc})"
 
 
 def loads(line):

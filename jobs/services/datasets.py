@@ -202,9 +202,11 @@ def append_upload(upload, offset: int, stream, length: int) -> int:
             details={"offset": upload.size},
         )
     check_upload_size(upload.size + length)
-    check_storage(upload.owner, adding=length)  # every chunk, the unfinished parts counted
-    room = storage_room(upload.owner)
-    allowed = min(settings.UPLOAD_MAX_BYTES - upload.size, room if room is not None else settings.UPLOAD_MAX_BYTES)
+    room = storage_room(upload.owner)  # every chunk spends the storage quota, the unfinished parts counted
+    if room is not None and (room == 0 or length > room):
+        check_storage(upload.owner, adding=length)  # refuses, naming the quota
+    allowed = settings.UPLOAD_MAX_BYTES - upload.size if room is None else min(
+        settings.UPLOAD_MAX_BYTES - upload.size, room)
     written = 0
     with open(upload.path, "ab") as f:
         for block in iter(lambda: stream.read(1 << 20), b""):

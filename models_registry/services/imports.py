@@ -21,6 +21,11 @@ from .registry import _parameters, next_version
 from .tokenizers import upload_tokenizer
 
 
+def _weight_bytes(folder: Path) -> int:
+    """The bytes of a Hugging Face folder's weight files."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".pth"))
+
+
 def _folder_config(folder: Path) -> dict:
     try:
         config = strict_loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -163,8 +168,7 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
             if any(str(a).endswith("ForSequenceClassification") for a in hf_config.get("architectures") or ()):
                 return _import_reward_model(owner, name, folder, hf_config, request)
             if hf_config.get("model_type") in tspec.SUPPORTED_MODEL_TYPES:  # the engine names what it does not read
-                check_model_size(hf_config, sum(f.stat().st_size for f in folder.iterdir()
-                                                if f.suffix in (".safetensors", ".bin", ".pth")))
+                check_model_size(hf_config, _weight_bytes(folder))
             report = run_engine("convert", "pth", folder, weights)
             if not report["verification"]["ok"]:
                 raise ServiceError(_("the imported weights do not reproduce the folder's logits"), status=400)
@@ -201,7 +205,7 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
 def _import_reward_model(owner, name: str, folder: Path, hf_config: dict, request=None) -> ModelVersion:
     """A Hugging Face sequence-classification folder (with its tokenizer) kept as it is: the reward model RL jobs
     name by its registry id (``config.reward_model``); its weights are bounded by the devices' memory."""
-    weights = sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin"))
+    weights = _weight_bytes(folder)
     if not weights or not (folder / "tokenizer_config.json").exists():
         raise ServiceError(_("file: a reward model folder needs its weights (.safetensors) and its tokenizer"),
                            field="file")

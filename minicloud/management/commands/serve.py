@@ -200,7 +200,7 @@ def _kill_leftovers(pidfile):
             cmd = open(f"/proc/{proc}/cmdline", "rb").read().decode(errors="replace")
         except (OSError, ValueError, IndexError):
             continue
-        if pgrp in pgids and any(name in cmd for name in ("qcluster", "workers", "daphne", "chat-worker")):  # our old children
+        if pgrp in pgids and any(name in cmd for name in ("qcluster", "workers", "daphne", "chat-worker")):  # ours
             kill_group(pgrp, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
 
