@@ -189,17 +189,19 @@ def processes_of(home: Path) -> list[str]:
     return found
 
 
-def training_processes(spec_fragment: str) -> list[int]:
-    """PIDs of live `training run` processes whose command line contains ``spec_fragment``."""
+def training_processes(home: Path, job_id: int) -> list[int]:
+    """PIDs of live `training run` processes of job ``job_id`` of the node(s) whose MINICLOUD_HOME is ``home``: the
+    whole spec path, since parallel test workers each have their own portal and job numbers repeat between them."""
+    spec = str(Path(home).resolve() / "runs" / f"job-{job_id}" / "spec.json")
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().split()[2]
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "training run" in cmd and spec_fragment in cmd and state != "Z":
+        if "training run" in cmd and spec in cmd.split() and state != "Z":
             pids.append(int(proc.name))
     return pids

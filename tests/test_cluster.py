@@ -108,12 +108,12 @@ def test_two_worker_nodes_share_jobs_take_over_a_dead_node_and_stream_through_re
         web.wait_for(victim["id"], lambda j: j["step"] >= 15, what="past a checkpoint")
         # kill -9 of node-a's serve alone: its runners and training process must end with it (a parent-death signal
         # down the whole tree), so that the job, moved to node-b, never runs in two places at once
-        spec = f"job-{victim['id']}/spec.json"
+        spec = (home, victim["id"])
         most, watching = [0], threading.Event()
 
         def watch():
             while not watching.is_set():
-                most[0] = max(most[0], len(training_processes(spec)))
+                most[0] = max(most[0], len(training_processes(*spec)))
                 time.sleep(0.05)
 
         watcher = threading.Thread(target=watch, daemon=True)

@@ -45,15 +45,15 @@ def test_pretrain_job_end_to_end(live):
 def test_cancel_a_running_job_kills_the_process(live):
     job = live.submit("e2e-cancel", {**TINY, "max_steps": 100000, "log_interval": 1})
     live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] > 0, what="running with steps")
-    spec = f"job-{job['id']}/spec.json"
-    assert training_processes(spec), "the training child should be running"
+    spec = (live.home, job["id"])
+    assert training_processes(*spec), "the training child should be running"
     t0 = time.time()
     status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")
     assert status == 202, body
     live.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=15, what="cancelled")
-    while training_processes(spec) and time.time() - t0 < 10:
+    while training_processes(*spec) and time.time() - t0 < 10:
         time.sleep(0.2)
-    assert not training_processes(spec), "the training child must be gone within 10 s"
+    assert not training_processes(*spec), "the training child must be gone within 10 s"
     assert time.time() - t0 < 10
     assert live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 409
 

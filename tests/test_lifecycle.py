@@ -25,7 +25,7 @@ def test_pause_then_resume_continues_from_the_checkpoint(live):
     status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/pause")
     assert status == 202 and body["status"] == "pausing"
     paused = live.wait_for(job["id"], lambda j: j["status"] == "paused", timeout=30, what="paused")
-    assert not training_processes(f"job-{job['id']}/spec.json")  # the device is free
+    assert not training_processes(live.home, job["id"])  # the device is free
     step = paused["step"]
     assert live.request("POST", f"/api/v1/jobs/{job['id']}/pause")[0] == 409
     status, body = live.request("POST", f"/api/v1/jobs/{job['id']}/resume")
@@ -40,21 +40,21 @@ def test_pause_then_resume_continues_from_the_checkpoint(live):
 def test_cancel_of_a_hung_training_process_kills_it(live):
     job = live.submit("hang", LONG)
     live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] > 0, what="running")
-    spec = f"job-{job['id']}/spec.json"
-    for pid in training_processes(spec):
+    spec = (live.home, job["id"])
+    for pid in training_processes(*spec):
         os.kill(pid, signal.SIGSTOP)  # a training loop that no longer answers SIGTERM
     t0 = time.time()
     assert live.request("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 202
     live.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=15, what="cancelled")
-    while training_processes(spec) and time.time() - t0 < 10:
+    while training_processes(*spec) and time.time() - t0 < 10:
         time.sleep(0.2)
-    assert not training_processes(spec) and time.time() - t0 < 10
+    assert not training_processes(*spec) and time.time() - t0 < 10
 
 
 def test_killed_training_process_is_resumed_automatically(live):
     job = live.submit("kill-9", {**TINY, "max_steps": 60, "log_interval": 1, "save_interval": 10})
     live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 25, what="past a checkpoint")
-    for pid in training_processes(f"job-{job['id']}/spec.json"):
+    for pid in training_processes(live.home, job["id"]):
         os.kill(pid, signal.SIGKILL)
     done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
                          what="recovered")
@@ -102,7 +102,7 @@ def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
     try:
         job = node.submit("survivor", {**TINY, "max_steps": 60, "log_interval": 1, "save_interval": 10})
         node.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 25, what="past a checkpoint")
-        assert training_processes(f"job-{job['id']}/spec.json")
+        assert training_processes(node.home, job["id"])
         os.killpg(node.proc.pid, signal.SIGKILL)
         node.proc.wait()
         deadline = time.time() + 5
