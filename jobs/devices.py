@@ -62,8 +62,18 @@ def nvml_devices() -> list[dict]:
         pynvml.nvmlShutdown()
 
 
+def slurm_slots(n: int) -> list[dict]:
+    """Under the Slurm executor a node's "devices" are the jobs it may have handed to Slurm at once
+    (MINICLOUD_SLURM_MAX_JOBS): the portal keeps the order and the quotas, Slurm places each job on its nodes."""
+    return [{"index": i, "kind": "slurm", "name": f"Slurm job slot {i}", "memory_total": None, "memory_used": None,
+             "utilization": None, "temperature": None} for i in range(n)]
+
+
 def inventory(spec: str | None = None) -> list[dict]:
-    """This node's devices: the override, else every NVML GPU, else one CPU slot."""
+    """This node's devices: Slurm's job slots under the Slurm executor, else the override, else every NVML GPU,
+    else one CPU slot."""
+    if spec is None and os.environ.get("MINICLOUD_EXECUTOR", "").strip().lower() == "slurm":
+        return slurm_slots(int(os.environ.get("MINICLOUD_SLURM_MAX_JOBS", "16")))
     parsed = _parse(os.environ.get("MINICLOUD_DEVICES", "") if spec is None else spec)
     if parsed is not None:
         return parsed

@@ -48,6 +48,13 @@ class Dataset(Shareable):
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name
 
+    @property
+    def slurm_info(self) -> dict | None:
+        """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
+        if not self.slurm:
+            return None
+        return {k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}
+
     def to_dict(self):
         return {"id": self.pk, "name": self.name, "version": self.version, "kind": self.kind, "records": self.records,
                 "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
@@ -244,6 +251,11 @@ class Job(Shareable):
     placement = models.JSONField(default=list, blank=True)
     rendezvous = models.JSONField(default=dict, blank=True)
     pid = models.IntegerField(null=True, blank=True)
+    executor = models.CharField(max_length=10, blank=True)  # where its current or last run ran: "local" or "slurm"
+    # A run under the Slurm executor (jobs/slurm.py): {"id", "state", "reason", "nodes", "start", "read", "token",
+    # "script"}: Slurm's job id, its state and reason (squeue's %T and %r), its node list, the expected or actual
+    # start, how far the portal has read the job's output file, the run's event token.
+    slurm = models.JSONField(default=dict, blank=True)
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     eta_s = models.FloatField(null=True, blank=True)
@@ -370,6 +382,13 @@ class Job(Shareable):
             "percent": round(100 * float(self.phase.get("fraction") or 0)),
             "records": _count(int(self.phase.get("records") or 0))}
 
+    @property
+    def slurm_info(self) -> dict | None:
+        """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
+        if not self.slurm:
+            return None
+        return {k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}
+
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage, **self.sharing_dict(),
@@ -378,7 +397,7 @@ class Job(Shareable):
             "tokenizer": self.tokenizer_id,
             "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,
             "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,
-            "placement": self.placement,
+            "placement": self.placement, "executor": self.executor or None, "slurm": self.slurm_info,
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
             "phase": self.phase or None, "phase_text": self.phase_text or None,
             "eta_s": self.eta_s, "error": self.error_text or None, "output_model": self.output_model_id,
@@ -408,6 +427,13 @@ class MetricPoint(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["job", "seq"], name="metric_job_seq")]
         ordering = ["seq"]
+
+    @property
+    def slurm_info(self) -> dict | None:
+        """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
+        if not self.slurm:
+            return None
+        return {k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}
 
     def to_dict(self):
         return {"seq": self.seq, "step": self.step, "time": self.time, "values": self.values}

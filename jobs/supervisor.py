@@ -1,4 +1,5 @@
-"""Runs one claimed job as a child process and mirrors its events into the database.
+"""Runs one claimed job as a child process (or, under the Slurm executor, as a Slurm batch job: jobs/slurm.py) and
+mirrors its events into the database.
 
 The child is ``python -u -m training run SPEC.json`` in a new process group (forked from this worker's warm engine
 when it runs on a CPU slot: jobs/engine_process.py), with only the environment a training run needs (``engine_env``:
@@ -7,7 +8,9 @@ that starts with the run's event token (drawn for each run, training/events.py) 
 text; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text in one short transaction (while
 the job still has this run's generation), checks for cancellation, node shutdown, its node's lease and its owner's
 weekly hours, and signals the group: SIGTERM (the engine checkpoints and exits), then SIGKILL after
-``JOB_KILL_GRACE_S``.
+``JOB_KILL_GRACE_S``. A Slurm run is followed through its output file on the shared storage and signalled with
+``scancel``; Slurm enforces its time limit, and the supervisor of a node that stops detaches from it (the run goes
+on, and the node follows it again when it starts: ``Supervisor(job, attach=True)``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from django.utils.translation import gettext_noop
 from minicloud.processes import die_with_parent, engine_env, kill_group
 from models_registry.services import record_evaluation, register_job_output
 
-from . import engine_process, services
+from . import engine_process, services, slurm
 from .models import Job, JobPart, LogChunk, MetricPoint, Node
 
 log = logging.getLogger("jobs")
@@ -111,8 +114,11 @@ def _device_env(node_name: str, devices: list[int]) -> dict:
 
 
 class Supervisor:
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, attach: bool = False):
         self.job = job
+        self.attach = attach  # follow the job's Slurm run that another supervisor started (jobs/services/nodes.py)
+        self.slurm = job.executor == "slurm" if attach else settings.EXECUTOR == "slurm"
+        self.read_pos = None  # Slurm: how far the output file is recorded
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seq = (MetricPoint.objects.filter(job=job).order_by("-seq").values_list("seq", flat=True).first() or 0)
         last = LogChunk.objects.filter(job=job).order_by("-offset").first()
@@ -122,32 +128,49 @@ class Supervisor:
         self.tail: list[str] = []
         self.term_sent_at = None
         self.killed = False
-        # "cancel", "pause", "quota", "shutdown", "timeout", "lease" or "lost" once the child must stop
+        # "cancel", "pause", "quota", "shutdown", "timeout", "lease" or "lost" once the child must stop; "detach"
+        # once a Slurm run is left to run on unfollowed
         self.reason = None
         self.quota_checked_at = time.monotonic()
         self.hours = None  # the message parameters of the weekly device-hours once they ran out
         self.peak_memory = job.peak_memory
         self.steps_started = False  # the engine's start event came: its data is ready
-        self.token = secrets.token_hex(16)  # only lines that start with it are events (training/events.py)
+        # only lines that start with it are events (training/events.py); a followed Slurm run keeps its own
+        self.token = job.slurm["token"] if attach else secrets.token_hex(16)
+        self.slurm_saved = dict(job.slurm) if attach else {}
         self.generation = job.generation  # the run's fencing token: writes only while the job still has it
 
     def _reader(self, stream):
         try:
             for raw in iter(stream.readline, ""):
-                self.lines.put(raw.rstrip("\n"))
+                self.lines.put((raw.rstrip("\n"), getattr(stream, "position", None)))
         finally:
             self.lines.put(None)  # always: the supervisor waits for this to finish the job
 
     def start(self) -> None:
-        spec_path = services.write_spec(self.job)
-        devices = self.job.devices
-        env = dict(_device_env(self.job.node, devices), MINICLOUD_EVENT_TOKEN=self.token)
-        log_file = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
-        self.raw_log = log_file
-        self.proc = engine_process.launch(engine_command(spec_path, len(devices), self.job), env=env,
-                                          cwd=str(settings.BASE_DIR))
+        self.job.run_dir.mkdir(parents=True, exist_ok=True)
+        self.raw_log = open(self.job.run_dir / "engine.log", "a", encoding="utf-8")
+        if self.attach:
+            rec = self.job.slurm
+            self.proc = slurm.SlurmRun(rec["id"], self.job.run_dir / f"slurm-{rec['id']}.out", read=rec.get("read") or 0)
+        else:
+            spec_path = services.write_spec(self.job)
+            devices = self.job.devices
+            if self.slurm:
+                env = dict(engine_env(), PYTHONUNBUFFERED="1", MINICLOUD_EVENT_TOKEN=self.token)
+                self.proc = slurm.submit(self.job, spec_path, env)
+            else:
+                env = dict(_device_env(self.job.node, devices), MINICLOUD_EVENT_TOKEN=self.token)
+                self.proc = engine_process.launch(engine_command(spec_path, len(devices), self.job), env=env,
+                                                  cwd=str(settings.BASE_DIR))
         self.started = time.monotonic()
-        Job.objects.filter(pk=self.job.pk).update(pid=self.proc.pid)
+        if self.slurm:
+            self.slurm_saved = {**self.proc.record(), "token": self.token,
+                                "ran": bool(self.attach and self.job.slurm.get("ran"))}
+            Job.objects.filter(pk=self.job.pk, generation=self.generation).update(
+                executor="slurm", slurm=self.slurm_saved, pid=None)
+        else:
+            Job.objects.filter(pk=self.job.pk).update(pid=self.proc.pid, executor="local", slurm={})
         threading.Thread(target=self._reader, args=(self.proc.stdout,), daemon=True).start()
 
     def flush(self) -> bool:
@@ -155,12 +178,15 @@ class Supervisor:
         points, text, updates, ended = [], [], {}, False
         while True:
             try:
-                line = self.lines.get_nowait()
+                item = self.lines.get_nowait()
             except queue.Empty:
                 break
-            if line is None:
+            if item is None:
                 ended = True
                 break
+            line, pos = item
+            if pos is not None:
+                self.read_pos = pos
             if self.reason == "lost":
                 continue  # the job is another node's now: its output is not ours to record
             event, line = self._event(line)
@@ -195,6 +221,8 @@ class Supervisor:
             elif kind == "error" and self.error_event is None:
                 self.error_event = event  # the first error is the cause (a failed rank stops the others with theirs)
         self.raw_log.flush()
+        if self.slurm and self.reason not in ("lost", "detach"):
+            updates.update(self._slurm_updates())
         if points or text or updates:
             chunk = "".join(t + "\n" for t in text)
             with transaction.atomic():
@@ -211,12 +239,30 @@ class Supervisor:
             notify(self.job.pk)
         return not ended
 
+    def _slurm_updates(self) -> dict:
+        """Job fields to write for a Slurm run: its state, reason, nodes and how far its output is read, when they
+        changed; its start once it runs (the run's device-hours count from Slurm's start, not from the release)."""
+        read = self.read_pos if self.read_pos is not None else self.slurm_saved.get("read", 0)
+        rec = {**self.proc.record(read), "token": self.token, "ran": bool(self.slurm_saved.get("ran"))}
+        starts = not rec["ran"] and rec.get("start") and rec.get("state") == "RUNNING"
+        if starts:
+            rec["ran"] = True
+        if rec == self.slurm_saved:
+            return {}
+        self.slurm_saved = rec
+        return {"slurm": rec, **({"started_at": datetime.fromisoformat(rec["start"])} if starts else {})}
+
     def _still_ours(self) -> bool:
         """Whether the job still has this run's generation (locked until the transaction ends, on PostgreSQL)."""
         return Job.objects.select_for_update().filter(pk=self.job.pk, generation=self.generation).exists()
 
     def _lose(self) -> None:
-        """The job is another run's now: stop the child at once and write nothing more."""
+        """The job is another run's now: stop the child at once and write nothing more (a Slurm run is another
+        supervisor's to follow now: this one only stops following it)."""
+        if self.slurm:
+            self.reason = "lost"
+            self.proc.detach()
+            return
         self._kill_now("lost")
 
     def _kill_now(self, reason: str) -> None:
@@ -245,14 +291,15 @@ class Supervisor:
         if self.reason is None:
             status, node, generation = Job.objects.filter(pk=self.job.pk).values_list(
                 "status", "node", "generation").first() or (None, None, None)
-            limit = self.job.time_limit_s
+            limit = None if self.slurm else self.job.time_limit_s  # Slurm's --time enforces it there
             if status not in Job.LIVE or node != self.job.node or generation != self.generation:
                 # Another node took the job over (this node was declared down): stop at once, write nothing more.
                 self._lose()
                 return
             stopping, beat = Node.objects.filter(name=self.job.node).values_list(
                 "stopping", "heartbeat_at").first() or (False, None)
-            if beat is not None and (timezone.now() - beat).total_seconds() > settings.NODE_TIMEOUT_S / 2:
+            if not self.slurm and beat is not None and (
+                    timezone.now() - beat).total_seconds() > settings.NODE_TIMEOUT_S / 2:
                 # This node's lease is running out (its `serve` stopped beating): stop the run now, before the
                 # other nodes may declare the node down and start the job elsewhere. It must never run twice.
                 self._kill_now("lease")
@@ -261,6 +308,10 @@ class Supervisor:
                 self.reason = "cancel"
             elif status == Job.Status.PAUSING:
                 self.reason = "pause"
+            elif stopping and self.slurm:
+                self.reason = "detach"  # the Slurm run goes on; this node follows it again when it starts
+                self.proc.detach()
+                return
             elif stopping:
                 self.reason = "shutdown"
             elif limit and time.monotonic() - self.started > limit:
@@ -288,7 +339,10 @@ class Supervisor:
         return True
 
     def _signal(self, sig) -> None:
-        kill_group(self.proc.pid, sig)
+        if self.slurm:
+            self.proc.send_signal(sig)
+        else:
+            kill_group(self.proc.pid, sig)
 
     def run(self) -> str:
         """Start the child, mirror it until it exits, record the outcome. Returns the final status."""
@@ -312,8 +366,12 @@ class Supervisor:
     def finish(self, rc: int) -> str:
         job = Job.objects.get(pk=self.job.pk)
         S = Job.Status
-        if self.reason == "lost" or job.generation != self.generation:
+        if self.reason in ("lost", "detach") or job.generation != self.generation:
             return job.status
+        outcome = getattr(self.proc, "outcome", None)  # how Slurm ended a Slurm run, when Slurm did
+        if self.slurm and not self.slurm_saved.get("ran"):
+            Job.objects.filter(pk=job.pk).update(started_at=timezone.now())  # it never ran: no device-hours
+            job.started_at = timezone.now()
         if self.reason == "lease":
             services.interrupt_job(job, gettext_noop("node %(node)s stopped beating: the run was stopped so that the "
                                                      "job runs in one place only"), {"node": job.node})
@@ -343,14 +401,31 @@ class Supervisor:
                 why = gettext_noop("checkpoint at step %(step)s")
             job.transition(S.PAUSED, job.node, why, {"step": job.step, **(self.hours or {})},
                            pid=None, worker_pid=None, resume=job.checkpoint_path.exists())
-        elif self.reason == "timeout":
+        elif outcome == "cancelled":
+            services.finish_job(job, S.CANCELLED, actor="slurm", error=gettext_noop(
+                "cancelled in Slurm (scancel outside the portal) as Slurm job %(id)s"), error_params={
+                "id": self.proc.slurm_id})
+        elif self.reason == "timeout" or outcome == "timeout":
             limit = gettext_noop("time limit of %(limit)s s reached at step %(step)s; retry continues from the last "
                                  "checkpoint")
             services.finish_job(job, S.FAILED, error=limit, error_params={"limit": job.time_limit_s, "step": job.step})
+        elif outcome == "lost":
+            services.interrupt_job(job, gettext_noop("Slurm ended the run (%(state)s on %(nodes)s): it resumes from "
+                                                     "its last checkpoint"),
+                                   {"state": self.proc.info.get("state"), "nodes": self.proc.info.get("nodes")})
+        elif outcome == "oom":
+            services.finish_job(job, S.FAILED, error=gettext_noop(
+                "Slurm stopped the run: it used more host memory than its --mem (%(mem)s)"),
+                error_params={"mem": next((o.split("=", 1)[1] for o in slurm.sbatch_options(job)
+                                           if o.startswith("--mem=")), "?")})
         elif self.reason == "shutdown":
             services.interrupt_job(job, gettext_noop("the node is shutting down"), counts=False)
         elif self.error_event is not None:
             services.finish_job(job, S.FAILED, **engine_error(self.error_event))
+        elif outcome == "gone":
+            services.interrupt_job(job, gettext_noop("Slurm no longer knows job %(id)s and keeps no accounting to "
+                                                     "ask: it resumes from its last checkpoint"),
+                                   {"id": self.proc.slurm_id})
         elif rc and rc < 0:
             services.interrupt_job(job, gettext_noop("the training process was killed by signal %(signal)s"),
                                    {"signal": -rc})

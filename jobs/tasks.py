@@ -23,6 +23,14 @@ def run_next_job():
         ran.append(job.pk)
 
 
+def follow_slurm_job(job_id, generation):
+    """Follow a Slurm run that its supervisor left (this node restarted, or its worker died)."""
+    job = services.take_over_slurm_job(job_id, generation)
+    if job is not None:
+        Supervisor(job, attach=True).run()
+    return job_id
+
+
 def housekeeping():
     """Periodic: refresh this node's device readings, recover jobs whose supervisor died (a killed worker), and
     start any queued job a lost token left waiting."""

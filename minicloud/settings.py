@@ -228,6 +228,23 @@ WARM_START = envbool("MINICLOUD_WARM_START", "1")
 # quota, least recently used ones removed beyond this many GB (`manage.py data_cache` lists and clears them).
 DATA_CACHE_DIR = HOME / "cache" / "data"
 DATA_CACHE_GB = float(os.environ.get("MINICLOUD_DATA_CACHE_GB", "100"))
+# Where a released job runs (jobs/executors.py): "local" (this node's GPUs or CPU slots) or "slurm" (a batch job of
+# the Slurm cluster this node submits to: jobs/slurm.py, docs/deploy.md). MINICLOUD_HOME must then be the shared path
+# that every Slurm node mounts at the same place, with this checkout and its .venv on it.
+EXECUTOR = os.environ.get("MINICLOUD_EXECUTOR", "local").strip().lower() or "local"
+if EXECUTOR not in ("local", "slurm"):
+    raise ValueError(f"MINICLOUD_EXECUTOR={EXECUTOR!r}: use 'local' or 'slurm'")
+SLURM_PARTITION = os.environ.get("MINICLOUD_SLURM_PARTITION", "")
+SLURM_ACCOUNT = os.environ.get("MINICLOUD_SLURM_ACCOUNT", "")
+SLURM_QOS = os.environ.get("MINICLOUD_SLURM_QOS", "")
+# How many jobs the portal hands to Slurm at once (the portal keeps the fair order and the quotas, Slurm places them).
+SLURM_MAX_JOBS = envint("MINICLOUD_SLURM_MAX_JOBS", 16)
+# GPUs (or, with SLURM_GRES empty, CPU tasks) per node: a job asking for more spans ceil(devices / this) nodes.
+SLURM_DEVICES_PER_NODE = envint("MINICLOUD_SLURM_DEVICES_PER_NODE", 8)
+SLURM_GRES = os.environ.get("MINICLOUD_SLURM_GRES", "gpu")  # "" for a CPU-only partition
+SLURM_CPUS_PER_DEVICE = envint("MINICLOUD_SLURM_CPUS_PER_DEVICE", 1)
+SLURM_EXTRA_ARGS = os.environ.get("MINICLOUD_SLURM_EXTRA_ARGS", "")  # more sbatch options, shell-quoted
+SLURM_POLL_S = float(os.environ.get("MINICLOUD_SLURM_POLL_S", "2"))
 # How many times a job whose process crashed (killed, node lost) is resumed automatically from its checkpoint.
 AUTO_RESUME_LIMIT = envint("MINICLOUD_AUTO_RESUME", 1)
 # Fair share: a user's past device use counts half as much after this many hours.

@@ -6,25 +6,32 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext_noop
+from django_q.tasks import async_task
 
 from minicloud.errors import ServiceError
 from minicloud.processes import kill_group, pid_alive
 
 from ..models import DeviceSample, Job, JobPart, Node, Setting
 from .lifecycle import finish_job, interrupt_job
-from .queue import _local_devices, kick_queue
+from .queue import _local_devices, kick_queue, node_queue
 
 
-def fail_over(now=None) -> list[int]:
+def fail_over(now=None, node_name: str | None = None) -> list[int]:
     """Interrupt the live jobs of nodes that stopped beating (their runner is gone), so that they resume on a live
     node from their last checkpoint; a down node takes no new jobs until it beats again."""
     down = set(Node.objects.filter(heartbeat_at__lt=Node.heartbeat_cutoff(now)).values_list("name", flat=True))
     moved = []
     spanning = JobPart.objects.filter(node__in=down, finished_at__isnull=True).values_list("job_id", flat=True)
-    for job in Job.objects.filter(Q(node__in=down) | Q(pk__in=list(spanning)), status__in=Job.LIVE):
+    for job in Job.objects.filter(node__in=down, status__in=Job.LIVE, executor="slurm"):
+        # a Slurm run does not stop with the node that followed it: this node follows it from now on
+        if Job.objects.filter(pk=job.pk, node=job.node).update(node=node_name or settings.NODE_NAME):
+            job.node = node_name or settings.NODE_NAME
+            follow_slurm_job(job)
+    for job in Job.objects.filter(Q(node__in=down) | Q(pk__in=list(spanning)), status__in=Job.LIVE).exclude(
+            executor="slurm"):
         lost = job.node if job.node in down else ", ".join(sorted({p.node for p in job.parts.all()} & down))
         if _end_orphaned(job, gettext_noop("node %(lost)s stopped answering (no heartbeat for %(seconds)s s)"),
                          gettext_noop("node %(node)s went down while pausing"),
@@ -62,11 +69,31 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
     for job in Job.objects.filter(node=node_name, status__in=Job.LIVE):
         if not starting and pid_alive(job.worker_pid):
             continue
+        if job.executor == "slurm" and job.slurm.get("id"):
+            follow_slurm_job(job)  # the Slurm run goes on without the portal: follow it again
+            continue
         kill_group(job.pid)  # nobody reads its events any more
         why = gettext_noop("the node restarted") if starting else gettext_noop("the job's supervisor died")
         _end_orphaned(job, why, gettext_noop("the node stopped while pausing"))
         done.append(job.pk)
     return done
+
+
+def follow_slurm_job(job: Job) -> None:
+    """Have one of this node's runners follow ``job``'s Slurm run from where the last supervisor stopped reading."""
+    async_task("jobs.tasks.follow_slurm_job", job.pk, job.generation, task_name="follow_slurm_job",
+               cluster=node_queue(job.node), q_options={"ack_failure": True})
+
+
+def take_over_slurm_job(job_id: int, generation: int) -> Job | None:
+    """The job, now this worker's to follow (a new generation fences out any supervisor still following it), or
+    None when its run ended, moved on, or another token took it first."""
+    import os
+
+    if not Job.objects.filter(pk=job_id, generation=generation, status__in=Job.LIVE, executor="slurm").update(
+            generation=F("generation") + 1, worker_pid=os.getpid()):
+        return None
+    return Job.objects.get(pk=job_id)
 
 
 def _end_orphaned(job: Job, reason: str, pausing_reason: str, params: dict | None = None) -> bool:

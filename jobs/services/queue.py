@@ -100,9 +100,11 @@ def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[s
     owners, quotas = _owner_quotas(queued)
     queued = queue_order(queued, (owners, quotas))
     blocked, placed = _quota_gate(owners, quotas)
+    if settings.EXECUTOR == "slurm":  # one job slot per job released to Slurm, whatever it asks: Slurm places it
+        return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, memory_of=lambda j: 0,
+                              gpus_of=lambda j: 1, blocked=blocked, on_place=placed)
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
-                          multi_node=settings.MULTI_NODE_JOBS,
-                          on_place=placed)
+                          multi_node=settings.MULTI_NODE_JOBS, on_place=placed)
 
 
 def _typical_durations() -> dict:

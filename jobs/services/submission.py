@@ -134,7 +134,9 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     memory = memory_parts["bytes"]
     if estimate is not None:
         estimate.update(memory=memory_parts, cuda=cuda)
-    why = scheduler.never_fits(nodes, gpus, memory, multi_node=settings.MULTI_NODE_JOBS)
+    # under the Slurm executor the cluster's nodes are Slurm's to know: sbatch refuses what none of them could run
+    why = None if settings.EXECUTOR == "slurm" else scheduler.never_fits(nodes, gpus, memory,
+                                                                          multi_node=settings.MULTI_NODE_JOBS)
     if why:
         field = "gpus" if why[0] == "gpus" else "config.batch_size"
         raise ServiceError(
@@ -162,7 +164,8 @@ def _memory_need(stage: str, resolved: dict, teacher) -> tuple[dict, bool, dict]
     """What could ever run a job, not what runs now; whether those are GPUs; the job's memory estimate per device
     (bytes and parts)."""
     nodes = _devices_that_could_run()
-    cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs)
+    cuda = any(d.kind == "cuda" for devs in nodes.values() for d in devs) or (
+        settings.EXECUTOR == "slurm" and bool(settings.SLURM_GRES))  # Slurm's nodes: GPUs unless a CPU partition
     teacher_cfg = {k: v for k, v in teacher.config.items() if k in tspec.MODEL_DEFAULTS} if teacher else None
     return nodes, cuda, estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)
 

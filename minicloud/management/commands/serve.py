@@ -159,8 +159,9 @@ class Command(BaseCommand):
         grace = settings.JOB_KILL_GRACE_S + 5
         deadline = time.monotonic() + grace
         # The supervisors see `stopping`, SIGTERM their training groups and mark the jobs interrupted.
+        # (Slurm runs go on: their supervisors only stop following them, and the next start follows them again.)
         while time.monotonic() < deadline and Job.objects.filter(
-                node=settings.NODE_NAME, status__in=Job.LIVE).exists():
+                node=settings.NODE_NAME, status__in=Job.LIVE).exclude(executor="slurm").exists():
             if self.children["workers"].poll() is not None:
                 break
             time.sleep(0.3)

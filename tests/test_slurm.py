@@ -1,0 +1,177 @@
+"""The Slurm executor against a real Slurm (deploy/slurm/start.sh: munged, slurmctld, two slurmd on this machine).
+
+A portal with MINICLOUD_EXECUTOR=slurm submits every job it releases with sbatch; these tests drive it through its
+HTTP API and look at Slurm with Slurm's own commands. They run where Slurm answers (`.ci/run` starts it and sets
+MINICLOUD_SLURM_TESTS=1, which makes a missing Slurm a failure instead of a skip).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .live import TINY, LiveNode, processes_of
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+    return out.returncode == 0 and sum(s.split()[-1].rstrip("*") in ("idle", "mixed", "allocated")
+                                       for s in out.stdout.splitlines()) >= 2
+
+
+if not _slurm_up():
+    if os.environ.get("MINICLOUD_SLURM_TESTS") == "1":
+        raise RuntimeError("MINICLOUD_SLURM_TESTS=1 but Slurm does not answer with two nodes: deploy/slurm/start.sh")
+    pytest.skip("no Slurm here (deploy/slurm/start.sh starts one; .ci/run does)", allow_module_level=True)
+
+
+def slurm(*args) -> str:
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def slurm_state(slurm_id) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(slurm_id)], capture_output=True, text=True)
+    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("JobState=")), "")
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory):
+    """A portal node whose executor is Slurm: CPU tasks (no GRES), two per node, at most 4 jobs released at once."""
+    home = tmp_path_factory.mktemp("slurm-home")
+    node = LiveNode(home)
+    node.env.update(MINICLOUD_EXECUTOR="slurm", MINICLOUD_SLURM_GRES="", MINICLOUD_SLURM_DEVICES_PER_NODE="2",
+                    MINICLOUD_SLURM_MAX_JOBS="4", MINICLOUD_SLURM_POLL_S="1", MINICLOUD_NODE="login")
+    node.env.pop("MINICLOUD_DEVICES", None)
+    node.start()
+    try:
+        yield node
+    finally:
+        rc = node.stop()
+        node.drop_database()
+        for line in slurm("squeue", "-h", "-o", "%i %j").splitlines():  # nothing of ours left in Slurm
+            if line.split()[1].startswith("minicloud-") and str(home) in slurm("scontrol", "show", "job",
+                                                                                 line.split()[0]):
+                subprocess.run(["scancel", line.split()[0]])
+        assert rc == 0, node.log()
+        assert processes_of(node.home) == []
+
+
+def slurm_id(portal, job_id, timeout=60):
+    return portal.wait_for(job_id, lambda j: (j.get("slurm") or {}).get("id"), timeout=timeout,
+                           what="submitted to Slurm")["slurm"]["id"]
+
+
+def test_a_cpu_job_runs_in_slurm_end_to_end(portal):
+    job = portal.submit("slurm-e2e", {**TINY, "max_steps": 30, "log_interval": 2})
+    sid = slurm_id(portal, job["id"])
+    script = (portal.home / "runs" / f"job-{job['id']}" / "job.sbatch").read_text()
+    assert f"--job-name=minicloud-{job['id']}" in script and "--comment=minicloud job" in script
+    assert "--mem=" in script and "srun" in script
+    done = portal.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="finished")
+    assert done["status"] == "succeeded", done
+    assert done["executor"] == "slurm" and done["slurm"]["nodes"].startswith("node")
+    assert done["step"] == 30 and done["output_model"]
+    assert slurm_state(sid) == "COMPLETED"
+    points = portal.request("GET", f"/api/v1/jobs/{job['id']}/metrics")[1]
+    assert len(points["points"]) >= 10  # the live metrics came through the output file on the shared storage
+
+
+def test_pause_resume_and_cancel_through_slurm(portal):
+    job = portal.submit("slurm-pause", {**TINY, "max_steps": 400, "log_interval": 1, "save_interval": 1000})
+    sid = slurm_id(portal, job["id"])
+    portal.wait_for(job["id"], lambda j: j["step"] >= 5, what="running")
+    assert portal.request("POST", f"/api/v1/jobs/{job['id']}/pause")[0] == 202
+    paused = portal.wait_for(job["id"], lambda j: j["status"] == "paused", timeout=60, what="paused")
+    assert slurm_state(sid) == "COMPLETED"  # scancel --signal=TERM: the engine checkpointed and exited 0
+    assert portal.request("POST", f"/api/v1/jobs/{job['id']}/resume")[0] == 202
+    portal.wait_for(job["id"], lambda j: j["status"] == "running" and (j["slurm"] or {}).get("id") != sid
+                    and j["step"] > paused["step"], what="running again as a new Slurm job")
+    sid2 = portal.job(job["id"])["slurm"]["id"]
+    assert portal.request("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 202
+    portal.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=60, what="cancelled")
+    text = portal.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")[1]["text"]
+    assert "resumed from step " in text
+    assert slurm_state(sid2) in ("COMPLETED", "CANCELLED")
+    assert not slurm("squeue", "-h", "-j", sid2).strip()
+
+
+def test_scancel_outside_the_portal_shows_as_cancelled_by_slurm(portal):
+    job = portal.submit("slurm-scancel", {**TINY, "max_steps": 100000, "log_interval": 1})
+    sid = slurm_id(portal, job["id"])
+    portal.wait_for(job["id"], lambda j: j["step"] >= 2, what="running")
+    slurm("scancel", sid)
+    done = portal.wait_for(job["id"], lambda j: j["status"] not in ("running", "queued"), timeout=60, what="ended")
+    assert done["status"] == "cancelled", done
+    assert "Slurm" in done["error"] and sid in done["error"]
+
+
+def test_a_job_over_its_time_limit_is_stopped_by_slurm(portal):
+    job = portal.submit("slurm-timeout", {**TINY, "max_steps": 100000, "log_interval": 5, "save_interval": 20},
+                        time_limit_s=60)
+    sid = slurm_id(portal, job["id"])
+    assert "--time=1" in (portal.home / "runs" / f"job-{job['id']}" / "job.sbatch").read_text()
+    done = portal.wait_for(job["id"], lambda j: j["status"] not in ("running", "queued"), timeout=200, what="ended")
+    assert done["status"] == "failed" and "time limit" in done["error"], done
+    assert slurm_state(sid) == "TIMEOUT"
+
+
+def test_a_slurmd_restart_mid_job_does_not_stop_it(portal):
+    job = portal.submit("slurm-slurmd", {**TINY, "max_steps": 120, "log_interval": 1})
+    slurm_id(portal, job["id"])
+    running = portal.wait_for(job["id"], lambda j: j["step"] >= 3 and (j["slurm"] or {}).get("nodes"),
+                              what="running")
+    node = running["slurm"]["nodes"]
+    pid = int(subprocess.run(["pgrep", "-f", f"slurmd -N {node}"], capture_output=True, text=True).stdout.split()[0])
+    os.kill(pid, signal.SIGTERM)  # slurmd stops; the job's slurmstepd goes on (proctrack/linuxproc)
+    for _ in range(50):
+        if subprocess.run(["pgrep", "-f", f"^slurmd -N {node}"], capture_output=True).returncode:
+            break
+        time.sleep(0.2)
+    subprocess.run(["slurmd", "-N", node], check=True)
+    done = portal.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
+                           what="finished")
+    assert done["status"] == "succeeded" and done["step"] == 120, done
+
+
+def test_a_two_process_gloo_ddp_job_under_srun_torchrun(portal):
+    job = portal.submit("slurm-ddp", {**TINY, "max_steps": 20, "log_interval": 2}, gpus=2)
+    slurm_id(portal, job["id"])
+    script = (portal.home / "runs" / f"job-{job['id']}" / "job.sbatch").read_text()
+    assert "--nodes=1" in script and "--nproc_per_node=2" in script and "torch.distributed.run" in script
+    done = portal.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="finished")
+    assert done["status"] == "succeeded", done
+    log = portal.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")[1]["text"]
+    assert "world size 2" in log or "2 processes" in log or done["step"] == 20
+
+
+def test_a_two_node_job_spans_both_slurmd(portal):
+    job = portal.submit("slurm-2n", {**TINY, "max_steps": 16, "log_interval": 2}, gpus=4)
+    slurm_id(portal, job["id"])
+    script = (portal.home / "runs" / f"job-{job['id']}" / "job.sbatch").read_text()
+    assert "--nodes=2" in script and "--nnodes=2" in script and "--rdzv_backend=c10d" in script
+    done = portal.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), timeout=300, what="finished")
+    assert done["status"] == "succeeded", done
+    assert done["slurm"]["nodes"] == "node[1-2]"
+
+
+def test_a_portal_restart_follows_its_running_slurm_job_again(portal):
+    job = portal.submit("slurm-restart", {**TINY, "max_steps": 150, "log_interval": 1})
+    sid = slurm_id(portal, job["id"])
+    portal.wait_for(job["id"], lambda j: j["step"] >= 3, what="running")
+    assert portal.stop() == 0  # the portal stops; its Slurm job does not
+    assert slurm_state(sid) == "RUNNING"
+    portal.start()
+    done = portal.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
+                           what="finished")
+    assert done["status"] == "succeeded" and done["step"] == 150, done
+    assert done["slurm"]["id"] == sid  # the same Slurm job, followed again: nothing was run twice
+    steps = [p["step"] for p in portal.request("GET", f"/api/v1/jobs/{job['id']}/metrics")[1]["points"]]
+    assert steps == sorted(set(steps))  # every point once, in order, across the restart
