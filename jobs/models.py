@@ -198,7 +198,7 @@ class Job(Shareable):
     # The legal transitions, in one place: every status change goes through Job.transition().
     TRANSITIONS = {
         S.QUEUED: {S.RUNNING, S.PAUSED, S.CANCELLED},
-        S.RUNNING: {S.PAUSING, S.CANCELLING, S.SUCCEEDED, S.FAILED, S.INTERRUPTED},
+        S.RUNNING: {S.PAUSING, S.CANCELLING, S.CANCELLED, S.SUCCEEDED, S.FAILED, S.INTERRUPTED},  # cancelled: by Slurm
         S.PAUSING: {S.PAUSED, S.CANCELLING, S.SUCCEEDED, S.FAILED, S.INTERRUPTED},
         S.CANCELLING: {S.CANCELLED, S.SUCCEEDED, S.FAILED},
         S.PAUSED: {S.QUEUED, S.CANCELLED},
