@@ -1,6 +1,6 @@
 """Fixtures for every test, and how the suite is shared between pytest-xdist's workers (docs/performance.md, "The test
 suite"): the tests that use the one shared live node (``live``) go to one worker so that they share one `serve`
-start; the slow flows are handed out first so that neither worker is left with a long tail."""
+start, and so do the Slurm tests (their ``portal``); the slow flows are handed out first so that neither worker is left with a long tail."""
 import json
 import os
 import tempfile
@@ -30,7 +30,9 @@ def pytest_collection_modifyitems(config, items):
     # node's tests, then the slow flows. xdist hands out work in this order (a group where its first test stands).
     items.sort(key=lambda item: ("live" not in getattr(item, "fixturenames", ()), not item.get_closest_marker("slow")))
     if os.environ.get("PYTEST_XDIST_WORKER") == "gw0" and os.environ.get("MINICLOUD_TEST_GROUPS"):
-        groups = {item.nodeid: "live" for item in items if "live" in getattr(item, "fixturenames", ())}
+        # the Slurm tests share their portal (and the one Slurm cluster, which two portals would fight over)
+        groups = {item.nodeid: name for item in items for name in ("live", "portal")
+                  if name in getattr(item, "fixturenames", ())}
         Path(os.environ["MINICLOUD_TEST_GROUPS"]).write_text(json.dumps(groups))
     return result
 

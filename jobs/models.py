@@ -49,11 +49,34 @@ class Dataset(Shareable):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name
 
     @property
+    def slurm_text(self) -> str:
+        """Slurm's word on the run, in the active language: "Slurm job 13: PENDING (Resources)", or "… RUNNING on
+        node[1-2]"; "" for a run that is not Slurm's."""
+        if not self.slurm.get("id"):
+            return ""
+        reason = self.slurm.get("reason")
+        text = _("Slurm job %(id)s: %(state)s") % {"id": self.slurm["id"], "state": self.slurm.get("state") or "?"}
+        if reason and reason != "None":
+            text += f" ({reason})"
+        if self.slurm.get("nodes"):
+            text += " " + _("on %(nodes)s") % {"nodes": self.slurm["nodes"]}
+        return text
+
+    @property
+    def slurm_expected_start(self):
+        """When Slurm expects a pending run to start (its backfill estimate, squeue --start), or None."""
+        from datetime import datetime
+
+        if self.slurm.get("state") != "PENDING" or not self.slurm.get("start"):
+            return None
+        return datetime.fromisoformat(self.slurm["start"])
+
+    @property
     def slurm_info(self) -> dict | None:
         """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
         if not self.slurm:
             return None
-        return {k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}
+        return {**{k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}, "text": self.slurm_text}
 
     def to_dict(self):
         return {"id": self.pk, "name": self.name, "version": self.version, "kind": self.kind, "records": self.records,
@@ -383,11 +406,34 @@ class Job(Shareable):
             "records": _count(int(self.phase.get("records") or 0))}
 
     @property
+    def slurm_text(self) -> str:
+        """Slurm's word on the run, in the active language: "Slurm job 13: PENDING (Resources)", or "… RUNNING on
+        node[1-2]"; "" for a run that is not Slurm's."""
+        if not self.slurm.get("id"):
+            return ""
+        reason = self.slurm.get("reason")
+        text = _("Slurm job %(id)s: %(state)s") % {"id": self.slurm["id"], "state": self.slurm.get("state") or "?"}
+        if reason and reason != "None":
+            text += f" ({reason})"
+        if self.slurm.get("nodes"):
+            text += " " + _("on %(nodes)s") % {"nodes": self.slurm["nodes"]}
+        return text
+
+    @property
+    def slurm_expected_start(self):
+        """When Slurm expects a pending run to start (its backfill estimate, squeue --start), or None."""
+        from datetime import datetime
+
+        if self.slurm.get("state") != "PENDING" or not self.slurm.get("start"):
+            return None
+        return datetime.fromisoformat(self.slurm["start"])
+
+    @property
     def slurm_info(self) -> dict | None:
         """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
         if not self.slurm:
             return None
-        return {k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}
+        return {**{k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}, "text": self.slurm_text}
 
     def to_dict(self):
         return {
@@ -429,11 +475,34 @@ class MetricPoint(models.Model):
         ordering = ["seq"]
 
     @property
+    def slurm_text(self) -> str:
+        """Slurm's word on the run, in the active language: "Slurm job 13: PENDING (Resources)", or "… RUNNING on
+        node[1-2]"; "" for a run that is not Slurm's."""
+        if not self.slurm.get("id"):
+            return ""
+        reason = self.slurm.get("reason")
+        text = _("Slurm job %(id)s: %(state)s") % {"id": self.slurm["id"], "state": self.slurm.get("state") or "?"}
+        if reason and reason != "None":
+            text += f" ({reason})"
+        if self.slurm.get("nodes"):
+            text += " " + _("on %(nodes)s") % {"nodes": self.slurm["nodes"]}
+        return text
+
+    @property
+    def slurm_expected_start(self):
+        """When Slurm expects a pending run to start (its backfill estimate, squeue --start), or None."""
+        from datetime import datetime
+
+        if self.slurm.get("state") != "PENDING" or not self.slurm.get("start"):
+            return None
+        return datetime.fromisoformat(self.slurm["start"])
+
+    @property
     def slurm_info(self) -> dict | None:
         """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
         if not self.slurm:
             return None
-        return {k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}
+        return {**{k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}, "text": self.slurm_text}
 
     def to_dict(self):
         return {"seq": self.seq, "step": self.step, "time": self.time, "values": self.values}

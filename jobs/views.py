@@ -228,7 +228,7 @@ QUEUE_PAGE_ROWS = 50
 def queue(request):
     """Running jobs, then the queue in order (one shared plan, see services.queue_snapshot), page by page; the
     visitor's own queued jobs are listed first."""
-    live = list(selectors.list_rows(Job.objects.filter(status__in=Job.LIVE), "priority", "gpus")
+    live = list(selectors.list_rows(Job.objects.filter(status__in=Job.LIVE), "priority", "gpus", "slurm")
                 .order_by("started_at"))
     snapshot = services.queue_snapshot()
     page = Paginator(live + [(n, e) for n, e in enumerate(snapshot, 1)], QUEUE_PAGE_ROWS).get_page(

@@ -1,8 +1,8 @@
 """The Slurm executor against a real Slurm (deploy/slurm/start.sh: munged, slurmctld, two slurmd on this machine).
 
 A portal with MINICLOUD_EXECUTOR=slurm submits every job it releases with sbatch; these tests drive it through its
-HTTP API and look at Slurm with Slurm's own commands. They run where Slurm answers (`.ci/run` starts it and sets
-MINICLOUD_SLURM_TESTS=1, which makes a missing Slurm a failure instead of a skip).
+HTTP API and look at Slurm with Slurm's own commands. They run where Slurm answers; `.ci/run` starts it and runs them
+in its PostgreSQL pass (MINICLOUD_SLURM_TESTS=1: a missing Slurm fails; =0 in the SQLite pass: skipped).
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def _slurm_up() -> bool:
                                        for s in out.stdout.splitlines()) >= 2
 
 
+if os.environ.get("MINICLOUD_SLURM_TESTS") == "0":
+    pytest.skip("MINICLOUD_SLURM_TESTS=0 (.ci/run runs the Slurm tests in its PostgreSQL pass)",
+                allow_module_level=True)
 if not _slurm_up():
     if os.environ.get("MINICLOUD_SLURM_TESTS") == "1":
         raise RuntimeError("MINICLOUD_SLURM_TESTS=1 but Slurm does not answer with two nodes: deploy/slurm/start.sh")
@@ -175,3 +178,35 @@ def test_a_portal_restart_follows_its_running_slurm_job_again(portal):
     points = portal.request("GET", f"/api/v1/jobs/{job['id']}/metrics")[1]["points"]
     steps = [p["step"] for p in points if "loss" in p["values"]]
     assert steps == sorted(set(steps)) and steps[-1] == 150  # every point once, in order, across the restart
+
+
+def test_the_queue_page_shows_slurms_state_and_reason(portal):
+    from .test_browser import CHROMIUM, login
+
+    if not shutil.which(CHROMIUM):
+        pytest.fail("chromium is missing: .ci/run installs it with apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    big = portal.submit("slurm-whole-cluster", {**TINY, "max_steps": 100000, "log_interval": 5}, gpus=4)
+    portal.wait_for(big["id"], lambda j: (j["slurm"] or {}).get("state") == "RUNNING", what="running in Slurm")
+    waiting = portal.submit("slurm-waits", {**TINY, "max_steps": 10})
+    job = portal.wait_for(waiting["id"], lambda j: (j["slurm"] or {}).get("state") == "PENDING"
+                          and j["slurm"]["reason"] not in ("None", ""), what="pending in Slurm with a reason")
+    reason = job["slurm"]["reason"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = login(portal, browser)
+            for lang, running_word in (("en", "running"), ("zh-hans", "运行中")):
+                page.context.add_cookies([{"name": "django_language", "value": lang, "url": portal.url}])
+                page.goto(portal.url + "/queue/")
+                row = page.locator("#queue-table tr", has_text="slurm-waits")
+                assert f"PENDING ({reason})" in row.inner_text()
+                assert running_word in page.locator("#queue-table tr", has_text="slurm-whole-cluster").inner_text()
+            browser.close()
+    finally:
+        for j in (big, waiting):
+            portal.request("POST", f"/api/v1/jobs/{j['id']}/cancel")
+        for j in (big, waiting):
+            portal.wait_for(j["id"], lambda x: x["status"] in ("cancelled", "paused", "failed", "succeeded"),
+                            timeout=60, what="stopped")

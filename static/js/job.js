@@ -58,7 +58,7 @@
     el.textContent = labels[job.status] || job.status;
     document.getElementById("job-progress").value = job.progress;
     document.getElementById("job-steps").textContent = job.phase_text || (job.step + " / " + (job.total_steps || "?"));
-    document.getElementById("job-node").textContent = job.node || "–";
+    document.getElementById("job-node").textContent = (job.node || "–") + (job.slurm ? " · " + job.slurm.text : "");
     const err = document.getElementById("job-error");
     if (job.error) { err.hidden = false; err.textContent = job.error; }
     const halve = document.getElementById("half-batch");  // out of memory while training: offer half the batch

@@ -1,0 +1,92 @@
+"""The Slurm executor's own decisions, in-process: the batch script a job becomes, Slurm's answers read, a restarted
+portal following its Slurm runs again. The runs themselves go through a real Slurm in tests/test_slurm.py."""
+import signal
+
+import pytest
+from django.test import override_settings
+
+from conftest import TINY
+from jobs import services, slurm
+from jobs.models import Dataset, Job
+from jobs.supervisor import Supervisor
+
+
+@pytest.fixture
+def job(user, db):
+    ds = Dataset.objects.get(name="demo-pretrain")
+    return services.submit_job(owner=user, name="s", stage="pretrain", dataset=ds.pk, config=TINY)
+
+
+@pytest.mark.parametrize("devices, per_node, expected", [
+    (1, 8, (1, 1)), (8, 8, (1, 8)), (16, 8, (2, 8)), (4, 2, (2, 2)), (6, 4, (2, 3)), (5, 4, (5, 1))])
+def test_a_job_spans_as_few_nodes_as_hold_its_devices_with_the_same_number_on_each(devices, per_node, expected):
+    with override_settings(SLURM_DEVICES_PER_NODE=per_node):
+        assert slurm.layout(devices) == expected
+
+
+@override_settings(SLURM_PARTITION="gpu", SLURM_ACCOUNT="lab", SLURM_QOS="normal", SLURM_GRES="gpu",
+                   SLURM_DEVICES_PER_NODE=8, SLURM_EXTRA_ARGS="--exclusive --constraint='a100|h100'")
+def test_the_batch_script_asks_slurm_for_what_the_job_needs(job):
+    job.time_limit_s, job.memory_estimate = 3601, 10 * 2**30
+    script = slurm.batch_script(job, job.run_dir / "spec.json")
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for opt in (f"--job-name=minicloud-{job.pk}", "--nodes=1", "--ntasks-per-node=1", "--gres=gpu:1",
+                "--time=61", "--partition=gpu", "--account=lab", "--qos=normal", "--no-requeue", "--exclusive",
+                "--constraint=a100|h100", f"--output={job.run_dir}/slurm-%j.out", "--mem=13824M"):
+        assert any(line.startswith("#SBATCH ") and opt in line for line in lines), opt
+    assert f"#SBATCH '--comment=minicloud job {job.pk} of {job.owner.username}'" in script
+    assert lines[-1].startswith("exec srun --kill-on-bad-exit=1 ") and lines[-1].endswith(
+        f"-u -m training run {job.run_dir}/spec.json")
+    assert "CUDA_VISIBLE_DEVICES=" not in script  # Slurm sets it for the allocated GPUs
+
+
+@override_settings(SLURM_GRES="", SLURM_DEVICES_PER_NODE=2, SLURM_CPUS_PER_DEVICE=3)
+def test_a_multi_node_cpu_job_runs_srun_torchrun_with_a_c10d_rendezvous(job):
+    job.gpus = 4
+    script = slurm.batch_script(job, job.run_dir / "spec.json")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --cpus-per-task=6" in script and "--gres" not in script
+    assert "export CUDA_VISIBLE_DEVICES=" in script  # a CPU partition: the engine runs on the CPU
+    run = script.splitlines()[-1]
+    assert run.startswith("exec srun --kill-on-bad-exit=1 ") and "-m torch.distributed.run --nnodes=2" in run
+    assert "--nproc_per_node=2 --rdzv_backend=c10d" in run and '--rdzv_id="$SLURM_JOB_ID"' in run
+
+
+def test_slurms_exit_codes_and_times_read_as_subprocess_would_report_them():
+    assert slurm.exit_code("0:0") == 0 and slurm.exit_code("143:0") == 143 and slurm.exit_code("0:9") == -9
+    assert slurm.exit_code("") == 1
+    assert slurm._time("Unknown") is None and slurm._time("None") is None
+    assert slurm._time("2026-12-02T19:15:53").endswith("+00:00")
+
+
+def test_a_restarted_portal_follows_its_slurm_runs_instead_of_interrupting_them(job, settings, monkeypatch):
+    queued = []
+    monkeypatch.setattr("jobs.services.nodes.async_task", lambda *a, **kw: queued.append((a, kw)))
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING, node=settings.NODE_NAME, executor="slurm",
+                                         slurm={"id": "77", "token": "t" * 32, "read": 120}, generation=3)
+    assert services.reconcile_node(settings.NODE_NAME, starting=True) == []
+    job.refresh_from_db()
+    assert job.status == Job.Status.RUNNING
+    assert queued == [(("jobs.tasks.follow_slurm_job", job.pk, 3), {
+        "task_name": "follow_slurm_job", "cluster": services.node_queue(settings.NODE_NAME),
+        "q_options": {"ack_failure": True}})]
+    taken = services.take_over_slurm_job(job.pk, 3)
+    assert taken.generation == 4  # any supervisor still following it is fenced out
+    assert services.take_over_slurm_job(job.pk, 3) is None  # a duplicate token finds nothing
+    follower = Supervisor(taken, attach=True)
+    assert follower.slurm and follower.token == "t" * 32
+    assert follower.slurm_saved["read"] == 120
+
+
+def test_a_slurm_run_that_lost_its_job_to_another_follower_only_stops_following(job, tmp_path):
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING, executor="slurm",
+                                         slurm={"id": "78", "token": "u" * 32})
+    job.refresh_from_db()
+    sup = Supervisor(job, attach=True)
+    sup.proc = slurm.SlurmRun("78", tmp_path / "slurm-78.out")
+    signals = []
+    sup.proc.send_signal = signals.append
+    sup._lose()
+    assert sup.proc.detached and signals == [] and sup.reason == "lost"
+    assert sup.proc.stdout.readline() == ""  # its reader ends: nothing more is recorded
+    assert signal.SIGKILL not in signals
