@@ -117,7 +117,6 @@ class Node(models.Model):
 
     name = models.CharField(max_length=200, unique=True)
     devices = models.JSONField(default=list)
-    address = models.CharField(max_length=200, blank=True)  # where other nodes reach it (torchrun's master)
     started_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     stopping = models.BooleanField(default=False)
@@ -139,7 +138,7 @@ class Node(models.Model):
 
     @property
     def state(self) -> str:
-        """"up", "stopping", or "down" (no heartbeat for MINICLOUD_NODE_TIMEOUT_S: its jobs move elsewhere)."""
+        """"up", "stopping", or "down" (no heartbeat for MINICLOUD_NODE_TIMEOUT_S)."""
         if self.stopping:
             return "stopping"
         return "up" if self.heartbeat_at and self.heartbeat_at >= self.heartbeat_cutoff() else "down"
@@ -270,9 +269,6 @@ class Job(Shareable):
                               db_index=True)
     node = models.CharField(max_length=200, blank=True)
     devices = models.JSONField(default=list)
-    # A multi-node run: [[node, [devices]], ...] (rank 0's node first) and torchrun's master {"address", "port"}.
-    placement = models.JSONField(default=list, blank=True)
-    rendezvous = models.JSONField(default=dict, blank=True)
     pid = models.IntegerField(null=True, blank=True)
     executor = models.CharField(max_length=10, blank=True)  # where its current or last run ran: "local" or "slurm"
     # A run under the Slurm executor (jobs/slurm.py): {"id", "state", "reason", "nodes", "start", "read", "token",
@@ -443,7 +439,7 @@ class Job(Shareable):
             "tokenizer": self.tokenizer_id,
             "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,
             "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,
-            "placement": self.placement, "executor": self.executor or None, "slurm": self.slurm_info,
+            "executor": self.executor or None, "slurm": self.slurm_info,
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
             "phase": self.phase or None, "phase_text": self.phase_text or None,
             "eta_s": self.eta_s, "error": self.error_text or None, "output_model": self.output_model_id,
@@ -506,23 +502,6 @@ class MetricPoint(models.Model):
 
     def to_dict(self):
         return {"seq": self.seq, "step": self.step, "time": self.time, "values": self.values}
-
-
-class JobPart(models.Model):
-    """The share of a multi-node run on a node other than rank 0's: that node's runner starts torchrun with its
-    node rank and stops it when the job stops."""
-
-    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="parts")
-    node = models.CharField(max_length=200, db_index=True)
-    rank = models.PositiveSmallIntegerField()
-    devices = models.JSONField(default=list)
-    run_started_at = models.DateTimeField()  # the job's started_at of the run this part belongs to
-    claimed_at = models.DateTimeField(null=True, blank=True)
-    pid = models.IntegerField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        constraints = [models.UniqueConstraint(fields=["job", "node", "run_started_at"], name="jobpart_once")]
 
 
 class LogChunk(models.Model):

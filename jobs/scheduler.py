@@ -6,8 +6,8 @@ node, each with ``memory`` bytes free (the estimate from ``training.estimate``).
 estimates fit and at most ``jobs_per_gpu`` run on it. Jobs are placed in queue order (priority, fair share, age);
 each goes to the node and devices where it fits most tightly (best fit: small jobs fill GPUs that are already in
 use, whole GPUs stay free for big jobs). A multi-device job that cannot start yet reserves the devices that could
-already take it, so that later single-device jobs cannot starve it (gang allocation). With ``multi_node``, a job
-that no single node can take may span several nodes with the same number of devices on each (torchrun's layout).
+already take it, so that later single-device jobs cannot starve it (gang allocation). A job runs on one node: a job
+that spans nodes is Slurm's to place (the Slurm executor, jobs/slurm.py), where each released job takes one slot.
 """
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ class Decision:
     devices: list = field(default_factory=list)
     reason: str = ""  # why it waits: a code of REASONS ("" once placed)
     params: dict = field(default_factory=dict)
-    parts: list = field(default_factory=list)  # multi-node: [(node, [device indices]), ...], rank 0's node first
 
     @property
     def placed(self) -> bool:
@@ -90,40 +89,16 @@ def place(nodes: dict[str, list[Device]], gpus: int, memory: int, jobs_per_gpu: 
     return (best[1], best[2]) if best else None
 
 
-def place_across(nodes: dict[str, list[Device]], gpus: int, memory: int, jobs_per_gpu: int):
-    """A multi-node spot for a job no single node can take: the fewest nodes n (gpus divisible by n, the same
-    number of devices on each, as torchrun needs) that have that many fitting devices each, tightest first; as
-    [(node, [devices]), ...] or None."""
-    for n in range(2, len(nodes) + 1):
-        if gpus % n:
-            continue
-        per = gpus // n
-        options = []
-        for name, devs in nodes.items():
-            ok = [d for d in devs if d.fits(memory, jobs_per_gpu)]
-            if len(ok) >= per:
-                ok.sort(key=lambda d: (d.free_memory if d.free_memory is not None else 0, -len(d.jobs), d.index))
-                options.append((sum(d.free_memory or 0 for d in ok[:per]), name, ok[:per]))
-        if len(options) >= n:
-            options.sort(key=lambda o: (o[0], o[1]))
-            return [(name, chosen) for _, name, chosen in options[:n]]
-    return None
-
-
-def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int,
-               multi_node: bool = False) -> tuple[str, dict] | None:
+def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int) -> tuple[str, dict] | None:
     """Why no node could ever run such a job even when idle, as ("gpus" or "memory", parameters), or None;
     services.never_fits_text() renders it in the user's language."""
     if not nodes:
         return None
     most = max(len(devs) for devs in nodes.values())
-    if gpus > most and not (multi_node and any(
-            gpus % n == 0 and sum(len(devs) >= gpus // n for devs in nodes.values()) >= n
-            for n in range(2, len(nodes) + 1))):
+    if gpus > most:
         return "gpus", {"gpus": gpus, "most": most}
     big = [sum(d.memory_total is None or d.memory_total >= memory for d in devs) for devs in nodes.values()]
-    if any(b >= gpus for b in big) or (multi_node and any(
-            gpus % n == 0 and sum(b >= gpus // n for b in big) >= n for n in range(2, len(nodes) + 1))):
+    if any(b >= gpus for b in big):
         return None
     largest = max((d.memory_total or 0) for devs in nodes.values() for d in devs)
     return "memory", {"gib": f"{memory / GiB:.1f}", "largest": f"{largest / GiB:.1f}"}
@@ -147,7 +122,7 @@ def _reason(nodes, gpus: int, memory: int, jobs_per_gpu: int) -> tuple[str, dict
 
 
 def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory_of=None, gpus_of=None,
-         blocked=None, on_place=None, multi_node: bool = False) -> list[Decision]:
+         blocked=None, on_place=None) -> list[Decision]:
     """Place ``queued`` (already in queue order) onto ``nodes`` (mutated: placed jobs are added to their devices).
 
     ``memory_of(job)``/``gpus_of(job)`` read a job's needs (default: ``job.memory_estimate``, ``job.gpus``);
@@ -169,14 +144,11 @@ def plan(queued: list, nodes: dict[str, list[Device]], jobs_per_gpu: int, memory
             out.append(Decision(job, reason=waits[(gpus, memory)][0], params=waits[(gpus, memory)][1]))
             continue
         spot = place(nodes, gpus, memory, jobs_per_gpu)
-        parts = [spot] if spot else (place_across(nodes, gpus, memory, jobs_per_gpu)
-                                     if multi_node and gpus > 1 else None)
-        if parts:
-            for _, chosen in parts:
-                for d in chosen:
-                    d.jobs.append(memory)
-            out.append(Decision(job, parts[0][0], [d.index for d in parts[0][1]],
-                                parts=[(n, [d.index for d in c]) for n, c in parts] if len(parts) > 1 else []))
+        if spot:
+            name, chosen = spot
+            for d in chosen:
+                d.jobs.append(memory)
+            out.append(Decision(job, name, [d.index for d in chosen]))
             if on_place:
                 on_place(job)
             waits.clear()  # the devices changed

@@ -6,9 +6,8 @@ when it runs on a CPU slot: jobs/engine_process.py), with only the environment a
 never the database URL, the secret key or an admin's password). Its stdout and stderr are read by a thread: a line
 that starts with the run's event token (drawn for each run, training/events.py) is an event, anything else log
 text; every ``JOB_POLL_S`` the supervisor writes the new metric points and log text in one short transaction (while
-the job still has this run's generation), checks for cancellation, node shutdown, its node's lease and its owner's
-weekly hours, and signals the group: SIGTERM (the engine checkpoints and exits), then SIGKILL after
-``JOB_KILL_GRACE_S``. A Slurm run is followed through its output file on the shared storage and signalled with
+the job still has this run's generation), checks for cancellation, node shutdown and its owner's weekly hours, and
+signals the group: SIGTERM (the engine checkpoints and exits), then SIGKILL after ``JOB_KILL_GRACE_S``. A Slurm run is followed through its output file on the shared storage and signalled with
 ``scancel``; Slurm enforces its time limit, and the supervisor of a node that stops detaches from it (the run goes
 on, and the node follows it again when it starts: ``Supervisor(job, attach=True)``).
 """
@@ -19,10 +18,10 @@ import logging
 import queue
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone as dt_tz
 
 from django.conf import settings
@@ -30,11 +29,11 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_noop
 
-from minicloud.processes import die_with_parent, engine_env, kill_group
+from minicloud.processes import engine_env, kill_group
 from models_registry.services import record_evaluation, register_job_output
 
 from . import engine_process, services, slurm
-from .models import Job, JobPart, LogChunk, MetricPoint, Node
+from .models import Job, LogChunk, MetricPoint, Node
 
 log = logging.getLogger("jobs")
 
@@ -88,21 +87,14 @@ def notify(job_id: int) -> None:
         log.warning("channel layer push failed for job %s", job_id, exc_info=True)
 
 
-def engine_command(spec_path, n_devices: int, job: Job | None = None, node_rank: int = 0) -> list[str]:
-    """The training child: the engine itself, or torchrun with one process per allocated device (DDP; NCCL on GPUs,
-    gloo on CPU slots), whose rank 0 alone writes events. A multi-node run gives every node torchrun with its node
-    rank and rank 0's node as master (static rendezvous, so that global rank 0 — the one that writes events and
-    files — runs under the supervisor that records them)."""
+def engine_command(spec_path, n_devices: int) -> list[str]:
+    """The training child on this node: the engine itself, or torchrun with one process per allocated device (DDP;
+    NCCL on GPUs, gloo on CPU slots), whose rank 0 alone writes events. (A run over several nodes is the Slurm
+    executor's: jobs/slurm.py.)"""
     run = ["-m", "training", "run", str(spec_path)]
-    torchrun = [sys.executable, "-u", "-m", "torch.distributed.run"]
-    if job is not None and job.placement:
-        rdzv = job.rendezvous
-        return [*torchrun, f"--nnodes={len(job.placement)}", f"--node_rank={node_rank}",
-                f"--nproc_per_node={n_devices}", f"--master_addr={rdzv['address']}", f"--master_port={rdzv['port']}",
-                *run]
     if n_devices <= 1:
         return [sys.executable, "-u", *run]
-    return [*torchrun, "--standalone", f"--nproc_per_node={n_devices}", *run]
+    return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_devices}", *run]
 
 
 def _device_env(node_name: str, devices: list[int]) -> dict:
@@ -113,13 +105,19 @@ def _device_env(node_name: str, devices: list[int]) -> dict:
     return dict(engine_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
 
 
+@dataclass(frozen=True)
+class ReadMark:
+    """In the supervisor's line queue after each line of a followed file: the offset after that line."""
+    position: int
+
+
 class Supervisor:
     def __init__(self, job: Job, attach: bool = False):
         self.job = job
         self.attach = attach  # follow the job's Slurm run that another supervisor started (jobs/services/nodes.py)
         self.slurm = job.executor == "slurm" if attach else settings.EXECUTOR == "slurm"
         self.read_pos = None  # Slurm: how far the output file is recorded
-        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.lines: queue.Queue[str | ReadMark | None] = queue.Queue()
         self.seq = (MetricPoint.objects.filter(job=job).order_by("-seq").values_list("seq", flat=True).first() or 0)
         last = LogChunk.objects.filter(job=job).order_by("-offset").first()
         self.log_offset = last.offset + len(last.text) if last else 0
@@ -128,7 +126,7 @@ class Supervisor:
         self.tail: list[str] = []
         self.term_sent_at = None
         self.killed = False
-        # "cancel", "pause", "quota", "shutdown", "timeout", "lease" or "lost" once the child must stop; "detach"
+        # "cancel", "pause", "quota", "shutdown", "timeout" or "lost" once the child must stop; "detach"
         # once a Slurm run is left to run on unfollowed
         self.reason = None
         self.quota_checked_at = time.monotonic()
@@ -143,7 +141,9 @@ class Supervisor:
     def _reader(self, stream):
         try:
             for raw in iter(stream.readline, ""):
-                self.lines.put((raw.rstrip("\n"), getattr(stream, "position", None)))
+                self.lines.put(raw.rstrip("\n"))
+                if hasattr(stream, "position"):  # a Slurm run's output file: how far it is read, after each line
+                    self.lines.put(ReadMark(stream.position))
         finally:
             self.lines.put(None)  # always: the supervisor waits for this to finish the job
 
@@ -161,7 +161,7 @@ class Supervisor:
                 self.proc = slurm.submit(self.job, spec_path, env)
             else:
                 env = dict(_device_env(self.job.node, devices), MINICLOUD_EVENT_TOKEN=self.token)
-                self.proc = engine_process.launch(engine_command(spec_path, len(devices), self.job), env=env,
+                self.proc = engine_process.launch(engine_command(spec_path, len(devices)), env=env,
                                                   cwd=str(settings.BASE_DIR))
         self.started = time.monotonic()
         if self.slurm:
@@ -184,9 +184,10 @@ class Supervisor:
             if item is None:
                 ended = True
                 break
-            line, pos = item
-            if pos is not None:
-                self.read_pos = pos
+            if isinstance(item, ReadMark):
+                self.read_pos = item.position
+                continue
+            line = item
             if self.reason == "lost":
                 continue  # the job is another node's now: its output is not ours to record
             event, line = self._event(line)
@@ -263,10 +264,7 @@ class Supervisor:
             self.reason = "lost"
             self.proc.detach()
             return
-        self._kill_now("lost")
-
-    def _kill_now(self, reason: str) -> None:
-        self.reason = reason
+        self.reason = "lost"
         if self.proc.poll() is None:
             self._signal(signal.SIGKILL)
         self.killed = True
@@ -296,14 +294,7 @@ class Supervisor:
                 # Another node took the job over (this node was declared down): stop at once, write nothing more.
                 self._lose()
                 return
-            stopping, beat = Node.objects.filter(name=self.job.node).values_list(
-                "stopping", "heartbeat_at").first() or (False, None)
-            if not self.slurm and beat is not None and (
-                    timezone.now() - beat).total_seconds() > settings.NODE_TIMEOUT_S / 2:
-                # This node's lease is running out (its `serve` stopped beating): stop the run now, before the
-                # other nodes may declare the node down and start the job elsewhere. It must never run twice.
-                self._kill_now("lease")
-                return
+            stopping = Node.objects.filter(name=self.job.node).values_list("stopping", flat=True).first()
             if status == Job.Status.CANCELLING:
                 self.reason = "cancel"
             elif status == Job.Status.PAUSING:
@@ -372,10 +363,6 @@ class Supervisor:
         if self.slurm and not self.slurm_saved.get("ran"):
             Job.objects.filter(pk=job.pk).update(started_at=timezone.now())  # it never ran: no device-hours
             job.started_at = timezone.now()
-        if self.reason == "lease":
-            services.interrupt_job(job, gettext_noop("node %(node)s stopped beating: the run was stopped so that the "
-                                                     "job runs in one place only"), {"node": job.node})
-            return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
         if self.done_event is not None and rc == 0 and "evaluation" in self.done_event:
             record_evaluation(job, self.done_event["evaluation"])
             services.finish_job(job, S.SUCCEEDED)
@@ -445,38 +432,3 @@ def engine_error(event: dict) -> dict:
     if event.get("message"):
         return {"error": event["message"]}
     return {"error": gettext_noop("training failed"), "error_params": {}}
-
-
-class PartSupervisor:
-    """Runs this node's share of a multi-node job (a torchrun with its node rank) and stops it when the job stops
-    or moves. Its output goes to ``engine-<node>.log`` in the run folder; rank 0's supervisor records the events."""
-
-    def __init__(self, part):
-        self.part = part
-        self.job = part.job
-
-    def run(self) -> None:
-        spec_path = self.job.run_dir / "spec.json"
-        deadline = time.monotonic() + 60
-        while not spec_path.exists() and time.monotonic() < deadline:  # rank 0's runner writes it
-            time.sleep(0.2)
-        log = open(self.job.run_dir / f"engine-{self.part.node}.log", "a", encoding="utf-8")
-        proc = subprocess.Popen(
-            engine_command(spec_path, len(self.part.devices), self.job, self.part.rank),
-            cwd=str(settings.BASE_DIR), env=_device_env(self.part.node, self.part.devices), stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGKILL))
-        JobPart.objects.filter(pk=self.part.pk).update(pid=proc.pid)
-        term_at = None
-        try:
-            while proc.poll() is None:
-                status, started = Job.objects.filter(pk=self.job.pk).values_list("status", "started_at").first()
-                if term_at is None and (status not in (Job.Status.RUNNING,) or started != self.part.run_started_at):
-                    kill_group(proc.pid, signal.SIGTERM)  # paused, cancelled, finished or moved
-                    term_at = time.monotonic()
-                elif term_at is not None and time.monotonic() - term_at > settings.JOB_KILL_GRACE_S:
-                    kill_group(proc.pid, signal.SIGKILL)
-                time.sleep(settings.JOB_POLL_S)
-        finally:
-            log.close()
-            JobPart.objects.filter(pk=self.part.pk).update(finished_at=timezone.now(), pid=None)

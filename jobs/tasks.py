@@ -3,16 +3,11 @@ from django.conf import settings
 
 from . import services
 from .models import Job
-from .supervisor import PartSupervisor, Supervisor
+from .supervisor import Supervisor
 
 
 def run_next_job():
-    """Run this node's share of a multi-node job that waits for it, or claim and supervise queued jobs until none
-    fits this node; a stale or duplicate token does nothing."""
-    part = services.claim_part(settings.NODE_NAME)
-    if part is not None:
-        PartSupervisor(part).run()
-        return [part.job_id]
+    """Claim and supervise queued jobs until none fits this node; a stale or duplicate token does nothing."""
     slots = len(services._local_devices())
     ran = []
     while True:

@@ -239,7 +239,8 @@ def queue(request):
             for pk in Job.objects.filter(owner=request.user, status=Job.Status.QUEUED).values_list("pk", flat=True)
             if pk not in planned] + mine
     wanted = [row for row in page.object_list if isinstance(row, tuple)] + mine[:20]
-    by_id = selectors.list_rows(Job.objects.filter(pk__in={e["id"] for _, e in wanted}), "priority").in_bulk()
+    by_id = selectors.list_rows(Job.objects.filter(pk__in={e["id"] for _, e in wanted}), "priority",
+                                "slurm").in_bulk()
 
     def queued(position, entry):
         job = by_id.get(entry["id"])

@@ -26,13 +26,9 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 INSTANCE = os.environ.get("MINICLOUD_INSTANCE", "minicloud")
 # Each node's job runner listens on its own queue, so the scheduler can hand a job to the node it chose.
 NODE_QUEUE = f"{INSTANCE}.{NODE_NAME}"
-# A worker node writes a heartbeat every NODE_HEARTBEAT_S; one silent for NODE_TIMEOUT_S is down: its running jobs
-# are interrupted and resume elsewhere from their last checkpoint.
+# A worker node writes a heartbeat every NODE_HEARTBEAT_S; the devices page shows one silent for NODE_TIMEOUT_S as
+# down (a job that spans machines, or moves when one fails, is Slurm's: MINICLOUD_EXECUTOR=slurm).
 NODE_HEARTBEAT_S = float(os.environ.get("MINICLOUD_HEARTBEAT_S", "10"))
-# Jobs that no single node can take may span several nodes (torchrun with node ranks); other nodes reach this one
-# at NODE_ADDRESS.
-MULTI_NODE_JOBS = os.environ.get("MINICLOUD_MULTI_NODE", "1") != "0"
-NODE_ADDRESS = os.environ.get("MINICLOUD_NODE_ADDRESS") or socket.getfqdn()
 # daphne processes of a web node (they share one listening socket; each renders pages on its own core). SQLite in WAL
 # mode lets them read side by side (writes take turns): 2 there on a machine of 2+ cores, 2-4 on PostgreSQL.
 WEB_PROCESSES = envint("MINICLOUD_WEB_PROCESSES", min(2, os.cpu_count() or 1) if not os.environ.get("DATABASE_URL")

@@ -547,25 +547,6 @@ def test_a_run_whose_job_was_started_elsewhere_stops_and_writes_nothing_more(use
     assert sup.finish(sup.proc.returncode) == Job.Status.RUNNING  # the other run's job, untouched
 
 
-def test_a_node_whose_heartbeat_stops_stops_its_runs_before_its_lease_ends(user, settings):
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from jobs.models import Node
-
-    job, sup = _running(user, settings, "leased")
-    Node.objects.update_or_create(name=settings.NODE_NAME, defaults={
-        "heartbeat_at": timezone.now() - timedelta(seconds=settings.NODE_TIMEOUT_S * 0.6)})
-    sup.check_stop()
-    assert sup.reason == "lease" and sup.proc.wait() != 0
-    while sup.flush():
-        pass
-    sup.raw_log.close()
-    assert sup.finish(sup.proc.returncode) == Job.Status.QUEUED  # interrupted here, to resume in one place
-    assert "stopped beating" in Job.objects.get(pk=job.pk).events.filter(kind="interrupted").last().text
-
-
 def test_a_reward_model_is_named_by_its_registry_id_under_the_visibility_rule(client, user, other_user, tmp_path):
     """A sequence-classification folder imported into the registry; a GRPO job names it by id (its path is the
     portal's business); someone else's private reward model is not found."""

@@ -7,9 +7,9 @@ from minicloud.processes import die_with_parent, kill_group, pid_alive
 from .datasets import (append_upload, compute_dataset_stats, create_dataset, dataset_references, delete_dataset,
                        find_upload, finish_upload, prune_uploads, request_dataset_stats, start_upload, upload_dataset)
 from .lifecycle import _RESUMING, cancel_job, clone_job, finish_job, interrupt_job, pause_job, resume_job, retry_job
-from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, fail_over, follow_slurm_job, reconcile_node, refresh_node,
+from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, follow_slurm_job, reconcile_node, refresh_node,
                     register_node, sample_devices, take_over_slurm_job)
-from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_task, build_spec, claim_next_job, claim_part,
+from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_task, build_spec, claim_next_job,
                     device_state, kick_queue, live_nodes, node_queue, queue_forecast, queue_info, queue_order,
                     queue_plan, queue_position, queue_snapshot, write_spec)
 from .quota import check_submission_quota, device_hours, hours_left, recent_usage, usage_summary
@@ -19,11 +19,11 @@ from .submission import estimate_job, largest_device_memory, prepare_job, record
 __all__ = [
     "ServiceError", "die_with_parent", "kill_group", "pid_alive", "never_fits_text", "spec_error_text",
     "wait_reason_text", "check_submission_quota", "device_hours", "hours_left", "recent_usage", "usage_summary",
-    "background_task", "build_spec", "claim_next_job", "claim_part", "device_state", "kick_queue", "live_nodes",
+    "background_task", "build_spec", "claim_next_job", "device_state", "kick_queue", "live_nodes",
     "_local_devices", "node_queue", "queue_forecast", "queue_info", "queue_order", "queue_plan", "queue_position",
     "queue_snapshot", "QUEUE_SNAPSHOT_S", "write_spec", "estimate_job", "largest_device_memory", "prepare_job",
     "record_event", "save_template", "submit_job", "cancel_job", "clone_job", "finish_job", "interrupt_job",
-    "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage", "fail_over",
+    "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage",
     "reconcile_node", "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT", "append_upload",
     "compute_dataset_stats", "create_dataset", "dataset_references", "delete_dataset", "find_upload",
     "finish_upload", "prune_uploads", "request_dataset_stats", "start_upload", "upload_dataset"

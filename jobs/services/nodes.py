@@ -1,12 +1,12 @@
-"""Nodes: registration, heartbeats, device samples, fail-over of a silent node's jobs, reconciling a restarted node, the
-shared-storage check."""
+"""Nodes: registration, heartbeats, device samples, reconciling a restarted node (its Slurm runs followed again), the
+shared-storage check. Moving jobs between machines when one fails is Slurm's (the Slurm executor, jobs/slurm.py)."""
 from __future__ import annotations
 
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 from django.utils.translation import gettext_noop
 from django_q.tasks import async_task
@@ -14,32 +14,9 @@ from django_q.tasks import async_task
 from minicloud.errors import ServiceError
 from minicloud.processes import kill_group, pid_alive
 
-from ..models import DeviceSample, Job, JobPart, Node, Setting
+from ..models import DeviceSample, Job, Node, Setting
 from .lifecycle import finish_job, interrupt_job
-from .queue import _local_devices, kick_queue, node_queue
-
-
-def fail_over(now=None, node_name: str | None = None) -> list[int]:
-    """Interrupt the live jobs of nodes that stopped beating (their runner is gone), so that they resume on a live
-    node from their last checkpoint; a down node takes no new jobs until it beats again."""
-    down = set(Node.objects.filter(heartbeat_at__lt=Node.heartbeat_cutoff(now)).values_list("name", flat=True))
-    moved = []
-    spanning = JobPart.objects.filter(node__in=down, finished_at__isnull=True).values_list("job_id", flat=True)
-    for job in Job.objects.filter(node__in=down, status__in=Job.LIVE, executor="slurm"):
-        # a Slurm run does not stop with the node that followed it: this node follows it from now on
-        if Job.objects.filter(pk=job.pk, node=job.node).update(node=node_name or settings.NODE_NAME):
-            job.node = node_name or settings.NODE_NAME
-            follow_slurm_job(job)
-    for job in Job.objects.filter(Q(node__in=down) | Q(pk__in=list(spanning)), status__in=Job.LIVE).exclude(
-            executor="slurm"):
-        lost = job.node if job.node in down else ", ".join(sorted({p.node for p in job.parts.all()} & down))
-        if _end_orphaned(job, gettext_noop("node %(lost)s stopped answering (no heartbeat for %(seconds)s s)"),
-                         gettext_noop("node %(node)s went down while pausing"),
-                         {"lost": lost, "node": job.node, "seconds": f"{settings.NODE_TIMEOUT_S:g}"}):
-            moved.append(job.pk)
-    if moved:
-        kick_queue()
-    return moved
+from .queue import _local_devices, node_queue
 
 
 def check_shared_storage() -> None:
@@ -113,7 +90,7 @@ def _end_orphaned(job: Job, reason: str, pausing_reason: str, params: dict | Non
 def register_node(node_name: str) -> Node:
     devices = _local_devices()
     node, _created = Node.objects.update_or_create(
-        name=node_name, defaults={"devices": devices, "started_at": timezone.now(), "address": settings.NODE_ADDRESS,
+        name=node_name, defaults={"devices": devices, "started_at": timezone.now(),
                                   "heartbeat_at": timezone.now(), "stopping": False})
     sample_devices(node_name, devices)
     return node

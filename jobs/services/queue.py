@@ -18,7 +18,7 @@ from django_q.tasks import async_task
 
 from .. import scheduler
 from ..devices import inventory
-from ..models import Job, JobPart, Node
+from ..models import Job, Node
 from .quota import _owner_quotas, _quota_gate, recent_usage
 from .reasons import wait_reason_text
 
@@ -85,12 +85,11 @@ def device_state(node_name: str | None = None, slots: int | None = None,
     if not jobs:
         return nodes
     index = {(d.node, d.index): d for devs in nodes.values() for d in devs}
-    for node, devices, memory, placement in Job.objects.filter(status__in=Job.LIVE).values_list(
-            "node", "devices", "memory_estimate", "placement"):
-        for part_node, part_devices in placement or [(node, devices)]:
-            for i in part_devices or []:
-                if (part_node, i) in index:
-                    index[(part_node, i)].jobs.append(memory or 0)
+    for node, devices, memory in Job.objects.filter(status__in=Job.LIVE).values_list(
+            "node", "devices", "memory_estimate"):
+        for i in devices or []:
+            if (node, i) in index:
+                index[(node, i)].jobs.append(memory or 0)
     return nodes
 
 
@@ -104,7 +103,7 @@ def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[s
         return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, memory_of=lambda j: 0,
                               gpus_of=lambda j: 1, blocked=blocked, on_place=placed)
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
-                          multi_node=settings.MULTI_NODE_JOBS, on_place=placed)
+                          on_place=placed)
 
 
 def _typical_durations() -> dict:
@@ -141,48 +140,19 @@ def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
         for decision in queue_plan(node_name, slots):
             if decision.node != node_name:
                 continue
-            job, devices, now = decision.job, decision.devices, timezone.now()
-            placement = [[n, d] for n, d in decision.parts]
-            rendezvous = {"address": Node.objects.filter(name=node_name).values_list("address", flat=True).first()
-                          or settings.NODE_ADDRESS, "port": _free_port()} if placement else {}
-            where = ((gettext_noop("devices %(devices)s"), {"devices": str(devices)}) if not placement else
-                     (gettext_noop("nodes and devices: %(placement)s"),
-                      {"placement": "; ".join(f"{n} {d}" for n, d in placement)}))
-            job = Job.objects.get(pk=job.pk)  # the plan read only what planning needs
-            if job.transition(Job.Status.RUNNING, node_name, *where, node=node_name, devices=devices, started_at=now,
-                              error="", error_params=None, pid=None, worker_pid=os.getpid(), placement=placement,
-                              rendezvous=rendezvous, generation=F("generation") + 1):
-                for rank, (other, devs) in enumerate(placement[1:], 1):
-                    JobPart.objects.create(job=job, node=other, rank=rank, devices=devs, run_started_at=now)
-                if placement:
-                    transaction.on_commit(lambda: _kick_nodes([n for n, _ in placement[1:]]))
+            job, devices = Job.objects.get(pk=decision.job.pk), decision.devices  # the plan read only what it needs
+            if job.transition(Job.Status.RUNNING, node_name, gettext_noop("devices %(devices)s"),
+                              {"devices": str(devices)}, node=node_name, devices=devices, started_at=timezone.now(),
+                              error="", error_params=None, pid=None, worker_pid=os.getpid(),
+                              generation=F("generation") + 1):
                 return job
     return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _kick_nodes(names) -> None:
     for name in names:
         async_task("jobs.tasks.run_next_job", task_name="run_next_job", cluster=node_queue(name),
                    q_options={"ack_failure": True})
-
-
-def claim_part(node_name: str):
-    """This node's share of a running multi-node job that nobody started yet, claimed atomically, or None."""
-    for part in JobPart.objects.filter(node=node_name, claimed_at__isnull=True,
-                                       job__status=Job.Status.RUNNING).select_related("job"):
-        if part.run_started_at != part.job.started_at:
-            continue  # a part of an earlier run of the job
-        if JobPart.objects.filter(pk=part.pk, claimed_at__isnull=True).update(claimed_at=timezone.now()):
-            return part
-    return None
 
 
 def build_spec(job: Job) -> dict:

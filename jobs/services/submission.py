@@ -135,8 +135,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     if estimate is not None:
         estimate.update(memory=memory_parts, cuda=cuda)
     # under the Slurm executor the cluster's nodes are Slurm's to know: sbatch refuses what none of them could run
-    why = None if settings.EXECUTOR == "slurm" else scheduler.never_fits(nodes, gpus, memory,
-                                                                          multi_node=settings.MULTI_NODE_JOBS)
+    why = None if settings.EXECUTOR == "slurm" else scheduler.never_fits(nodes, gpus, memory)
     if why:
         field = "gpus" if why[0] == "gpus" else "config.batch_size"
         raise ServiceError(

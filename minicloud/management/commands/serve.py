@@ -121,16 +121,13 @@ class Command(BaseCommand):
         sys.exit(code)
 
     def _beat(self):
-        """Heartbeat, and take over the jobs of nodes that stopped beating (a database hiccup is not fatal)."""
+        """This node's heartbeat, which the devices page shows (a database hiccup is not fatal)."""
         from django.db import DatabaseError, close_old_connections
 
         from jobs import services
 
         try:
             services.beat(settings.NODE_NAME)
-            moved = services.fail_over()
-            if moved:
-                self.stdout.write(f"Requeued jobs of a silent node to resume elsewhere: {moved}")
         except DatabaseError as exc:
             self.stderr.write(f"heartbeat failed: {exc}")
             close_old_connections()
