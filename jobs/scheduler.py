@@ -105,7 +105,7 @@ def never_fits(nodes: dict[str, list[Device]], gpus: int, memory: int) -> tuple[
 
 
 # Why a job waits; services.wait_reason_text() renders these in the user's language.
-REASONS = ("held", "gpu_memory", "slots", "no_nodes", "quota_running", "quota_hours")
+REASONS = ("held", "gpu_memory", "slots", "no_nodes", "quota_running", "quota_hours", "slurm_pending")
 
 
 def _reason(nodes, gpus: int, memory: int, jobs_per_gpu: int) -> tuple[str, dict]:

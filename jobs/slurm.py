@@ -74,13 +74,26 @@ def layout(devices: int) -> tuple[int, int]:
     return nodes, devices // nodes
 
 
+def gpu_shards(job) -> int:
+    """K for ``--gres=shard:K``: a one-GPU job whose memory estimate fits in K of a GPU's MINICLOUD_SLURM_SHARDS_PER_GPU
+    shares (Slurm's GPU sharing, as the local executor packs small jobs onto one GPU); 0 for a whole GPU."""
+    shards, gpu_bytes = settings.SLURM_SHARDS_PER_GPU, settings.SLURM_GPU_MEMORY_GB * 2**30
+    if job.gpus != 1 or shards <= 1 or not gpu_bytes or not job.memory_estimate or not settings.SLURM_GRES:
+        return 0
+    k = max(math.ceil(job.memory_estimate * shards / gpu_bytes), 1)
+    return k if k < shards else 0
+
+
 def sbatch_options(job) -> list[str]:
     nodes, per_node = layout(job.gpus)
     opts = [f"--job-name=minicloud-{job.pk}", f"--comment=minicloud job {job.pk} of {job.owner.username}",
             f"--nodes={nodes}", "--ntasks-per-node=1", "--no-requeue", "--open-mode=append",
             f"--chdir={settings.BASE_DIR}", f"--output={job.run_dir}/slurm-%j.out"]
     cpus = per_node * max(settings.SLURM_CPUS_PER_DEVICE, 1)
-    if settings.SLURM_GRES:
+    shards = gpu_shards(job)
+    if shards:
+        opts.append(f"--gres=shard:{shards}")
+    elif settings.SLURM_GRES:
         opts.append(f"--gres={settings.SLURM_GRES}:{per_node}")
     opts.append(f"--cpus-per-task={cpus}")
     # host memory per node: the estimate for each of its devices (a CPU device's model lives in RAM, a GPU job's

@@ -238,6 +238,8 @@ class Supervisor:
                     Job.objects.filter(pk=self.job.pk).update(**updates)
             self.log_offset += len(chunk)
             notify(self.job.pk)
+            if "started_at" in updates:  # one fewer of ours waits in Slurm: the next may be released (_slurm_gate)
+                services.kick_queue()
         return not ended
 
     def _slurm_updates(self) -> dict:

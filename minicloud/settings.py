@@ -235,10 +235,16 @@ SLURM_ACCOUNT = os.environ.get("MINICLOUD_SLURM_ACCOUNT", "")
 SLURM_QOS = os.environ.get("MINICLOUD_SLURM_QOS", "")
 # How many jobs the portal hands to Slurm at once (the portal keeps the fair order and the quotas, Slurm places them).
 SLURM_MAX_JOBS = envint("MINICLOUD_SLURM_MAX_JOBS", 16)
+# ... of which at most this many may wait in Slurm's queue (which orders by age): the fair order stays the portal's.
+SLURM_MAX_PENDING = envint("MINICLOUD_SLURM_MAX_PENDING", 3)
 # GPUs (or, with SLURM_GRES empty, CPU tasks) per node: a job asking for more spans ceil(devices / this) nodes.
 SLURM_DEVICES_PER_NODE = envint("MINICLOUD_SLURM_DEVICES_PER_NODE", 8)
 SLURM_GRES = os.environ.get("MINICLOUD_SLURM_GRES", "gpu")  # "" for a CPU-only partition
 SLURM_CPUS_PER_DEVICE = envint("MINICLOUD_SLURM_CPUS_PER_DEVICE", 1)
+# Slurm's GPU sharing (gres/shard, when the admin configured it): a one-GPU job whose memory estimate fits in K of a
+# GPU's SHARDS_PER_GPU shares asks --gres=shard:K instead of a whole GPU (SLURM_GPU_MEMORY_GB: one GPU's memory).
+SLURM_SHARDS_PER_GPU = envint("MINICLOUD_SLURM_SHARDS_PER_GPU", 0)
+SLURM_GPU_MEMORY_GB = float(os.environ.get("MINICLOUD_SLURM_GPU_MEMORY_GB", "0"))
 SLURM_EXTRA_ARGS = os.environ.get("MINICLOUD_SLURM_EXTRA_ARGS", "")  # more sbatch options, shell-quoted
 SLURM_POLL_S = float(os.environ.get("MINICLOUD_SLURM_POLL_S", "2"))
 # How many times a job whose process crashed (killed, node lost) is resumed automatically from its checkpoint.

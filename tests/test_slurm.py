@@ -143,6 +143,27 @@ def test_a_slurmd_restart_mid_job_does_not_stop_it(portal):
     assert done["status"] == "succeeded" and done["step"] == 120, done
 
 
+def test_a_node_failure_in_slurm_resumes_the_job_from_its_checkpoint_once(portal):
+    job = portal.submit("slurm-node-fail", {**TINY, "max_steps": 150, "log_interval": 1, "save_interval": 10})
+    sid = slurm_id(portal, job["id"])
+    running = portal.wait_for(job["id"], lambda j: j["step"] >= 15 and (j["slurm"] or {}).get("nodes"),
+                              what="past a checkpoint")
+    node = running["slurm"]["nodes"]
+    slurm("scontrol", "update", f"nodename={node}", "state=down", "reason=minicloud-test")  # Slurm: NODE_FAIL
+    try:
+        moved = portal.wait_for(job["id"], lambda j: (j["slurm"] or {}).get("id") not in (None, sid),
+                                timeout=90, what="submitted again")
+    finally:
+        slurm("scontrol", "update", f"nodename={node}", "state=resume")
+    assert slurm_state(sid) == "NODE_FAIL"
+    done = portal.wait_for(moved["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
+                           what="finished")
+    assert done["status"] == "succeeded" and done["step"] == 150 and done["auto_resumes"] == 1, done
+    assert any("Slurm ended the run (NODE_FAIL" in e["message"] for e in done["events"]), done["events"]
+    log = portal.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")[1]["text"]
+    assert int(log.split("resumed from step ")[1].split()[0]) >= 10
+
+
 def test_a_two_process_gloo_ddp_job_under_srun_torchrun(portal):
     job = portal.submit("slurm-ddp", {**TINY, "max_steps": 20, "log_interval": 2}, gpus=2)
     slurm_id(portal, job["id"])

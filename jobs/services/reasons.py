@@ -11,6 +11,7 @@ WAIT_REASONS = {  # a reason code of scheduler.REASONS (or "new": not planned ye
     "gpu_memory": gettext_noop("waiting for %(n)s GPU(s) with %(gib)s GiB free"),
     "slots": gettext_noop("waiting for %(n)s free device slot(s)"),
     "no_nodes": gettext_noop("no worker node is running"),
+    "slurm_pending": gettext_noop("waiting until the %(n)s job(s) already handed to Slurm start there"),
     "quota_running": gettext_noop("over your concurrent-job quota (%(n)s of %(limit)s running)"),
     "quota_hours": gettext_noop("you have used %(used)s of your %(limit)s device-hours this week"),
 }

@@ -90,3 +90,36 @@ def test_a_slurm_run_that_lost_its_job_to_another_follower_only_stops_following(
     assert sup.proc.detached and signals == [] and sup.reason == "lost"
     assert sup.proc.stdout.readline() == ""  # its reader ends: nothing more is recorded
     assert signal.SIGKILL not in signals
+
+
+@override_settings(SLURM_SHARDS_PER_GPU=4, SLURM_GPU_MEMORY_GB=80, SLURM_GRES="gpu")
+def test_a_small_one_gpu_job_asks_for_gpu_shards_and_a_large_one_for_whole_gpus(job):
+    job.memory_estimate = 15 * 2**30
+    assert slurm.gpu_shards(job) == 1 and "--gres=shard:1" in slurm.sbatch_options(job)
+    job.memory_estimate = 45 * 2**30
+    assert slurm.gpu_shards(job) == 3
+    job.memory_estimate = 70 * 2**30
+    assert slurm.gpu_shards(job) == 0 and "--gres=gpu:1" in slurm.sbatch_options(job)
+    job.memory_estimate, job.gpus = 15 * 2**30, 2
+    assert slurm.gpu_shards(job) == 0 and "--gres=gpu:2" in slurm.sbatch_options(job)
+
+
+def test_the_portal_releases_jobs_to_slurm_only_while_few_of_its_own_wait_there(user, settings, monkeypatch):
+    """At most SLURM_MAX_PENDING released jobs wait in Slurm's queue (age-ordered); the rest wait in the portal's fair
+    order, saying why."""
+    monkeypatch.setenv("MINICLOUD_EXECUTOR", "slurm")
+    monkeypatch.setenv("MINICLOUD_SLURM_MAX_JOBS", "16")
+    settings.EXECUTOR, settings.SLURM_MAX_PENDING = "slurm", 2
+    ds = Dataset.objects.get(name="demo-pretrain")
+    jobs = [services.submit_job(owner=user, name=f"r{i}", stage="pretrain", dataset=ds.pk, config=TINY, gpus=4)
+            for i in range(4)]  # four devices each: the portal's slots do not count devices, Slurm places them
+    first = services.claim_next_job(settings.NODE_NAME)
+    second = services.claim_next_job(settings.NODE_NAME)
+    assert [first.pk, second.pk] == [jobs[0].pk, jobs[1].pk]
+    Job.objects.filter(pk__in=[first.pk, second.pk]).update(executor="slurm", slurm={"id": "1", "state": "PENDING"})
+    assert services.claim_next_job(settings.NODE_NAME) is None
+    decision = services.queue_plan()[0]
+    assert decision.reason == "slurm_pending" and "2 job(s) already handed to Slurm" in services.wait_reason_text(
+        decision.reason, decision.params)
+    Job.objects.filter(pk=first.pk).update(slurm={"id": "1", "state": "RUNNING"})  # one started in Slurm
+    assert services.claim_next_job(settings.NODE_NAME).pk == jobs[2].pk
