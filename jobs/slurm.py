@@ -160,10 +160,13 @@ def _time(value: str | None) -> str | None:
 
 def query(slurm_id: str) -> dict | None:
     """{"state", "reason", "nodes", "start", "end", "exit"} from ``scontrol show job`` (Slurm keeps an ended job
-    there for MinJobAge), else from ``sacct`` (accounting, when the cluster has it), else None."""
+    there for MinJobAge), else from ``sacct`` (accounting, when the cluster has it); None when Slurm no longer knows
+    the job. Raises SlurmError when the controller cannot be asked (the run is not taken for gone then)."""
     try:
         text = _run("scontrol", "show", "job", "-o", slurm_id)
-    except SlurmError:
+    except SlurmError as exc:
+        if "invalid job id" not in str(exc).lower():
+            raise  # slurmctld unreachable or busy: ask again later
         text = ""
     fields = dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", text))
     if fields.get("JobState"):
@@ -220,7 +223,10 @@ class SlurmRun:
             if time.monotonic() - self._checked < settings.SLURM_POLL_S:
                 return None
             self._checked = time.monotonic()
-            info = query(self.slurm_id)
+            try:
+                info = query(self.slurm_id)
+            except SlurmError:
+                return None  # Slurm's controller did not answer: the run is as it was, ask again later
             if info is None:  # forgotten, and no accounting: the events alone tell how it went
                 self.outcome, self.returncode = "gone", 1
                 return self.returncode

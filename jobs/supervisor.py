@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone as dt_tz
 
 from django.conf import settings
@@ -105,10 +104,14 @@ def _device_env(node_name: str, devices: list[int]) -> dict:
     return dict(engine_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
 
 
-@dataclass(frozen=True)
-class ReadMark:
-    """In the supervisor's line queue after each line of a followed file: the offset after that line."""
-    position: int
+class FileLine(str):
+    """A line of a followed file (a Slurm run's output), with the offset after it: one queue item, so the offset the
+    supervisor records is always that of the last line it recorded."""
+
+    def __new__(cls, text: str, position: int):
+        line = super().__new__(cls, text)
+        line.position = position
+        return line
 
 
 class Supervisor:
@@ -117,7 +120,7 @@ class Supervisor:
         self.attach = attach  # follow the job's Slurm run that another supervisor started (jobs/services/nodes.py)
         self.slurm = job.executor == "slurm" if attach else settings.EXECUTOR == "slurm"
         self.read_pos = None  # Slurm: how far the output file is recorded
-        self.lines: queue.Queue[str | ReadMark | None] = queue.Queue()
+        self.lines: queue.Queue[str | None] = queue.Queue()
         self.seq = (MetricPoint.objects.filter(job=job).order_by("-seq").values_list("seq", flat=True).first() or 0)
         last = LogChunk.objects.filter(job=job).order_by("-offset").first()
         self.log_offset = last.offset + len(last.text) if last else 0
@@ -141,9 +144,8 @@ class Supervisor:
     def _reader(self, stream):
         try:
             for raw in iter(stream.readline, ""):
-                self.lines.put(raw.rstrip("\n"))
-                if hasattr(stream, "position"):  # a Slurm run's output file: how far it is read, after each line
-                    self.lines.put(ReadMark(stream.position))
+                line = raw.rstrip("\n")
+                self.lines.put(FileLine(line, stream.position) if hasattr(stream, "position") else line)
         finally:
             self.lines.put(None)  # always: the supervisor waits for this to finish the job
 
@@ -184,10 +186,9 @@ class Supervisor:
             if item is None:
                 ended = True
                 break
-            if isinstance(item, ReadMark):
+            if isinstance(item, FileLine):
                 self.read_pos = item.position
-                continue
-            line = item
+            line = str(item)
             if self.reason == "lost":
                 continue  # the job is another node's now: its output is not ours to record
             event, line = self._event(line)
@@ -222,7 +223,7 @@ class Supervisor:
             elif kind == "error" and self.error_event is None:
                 self.error_event = event  # the first error is the cause (a failed rank stops the others with theirs)
         self.raw_log.flush()
-        if self.slurm and self.reason not in ("lost", "detach"):
+        if self.slurm and self.reason != "lost":  # (detached: what it recorded, and how far it read, still count)
             updates.update(self._slurm_updates())
         if points or text or updates:
             chunk = "".join(t + "\n" for t in text)
@@ -362,6 +363,8 @@ class Supervisor:
         if self.reason in ("lost", "detach") or job.generation != self.generation:
             return job.status
         outcome = getattr(self.proc, "outcome", None)  # how Slurm ended a Slurm run, when Slurm did
+        if outcome == "gone" and self.done_event is not None:
+            outcome, rc = None, 0  # Slurm forgot it, but the engine said it finished
         if self.slurm and not self.slurm_saved.get("ran"):
             Job.objects.filter(pk=job.pk).update(started_at=timezone.now())  # it never ran: no device-hours
             job.started_at = timezone.now()
@@ -422,6 +425,10 @@ class Supervisor:
             services.finish_job(job, S.FAILED,
                                 error=gettext_noop("training process exited with code %(code)s: %(tail)s"),
                                 error_params={"code": rc, "tail": " | ".join(self.tail[-3:])})
+        if self.slurm and self.slurm_saved.get("ran"):
+            info = self.proc.info
+            services.settle_run_segment(job, *(datetime.fromisoformat(info[k]) if info.get(k) else None
+                                               for k in ("start", "end")))
         notify(job.pk)
         return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
 

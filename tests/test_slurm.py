@@ -85,6 +85,11 @@ def test_a_cpu_job_runs_in_slurm_end_to_end(portal):
     assert slurm_state(sid) == "COMPLETED"
     points = portal.request("GET", f"/api/v1/jobs/{job['id']}/metrics")[1]
     assert len(points["points"]) >= 10  # the live metrics came through the output file on the shared storage
+    # the run's device-hours are what Slurm accounted: from its start of the batch job to its end
+    start, end = portal.manage("shell", "-c", "from accounts.models import UsageRecord as U; "
+                               f"r = U.objects.get(job_id={job['id']}); print(r.started_at.isoformat(), "
+                               "r.ended_at.isoformat())").strip().splitlines()[-1].split()
+    assert start == done["slurm"]["start"] and end > start
 
 
 def test_pause_resume_and_cancel_through_slurm(portal):
@@ -153,8 +158,8 @@ def test_a_node_failure_in_slurm_resumes_the_job_from_its_checkpoint_once(portal
     try:
         moved = portal.wait_for(job["id"], lambda j: (j["slurm"] or {}).get("id") not in (None, sid),
                                 timeout=90, what="submitted again")
-    finally:
-        slurm("scontrol", "update", f"nodename={node}", "state=resume")
+    finally:  # (ReturnToService=2 may have brought it back already when its slurmd registered again)
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
     assert slurm_state(sid) == "NODE_FAIL"
     done = portal.wait_for(moved["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
                            what="finished")

@@ -12,19 +12,22 @@ from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, follow_slurm_job, 
 from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_task, build_spec, claim_next_job,
                     device_state, kick_queue, live_nodes, node_queue, queue_forecast, queue_info, queue_order,
                     queue_plan, queue_position, queue_snapshot, write_spec)
-from .quota import check_submission_quota, device_hours, hours_left, recent_usage, usage_summary
+from .quota import (check_submission_quota, device_hours, hours_left, recent_usage, settle_run_segment,
+                    usage_summary)
 from .reasons import never_fits_text, spec_error_text, wait_reason_text
 from .submission import estimate_job, largest_device_memory, prepare_job, record_event, save_template, submit_job
 
 __all__ = [
     "ServiceError", "die_with_parent", "kill_group", "pid_alive", "never_fits_text", "spec_error_text",
-    "wait_reason_text", "check_submission_quota", "device_hours", "hours_left", "recent_usage", "usage_summary",
+    "wait_reason_text", "check_submission_quota", "device_hours", "hours_left", "recent_usage", "settle_run_segment",
+    "usage_summary",
     "background_task", "build_spec", "claim_next_job", "device_state", "kick_queue", "live_nodes",
     "_local_devices", "node_queue", "queue_forecast", "queue_info", "queue_order", "queue_plan", "queue_position",
     "queue_snapshot", "QUEUE_SNAPSHOT_S", "write_spec", "estimate_job", "largest_device_memory", "prepare_job",
     "record_event", "save_template", "submit_job", "cancel_job", "clone_job", "finish_job", "interrupt_job",
-    "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage",
-    "reconcile_node", "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT", "append_upload",
+    "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage", "reconcile_node",
+    "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT",
+    "append_upload",
     "compute_dataset_stats", "create_dataset", "dataset_references", "delete_dataset", "find_upload",
     "finish_upload", "prune_uploads", "request_dataset_stats", "start_upload", "upload_dataset"
 ]

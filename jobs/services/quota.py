@@ -32,6 +32,15 @@ def device_hours(user, since, now=None) -> float:
     return seconds / 3600
 
 
+def settle_run_segment(job: Job, started, ended) -> None:
+    """The job's last run segment as its executor accounted it (a Slurm batch job's start and end, from scontrol or
+    sacct), in place of the times the portal saw."""
+    rec = UsageRecord.objects.filter(job=job).order_by("-ended_at", "-pk").first()
+    if rec is not None and started and ended and ended >= started:
+        UsageRecord.objects.filter(pk=rec.pk).update(started_at=started, ended_at=ended,
+                                                     device_seconds=(ended - started).total_seconds() * rec.devices)
+
+
 def hours_left(user) -> tuple[float, float | None]:
     """(device-hours ``user`` used this week, their weekly limit or None): what a running job's supervisor checks."""
     limit = effective_quota(user)["device_hours_per_week"]

@@ -7,6 +7,7 @@ resume on the next start), then the children: SIGTERM, then SIGKILL after a grac
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,10 @@ class Command(BaseCommand):
                 services.check_shared_storage()
             except ServiceError as exc:
                 self.stderr.write(str(exc))
+                sys.exit(2)
+            if settings.EXECUTOR == "slurm" and not all(map(shutil.which, ("sbatch", "scontrol", "scancel"))):
+                self.stderr.write("MINICLOUD_EXECUTOR=slurm, but Slurm's commands (sbatch, scontrol, scancel) are not "
+                                  "on PATH: run the worker on a Slurm login node (docs/deploy.md).")
                 sys.exit(2)
             services.register_node(settings.NODE_NAME)
             requeued = services.reconcile_node(settings.NODE_NAME, starting=True)
@@ -168,8 +173,12 @@ class Command(BaseCommand):
         self._stop_children()
 
     def _stop_children(self):
+        # SIGTERM to each child itself, which stops its own processes in order; the group gets SIGKILL afterwards.
+        # (django-q2's cluster stops in about a second this way; with SIGTERM to its whole group at once its sentinel
+        # waited out the whole grace period for children that had already died.)
         for proc in self.children.values():
-            kill_group(proc.pid, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.children.values():
             try:
