@@ -16,7 +16,8 @@ Slurm's own commands (``sbatch``, ``scontrol``, ``scancel``, ``sacct``), as a la
   its code) and SIGKILL is ``scancel``.
 - How a run ended, when Slurm ended it (``outcome``): "cancelled" (``scancel`` from outside the portal), "timeout"
   (its ``--time``), "lost" (``NODE_FAIL``, ``PREEMPTED``, ``BOOT_FAIL``: the portal resumes it from its checkpoint,
-  once, as for a crash), "oom" (over its ``--mem``), "gone" (Slurm forgot it and there is no accounting).
+  once, as for a crash), "oom" (over its ``--mem``), "gone" (Slurm forgot it and there is no accounting), "never"
+  (pending for a reason that cannot clear, such as more nodes than the partition has: cancelled, the job fails).
 
 The supervisor (jobs/supervisor.py) does the rest as for a local run: events to the database, pause/cancel, the end.
 A portal that restarts finds its Slurm jobs still running and follows them again from where it stopped reading
@@ -43,6 +44,10 @@ ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUE
           "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT", "STOPPED"}
 OUTCOMES = {"CANCELLED": "cancelled", "TIMEOUT": "timeout", "DEADLINE": "timeout", "NODE_FAIL": "lost",
             "PREEMPTED": "lost", "BOOT_FAIL": "lost", "OUT_OF_MEMORY": "oom"}
+# Reasons a pending job gives when the cluster as configured can never run it (Slurm accepts such a job unless
+# EnforcePartLimits is set, and leaves it pending for ever): the portal cancels it and fails the job, saying why.
+NEVER_REASONS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
+                 "InvalidQOS", "QOSMaxNodePerJobLimit", "QOSMaxGRESPerJob", "QOSMaxCpuPerJobLimit"}
 COMMAND_TIMEOUT_S = 30
 
 
@@ -232,6 +237,13 @@ class SlurmRun:
                 return self.returncode
             self.info = info
             state = info["state"]
+            if state == "PENDING" and info["reason"] in NEVER_REASONS:
+                try:
+                    _run("scancel", self.slurm_id)
+                except SlurmError:
+                    pass
+                self.outcome, self.returncode = "never", 1
+                return self.returncode
             if state in ACTIVE:
                 return None
             self.outcome = OUTCOMES.get(state)

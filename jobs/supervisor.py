@@ -405,6 +405,10 @@ class Supervisor:
             services.interrupt_job(job, gettext_noop("Slurm ended the run (%(state)s on %(nodes)s): it resumes from "
                                                      "its last checkpoint"),
                                    {"state": self.proc.info.get("state"), "nodes": self.proc.info.get("nodes")})
+        elif outcome == "never":
+            services.finish_job(job, S.FAILED, error=gettext_noop(
+                "Slurm can never start this job as its cluster is configured (%(reason)s): ask for fewer devices or "
+                "less time, or ask the admin"), error_params={"reason": self.proc.info.get("reason")})
         elif outcome == "oom":
             services.finish_job(job, S.FAILED, error=gettext_noop(
                 "Slurm stopped the run: it used more host memory than its --mem (%(mem)s)"),

@@ -92,6 +92,14 @@ def test_a_cpu_job_runs_in_slurm_end_to_end(portal):
     assert start == done["slurm"]["start"] and end > start
 
 
+def test_a_job_the_cluster_can_never_run_fails_with_slurms_reason(portal):
+    job = portal.submit("slurm-too-wide", {**TINY, "max_steps": 5}, gpus=6)  # 3 nodes x 2: the cluster has 2
+    done = portal.wait_for(job["id"], lambda j: j["status"] not in ("queued", "running"), timeout=60, what="ended")
+    assert done["status"] == "failed" and "Slurm can never start this job" in done["error"], done
+    assert "PartitionConfig" in done["error"] or "PartitionNodeLimit" in done["error"]
+    assert slurm_state(done["slurm"]["id"]) == "CANCELLED"  # nothing of it is left pending in Slurm
+
+
 def test_pause_resume_and_cancel_through_slurm(portal):
     job = portal.submit("slurm-pause", {**TINY, "max_steps": 400, "log_interval": 1, "save_interval": 1000})
     sid = slurm_id(portal, job["id"])
