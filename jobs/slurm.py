@@ -122,7 +122,8 @@ def batch_script(job, spec_path: Path) -> str:
     spec = shlex.quote(str(spec_path))
     lines = ["#!/bin/bash", *(f"#SBATCH {shlex.quote(o)}" for o in sbatch_options(job)),
              f"# MiniCloud job {job.pk}: {nodes} node(s) x {per_node} device(s)",
-             "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"]
+             # each engine process its share of the task's CPUs (torchrun starts one per device)
+             f"export OMP_NUM_THREADS={max(settings.SLURM_CPUS_PER_DEVICE, 1)}"]
     if not settings.SLURM_GRES:
         lines.append("export CUDA_VISIBLE_DEVICES=")  # a CPU partition: the engine's "auto" device is the CPU
     if nodes == 1 and per_node == 1:
