@@ -59,7 +59,7 @@ def test_grpo_raises_the_reward_on_heldout_prompts(trained, demo_dir, tmp_path, 
 
 
 def test_ppo_raises_the_reward_and_saves_only_the_actor(trained, demo_dir, tmp_path, capsys):
-    spec = rl_spec("ppo", demo_dir, tmp_path, trained["sft"], max_steps=25, mini_batch_size=8,
+    spec = rl_spec("ppo", demo_dir, tmp_path, trained["sft"], max_steps=40, mini_batch_size=8,
                    critic_learning_rate=1e-3)
     rc, events = run_inprocess(spec, tmp_path, capsys)
     assert rc == 0, events[-1]
@@ -141,7 +141,8 @@ def test_grpo_with_a_verifiable_reward_raises_heldout_answer_accuracy(trained, d
     questions; the numeric reward of each answer) are counted, and the held-out third must gain too. A tiny model's
     answers to 150 random questions move by a few, which a CPU's rounding can decide, and the mean reward of the
     sampled rollouts stays within its noise in 40 steps; the greedy answers to the table rose by 8-18 (held-out third:
-    5 -> 9-12) in every run tried, a control trained on multiplication fell by 3."""
+    5 -> 9-12) in every run tried, a control trained on multiplication fell by 3. 60 steps: on a machine with other
+    CPU kernels (AVX-512/AMX, 2026-12-02) 40 steps moved the table from 32 to 30 right answers."""
     import random
 
     from training.generate import chat_replies
@@ -162,7 +163,7 @@ def test_grpo_with_a_verifiable_reward_raises_heldout_answer_accuracy(trained, d
                                [f"What is {a} plus {b}?" for a, b in table], 24)
         return {p for p, r in zip(table, replies) if match_rewards(r, [str(sum(p))])["numeric"]}
 
-    spec = rl_spec("grpo", demo_dir, tmp_path, trained["sft"], max_steps=40, num_generations=8, temperature=0.8,
+    spec = rl_spec("grpo", demo_dir, tmp_path, trained["sft"], max_steps=60, num_generations=8, temperature=0.8,
                    rewards={"numeric": 1.0}, reward_regex="", log_interval=5, learning_rate=1e-3)
     spec["dataset"] = str(data)
     rc, events = run_inprocess(spec, tmp_path, capsys)
