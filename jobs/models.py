@@ -48,36 +48,6 @@ class Dataset(Shareable):
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name
 
-    @property
-    def slurm_text(self) -> str:
-        """Slurm's word on the run, in the active language: "Slurm job 13: PENDING (Resources)", or "… RUNNING on
-        node[1-2]"; "" for a run that is not Slurm's."""
-        if not self.slurm.get("id"):
-            return ""
-        reason = self.slurm.get("reason")
-        text = _("Slurm job %(id)s: %(state)s") % {"id": self.slurm["id"], "state": self.slurm.get("state") or "?"}
-        if reason and reason != "None":
-            text += f" ({reason})"
-        if self.slurm.get("nodes"):
-            text += " " + _("on %(nodes)s") % {"nodes": self.slurm["nodes"]}
-        return text
-
-    @property
-    def slurm_expected_start(self):
-        """When Slurm expects a pending run to start (its backfill estimate, squeue --start), or None."""
-        from datetime import datetime
-
-        if self.slurm.get("state") != "PENDING" or not self.slurm.get("start"):
-            return None
-        return datetime.fromisoformat(self.slurm["start"])
-
-    @property
-    def slurm_info(self) -> dict | None:
-        """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
-        if not self.slurm:
-            return None
-        return {**{k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}, "text": self.slurm_text}
-
     def to_dict(self):
         return {"id": self.pk, "name": self.name, "version": self.version, "kind": self.kind, "records": self.records,
                 "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
@@ -469,36 +439,6 @@ class MetricPoint(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["job", "seq"], name="metric_job_seq")]
         ordering = ["seq"]
-
-    @property
-    def slurm_text(self) -> str:
-        """Slurm's word on the run, in the active language: "Slurm job 13: PENDING (Resources)", or "… RUNNING on
-        node[1-2]"; "" for a run that is not Slurm's."""
-        if not self.slurm.get("id"):
-            return ""
-        reason = self.slurm.get("reason")
-        text = _("Slurm job %(id)s: %(state)s") % {"id": self.slurm["id"], "state": self.slurm.get("state") or "?"}
-        if reason and reason != "None":
-            text += f" ({reason})"
-        if self.slurm.get("nodes"):
-            text += " " + _("on %(nodes)s") % {"nodes": self.slurm["nodes"]}
-        return text
-
-    @property
-    def slurm_expected_start(self):
-        """When Slurm expects a pending run to start (its backfill estimate, squeue --start), or None."""
-        from datetime import datetime
-
-        if self.slurm.get("state") != "PENDING" or not self.slurm.get("start"):
-            return None
-        return datetime.fromisoformat(self.slurm["start"])
-
-    @property
-    def slurm_info(self) -> dict | None:
-        """What users see of a Slurm run: Slurm's job id, state, reason, nodes and (expected) start."""
-        if not self.slurm:
-            return None
-        return {**{k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}, "text": self.slurm_text}
 
     def to_dict(self):
         return {"seq": self.seq, "step": self.step, "time": self.time, "values": self.values}

@@ -26,7 +26,6 @@ A portal that restarts finds its Slurm jobs still running and follows them again
 from __future__ import annotations
 
 import math
-import os
 import re
 import shlex
 import signal
@@ -62,8 +61,8 @@ def _run(*cmd: str, env: dict | None = None) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SlurmError(f"{cmd[0]}: {exc}") from None
     if out.returncode:
-        raise SlurmError((out.stderr or out.stdout).strip().splitlines()[-1] if (out.stderr or out.stdout).strip()
-                         else f"{cmd[0]} exited with code {out.returncode}")
+        said = (out.stderr or out.stdout).strip()
+        raise SlurmError(said.splitlines()[-1] if said else f"{cmd[0]} exited with code {out.returncode}")
     return out.stdout
 
 
@@ -89,6 +88,12 @@ def gpu_shards(job) -> int:
     return k if k < shards else 0
 
 
+def host_memory(job) -> str:
+    """``--mem`` per node: the estimate for each of its devices (a CPU device's model lives in RAM, a GPU job's host
+    copy is smaller), and a GiB for the interpreter, torch and the data."""
+    return f"{math.ceil((job.memory_estimate or 0) * layout(job.gpus)[1] * 1.25 / MiB) + 1024}M"
+
+
 def sbatch_options(job) -> list[str]:
     nodes, per_node = layout(job.gpus)
     opts = [f"--job-name=minicloud-{job.pk}", f"--comment=minicloud job {job.pk} of {job.owner.username}",
@@ -100,11 +105,7 @@ def sbatch_options(job) -> list[str]:
         opts.append(f"--gres=shard:{shards}")
     elif settings.SLURM_GRES:
         opts.append(f"--gres={settings.SLURM_GRES}:{per_node}")
-    opts.append(f"--cpus-per-task={cpus}")
-    # host memory per node: the estimate for each of its devices (a CPU device's model lives in RAM, a GPU job's
-    # host copy is smaller) and a GiB for the interpreter, torch and the data
-    per_device = job.memory_estimate or 0
-    opts.append(f"--mem={math.ceil(per_device * per_node * 1.25 / MiB) + 1024}M")
+    opts += [f"--cpus-per-task={cpus}", f"--mem={host_memory(job)}"]
     if job.time_limit_s:
         opts.append(f"--time={max(math.ceil(job.time_limit_s / 60), 1)}")
     for flag, value in (("--partition", settings.SLURM_PARTITION), ("--account", settings.SLURM_ACCOUNT),
@@ -145,7 +146,7 @@ def submit(job, spec_path: Path, env: dict) -> "SlurmRun":
     passes the submitting environment to the job). Raises SlurmError with Slurm's refusal."""
     script = job.run_dir / "job.sbatch"
     script.write_text(batch_script(job, spec_path))
-    out = _run("sbatch", "--parsable", str(script), env={**env, "PATH": os.environ.get("PATH", "")})
+    out = _run("sbatch", "--parsable", str(script), env=env)
     slurm_id = out.strip().split(";")[0]
     if not slurm_id.isdigit():
         raise SlurmError(f"sbatch answered {out.strip()!r}")
@@ -216,11 +217,11 @@ class SlurmRun:
         self._lock = threading.Lock()
         self.stdout = _Follower(self, read)
 
-    def record(self, read: int | None = None) -> dict:
+    def record(self, read: int) -> dict:
         """What Job.slurm keeps of this run (the supervisor adds the token); ``read``: how far its output is
-        recorded (default: where following starts)."""
+        recorded."""
         return {"id": self.slurm_id, **{k: self.info.get(k) for k in ("state", "reason", "nodes", "start")},
-                "read": self.stdout.position if read is None else read}
+                "read": read}
 
     def poll(self):
         with self._lock:
@@ -239,10 +240,7 @@ class SlurmRun:
             self.info = info
             state = info["state"]
             if state == "PENDING" and info["reason"] in NEVER_REASONS:
-                try:
-                    _run("scancel", self.slurm_id)
-                except SlurmError:
-                    pass
+                self.send_signal(signal.SIGKILL)  # scancel: nothing of it stays pending in Slurm
                 self.outcome, self.returncode = "never", 1
                 return self.returncode
             if state in ACTIVE:
@@ -251,10 +249,6 @@ class SlurmRun:
             self.returncode = exit_code(info["exit"]) if state in ("COMPLETED", "FAILED") else (
                 -signal.SIGTERM if self.outcome in ("cancelled", "timeout") else 1)
             return self.returncode
-
-    @property
-    def running(self) -> bool:
-        return self.info.get("state") == "RUNNING"
 
     def wait(self):
         while self.poll() is None and not self.detached:

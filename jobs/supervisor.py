@@ -167,8 +167,7 @@ class Supervisor:
                                                   cwd=str(settings.BASE_DIR))
         self.started = time.monotonic()
         if self.slurm:
-            self.slurm_saved = {**self.proc.record(), "token": self.token,
-                                "ran": bool(self.attach and self.job.slurm.get("ran"))}
+            self.slurm_saved = self._slurm_record()
             Job.objects.filter(pk=self.job.pk, generation=self.generation).update(
                 executor="slurm", slurm=self.slurm_saved, pid=None)
         else:
@@ -246,8 +245,7 @@ class Supervisor:
     def _slurm_updates(self) -> dict:
         """Job fields to write for a Slurm run: its state, reason, nodes and how far its output is read, when they
         changed; its start once it runs (the run's device-hours count from Slurm's start, not from the release)."""
-        read = self.read_pos if self.read_pos is not None else self.slurm_saved.get("read", 0)
-        rec = {**self.proc.record(read), "token": self.token, "ran": bool(self.slurm_saved.get("ran"))}
+        rec = self._slurm_record()
         starts = not rec["ran"] and rec.get("start") and rec.get("state") == "RUNNING"
         if starts:
             rec["ran"] = True
@@ -256,6 +254,12 @@ class Supervisor:
         self.slurm_saved = rec
         return {"slurm": rec, **({"started_at": datetime.fromisoformat(rec["start"])} if starts else {})}
 
+    def _slurm_record(self) -> dict:
+        """Job.slurm of this run as it stands: Slurm's word on it, how far its output is recorded, its token, and
+        whether it has run (kept from what was saved last)."""
+        read = self.read_pos if self.read_pos is not None else self.slurm_saved.get("read") or 0
+        return {**self.proc.record(read), "token": self.token, "ran": bool(self.slurm_saved.get("ran"))}
+
     def _still_ours(self) -> bool:
         """Whether the job still has this run's generation (locked until the transaction ends, on PostgreSQL)."""
         return Job.objects.select_for_update().filter(pk=self.job.pk, generation=self.generation).exists()
@@ -263,11 +267,10 @@ class Supervisor:
     def _lose(self) -> None:
         """The job is another run's now: stop the child at once and write nothing more (a Slurm run is another
         supervisor's to follow now: this one only stops following it)."""
+        self.reason = "lost"
         if self.slurm:
-            self.reason = "lost"
             self.proc.detach()
             return
-        self.reason = "lost"
         if self.proc.poll() is None:
             self._signal(signal.SIGKILL)
         self.killed = True
@@ -412,8 +415,7 @@ class Supervisor:
         elif outcome == "oom":
             services.finish_job(job, S.FAILED, error=gettext_noop(
                 "Slurm stopped the run: it used more host memory than its --mem (%(mem)s)"),
-                error_params={"mem": next((o.split("=", 1)[1] for o in slurm.sbatch_options(job)
-                                           if o.startswith("--mem=")), "?")})
+                error_params={"mem": slurm.host_memory(job)})
         elif self.reason == "shutdown":
             services.interrupt_job(job, gettext_noop("the node is shutting down"), counts=False)
         elif self.error_event is not None:

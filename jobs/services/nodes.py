@@ -2,6 +2,7 @@
 shared-storage check. Moving jobs between machines when one fails is Slurm's (the Slurm executor, jobs/slurm.py)."""
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from django.conf import settings
@@ -65,8 +66,6 @@ def follow_slurm_job(job: Job) -> None:
 def take_over_slurm_job(job_id: int, generation: int) -> Job | None:
     """The job, now this worker's to follow (a new generation fences out any supervisor still following it), or
     None when its run ended, moved on, or another token took it first."""
-    import os
-
     if not Job.objects.filter(pk=job_id, generation=generation, status__in=Job.LIVE, executor="slurm").update(
             generation=F("generation") + 1, worker_pid=os.getpid()):
         return None

@@ -99,19 +99,20 @@ def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[s
     owners, quotas = _owner_quotas(queued)
     queued = queue_order(queued, (owners, quotas))
     blocked, placed = _quota_gate(owners, quotas)
+    needs = {}
     if settings.EXECUTOR == "slurm":  # one job slot per job released to Slurm, whatever it asks: Slurm places it
         blocked, placed = _slurm_gate(blocked, placed)
-        return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, memory_of=lambda j: 0,
-                              gpus_of=lambda j: 1, blocked=blocked, on_place=placed)
+        needs = {"memory_of": lambda j: 0, "gpus_of": lambda j: 1}
     return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
-                          on_place=placed)
+                          on_place=placed, **needs)
 
 
 def _slurm_gate(blocked, placed):
     """Under Slurm the portal releases a job only while fewer than MINICLOUD_SLURM_MAX_PENDING of its released jobs
     wait in Slurm's own queue: Slurm orders what waits there by age, so a short queue there keeps the portal's fair
     order deciding who goes next (bench/cluster_sim.py --placement slurm, docs/performance.md)."""
-    released = Job.objects.filter(status__in=Job.LIVE, executor="slurm").values_list("slurm", flat=True)
+    # every live job not run locally: one released a moment ago has no executor or Slurm state yet, and waits too
+    released = Job.objects.filter(status__in=Job.LIVE).exclude(executor="local").values_list("slurm", flat=True)
     waiting = [sum(1 for s in released if (s or {}).get("state", "PENDING") == "PENDING")]  # this pass adds to it
 
     def slurm_blocked(job):
