@@ -1,5 +1,5 @@
 """``python -m training run SPEC.json`` | ``demo-data OUT_DIR`` | ``train-tokenizer DATA.jsonl... --out DIR`` |
-``convert hf|pth SRC OUT`` | ``inspect PTH --config C`` | ``merge-lora BASE LORA OUT --config C`` | ``chat-worker`` |
+``convert hf|pth|gguf SRC OUT`` | ``inspect PTH --config C`` | ``merge-lora BASE LORA OUT --config C`` | ``chat-worker`` |
 ``prepare DATASET ...`` (build a token cache) |
 ``warm FD`` (the fork server of training.warm)."""
 from __future__ import annotations
@@ -130,7 +130,14 @@ def cmd_convert(args) -> int:
     from . import convert
 
     if args.to == "hf":
-        return _report(lambda: convert.export_hf(args.src, _config_arg(args), args.out, args.tokenizer))
+        return _report(lambda: convert.export_hf(args.src, _config_arg(args), args.out, args.tokenizer,
+                                                 layout=args.layout))
+    if args.to == "gguf":
+        from .gguf_export import export_gguf
+
+        return _report(lambda: export_gguf(args.src, _config_arg(args), args.out, args.tokenizer,
+                                           types=args.types.split(","), eval_data=args.eval_data,
+                                           eval_ratio=args.eval_ratio, seed=args.seed, name=args.name))
     return _report(lambda: convert.import_hf(args.src, args.out))
 
 
@@ -191,12 +198,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=6400)
     p.set_defaults(func=cmd_train_tokenizer)
-    p = sub.add_parser("convert", help="MiniMind .pth <-> Hugging Face folder, verified by logits (JSON report)")
-    p.add_argument("to", choices=["hf", "pth"], help="hf: .pth → folder; pth: folder → .pth")
+    p = sub.add_parser("convert", help="MiniMind .pth <-> Hugging Face folder, .pth -> GGUF, verified by logits "
+                                       "(JSON report)")
+    p.add_argument("to", choices=["hf", "pth", "gguf"],
+                   help="hf: .pth → folder; pth: folder → .pth; gguf: .pth → folder of GGUF files + Modelfiles")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--config", help="JSON file of MiniMind config names (for a .pth)")
-    p.add_argument("--tokenizer", help="tokenizer folder to copy into the Hugging Face folder")
+    p.add_argument("--tokenizer", help="tokenizer folder to copy into the Hugging Face folder (GGUF: required)")
+    p.add_argument("--layout", choices=["transformers5", "transformers4"], default="transformers5",
+                   help="hf of a MoE model: fused experts (transformers 5) or one module per expert (4.57)")
+    p.add_argument("--types", default="f16", help="gguf: comma-separated f16,bf16,q8_0,q4_k_m (f16 always made)")
+    p.add_argument("--eval-data", help="gguf: dataset whose eval split measures each file's perplexity")
+    p.add_argument("--eval-ratio", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--name", default="minimind", help="gguf: file name stem and general.name")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="load a MiniMind .pth strictly against its config; print the config")
     p.add_argument("src")

@@ -4,7 +4,9 @@
 fp16 and ``save_pretrained``s it (safetensors) with a generation config that stops at eos 2 and the tokenizer files.
 Dense folders get MiniMind's fix-ups so transformers 4.57 reads them too (top-level ``rope_theta``,
 ``rope_scaling: null``, no ``rope_parameters``; ``PreTrainedTokenizerFast`` as tokenizer class). MoE folders keep
-transformers 5's fused experts. ``hf_to_pth`` goes back (experts unfused).
+transformers 5's fused experts by default; ``layout="transformers4"`` writes them as 4.57 does (one module per expert,
+``mlp.experts.E.{gate,up,down}_proj``, MiniMind's own keys, with the same config fix-ups), a layout transformers 5
+also loads (it fuses on load). ``hf_to_pth`` goes back (experts unfused).
 
 Every conversion the portal offers is verified (``compare_logits``): the converted model and its source run on one
 fixed prompt and the largest logit difference is reported with the tolerance it must meet. Imports of Hugging Face
@@ -24,7 +26,11 @@ from .model import load_model, save_pth
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def pth_to_hf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+LAYOUTS = ("transformers5", "transformers4")
+
+
+def pth_to_hf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+              layout: str = "transformers5") -> Path:
     from transformers import GenerationConfig
 
     model, mcfg = load_model({"path": str(pth), "config": config})
@@ -33,14 +39,28 @@ def pth_to_hf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_dir:
     model = model.to(torch.float16)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True,
                                                temperature=0.85, top_p=0.85, top_k=50)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    if not mcfg["use_moe"]:
+    if not mcfg["use_moe"] or layout == "transformers4":
         cfg_path = out_dir / "config.json"
         cfg = json.loads(cfg_path.read_text())
         params = cfg.pop("rope_parameters", None) or {}
         cfg["rope_theta"] = params.get("rope_theta", mcfg["rope_theta"])
         cfg["rope_scaling"] = None
+        cfg.pop("experts_implementation", None)
+        if "num_local_experts" in cfg:  # 4.57's name for it (5 renamed it); 4.57 reads torch_dtype
+            cfg["num_experts"] = cfg["num_local_experts"]
+        cfg.setdefault("torch_dtype", cfg.get("dtype", "float16"))
         cfg_path.write_text(json.dumps(cfg, indent=2))
+    if mcfg["use_moe"] and layout == "transformers4":
+        from safetensors.torch import load_file, save_file
+
+        from .model import to_minimind
+
+        weights = out_dir / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in to_minimind(load_file(str(weights))).items()}, str(weights),
+                  metadata={"format": "pt"})
     if tokenizer_dir:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
@@ -89,12 +109,13 @@ def compare_logits(reference, candidate, vocab_size: int, tolerance: float = VER
             "prompt_tokens": int(x.shape[1]), "max_abs_logit": float(a.abs().max())}
 
 
-def export_hf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> dict:
+def export_hf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+              layout: str = "transformers5") -> dict:
     """``.pth`` → Hugging Face folder, verified: the folder loaded by ``AutoModelForCausalLM`` gives the ``.pth``'s
     logits."""
     from transformers import AutoModelForCausalLM
 
-    out_dir = pth_to_hf(pth, config, out_dir, tokenizer_dir)
+    out_dir = pth_to_hf(pth, config, out_dir, tokenizer_dir, layout)
     source, mcfg = load_model({"path": str(pth), "config": config})
     loaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
     return {"out": str(out_dir), "config": mcfg, "verification": compare_logits(source, loaded, mcfg["vocab_size"])}
