@@ -98,10 +98,16 @@ SCHEMA = {
                              "notes": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}}}),
                                    "parameters": ID},
                          "delete": {**_op("Delete a model nothing uses (409 lists what uses it)"), "parameters": ID}},
-        "/models/{id}/download": {"get": {**_op("Download weights: streamed, resumable with Range (206); hf and lora "
-                                                "are zips, converted on first request and verified by logits"),
+        "/models/{id}/download": {"get": {**_op("Download weights: streamed, resumable with Range (206); hf, gguf "
+                                                "and lora are zips, converted on first request and verified (gguf "
+                                                "in llama.cpp)"),
                                           "parameters": ID + [
-            {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["pth", "hf", "lora"]}}]}},
+            {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["pth", "hf", "gguf", "lora"]}},
+            {"name": "type", "in": "query", "description": "gguf: the file type (default q8_0)",
+             "schema": {"type": "string", "enum": ["f16", "bf16", "q8_0", "q4_k_m"]}},
+            {"name": "layout", "in": "query", "description": "hf of a MoE model: transformers5 (fused experts, "
+                                                             "default) or transformers4 (4.57's layout)",
+             "schema": {"type": "string", "enum": ["transformers5", "transformers4"]}}]}},
         "/models/{id}/evaluations": {"get": {**_op("The model's evaluations"), "parameters": ID},
                                      "post": {**_op("Queue an evaluation job (dataset, config: eval_records, "
                                                     "accuracy_tasks, max_gen_len)", ok="201"), "parameters": ID}},

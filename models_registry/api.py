@@ -34,17 +34,19 @@ def model_detail(request, model_id):
     return {**mv.to_dict(), "evaluations": _evaluations(request.user, mv)}
 
 
-CONTENT_TYPES = {"pth": "application/octet-stream", "hf": "application/zip", "lora": "application/zip"}
+CONTENT_TYPES = {"pth": "application/octet-stream", "hf": "application/zip", "gguf": "application/zip",
+                 "lora": "application/zip"}
 
 
 def download(request, mv: ModelVersion):
     """The file of ``?format=`` (pth, hf or lora), streamed and resumable; audited once per download (not per
     resumed range)."""
     fmt = request.GET.get("format", "pth")
-    path = services.format_file(mv, fmt)
+    variant = request.GET.get("type" if fmt == "gguf" else "layout", "")
+    path = services.format_file(mv, fmt, variant)
     if not request.headers.get("Range", "").startswith("bytes=") or request.headers.get("Range") == "bytes=0-":
-        audit(request.user, "download", mv, request=request, format=fmt)
-    return serve_file(request, path, download_name(mv, fmt), CONTENT_TYPES[fmt])
+        audit(request.user, "download", mv, request=request, format=fmt, **({"variant": variant} if variant else {}))
+    return serve_file(request, path, download_name(mv, fmt, variant), CONTENT_TYPES[fmt])
 
 
 @endpoint("GET")

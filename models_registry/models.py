@@ -117,7 +117,11 @@ class ModelVersion(Shareable):
     def formats(self) -> list[str]:
         if self.source == "reward":
             return []  # a scorer for RL jobs (config.reward_model), not a language model to convert or chat with
-        return ["pth", "hf"] + (["lora"] if self.lora_path else [])
+        return ["pth", "hf", "gguf"] + (["lora"] if self.lora_path else [])
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return bool(self.tokenizer_id) and self.tokenizer.status == "ready"
 
     def to_dict(self):
         return {

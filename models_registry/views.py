@@ -29,6 +29,11 @@ def model_list(request):
 
 
 FORMAT_LABELS = {"pth": gettext_lazy("MiniMind .pth (fp16)"), "hf": gettext_lazy("Hugging Face (safetensors, zip)"),
+                 "hf4": gettext_lazy("Hugging Face, transformers 4.57 layout (one module per expert, zip)"),
+                 "gguf-f16": gettext_lazy("GGUF f16 for llama.cpp / Ollama (with Modelfile, zip)"),
+                 "gguf-bf16": gettext_lazy("GGUF bf16 (with Modelfile, zip)"),
+                 "gguf-q8_0": gettext_lazy("GGUF Q8_0, 8-bit (with Modelfile, zip)"),
+                 "gguf-q4_k_m": gettext_lazy("GGUF Q4_K_M, 4-bit (with Modelfile, zip)"),
                  "lora": gettext_lazy("LoRA (MiniMind .pth + peft adapter, zip)")}
 
 
@@ -36,7 +41,7 @@ FORMAT_LABELS = {"pth": gettext_lazy("MiniMind .pth (fp16)"), "hf": gettext_lazy
 def model_detail(request, model_id):
     mv = _model_or_404(request, model_id)
     can_manage = may_manage(request.user, mv)
-    formats = [{"key": f, "label": FORMAT_LABELS[f], "check": mv.verifications.get(f)} for f in mv.formats]
+    formats = [{**row, "label": FORMAT_LABELS[row["key"]]} for row in services.download_choices(mv)]
     lineage = services.lineage(mv, request.user)
     # This version's evaluations beside those of its ancestors and descendants: before/after each stage.
     family = [a.pk for a in lineage["ancestors"] if a] + [mv.pk] + _descendant_ids(lineage["descendants"])

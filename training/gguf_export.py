@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .spec import gettext_noop
+
 TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
 # |Δlogit| allowed between llama.cpp on the f16 file and our fp32 forward of the same fp16 weights: ggml rounds the
 # activations to f16 before each f16 matmul (its vec_dot type), worth a few 1e-3 on logits of magnitude ~10.
@@ -35,29 +37,33 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def support(config: dict, has_tokenizer: bool) -> dict:
-    """``{type: {"available": bool, "note": str}}`` for a model's MiniMind config: what llama.cpp cannot take (no
-    tokenizer, odd head sizes) and which tensors fall back to another type. Plain Python, no torch."""
+    """``{type: {"available": bool, "note": str, "template": str, "params": dict}}`` for a model's MiniMind config:
+    what llama.cpp cannot take (no tokenizer, odd head sizes) and which tensors fall back to another type. ``note`` is
+    English; the portal translates ``template % params``. Plain Python, no torch."""
     h, heads = int(config.get("hidden_size", 0)), int(config.get("num_attention_heads", 1) or 1)
     inter = int((config.get("moe_intermediate_size") if config.get("use_moe") else None)
                 or config.get("intermediate_size") or math.ceil(h * math.pi / 64) * 64)
     head_dim = h // heads if heads else 0
-    blocker = ""
+    blocker = None
     if not has_tokenizer:
-        blocker = "GGUF needs the model's tokenizer inside the file; this model has none attached"
+        blocker = (gettext_noop("GGUF needs the model's tokenizer inside the file; this model has none attached"), {})
     elif head_dim % 2:
-        blocker = f"llama.cpp's rotary embedding needs an even head size; this model's is {head_dim}"
+        blocker = (gettext_noop("llama.cpp's rotary embedding needs an even head size; this model's is %(head_dim)s"),
+                   {"head_dim": head_dim})
+    rows = {"hidden_size": h, "intermediate_size": inter}
     out = {}
     for t in TYPES:
-        note = ""
-        rows = {"hidden_size": h, "intermediate size": inter}
-        if t == "q8_0":
-            odd = [f"{k} {v}" for k, v in rows.items() if v % 32]
-            note = f"tensors whose rows ({', '.join(odd)}) are not a multiple of 32 stay f16" if odd else ""
-        elif t == "q4_k_m":
-            odd = [f"{k} {v}" for k, v in rows.items() if v % 256]
-            note = (f"rows of {', '.join(odd)} are not a multiple of 256: llama.cpp stores those tensors in a "
-                    f"fallback type (Q5_0/Q8_0), so the file is larger than Q4_K_M usually is") if odd else ""
-        out[t] = {"available": not blocker, "note": blocker or note}
+        note = blocker or ("", {})
+        block = {"q8_0": 32, "q4_k_m": 256}.get(t)
+        odd = ", ".join(f"{k} {v}" for k, v in rows.items() if block and v % block)
+        if not blocker and odd:
+            note = (gettext_noop("rows of %(sizes)s are not a multiple of %(block)s: those tensors stay f16")
+                    if t == "q8_0" else
+                    gettext_noop("rows of %(sizes)s are not a multiple of %(block)s: llama.cpp stores those tensors "
+                                 "in a fallback type (Q5_0/Q8_0), so the file is larger than Q4_K_M usually is"),
+                    {"sizes": odd, "block": block})
+        out[t] = {"available": blocker is None, "note": note[0] % note[1] if note[0] else "", "template": note[0],
+                  "params": note[1]}
     return out
 
 

@@ -61,7 +61,8 @@ def test_gguf_refuses_what_llama_cpp_cannot_take_before_converting(tmp_path, cap
     assert not odd["q8_0"]["available"] and "even head size" in odd["q8_0"]["note"]
     notes = support(ARCH, True)
     assert all(v["available"] for v in notes.values())
-    assert notes["q8_0"]["note"] == "" and "not a multiple of 256" in notes["q4_k_m"]["note"]
+    assert notes["q8_0"]["note"] == "" and notes["q4_k_m"]["params"] == {"sizes": "hidden_size 64", "block": 256}
+    assert "rows of hidden_size 64 are not a multiple of 256" in notes["q4_k_m"]["note"]
     pth, cfg = _random_model(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     rc, out = _cli(capsys, "convert", "gguf", pth, tmp_path / "g", "--config", tmp_path / "cfg.json",
