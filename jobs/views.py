@@ -200,11 +200,39 @@ def job_log(request, job_id):
     return response
 
 
+def _metrics_export(jobs, fmt: str, stem: str):
+    from django.http import StreamingHttpResponse
+
+    if fmt == "csv":
+        response = StreamingHttpResponse(services.metrics_csv(jobs), content_type="text/csv; charset=utf-8")
+    else:
+        response = JsonResponse(services.metrics_json(jobs), json_dumps_params={"ensure_ascii": False})
+    response["Content-Disposition"] = f'attachment; filename="{stem}-metrics.{fmt}"'
+    return response
+
+
+@login_required
+def job_metrics_export(request, job_id, fmt):
+    """Every metric point of a job (full resolution, not the chart's thinned history) as CSV or JSON."""
+    return _metrics_export([_job_or_404(request, job_id)], fmt, f"job-{job_id}")
+
+
+def _compared_jobs(request):
+    ids = [i for i in map(id_or_none, request.GET.get("ids", "").split(",")) if i]
+    return ids, list(selectors.jobs_for(request.user).filter(pk__in=ids).order_by("pk"))
+
+
+@login_required
+def compare_metrics_export(request, fmt):
+    """The compared jobs' metric points in one CSV (a ``job`` column) or JSON file."""
+    ids, jobs = _compared_jobs(request)
+    return _metrics_export(jobs, fmt, "jobs-" + "-".join(str(j.pk) for j in jobs))
+
+
 @login_required
 def compare(request):
     """Overlay the curves of several jobs (same metric, by step or by tokens) with their configuration differences."""
-    ids = [i for i in map(id_or_none, request.GET.get("ids", "").split(",")) if i]
-    jobs = list(selectors.jobs_for(request.user).filter(pk__in=ids).order_by("pk"))
+    ids, jobs = _compared_jobs(request)
     series = {job.pk: selectors.metric_history(job, max_points=5000) for job in jobs}
     keys = []
     for points in series.values():

@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, register_converter
 
 from accounts import api as accounts_api
 from accounts import views as accounts_views
@@ -12,6 +12,21 @@ from models_registry import openai_api
 from models_registry import views as models_views
 
 from . import openapi
+
+
+class ExportFormat:
+    """``csv`` or ``json``: the formats a metrics export comes in."""
+
+    regex = "csv|json"
+
+    def to_python(self, value):
+        return value
+
+    def to_url(self, value):
+        return value
+
+
+register_converter(ExportFormat, "export")
 
 api_v1 = [
     path("health", jobs_api.health),
@@ -68,6 +83,8 @@ urlpatterns = [
     path("jobs/new/estimate", jobs_views.job_estimate, name="job_estimate"),
     path("jobs/<int:job_id>/", jobs_views.job_detail, name="job_detail"),
     path("jobs/compare/", jobs_views.compare, name="job_compare"),
+    path("jobs/compare/metrics.<export:fmt>", jobs_views.compare_metrics_export, name="compare_metrics"),
+    path("jobs/<int:job_id>/metrics.<export:fmt>", jobs_views.job_metrics_export, name="job_metrics_export"),
     path("jobs/<int:job_id>/log.txt", jobs_views.job_log, name="job_log"),
     path("jobs/<int:job_id>/<str:action>/", jobs_views.job_action, name="job_action"),
     path("queue/", jobs_views.queue, name="queue"),
