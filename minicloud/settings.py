@@ -71,6 +71,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "minicloud.metrics.RecordLatency",  # outermost: each request's whole time (Prometheus, /metrics)
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -171,6 +172,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 UPLOAD_MAX_BYTES = envint("MINICLOUD_UPLOAD_MAX_BYTES", 50 * 10**9)
 # Any other request body (JSON, forms): refused with a 413 at the ASGI layer beyond this (minicloud/bodylimit.py).
 MAX_BODY_BYTES = envint("MINICLOUD_MAX_BODY_BYTES", DATA_UPLOAD_MAX_MEMORY_SIZE)
+# Prometheus scrapes /metrics with this bearer token; empty: /metrics is off (minicloud/metrics.py, docs/deploy.md).
+METRICS_TOKEN = os.environ.get("MINICLOUD_METRICS_TOKEN", "")
 FILE_UPLOAD_PERMISSIONS = 0o600  # Django's default is 0644: a user's data is theirs (docs/security.md)
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 FILE_UPLOAD_TEMP_DIR = str(HOME / "uploads")  # the same disk as the dataset store: storing is a rename (made at start)

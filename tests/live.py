@@ -45,7 +45,8 @@ class LiveNode:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, MINICLOUD_HOME=str(home), PORT=str(self.port), MINICLOUD_DEVICES="cpu:2",
                         MINICLOUD_INSTANCE=f"mc-e2e-{uuid.uuid4().hex[:8]}", MINICLOUD_KILL_GRACE="5",
-                        DJANGO_SUPERUSER_USERNAME=ADMIN[0], DJANGO_SUPERUSER_PASSWORD=ADMIN[1], PYTHONUNBUFFERED="1")
+                        DJANGO_SUPERUSER_USERNAME=ADMIN[0], DJANGO_SUPERUSER_PASSWORD=ADMIN[1], PYTHONUNBUFFERED="1",
+                        MINICLOUD_METRICS_TOKEN=f"scrape-{uuid.uuid4().hex}")
         self.pg_db = None
         db_url = os.environ.get("DATABASE_URL", "")
         if db_url.startswith(("postgres://", "postgresql://")):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
@@ -82,11 +83,17 @@ class Command(BaseCommand):
             # Accepted connections inherit TCP_NODELAY (Linux), as uvicorn and gunicorn set it: twisted writes a
             # response's headers and body separately, which Nagle's algorithm may hold for the peer's delayed ACK.
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The web processes' request metrics, summed by whichever answers a scrape (minicloud/metrics.py).
+            metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+                               or settings.HOME / "run" / f"prometheus-{settings.NODE_NAME}")
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
             for n in range(settings.WEB_PROCESSES):
                 self.children[f"web{n or ''}"] = subprocess.Popen(
                     [py, "-m", "daphne", "--fd", str(listener.fileno()), "minicloud.asgi:application"],
                     cwd=settings.BASE_DIR, start_new_session=True, pass_fds=(listener.fileno(),),
-                    env={**os.environ, "MINICLOUD_DB_POOL": "1"},  # web processes keep PostgreSQL connections
+                    env={**os.environ, "MINICLOUD_DB_POOL": "1",  # web processes keep PostgreSQL connections
+                         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
                     preexec_fn=die_with_parent(signal.SIGTERM))
             listener.close()  # the children hold it
         if self.worker:

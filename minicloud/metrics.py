@@ -1,0 +1,80 @@
+"""``/metrics`` for Prometheus: the portal's state (jobs.services.monitoring, read from the database at each scrape)
+and the web request latency of every web process.
+
+Scrapes authenticate with ``Authorization: Bearer $MINICLOUD_METRICS_TOKEN`` (Prometheus' ``authorization``
+setting); with no token set the endpoint is off (404). ``serve`` runs several daphne processes: each records its
+requests in prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by serve for its web
+children), and whichever process answers a scrape sums them all, so counters never jump between processes.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import time
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REQUEST_LATENCY = Histogram(
+    "minicloud_http_request_duration_seconds", "Time to answer a web request (to the first byte when streamed)",
+    ["method", "route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
+
+def observe(request, response, seconds: float) -> None:
+    match = getattr(request, "resolver_match", None)
+    route = ("/" + match.route) if match is not None and match.route else "unmatched"
+    REQUEST_LATENCY.labels(request.method, route, f"{response.status_code // 100}xx").observe(seconds)
+
+
+class RecordLatency:
+    """Outermost middleware: every request's time into ``REQUEST_LATENCY`` (the route pattern, not the path, as the
+    label: one series per URL pattern whatever the ids)."""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        start = time.perf_counter()
+        response = self.get_response(request)
+        if request.path != "/metrics":
+            observe(request, response, time.perf_counter() - start)
+        return response
+
+
+def exposition() -> bytes:
+    """The text Prometheus reads: the portal's state and the request latency (summed over processes)."""
+    from jobs.services.monitoring import PortalCollector
+
+    registry = CollectorRegistry()
+    registry.register(PortalCollector())
+    text = generate_latest(registry)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        per_process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(per_process)
+        return text + generate_latest(per_process)
+    from prometheus_client import REGISTRY
+
+    return text + generate_latest(REGISTRY)
+
+
+def metrics_view(request):
+    from django.conf import settings
+    from django.http import HttpResponse
+
+    token = settings.METRICS_TOKEN
+    if not token:
+        return HttpResponse("metrics are off: set MINICLOUD_METRICS_TOKEN (docs/deploy.md)\n", status=404,
+                            content_type="text/plain")
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        response = HttpResponse("a scrape token is needed: Authorization: Bearer <MINICLOUD_METRICS_TOKEN>\n",
+                                status=401, content_type="text/plain")
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    return HttpResponse(exposition(), content_type=CONTENT_TYPE_LATEST)
