@@ -39,7 +39,7 @@ def devices(request):
 
 
 JOB_FIELDS = ("name", "stage", "dataset", "eval_dataset", "base_model", "teacher_model", "tokenizer", "config",
-              "priority", "gpus", "time_limit_s")
+              "priority", "gpus", "time_limit_s", "notify", "trackers")
 
 
 def _job_fields(request) -> dict:
@@ -57,7 +57,8 @@ def _job_request(request) -> dict:
                 dataset=data.get("dataset"), eval_dataset=data.get("eval_dataset"), config=data.get("config"),
                 base_model=data.get("base_model"),
                 teacher_model=data.get("teacher_model"), tokenizer=data.get("tokenizer"),
-                priority=data.get("priority", 0), gpus=data.get("gpus", 1), time_limit_s=data.get("time_limit_s"))
+                priority=data.get("priority", 0), gpus=data.get("gpus", 1), time_limit_s=data.get("time_limit_s"),
+                notify=data.get("notify"), trackers=data.get("trackers"))
 
 
 @endpoint("GET", "POST")

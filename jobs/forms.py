@@ -57,6 +57,11 @@ def initial_from_job(job, half_batch: bool = False) -> dict:
                    priority=job.priority, **{k: v for k, v in chosen.items() if v is not None})
     if job.time_limit_s:
         initial["time_limit_h"] = round(job.time_limit_s / 3600, 4)
+    if job.notify is not None:
+        initial["notify_events"] = job.notify
+    for name, opts in (job.trackers or {}).items():
+        initial.update(tracker=name, tracker_project=opts.get("project", "minicloud"),
+                       tracker_mode=opts.get("mode", "auto"))
     initial["preset"] = next((name for name, values in PRESETS.items()
                               if all(initial.get(k, False) == v for k, v in values.items())), "custom")
     other = {k: v for k, v in (job.config or {}).items() if k not in CONFIG_FIELDS + EXTRA_FIELDS}
@@ -167,12 +172,32 @@ class JobForm(forms.Form):
                           min_value=0.001, required=False)
     priority = _int(_("Priority"), _("Orders your own queued jobs (higher first); only an administrator's priority "
                                      "moves a job ahead of other people's."), required=False)
+    notify_events = forms.MultipleChoiceField(
+        label=_("Notify me when this job"), required=False, widget=forms.CheckboxSelectMultiple,
+        choices=[("succeeded", _("succeeds")), ("failed", _("fails")), ("paused_quota", _("is paused for quota")),
+                 ("waiting", _("waits too long"))],
+        help_text=_("By e-mail and webhook as set on the Notifications page; starts from your choice there."))
+    tracker = forms.ChoiceField(label=_("Also log to"), required=False,
+                                choices=[("", _("TensorBoard only")), ("wandb", "Weights & Biases"),
+                                         ("swanlab", "SwanLab")],
+                                help_text=_("TensorBoard event files are always written. W&B and SwanLab use your "
+                                            "key (Notifications page); without network they log offline."))
+    tracker_project = forms.CharField(label=_("Tracker project"), required=False, max_length=100,
+                                      initial="minicloud")
+    tracker_mode = forms.ChoiceField(label=_("Tracker mode"), required=False, initial="auto",
+                                     choices=[("auto", _("online when possible")), ("online", _("online")),
+                                              ("offline", _("offline (sync later)"))])
 
     def __init__(self, *args, user=None, **kwargs):
         kwargs.setdefault("initial", {**QUICK_START, **stage_defaults()["pretrain"], **QUICK_START,
                                       "stage": "pretrain", "gpus": 1, "priority": 0})
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = Dataset.objects.visible_to(user)
+        if user is not None and "notify_events" not in self.initial:
+            from .models import Integrations, default_notify_events
+
+            prefs = Integrations.objects.filter(user=user).first()
+            self.initial["notify_events"] = prefs.events if prefs else default_notify_events()
         self.fields["eval_dataset"].queryset = Dataset.objects.visible_to(user)
         self.fields["base_model"].queryset = ModelVersion.objects.visible_to(user).language_models()
         self.fields["teacher_model"].queryset = ModelVersion.objects.visible_to(user).language_models()
@@ -209,7 +234,42 @@ class JobForm(forms.Form):
         """The arguments of ``services.submit_job`` / ``estimate_job``."""
         d = self.cleaned_data
         hours = d.get("time_limit_h")
+        trackers = ({d["tracker"]: {"project": d.get("tracker_project") or "minicloud",
+                                    "mode": d.get("tracker_mode") or "auto"}} if d.get("tracker") else {})
         return dict(owner=owner, name=d["name"], stage=d["stage"], dataset=d["dataset"],
                     eval_dataset=d.get("eval_dataset"), base_model=d["base_model"], teacher_model=d["teacher_model"],
                     config=self.job_config(), gpus=d.get("gpus") or 1, priority=d.get("priority") or 0,
-                    time_limit_s=max(round(hours * 3600), 1) if hours else None)
+                    time_limit_s=max(round(hours * 3600), 1) if hours else None,
+                    notify=list(d.get("notify_events") or []), trackers=trackers)
+
+
+NOTIFY_CHOICES = [("succeeded", _("it succeeds")), ("failed", _("it fails")),
+                  ("paused_quota", _("it is paused because the quota is used up")),
+                  ("waiting", _("it waits in the queue longer than the time below"))]
+
+
+class IntegrationsForm(forms.Form):
+    """A user's notifications (e-mail, webhook) and experiment-tracker keys (kept encrypted; never shown again)."""
+
+    email_enabled = forms.BooleanField(label=_("E-mail me"), required=False)
+    email = forms.EmailField(label=_("E-mail address (empty: the account's)"), required=False)
+    webhook_url = forms.URLField(label=_("Webhook URL (JSON, signed with HMAC-SHA256)"), required=False,
+                                 max_length=500, assume_scheme="https")
+    new_webhook_secret = forms.BooleanField(label=_("Make a new signing secret"), required=False)
+    events = forms.MultipleChoiceField(label=_("Tell me when a job of mine"), choices=NOTIFY_CHOICES,
+                                       required=False, widget=forms.CheckboxSelectMultiple)
+    wait_minutes = forms.IntegerField(label=_("Waiting longer than (minutes)"), min_value=1, max_value=100_000,
+                                      initial=60)
+    wandb_key = forms.CharField(label=_("W&B API key (blank: keep the stored one)"), required=False,
+                                max_length=200, widget=forms.PasswordInput(render_value=False))
+    clear_wandb = forms.BooleanField(label=_("Forget my W&B key"), required=False)
+    swanlab_key = forms.CharField(label=_("SwanLab API key (blank: keep the stored one)"), required=False,
+                                  max_length=200, widget=forms.PasswordInput(render_value=False))
+    clear_swanlab = forms.BooleanField(label=_("Forget my SwanLab key"), required=False)
+
+    def update_args(self) -> dict:
+        d = self.cleaned_data
+        clear = tuple(k for k, flag in (("wandb_key", d["clear_wandb"]), ("swanlab_key", d["clear_swanlab"])) if flag)
+        return dict(email_enabled=d["email_enabled"], email=d["email"], webhook_url=d["webhook_url"],
+                    events=d["events"], wait_minutes=d["wait_minutes"], new_webhook_secret=d["new_webhook_secret"],
+                    wandb_key=d["wandb_key"], swanlab_key=d["swanlab_key"], clear=clear)

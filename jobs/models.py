@@ -264,6 +264,11 @@ class Job(Shareable):
     error_params = models.JSONField(null=True, blank=True)  # the portal's own errors: error is their English template
     output_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
+    # The events this job notifies its owner of (None: the owner's own choice, Integrations.events; []: none).
+    notify = models.JSONField(null=True, blank=True)
+    # Experiment trackers this job also logs to, logged by its supervisor: {"wandb": {"project", "mode"}, "swanlab":
+    # {...}}; TensorBoard event files are written for every job (jobs/trackers.py).
+    trackers = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -413,7 +418,8 @@ class Job(Shareable):
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
             "phase": self.phase or None, "phase_text": self.phase_text or None,
             "eta_s": self.eta_s, "error": self.error_text or None, "output_model": self.output_model_id,
-            "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes,
+            "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes, "notify": self.notify,
+            "trackers": self.trackers,
             "can_halve_batch": self.can_halve_batch,
             "memory_estimate": self.memory_estimate, "peak_memory": self.peak_memory,
             "created_at": self.created_at.isoformat(),
@@ -454,6 +460,68 @@ class LogChunk(models.Model):
     class Meta:
         ordering = ["offset"]
         indexes = [models.Index(fields=["job", "offset"])]
+
+
+NOTIFY_EVENTS = ("succeeded", "failed", "paused_quota", "waiting")
+
+
+def default_notify_events():
+    return ["succeeded", "failed", "paused_quota"]
+
+
+class Integrations(models.Model):
+    """A user's notification channels and events, and their experiment-tracker keys (encrypted at rest:
+    minicloud/secrets.py). A job may override the events (``Job.notify``)."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="integrations")
+    email_enabled = models.BooleanField(_("e-mail me"), default=False)
+    email = models.EmailField(_("e-mail address (empty: the account's)"), blank=True)
+    webhook_url = models.URLField(_("webhook URL"), blank=True, max_length=500)
+    webhook_secret = models.TextField(blank=True)  # encrypted; signs each webhook (HMAC-SHA256)
+    events = models.JSONField(default=default_notify_events)
+    wait_minutes = models.PositiveIntegerField(_("tell me when a job waits longer than (minutes)"), default=60)
+    wandb_key = models.TextField(blank=True)  # encrypted
+    swanlab_key = models.TextField(blank=True)  # encrypted
+
+    @classmethod
+    def of(cls, user) -> "Integrations":
+        return cls.objects.get_or_create(user=user)[0]
+
+    def secret(self, name: str) -> str:
+        from minicloud.secrets import decrypt
+
+        return decrypt(getattr(self, name))
+
+    def set_secret(self, name: str, value: str) -> None:
+        from minicloud.secrets import encrypt
+
+        setattr(self, name, encrypt(value))
+
+
+class Notification(models.Model):
+    """One message about one event of one job on one channel: made once (the unique constraint), sent by the
+    housekeeping and the task queued at the event, retried with backoff while the receiver fails."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")
+        SENT = "sent", _("sent")
+        FAILED = "failed", _("failed")
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="notifications")
+    event = models.CharField(max_length=20)
+    channel = models.CharField(max_length=10)  # "email" or "webhook"
+    target = models.CharField(max_length=500)
+    payload = models.JSONField(default=dict)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now, db_index=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "event", "channel"], name="notification_once")]
+        ordering = ["created_at", "pk"]
 
 
 class JobEvent(models.Model):

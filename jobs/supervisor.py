@@ -394,8 +394,10 @@ class Supervisor:
                                    "(%(used)s); resume it next week or ask an admin for more")
             else:
                 why = gettext_noop("checkpoint at step %(step)s")
-            job.transition(S.PAUSED, job.node, why, {"step": job.step, **(self.hours or {})},
-                           pid=None, worker_pid=None, resume=job.checkpoint_path.exists())
+            paused = job.transition(S.PAUSED, job.node, why, {"step": job.step, **(self.hours or {})},
+                                    pid=None, worker_pid=None, resume=job.checkpoint_path.exists())
+            if paused and self.reason == "quota":
+                services.job_event(job, "paused_quota")
         elif outcome == "cancelled":
             services.finish_job(job, S.CANCELLED, actor="slurm", error=gettext_noop(
                 "cancelled in Slurm (scancel outside the portal) as Slurm job %(id)s"), error_params={

@@ -34,6 +34,13 @@ def housekeeping():
     services.reconcile_node(settings.NODE_NAME, starting=False)
     if Job.objects.filter(status=Job.Status.QUEUED).exists():
         services.kick_queue()
+    services.check_waits()
+    services.deliver_due()
+
+
+def deliver_notifications():
+    """Send the notifications that are due (queued at each event; the housekeeping retries the failed ones)."""
+    return services.deliver_due()
 
 
 def dataset_stats(ds_id, max_seq_len=None, tokenizer_id=None):

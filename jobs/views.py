@@ -230,6 +230,32 @@ def compare_metrics_export(request, fmt):
 
 
 @login_required
+def integrations(request):
+    """Notifications (e-mail, signed webhooks) and experiment-tracker keys of the logged-in user."""
+    from .forms import IntegrationsForm
+    from .models import Integrations
+
+    prefs = Integrations.of(request.user)
+    if request.method == "POST":
+        form = IntegrationsForm(request.POST)
+        if form.is_valid():
+            services.update_integrations(request.user, **form.update_args())
+            messages.success(request, _("Saved."))
+            return redirect("integrations")
+    else:
+        form = IntegrationsForm(initial={"email_enabled": prefs.email_enabled, "email": prefs.email,
+                                         "webhook_url": prefs.webhook_url, "events": prefs.events,
+                                         "wait_minutes": prefs.wait_minutes})
+    from .models import Notification
+
+    return render(request, "jobs/integrations.html", {
+        "form": form, "prefs": prefs, "webhook_secret": prefs.secret("webhook_secret"),
+        "has_wandb": bool(prefs.wandb_key), "has_swanlab": bool(prefs.swanlab_key),
+        "deliveries": Notification.objects.filter(job__owner=request.user).select_related("job")
+        .order_by("-created_at")[:20]})
+
+
+@login_required
 def compare(request):
     """Overlay the curves of several jobs (same metric, by step or by tokens) with their configuration differences."""
     ids, jobs = _compared_jobs(request)

@@ -36,7 +36,15 @@ SCHEMA = {
             "teacher_model": {"type": "integer", "nullable": True}, "tokenizer": {"type": "integer", "nullable": True},
             "config": {"type": "object", "description": "MiniMind argument names, plus max_steps and seed"},
             "priority": {"type": "integer"}, "gpus": {"type": "integer", "minimum": 1},
-            "time_limit_s": {"type": "integer", "minimum": 1, "nullable": True}}}},
+            "time_limit_s": {"type": "integer", "minimum": 1, "nullable": True},
+            "notify": {"type": "array", "nullable": True, "description": "events to notify of (null: your settings)",
+                       "items": {"type": "string", "enum": ["succeeded", "failed", "paused_quota", "waiting"]}},
+            "trackers": {"type": "object", "description": "also log to W&B / SwanLab: {\"wandb\": {\"project\": "
+                         "\"p\", \"mode\": \"auto|online|offline\"}}", "properties": {
+                             name: {"type": "object", "properties": {
+                                 "project": {"type": "string", "maxLength": 100},
+                                 "mode": {"type": "string", "enum": ["auto", "online", "offline"]}}}
+                             for name in ("wandb", "swanlab")}, "additionalProperties": False}}}},
     },
     "security": [{"bearer": []}],
     "paths": {

@@ -174,6 +174,18 @@ UPLOAD_MAX_BYTES = envint("MINICLOUD_UPLOAD_MAX_BYTES", 50 * 10**9)
 MAX_BODY_BYTES = envint("MINICLOUD_MAX_BODY_BYTES", DATA_UPLOAD_MAX_MEMORY_SIZE)
 # Prometheus scrapes /metrics with this bearer token; empty: /metrics is off (minicloud/metrics.py, docs/deploy.md).
 METRICS_TOKEN = os.environ.get("MINICLOUD_METRICS_TOKEN", "")
+# The key of the secrets kept encrypted at rest (minicloud/secrets.py); empty: derived from SECRET_KEY.
+SECRETS_KEY = os.environ.get("MINICLOUD_SECRETS_KEY", "")
+# Where notification links point (the portal's address as users reach it) and the mail they come from. Mail goes
+# through Django's SMTP settings: EMAIL_HOST, EMAIL_PORT, EMAIL_HOST_USER, EMAIL_HOST_PASSWORD, EMAIL_USE_TLS.
+PUBLIC_URL = os.environ.get("MINICLOUD_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+DEFAULT_FROM_EMAIL = os.environ.get("MINICLOUD_EMAIL_FROM", "MiniCloud <minicloud@localhost>")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = envint("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = os.environ.get("EMAIL_USE_TLS", "") == "1"
+EMAIL_TIMEOUT = 10
 FILE_UPLOAD_PERMISSIONS = 0o600  # Django's default is 0644: a user's data is theirs (docs/security.md)
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 FILE_UPLOAD_TEMP_DIR = str(HOME / "uploads")  # the same disk as the dataset store: storing is a rename (made at start)

@@ -79,6 +79,7 @@ urlpatterns = [
          name="password_change"),
     path("accounts/password/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
     path("accounts/tokens/", accounts_views.tokens, name="tokens"),
+    path("accounts/integrations/", jobs_views.integrations, name="integrations"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("i18n/", include("django.conf.urls.i18n")),
     path("jobs/new/", jobs_views.job_new, name="job_new"),

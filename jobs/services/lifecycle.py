@@ -139,9 +139,14 @@ def finish_job(job: Job, status: str, *, error: str = "", error_params: dict | N
                actor: str = "") -> bool:
     """``error``: the engine's one line as it is, or the portal's own English template (marked with gettext_noop)
     with ``error_params``, which the job's readers see in their language."""
+    from .notifications import job_event
+
     params = clip_params(error_params)
-    return job.transition(status, actor or job.node, error[:500], params, error=error[:4000], error_params=params,
+    done = job.transition(status, actor or job.node, error[:500], params, error=error[:4000], error_params=params,
                           pid=None, worker_pid=None, output_model=output_model)
+    if done and status in (Job.S.SUCCEEDED, Job.S.FAILED):
+        job_event(job, status)
+    return done
 
 
 def interrupt_job(job: Job, reason: str, params: dict | None = None, *, counts: bool = True) -> None:

@@ -60,7 +60,8 @@ def _reward_model_config(owner, config: dict) -> dict:
 
 def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = None, base_model=None,
                 teacher_model=None, tokenizer=None, priority: int = 0, gpus: int = 1,
-                time_limit_s: int | None = None, eval_dataset=None, estimate: dict | None = None) -> dict:
+                time_limit_s: int | None = None, eval_dataset=None, estimate: dict | None = None,
+                notify=None, trackers=None) -> dict:
     """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field.
 
     ``estimate``, when given, receives the memory estimate (bytes and parts) and whether the devices are GPUs."""
@@ -145,7 +146,47 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     return dict(owner=owner, name=name, stage=stage, dataset=ds, eval_dataset=eval_ds, base_model=base,
                 teacher_model=teacher, tokenizer=tok,
                 config=config or {}, resolved_config=resolved, priority=priority, gpus=gpus,
-                time_limit_s=time_limit_s, memory_estimate=memory)
+                time_limit_s=time_limit_s, memory_estimate=memory, notify=_notify_events(notify),
+                trackers=_trackers(owner, trackers))
+
+
+def _notify_events(notify):
+    """None (the owner's own choice) or a list of events this job tells of."""
+    from ..models import NOTIFY_EVENTS
+
+    if notify is None:
+        return None
+    if not isinstance(notify, list) or any(e not in NOTIFY_EVENTS for e in notify):
+        raise ServiceError(_("notify: a list of events among %(events)s (or null: your own settings)")
+                           % {"events": ", ".join(NOTIFY_EVENTS)}, field="notify")
+    return list(dict.fromkeys(notify))
+
+
+TRACKER_MODES = ("auto", "online", "offline")
+
+
+def _trackers(owner, trackers) -> dict:
+    """``{"wandb": {"project", "mode"}, "swanlab": {...}}``: checked, defaults filled in. Online logging needs the
+    owner's key (Notifications and trackers page); ``auto`` logs online when a key and the network are there."""
+    from ..models import Integrations
+
+    if not trackers:
+        return {}
+    if not isinstance(trackers, dict) or any(k not in ("wandb", "swanlab") for k in trackers):
+        raise ServiceError(_("trackers: an object with wandb and/or swanlab"), field="trackers")
+    out = {}
+    for name, opts in trackers.items():
+        opts = opts if isinstance(opts, dict) else {}
+        project = str(opts.get("project") or "minicloud").strip()[:100]
+        mode = opts.get("mode", "auto")
+        if mode not in TRACKER_MODES:
+            raise ServiceError(_("trackers.%(name)s.mode: one of %(modes)s") % {
+                "name": name, "modes": ", ".join(TRACKER_MODES)}, field=f"trackers.{name}.mode")
+        if mode == "online" and not getattr(Integrations.objects.filter(user=owner).first(), f"{name}_key", ""):
+            raise ServiceError(_("trackers.%(name)s: online logging needs your API key (Notifications and "
+                                 "trackers page), or choose offline") % {"name": name}, field=f"trackers.{name}")
+        out[name] = {"project": project, "mode": mode}
+    return out
 
 
 def _devices_that_could_run() -> dict:
