@@ -33,6 +33,7 @@ from models_registry.services import record_evaluation, register_job_output
 
 from . import engine_process, services, slurm
 from .models import Job, LogChunk, MetricPoint, Node
+from .trackers import RunTrackers
 
 log = logging.getLogger("jobs")
 
@@ -126,6 +127,7 @@ class Supervisor:
         self.log_offset = last.offset + len(last.text) if last else 0
         self.done_event = None
         self.error_event = None
+        self.trackers = None  # RunTrackers once the child runs (jobs/trackers.py)
         self.tail: list[str] = []
         self.term_sent_at = None
         self.killed = False
@@ -202,6 +204,8 @@ class Supervisor:
                 self.seq += 1
                 points.append(MetricPoint(job=self.job, seq=self.seq, step=event["step"], time=event["time"],
                                           values=event.get("metrics", {})))
+                if self.trackers is not None:
+                    self.trackers.log(event["step"], event.get("metrics", {}))
                 if kind == "step":
                     updates.update(step=event["step"], total_steps=event.get("total_steps", 0),
                                    eta_s=event.get("eta_s"))
@@ -221,6 +225,8 @@ class Supervisor:
                 updates.update(step=event.get("step", 0))
             elif kind == "error" and self.error_event is None:
                 self.error_event = event  # the first error is the cause (a failed rank stops the others with theirs)
+        if self.trackers is not None:
+            text += self.trackers.drain_notes()  # where the trackers log, or why one stopped
         self.raw_log.flush()
         if self.slurm and self.reason != "lost":  # (detached: what it recorded, and how far it read, still count)
             updates.update(self._slurm_updates())
@@ -350,13 +356,16 @@ class Supervisor:
                                 error=gettext_noop("could not start the training process: %(error)s"),
                                 error_params={"error": str(exc)})
             return Job.Status.FAILED
+        self.trackers = RunTrackers(self.job, self.job.run_dir).start()
         try:
             while self.flush():
                 self.check_stop()
                 time.sleep(settings.JOB_POLL_S)
             self.proc.wait()
+            self.trackers.close()
             self.flush()
         finally:
+            self.trackers.close()
             self.raw_log.close()
         return self.finish(self.proc.returncode)
 

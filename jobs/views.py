@@ -217,6 +217,21 @@ def job_metrics_export(request, job_id, fmt):
     return _metrics_export([_job_or_404(request, job_id)], fmt, f"job-{job_id}")
 
 
+@login_required
+def job_tensorboard(request, job_id):
+    """The job's TensorBoard event files, zipped (``tensorboard --logdir`` on the unzipped folder)."""
+    from django.http import FileResponse
+
+    job = _job_or_404(request, job_id)
+    path = services.tensorboard_zip(job)
+    if path is None:
+        messages.error(request, _("This job has no TensorBoard event files yet."))
+        return redirect("job_detail", job_id=job.pk)
+    f = open(path, "rb")
+    path.unlink()  # the open file stays readable; nothing is left behind
+    return FileResponse(f, as_attachment=True, filename=f"job-{job.pk}-tensorboard.zip", content_type="application/zip")
+
+
 def _compared_jobs(request):
     ids = [i for i in map(id_or_none, request.GET.get("ids", "").split(",")) if i]
     return ids, list(selectors.jobs_for(request.user).filter(pk__in=ids).order_by("pk"))

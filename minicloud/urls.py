@@ -88,6 +88,7 @@ urlpatterns = [
     path("jobs/compare/", jobs_views.compare, name="job_compare"),
     path("jobs/compare/metrics.<export:fmt>", jobs_views.compare_metrics_export, name="compare_metrics"),
     path("jobs/<int:job_id>/metrics.<export:fmt>", jobs_views.job_metrics_export, name="job_metrics_export"),
+    path("jobs/<int:job_id>/tensorboard.zip", jobs_views.job_tensorboard, name="job_tensorboard"),
     path("jobs/<int:job_id>/log.txt", jobs_views.job_log, name="job_log"),
     path("jobs/<int:job_id>/<str:action>/", jobs_views.job_action, name="job_action"),
     path("queue/", jobs_views.queue, name="queue"),

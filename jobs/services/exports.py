@@ -62,3 +62,19 @@ def metrics_json(jobs) -> dict:
                       "config": job.resolved_config,
                       "points": [{"seq": s, "step": st, "time": t, "values": v} for s, st, t, v in _raw_points(job)]}
                      for job in jobs]}
+
+
+def tensorboard_zip(job) -> "Path | None":
+    """The job's TensorBoard event files as a zip (``job-N/tensorboard/...`` inside, so that several unzipped side by
+    side are separate runs under one ``tensorboard --logdir``); None when it has none. Made at each request: a
+    running job's files grow."""
+    import tempfile
+    from pathlib import Path
+
+    from minicloud.files import folder_entries, zip_files
+
+    folder = job.run_dir / "tensorboard"
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    out = Path(tempfile.mkstemp(suffix=".zip", dir=job.run_dir)[1])
+    return zip_files(out, folder_entries(folder, f"job-{job.pk}/tensorboard/"))
