@@ -47,49 +47,50 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
-    name = "W&B"
+class _Hosted:
+    """A tracker with a server (W&B, SwanLab): online when asked, or when ``auto`` finds a key and the network;
+    offline into the run folder otherwise."""
+
+    name = host = ""
 
     def __init__(self, job, run_dir, project, mode, key):
+        online = mode == "online" or (mode == "auto" and bool(key) and _online(self.host))
+        self.run, where = self._init(job, run_dir, project, online, key)
+        self.note = (f"tracker: {self.name} run {where}" if online else
+                     f"tracker: {self.name} offline run in {where[0]}; sync it later with `{where[1]}`")
+
+    def log(self, step, values):
+        self.run.log(values, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class WandB(_Hosted):
+    name, host = "W&B", HOSTS["wandb"]
+
+    def _init(self, job, run_dir, project, online, key):
         import wandb
 
-        online = mode == "online" or (mode == "auto" and key and _online(HOSTS["wandb"]))
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, api_key=key or None)
-        self.run = wandb.init(project=project, name=f"job-{job.pk} {job.name}", id=f"minicloud-job-{job.pk}",
-                              dir=str(run_dir), mode="online" if online else "offline", resume="allow",
-                              config=job.resolved_config, settings=settings, reinit="create_new")
-        self.note = (f"tracker: W&B run {self.run.url}" if online else
-                     f"tracker: W&B offline run in {run_dir / 'wandb'}; sync it later with "
-                     f"`wandb sync {run_dir / 'wandb'}/offline-run-*`")
-
-    def log(self, step, values):
-        self.run.log(values, step=step)
-
-    def close(self):
-        self.run.finish()
+        run = wandb.init(project=project, name=f"job-{job.pk} {job.name}", id=f"minicloud-job-{job.pk}",
+                         dir=str(run_dir), mode="online" if online else "offline", resume="allow",
+                         config=job.resolved_config, settings=settings, reinit="create_new")
+        return run, (run.url if online else (run_dir / "wandb", f"wandb sync {run_dir / 'wandb'}/offline-run-*"))
 
 
-class SwanLab:
-    name = "SwanLab"
+class SwanLab(_Hosted):
+    name, host = "SwanLab", HOSTS["swanlab"]
 
-    def __init__(self, job, run_dir, project, mode, key):
+    def _init(self, job, run_dir, project, online, key):
         import swanlab
 
-        online = mode == "online" or (mode == "auto" and key and _online(HOSTS["swanlab"]))
         if online:
             swanlab.login(api_key=key, relogin=True, save=False)
-        self.run = swanlab.init(project=project, name=f"job-{job.pk} {job.name}", config=job.resolved_config,
-                                mode="online" if online else "offline", log_dir=str(run_dir / "swanlab"),
-                                reinit=True)
-        self.note = (f"tracker: SwanLab run (project {project})" if online else
-                     f"tracker: SwanLab offline run in {run_dir / 'swanlab'}; sync it later with "
-                     f"`swanlab sync {run_dir / 'swanlab'}/run-*`")
-
-    def log(self, step, values):
-        self.run.log(values, step=step)
-
-    def close(self):
-        self.run.finish()
+        run = swanlab.init(project=project, name=f"job-{job.pk} {job.name}", config=job.resolved_config,
+                           mode="online" if online else "offline", log_dir=str(run_dir / "swanlab"), reinit=True)
+        return run, (f"(project {project})" if online else
+                     (run_dir / "swanlab", f"swanlab sync {run_dir / 'swanlab'}/run-*"))
 
 
 class RunTrackers:

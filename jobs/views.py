@@ -244,6 +244,15 @@ def compare_metrics_export(request, fmt):
     return _metrics_export(jobs, fmt, "jobs-" + "-".join(str(j.pk) for j in jobs))
 
 
+def metrics(request):
+    """``/metrics`` for Prometheus (a scrape token, not a login: minicloud.metrics)."""
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    from minicloud.metrics import refused_scrape
+
+    return refused_scrape(request) or HttpResponse(services.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
 @login_required
 def integrations(request):
     """Notifications (e-mail, signed webhooks) and experiment-tracker keys of the logged-in user."""

@@ -1,5 +1,5 @@
-"""``/metrics`` for Prometheus: the portal's state (jobs.services.monitoring, read from the database at each scrape)
-and the web request latency of every web process.
+"""``/metrics`` for Prometheus, the project's part: the web request latency of every web process and the scrape token
+(the portal's state is jobs.services.monitoring's, read from the database at each scrape; jobs.views.metrics answers).
 
 Scrapes authenticate with ``Authorization: Bearer $MINICLOUD_METRICS_TOKEN`` (Prometheus' ``authorization``
 setting); with no token set the endpoint is off (404). ``serve`` runs several daphne processes: each records its
@@ -13,7 +13,6 @@ import os
 import time
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REQUEST_LATENCY = Histogram(
     "minicloud_http_request_duration_seconds", "Time to answer a web request (to the first byte when streamed)",
@@ -45,25 +44,21 @@ class RecordLatency:
         return response
 
 
-def exposition() -> bytes:
-    """The text Prometheus reads: the portal's state and the request latency (summed over processes)."""
-    from jobs.services.monitoring import PortalCollector
-
-    registry = CollectorRegistry()
-    registry.register(PortalCollector())
-    text = generate_latest(registry)
+def latency_exposition() -> bytes:
+    """The request latency histogram, summed over the web processes when serve runs several."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
-        per_process = CollectorRegistry()
-        multiprocess.MultiProcessCollector(per_process)
-        return text + generate_latest(per_process)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
     from prometheus_client import REGISTRY
 
-    return text + generate_latest(REGISTRY)
+    return generate_latest(REGISTRY)
 
 
-def metrics_view(request):
+def refused_scrape(request):
+    """None when the request carries the scrape token; else the answer it gets (404: metrics off, 401)."""
     from django.conf import settings
     from django.http import HttpResponse
 
@@ -72,9 +67,9 @@ def metrics_view(request):
         return HttpResponse("metrics are off: set MINICLOUD_METRICS_TOKEN (docs/deploy.md)\n", status=404,
                             content_type="text/plain")
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        response = HttpResponse("a scrape token is needed: Authorization: Bearer <MINICLOUD_METRICS_TOKEN>\n",
-                                status=401, content_type="text/plain")
-        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
-        return response
-    return HttpResponse(exposition(), content_type=CONTENT_TYPE_LATEST)
+    if hmac.compare_digest(given.encode(), token.encode()):
+        return None
+    response = HttpResponse("a scrape token is needed: Authorization: Bearer <MINICLOUD_METRICS_TOKEN>\n",
+                            status=401, content_type="text/plain")
+    response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+    return response

@@ -12,7 +12,6 @@ from models_registry import openai_api
 from models_registry import views as models_views
 
 from . import openapi
-from .metrics import metrics_view
 
 
 class ExportFormat:
@@ -72,7 +71,7 @@ openai_v1 = [
 
 urlpatterns = [
     path("", jobs_views.dashboard, name="dashboard"),
-    path("metrics", metrics_view, name="metrics"),
+    path("metrics", jobs_views.metrics, name="metrics"),
     path("accounts/login/", auth_views.LoginView.as_view(authentication_form=RateLimitedAuthenticationForm),
          name="login"),
     path("accounts/password/", auth_views.PasswordChangeView.as_view(success_url="/accounts/password/done/"),

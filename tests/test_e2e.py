@@ -1,6 +1,7 @@
 """End to end against the real `serve`: submit through the API, train, read metrics, download, cancel."""
 import io
 import time
+import zipfile
 
 import pytest
 import torch
@@ -39,7 +40,11 @@ def test_pretrain_job_end_to_end(live):
     sd = torch.load(io.BytesIO(raw), weights_only=True)
     qwen = Qwen3ForCausalLM(hf_config(model["config"]))
     qwen.load_state_dict(sd, strict=True)
-    assert live.request("GET", f"/api/v1/models/{model_id}/download?format=gguf")[0] == 400
+    assert live.request("GET", f"/api/v1/models/{model_id}/download?format=onnx")[0] == 400
+    status, raw = live.request("GET", f"/api/v1/models/{model_id}/download?format=gguf&type=q8_0", raw=True)
+    assert status == 200 and "Modelfile" in zipfile.ZipFile(io.BytesIO(raw)).namelist()  # verified in llama.cpp
+    checks = live.request("GET", f"/api/v1/models/{model_id}")[1]["verifications"]
+    assert checks["gguf"]["ok"] and checks["gguf_q8_0"]["tokens"] > 0
 
 
 def test_cancel_a_running_job_kills_the_process(live):
@@ -92,7 +97,7 @@ def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_c
         assert done["status"] == "succeeded", done
         parent = done
     status, model = live.request("GET", f"/api/v1/models/{parent['output_model']}")
-    assert model["formats"] == ["pth", "hf", "lora"] and model["stage"] == "lora"
+    assert model["formats"] == ["pth", "hf", "gguf", "lora"] and model["stage"] == "lora"
     sft_model = live.request("GET", f"/api/v1/models/{model['lineage']['parent']}")[1]
     assert sft_model["stage"] == "sft" and sft_model["lineage"]["parent"] == base["output_model"]
     status, raw = live.request("GET", f"/api/v1/models/{model['id']}/download?format=lora", raw=True)

@@ -122,7 +122,7 @@ def test_grafana_dashboard_queries_only_series_the_portal_exports(db):
     import re
     from pathlib import Path
 
-    from minicloud.metrics import exposition
+    from jobs.services import exposition
 
     dash = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "minicloud.json").read_text())
     assert dash["uid"] == "minicloud" and len(dash["panels"]) >= 10

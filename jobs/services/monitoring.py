@@ -94,3 +94,14 @@ class PortalCollector:
                 g.add_metric([str(job.pk), job.stage, job.owner.username if job.owner else "", job.node],
                              float(point["tokens_per_s"]))
         return g
+
+
+def exposition() -> bytes:
+    """The text Prometheus reads: the portal's state and the web request latency."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from minicloud.metrics import latency_exposition
+
+    registry = CollectorRegistry()
+    registry.register(PortalCollector())
+    return generate_latest(registry) + latency_exposition()
