@@ -156,6 +156,17 @@ def hf_zip(mv: ModelVersion, layout: str = "transformers5") -> Path:
     return out
 
 
+def _eval_dataset(mv: ModelVersion):
+    """The data a GGUF file's perplexity is measured on: the eval split of the model's own dataset (or of the demo
+    pretraining set, for an imported model that has none); None when neither is on disk."""
+    from jobs.models import Dataset
+
+    for ds in (mv.dataset if mv.dataset_id else None, Dataset.objects.filter(name="demo-pretrain").first()):
+        if ds is not None and Path(ds.path).exists():
+            return ds
+    return None
+
+
 def gguf_zip(mv: ModelVersion, gguf_type: str) -> Path:
     """A GGUF file of ``gguf_type`` with its Ollama ``Modelfile``, zipped: made on first request, then cached. The f16
     file is made and checked in llama.cpp each time (logits, greedy tokens, tokenizer: ``verifications["gguf"]``);
@@ -175,15 +186,17 @@ def gguf_zip(mv: ModelVersion, gguf_type: str) -> Path:
         stem = download_name(mv, "gguf", gguf_type).removesuffix(f"_{gguf_type}_gguf.zip")
         args = ["convert", "gguf", mv.pth_path, folder, "--config", config, "--tokenizer", mv.tokenizer.path,
                 "--types", gguf_type, "--name", stem]
-        job_cfg = mv.job.config if mv.job_id else {}
-        if mv.dataset_id and Path(mv.dataset.path).exists():
-            args += ["--eval-data", mv.dataset.path, "--eval-ratio", job_cfg.get("eval_ratio") or 0.01,
+        job_cfg = mv.job.resolved_config if mv.job_id else {}
+        data = _eval_dataset(mv)
+        if data is not None:
+            args += ["--eval-data", data.path, "--eval-ratio", job_cfg.get("eval_ratio") or 0.01,
                      "--seed", job_cfg.get("seed", 42)]
         report = run_engine(*args)
         files = report["files"]
         _record_verification(mv, "gguf", report, perplexity=files["f16"].get("perplexity"))
         if gguf_type != "f16":
             check = {k: files[gguf_type].get(k) for k in ("perplexity", "tokens", "bytes", "fallback_tensors")}
+            check["dataset"] = data.name if data is not None else None
             mv.verifications = {**mv.verifications, f"gguf_{gguf_type}": {
                 **check, "f16_perplexity": files["f16"].get("perplexity"), "f16_bytes": files["f16"]["bytes"],
                 "ok": True, "checked_at": timezone.now().isoformat()}}

@@ -23,7 +23,7 @@ def tiny_on_data(user, settings, db):
                                        tokenizer=Tokenizer.objects.get(name="demo-tokenizer"))
 
 
-def test_gguf_download_is_verified_in_llama_cpp_with_a_modelfile_and_cached(api, tiny_on_data, tmp_path):
+def test_gguf_download_is_verified_in_llama_cpp_with_a_modelfile_and_cached(api, client, tiny_on_data, tmp_path):
     from llama_cpp import Llama
 
     mv = tiny_on_data
@@ -40,7 +40,11 @@ def test_gguf_download_is_verified_in_llama_cpp_with_a_modelfile_and_cached(api,
     checks = api.get(f"/api/v1/models/{mv.pk}").json()["verifications"]
     assert checks["gguf"]["ok"] and checks["gguf"]["greedy_match"] and checks["gguf"]["tokenizer_match"]
     q = checks["gguf_q4_k_m"]
-    assert q["tokens"] > 0 and q["perplexity"] > 1 and q["f16_perplexity"] > 1 and q["bytes"] < q["f16_bytes"]
+    assert q["tokens"] > 0 and q["dataset"] == "demo-pretrain" and q["perplexity"] > 1 and q["f16_perplexity"] > 1
+    assert q["bytes"] < q["f16_bytes"]
+    client.force_login(mv.owner)
+    page = client.get(f"/models/{mv.pk}/").content.decode()
+    assert "same 16 greedy tokens in llama.cpp" in page and "eval split of demo-pretrain" in page
     cached = mv.files_dir / "gguf-q4_k_m.zip"
     before = cached.stat().st_mtime_ns
     assert b"".join(api.get(f"/api/v1/models/{mv.pk}/download?format=gguf&type=q4_k_m").streaming_content) == raw
