@@ -12,6 +12,8 @@ trained model); sizes and speeds are. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -43,7 +45,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
-    engine(["demo-data", str(work / "demo")])
+    with contextlib.redirect_stdout(io.StringIO()):  # its own report: this script prints one JSON object
+        engine(["demo-data", str(work / "demo")])
     cfg = {"use_moe": args.moe, **({"num_experts": 4, "num_experts_per_tok": 1} if args.moe else {})}
     mcfg = model_config(resolve_config("pretrain", cfg))
     torch.manual_seed(0)
