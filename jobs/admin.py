@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Dataset, Job, JobEvent, JobTemplate, Node
+from .models import Dataset, Integrations, Job, JobEvent, JobTemplate, Node, Notification
 
 
 class JobEventInline(admin.TabularInline):
@@ -33,3 +33,21 @@ class NodeAdmin(admin.ModelAdmin):
 class JobTemplateAdmin(admin.ModelAdmin):
     list_display = ("name", "owner", "created_at")
     search_fields = ("name", "owner__username")
+
+
+@admin.register(Notification)
+class NotificationAdmin(admin.ModelAdmin):
+    """What was told to whom, and what failed: an operator's view of e-mail and webhook deliveries."""
+
+    list_display = ("job", "event", "channel", "target", "status", "attempts", "next_attempt_at", "sent_at")
+    list_filter = ("status", "channel", "event")
+    readonly_fields = ("job", "event", "channel", "target", "payload", "attempts", "last_error", "created_at",
+                       "sent_at")
+
+
+@admin.register(Integrations)
+class IntegrationsAdmin(admin.ModelAdmin):
+    """Users' notification settings; their keys and secrets stay out of the admin (encrypted, write-only)."""
+
+    list_display = ("user", "email_enabled", "webhook_url", "wait_minutes")
+    exclude = ("webhook_secret", "wandb_key", "swanlab_key")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 from ..models import MetricPoint
 
@@ -64,12 +65,11 @@ def metrics_json(jobs) -> dict:
                      for job in jobs]}
 
 
-def tensorboard_zip(job) -> "Path | None":
+def tensorboard_zip(job) -> Path | None:
     """The job's TensorBoard event files as a zip (``job-N/tensorboard/...`` inside, so that several unzipped side by
     side are separate runs under one ``tensorboard --logdir``); None when it has none. Made at each request: a
     running job's files grow."""
     import tempfile
-    from pathlib import Path
 
     from minicloud.files import folder_entries, zip_files
 
