@@ -74,6 +74,14 @@ def metrics_after(job, after=0, limit=5000):
     return _points(MetricPoint.objects.filter(job=job, seq__gt=after).order_by("seq")[:limit])
 
 
+def run_starts(job) -> list[dict]:
+    """Each run's start as its first logged step reported it: time to the first step, and for a compiled run how
+    many of its graphs came from the shared compile cache (a job resumed twice has three)."""
+    qs = MetricPoint.objects.filter(job=job, values__has_key="time_to_first_step_s").order_by("seq")
+    return [{"seconds": v["time_to_first_step_s"], "hits": v.get("compile_cache_hits"),
+             "misses": v.get("compile_cache_misses")} for v in qs.values_list("values", flat=True)[:20]]
+
+
 def metric_history(job, max_points=10_000):
     """A chart's points of ``job`` (see ``history_points``) as dicts."""
     return _points(history_points(job, max_points))

@@ -150,7 +150,7 @@ def job_detail(request, job_id):
         "events": selectors.job_events(job.pk),  # worded as the live updates word it
         "queue": _queue_info(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
-        "disk_bytes": disk_usage(job.run_dir),
+        "disk_bytes": disk_usage(job.run_dir), "starts": selectors.run_starts(job),
         "memory_error": f"{job.memory_error:+.0%}" if job.memory_error is not None else "",
         **share_context(request.user, job),
         "actions": [(name, label, states, " ".join(states)) for name, label, states in JOB_ACTIONS],

@@ -100,10 +100,15 @@ def encode_conversations(tok, conversations: list[list[dict]], max_seq_len: int,
     return x, y
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sum of log-probs of the (shifted) labels where labels != -100."""
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence sum of log-probs of the (shifted) labels where labels != -100: one per row, or with ``doc`` (a
+    packed batch, training.rows.pack_rows) one per packed sequence, in sequence order."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != -100
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+    if doc is None:
+        return (picked * mask).sum(-1)
+    seq = doc[:, 1:].reshape(-1)  # a label's sequence is its own column's
+    out = torch.zeros(int(doc.max()) + 1, dtype=picked.dtype, device=picked.device)
+    return out.index_add_(0, seq, (picked * mask).reshape(-1))[1:]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import rows
 from .chat import sequence_logps
 from .loop import pick_device, train
-from .model import aux_loss, frozen_copy
+from .model import aux_loss, frozen_copy, packed_inputs
 
 
 def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta: float):
@@ -25,13 +25,15 @@ def load_rows(spec: dict, tok):
 
 def make_loss(reference, beta: float):
     def loss_fn(model, batch):
-        x = torch.cat([batch["x"], batch["xr"]])
-        y = torch.cat([batch["y"], batch["yr"]])
+        if "doc" in batch:  # packed: the chosen sides are sequences 1..n, the rejected n+1..2n (rows.pack_rows)
+            x, y, doc, extra = batch["x"], batch["y"], batch["doc"], packed_inputs(batch)
+        else:
+            x, y, doc, extra = torch.cat([batch["x"], batch["xr"]]), torch.cat([batch["y"], batch["yr"]]), None, {}
         with torch.no_grad():
-            ref = sequence_logps(reference(input_ids=x).logits, y)
-        logps = sequence_logps(model(input_ids=x).logits, y)
+            ref = sequence_logps(reference(input_ids=x, **extra).logits, y, doc)
+        logps = sequence_logps(model(input_ids=x, **extra).logits, y, doc)
         aux = aux_loss(model)
-        n = len(batch["x"])
+        n = len(logps) // 2
         loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
         margin = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).mean().detach()
         parts = {"dpo_loss": loss.detach(), "aux_loss": aux.detach() if aux is not None else 0.0,

@@ -13,6 +13,9 @@ import sys
 import time
 
 
+STARTED = time.time()  # when this engine process (or forked warm child: training.warm resets it) started
+
+
 def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

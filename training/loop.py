@@ -180,6 +180,32 @@ def default_save(model, run_dir: Path) -> dict:
     return {"model_path": str(run_dir / "model.pth")}
 
 
+def use_compile_cache(folder: str | Path | None) -> None:
+    """torch's own compile caches in one folder that every job shares (``MINICLOUD_HOME/cache/compile``: on shared
+    storage, every node's): inductor's FX graph cache, AOTAutograd's cache of forward+backward graphs, and Triton's
+    kernels. A job whose graphs another job compiled before loads them instead of compiling (``compile_stats``)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    folder = Path(folder or Path(os.environ.get("MINICLOUD_HOME", "var")) / "cache" / "compile")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+
+
+def compile_stats() -> dict:
+    """How this process's compiled graphs were obtained so far: compiled, or loaded from the shared cache."""
+    from torch._dynamo.utils import counters
+
+    return {"compile_cache_hits": counters["inductor"]["fxgraph_cache_hit"]
+            + counters["aot_autograd"]["autograd_cache_hit"],
+            "compile_cache_misses": counters["inductor"]["fxgraph_cache_miss"]
+            + counters["aot_autograd"]["autograd_cache_miss"],
+            "compiled_graphs": counters["stats"]["unique_graphs"]}
+
+
 def compile_for_training(model, mode: str = "default", tuning: bool = False):
     """``torch.compile`` for training micro-steps. ``reduce-overhead`` (and ``max-autotune``) replay each micro-step's
     forward and backward as CUDA graphs (one launch instead of hundreds: the host no longer paces a small model).
@@ -273,6 +299,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         mode = cfg["compile_mode"] if is_cuda and update is None and world_size == 1 else "default"
         graphs = mode != "default"
         tuning = cfg["compile_tuning"] and is_cuda  # tunes Triton kernels: the CPU's C++ kernels have no such step
+        use_compile_cache(spec.get("compile_cache"))
         model = compile_for_training(model, mode, tuning)
         events.log("torch.compile enabled" + (" with CUDA graphs" if graphs else "")
                    + (" and tuned kernels" if tuning else ""))
@@ -392,6 +419,10 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
                            "tokens": tokens_seen}
                 if is_cuda:
                     metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                if step == step_start + 1:  # the first step of this run: how long the start took (cold or warm)
+                    metrics["time_to_first_step_s"] = now - events.STARTED
+                    if cfg["use_compile"]:
+                        metrics.update(compile_stats())
                 events.emit("step", step=step, total_steps=total_steps, epoch=epoch + 1, metrics=metrics,
                             eta_s=round((total_steps - step) / max(rate, 1e-9), 1))
                 t_log, tok_log = now, tokens_seen

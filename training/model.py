@@ -231,6 +231,18 @@ def build_model(mcfg: dict, experts_implementation: str | None = None, fused: bo
     return model
 
 
+def packed_inputs(batch: dict) -> dict:
+    """The model arguments of a packed batch (training.rows.pack_rows): positions restarting at each sequence and a
+    boolean attention mask [rows, 1, L, L] letting a column see only earlier columns of its own sequence (padding sees
+    padding, so no row of the mask is empty). ``{}`` for an unpacked batch."""
+    if "doc" not in batch:
+        return {}
+    doc = batch["doc"]
+    width = doc.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=doc.device).tril()
+    return {"position_ids": batch["pos"], "attention_mask": ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]}
+
+
 def aux_loss(model):
     """MiniMind's MoE aux loss of the last forward pass (None for dense models or in eval mode)."""
     core = getattr(model, "module", model)

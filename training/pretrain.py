@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from . import rows
 from .loop import train
-from .model import aux_loss
+from .model import aux_loss, packed_inputs
 
 
 def lm_loss(model, batch):
     """CE on the labels plus MiniMind's MoE aux loss; shared by pretrain and SFT."""
-    out = model(input_ids=batch["x"], labels=batch["y"])
+    out = model(input_ids=batch["x"], labels=batch["y"], **packed_inputs(batch))
     aux = aux_loss(model)
     if aux is None:
         return out.loss, {"logits_loss": out.loss.detach(), "aux_loss": 0.0}

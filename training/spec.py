@@ -59,12 +59,13 @@ RL_EXTRA = {"max_gen_len": 1024, "temperature": 0.8, "top_p": 1.0, "thinking_rat
             "debug_interval": 20, "rewards": {"rule": 1.0}, "reward_regex": "", "reward_model_path": "",
             "eval_ratio": 0.0}
 SFT_EXTRA = {"system_prompt_ratio": 0.2, "empty_think_drop_ratio": 0.8}
+PACKED = {"packing": True}  # several conversations per row, attending only to their own (training/rows.py)
 STAGE_EXTRA = {
     "pretrain": {"packing": True},
-    "sft": dict(SFT_EXTRA),
+    "sft": {**SFT_EXTRA, **PACKED},
     # lora_targets null: MiniMind's rule, every square nn.Linear (q/o_proj; k/v_proj too without GQA)
-    "lora": {**SFT_EXTRA, "lora_rank": 16, "lora_alpha": 16, "lora_targets": None},
-    "dpo": {"beta": 0.15, "empty_think_drop_ratio": 0.8},
+    "lora": {**SFT_EXTRA, **PACKED, "lora_rank": 16, "lora_alpha": 16, "lora_targets": None},
+    "dpo": {"beta": 0.15, "empty_think_drop_ratio": 0.8, **PACKED},
     "distill": {**SFT_EXTRA, "alpha": 0.5, "temperature": 1.5},
     "ppo": {**RL_EXTRA, "critic_learning_rate": 5e-7, "clip_epsilon": 0.2, "vf_coef": 0.5, "kl_coef": 0.02,
             "gamma": 1.0, "lam": 0.95, "cliprange_value": 0.2, "ppo_update_iters": 2, "early_stop_kl": 0.25,

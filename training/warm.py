@@ -27,6 +27,7 @@ import select
 import signal
 import socket
 import sys
+import time
 
 from setproctitle import setproctitle
 
@@ -118,6 +119,9 @@ def _child(request: dict, out_fd: int, started_w: int, server_fds) -> None:
     code = 1
     try:
         signal.set_wakeup_fd(-1)
+        from . import events
+
+        events.STARTED = time.time()  # this run started now, not when the server imported the engine
         for sig in (signal.SIGCHLD, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         for f in server_fds:

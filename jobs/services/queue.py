@@ -181,6 +181,7 @@ def build_spec(job: Job) -> dict:
         "job_id": job.pk, "stage": job.stage, "run_dir": str(job.run_dir), "dataset": job.dataset.path,
         "tokenizer": job.tokenizer.path, "device": "auto", "resume": job.resume, "config": job.resolved_config,
         "data_cache": str(settings.DATA_CACHE_DIR), "data_cache_gb": settings.DATA_CACHE_GB,
+        "compile_cache": str(settings.HOME / "cache" / "compile"),
         "checksums": {job.dataset.path: job.dataset.sha256} if job.dataset.sha256 else {},
     }
     if job.eval_dataset:

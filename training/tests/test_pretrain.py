@@ -1,5 +1,6 @@
 """The engine on a tiny model: it learns the demo data, writes MiniMind-layout weights, stops and resumes exactly."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -73,6 +74,27 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
     assert sorted(resumed) == sorted(expected)
     for step, loss in expected.items():
         assert resumed[step] == loss, (step, resumed[step], loss)
+
+
+@pytest.mark.slow
+def test_a_second_compiled_job_with_the_same_shapes_loads_its_graphs_from_the_shared_cache(make_spec, tmp_path):
+    """Warm starts: the first compiled job fills the shared compile cache (inductor's FX graphs, AOTAutograd's
+    forward+backward graphs), the second, a fresh process with the same shapes, loads them instead of compiling;
+    both report their time to the first step."""
+    cache = tmp_path / "compile-cache"
+    first = {}
+    for name in ("cold", "warm"):
+        path = make_spec(name, use_compile=True, max_steps=2)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "compile_cache": str(cache)}))
+        rc, events, other = run_engine(path, env={k: v for k, v in os.environ.items()
+                                                  if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))})
+        assert rc == 0, other
+        first[name] = next(e for e in events if e.get("event") == "step")["metrics"]
+    cold, warm = first["cold"], first["warm"]
+    assert cold["compile_cache_misses"] > 0 and cold["compile_cache_hits"] == 0, cold
+    assert warm["compile_cache_hits"] > 0 and warm["compile_cache_misses"] < cold["compile_cache_misses"], warm
+    assert cold["time_to_first_step_s"] > 0 and warm["time_to_first_step_s"] > 0
+    assert any(cache.rglob("*"))  # the cache is the folder the spec named
 
 
 @pytest.mark.slow
