@@ -92,7 +92,12 @@ def main():
     p.add_argument("--live-samples", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", metavar="FILE", help="also write every request as a JSON line: start, kind, seconds, ok")
+    p.add_argument("--burst", type=int, metavar="N", help="burst mode: N submissions in all from --submitters "
+                   "concurrent submitters (closed loop), each also listing its jobs, while one CPU job trains")
+    p.add_argument("--submitters", type=int, default=10)
     args = p.parse_args()
+    if args.burst:
+        return burst(args)
     think = (0.0, 0.0) if args.think.strip() == "0" else tuple(float(x) for x in args.think.split(","))
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -196,6 +201,61 @@ def main():
         print(json.dumps(out))
         if args.raw:
             Path(args.raw).write_text("".join(json.dumps(r) + "\n" for r in sorted(raw, key=lambda r: r["start"])))
+    finally:
+        node.stop()
+        node.drop_database()
+
+
+def burst(args):
+    """Ten people submit at once: a full node (web and worker, one CPU slot) trains one job while ``--submitters``
+    closed-loop clients send ``--burst`` submissions in all, each followed by a listing of the jobs (GET
+    /api/v1/jobs). The submitted jobs queue behind the running one. Targets (issue 27): submission p50 < 50 ms and
+    p99 < 250 ms, listing p95 < 200 ms, on SQLite and on PostgreSQL + Redis."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tests.live import TINY, LiveNode
+
+    home = Path(tempfile.mkdtemp(prefix="minicloud-burst-"))
+    node = LiveNode(home)
+    node.env["MINICLOUD_DEVICES"] = "cpu:1"
+    node.start()
+    try:
+        status, datasets = node.request("GET", "/api/v1/datasets")
+        ds = next(d for d in datasets["datasets"] if d["name"] == "demo-pretrain")
+        long = node.submit("running", {**TINY, "max_steps": 100000, "log_interval": 10})
+        node.wait_for(long["id"], lambda j: j["status"] == "running" and j["step"] > 0, timeout=120,
+                      what="the CPU job to train")
+        body = {"stage": "pretrain", "dataset": ds["id"], "config": {**TINY, "max_steps": 1}}
+        submit, listing, errors = [], [], []
+        lock = threading.Lock()
+        count = iter(range(args.burst))
+
+        def submitter():
+            for n in count:
+                t = time.perf_counter()
+                status, _ = node.request("POST", "/api/v1/jobs", {**body, "name": f"burst-{n}"}, raw=True)
+                dt = time.perf_counter() - t
+                t = time.perf_counter()
+                lstatus, _ = node.request("GET", "/api/v1/jobs", raw=True)
+                lt = time.perf_counter() - t
+                with lock:
+                    (submit if status == 201 else errors).append(dt)
+                    if lstatus == 200:
+                        listing.append(lt)
+
+        threads = [threading.Thread(target=submitter) for _ in range(args.submitters)]
+        start = time.time()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.time() - start
+        still = node.job(long["id"])["status"]
+        print(json.dumps({
+            "mode": "burst", "submissions": len(submit), "errors": len(errors), "submitters": args.submitters,
+            "database": "postgresql" if "DATABASE_URL" in node.env else "sqlite",
+            "redis": "REDIS_URL" in node.env, "seconds": round(elapsed, 1), "cpu_job": still,
+            "submission_ms": {"p50": pct(submit, 50), "p99": pct(submit, 99), "max": pct(submit, 100)},
+            "listing_ms": {"p50": pct(listing, 50), "p95": pct(listing, 95), "n": len(listing)}}))
     finally:
         node.stop()
         node.drop_database()

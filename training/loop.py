@@ -189,8 +189,8 @@ def use_compile_cache(folder: str | Path | None) -> None:
 
     folder = Path(folder or Path(os.environ.get("MINICLOUD_HOME", "var")) / "cache" / "compile")
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read by inductor at each use (importing it set a default)
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
 
