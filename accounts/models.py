@@ -136,13 +136,19 @@ class ApiToken(models.Model):
         raw = "mc_" + secrets.token_urlsafe(32)
         return cls.objects.create(user=user, name=name, digest=hash_token(raw), prefix=raw[:8]), raw
 
+    LAST_USED_RESOLUTION_S = 60
+
     @classmethod
     def user_for(cls, raw: str):
-        """The active user owning ``raw``, or None."""
+        """The active user owning ``raw``, or None. ``last_used_at`` is kept to the minute: written only when the
+        stored time is older, so that a client's burst of requests is not a burst of writes (on SQLite every write
+        waits for the one writer)."""
         token = cls.objects.select_related("user").filter(digest=hash_token(raw)).first()
         if token is None or not token.user.is_active:
             return None
-        cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if token.last_used_at is None or (now - token.last_used_at).total_seconds() > cls.LAST_USED_RESOLUTION_S:
+            cls.objects.filter(pk=token.pk).update(last_used_at=now)
         return token.user
 
 

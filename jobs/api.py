@@ -64,9 +64,8 @@ def _job_request(request) -> dict:
 @endpoint("GET", "POST")
 def jobs(request):
     if request.method == "GET":
-        return {"jobs": [j.to_dict() for j in selectors.jobs_for(request.user)[:500]]}
-    job = services.submit_job(**_job_request(request))
-    audit(request.user, "submit", job, request=request)
+        return {"jobs": [j.to_dict() for j in selectors.jobs_listed(request.user)]}
+    job = services.submit_job(**_job_request(request), http_request=request)
     return job.to_dict(), 201
 
 

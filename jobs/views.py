@@ -51,9 +51,9 @@ def job_new(request):
                 template = services.save_template(request.user, form.cleaned_data["name"], fields)
                 messages.success(request, _("Template “%(name)s” saved.") % {"name": template.name})
                 return redirect(f"{request.path}?template={template.pk}")
-            job = services.submit_job(**form.job_request(request.user))
             clone_of = id_or_none(request.GET.get("clone"))  # the form posts back to its own address
-            audit(request.user, "submit", job, request=request, **({"clone_of": clone_of} if clone_of else {}))
+            job = services.submit_job(**form.job_request(request.user), http_request=request,
+                                      audit_detail={"clone_of": clone_of} if clone_of else None)
         except services.ServiceError as exc:
             field = (exc.field or "").removeprefix("config.")
             form.add_error(field if field in form.fields else None, str(exc))

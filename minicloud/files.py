@@ -51,3 +51,22 @@ def disk_usage(path) -> int:
     """Bytes under ``path`` (a job's run folder: checkpoints, weights, logs), links not followed."""
     root = Path(path)
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink()) if root.exists() else 0
+
+
+class exclusive_lock:
+    """An exclusive lock file (fcntl) held for a ``with`` block, across processes of this machine (and NFS nodes
+    with working locks); released if the process dies. One conversion of a model at a time, one claim at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

@@ -16,6 +16,8 @@ from django.utils import timezone
 from django.utils.translation import gettext_noop
 from django_q.tasks import async_task
 
+from minicloud.files import exclusive_lock
+
 from .. import scheduler
 from ..devices import inventory
 from ..models import Job, Node
@@ -154,26 +156,59 @@ def queue_forecast(plan: list[scheduler.Decision]) -> dict:
 
 
 def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
-    """Atomically take the first queued job that the plan places on this node (see ``queue_order`` and
-    ``scheduler.plan``). ``slots``: treat this node as that many CPU slots (tests)."""
+    """Take the first queued job that the plan places on this node (see ``queue_order`` and ``scheduler.plan``),
+    one claim at a time per node. ``slots``: treat this node as that many CPU slots (tests).
+
+    On PostgreSQL the claims of every node serialise on this node's row (SELECT ... FOR UPDATE) inside one
+    transaction. SQLite has one writer for the whole database and one machine: there a file lock serialises this
+    node's claims, the plan is read outside any write transaction and only the claim itself (a conditional update)
+    writes. Planning inside SQLite's write lock held every submission for as long as planning a 200-job queue took
+    (most of a burst's tail latency)."""
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        with exclusive_lock(settings.HOME / "run" / f"claim-{node_name}.lock"):
+            return _claim(node_name, slots)
     with transaction.atomic():
-        Node.objects.select_for_update().filter(name=node_name).exists()  # serialises claims on PostgreSQL
-        for decision in queue_plan(node_name, slots):
-            if decision.node != node_name:
-                continue
-            job, devices = Job.objects.get(pk=decision.job.pk), decision.devices  # the plan read only what it needs
-            if job.transition(Job.Status.RUNNING, node_name, gettext_noop("devices %(devices)s"),
-                              {"devices": str(devices)}, node=node_name, devices=devices, started_at=timezone.now(),
-                              error="", error_params=None, pid=None, worker_pid=os.getpid(),
-                              generation=F("generation") + 1):
-                return job
+        Node.objects.select_for_update().filter(name=node_name).exists()
+        return _claim(node_name, slots)
+
+
+def _claim(node_name: str, slots: int | None) -> Job | None:
+    for decision in queue_plan(node_name, slots):
+        if decision.node != node_name:
+            continue
+        job, devices = Job.objects.get(pk=decision.job.pk), decision.devices  # the plan read only what it needs
+        if job.transition(Job.Status.RUNNING, node_name, gettext_noop("devices %(devices)s"),
+                          {"devices": str(devices)}, node=node_name, devices=devices, started_at=timezone.now(),
+                          error="", error_params=None, pid=None, worker_pid=os.getpid(),
+                          generation=F("generation") + 1):
+            return job
     return None
 
 
+
+CLAIM_TASK = "jobs.tasks.run_next_job"
+
+
+def _claim_token_waiting(queue: str) -> bool:
+    """Whether the database broker's ``queue`` holds a claim token that no runner has taken yet (taken ones are
+    locked). Such a token's claim runs later and sees what the caller writes now: another one would only repeat it."""
+    from django_q.models import OrmQ
+
+    pending = OrmQ.objects.filter(key=queue, lock__lte=timezone.now()).order_by("pk")[:50]
+    return any(row.task.get("func") == CLAIM_TASK for row in pending)
+
+
 def _kick_nodes(names) -> None:
+    """A claim token to each node's runners; with the database as the broker (no Redis), not when one is already
+    waiting there: a burst of 200 submissions sent 200 tokens, and each made a runner plan the whole queue and write
+    its bookkeeping while the submitters waited for the one SQLite writer. Claims' results are not stored."""
     for name in names:
-        async_task("jobs.tasks.run_next_job", task_name="run_next_job", cluster=node_queue(name),
-                   q_options={"ack_failure": True})
+        queue = node_queue(name)
+        if not settings.REDIS_URL and _claim_token_waiting(queue):
+            continue
+        async_task(CLAIM_TASK, task_name="run_next_job", cluster=queue, q_options={"ack_failure": True, "save": False})
 
 
 def build_spec(job: Job) -> dict:

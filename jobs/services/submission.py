@@ -210,14 +210,26 @@ def _memory_need(stage: str, resolved: dict, teacher) -> tuple[dict, bool, dict]
     return nodes, cuda, estimate_memory(stage, resolved, teacher_cfg, cuda=cuda)
 
 
-def submit_job(**request) -> Job:
+def submit_job(*, http_request=None, audit_detail: dict | None = None, **request) -> Job:
     """Validate and queue a job (``prepare_job``'s arguments: ``dataset``/``base_model``/``tokenizer`` are ids or
-    model instances)."""
+    model instances); with ``http_request``, audited (``audit_detail``) in the same transaction.
+
+    One write transaction in all: the job, its event, the audit entry and, with the database as the task broker
+    (no Redis), the token that asks the nodes to claim, which becomes visible with the job (with Redis, sent once
+    the job is committed). Under a burst on SQLite every write transaction queues for the one writer: four of them
+    per submission made ten people submitting at once wait 1-2 s (docs/performance.md)."""
+    from accounts.services import audit
+
     fields = prepare_job(**request)
     with transaction.atomic():
         job = Job.objects.create(**fields)
         record_event(job, "submitted", fields["owner"].username)
-        transaction.on_commit(kick_queue)
+        if http_request is not None:
+            audit(fields["owner"], "submit", job, request=http_request, **(audit_detail or {}))
+        if settings.REDIS_URL:
+            transaction.on_commit(kick_queue)
+        else:
+            kick_queue()
     return job
 
 

@@ -14,7 +14,8 @@ from .tokenizers import (MINIMIND_IDS, _tokenizer_dir, check_tokenizer_files, en
 __all__ = [
     "check_tokenizer_files", "encode", "MINIMIND_IDS", "register_tokenizer",
     "start_tokenizer_training", "_tokenizer_dir", "train_tokenizer_now", "upload_tokenizer", "vocab_size_of",
-    "download_choices", "download_name", "ENGINE_TIMEOUT_S", "format_file", "gguf_support", "gguf_zip", "hf_zip", "_Lock", "lora_zip", "run_engine", "delete_model",
+    "download_choices", "download_name", "ENGINE_TIMEOUT_S", "format_file", "gguf_support", "gguf_zip", "hf_zip",
+    "_Lock", "lora_zip", "run_engine", "delete_model",
     "evaluation_table", "final_metrics", "lineage", "loss_thumbnail", "model_references", "next_version",
     "record_evaluation", "register_job_output", "start_evaluation", "update_model", "_extract_zip", "import_model",
     "merge_lora", "install_demo_data"

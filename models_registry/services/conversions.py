@@ -10,7 +10,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from minicloud.errors import ServiceError
-from minicloud.files import folder_entries, zip_files
+from minicloud.files import exclusive_lock, folder_entries, zip_files
 from minicloud.processes import die_with_parent, engine_env
 
 from ..models import ModelVersion
@@ -101,22 +101,7 @@ def _write_json(path: Path, data) -> Path:
     return path
 
 
-class _Lock:
-    """An exclusive lock file: one conversion of a model at a time, across processes and nodes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "w")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
+_Lock = exclusive_lock  # one conversion of a model at a time, across processes and nodes
 
 
 def _record_verification(mv: ModelVersion, fmt: str, report: dict, **more) -> None:
