@@ -3,6 +3,7 @@ import html
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
@@ -61,6 +62,19 @@ def test_tokens_page_creates_shows_once_and_revokes(client, user):
     assert client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {raw}").status_code == 200
     token.refresh_from_db()
     assert token.last_used_at is not None
+    first = token.last_used_at  # kept to the minute: a burst of requests is not a burst of writes
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {raw}").status_code == 200
+    assert not any(q["sql"].startswith("UPDATE") for q in queries.captured_queries)
+    token.refresh_from_db()
+    assert token.last_used_at == first
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=first - timedelta(minutes=2))
+    client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {raw}")
+    token.refresh_from_db()
+    assert token.last_used_at > first
     client.post("/accounts/tokens/", {"action": "revoke", "token": token.pk})
     assert client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {raw}").status_code == 401
     assert {"token_create", "token_revoke"} <= set(AuditEntry.objects.values_list("action", flat=True))

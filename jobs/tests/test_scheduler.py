@@ -157,6 +157,41 @@ def test_claims_pack_jobs_onto_a_registered_gpu(user, pretrain, settings):
     assert services.queue_plan()[0].reason == "gpu_memory"  # the GPU's job limit is reached
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_plans_its_queue_without_holding_sqlites_write_lock(user, pretrain, monkeypatch):
+    """On SQLite a claim used to plan the whole queue inside BEGIN IMMEDIATE: every submission waited for it. Now
+    another connection can write while the plan is made, and the claim still takes the job."""
+    import threading
+
+    from django.db import connection, connections
+
+    from jobs.models import Setting
+    from jobs.services import queue
+
+    if connection.vendor != "sqlite":
+        pytest.skip("PostgreSQL serialises claims on the node's row; writers do not wait for each other there")
+    gpu_node()
+    job = services.submit_job(owner=user, name="j", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    planned, wrote = queue.queue_plan, []
+
+    def plan_while_someone_writes(*args, **kwargs):
+        def write():
+            try:
+                Setting.objects.create(key="written-while-planning", value="1")
+                wrote.append(True)
+            finally:
+                connections.close_all()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(5)  # the busy timeout is 20 s: under the write lock this write would still be waiting
+        return planned(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "queue_plan", plan_while_someone_writes)
+    assert services.claim_next_job("gpu-box").pk == job.pk
+    assert wrote == [True]
+
+
 def test_a_silent_node_shows_as_down_and_takes_no_jobs(user, pretrain, settings, client):
     settings.NODE_TIMEOUT_S = 30
     gpu_node("gone")
@@ -269,3 +304,23 @@ def test_the_queue_page_and_api_tell_why_and_when(user, pretrain, client, settin
     client.force_login(user)
     row = next(j for j in client.get("/queue/").context["jobs"] if j.pk == waiting.pk)
     assert row.expected_start == "in about 5 min" and row.reason.startswith("waiting for 1 GPU(s)")
+
+
+def test_submissions_leave_one_waiting_claim_token_not_one_each(user, pretrain, settings):
+    """With the database as the broker, a claim token no runner has taken yet serves every later submission (its
+    claim runs after them): ten submissions, one token; once a runner takes it, the next submission sends another."""
+    from django.utils import timezone as tz
+    from django_q.models import OrmQ
+
+    from jobs.services.queue import CLAIM_TASK
+
+    if settings.REDIS_URL:
+        pytest.skip("with Redis each commit sends its own token (nothing is written to the database for it)")
+    gpu_node()
+    for i in range(10):
+        services.submit_job(owner=user, name=f"j{i}", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    tokens = [row for row in OrmQ.objects.all() if row.task.get("func") == CLAIM_TASK]
+    assert len(tokens) == 1 and tokens[0].task.get("save") is False
+    OrmQ.objects.filter(pk=tokens[0].pk).update(lock=tz.now() + timedelta(minutes=5))  # a runner took it
+    services.submit_job(owner=user, name="after", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    assert sum(row.task.get("func") == CLAIM_TASK for row in OrmQ.objects.all()) == 2
