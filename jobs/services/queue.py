@@ -175,6 +175,10 @@ def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
 
 
 def _claim(node_name: str, slots: int | None) -> Job | None:
+    devices = device_state(node_name, slots).get(node_name, [])
+    if devices and all(len(d.jobs) >= d.capacity(settings.JOBS_PER_GPU) for d in devices):
+        return None  # every device here holds all the jobs it may: no plan places anything (and planning a long
+        # queue after every submission while a node is busy kept a core busy during a burst)
     for decision in queue_plan(node_name, slots):
         if decision.node != node_name:
             continue

@@ -324,3 +324,19 @@ def test_submissions_leave_one_waiting_claim_token_not_one_each(user, pretrain, 
     OrmQ.objects.filter(pk=tokens[0].pk).update(lock=tz.now() + timedelta(minutes=5))  # a runner took it
     services.submit_job(owner=user, name="after", stage="pretrain", dataset=pretrain.pk, config=TINY)
     assert sum(row.task.get("func") == CLAIM_TASK for row in OrmQ.objects.all()) == 2
+
+
+def test_a_full_node_claims_nothing_without_planning_the_queue(user, pretrain, settings, monkeypatch):
+    from jobs.services import queue
+
+    settings.JOBS_PER_GPU = 1
+    gpu_node()
+    for i in range(2):
+        services.submit_job(owner=user, name=f"j{i}", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    assert services.claim_next_job("gpu-box") is not None  # the GPU's one job
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("planned the queue for a node with no room")
+
+    monkeypatch.setattr(queue, "queue_plan", no_plan)
+    assert services.claim_next_job("gpu-box") is None
