@@ -131,16 +131,14 @@ def _tensors(sd: dict, mcfg: dict):
         yield names.get_name(key, try_suffixes=(".weight",)), np.stack([by_expert[e] for e in sorted(by_expert)])
 
 
-def write_gguf(pth: str | Path, config: dict, tokenizer_dir: str | Path, out_path: str | Path,
-               ftype: str = "f16", name: str = "minimind") -> dict:
-    """Write one GGUF file (``f16``, ``bf16`` or ``q8_0``); returns how many tensors fell back to f16."""
+def write_gguf(sd: dict, mcfg: dict, tokenizer_dir: str | Path, out_path: str | Path, ftype: str = "f16",
+               name: str = "minimind") -> dict:
+    """Write one GGUF file (``f16``, ``bf16`` or ``q8_0``) of ``sd`` (the model's MiniMind state dict,
+    ``training.model.minimind_state_dict``) with its resolved config ``mcfg``; the report says how many tensors fell
+    back to f16."""
     import gguf
     from gguf.quants import quantize
 
-    from .model import load_model, minimind_state_dict
-
-    model, mcfg = load_model({"path": str(pth), "config": config})
-    sd = minimind_state_dict(model)
     tokens, toktypes = _vocab(Path(tokenizer_dir), mcfg["vocab_size"])
     arch = gguf.MODEL_ARCH.QWEN3MOE if mcfg["use_moe"] else gguf.MODEL_ARCH.QWEN3
     qtype, file_type = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -290,8 +288,8 @@ def eval_rows(tokenizer_dir: str | Path, data: str | Path, eval_ratio: float = 0
     from .spec import resolve_config
 
     first = next(iter_records(data, None, 1))[1]
-    kind = {"pretrain": "pretrain", "sft": "sft"}.get(kind_of(first), "sft")
-    cfg = {**resolve_config(kind if kind != "pretrain" else "pretrain", {"max_seq_len": max_seq_len}),
+    kind = "pretrain" if kind_of(first) == "pretrain" else "sft"
+    cfg = {**resolve_config(kind, {"max_seq_len": max_seq_len}),
            "packing": False, "system_prompt_ratio": 0.0, "empty_think_drop_ratio": 0.0}
     recs = [r for _, r in iter_records(data, kind, records)]
     rows = from_records(load_hf_tokenizer(str(tokenizer_dir)), kind, recs, cfg)
@@ -327,7 +325,7 @@ def export_gguf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_di
                 name: str = "minimind") -> dict:
     """The f16 file (always: it is verified and every other type is measured beside it) and each of ``types``, with
     an Ollama Modelfile per file; the report holds the f16 verification and every file's eval perplexity."""
-    from .model import load_model
+    from .model import load_model, minimind_state_dict
 
     unknown = [t for t in types if t not in TYPES]
     if unknown:
@@ -340,14 +338,15 @@ def export_gguf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_di
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     f16 = out_dir / f"{name}-f16.gguf"
-    files["f16"] = write_gguf(pth, config, tokenizer_dir, f16, "f16", name)
+    sd = minimind_state_dict(model)  # read once: every type is written from it
+    files["f16"] = write_gguf(sd, mcfg, tokenizer_dir, f16, "f16", name)
     verification = verify_f16(model, f16, mcfg["vocab_size"], tokenizer_dir)
     for t in types:
         if t == "f16":
             continue
         path = out_dir / f"{name}-{t}.gguf"
         files[t] = (quantize_q4_k_m(f16, path) if t == "q4_k_m" else
-                    write_gguf(pth, config, tokenizer_dir, path, t, name))
+                    write_gguf(sd, mcfg, tokenizer_dir, path, t, name))
     for t, info in files.items():
         Path(info["path"]).with_suffix(".Modelfile").write_text(modelfile(Path(info["path"]).name), encoding="utf-8")
         info["bytes"] = Path(info["path"]).stat().st_size
