@@ -18,8 +18,8 @@ from training import spec as tspec
 
 from . import selectors, services
 from .forms import (ADVANCED_FIELDS, BASE_STAGES, BASIC_FIELDS, CONFIG_FIELDS, MODEL_FIELDS, PRESETS, QUICK_START,
-                    STAGE_FIELDS, JobForm, initial_from_job, stage_defaults)
-from .models import Dataset, Job, JobTemplate, Node
+                    STAGE_FIELDS, IntegrationsForm, JobForm, initial_from_job, stage_defaults)
+from .models import Dataset, Integrations, Job, JobTemplate, Node, Notification
 
 
 @login_required
@@ -256,9 +256,6 @@ def metrics(request):
 @login_required
 def integrations(request):
     """Notifications (e-mail, signed webhooks) and experiment-tracker keys of the logged-in user."""
-    from .forms import IntegrationsForm
-    from .models import Integrations
-
     prefs = Integrations.of(request.user)
     if request.method == "POST":
         form = IntegrationsForm(request.POST)
@@ -270,8 +267,6 @@ def integrations(request):
         form = IntegrationsForm(initial={"email_enabled": prefs.email_enabled, "email": prefs.email,
                                          "webhook_url": prefs.webhook_url, "events": prefs.events,
                                          "wait_minutes": prefs.wait_minutes})
-    from .models import Notification
-
     return render(request, "jobs/integrations.html", {
         "form": form, "prefs": prefs, "webhook_secret": prefs.secret("webhook_secret"),
         "has_wandb": bool(prefs.wandb_key), "has_swanlab": bool(prefs.swanlab_key),

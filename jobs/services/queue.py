@@ -95,8 +95,9 @@ def device_state(node_name: str | None = None, slots: int | None = None,
     return nodes
 
 
-def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[scheduler.Decision]:
-    """Every queued job in queue order, with where it would start now or why it waits."""
+def queue_plan(node_name: str | None = None, slots: int | None = None, nodes=None) -> list[scheduler.Decision]:
+    """Every queued job in queue order, with where it would start now or why it waits (``nodes``: the
+    ``device_state(node_name, slots)`` the caller already read)."""
     queued = _queued()
     owners, quotas = _owner_quotas(queued)
     queued = queue_order(queued, (owners, quotas))
@@ -105,7 +106,8 @@ def queue_plan(node_name: str | None = None, slots: int | None = None) -> list[s
     if settings.EXECUTOR == "slurm":  # one job slot per job released to Slurm, whatever it asks: Slurm places it
         blocked, placed = _slurm_gate(blocked, placed)
         needs = {"memory_of": lambda j: 0, "gpus_of": lambda j: 1}
-    return scheduler.plan(queued, device_state(node_name, slots), settings.JOBS_PER_GPU, blocked=blocked,
+    nodes = nodes if nodes is not None else device_state(node_name, slots)
+    return scheduler.plan(queued, nodes, settings.JOBS_PER_GPU, blocked=blocked,
                           on_place=placed, **needs)
 
 
@@ -175,11 +177,12 @@ def claim_next_job(node_name: str, slots: int | None = None) -> Job | None:
 
 
 def _claim(node_name: str, slots: int | None) -> Job | None:
-    devices = device_state(node_name, slots).get(node_name, [])
+    nodes = device_state(node_name, slots)
+    devices = nodes.get(node_name, [])
     if devices and all(len(d.jobs) >= d.capacity(settings.JOBS_PER_GPU) for d in devices):
         return None  # every device here holds all the jobs it may: no plan places anything (and planning a long
         # queue after every submission while a node is busy kept a core busy during a burst)
-    for decision in queue_plan(node_name, slots):
+    for decision in queue_plan(node_name, slots, nodes):
         if decision.node != node_name:
             continue
         job, devices = Job.objects.get(pk=decision.job.pk), decision.devices  # the plan read only what it needs
@@ -189,7 +192,6 @@ def _claim(node_name: str, slots: int | None) -> Job | None:
                           generation=F("generation") + 1):
             return job
     return None
-
 
 
 CLAIM_TASK = "jobs.tasks.run_next_job"

@@ -101,14 +101,17 @@ def _write_json(path: Path, data) -> Path:
     return path
 
 
-_Lock = exclusive_lock  # one conversion of a model at a time, across processes and nodes
+def _store_check(mv: ModelVersion, key: str, check: dict) -> dict:
+    """``check`` (with the time) into ``mv.verifications[key]``, beside what other processes stored meanwhile."""
+    check = {**check, "checked_at": timezone.now().isoformat()}
+    mv.verifications = {**ModelVersion.objects.get(pk=mv.pk).verifications, key: check}
+    ModelVersion.objects.filter(pk=mv.pk).update(verifications=mv.verifications)
+    return check
 
 
 def _record_verification(mv: ModelVersion, fmt: str, report: dict, **more) -> None:
     """Keep a conversion's check in ``mv.verifications[fmt]``; a failed check stops the download (500)."""
-    check = {**report["verification"], **more, "checked_at": timezone.now().isoformat()}
-    mv.verifications = {**ModelVersion.objects.get(pk=mv.pk).verifications, fmt: check}
-    ModelVersion.objects.filter(pk=mv.pk).update(verifications=mv.verifications)
+    check = _store_check(mv, fmt, {**report["verification"], **more})
     if not check["ok"]:
         raise ServiceError(
             _("conversion check failed: logits differ by %(max_abs_diff)s (> %(tolerance)s)")
@@ -126,7 +129,7 @@ def hf_zip(mv: ModelVersion, layout: str = "transformers5") -> Path:
         layout = "transformers5"
     suffix = "" if layout == "transformers5" else "4"
     out = mv.files_dir / f"hf{suffix}.zip"
-    with _Lock(mv.files_dir / ".lock"):
+    with exclusive_lock(mv.files_dir / ".lock"):
         if out.exists():
             return out
         folder = mv.files_dir / f"hf{suffix}"
@@ -162,7 +165,7 @@ def gguf_zip(mv: ModelVersion, gguf_type: str) -> Path:
     if not note["available"]:
         raise ServiceError(_("GGUF: %(reason)s") % {"reason": note["note"]}, field="type")
     out = mv.files_dir / f"gguf-{gguf_type}.zip"
-    with _Lock(mv.files_dir / ".lock"):
+    with exclusive_lock(mv.files_dir / ".lock"):
         if out.exists():
             return out
         folder = mv.files_dir / "gguf"
@@ -181,11 +184,9 @@ def gguf_zip(mv: ModelVersion, gguf_type: str) -> Path:
         _record_verification(mv, "gguf", report, perplexity=files["f16"].get("perplexity"))
         if gguf_type != "f16":
             check = {k: files[gguf_type].get(k) for k in ("perplexity", "tokens", "bytes", "fallback_tensors")}
-            check["dataset"] = data.name if data is not None else None
-            mv.verifications = {**mv.verifications, f"gguf_{gguf_type}": {
-                **check, "f16_perplexity": files["f16"].get("perplexity"), "f16_bytes": files["f16"]["bytes"],
-                "ok": True, "checked_at": timezone.now().isoformat()}}
-            ModelVersion.objects.filter(pk=mv.pk).update(verifications=mv.verifications)
+            _store_check(mv, f"gguf_{gguf_type}", {
+                **check, "dataset": data.name if data is not None else None, "ok": True,
+                "f16_perplexity": files["f16"].get("perplexity"), "f16_bytes": files["f16"]["bytes"]})
         gguf = Path(files[gguf_type]["path"])
         zip_files(out, [(gguf, gguf.name), (gguf.with_suffix(".Modelfile"), "Modelfile")])
         shutil.rmtree(folder, ignore_errors=True)
@@ -195,7 +196,7 @@ def gguf_zip(mv: ModelVersion, gguf_type: str) -> Path:
 def lora_zip(mv: ModelVersion) -> Path:
     """A zip of the LoRA outputs: MiniMind's LoRA .pth and the peft adapter folder (built once, kept)."""
     out = mv.files_dir / "lora.zip"
-    with _Lock(mv.files_dir / ".lock"):
+    with exclusive_lock(mv.files_dir / ".lock"):
         if not out.exists():
             adapter = folder_entries(Path(mv.adapter_path), "adapter/") if mv.adapter_path else []
             zip_files(out, [(mv.lora_path, download_name(mv).replace(".pth", "_lora.pth")), *adapter])
