@@ -174,8 +174,7 @@ def pack_rows(seqs: list, msl: int, multiple: int = 8) -> dict:
     finds: ``x``, ``y`` (labels, -100 on padding), ``pos`` (positions from 0 in each sequence) and ``doc`` (sequence
     ``i`` is ``i + 1`` wherever it lies; padding 0). A row keeps its sequences in batch order."""
     longest_first = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    count = 0  # rows first-fit decreasing needs ...
-    fills: list[int] = []
+    fills: list[int] = []  # the rows first-fit decreasing needs ...
     for i in longest_first:
         n = len(seqs[i][0])
         j = next((j for j, f in enumerate(fills) if f + n <= msl), None)
@@ -183,8 +182,7 @@ def pack_rows(seqs: list, msl: int, multiple: int = 8) -> dict:
             fills.append(n)
         else:
             fills[j] += n
-    count = len(fills)
-    bins: list[list] = [[0, []] for _ in range(count)]  # ... then the same count balanced: each sequence into the
+    bins: list[list] = [[0, []] for _ in fills]  # ... then as many rows, balanced: each sequence into the
     for i in longest_first:  # least filled row it fits in, so that the width (the fullest row) is as small as can be
         n = len(seqs[i][0])
         b = min((b for b in bins if b[0] + n <= msl), key=lambda b: b[0], default=None)

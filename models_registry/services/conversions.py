@@ -12,11 +12,12 @@ from django.utils.translation import gettext as _
 from minicloud.errors import ServiceError
 from minicloud.files import exclusive_lock, folder_entries, zip_files
 from minicloud.processes import die_with_parent, engine_env
+from training import gguf_export  # its support table and types: plain Python (numpy), no torch
 
 from ..models import ModelVersion
 
 
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")  # training.gguf_export.TYPES (read here without importing the engine)
+GGUF_TYPES = gguf_export.TYPES
 HF_LAYOUTS = ("transformers5", "transformers4")
 VARIANTS = {"gguf": GGUF_TYPES, "hf": HF_LAYOUTS}  # ?type= of a GGUF download, ?layout= of a Hugging Face one
 
@@ -36,9 +37,7 @@ def gguf_support(mv: ModelVersion) -> dict:
     note in the active language."""
     from django.utils.translation import gettext
 
-    from training.gguf_export import support  # plain Python: numpy only, no torch
-
-    notes = support(mv.config, mv.has_tokenizer)
+    notes = gguf_export.support(mv.config, mv.has_tokenizer)
     for n in notes.values():
         n["note"] = gettext(n["template"]) % n["params"] if n["template"] else ""
     return notes
