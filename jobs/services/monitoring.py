@@ -7,6 +7,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from ..models import DeviceSample, Job, MetricPoint, Node
+from .queue import live_jobs_by_device
 
 FINISHED = (Job.S.SUCCEEDED, Job.S.FAILED, Job.S.CANCELLED, Job.S.INTERRUPTED)
 
@@ -58,11 +59,7 @@ class PortalCollector:
         util = GaugeMetricFamily("minicloud_device_utilization_percent", "GPU utilisation (NVML)", labels=labels)
         used = GaugeMetricFamily("minicloud_device_memory_used_bytes", "GPU memory in use (NVML)", labels=labels)
         total = GaugeMetricFamily("minicloud_device_memory_total_bytes", "Device memory", labels=labels)
-        jobs: dict[tuple[str, int], list[int]] = {}
-        for node, devices, memory in Job.objects.filter(status__in=Job.LIVE).values_list(
-                "node", "devices", "memory_estimate"):
-            for i in devices or []:
-                jobs.setdefault((node, i), []).append(memory or 0)
+        jobs = live_jobs_by_device()
         cutoff = Node.heartbeat_cutoff()
         for node in Node.objects.filter(heartbeat_at__gte=cutoff):
             sample = DeviceSample.objects.filter(node=node.name).order_by("-time").first()

@@ -86,13 +86,21 @@ def device_state(node_name: str | None = None, slots: int | None = None,
             nodes[node_name] = scheduler.devices_from_inventory(node_name, row.devices if row else _local_devices())
     if not jobs:
         return nodes
-    index = {(d.node, d.index): d for devs in nodes.values() for d in devs}
+    placed = live_jobs_by_device()
+    for devs in nodes.values():
+        for d in devs:
+            d.jobs.extend(placed.get((d.node, d.index), []))
+    return nodes
+
+
+def live_jobs_by_device() -> dict[tuple[str, int], list[int]]:
+    """``{(node, device index): [memory estimate of each live job on it]}`` (0 for a job without an estimate)."""
+    out: dict[tuple[str, int], list[int]] = {}
     for node, devices, memory in Job.objects.filter(status__in=Job.LIVE).values_list(
             "node", "devices", "memory_estimate"):
         for i in devices or []:
-            if (node, i) in index:
-                index[(node, i)].jobs.append(memory or 0)
-    return nodes
+            out.setdefault((node, i), []).append(memory or 0)
+    return out
 
 
 def queue_plan(node_name: str | None = None, slots: int | None = None, nodes=None) -> list[scheduler.Decision]:
