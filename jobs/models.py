@@ -406,20 +406,25 @@ class Job(Shareable):
             return None
         return {**{k: self.slurm.get(k) for k in ("id", "state", "reason", "nodes", "start")}, "text": self.slurm_text}
 
+    # The JSON columns to_dict copies as they are stored (the API listing writes their stored text unparsed).
+    STORED_JSON = ("config", "resolved_config", "devices", "notify", "trackers")
+
+    def stored_json(self) -> dict:
+        return {name: getattr(self, name) for name in self.STORED_JSON}
+
     def to_dict(self):
         return {
             "id": self.pk, "name": self.name, "owner": self.owner.username, "stage": self.stage, **self.sharing_dict(),
             "dataset": self.dataset_id, "eval_dataset": self.eval_dataset_id, "base_model": self.base_model_id,
             "teacher_model": self.teacher_model_id,
             "tokenizer": self.tokenizer_id,
-            "config": self.config, "resolved_config": self.resolved_config, "priority": self.priority,
-            "gpus": self.gpus, "status": self.status, "node": self.node or None, "devices": self.devices,
+            **self.stored_json(), "priority": self.priority,
+            "gpus": self.gpus, "status": self.status, "node": self.node or None,
             "executor": self.executor or None, "slurm": self.slurm_info,
             "step": self.step, "total_steps": self.total_steps, "progress": round(self.progress, 4),
             "phase": self.phase or None, "phase_text": self.phase_text or None,
             "eta_s": self.eta_s, "error": self.error_text or None, "output_model": self.output_model_id,
-            "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes, "notify": self.notify,
-            "trackers": self.trackers,
+            "time_limit_s": self.time_limit_s, "auto_resumes": self.auto_resumes,
             "can_halve_batch": self.can_halve_batch,
             "memory_estimate": self.memory_estimate, "peak_memory": self.peak_memory,
             "created_at": self.created_at.isoformat(),

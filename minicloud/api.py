@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
-from django.http import JsonResponse
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import HttpResponse, JsonResponse
 from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 
@@ -27,6 +29,25 @@ class ApiError(Exception):
 
 def error(status: int, message: str, details=None) -> JsonResponse:
     return JsonResponse({"error": message, "details": details}, status=status)
+
+
+_DJANGO_JSON = DjangoJSONEncoder()
+
+
+def json_response(data, status: int = 200) -> HttpResponse:
+    """``data`` as a JSON response, encoded by orjson: a 200-job listing spent a quarter of its time in the standard
+    library's encoder. Text stays UTF-8 (not \\u-escaped), as ``JsonResponse(..., ensure_ascii=False)`` wrote it; what
+    orjson does not know (lazy translations, Decimal) and datetimes go through Django's own encoder, so every value
+    reads as before; ``orjson.Fragment`` values (stored JSON text, see ``jobs.selectors.jobs_listed``) are written as
+    they are. A value orjson cannot take at all (an integer beyond 64 bits) falls back to the standard encoder."""
+    import orjson
+
+    try:
+        body = orjson.dumps(data, default=_DJANGO_JSON.default,
+                            option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME)
+    except TypeError:  # orjson.JSONEncodeError
+        body = json.dumps(data, cls=DjangoJSONEncoder, ensure_ascii=False).encode()
+    return HttpResponse(body, status=status, content_type="application/json")
 
 
 def json_body(request) -> dict:
@@ -116,9 +137,9 @@ def endpoint(*methods, auth=True):
                 log.exception("API error in %s", view.__name__)
                 return error(500, _("internal error; the server log has the details"))
             if isinstance(result, tuple):
-                return JsonResponse(result[0], status=result[1], json_dumps_params={"ensure_ascii": False})
+                return json_response(result[0], status=result[1])
             if isinstance(result, dict):
-                return JsonResponse(result, json_dumps_params={"ensure_ascii": False})
+                return json_response(result)
             return result
 
         return inner

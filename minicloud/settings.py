@@ -114,7 +114,7 @@ if os.environ.get("DATABASE_URL"):
 else:
     DATABASES = {
         "default": {
-            "ENGINE": "django.db.backends.sqlite3",
+            "ENGINE": "minicloud.db",  # Django's SQLite backend, writers queued on a lock file (minicloud/db/base.py)
             "NAME": HOME / "minicloud.sqlite3",
             # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN so a read-then-write
             # transaction never fails on upgrade; 20 s busy timeout (docs/architecture.md, "Databases").
