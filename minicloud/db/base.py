@@ -3,8 +3,8 @@
 SQLite has one writer at a time. A connection that finds the database locked sleeps in SQLite's busy handler and
 tries again, after 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 and then 100 ms: a writer that has lost a few times naps
 for 50-100 ms while others take the lock in between. Ten people submitting jobs at once on two web processes
-measured 15 ms median but 850 ms p99 and 1.6 s worst waits for ``BEGIN IMMEDIATE`` (docs/performance.md, "Portal
-under bursts"), though the lock was held less than a quarter of the time.
+measured 15 ms median but 850 ms p99 and 1.6 s worst waits for ``BEGIN IMMEDIATE`` (docs/performance.md, "Second
+pass"), though the lock was held less than a quarter of the time.
 
 Here each write transaction (``BEGIN IMMEDIATE``, taken by ``transaction.atomic``) and each write statement outside
 one (an INSERT, UPDATE or DELETE in autocommit) first takes an exclusive ``flock`` on ``<database>-writer.lock``:
