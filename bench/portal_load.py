@@ -254,6 +254,7 @@ def burst(args):
             "mode": "burst", "submissions": len(submit), "errors": len(errors), "submitters": args.submitters,
             "database": "postgresql" if "DATABASE_URL" in node.env else "sqlite",
             "redis": "REDIS_URL" in node.env, "seconds": round(elapsed, 1), "cpu_job": still,
+            "cpu_job_nice": int(node.env.get("MINICLOUD_CPU_JOB_NICE", "10")),
             "submission_ms": {"p50": pct(submit, 50), "p99": pct(submit, 99), "max": pct(submit, 100)},
             "listing_ms": {"p50": pct(listing, 50), "p95": pct(listing, 95), "n": len(listing)}}))
     finally:

@@ -98,11 +98,16 @@ def engine_command(spec_path, n_devices: int) -> list[str]:
 
 
 def _device_env(node_name: str, devices: list[int]) -> dict:
-    """``engine_env`` with CUDA_VISIBLE_DEVICES for a child on ``node_name``'s ``devices`` (empty for CPU slots)."""
+    """``engine_env`` with CUDA_VISIBLE_DEVICES for a child on ``node_name``'s ``devices`` (empty for CPU slots).
+    A child on CPU slots also gets MINICLOUD_NICE (settings.CPU_JOB_NICE): it trains on the cores that serve the
+    portal, and a burst of requests must not wait behind its matmuls (training/__main__.py lowers its priority)."""
     node = Node.objects.filter(name=node_name).first()
     kinds = {d["index"]: d["kind"] for d in (node.devices if node else [])}
     cuda = devices and all(kinds.get(i) == "cuda" for i in devices)
-    return dict(engine_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
+    env = dict(engine_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
+    if not cuda and settings.CPU_JOB_NICE:
+        env["MINICLOUD_NICE"] = str(settings.CPU_JOB_NICE)
+    return env
 
 
 class FileLine(str):

@@ -235,6 +235,9 @@ JOB_POLL_S = 0.5
 QUOTA_CHECK_S = 30.0  # how often a supervisor checks its owner's weekly device-hours while the job runs
 # Single-process jobs on CPU slots fork from a warm engine that imported torch and transformers once (jobs/engine_process.py).
 WARM_START = envbool("MINICLOUD_WARM_START", "1")
+# The niceness of training processes on CPU slots (0 = the portal's own): they share the cores that answer requests,
+# and the scheduler gives the CPU to the requests first (docs/decisions.md, "CPU jobs yield to the portal").
+CPU_JOB_NICE = envint("MINICLOUD_CPU_JOB_NICE", 10)
 # Token caches of datasets (training/token_cache.py): shared by every job on the same data, counted against nobody's
 # quota, least recently used ones removed beyond this many GB (`manage.py data_cache` lists and clears them).
 DATA_CACHE_DIR = HOME / "cache" / "data"

@@ -55,7 +55,11 @@ def test_cancel_of_a_hung_training_process_kills_it(live):
 def test_killed_training_process_is_resumed_automatically(live):
     job = live.submit("kill-9", {**TINY, "max_steps": 60, "log_interval": 1, "save_interval": 10})
     live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 25, what="past a checkpoint")
-    for pid in training_processes(live.home, job["id"]):
+    pids = training_processes(live.home, job["id"])
+    # on CPU slots it trains at a lower priority than the portal's processes (settings.CPU_JOB_NICE, default 10)
+    assert pids and {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids} == {
+        min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)}
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
     done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
                          what="recovered")

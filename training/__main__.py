@@ -15,6 +15,9 @@ from pathlib import Path
 
 def cmd_run(args) -> int:
     from . import events
+
+    if os.environ.get("MINICLOUD_NICE", "0").strip() not in ("", "0"):  # a job on CPU slots: jobs/supervisor.py
+        os.nice(int(os.environ["MINICLOUD_NICE"]))
     from .spec import SpecError, gettext_noop, load_spec, model_config, parameter_count
 
     try:
