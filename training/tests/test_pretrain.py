@@ -84,7 +84,7 @@ def test_a_second_compiled_job_with_the_same_shapes_loads_its_graphs_from_the_sh
     cache = tmp_path / "compile-cache"
     first = {}
     for name in ("cold", "warm"):
-        path = make_spec(name, use_compile=True, max_steps=2)
+        path = make_spec(name, use_compile=True, max_steps=2, num_hidden_layers=1)  # one layer: less to compile
         path.write_text(json.dumps({**json.loads(path.read_text()), "compile_cache": str(cache)}))
         rc, events, other = run_engine(path, env={k: v for k, v in os.environ.items()
                                                   if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))})
@@ -103,7 +103,7 @@ def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_sp
     keys). The engine saves the model itself, so a compiled run's checkpoint resumes with or without compiling and
     its .pth loads strictly into Qwen3ForCausalLM."""
     rc, compiled, other = run_engine(make_spec("compiled", use_compile=True, max_steps=8, save_interval=4,
-                                               keep_checkpoints=3))
+                                               keep_checkpoints=3, num_hidden_layers=1))
     assert rc == 0, other
     assert any("torch.compile enabled" in e.get("message", "") for e in compiled)
     checkpoint = tmp_path / "compiled" / "checkpoints" / "step-0000004.pt"
@@ -111,7 +111,7 @@ def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_sp
     done = compiled[-1]
     Qwen3ForCausalLM(hf_config(done["model_config"])).load_state_dict(
         torch.load(done["model_path"], weights_only=True), strict=True)
-    spec_path = make_spec("eager", max_steps=8, save_interval=4)
+    spec_path = make_spec("eager", max_steps=8, save_interval=4, num_hidden_layers=1)
     (tmp_path / "eager" / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpoint, tmp_path / "eager" / "checkpoints" / "resume.pt")
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), "resume": True}))
