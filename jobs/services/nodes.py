@@ -10,14 +10,13 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 from django.utils.translation import gettext_noop
-from django_q.tasks import async_task
 
 from minicloud.errors import ServiceError
 from minicloud.processes import kill_group, pid_alive
 
 from ..models import DeviceSample, Job, Node, Setting
 from .lifecycle import finish_job, interrupt_job
-from .queue import _local_devices, node_queue
+from .queue import _local_devices, enqueue, node_queue
 
 
 def check_shared_storage() -> None:
@@ -59,8 +58,8 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
 
 def follow_slurm_job(job: Job) -> None:
     """Have one of this node's runners follow ``job``'s Slurm run from where the last supervisor stopped reading."""
-    async_task("jobs.tasks.follow_slurm_job", job.pk, job.generation, task_name="follow_slurm_job",
-               cluster=node_queue(job.node), q_options={"ack_failure": True})
+    enqueue("jobs.tasks.follow_slurm_job", job.pk, job.generation, queue=node_queue(job.node),
+            task_name="follow_slurm_job")
 
 
 def take_over_slurm_job(job_id: int, generation: int) -> Job | None:

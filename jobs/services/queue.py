@@ -45,7 +45,32 @@ def background_task(func: str, *args, task_name: str) -> None:
     """Queue background work (statistics, tokenizer training) on a live worker node: this one when it is one."""
     nodes = live_nodes()
     target = settings.NODE_NAME if settings.NODE_NAME in nodes or not nodes else nodes[0]
-    async_task(func, *args, task_name=task_name, cluster=node_queue(target), q_options={"ack_failure": True})
+    enqueue(func, *args, queue=node_queue(target), task_name=task_name)
+
+
+def enqueue(func: str, *args, queue: str, task_name: str, **q_options) -> None:
+    """django-q2's ``async_task`` of ``func(*args)`` on ``queue``, failures acked, through this process's broker."""
+    async_task(func, *args, task_name=task_name, cluster=queue,
+               q_options={"ack_failure": True, **q_options, **_broker(queue)})
+
+
+_brokers: dict[tuple[str, str], object] = {}
+
+
+def _broker(queue: str) -> dict:
+    """``async_task``'s broker option for ``queue``: with Redis, one broker per queue and process. django-q2 builds a
+    broker for every task it is not given one, and a Redis broker is a client with a connection pool of its own: a
+    new TCP connection to Redis for every submission's claim token (a quarter of a submission's time in a burst on
+    PostgreSQL + Redis, docs/performance.md). redis-py's clients are thread-safe and reset their pool in a forked
+    child. The database broker reads Django's connection of the calling thread at each use: nothing to keep."""
+    if not settings.REDIS_URL:
+        return {}
+    key = (queue, settings.REDIS_URL)
+    if key not in _brokers:
+        from django_q.brokers import get_broker
+
+        _brokers[key] = get_broker(queue)
+    return {"broker": _brokers[key]}
 
 
 def _local_devices():
@@ -222,7 +247,7 @@ def _kick_nodes(names) -> None:
         queue = node_queue(name)
         if not settings.REDIS_URL and _claim_token_waiting(queue):
             continue
-        async_task(CLAIM_TASK, task_name="run_next_job", cluster=queue, q_options={"ack_failure": True, "save": False})
+        enqueue(CLAIM_TASK, queue=queue, task_name="run_next_job", save=False)
 
 
 def build_spec(job: Job) -> dict:

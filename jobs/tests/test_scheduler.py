@@ -340,3 +340,27 @@ def test_a_full_node_claims_nothing_without_planning_the_queue(user, pretrain, s
 
     monkeypatch.setattr(queue, "queue_plan", no_plan)
     assert services.claim_next_job("gpu-box") is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claim_tokens_reuse_one_redis_connection(user, pretrain, monkeypatch):
+    """With Redis as the broker, django-q2 made a broker (a Redis client with a pool of its own) for every task it
+    was not given one: every submission's claim token opened a new TCP connection to Redis. One broker per queue and
+    process now, its pool reused."""
+    from django.conf import settings
+    from django_q.brokers import redis_broker
+
+    from jobs.services import queue
+
+    if not settings.REDIS_URL:
+        pytest.skip("the Redis broker: the PostgreSQL + Redis pass (.ci/run)")
+    gpu_node()
+    queue._brokers.clear()
+    clients = []
+    made = redis_broker.Redis.get_connection
+    monkeypatch.setattr(redis_broker.Redis, "get_connection", staticmethod(
+        lambda *a, **kw: clients.append(made(*a, **kw)) or clients[-1]))
+    for i in range(3):
+        services.submit_job(owner=user, name=f"j{i}", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    assert len(clients) == 1
+    assert clients[0].connection_pool._created_connections == 1

@@ -61,15 +61,14 @@ def test_slurms_exit_codes_and_times_read_as_subprocess_would_report_them():
 
 def test_a_restarted_portal_follows_its_slurm_runs_instead_of_interrupting_them(job, settings, monkeypatch):
     queued = []
-    monkeypatch.setattr("jobs.services.nodes.async_task", lambda *a, **kw: queued.append((a, kw)))
+    monkeypatch.setattr("jobs.services.nodes.enqueue", lambda *a, **kw: queued.append((a, kw)))
     Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING, node=settings.NODE_NAME, executor="slurm",
                                          slurm={"id": "77", "token": "t" * 32, "read": 120}, generation=3)
     assert services.reconcile_node(settings.NODE_NAME, starting=True) == []
     job.refresh_from_db()
     assert job.status == Job.Status.RUNNING
     assert queued == [(("jobs.tasks.follow_slurm_job", job.pk, 3), {
-        "task_name": "follow_slurm_job", "cluster": services.node_queue(settings.NODE_NAME),
-        "q_options": {"ack_failure": True}})]
+        "task_name": "follow_slurm_job", "queue": services.node_queue(settings.NODE_NAME)})]
     taken = services.take_over_slurm_job(job.pk, 3)
     assert taken.generation == 4  # any supervisor still following it is fenced out
     assert services.take_over_slurm_job(job.pk, 3) is None  # a duplicate token finds nothing
