@@ -15,10 +15,10 @@ from pathlib import Path
 
 def cmd_run(args) -> int:
     from . import events
-
-    if os.environ.get("MINICLOUD_NICE", "0").strip() not in ("", "0"):  # a job on CPU slots: jobs/supervisor.py
-        os.nice(int(os.environ["MINICLOUD_NICE"]))
     from .spec import SpecError, gettext_noop, load_spec, model_config, parameter_count
+
+    if nice := int(os.environ.get("MINICLOUD_NICE") or 0):  # a job on CPU slots: jobs/supervisor.py
+        os.nice(nice)
 
     try:
         spec = load_spec(args.spec)
