@@ -2,10 +2,16 @@
 import gc
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "minicloud.settings")
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)  # as django.core.asgi.get_asgi_application does
+
+from django.conf import settings  # noqa: E402
+from minicloud.handler import WebHandler  # noqa: E402  (needs the app registry)
+
+# Django's ASGI handler with its request threads kept, one crossing to them, one request at a time (its docstring)
+django_asgi_app = WebHandler(running=settings.WEB_REQUESTS, long_after_s=settings.WEB_LONG_REQUEST_MS / 1000)
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app registry)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
@@ -29,6 +35,9 @@ def _warm_up() -> None:
     from django.utils import translation
 
     get_resolver().reverse_dict
+    if settings.REDIS_URL:  # the job broker's and the channel layer's clients (a first submission paid 0.3 s)
+        import channels_redis.core  # noqa: F401
+        import django_q.brokers.redis_broker  # noqa: F401
     for code, _ in settings.LANGUAGES:
         with translation.override(code):
             translation.gettext("Dashboard")

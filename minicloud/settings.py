@@ -29,10 +29,14 @@ NODE_QUEUE = f"{INSTANCE}.{NODE_NAME}"
 # A worker node writes a heartbeat every NODE_HEARTBEAT_S; the devices page shows one silent for NODE_TIMEOUT_S as
 # down (a job that spans machines, or moves when one fails, is Slurm's: MINICLOUD_EXECUTOR=slurm).
 NODE_HEARTBEAT_S = float(os.environ.get("MINICLOUD_HEARTBEAT_S", "10"))
-# daphne processes of a web node (they share one listening socket; each renders pages on its own core). SQLite in WAL
-# mode lets them read side by side (writes take turns): 2 there on a machine of 2+ cores, 2-4 on PostgreSQL.
-WEB_PROCESSES = envint("MINICLOUD_WEB_PROCESSES", min(2, os.cpu_count() or 1) if not os.environ.get("DATABASE_URL")
-                       else min(4, max(2, os.cpu_count() or 1)))
+# daphne processes of a web node (they share one listening socket; each renders pages on its own core). Each runs
+# WEB_REQUESTS requests at a time (Python runs one thread at a time: more in flight only makes each slower and
+# stretches SQLite's write lock; on PostgreSQL a request waits on the server for most of its time, which a second one
+# uses); a request that has run WEB_LONG_REQUEST_MS gives its turn to the next (minicloud/handler.py). One process
+# more than the cores, up to 4, so a core is not idle while a process waits on the database (docs/performance.md).
+WEB_PROCESSES = envint("MINICLOUD_WEB_PROCESSES", min(4, (os.cpu_count() or 1) + 1))
+WEB_REQUESTS = envint("MINICLOUD_WEB_REQUESTS", 2 if os.environ.get("DATABASE_URL") else 1)
+WEB_LONG_REQUEST_MS = envint("MINICLOUD_WEB_LONG_REQUEST_MS", 100)
 NODE_TIMEOUT_S = float(os.environ.get("MINICLOUD_NODE_TIMEOUT_S", "90"))
 
 # A per-install key kept under MINICLOUD_HOME (so sessions survive restarts without a committed secret), unless given.
@@ -126,6 +130,10 @@ else:
             "TEST": {"NAME": HOME / "test.sqlite3"},
         }
     }
+    if envbool("MINICLOUD_DB_POOL"):
+        # serve's web processes keep their request threads (minicloud/handler.py), and each thread its connection,
+        # checked before each request: no new SQLite connection per request. The job workers keep Django's default.
+        DATABASES["default"].update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
