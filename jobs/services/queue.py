@@ -35,10 +35,11 @@ def live_nodes() -> list[str]:
     return list(Node.live().order_by("-heartbeat_at").values_list("name", flat=True))
 
 
-def kick_queue() -> None:
+def kick_queue(nodes: list[str] | None = None) -> None:
     """Ask every live node's runner to claim what the scheduler places on it (tokens, not jobs: duplicates or stale
-    tokens do nothing)."""
-    _kick_nodes(live_nodes() or [settings.NODE_NAME])
+    tokens do nothing). ``nodes``: the live nodes, when the caller has just read them (a submission has: one query
+    fewer, one round trip fewer to PostgreSQL)."""
+    _kick_nodes(nodes or live_nodes() or [settings.NODE_NAME])
 
 
 def background_task(func: str, *args, task_name: str) -> None:

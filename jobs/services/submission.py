@@ -2,6 +2,8 @@
 templates."""
 from __future__ import annotations
 
+from functools import partial
+
 from django.conf import settings
 from django.db import transaction
 from django.utils.translation import gettext as _
@@ -64,7 +66,8 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
                 notify=None, trackers=None) -> dict:
     """Validate a job request; returns the Job fields. Raises ServiceError naming the first bad field.
 
-    ``estimate``, when given, receives the memory estimate (bytes and parts) and whether the devices are GPUs."""
+    ``estimate``, when given, receives the memory estimate (bytes and parts), whether the devices are GPUs and the
+    nodes that could run the job (the live ones, else this one)."""
     name = clean_name(name, 200)
     if config is not None and not isinstance(config, dict):
         raise ServiceError(_("config: a JSON object of MiniMind argument names and values"), field="config")
@@ -134,7 +137,7 @@ def prepare_job(*, owner, name: str, stage: str, dataset, config: dict | None = 
     nodes, cuda, memory_parts = _memory_need(stage, resolved, teacher)
     memory = memory_parts["bytes"]
     if estimate is not None:
-        estimate.update(memory=memory_parts, cuda=cuda)
+        estimate.update(memory=memory_parts, cuda=cuda, nodes=list(nodes))
     # under the Slurm executor the cluster's nodes are Slurm's to know: sbatch refuses what none of them could run
     why = None if settings.EXECUTOR == "slurm" else scheduler.never_fits(nodes, gpus, memory)
     if why:
@@ -220,16 +223,18 @@ def submit_job(*, http_request=None, audit_detail: dict | None = None, **request
     per submission made ten people submitting at once wait 1-2 s (docs/performance.md)."""
     from accounts.services import audit
 
-    fields = prepare_job(**request)
+    checked = {}
+    fields = prepare_job(**request, estimate=checked)
+    kick = partial(kick_queue, checked["nodes"])  # the nodes prepare_job read, not read again
     with transaction.atomic():
         job = Job.objects.create(**fields)
         record_event(job, "submitted", fields["owner"].username)
         if http_request is not None:
             audit(fields["owner"], "submit", job, request=http_request, **(audit_detail or {}))
         if settings.REDIS_URL:
-            transaction.on_commit(kick_queue)
+            transaction.on_commit(kick)
         else:
-            kick_queue()
+            kick()
     return job
 
 

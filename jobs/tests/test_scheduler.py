@@ -326,6 +326,20 @@ def test_submissions_leave_one_waiting_claim_token_not_one_each(user, pretrain, 
     assert sum(row.task.get("func") == CLAIM_TASK for row in OrmQ.objects.all()) == 2
 
 
+@pytest.mark.django_db(transaction=True)  # with Redis the claim token is sent on commit: counted too
+def test_a_submission_reads_the_live_nodes_once(user, pretrain):
+    """The nodes that could run the job (its memory check) are the nodes its claim token goes to: one read, not
+    one for each (each query is a round trip to PostgreSQL, and a burst's submissions wait on them)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    gpu_node()
+    with CaptureQueriesContext(connection) as queries:
+        services.submit_job(owner=user, name="once", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    node_reads = [q["sql"] for q in queries.captured_queries if 'FROM "jobs_node"' in q["sql"]]
+    assert len(node_reads) == 1, node_reads
+
+
 def test_a_full_node_claims_nothing_without_planning_the_queue(user, pretrain, settings, monkeypatch):
     from jobs.services import queue
 
