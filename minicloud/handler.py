@@ -21,8 +21,9 @@ the web processes most of their time beside the views themselves:
   in flight in one process finish no sooner in all than one after another, but each takes ten times as long -- and a
   request holding SQLite's one writer lock held it for 6-8 ms instead of 1.5, while every writer of every process
   waited behind it. Here a process runs one request at a time (``running``), the others waiting their turn on the
-  event loop in arrival order, as a WSGI server's synchronous worker does. Unlike such a worker, a request that has run
-  for ``long_after_s`` no longer holds its turn: a large download, a slow client or a long view never holds up the
+  event loop in arrival order, as a WSGI server's synchronous worker does. A turn covers the middleware chain and the
+  view, not the reading of the request's body nor the sending of its response (a slow client holds none), and unlike
+  such a worker, a request that has run for ``long_after_s`` no longer holds its turn: a long view never holds up the
   requests behind it for more than that. ``settings.WEB_PROCESSES`` runs one process more than the cores, so a core
   is not left idle while one process's request waits for the database.
 
@@ -33,6 +34,7 @@ database connections and ends.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async
@@ -88,7 +90,7 @@ class _Turn:
             self.held = False
             self.slots.release()
 
-    def end(self) -> None:
+    def end(self) -> None:  # once or more
         self.timer.cancel()
         self.give_back()
 
@@ -105,13 +107,13 @@ class WebHandler(ASGIHandler):
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
-        turn = await self.turns.take()
         thread = self.idle.pop() if self.idle else RequestThread()
+        _turn.set(None)
         try:
             async with ThreadSensitiveContext(executor=thread):
                 await self.handle(scope, receive, send)
         finally:
-            turn.end()
+            _end_turn()  # a request refused before its view (a bad request) ends its turn here
             self._done_with(thread)
 
     def _done_with(self, thread: RequestThread) -> None:
@@ -122,11 +124,33 @@ class WebHandler(ASGIHandler):
             thread.submit(connections.close_all)
             thread.shutdown(wait=False)
 
+    async def read_body(self, receive):
+        """The request's body, then its turn: what follows (the request's signals and object, the middleware chain
+        and the view) runs in the turn, up to ``get_response_async``'s end."""
+        body = await super().read_body(receive)
+        _turn.set(await self.turns.take())
+        return body
+
     async def get_response_async(self, request):
-        """A synchronous view's request crosses to its thread once, for the middleware chain and the view."""
-        if _async_view(request.path_info):
-            return await super().get_response_async(request)
-        return await sync_to_async(self.sync_handler.get_response, thread_sensitive=True)(request)
+        """A synchronous view's request crosses to its thread once, for the middleware chain and the view; the turn
+        ends with them (the response is sent after it)."""
+        try:
+            if _async_view(request.path_info):
+                return await super().get_response_async(request)
+            return await sync_to_async(self.sync_handler.get_response, thread_sensitive=True)(request)
+        finally:
+            _end_turn()
+
+
+# The request's turn, taken once its body is read and ended when its view returns (the view runs in a task of its own,
+# which copies this context).
+_turn: contextvars.ContextVar[_Turn | None] = contextvars.ContextVar("turn", default=None)
+
+
+def _end_turn() -> None:
+    turn = _turn.get()
+    if turn is not None:
+        turn.end()
 
 
 def _async_view(path: str) -> bool:

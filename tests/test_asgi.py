@@ -7,7 +7,7 @@ import time
 
 import pytest
 from asgiref import sync
-from channels.testing import HttpCommunicator
+from channels.testing import ApplicationCommunicator, HttpCommunicator
 from django.core.signals import request_finished
 from django.db import connections
 from django.db.backends.signals import connection_created
@@ -94,6 +94,23 @@ async def test_a_process_runs_one_request_at_a_time_until_it_runs_long():
     after.end()
     long.end()  # ending late gives nothing back twice
     assert turns.slots._value == 1
+
+
+@pytest.mark.asyncio
+async def test_a_slow_clients_body_holds_no_turn():
+    """A turn is for running the request's Python: while a client is still sending its body, the process's one turn
+    serves the requests that are ready."""
+    handler = WebHandler(running=1, long_after_s=30)
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/auth/token", "raw_path": b"/api/v1/auth/token",
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "scheme": "http", "asgi": {"version": "3.0"}}
+    slow = ApplicationCommunicator(handler, scope)
+    await slow.send_input({"type": "http.request", "body": b'{"username": "nobody", ', "more_body": True})
+    quick = HttpCommunicator(handler, "GET", "/api/v1/health", headers=[(b"host", b"127.0.0.1")])
+    assert (await quick.get_response(timeout=10))["status"] == 200
+    await slow.send_input({"type": "http.request", "body": b'"password": "wrong"}'})
+    assert (await slow.receive_output(timeout=10))["status"] == 401
+    await slow.wait(timeout=10)
 
 
 def test_a_thread_still_running_a_view_is_not_given_to_the_next_request():
