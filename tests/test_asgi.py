@@ -87,7 +87,7 @@ async def test_a_process_runs_one_request_at_a_time_until_it_runs_long():
     (await second).end()
     assert time.monotonic() - started < 0.15  # as soon as the first ended
 
-    long = await turns.take()  # never ended: a large download, a slow client
+    long = await turns.take()  # not ended yet: a long view
     started = time.monotonic()
     after = await asyncio.wait_for(turns.take(), timeout=2)
     assert 0.15 < time.monotonic() - started < 1.0  # it gave its turn back after long_after_s
