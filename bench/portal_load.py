@@ -126,6 +126,8 @@ def main():
     p.add_argument("--burst", type=int, metavar="N", help="burst mode: N submissions in all from --submitters "
                    "concurrent submitters (closed loop), each also listing its jobs, while one CPU job trains")
     p.add_argument("--submitters", type=int, default=10)
+    p.add_argument("--accounts", choices=("admin", "class"), default="admin",
+                   help="burst mode: every submitter as the admin, or each as a member of a class with quotas")
     args = p.parse_args()
     if args.burst:
         return burst(args)
@@ -258,24 +260,25 @@ def burst(args):
         node.wait_for(long["id"], lambda j: j["status"] == "running" and j["step"] > 0, timeout=120,
                       what="the CPU job to train")
         body = {"stage": "pretrain", "dataset": ds["id"], "config": {**TINY, "max_steps": 1}}
+        tokens = class_accounts(node, args.submitters) if args.accounts == "class" else [node.token] * args.submitters
         submit, listing, errors = [], [], []
         lock = threading.Lock()
         count = iter(range(args.burst))
 
-        def submitter():
+        def submitter(token):
             for n in count:
                 t = time.perf_counter()
-                status, _ = node.request("POST", "/api/v1/jobs", {**body, "name": f"burst-{n}"}, raw=True)
+                status, _ = node.request("POST", "/api/v1/jobs", {**body, "name": f"burst-{n}"}, raw=True, token=token)
                 dt = time.perf_counter() - t
                 t = time.perf_counter()
-                lstatus, _ = node.request("GET", "/api/v1/jobs", raw=True)
+                lstatus, _ = node.request("GET", "/api/v1/jobs", raw=True, token=token)
                 lt = time.perf_counter() - t
                 with lock:
                     (submit if status == 201 else errors).append(dt)
                     if lstatus == 200:
                         listing.append(lt)
 
-        threads = [threading.Thread(target=submitter) for _ in range(args.submitters)]
+        threads = [threading.Thread(target=submitter, args=(token,)) for token in tokens]
         cpu_before, client_before = process_cpu(node.proc.pid), time.process_time()
         start = time.time()
         for t in threads:
@@ -288,6 +291,7 @@ def burst(args):
         still = node.job(long["id"])["status"]
         print(json.dumps({
             "mode": "burst", "submissions": len(submit), "errors": len(errors), "submitters": args.submitters,
+            "accounts": args.accounts,
             "database": "postgresql" if "DATABASE_URL" in node.env else "sqlite",
             "redis": "REDIS_URL" in node.env, "seconds": round(elapsed, 1), "cpu_job": still,
             "cpu_job_nice": int(node.env.get("MINICLOUD_CPU_JOB_NICE", "10")), "cpu_seconds": cpu,
@@ -296,6 +300,34 @@ def burst(args):
     finally:
         node.stop()
         node.drop_database()
+
+
+def class_accounts(node, n) -> list[str]:
+    """``n`` members of a class (a group whose admin quota limits storage, queued and running jobs, devices per job,
+    hours per job and device-hours per week, none of them reached by the burst): their API tokens. Each submission
+    then checks the member's quotas and each listing reads what the member may see, as a class's would."""
+    os.environ.update({k: v for k, v in node.env.items() if k in ("MINICLOUD_HOME", "DATABASE_URL", "REDIS_URL",
+                                                                  "MINICLOUD_INSTANCE")})
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "minicloud.settings")
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+    from django.db import connections
+
+    from accounts.models import ApiToken, Quota
+
+    group = Group.objects.create(name="burst-class")
+    Quota.objects.create(group=group, max_running_jobs=2, max_queued_jobs=10000, max_gpus_per_job=1,
+                         device_hours_per_week=1000, max_job_hours=24, storage_gb=100)
+    tokens = []
+    for i in range(n):
+        member = get_user_model().objects.create_user(f"student{i}", password="burst-password")
+        member.groups.add(group)
+        tokens.append(ApiToken.issue(member, "burst")[1])
+    connections.close_all()
+    return tokens
 
 
 def live_latency(node, job, samples, MetricPoint, pause, deadline, delays):

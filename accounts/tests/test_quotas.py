@@ -46,6 +46,34 @@ def test_a_users_own_quota_wins_then_the_most_generous_group(user, django_user_m
     assert effective_quota(admin)["max_running_jobs"] is None  # admins are not limited
 
 
+
+def test_one_users_quota_is_two_queries_and_many_users_three(user, other_user, django_user_model):
+    """A submission checks its owner's quota: their groups are a subquery of the quota and limit reads, not a read of
+    its own (a round trip to PostgreSQL each); the scheduler's pass over many owners reads their groups once."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from accounts.models import GroupLimit
+    from accounts.services import effective_quotas
+
+    course, project, elsewhere = (Group.objects.create(name=n) for n in ("course", "project", "elsewhere"))
+    user.groups.add(course, project)
+    other_user.groups.add(elsewhere)
+    Quota.objects.create(group=course, max_running_jobs=1, storage_gb=5)
+    Quota.objects.create(group=project, max_running_jobs=3, storage_gb=None)
+    Quota.objects.create(group=elsewhere, max_running_jobs=9)
+    GroupLimit.objects.create(group=course, max_queued_jobs=4)
+    GroupLimit.objects.create(group=elsewhere, max_queued_jobs=1)
+    Quota.objects.create(user=other_user, max_running_jobs=2)
+    with CaptureQueriesContext(connection) as queries:
+        mine = effective_quota(user)
+    assert len(queries.captured_queries) == 2
+    assert (mine["max_running_jobs"], mine["storage_gb"], mine["max_queued_jobs"]) == (3, None, 4)
+    with CaptureQueriesContext(connection) as queries:
+        both = effective_quotas([user, other_user])
+    assert len(queries.captured_queries) == 3 and both[user.pk] == mine
+    assert (both[other_user.pk]["max_running_jobs"], both[other_user.pk]["max_queued_jobs"]) == (2, 1)
+
 def test_submission_refuses_what_the_quota_forbids(user, demo):
     Quota.objects.create(user=user, max_gpus_per_job=1, max_queued_jobs=2, max_job_hours=0.5)
     first = submit(user, demo)

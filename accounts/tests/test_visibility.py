@@ -183,3 +183,23 @@ def test_the_access_layer_answers_every_entry_point_alike(world):
     assert isinstance(refused.value, PermissionDenied) and refused.value.status == 403
     assert manageable(Job, users["alice"], job.pk) == job and may_manage(users["root"], job)
     assert not may_manage(users["dave"], job)  # an instructor reads their members' jobs but does not act on them
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "carol", "dave"])
+def test_what_a_member_may_read_is_one_query_with_no_distinct(world, who):
+    """A member's groups and the members of the groups they instruct are subqueries of the one read, not reads of
+    their own: each read is a round trip to PostgreSQL, which a burst of requests waits on (docs/performance.md)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    other = Job.objects.create(owner=world["users"]["bob"], name="bob-job", stage="pretrain",
+                               dataset=world["jobs"]["public"].dataset, tokenizer=world["jobs"]["public"].tokenizer,
+                               shared_with=world["course"])
+    world["users"]["dave"].groups.add(world["course"])  # an instructor who is also a member: no row twice
+    with CaptureQueriesContext(connection) as queries:
+        names = sorted(Job.objects.visible_to(world["users"][who]).values_list("name", flat=True))
+    assert len(queries.captured_queries) == 1 and "DISTINCT" not in queries.captured_queries[0]["sql"]
+    expected = {"alice": ["bob-job", "job-group", "job-private", "job-public"], "bob": ["bob-job", "job-public"],
+                "carol": ["bob-job", "job-group", "job-public"],
+                "dave": ["bob-job", "job-group", "job-private", "job-public"]}[who]
+    assert names == expected
