@@ -260,6 +260,9 @@ class Job(Shareable):
     auto_resumes = models.PositiveSmallIntegerField(default=0)  # automatic resumes after crashes so far
     memory_estimate = models.BigIntegerField(null=True, blank=True)  # bytes per device (training.estimate)
     peak_memory = models.BigIntegerField(null=True, blank=True)  # bytes, the run's real peak (CUDA only)
+    # Bytes in the run folder, measured when the job ended (null while it may still change): the storage quota
+    # adds these up instead of walking every finished job's folder at each submission (stored_bytes).
+    disk_bytes = models.BigIntegerField(null=True, blank=True, editable=False)
     error = models.TextField(blank=True)
     error_params = models.JSONField(null=True, blank=True)  # the portal's own errors: error is their English template
     output_model = models.ForeignKey("models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
@@ -280,8 +283,12 @@ class Job(Shareable):
 
     @classmethod
     def stored_bytes(cls, user) -> int:
-        """The run folders: checkpoints and trained weights (a trained model's files live there)."""
-        return sum(disk_usage(job.run_dir) for job in cls.objects.filter(owner=user).only("pk"))
+        """The run folders: checkpoints and trained weights (a trained model's files live there). A finished job's
+        folder counts what was measured when it ended; only the others' folders (queued, running, paused: a few)
+        are walked, so a submission's storage check does not walk hundreds of finished runs (on shared storage, a
+        stat per file over the network)."""
+        return sum(disk_usage(cls.folder(pk)) if size is None else size
+                   for pk, size in cls.objects.filter(owner=user).order_by().values_list("pk", "disk_bytes"))
 
     def __str__(self):
         return f"#{self.pk} {self.name}"
@@ -302,6 +309,9 @@ class Job(Shareable):
         sources = [s for s, targets in self.TRANSITIONS.items() if to in targets]
         if to in self.FINAL:
             fields.setdefault("finished_at", timezone.now())
+        # the run folder's size once the job has ended (its process has exited): measured here, outside the write
+        # transaction; unknown again when it leaves (a retry)
+        fields.setdefault("disk_bytes", disk_usage(self.run_dir) if to in self.FINAL else None)
         now = timezone.now()
         ends_run = to not in self.LIVE
         with transaction.atomic():
@@ -342,7 +352,12 @@ class Job(Shareable):
 
     @property
     def run_dir(self):
-        return settings.HOME / "runs" / f"job-{self.pk}"
+        return self.folder(self.pk)
+
+    @staticmethod
+    def folder(pk):
+        """The run folder of job ``pk``."""
+        return settings.HOME / "runs" / f"job-{pk}"
 
     @property
     def error_text(self) -> str:

@@ -108,9 +108,12 @@ TEMPLATES = [
 ]
 ASGI_APPLICATION = "minicloud.asgi.application"
 
+# Set by `serve` for its web processes (minicloud/handler.py), not for the job workers, which django-q2 forks: how
+# they keep database connections.
+WEB_PROCESS = envbool("MINICLOUD_WEB_PROCESS")
 if os.environ.get("DATABASE_URL"):
     DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=0)}
-    if envbool("MINICLOUD_DB_POOL"):
+    if WEB_PROCESS:
         # serve's web processes: a pool of open connections (Django's psycopg pool) instead of a new connection per
         # request. Not in the job workers, which django-q2 forks (a forked pool would share sockets).
         DATABASES["default"]["OPTIONS"] = {**DATABASES["default"].get("OPTIONS", {}),
@@ -130,7 +133,7 @@ else:
             "TEST": {"NAME": HOME / "test.sqlite3"},
         }
     }
-    if envbool("MINICLOUD_DB_POOL"):
+    if WEB_PROCESS:
         # serve's web processes keep their request threads (minicloud/handler.py), and each thread its connection,
         # checked before each request: no new SQLite connection per request. The job workers keep Django's default.
         DATABASES["default"].update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True)

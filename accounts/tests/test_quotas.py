@@ -211,6 +211,30 @@ def test_storage_quota_counts_datasets_runs_and_imported_models(user, demo):
         submit(user, demo)
 
 
+
+def test_a_finished_jobs_folder_is_measured_once_not_at_each_storage_check(user, demo, monkeypatch):
+    """The storage check of every submission walked the run folder of every job the user ever ran (a stat per file,
+    over the network on shared storage): a finished job's size is measured when it ends and read from then on."""
+    import jobs.models
+    from accounts.services import storage_used
+
+    jobs_ = [submit(user, demo, name=f"j{i}") for i in range(3)]
+    for i, job in enumerate(jobs_):
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "model.pth").write_bytes(b"x" * (1000 * (i + 1)))
+    Job.objects.filter(pk__in=[jobs_[0].pk, jobs_[1].pk]).update(status="running")
+    jobs_[0].refresh_from_db()
+    jobs_[1].refresh_from_db()
+    assert jobs_[0].transition(Job.Status.SUCCEEDED) and jobs_[1].transition(Job.Status.FAILED)
+    assert [j.disk_bytes for j in jobs_[:2]] == [1000, 2000]
+    walked = []
+    real = jobs.models.disk_usage
+    monkeypatch.setattr(jobs.models, "disk_usage", lambda path: walked.append(path) or real(path))
+    assert storage_used(user) == 6000
+    assert walked == [jobs_[2].run_dir]  # only the queued job's folder, which may still change
+    assert jobs_[1].transition(Job.Status.QUEUED)  # a retry: its folder will change again
+    assert jobs_[1].disk_bytes is None
+
 def test_storage_quota_refuses_uploads_imports_and_merges_that_would_pass_it(user, demo, tmp_path):
     from django.core.files.uploadedfile import SimpleUploadedFile
 

@@ -92,7 +92,7 @@ class Command(BaseCommand):
                 self.children[f"web{n or ''}"] = subprocess.Popen(
                     [py, "-m", "daphne", "--fd", str(listener.fileno()), "minicloud.asgi:application"],
                     cwd=settings.BASE_DIR, start_new_session=True, pass_fds=(listener.fileno(),),
-                    env={**os.environ, "MINICLOUD_DB_POOL": "1",  # web processes keep PostgreSQL connections
+                    env={**os.environ, "MINICLOUD_WEB_PROCESS": "1",  # keeps its database connections
                          "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
                     preexec_fn=die_with_parent(signal.SIGTERM))
             listener.close()  # the children hold it
