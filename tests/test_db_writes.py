@@ -86,3 +86,15 @@ def test_inside_a_transaction_it_is_a_savepoint_of_it(user):
         except RuntimeError:
             pass
     assert Job.objects.filter(pk=job.pk).exists() and not JobEvent.objects.filter(job=job).exists()
+
+
+def test_without_pipeline_support_it_is_a_plain_transaction(user, monkeypatch):
+    """A libpq older than 14 has no pipeline mode: the same rows, in Django's own transaction."""
+    from minicloud.db import writes
+
+    monkeypatch.setattr(writes, "_has_pipeline", lambda: False)
+    job = new_job(user)
+    with together():
+        job.save()
+        add(JobEvent(job=job, kind="submitted"))
+    assert JobEvent.objects.filter(job=job).count() == 1

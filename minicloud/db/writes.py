@@ -26,10 +26,10 @@ def together(using: str = DEFAULT_DB_ALIAS):
     pipeline to drain); psycopg still waits for its BEGIN. An error of a pipelined statement is raised when its
     answer arrives, at the latest as the block ends, and rolls the transaction back as in ``atomic()``; Django's own
     COMMIT then finds the transaction committed and sends nothing, and ``on_commit`` callbacks run as usual. Nested
-    in another transaction, or on SQLite, it is ``atomic()``."""
+    in another transaction, on SQLite, or with a libpq older than 14, it is ``atomic()``."""
     conn = connections[using]
     with transaction.atomic(using=using):
-        if conn.vendor != "postgresql" or len(conn.atomic_blocks) > 1:
+        if conn.vendor != "postgresql" or len(conn.atomic_blocks) > 1 or not _has_pipeline():
             yield
             return
         with conn.wrap_database_errors, conn.connection.pipeline():  # an error arriving late is Django's too
@@ -37,6 +37,13 @@ def together(using: str = DEFAULT_DB_ALIAS):
             if not conn.needs_rollback:
                 with conn.cursor() as cursor:
                     cursor.execute("COMMIT")
+
+
+def _has_pipeline() -> bool:
+    """libpq 14 or later (psycopg's binary wheel brings its own; a system libpq may be older)."""
+    import psycopg
+
+    return psycopg.capabilities.has_pipeline()
 
 
 def add(obj, using: str = DEFAULT_DB_ALIAS) -> None:
