@@ -287,8 +287,13 @@ class Job(Shareable):
         folder counts what was measured when it ended; only the others' folders (queued, running, paused: a few)
         are walked, so a submission's storage check does not walk hundreds of finished runs (on shared storage, a
         stat per file over the network)."""
-        return sum(disk_usage(cls.folder(pk)) if size is None else size
+        return sum(cls.folder_bytes(pk, size)
                    for pk, size in cls.objects.filter(owner=user).order_by().values_list("pk", "disk_bytes"))
+
+    @classmethod
+    def folder_bytes(cls, pk, disk_bytes=None) -> int:
+        """Bytes in job ``pk``'s run folder: as measured when the job ended (``disk_bytes``), else walked now."""
+        return disk_usage(cls.folder(pk)) if disk_bytes is None else disk_bytes
 
     def __str__(self):
         return f"#{self.pk} {self.name}"

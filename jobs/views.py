@@ -12,7 +12,6 @@ from django.views.decorators.http import require_POST
 from accounts.access import check_manage, may_manage, readable
 from accounts.services import audit, share_context
 from minicloud.errors import id_or_none, int_or_none
-from minicloud.files import disk_usage
 from models_registry.models import Tokenizer
 from training import spec as tspec
 
@@ -150,7 +149,7 @@ def job_detail(request, job_id):
         "events": selectors.job_events(job.pk),  # worded as the live updates word it
         "queue": _queue_info(job),
         "status_labels": {value: str(label) for value, label in Job.Status.choices},
-        "disk_bytes": disk_usage(job.run_dir), "starts": selectors.run_starts(job),
+        "disk_bytes": Job.folder_bytes(job.pk, job.disk_bytes), "starts": selectors.run_starts(job),
         "memory_error": f"{job.memory_error:+.0%}" if job.memory_error is not None else "",
         **share_context(request.user, job),
         "actions": [(name, label, states, " ".join(states)) for name, label, states in JOB_ACTIONS],

@@ -212,7 +212,7 @@ def test_storage_quota_counts_datasets_runs_and_imported_models(user, demo):
 
 
 
-def test_a_finished_jobs_folder_is_measured_once_not_at_each_storage_check(user, demo, monkeypatch):
+def test_a_finished_jobs_folder_is_measured_once_not_at_each_storage_check(client, user, demo, monkeypatch):
     """The storage check of every submission walked the run folder of every job the user ever ran (a stat per file,
     over the network on shared storage): a finished job's size is measured when it ends and read from then on."""
     import jobs.models
@@ -232,6 +232,9 @@ def test_a_finished_jobs_folder_is_measured_once_not_at_each_storage_check(user,
     monkeypatch.setattr(jobs.models, "disk_usage", lambda path: walked.append(path) or real(path))
     assert storage_used(user) == 6000
     assert walked == [jobs_[2].run_dir]  # only the queued job's folder, which may still change
+    client.force_login(user)
+    page = client.get(f"/jobs/{jobs_[1].pk}/")
+    assert page.status_code == 200 and page.context["disk_bytes"] == 2000 and len(walked) == 1  # its page too
     assert jobs_[1].transition(Job.Status.QUEUED)  # a retry: its folder will change again
     assert jobs_[1].disk_bytes is None
 
