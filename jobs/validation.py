@@ -117,7 +117,7 @@ def validate_file(path, kind: str, progress=None) -> Report:
     except UnicodeDecodeError as exc:
         report.error(report.lines + 1, _("not UTF-8 text (%(reason)s)") % {"reason": exc.reason})
     except DataTooLarge as exc:
-        report.error(report.lines + 1, str(exc).partition(": ")[2])
+        report.error(report.lines + 1, message(exc.problem, _))
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         report.error(report.lines + 1, _("unreadable file (%(exc)s)") % {"exc": exc})
     if report.records == 0 and report.ok:

@@ -137,6 +137,20 @@ def test_a_gzip_bomb_is_refused_without_unpacking_it(client, user, tmp_path):
     assert "longer than" in json.dumps(r.json())
 
 
+
+def test_a_line_over_the_bound_is_refused_in_the_callers_language(client, user, monkeypatch):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from training import records
+
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 1000)
+    body = b'{"text": "ok"}\n{"text": "' + b"x" * 2000 + b'"}\n'
+    r = client.post("/api/v1/datasets", {"name": "long", "kind": "pretrain",
+                                         "file": SimpleUploadedFile("long.jsonl", body)},
+                    HTTP_ACCEPT_LANGUAGE="zh-hans", **_bearer(user))
+    assert r.status_code == 400
+    assert "超过 0 MB" in json.dumps(r.json(), ensure_ascii=False), r.json()
+
 def test_the_one_reader_bounds_lines_and_unpacking(tmp_path, monkeypatch):
     from training import records
 

@@ -42,7 +42,12 @@ GZIP_FLOOR_BYTES = 256 << 20
 
 
 class DataTooLarge(ValueError):
-    """A line or an unpacked file beyond the reader's bounds."""
+    """A line or an unpacked file beyond the reader's bounds: ``problem`` says which (the portal translates it),
+    ``str()`` is "dataset line N: " and the English text (the engine's log)."""
+
+    def __init__(self, lineno: int, problem: Problem):
+        self.lineno, self.problem = lineno, problem
+        super().__init__(f"dataset line {lineno}: {message(problem)}")
 
 
 class Lines:
@@ -67,11 +72,13 @@ class Lines:
                 return
             self.lineno += 1
             if len(line) > MAX_LINE_BYTES:
-                raise DataTooLarge(f"dataset line {self.lineno}: longer than {MAX_LINE_BYTES >> 20} MB")
+                raise DataTooLarge(self.lineno, problem(gettext_noop("longer than %(mb)s MB"),
+                                                        mb=MAX_LINE_BYTES >> 20))
             self.unpacked += len(line)
             if self.gzip and self.unpacked > self.budget:
-                raise DataTooLarge(f"dataset line {self.lineno}: the gzip file unpacks to more than "
-                                   f"{self.budget >> 20} MB ({GZIP_MAX_RATIO} times its size)")
+                raise DataTooLarge(self.lineno, problem(gettext_noop(
+                    "the gzip file unpacks to more than %(mb)s MB (%(ratio)s times its size)"),
+                    mb=self.budget >> 20, ratio=GZIP_MAX_RATIO))
             yield line.decode("utf-8") if self.text else line
 
     def close(self):
