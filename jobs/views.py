@@ -259,7 +259,7 @@ def integrations(request):
     if request.method == "POST":
         form = IntegrationsForm(request.POST)
         if form.is_valid():
-            services.update_integrations(request.user, **form.update_args())
+            services.update_integrations(request.user, **form.update_args(), language=request.LANGUAGE_CODE)
             messages.success(request, _("Saved."))
             return redirect("integrations")
     else:

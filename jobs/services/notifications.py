@@ -13,7 +13,7 @@ import urllib.request
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
-from django.utils import timezone
+from django.utils import timezone, translation
 from django.utils.translation import gettext as _, gettext_noop
 
 from ..models import NOTIFY_EVENTS, Integrations, Job, MetricPoint, Notification
@@ -65,7 +65,8 @@ def job_event(job: Job, event: str) -> list[Notification]:
     prefs = Integrations.objects.filter(user_id=job.owner_id).first()
     if prefs is None or event not in wanted_events(job, prefs):
         return []
-    body = payload(job, event)
+    with in_owners_language(prefs):  # the error's text, as the owner reads the portal
+        body = payload(job, event)
     channels = []
     if prefs.email_enabled and (prefs.email or job.owner.email):
         channels.append(("email", prefs.email or job.owner.email))
@@ -97,23 +98,18 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def in_owners_language(prefs: Integrations | None):
+    """Translations in the language the owner saved their notification settings in (else the site's default)."""
+    return translation.override((prefs.language if prefs else "") or settings.LANGUAGE_CODE)
+
+
 def _send(n: Notification) -> None:
     """One attempt; raises on any failure."""
-    if n.channel == "email":
-        from django.core.mail import send_mail
-
-        job = n.payload["job"]
-        subject = _(SUBJECTS[n.event]) % {"id": job["id"], "name": job["name"],
-                                          "minutes": n.payload.get("waited_minutes", "")}
-        lines = [subject, "", f"{_('Stage')}: {job['stage']}", f"{_('Status')}: {job['status']}",
-                 f"{_('Step')}: {job['step']}/{job['total_steps']}"]
-        if job["error"]:
-            lines.append(f"{_('Error')}: {job['error']}")
-        lines += [f"{k}: {v}" for k, v in sorted(n.payload["metrics"].items())]
-        lines += ["", n.payload["url"]]
-        send_mail(subject, "\n".join(lines), None, [n.target], fail_silently=False)
-        return
     prefs = Integrations.objects.filter(user_id=n.job.owner_id).first()
+    if n.channel == "email":
+        with in_owners_language(prefs):
+            _send_mail(n)
+        return
     body = json.dumps(n.payload, ensure_ascii=False).encode()
     req = urllib.request.Request(n.target, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "MiniCloud-Webhook/1", "X-MiniCloud-Event": n.event,
@@ -122,6 +118,21 @@ def _send(n: Notification) -> None:
     with urllib.request.urlopen(req, timeout=SEND_TIMEOUT_S) as resp:
         if not 200 <= resp.status < 300:
             raise OSError(f"HTTP {resp.status}")
+
+
+def _send_mail(n: Notification) -> None:
+    from django.core.mail import send_mail
+
+    job = n.payload["job"]
+    subject = _(SUBJECTS[n.event]) % {"id": job["id"], "name": job["name"],
+                                      "minutes": n.payload.get("waited_minutes", "")}
+    lines = [subject, "", f"{_('Stage')}: {job['stage']}", f"{_('Status')}: {job['status']}",
+             f"{_('Step')}: {job['step']}/{job['total_steps']}"]
+    if job["error"]:
+        lines.append(f"{_('Error')}: {job['error']}")
+    lines += [f"{k}: {v}" for k, v in sorted(n.payload["metrics"].items())]
+    lines += ["", n.payload["url"]]
+    send_mail(subject, "\n".join(lines), None, [n.target], fail_silently=False)
 
 
 def deliver_due(now: datetime.datetime | None = None) -> dict:
@@ -168,14 +179,17 @@ def check_waits(now: datetime.datetime | None = None) -> int:
 
 def update_integrations(user, *, email_enabled: bool, email: str, webhook_url: str, events: list[str],
                         wait_minutes: int, new_webhook_secret: bool = False, wandb_key: str = "",
-                        swanlab_key: str = "", clear: tuple[str, ...] = ()) -> Integrations:
+                        swanlab_key: str = "", clear: tuple[str, ...] = (), language: str = "") -> Integrations:
     """Save a user's notification and tracker settings. A key left blank keeps the stored one; ``clear`` names the
-    keys to forget. A webhook gets a signing secret when it first has a URL (or when asked for a new one)."""
+    keys to forget. A webhook gets a signing secret when it first has a URL (or when asked for a new one).
+    ``language``: the one the settings page was shown in, which the notifications are then written in."""
     import secrets as random
 
     prefs = Integrations.of(user)
     prefs.email_enabled, prefs.email, prefs.webhook_url = email_enabled, email, webhook_url
     prefs.events, prefs.wait_minutes = [e for e in NOTIFY_EVENTS if e in events], wait_minutes
+    if language in dict(settings.LANGUAGES):
+        prefs.language = language
     if webhook_url and (new_webhook_secret or not prefs.secret("webhook_secret")):
         prefs.set_secret("webhook_secret", random.token_urlsafe(32))
     for name, value in (("wandb_key", wandb_key), ("swanlab_key", swanlab_key)):

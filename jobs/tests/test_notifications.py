@@ -197,3 +197,26 @@ def test_the_settings_page_keeps_keys_encrypted_and_never_shows_them(client, use
     assert bad.status_code == 200 and 'class="error"' in bad.content.decode()
     zh = client.get("/accounts/integrations/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "通知" in zh
+
+
+def test_mail_is_written_in_the_language_the_settings_were_saved_in(client, user, smtp):
+    """The worker that sends a notification has no request: the language is the one the owner's settings page was
+    shown in when they were saved."""
+    client.force_login(user)
+    r = client.post("/accounts/integrations/", {"email_enabled": "on", "email": "me@lab.example",
+                                                "events": ["failed"], "wait_minutes": 60},
+                    HTTP_ACCEPT_LANGUAGE="zh-hans")
+    assert r.status_code == 302 and Integrations.objects.get(user=user).language == "zh-hans"
+    job = _job(user, name="broken", status="running")
+    services.finish_job(job, Job.S.FAILED, error="could not register the model: %(error)s",
+                        error_params={"error": "disk full"})
+    assert services.deliver_due()["sent"] == 1
+    (to, mail), = smtp.messages
+    body = mail.get_payload(decode=True).decode()
+    from email.header import decode_header, make_header
+
+    assert str(make_header(decode_header(mail["Subject"]))) == f"[MiniCloud] 任务 #{job.pk} broken 已失败"
+    assert "阶段" in body and "disk full" in body and "could not register" not in body, body
+    client.post("/accounts/integrations/", {"email_enabled": "on", "email": "me@lab.example", "events": ["failed"],
+                                            "wait_minutes": 60}, HTTP_ACCEPT_LANGUAGE="en")
+    assert Integrations.objects.get(user=user).language == "en"
