@@ -101,9 +101,13 @@ def update_model(actor, mv: ModelVersion, *, notes=None, tags=None) -> ModelVers
 
 
 def model_references(mv: ModelVersion) -> list[str]:
-    """What still needs this model: jobs that start from it or learn from it, and models derived from it."""
+    """What still needs this model: jobs that start from it, learn from it or are rewarded by it (a PPO/GRPO job
+    keeps the reward model's folder in its resolved config, not as a foreign key), and models derived from it."""
 
-    jobs = Job.objects.filter(Q(base_model=mv) | Q(teacher_model=mv)).order_by("pk")[:50]
+    uses = Q(base_model=mv) | Q(teacher_model=mv)
+    if mv.source == "reward":
+        uses |= Q(resolved_config__reward_model_path=mv.path)
+    jobs = Job.objects.filter(uses).order_by("pk")[:50]
     refs = [f"job #{j.pk} {j.name}" for j in jobs]
     refs += [f"model #{m.pk} {m.name} v{m.version}" for m in mv.children.order_by("pk")[:50]]
     return refs
@@ -120,7 +124,10 @@ def delete_model(actor, mv: ModelVersion, request=None) -> None:
     audit(actor, "delete", mv, request=request, name=mv.name, version=mv.version)
     mv.delete()
     for f in files:
-        f.unlink(missing_ok=True)
+        if f.is_dir():  # a reward model's path is its Hugging Face folder
+            folders.append(f)
+        else:
+            f.unlink(missing_ok=True)
     for d in folders:
         shutil.rmtree(d, ignore_errors=True)
 

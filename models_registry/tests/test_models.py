@@ -230,3 +230,30 @@ def test_openai_models_and_chat_errors_use_openai_shapes(client, token, tiny):
         assert r.status_code == 400 and r.json()["error"]["param"] == "seed", seed
     bad = client.post("/v1/chat/completions", "{", content_type="application/json", **auth)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+
+
+def test_a_reward_model_a_job_is_rewarded_by_is_not_deleted_under_it_and_one_no_job_uses_is(api, user, tiny,
+                                                                                              tmp_path):
+    """A PPO/GRPO job keeps its reward model's folder in its resolved config (no foreign key): deleting the model
+    would leave a queued job to fail at its start with the folder gone."""
+    from jobs import services as job_services
+    from jobs.models import Dataset
+
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    reward = ModelVersion.objects.create(name="rm", owner=user, stage="reward", source="reward", path=str(folder),
+                                         config={})
+    (tmp_path / "rm2").mkdir()
+    (tmp_path / "rm2" / "config.json").write_text("{}")
+    unused = ModelVersion.objects.create(name="rm2", owner=user, stage="reward", source="reward",
+                                         path=str(tmp_path / "rm2"), config={})
+    from conftest import TINY
+
+    job = job_services.submit_job(owner=user, name="rl", stage="grpo", dataset=Dataset.objects.filter(kind="rlaif")[0],
+                                  base_model=tiny.pk, config={**TINY, "rewards": {"model": 1.0},
+                                                              "reward_model": reward.pk})
+    assert job.resolved_config["reward_model_path"] == str(folder)
+    refused = api.delete(f"/api/v1/models/{reward.pk}")
+    assert refused.status_code == 409 and f"job #{job.pk}" in refused.json()["details"]["references"][0]
+    assert folder.exists() and api.delete(f"/api/v1/models/{unused.pk}").status_code == 200
+    assert not (tmp_path / "rm2").exists()  # its folder went with it (it was a 500: unlink of a folder)
