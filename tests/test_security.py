@@ -352,6 +352,8 @@ def test_a_running_job_is_paused_when_the_weekly_hours_run_out(user, settings):
 
     settings.QUOTA_CHECK_S = 0.2
     Quota.objects.create(user=user, device_hours_per_week=3 / 3600)  # three device-seconds
+    services.update_integrations(user, email_enabled=True, email="me@lab.example", webhook_url="",
+                                 events=["paused_quota"], wait_minutes=60)
     ds = Dataset.objects.get(name="demo-pretrain")
     services.submit_job(owner=user, name="long", stage="pretrain", dataset=ds.pk,
                         config={**TINY, "epochs": 50, "save_interval": 5})
@@ -359,6 +361,8 @@ def test_a_running_job_is_paused_when_the_weekly_hours_run_out(user, settings):
     assert Supervisor(job).run() == Job.Status.PAUSED
     job.refresh_from_db()
     assert "paused at step" in job.events.last().text
+    # the owner hears of it (the supervisor's own path, not only job_event called directly)
+    assert list(job.notifications.values_list("event", "channel")) == [("paused_quota", "email")]
     assert "the weekly quota of 0.000833333 device-hours is used up" in job.events.last().text
     from minicloud.errors import ServiceError
 
