@@ -252,6 +252,16 @@ def metrics(request):
     return refused_scrape(request) or HttpResponse(services.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
+def set_language(request):
+    """Django's language switch; a logged-in user's notifications then follow it (jobs/services/notifications.py)."""
+    from django.views.i18n import set_language as django_set_language
+
+    response = django_set_language(request)
+    if request.method == "POST" and request.user.is_authenticated:
+        services.remember_language(request.user, request.POST.get("language", ""))
+    return response
+
+
 @login_required
 def integrations(request):
     """Notifications (e-mail, signed webhooks) and experiment-tracker keys of the logged-in user."""

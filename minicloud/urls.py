@@ -80,7 +80,7 @@ urlpatterns = [
     path("accounts/tokens/", accounts_views.tokens, name="tokens"),
     path("accounts/integrations/", jobs_views.integrations, name="integrations"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("i18n/", include("django.conf.urls.i18n")),
+    path("i18n/setlang/", jobs_views.set_language, name="set_language"),  # Django's, remembered for notifications
     path("jobs/new/", jobs_views.job_new, name="job_new"),
     path("jobs/new/estimate", jobs_views.job_estimate, name="job_estimate"),
     path("jobs/<int:job_id>/", jobs_views.job_detail, name="job_detail"),

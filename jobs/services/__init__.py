@@ -8,7 +8,7 @@ from .datasets import (append_upload, compute_dataset_stats, create_dataset, dat
                        find_upload, finish_upload, prune_uploads, request_dataset_stats, start_upload, upload_dataset)
 from .exports import metrics_csv, metrics_json, tensorboard_zip
 from .monitoring import exposition
-from .notifications import check_waits, deliver_due, job_event, update_integrations
+from .notifications import check_waits, deliver_due, job_event, remember_language, update_integrations
 from .lifecycle import _RESUMING, cancel_job, clone_job, finish_job, interrupt_job, pause_job, resume_job, retry_job
 from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, follow_slurm_job, reconcile_node, refresh_node,
                     register_node, sample_devices, take_over_slurm_job)
@@ -21,7 +21,8 @@ from .reasons import never_fits_text, spec_error_text, wait_reason_text
 from .submission import estimate_job, largest_device_memory, prepare_job, record_event, save_template, submit_job
 
 __all__ = [
-    "metrics_csv", "metrics_json", "tensorboard_zip", "exposition", "check_waits", "deliver_due", "job_event", "update_integrations",
+    "metrics_csv", "metrics_json", "tensorboard_zip", "exposition", "check_waits", "deliver_due", "job_event",
+    "remember_language", "update_integrations",
     "ServiceError", "die_with_parent", "kill_group", "pid_alive", "never_fits_text", "spec_error_text",
     "wait_reason_text", "check_submission_quota", "device_hours", "hours_left", "recent_usage", "settle_run_segment",
     "usage_summary",

@@ -177,6 +177,13 @@ def check_waits(now: datetime.datetime | None = None) -> int:
     return made
 
 
+def remember_language(user, language: str) -> None:
+    """The language a user switched the portal to: their notifications are written in it from now on (the settings
+    row is not made for it: without one there is nothing to send)."""
+    if language in dict(settings.LANGUAGES):
+        Integrations.objects.filter(user=user).exclude(language=language).update(language=language)
+
+
 def update_integrations(user, *, email_enabled: bool, email: str, webhook_url: str, events: list[str],
                         wait_minutes: int, new_webhook_secret: bool = False, wandb_key: str = "",
                         swanlab_key: str = "", clear: tuple[str, ...] = (), language: str = "") -> Integrations:

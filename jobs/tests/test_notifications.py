@@ -220,3 +220,9 @@ def test_mail_is_written_in_the_language_the_settings_were_saved_in(client, user
     client.post("/accounts/integrations/", {"email_enabled": "on", "email": "me@lab.example", "events": ["failed"],
                                             "wait_minutes": 60}, HTTP_ACCEPT_LANGUAGE="en")
     assert Integrations.objects.get(user=user).language == "en"
+    # switching the portal's language switches the notifications' too
+    r = client.post("/i18n/setlang/", {"language": "zh-hans", "next": "/"})
+    assert r.status_code == 302 and r.cookies["django_language"].value == "zh-hans"
+    assert Integrations.objects.get(user=user).language == "zh-hans"
+    client.post("/i18n/setlang/", {"language": "klingon", "next": "/"})
+    assert Integrations.objects.get(user=user).language == "zh-hans"
