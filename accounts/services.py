@@ -58,20 +58,18 @@ def effective_quotas(users) -> dict:
     for staff."""
     users = list(users)
     ids = [u.pk for u in users if not u.is_staff]
-    membership = {}
-    groups = get_user_model().groups.through.objects.filter(user_id__in=ids)
-    if len(ids) == 1:
-        groups = groups.values("group_id")
-    else:
-        for user_id, group_id in groups.values_list("user_id", "group_id"):
-            membership.setdefault(user_id, []).append(group_id)
-        groups = {g for gs in membership.values() for g in gs}
+    member_of = get_user_model().groups.through.objects.filter(user_id__in=ids)
+    groups = member_of.values("group_id")  # a subquery of the two reads below
     own, by_group = {}, {}
     for q in Quota.objects.filter(Q(user_id__in=ids) | Q(group_id__in=groups)) if ids else ():
         (own if q.user_id is not None else by_group)[q.user_id or q.group_id] = q
     tightening = {gl.group_id: gl for gl in GroupLimit.objects.filter(group_id__in=groups)} if ids else {}
+    membership = {}
     if len(ids) == 1:  # every group quota and limit read is one of this user's groups
         membership[ids[0]] = list(by_group.keys() | tightening.keys())
+    else:
+        for user_id, group_id in member_of.values_list("user_id", "group_id"):
+            membership.setdefault(user_id, []).append(group_id)
     out = {}
     for user in users:
         out[user.pk] = limits = dict.fromkeys(QUOTA_FIELDS)

@@ -505,8 +505,8 @@ class Integrations(models.Model):
     webhook_secret = models.TextField(blank=True)  # encrypted; signs each webhook (HMAC-SHA256)
     events = models.JSONField(default=default_notify_events)
     wait_minutes = models.PositiveIntegerField(_("tell me when a job waits longer than (minutes)"), default=60)
-    # The language of the page these settings were last saved from: the notifications are written in it (the worker
-    # that sends them has no request to take a language from). Empty: the site's default.
+    # The language the user last switched the portal to or saved these settings in: the notifications are written in
+    # it (the worker that sends them has no request to take a language from). Empty: the site's default.
     language = models.CharField(max_length=10, blank=True)
     wandb_key = models.TextField(blank=True)  # encrypted
     swanlab_key = models.TextField(blank=True)  # encrypted

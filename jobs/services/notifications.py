@@ -99,7 +99,8 @@ def sign(secret: str, body: bytes) -> str:
 
 
 def in_owners_language(prefs: Integrations | None):
-    """Translations in the language the owner saved their notification settings in (else the site's default)."""
+    """Translations in the owner's language: the one they last switched the portal to or saved their notification
+    settings in (else the site's default)."""
     return translation.override((prefs.language if prefs else "") or settings.LANGUAGE_CODE)
 
 
