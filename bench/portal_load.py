@@ -83,7 +83,7 @@ def fill(args):
     users = [User.objects.create_user(f"bench{i}", password="bench-password") for i in range(20)]
     ds, tok = Dataset.objects.get(name="demo-pretrain"), Tokenizer.objects.get(name="demo-tokenizer")
     gib = 2**30
-    Node.objects.create(name="bench-gpu", address="127.0.0.1", started_at=timezone.now(), heartbeat_at=timezone.now(),
+    Node.objects.create(name="bench-gpu", started_at=timezone.now(), heartbeat_at=timezone.now(),
                         devices=[{"index": i, "kind": "cuda", "name": "bench GPU", "memory_total": 80 * gib}
                                  for i in range(8)])
     config = {"hidden_size": 768, "num_hidden_layers": 8}
@@ -100,6 +100,16 @@ def fill(args):
                                                  values={"loss": 5.0 - i / 1000, "lr": 1e-3})
                                      for job in watched.values() for i in range(1, 2001)])
     return users, ds, [watched[u.pk] for u in users]
+
+
+def use_node_database(node):
+    """Django in this process, on the node's database (and Redis, home and instance), to fill it."""
+    os.environ.update({k: v for k, v in node.env.items() if k in ("MINICLOUD_HOME", "DATABASE_URL", "REDIS_URL",
+                                                                  "MINICLOUD_INSTANCE")})
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "minicloud.settings")
+    import django
+
+    django.setup()
 
 
 def session_cookie(user):
@@ -141,12 +151,7 @@ def main():
     node.args = ["--web"]  # no worker: nothing is claimed or trained; the fake GPU node below "runs" the jobs
     node.start()
     try:
-        os.environ.update({k: v for k, v in node.env.items() if k in ("MINICLOUD_HOME", "DATABASE_URL", "REDIS_URL",
-                                                                      "MINICLOUD_INSTANCE")})
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "minicloud.settings")
-        import django
-
-        django.setup()
+        use_node_database(node)
         from django.conf import settings
         from django.db import close_old_connections
         from django.utils import timezone
@@ -306,12 +311,7 @@ def class_accounts(node, n) -> list[str]:
     """``n`` members of a class (a group whose admin quota limits storage, queued and running jobs, devices per job,
     hours per job and device-hours per week, none of them reached by the burst): their API tokens. Each submission
     then checks the member's quotas and each listing reads what the member may see, as a class's would."""
-    os.environ.update({k: v for k, v in node.env.items() if k in ("MINICLOUD_HOME", "DATABASE_URL", "REDIS_URL",
-                                                                  "MINICLOUD_INSTANCE")})
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "minicloud.settings")
-    import django
-
-    django.setup()
+    use_node_database(node)
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Group
     from django.db import connections
