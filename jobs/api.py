@@ -61,10 +61,46 @@ def _job_request(request) -> dict:
                 notify=data.get("notify"), trackers=data.get("trackers"))
 
 
+LIST_LIMIT = 500  # jobs per page of GET /api/v1/jobs, at most (and by default)
+
+
+def _choices(request, name: str, allowed) -> list[str]:
+    """A comma-separated filter of the listing (``?status=queued,running``), each value one of ``allowed``."""
+    values = [v.strip() for v in request.GET.get(name, "").split(",") if v.strip()]
+    for value in values:
+        if value not in allowed:
+            raise ApiError(400, _("%(name)s: unknown value %(value)s; choose among %(allowed)s")
+                           % {"name": name, "value": repr(value), "allowed": ", ".join(allowed)}, {"field": name})
+    return values
+
+
+def _listing(request) -> dict:
+    """The jobs the caller may read, newest first, a page of ``limit`` (at most 500) at a time: ``next`` is the
+    address of the page after this one (``before`` the last id listed), null on the last page. Filters:
+    ``status`` and ``stage`` (comma-separated), ``owner`` (a username)."""
+    from training.spec import STAGES
+
+    limit = int_param(request, "limit", LIST_LIMIT)
+    if not 1 <= limit <= LIST_LIMIT:
+        raise ApiError(400, _("limit: from 1 to %(max)s") % {"max": LIST_LIMIT}, {"field": "limit"})
+    before = int_param(request, "before", None)
+    filters = dict(statuses=_choices(request, "status", Job.Status.values), stages=_choices(request, "stage", STAGES),
+                   owner=request.GET.get("owner", "").strip() or None)
+    page = selectors.jobs_listed(request.user, limit + 1, before, **filters)
+    more = len(page) > limit
+    page = page[:limit]
+    next_url = None
+    if more:
+        query = request.GET.copy()
+        query["before"] = page[-1].pk
+        next_url = f"{request.path}?{query.urlencode()}"
+    return {"jobs": [j.to_dict() for j in page], "next": next_url}
+
+
 @endpoint("GET", "POST")
 def jobs(request):
     if request.method == "GET":
-        return {"jobs": [j.to_dict() for j in selectors.jobs_listed(request.user)]}
+        return _listing(request)
     job = services.submit_job(**_job_request(request), http_request=request)
     return job.to_dict(), 201
 

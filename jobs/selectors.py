@@ -55,15 +55,27 @@ class _Named:
         self.name = self.username = name
 
 
-def jobs_listed(user, limit: int = 500) -> list[ListedJob]:
-    """The API's job list: the newest ``limit`` jobs ``user`` may read, as ``ListedJob`` rows of one query (the
-    owner's and the sharing group's names joined in, every JSON column as its stored text)."""
+def jobs_listed(user, limit: int = 500, before: int | None = None, statuses=(), stages=(),
+                owner: str | None = None) -> list[ListedJob]:
+    """The API's job list: the newest ``limit`` jobs ``user`` may read (newest first: by id, which grows with
+    creation), as ``ListedJob`` rows of one query (the owner's and the sharing group's names joined in, every JSON
+    column as its stored text). ``before``: only jobs with a smaller id (the next page's cursor); ``statuses``,
+    ``stages``, ``owner`` (a username): only such jobs."""
     from django.db.models import F, JSONField, TextField
     from django.db.models.functions import Cast
 
     fields = Job._meta.concrete_fields
     stored = [f.name for f in fields if isinstance(f, JSONField)]
-    rows = Job.objects.visible_to(user).values(
+    jobs = Job.objects.visible_to(user).order_by("-pk")
+    if before is not None:
+        jobs = jobs.filter(pk__lt=before)
+    if statuses:
+        jobs = jobs.filter(status__in=statuses)
+    if stages:
+        jobs = jobs.filter(stage__in=stages)
+    if owner:
+        jobs = jobs.filter(owner__username=owner)
+    rows = jobs.values(
         *(f.attname for f in fields if not isinstance(f, JSONField)), owner_name=F("owner__username"),
         shared_with_name=F("shared_with__name"), **{f"raw_{name}": Cast(name, TextField()) for name in stored})
     return [ListedJob(row, {name: row.pop(f"raw_{name}") for name in stored}) for row in rows[:limit]]

@@ -69,8 +69,19 @@ SCHEMA = {
         "/datasets/{id}/preview": {"get": {**_op("Records of a dataset", params=("offset", "limit")),
                                            "parameters": ID + [{"name": p, "in": "query", "schema": {
                                                "type": "integer"}} for p in ("offset", "limit")]}},
-        "/jobs": {"get": _op("Your jobs"), "post": _op("Submit a job", ok="201",
-                                                        body={"$ref": "#/components/schemas/JobCreate"})},
+        "/jobs": {"get": {**_op("The jobs you may read, newest first, a page at a time (`next`: the page after, "
+                                "null on the last)"), "parameters": [
+                              {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                          "maximum": 500, "default": 500}},
+                              {"name": "before", "in": "query", "schema": {"type": "integer"},
+                               "description": "only jobs with a smaller id (what `next` sets)"},
+                              {"name": "status", "in": "query", "schema": {"type": "string"},
+                               "description": "comma-separated statuses, e.g. queued,running"},
+                              {"name": "stage", "in": "query", "schema": {"type": "string"},
+                               "description": "comma-separated stages"},
+                              {"name": "owner", "in": "query", "schema": {"type": "string"},
+                               "description": "a username"}]},
+                  "post": _op("Submit a job", ok="201", body={"$ref": "#/components/schemas/JobCreate"})},
         "/jobs/estimate": {"post": _op("Validate a job request and estimate parameters, memory per device and time "
                                        "(nothing is stored)", body={"$ref": "#/components/schemas/JobCreate"})},
         "/jobs/{id}": {"get": {**_op("One job, with its queue place and its last 100 history events (the job's "

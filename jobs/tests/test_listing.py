@@ -64,3 +64,61 @@ def _encoded(data):
     from minicloud.api import json_response
 
     return json.loads(json_response(data).content)
+
+
+def test_listing_pages_reach_every_job(api, user, other_user):
+    """The listing stopped at the newest 500 jobs with no way to the older ones: it is paged (``limit``, and
+    ``next`` naming the page after, by ``before``), newest first, every job once."""
+    ds, tok = Dataset.objects.get(name="demo-pretrain"), Tokenizer.objects.get(name="demo-tokenizer")
+    Job.objects.bulk_create(Job(owner=user, stage="pretrain", dataset=ds, tokenizer=tok, name=f"j{i}")
+                            for i in range(503))
+    Job.objects.create(owner=other_user, stage="pretrain", dataset=ds, tokenizer=tok, name="not mine")
+    mine = list(Job.objects.filter(owner=user).order_by("-pk").values_list("pk", flat=True))
+
+    first = api.get("/api/v1/jobs").json()  # the default page: 500
+    assert [j["id"] for j in first["jobs"]] == mine[:500]
+    rest = api.get(first["next"]).json()
+    assert [j["id"] for j in rest["jobs"]] == mine[500:] and rest["next"] is None
+
+    seen, url = [], "/api/v1/jobs?limit=200&stage=pretrain"
+    while url:
+        page = api.get(url).json()
+        assert len(page["jobs"]) <= 200 and "stage=pretrain" in (page["next"] or "stage=pretrain")
+        seen += [j["id"] for j in page["jobs"]]
+        url = page["next"]
+    assert seen == mine
+
+
+def test_listing_filters(api, user, other_user):
+    group = Group.objects.create(name="g")
+    user.groups.add(group)
+    other_user.groups.add(group)
+    jobs = _jobs(user, group)
+    ds, tok = Dataset.objects.get(name="demo-pretrain"), Tokenizer.objects.get(name="demo-tokenizer")
+    theirs = Job.objects.create(owner=other_user, stage="pretrain", dataset=ds, tokenizer=tok, name="theirs",
+                                shared_with=group, status="failed")
+
+    def names(query):
+        r = api.get("/api/v1/jobs?" + query)
+        assert r.status_code == 200, r.content
+        return {j["name"] for j in r.json()["jobs"]}
+
+    assert names("status=failed") == {"oom 中文", "oom at batch 1", "portal error", "theirs"}
+    assert names("status=queued,running") == {"plain", "preparing", "public"}
+    assert names("stage=pretrain") == {"theirs"}
+    assert names(f"owner={other_user.username}") == {"theirs"}
+    assert names(f"owner={user.username}&status=succeeded") == {"shared"}
+    assert names("owner=nobody") == set()
+    assert len(names("")) == len(jobs) + 1
+
+
+def test_listing_refuses_bad_parameters_by_name(api, user):
+    for query, field in [("limit=0", "limit"), ("limit=501", "limit"), ("status=done", "status"),
+                         ("stage=rlhf", "stage")]:
+        r = api.get("/api/v1/jobs?" + query)
+        assert r.status_code == 400 and r.json()["details"] == {"field": field}, (query, r.content)
+    for query in ("limit=ten", "before=x", "before=-1"):
+        r = api.get("/api/v1/jobs?" + query)
+        assert r.status_code == 400 and r.json()["error"].startswith(query.split("=")[0]), (query, r.content)
+    r = api.get("/api/v1/jobs?status=done", HTTP_ACCEPT_LANGUAGE="zh-hans")
+    assert r.status_code == 400 and "未知的值" in r.json()["error"]
