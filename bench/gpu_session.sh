@@ -6,9 +6,9 @@
 #   MINIMIND=path/to/minimind bash bench/gpu_session.sh
 # On a lent machine whose image has another transformers: carry a wheel and MiniMind's model file, then
 #   pip install --no-index --no-deps --target /tmp/site .whl/transformers-5.24.0-py3-none-any.whl
-#   PYTHONPATH=/tmp/site MINIMIND=.mm bash bench/gpu_session.sh      # .mm/model/model_minimind.py
+#   PYTHONPATH=/tmp/site MINIMIND=.mm bash bench/gpu_session.sh   # .mm: MiniMind's model/ (with its tokenizer) and trainer/
 # The whole list takes about 10 minutes on an H100: what ran by the call's time limit is in $OUT, most important first.
-#   SMALL="--hidden 64 --layers 2 --batch 4 --seq 64" ENGINE_DEVICE=cpu \
+#   SMALL="--hidden 64 --layers 2 --batch 4 --seq 64" RL_SMALL="--hidden 64 --layers 2 --max-new 16" ENGINE_DEVICE=cpu \
 #     ENGINE_MODEL='"hidden_size": 64, "num_hidden_layers": 2, ' bash bench/gpu_session.sh     # a CPU smoke run
 OUT=${OUT:-var/bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -52,6 +52,10 @@ EOF
 timed 60 ${compiled[0]} --steps 20
 [ "${ENGINE:-1}" = 1 ] && engine sft demo-sft 40  # not yet run through the engine with CUDA graphs
 [ "${ENGINE:-1}" = 1 ] && engine pretrain demo-pretrain 30
+rl() { timeout "$1" $PY bench/rl_throughput.py $RL_SMALL "${@:2}" 2>>"$OUT/stderr.log" | tee -a "$OUT/rl.jsonl"; }
+# GRPO rollouts at MiniMind's defaults (2 prompts x 6 x 1024 new tokens): MiniMind's own rollout path, then ours
+[ -n "$MINIMIND" ] && rl 90 --impl minimind --minimind "$MINIMIND" --warmup 1 --steps 1
+rl 150 --warmup 1 --steps 3
 timed 60 ${compiled[1]} --steps 20
 timed 60 --cases dense --compile no $mm --steps 8
 timed 60 ${compiled[2]} --steps 8
