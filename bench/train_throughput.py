@@ -6,7 +6,8 @@
 
 Cases (MiniMind's defaults): ``dense`` pretraining (hidden 768, 8 layers, batch 32 × 340, accumulation 8),
 ``moe`` the same with 4 experts top-1, ``sft`` batch 16 × 768 with conversation-like lengths (uniform between a
-quarter of the row and the full row; pad counted apart), ``sft_grouped`` the same with ``group_by_length``. For SFT
+quarter of the row and the full row; pad counted apart), ``sft_grouped`` the same with ``group_by_length``,
+``sft_packed`` the same packed (the engine's default for SFT, LoRA and DPO: training/rows.py). For SFT
 our engine's batching is measured as it trains: random batches (or grouped by length), each trimmed of its right
 padding; MiniMind's class gets MiniMind's full padded rows in random order. Each measures forward + backward + clip + fused AdamW after warm-up
 steps on random tokens, and prints tokens/s (all and non-pad), step time, peak memory and model FLOPs utilisation
@@ -23,15 +24,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from training.loop import compile_for_training, row_lengths, trim_padding  # noqa: E402
-from training.rows import epoch_order  # noqa: E402
-from training.model import ATTENTION, GPU_EXPERTS, aux_loss, build_model  # noqa: E402
+from training.rows import epoch_order, pack_rows  # noqa: E402
+from training.model import ATTENTION, GPU_EXPERTS, aux_loss, build_model, packed_inputs  # noqa: E402
 from training.spec import model_config, parameter_count, resolve_config  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "3090": 71.0}
 CASES = {"dense": {"use_moe": False, "batch": 32, "seq": 340, "accum": 8, "padded": False},
          "moe": {"use_moe": True, "batch": 32, "seq": 340, "accum": 8, "padded": False},
          "sft": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True},
-         "sft_grouped": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "grouped": True}}
+         "sft_grouped": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "grouped": True},
+         "sft_packed": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "packed": True}}
 
 
 def minimind_model(path, mcfg):
@@ -58,12 +60,14 @@ def sdpa_backends(name):
 
 
 def make_batches(case, batch, seq, vocab, ours, multiple, n_batches=64):
-    """Random-token micro-batches. Padded cases: rows of conversation-like lengths, right-padded (id 0, label -100);
-    for ``ours`` ordered (``group_by_length`` when the case says so) and trimmed as the engine's loop does, otherwise
-    full width in random order (MiniMind)."""
+    """Random-token micro-batches ``(x, y, packed)``. Padded cases: rows of conversation-like lengths, right-padded
+    (id 0, label -100); for ``ours`` ordered (``group_by_length`` when the case says so) and trimmed as the engine's
+    loop does, or packed (each batch's conversations in as few rows as fit, attending only to their own:
+    training.rows.pack_rows, the engine's ``packing``), otherwise full width in random order (MiniMind, which neither
+    trims nor packs)."""
     gen = torch.Generator().manual_seed(0)
     if not case["padded"]:
-        return [(x, x.clone()) for x in torch.randint(3, vocab, (n_batches, batch, seq), generator=gen)]
+        return [(x, x.clone(), None) for x in torch.randint(3, vocab, (n_batches, batch, seq), generator=gen)]
     rows = batch * n_batches
     x = torch.randint(3, vocab, (rows, seq), generator=gen)
     lengths = torch.randint(seq // 4, seq + 1, (rows,), generator=gen)
@@ -74,10 +78,15 @@ def make_batches(case, batch, seq, vocab, ours, multiple, n_batches=64):
     order = epoch_order(rows, batch, 0, 0, row_lengths(data) if ours and case.get("grouped") else None)
     out = []
     for i in range(n_batches):
-        b = {k: v[order[i * batch:(i + 1) * batch]] for k, v in data.items()}
+        rows = order[i * batch:(i + 1) * batch]
+        if ours and case.get("packed"):
+            b = pack_rows([(x[r, :lengths[r]].numpy(), y[r, :lengths[r]].numpy()) for r in rows], seq, multiple)
+            out.append((b["x"], b["y"], {"pos": b["pos"], "doc": b["doc"]}))
+            continue
+        b = {k: v[rows] for k, v in data.items()}
         if ours:
             b = trim_padding(b, multiple)
-        out.append((b["x"], b["y"]))
+        out.append((b["x"], b["y"], None))
     return out
 
 
@@ -100,15 +109,16 @@ def measure(name, case, args, impl, compiled):
     batch, seq = args.batch or case["batch"], args.seq or case["seq"]
     accum = args.accum or case["accum"]
     batches = make_batches(case, batch, seq, mcfg["vocab_size"], ours=impl == "ours", multiple=64 if compiled else 8)
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    batches = [(x.to(device), y.to(device), packed_inputs({k: v.to(device) for k, v in packed.items()}) if packed else {})
+               for x, y, packed in batches]
     feed = iter(range(10**9))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else torch.autocast("cpu", enabled=False)
 
     def optimizer_step():
         for _ in range(accum):
-            x, y = batches[next(feed) % len(batches)]
+            x, y, extra = batches[next(feed) % len(batches)]
             with amp:
-                out = step_model(input_ids=x, labels=y)
+                out = step_model(input_ids=x, labels=y, **extra)
                 loss = out.loss
                 aux = aux_loss(model) if impl == "ours" else getattr(out, "aux_loss", None)
                 if aux is not None:
@@ -147,12 +157,13 @@ def measure(name, case, args, impl, compiled):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     timed = [batches[i % len(batches)] for i in range(steps * accum)]
-    tokens = sum(x.numel() for x, _ in timed) / steps  # per optimizer step, as computed (after trimming)
-    real = sum(int((y != -100).sum()) for _, y in timed) / steps
+    tokens = sum(x.numel() for x, _, _ in timed) / steps  # per optimizer step, as computed (after trimming)
+    real = sum(int((y != -100).sum()) for _, y, _ in timed) / steps
+    rows = sum(x.shape[0] for x, _, _ in timed) / steps
     params = parameter_count(mcfg)
     h, layers, v = mcfg["hidden_size"], mcfg["num_hidden_layers"], mcfg["vocab_size"]
     dense_active = params["active"] - v * h  # non-embedding active parameters
-    width = tokens / (batch * accum)  # mean computed row width
+    width = tokens / rows  # mean computed row width
     flops_per_token = 6 * (dense_active + v * h) + 12 * layers * h * width  # matmuls (incl. the head) + attention
     out = {"case": name, "impl": impl, "compiled": compiled, "fused": impl == "ours" and not args.unfused,
            "attn": args.attn if impl == "ours" else "minimind", "compile_mode": args.compile_mode,
@@ -160,7 +171,7 @@ def measure(name, case, args, impl, compiled):
            "torch": torch.__version__, "hidden_size": h, "layers": layers, "use_moe": case["use_moe"], "batch": batch,
            "seq": seq, "accumulation": accum, "params": params["total"], "active_params": params["active"],
            "step_time_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
-           "nonpad_tokens_per_s": round(real / dt, 1), "mean_width": round(width, 1),
+           "nonpad_tokens_per_s": round(real / dt, 1), "mean_width": round(width, 1), "rows_per_step": rows,
            "achieved_tflops": round(flops_per_token * real / dt / 1e12, 2)}  # useful (non-pad) work only
     if is_cuda:
         out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # the timed steps' own
