@@ -12,6 +12,19 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or a cgroup's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_job_threads(slots: int, override: int = 0) -> int:
+    """Threads for each training process of a job on a node with ``slots`` CPU slots: the node's cores shared among
+    its slots (at least one), or ``override`` (settings.CPU_JOB_THREADS) when set. Torch's default is every core for
+    every process: two jobs on a 2-core node with two slots then ran 3.7x slower each than with a core each (their
+    OpenMP threads spin while they wait for the cores the other job holds; docs/performance.md)."""
+    return override if override > 0 else max(1, cpu_cores() // max(slots, 1))
+
+
 def _cpu_slots(n: int) -> list[dict]:
     """N CPU slots, each as large as the machine's RAM (a job on a CPU slot is bounded by it: the scheduler and
     submissions refuse what could never fit, as for a GPU's memory)."""

@@ -32,6 +32,7 @@ from minicloud.processes import engine_env, kill_group
 from models_registry.services import record_evaluation, register_job_output
 
 from . import engine_process, services, slurm
+from .devices import cpu_job_threads, inventory
 from .models import Job, LogChunk, MetricPoint, Node
 from .trackers import RunTrackers
 
@@ -49,7 +50,10 @@ def _format(event: dict) -> str:
     if kind == "log":
         return f"[{stamp}] {event.get('message', '')}"
     if kind == "start":
-        return (f"[{stamp}] started {event.get('stage')} on {event.get('device')}: {event.get('total_steps')} steps, "
+        where = event.get("device")
+        if where == "cpu" and event.get("threads"):
+            where = f"cpu ({event['threads']} threads)"
+        return (f"[{stamp}] started {event.get('stage')} on {where}: {event.get('total_steps')} steps, "
                 f"{event.get('samples')} samples")
     if kind == "sample":
         prompt = event.get("prompt", "").replace("\n", "⏎")[-200:]
@@ -100,13 +104,19 @@ def engine_command(spec_path, n_devices: int) -> list[str]:
 def _device_env(node_name: str, devices: list[int]) -> dict:
     """``engine_env`` with CUDA_VISIBLE_DEVICES for a child on ``node_name``'s ``devices`` (empty for CPU slots).
     A child on CPU slots also gets MINICLOUD_NICE (settings.CPU_JOB_NICE): it trains on the cores that serve the
-    portal, and a burst of requests must not wait behind its matmuls (training/__main__.py lowers its priority)."""
+    portal, and a burst of requests must not wait behind its matmuls (training/__main__.py lowers its priority); and
+    OMP_NUM_THREADS, its share of the node's cores (``devices.cpu_job_threads``; each process of a multi-slot job
+    has one slot's share), so that the jobs of several slots do not each start a thread per core."""
     node = Node.objects.filter(name=node_name).first()
-    kinds = {d["index"]: d["kind"] for d in (node.devices if node else [])}
+    node_devices = node.devices if node else inventory()
+    kinds = {d["index"]: d["kind"] for d in node_devices}
     cuda = devices and all(kinds.get(i) == "cuda" for i in devices)
     env = dict(engine_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, devices)) if cuda else "")
-    if not cuda and settings.CPU_JOB_NICE:
-        env["MINICLOUD_NICE"] = str(settings.CPU_JOB_NICE)
+    if not cuda:
+        if settings.CPU_JOB_NICE:
+            env["MINICLOUD_NICE"] = str(settings.CPU_JOB_NICE)
+        slots = sum(d["kind"] == "cpu" for d in node_devices)
+        env["OMP_NUM_THREADS"] = str(cpu_job_threads(slots, settings.CPU_JOB_THREADS))
     return env
 
 

@@ -249,6 +249,8 @@ WARM_START = envbool("MINICLOUD_WARM_START", "1")
 # The niceness of training processes on CPU slots (0 = the portal's own): they share the cores that answer requests,
 # and the scheduler gives the CPU to the requests first (docs/decisions.md, "CPU jobs yield to the portal").
 CPU_JOB_NICE = envint("MINICLOUD_CPU_JOB_NICE", 10)
+# Threads of each training process on CPU slots: 0 = the node's cores shared among its CPU slots (jobs/devices.py).
+CPU_JOB_THREADS = envint("MINICLOUD_CPU_JOB_THREADS", 0)
 # Token caches of datasets (training/token_cache.py): shared by every job on the same data, counted against nobody's
 # quota, least recently used ones removed beyond this many GB (`manage.py data_cache` lists and clears them).
 DATA_CACHE_DIR = HOME / "cache" / "data"

@@ -362,7 +362,8 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
     stop = StopFlag()
     events.emit("start", stage=spec["stage"], total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 epochs=cfg["epochs"], samples=n_rows, eval_samples=len(eval_data) if eval_data is not None else 0,
-                device=device, world_size=world_size, resumed_from_step=step, **(stage_extra or {}))
+                device=device, world_size=world_size, resumed_from_step=step, threads=torch.get_num_threads(),
+                **(stage_extra or {}))
     t_log, tok_log = time.time(), tokens_seen
     t_start, step_start = time.time(), step
     acc_loss, acc_parts, acc_n = 0.0, {}, 0

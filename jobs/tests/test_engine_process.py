@@ -134,3 +134,43 @@ def test_a_forked_run_shows_the_command_line_of_a_fresh_one(spec):
     events(child)
     child.wait()
     assert cmdline == " ".join([*ENGINE, "run", str(path)])
+
+
+def test_a_run_on_cpu_slots_trains_with_its_share_of_the_cores(spec, settings):
+    """OMP_NUM_THREADS (the supervisor's share of the cores for a job on CPU slots) is the run's thread count, in a
+    fresh interpreter and forked from a warm engine alike; the log says it."""
+    from jobs.supervisor import _format
+
+    for warm in (False, True):
+        settings.WARM_START = warm
+        for threads in ("1", "2"):
+            child = start(spec(f"threads-{warm}-{threads}", max_steps=1), dict(cpu_env(), OMP_NUM_THREADS=threads))
+            evs, lines = events(child)
+            assert child.wait() == 0, lines
+            begin = next(e for e in evs if e["event"] == "start")
+            assert begin["threads"] == int(threads), (warm, threads)
+            assert f"on cpu ({threads} threads)" in _format(begin)
+    WarmEngine.current and WarmEngine.current.close()
+
+
+@pytest.mark.django_db
+def test_jobs_on_cpu_slots_share_the_cores(monkeypatch, settings):
+    """Each process of a job on CPU slots gets the node's cores over its CPU slots (torch's default, every core for
+    every job, made two jobs on two slots of two cores 3.7x slower each); a GPU job's environment is left alone."""
+    from jobs import devices
+    from jobs.models import Node
+    from jobs.supervisor import _device_env
+
+    cpu = [{"index": i, "kind": "cpu"} for i in range(4)]
+    Node.objects.create(name="cpus", devices=cpu)
+    Node.objects.create(name="gpus", devices=[{"index": 0, "kind": "cuda"}, {"index": 1, "kind": "cuda"}])
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    for cores, share in [(16, "4"), (6, "1"), (2, "1")]:
+        monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
+        env = _device_env("cpus", [0])
+        assert env["OMP_NUM_THREADS"] == share and env["CUDA_VISIBLE_DEVICES"] == ""
+        assert _device_env("cpus", [1, 2])["OMP_NUM_THREADS"] == share  # each of its processes: one slot's share
+    settings.CPU_JOB_THREADS = 3
+    assert _device_env("cpus", [0])["OMP_NUM_THREADS"] == "3"
+    gpu = _device_env("gpus", [0, 1])
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "0,1" and gpu.get("OMP_NUM_THREADS") == "7"
