@@ -141,15 +141,15 @@ def test_a_run_on_cpu_slots_trains_with_its_share_of_the_cores(spec, settings):
     fresh interpreter and forked from a warm engine alike; the log says it."""
     from jobs.supervisor import _format
 
-    for warm in (False, True):
+    for warm, threads in ((False, "2"), (True, "1"), (True, "2")):
         settings.WARM_START = warm
-        for threads in ("1", "2"):
-            child = start(spec(f"threads-{warm}-{threads}", max_steps=1), dict(cpu_env(), OMP_NUM_THREADS=threads))
-            evs, lines = events(child)
-            assert child.wait() == 0, lines
-            begin = next(e for e in evs if e["event"] == "start")
-            assert begin["threads"] == int(threads), (warm, threads)
-            assert f"on cpu ({threads} threads)" in _format(begin)
+        child = start(spec(f"threads-{warm}-{threads}", max_steps=1), dict(cpu_env(), OMP_NUM_THREADS=threads))
+        assert isinstance(child, ForkedChild) == warm
+        evs, lines = events(child)
+        assert child.wait() == 0, lines
+        begin = next(e for e in evs if e["event"] == "start")
+        assert begin["threads"] == int(threads), (warm, threads)
+        assert f"on cpu ({threads} threads)" in _format(begin)
     WarmEngine.current and WarmEngine.current.close()
 
 
