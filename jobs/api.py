@@ -3,7 +3,7 @@ from django.utils.translation import gettext as _
 
 from accounts.access import manageable, readable
 from accounts.services import audit
-from minicloud.api import ApiError, endpoint, int_param, json_body
+from minicloud.api import ApiError, endpoint, int_param, json_body, next_page, offset_page, page_limit
 
 from . import selectors, services
 from .models import Dataset, Job, Node
@@ -61,9 +61,6 @@ def _job_request(request) -> dict:
                 notify=data.get("notify"), trackers=data.get("trackers"))
 
 
-LIST_LIMIT = 500  # jobs per page of GET /api/v1/jobs, at most (and by default)
-
-
 def _choices(request, name: str, allowed) -> list[str]:
     """A comma-separated filter of the listing (``?status=queued,running``), each value one of ``allowed``."""
     values = [v.strip() for v in request.GET.get(name, "").split(",") if v.strip()]
@@ -80,21 +77,13 @@ def _listing(request) -> dict:
     ``status`` and ``stage`` (comma-separated), ``owner`` (a username)."""
     from training.spec import STAGES
 
-    limit = int_param(request, "limit", LIST_LIMIT)
-    if not 1 <= limit <= LIST_LIMIT:
-        raise ApiError(400, _("limit: from 1 to %(max)s") % {"max": LIST_LIMIT}, {"field": "limit"})
-    before = int_param(request, "before", None)
+    limit, before = page_limit(request), int_param(request, "before", None)
     filters = dict(statuses=_choices(request, "status", Job.Status.values), stages=_choices(request, "stage", STAGES),
                    owner=request.GET.get("owner", "").strip() or None)
     page = selectors.jobs_listed(request.user, limit + 1, before, **filters)
     more = len(page) > limit
     page = page[:limit]
-    next_url = None
-    if more:
-        query = request.GET.copy()
-        query["before"] = page[-1].pk
-        next_url = f"{request.path}?{query.urlencode()}"
-    return {"jobs": [j.to_dict() for j in page], "next": next_url}
+    return {"jobs": [j.to_dict() for j in page], "next": next_page(request, before=page[-1].pk) if more else None}
 
 
 @endpoint("GET", "POST")
@@ -181,7 +170,8 @@ def job_clone(request, job_id):
 @endpoint("GET", "POST")
 def datasets(request):
     if request.method == "GET":
-        return {"datasets": [d.to_dict() for d in Dataset.objects.visible_to(request.user)]}
+        page, next_url = offset_page(request, Dataset.objects.visible_to(request.user))
+        return {"datasets": [d.to_dict() for d in page], "next": next_url}
     ds = services.upload_dataset(request, request.user)
     return {**ds.to_dict(), "validation": ds.validation_report()}, 201
 

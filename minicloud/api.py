@@ -157,3 +157,32 @@ def int_param(request, name, default=0) -> int:
     if value < 0:
         raise ApiError(400, _("%(name)s: must not be negative") % {"name": name})
     return value
+
+
+PAGE_LIMIT = 500  # rows per page of a listing, at most (and by default)
+
+
+def page_limit(request) -> int:
+    """A listing's ``?limit=``: 1 to PAGE_LIMIT (the default)."""
+    limit = int_param(request, "limit", PAGE_LIMIT)
+    if not 1 <= limit <= PAGE_LIMIT:
+        raise ApiError(400, _("limit: from 1 to %(max)s") % {"max": PAGE_LIMIT}, {"field": "limit"})
+    return limit
+
+
+def next_page(request, **changes) -> str:
+    """The address of this request with ``changes`` to its query (the next page of a listing)."""
+    query = request.GET.copy()
+    for key, value in changes.items():
+        query[key] = value
+    return f"{request.path}?{query.urlencode()}"
+
+
+def offset_page(request, rows) -> tuple[list, str | None]:
+    """A page of the queryset ``rows`` in its own order, ties broken by id so that pages neither repeat nor skip a
+    row (``?limit=``, ``?offset=``), and the address of the page after it (None on the last page)."""
+    limit, offset = page_limit(request), int_param(request, "offset", 0)
+    rows = rows.order_by(*(rows.query.order_by or rows.model._meta.ordering), "pk")
+    page = list(rows[offset:offset + limit + 1])
+    more = len(page) > limit
+    return page[:limit], next_page(request, offset=offset + limit) if more else None

@@ -54,7 +54,8 @@ SCHEMA = {
             "properties": {"username": {"type": "string"}, "password": {"type": "string"}}})},
         "/me": {"get": _op("The current user")},
         "/devices": {"get": _op("Devices of every node")},
-        "/datasets": {"get": _op("Datasets you can use"),
+        "/datasets": {"get": _op("Datasets you can use, by name, a page at a time (`next`: the page after, null on the "
+                                 "last; limit 1-500, default 500)", params=("limit", "offset")),
                       "post": _op("Upload a dataset (multipart: file, name, kind; or upload = a finished chunked "
                                   "upload's id): validated, 400 with line-numbered errors", ok="201")},
         "/datasets/{id}": {"get": {**_op("One dataset"), "parameters": ID},
@@ -105,7 +106,8 @@ SCHEMA = {
                                             "merged over the job's)", ok="201"), "parameters": ID}},
         **{f"/{kind}/{{id}}/share": {"post": {**_op("Make it private, shared with one of your groups, or public"),
                                               "parameters": ID}} for kind in ("jobs", "datasets", "models")},
-        "/models": {"get": _op("Models you can use")},
+        "/models": {"get": _op("Models you can use, newest first, a page at a time (`next`: the page after, null on "
+                               "the last; limit 1-500, default 500)", params=("limit", "offset"))},
         "/tokenizers": {"get": _op("Tokenizers you can use"),
                         "post": _op("Upload a tokenizer (multipart: name, tokenizer_json, tokenizer_config)", ok="201")},
         "/tokenizers/train": {"post": _op("Train a tokenizer on a dataset in the background", ok="202")},

@@ -3,7 +3,7 @@ from django.utils.translation import gettext as _
 from accounts.access import readable
 from accounts.services import audit
 from jobs.models import Dataset
-from minicloud.api import ApiError, endpoint, json_body
+from minicloud.api import ApiError, endpoint, json_body, offset_page
 from minicloud.downloads import serve_file
 from minicloud.errors import id_or_none
 
@@ -18,7 +18,8 @@ def _model(request, model_id) -> ModelVersion:
 
 @endpoint("GET")
 def models(request):
-    return {"models": [m.to_dict() for m in ModelVersion.objects.visible_to(request.user).select_related("owner")[:500]]}
+    page, next_url = offset_page(request, ModelVersion.objects.visible_to(request.user).select_related("owner"))
+    return {"models": [m.to_dict() for m in page], "next": next_url}
 
 
 @endpoint("GET", "PATCH", "DELETE")

@@ -113,10 +113,34 @@ def test_datasets_devices_models_and_openapi(api, demo):
     preview = api.get(f"/api/v1/datasets/{demo.pk}/preview?offset=2&limit=3").json()
     assert len(preview["records"]) == 3 and "text" in preview["records"][0]
     assert api.get("/api/v1/devices").status_code == 200
-    assert api.get("/api/v1/models").json() == {"models": []}
+    assert api.get("/api/v1/models").json() == {"models": [], "next": None}
     assert api.get("/api/v1/models/5/download?format=pth").status_code == 404
     spec = api.get("/api/v1/openapi.json").json()
     assert "/jobs/{id}/metrics" in spec["paths"]
+
+
+def test_dataset_and_model_listings_page_through_everything(api, user, other_user, demo):
+    """The model listing stopped at 500 (and the dataset listing had no bound): both are paged (``limit``,
+    ``offset``, ``next``) in their own order, ties broken by id, every row once."""
+    from models_registry.models import ModelVersion
+
+    Dataset.objects.bulk_create(Dataset(owner=owner, name="same", kind="pretrain", path="/x", is_public=True)
+                                for owner in (user, other_user) * 3)
+    ModelVersion.objects.bulk_create(ModelVersion(owner=user, name=f"m{i}", tokenizer=Tokenizer.demo(), path="/x")
+                                     for i in range(503))
+    for path, key, size, total in [("/api/v1/datasets?limit=3", "datasets", 3, Dataset.objects.count()),
+                                   ("/api/v1/models", "models", 500, 503)]:
+        seen, url = [], path
+        while url:
+            page = api.get(url).json()
+            assert len(page[key]) <= size
+            seen += [row["id"] for row in page[key]]
+            url = page["next"]
+        assert len(seen) == len(set(seen)) == total, key
+    names = [d["name"] for d in api.get("/api/v1/datasets").json()["datasets"]]
+    assert names == sorted(names)  # their own order (by name) across pages
+    for query in ("limit=0", "limit=501", "offset=-1", "offset=x"):
+        assert api.get(f"/api/v1/models?{query}").status_code == 400, query
 
 
 def test_wrong_method_is_json_405(api, db):
