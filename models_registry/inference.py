@@ -33,9 +33,8 @@ class ChatWorker:
         self.proc = None
 
     async def _start(self):
-        env = dict(engine_env(), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")  # no secrets
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training", "chat-worker", cwd=settings.BASE_DIR, env=env,
+            sys.executable, "-m", "training", "chat-worker", cwd=settings.BASE_DIR, env=worker_env(),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24,
             preexec_fn=die_with_parent(signal.SIGTERM))
         try:
@@ -100,6 +99,18 @@ class ChatWorker:
                         break
         except (TimeoutError, OSError, ValueError):
             self.stop()
+
+
+def worker_env() -> dict:
+    """The chat worker's environment: no secrets, no GPU, and its share of the cores as OMP_NUM_THREADS (every web
+    process has a worker: the cores over the web processes, at most 4). A chat generates one token at a time, which
+    one thread does as fast as two; three workers generating at once with a thread per core each ran 4.3-4.5x slower
+    than with one thread each on two cores (docs/performance.md)."""
+    from jobs.devices import cpu_cores
+
+    threads = max(1, min(4, cpu_cores() // max(settings.WEB_PROCESSES, 1)))
+    return dict(engine_env(), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+                OMP_NUM_THREADS=str(threads))
 
 
 def worker() -> ChatWorker:

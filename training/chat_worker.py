@@ -160,7 +160,8 @@ def generate(models: Models, req: dict, cancel: threading.Event) -> None:
 
 
 def main() -> int:
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    threads = os.environ.get("OMP_NUM_THREADS", "")  # its share of the cores (models_registry/inference.py)
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, min(4, os.cpu_count() or 1)))
     requests: queue.Queue = queue.Queue()
     current = {"id": None, "cancel": threading.Event()}
 
@@ -181,7 +182,7 @@ def main() -> int:
 
     threading.Thread(target=read_stdin, daemon=True).start()
     models = Models()
-    send({"ready": True})
+    send({"ready": True, "threads": torch.get_num_threads()})
     while True:
         req = requests.get()
         if req is None:

@@ -257,3 +257,16 @@ def test_a_reward_model_a_job_is_rewarded_by_is_not_deleted_under_it_and_one_no_
     assert refused.status_code == 409 and f"job #{job.pk}" in refused.json()["details"]["references"][0]
     assert folder.exists() and api.delete(f"/api/v1/models/{unused.pk}").status_code == 200
     assert not (tmp_path / "rm2").exists()  # its folder went with it (it was a 500: unlink of a folder)
+
+
+def test_chat_workers_share_the_cores(monkeypatch, settings):
+    """Every web process has a chat worker: each gets the cores over the web processes (at most 4), not a thread per
+    core each (three workers generating at once on two cores ran 4-5x slower so)."""
+    from jobs import devices
+    from models_registry.inference import worker_env
+
+    for cores, processes, threads in [(2, 3, "1"), (16, 4, "4"), (64, 4, "4"), (6, 2, "3")]:
+        monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
+        settings.WEB_PROCESSES = processes
+        env = worker_env()
+        assert env["OMP_NUM_THREADS"] == threads and env["CUDA_VISIBLE_DEVICES"] == "", (cores, processes)

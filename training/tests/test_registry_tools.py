@@ -1,5 +1,6 @@
 """Verified conversions, imports, LoRA merges and the chat worker (the engine side of the model registry)."""
 import json
+import os
 import math
 import subprocess
 import sys
@@ -100,9 +101,9 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
     pth, cfg = _random_model(tmp_path)
     model = {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")}
     proc = subprocess.Popen([sys.executable, "-m", "training", "chat-worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert json.loads(proc.stdout.readline()) == {"ready": True}
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:  # its share of the cores, from the web process (models_registry/inference.py worker_env)
+        assert json.loads(proc.stdout.readline()) == {"ready": True, "threads": 1}
 
         def ask(**req):
             proc.stdin.write(json.dumps({"model": model, "messages": [{"role": "user", "content": "1+1="}],
