@@ -178,10 +178,15 @@ def check_waits(now: datetime.datetime | None = None) -> int:
     return made
 
 
+def _offered(language: str) -> bool:
+    """Whether ``language`` (a request's LANGUAGE_CODE) is one the portal offers, and so one to write in."""
+    return language in dict(settings.LANGUAGES)
+
+
 def remember_language(user, language: str) -> None:
     """The language a user switched the portal to: their notifications are written in it from now on (the settings
     row is not made for it: without one there is nothing to send)."""
-    if language in dict(settings.LANGUAGES):
+    if _offered(language):
         Integrations.objects.filter(user=user).exclude(language=language).update(language=language)
 
 
@@ -196,7 +201,7 @@ def update_integrations(user, *, email_enabled: bool, email: str, webhook_url: s
     prefs = Integrations.of(user)
     prefs.email_enabled, prefs.email, prefs.webhook_url = email_enabled, email, webhook_url
     prefs.events, prefs.wait_minutes = [e for e in NOTIFY_EVENTS if e in events], wait_minutes
-    if language in dict(settings.LANGUAGES):
+    if _offered(language):
         prefs.language = language
     if webhook_url and (new_webhook_secret or not prefs.secret("webhook_secret")):
         prefs.set_secret("webhook_secret", random.token_urlsafe(32))
