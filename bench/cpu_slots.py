@@ -90,7 +90,7 @@ def chat_all(n: int, threads: int, model: dict) -> list[float]:
 def chat(args, work: Path) -> dict:
     import torch
 
-    from jobs.devices import cpu_cores
+    from jobs.devices import core_share, cpu_cores
     from training.model import build_model, save_pth
     from training.spec import model_config, resolve_config
 
@@ -98,7 +98,7 @@ def chat(args, work: Path) -> dict:
     torch.manual_seed(0)
     save_pth(build_model(model_config(resolve_config("sft", cfg))), work / "model.pth")
     model = {"path": str(work / "model.pth"), "config": cfg, "tokenizer": str(work / "demo" / "demo-tokenizer")}
-    before, share = max(1, min(4, cpu_cores())), max(1, min(4, cpu_cores() // args.chat))
+    before, share = min(4, core_share(1)), min(4, core_share(args.chat))  # as models_registry/inference.py
     return {"cores": cpu_cores(), "workers": args.chat, "hidden_size": args.hidden, "layers": args.layers,
             "torch": torch.__version__, "threads_before": before, "threads_share": share,
             "at_once_before": chat_all(args.chat, before, model), "at_once_share": chat_all(args.chat, share, model),

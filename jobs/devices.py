@@ -17,12 +17,17 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def core_share(n: int) -> int:
+    """The cores each of ``n`` processes gets when they share this machine's cores (at least one)."""
+    return max(1, cpu_cores() // max(n, 1))
+
+
 def cpu_job_threads(slots: int, override: int = 0) -> int:
     """Threads for each training process of a job on a node with ``slots`` CPU slots: the node's cores shared among
-    its slots (at least one), or ``override`` (settings.CPU_JOB_THREADS) when set. Torch's default is every core for
-    every process: two jobs on a 2-core node with two slots then ran 3.7x slower each than with a core each (their
-    OpenMP threads spin while they wait for the cores the other job holds; docs/performance.md)."""
-    return override if override > 0 else max(1, cpu_cores() // max(slots, 1))
+    its slots, or ``override`` (settings.CPU_JOB_THREADS) when set. Torch's default is every core for every process:
+    two jobs on a 2-core node with two slots then ran 2.2x slower each than with a core each, four 2.9x (their
+    OpenMP threads spin while they wait for the cores the other jobs hold; bench/cpu_slots.py, docs/performance.md)."""
+    return override if override > 0 else core_share(slots)
 
 
 def _cpu_slots(n: int) -> list[dict]:

@@ -106,9 +106,9 @@ def worker_env() -> dict:
     process has a worker: the cores over the web processes, at most 4). A chat generates one token at a time, which
     one thread does as fast as two; three workers generating at once with a thread per core each ran 4.3-4.5x slower
     than with one thread each on two cores (docs/performance.md)."""
-    from jobs.devices import cpu_cores
+    from jobs.devices import core_share
 
-    threads = max(1, min(4, cpu_cores() // max(settings.WEB_PROCESSES, 1)))
+    threads = min(4, core_share(settings.WEB_PROCESSES))
     return dict(engine_env(), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                 OMP_NUM_THREADS=str(threads))
 

@@ -30,10 +30,12 @@ def cmd_run(args) -> int:
     try:
         import torch
 
-        if (threads := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(threads) > 0:
+        from . import threads_given
+
+        if threads := threads_given():
             # a job on CPU slots gets its share of the cores (jobs/supervisor.py); a run forked from the warm engine
             # (training/warm.py) has the threads its server started with: say it again
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         from . import distill, dpo, evaluate, grpo, lora, ppo, pretrain, sft
         from .chat import load_hf_tokenizer
         from .model import GPU_EXPERTS, build_model, load_model

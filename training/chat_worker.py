@@ -160,8 +160,9 @@ def generate(models: Models, req: dict, cancel: threading.Event) -> None:
 
 
 def main() -> int:
-    threads = os.environ.get("OMP_NUM_THREADS", "")  # its share of the cores (models_registry/inference.py)
-    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, min(4, os.cpu_count() or 1)))
+    from . import threads_given
+
+    torch.set_num_threads(threads_given() or max(1, min(4, os.cpu_count() or 1)))
     requests: queue.Queue = queue.Queue()
     current = {"id": None, "cancel": threading.Event()}
 
