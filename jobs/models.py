@@ -7,6 +7,7 @@ from django.utils.translation import gettext, gettext_lazy as _
 
 from accounts.models import Shareable, UsageRecord
 from minicloud.files import disk_usage
+from training.spec import is_problem, render
 
 STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning")), ("lora", _("LoRA")),
                  ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
@@ -155,23 +156,26 @@ class JobTemplate(models.Model):
 def stored_text(template: str, params: dict | None) -> str:
     """A message stored as an English template (marked with gettext_noop where it is written) and its parameters,
     in the active language. Text stored without parameters (records written before, the engine's own errors) is
-    shown as it is."""
+    shown as it is. A parameter that is itself a (template, params) pair is translated too (``training.spec.render``:
+    "dataset line 7: " and what is wrong with it)."""
     if params is None:
         return template
     try:
-        return gettext(template) % params
+        return render(template, params, gettext)
     except (KeyError, TypeError, ValueError):  # a catalogue entry that does not fit: the English one
         try:
-            return template % params
+            return render(template, params)
         except (KeyError, TypeError, ValueError):
             return template
 
 
 def clip_params(params: dict | None, limit: int = 2000) -> dict | None:
-    """Parameters bounded for storage (an exception's text or a log tail can be long)."""
+    """Parameters bounded for storage (an exception's text or a log tail can be long), those of a nested (template,
+    params) pair too."""
     if params is None:
         return None
-    return {k: v[:limit] if isinstance(v, str) else v for k, v in params.items()}
+    return {k: v[:limit] if isinstance(v, str) else [v[0][:limit], clip_params(v[1], limit)] if is_problem(v) else v
+            for k, v in params.items()}
 
 
 class Job(Shareable):

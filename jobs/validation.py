@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 
 from django.utils.translation import gettext as _, gettext_noop
 
-from training.records import DataTooLarge, check_record, loads, message, open_text, record_text, unreadable
+from training.records import DataTooLarge, check_record, loads, message, not_utf8, open_text, record_text, unparsed
 
 __all__ = ["Report", "validate_file", "check_record", "open_text", "record_text"]
 
@@ -88,13 +87,8 @@ def validate_file(path, kind: str, progress=None) -> Report:
                     continue
                 try:
                     rec = loads(line)
-                except json.JSONDecodeError as exc:
-                    report.error(
-                        lineno, _("not valid JSON (%(msg)s at column %(colno)s)") % {"msg": exc.msg, "colno": exc.colno}
-                    )
-                    continue
-                except ValueError as exc:  # nesting too deep, an integer of 4300+ digits
-                    report.error(lineno, unreadable(exc))
+                except ValueError as exc:  # not JSON; nesting too deep, an integer of 4300+ digits
+                    report.error(lineno, message(unparsed(exc), _))
                     continue
                 problem = check_record(kind, rec)
                 if problem:
@@ -115,7 +109,7 @@ def validate_file(path, kind: str, progress=None) -> Report:
                     exact[key] = lineno
                     near.setdefault(fuzzy, lineno)
     except UnicodeDecodeError as exc:
-        report.error(report.lines + 1, _("not UTF-8 text (%(reason)s)") % {"reason": exc.reason})
+        report.error(report.lines + 1, message(not_utf8(exc), _))
     except DataTooLarge as exc:
         report.error(report.lines + 1, message(exc.problem, _))
     except (OSError, EOFError, gzip.BadGzipFile) as exc:

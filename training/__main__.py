@@ -15,7 +15,7 @@ from pathlib import Path
 
 def cmd_run(args) -> int:
     from . import events
-    from .spec import SpecError, gettext_noop, load_spec, model_config, parameter_count
+    from .spec import Explained, SpecError, gettext_noop, load_spec, model_config, parameter_count
 
     if nice := int(os.environ.get("MINICLOUD_NICE") or 0):  # a job on CPU slots: jobs/supervisor.py
         os.nice(nice)
@@ -24,7 +24,8 @@ def cmd_run(args) -> int:
         spec = load_spec(args.spec)
     except SpecError as exc:
         if events.is_rank0():  # every rank reads the same spec: one report is enough
-            events.emit("error", kind="spec", field=exc.field, message=str(exc))
+            template, params = exc.explained()
+            events.emit("error", kind="spec", field=exc.field, message=str(exc), template=template, params=params)
         return 2
     phase = "model"  # where an out-of-memory error happened: building the model(s), or training
     try:
@@ -51,7 +52,8 @@ def cmd_run(args) -> int:
             model = build_model(mcfg, experts)
         tok = load_hf_tokenizer(spec["tokenizer"])
         if len(tok) > mcfg["vocab_size"]:
-            raise ValueError(f"vocab_size: tokenizer has {len(tok)} tokens, model only {mcfg['vocab_size']}")
+            raise Explained(gettext_noop("vocab_size: the tokenizer has %(tokens)s tokens, the model only "
+                                         "%(vocab)s"), tokens=len(tok), vocab=mcfg["vocab_size"])
         run_dir = Path(spec["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model_config.json").write_text(json.dumps(mcfg, indent=2))
@@ -82,12 +84,23 @@ def cmd_run(args) -> int:
                                      "model"))
             events.emit("error", kind="out_of_memory", message=template % {"error": message}, template=template,
                         params={"error": message})
-        elif getattr(exc, "template", None) and isinstance(getattr(exc, "params", None), dict):  # loop.Diverged
-            events.emit("error", kind=type(exc).__name__.lower(), message=message, template=exc.template,
-                        params=exc.params)
+        elif explained := explanation(exc):  # spec.Explained, a SpecError, loop.Diverged: in the reader's language
+            events.emit("error", kind=type(exc).__name__.lower(), message=message, template=explained[0],
+                        params=explained[1])
         else:
             events.emit("error", kind=type(exc).__name__, message=message)
         return 1
+
+
+def explanation(exc: BaseException) -> tuple[str, dict] | None:
+    """The (template, params) of an error the engine explains (the portal shows it in the reader's language), or
+    None for any other exception (its one English line is shown as it is)."""
+    from .spec import SpecError
+
+    if isinstance(exc, SpecError):
+        return exc.explained()
+    template, params = getattr(exc, "template", None), getattr(exc, "params", None)
+    return (template, params) if isinstance(template, str) and isinstance(params, dict) else None
 
 
 def out_of_memory(exc: BaseException) -> bool:

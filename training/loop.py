@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from . import events
 from .model import save_pth
+from .records import no_samples
 from .spec import gettext_noop
 
 EXIT_STOPPED = 143  # stopped on SIGTERM after a checkpoint (128 + SIGTERM)
@@ -264,7 +265,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         data, eval_data = data.split(cfg["eval_ratio"], cfg["seed"])
     n_rows = len(data)
     if n_rows == 0:
-        raise ValueError("dataset: no training samples after tokenization")
+        raise no_samples()
     bs, accum = cfg["batch_size"], cfg["accumulation_steps"]
     global_bs = bs * world_size
     iters = math.ceil(n_rows / global_bs)

@@ -21,6 +21,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, a
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.utils import logging as hf_logging
 
+from .spec import Explained, gettext_noop
+
 hf_logging.disable_progress_bar()
 
 
@@ -292,7 +294,8 @@ def from_minimind(sd: dict) -> dict:
             up = [parts["up_proj"][e] for e in sorted(parts["up_proj"])]
             down = [parts["down_proj"][e] for e in sorted(parts["down_proj"])]
         except KeyError as exc:
-            raise ValueError(f"checkpoint does not match the model config: {prefix} lacks {exc.args[0]}") from None
+            raise Explained(gettext_noop("checkpoint does not match the model config: %(problems)s"),
+                            problems=f"{prefix} lacks {exc.args[0]}") from None
         out[f"{prefix}.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
         out[f"{prefix}.down_proj"] = torch.stack(down)
     return out
@@ -318,7 +321,7 @@ def save_pth(model, path, dtype=torch.float16) -> None:
 
 
 def check_state_dict(model, sd: dict) -> None:
-    """Raise ValueError naming missing/unexpected keys and shape mismatches."""
+    """Raise an Explained ValueError naming missing/unexpected keys and shape mismatches."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -332,7 +335,8 @@ def check_state_dict(model, sd: dict) -> None:
     if shapes:
         problems.append(f"shape mismatch: {'; '.join(shapes[:5])}")
     if problems:
-        raise ValueError("checkpoint does not match the model config: " + " | ".join(problems))
+        raise Explained(gettext_noop("checkpoint does not match the model config: %(problems)s"),
+                        problems=" | ".join(problems))
 
 
 def load_pth(model, path) -> None:

@@ -16,7 +16,7 @@ import gzip
 import json
 import os
 
-from .spec import gettext_noop
+from .spec import Explained, gettext_noop, render
 
 KINDS = ("pretrain", "sft", "dpo", "rlaif")
 ROLES = ("system", "user", "assistant", "tool")
@@ -29,8 +29,16 @@ def problem(template: str, **params) -> Problem:
 
 def message(p: Problem, translate=None) -> str:
     """A problem as text, its template passed through ``translate`` (the portal's gettext) when given."""
-    template, params = p
-    return (translate(template) if translate else template) % params
+    return render(*p, translate or gettext_noop)
+
+
+class LineError(Explained):
+    """A problem with one line of a dataset: ``lineno`` and ``problem`` (the portal's validation reports them),
+    explained as "dataset line N: ..." (the engine's error event, translated by the portal; ``str()`` in English)."""
+
+    def __init__(self, lineno: int, problem: Problem):
+        self.lineno, self.problem = lineno, problem
+        super().__init__(gettext_noop("dataset line %(line)s: %(problem)s"), line=lineno, problem=problem)
 
 
 # Bounds of the one reader: a line longer than this is refused, not read into memory (a record is a few KB; MiniMind's
@@ -41,13 +49,13 @@ GZIP_MAX_RATIO = 50
 GZIP_FLOOR_BYTES = 256 << 20
 
 
-class DataTooLarge(ValueError):
-    """A line or an unpacked file beyond the reader's bounds: ``problem`` says which (the portal translates it),
-    ``str()`` is "dataset line N: " and the English text (the engine's log)."""
+class DataTooLarge(LineError):
+    """A line or an unpacked file beyond the reader's bounds: ``problem`` says which."""
 
-    def __init__(self, lineno: int, problem: Problem):
-        self.lineno, self.problem = lineno, problem
-        super().__init__(f"dataset line {lineno}: {message(problem)}")
+
+def line_too_long(lineno: int) -> DataTooLarge:
+    """The refusal of a line longer than MAX_LINE_BYTES (by ``Lines``, and by the engine's reads of single lines)."""
+    return DataTooLarge(lineno, problem(gettext_noop("longer than %(mb)s MB"), mb=MAX_LINE_BYTES >> 20))
 
 
 class Lines:
@@ -72,8 +80,7 @@ class Lines:
                 return
             self.lineno += 1
             if len(line) > MAX_LINE_BYTES:
-                raise DataTooLarge(self.lineno, problem(gettext_noop("longer than %(mb)s MB"),
-                                                        mb=MAX_LINE_BYTES >> 20))
+                raise line_too_long(self.lineno)
             self.unpacked += len(line)
             if self.gzip and self.unpacked > self.budget:
                 raise DataTooLarge(self.lineno, problem(gettext_noop(
@@ -243,7 +250,8 @@ def kind_of(rec) -> str:
             return "rlaif"
         if "conversations" in rec:
             return "sft"
-    raise ValueError("dataset: records need text, conversations, chosen/rejected, or conversations with gt")
+    raise Explained(gettext_noop("dataset: records need text, conversations, chosen/rejected, or conversations "
+                                 "with gt"))
 
 
 def record_text(kind: str, rec) -> str:
@@ -255,24 +263,30 @@ def record_text(kind: str, rec) -> str:
 
 
 def parse(line, lineno: int, kind: str | None):
-    """One line's record, checked against ``kind`` (None: any JSON object); a ValueError names the line."""
+    """One line's record, checked against ``kind`` (None: any JSON object); a LineError (a ValueError) names the
+    line and the problem."""
     try:
         rec = loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"dataset line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"dataset line {lineno}: not UTF-8 text ({exc.reason})") from None
-    except ValueError as exc:  # nested too deeply (``loads``); an integer of more than 4300 digits
-        raise ValueError(f"dataset line {lineno}: {unreadable(exc)}") from None
+    except ValueError as exc:
+        raise LineError(lineno, unparsed(exc)) from None
     found = check_record(kind, rec) if kind else None
     if found:
-        raise ValueError(f"dataset line {lineno}: {message(found)}")
+        raise LineError(lineno, found)
     return rec
 
 
-def unreadable(exc: ValueError) -> str:
-    """Why a line of valid JSON syntax could not be read (``loads``: nesting too deep, a number too long)."""
-    return f"not readable JSON ({exc})"
+def unparsed(exc: ValueError) -> Problem:
+    """Why ``loads`` could not read a line: not JSON, not UTF-8, or JSON it cannot hold (nesting too deep, a number
+    too long)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return problem(gettext_noop("not valid JSON (%(msg)s at column %(colno)s)"), msg=exc.msg, colno=exc.colno)
+    if isinstance(exc, UnicodeDecodeError):
+        return not_utf8(exc)
+    return problem(gettext_noop("not readable JSON (%(error)s)"), error=str(exc))
+
+
+def not_utf8(exc: UnicodeDecodeError) -> Problem:
+    return problem(gettext_noop("not UTF-8 text (%(reason)s)"), reason=exc.reason)
 
 
 def loads(line):
@@ -298,4 +312,9 @@ def iter_records(path, kind: str | None = None, limit: int | None = None):
 def first_record(path) -> dict:
     for _, rec in iter_records(path, limit=1):
         return rec
-    raise ValueError("dataset: no records")
+    raise Explained(gettext_noop("dataset: no records"))
+
+
+def no_samples() -> Explained:
+    """Nothing left to train on once the records are tokenised (every record empty, or cut to nothing)."""
+    return Explained(gettext_noop("dataset: no training samples after tokenization"))

@@ -14,6 +14,7 @@ import torch
 
 from . import rows
 from .model import frozen_copy
+from .spec import Explained, gettext_noop
 from .tokenizer import EOS_ID, PAD_ID
 
 REWARD_KINDS = ("rule", "exact", "contains", "numeric", "regex", "model")
@@ -141,7 +142,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not Path(path).is_dir():
-            raise ValueError(f"reward_model_path: not a local model folder: {path}")
+            raise Explained(gettext_noop("reward_model_path: not a local model folder: %(path)s"), path=str(path))
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
         self.device = device

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import token_cache
+from .records import no_samples
 
 SHARD_BYTES = 256 << 10
 MIN_SHARDS = 64
@@ -206,7 +207,7 @@ class _Walk:
         if not self._count_to(position):
             total = self.ends[-1] if self.ends else 0
             if not total:
-                raise ValueError("dataset: no training samples after tokenization")
+                raise no_samples()
             position %= total  # the estimate was longer than the stream: wrap to the epoch's first windows
         g = int(np.searchsorted(self.ends, position, side="right"))
         if self._current[0] != g:

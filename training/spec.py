@@ -133,6 +133,31 @@ def gettext_noop(message: str) -> str:
     return message
 
 
+def is_problem(value) -> bool:
+    """A (template, params) pair (a list once it has been through JSON)."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str) and isinstance(
+        value[1], dict)
+
+
+def render(template: str, params: dict | None, translate=gettext_noop) -> str:
+    """``template % params`` with the template passed through ``translate`` (the portal's gettext), and so is every
+    parameter that is itself a (template, params) pair ("dataset line 7: " and what is wrong with it, each from the
+    catalogue). No params: the template as it is (no ``%`` formatting)."""
+    if not params:
+        return translate(template)
+    return translate(template) % {k: render(*v, translate) if is_problem(v) else v for k, v in params.items()}
+
+
+class Explained(ValueError):
+    """An error the engine explains to the user: an English ``%(name)s`` template marked for the portal's catalogue
+    and its parameters, sent as they are in the error event so that the job page shows it in the reader's language
+    (training/__main__.py). ``str()`` is the English text (the engine's log)."""
+
+    def __init__(self, template: str, **params):
+        self.template, self.params = template, params
+        super().__init__(render(template, params))
+
+
 class SpecError(ValueError):
     """A spec or config problem. ``field`` names the offending key; ``str()`` is a one-line message. A message with
     ``params`` is a ``%(name)s`` template, so that the portal can show it in the user's language."""
@@ -143,8 +168,11 @@ class SpecError(ValueError):
 
     def text(self, translate=gettext_noop) -> str:
         """The message without its field, its template passed through ``translate`` (the portal's gettext)."""
-        message = translate(self.template)
-        return message % self.params if self.params else message
+        return render(self.template, self.params, translate)
+
+    def explained(self) -> tuple[str, dict]:
+        """(template, params) of the whole message, field first (the engine's error event)."""
+        return gettext_noop("%(field)s: %(problem)s"), {"field": self.field, "problem": (self.template, self.params)}
 
 
 def defaults_for(stage: str) -> dict:

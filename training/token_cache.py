@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import events
-from .records import expected_answers, open_binary, parse
+from .records import MAX_LINE_BYTES, expected_answers, line_too_long, open_binary, parse
 
 CACHE_VERSION = 1
 CHUNK_BYTES = 1 << 20
@@ -526,7 +526,7 @@ def line_index(path, scratch, block: int = 64 << 20) -> tuple[np.ndarray, np.nda
                 first = np.frombuffer(chunk, dtype=np.uint8)[np.clip(here, 0, max(len(chunk) - 1, 0))]
                 maybe_blank = keep & ((ends - starts <= 4) | (here < 0) | np.isin(first, _SPACE))
                 for i in np.flatnonzero(maybe_blank):  # a blank line is white space only
-                    keep[i] = bool(os.pread(fd, int(ends[i] - starts[i]), int(starts[i])).strip())
+                    keep[i] = not _blank(fd, int(starts[i]), int(ends[i]))
                 out_s.write(starts[keep].tobytes())
                 out_e.write(ends[keep].tobytes())
         maps = tuple(_map(files[k], np.int64) for k in ("start", "end"))
@@ -535,6 +535,16 @@ def line_index(path, scratch, block: int = 64 << 20) -> tuple[np.ndarray, np.nda
         for f in files.values():
             f.unlink(missing_ok=True)  # the mappings keep the data until they are dropped
     return maps
+
+
+def _blank(fd: int, start: int, end: int, block: int = 64 << 10) -> bool:
+    """Whether the bytes [start, end) of the file are white space only, read a block at a time (a line may be long:
+    it is not read whole to find its first character)."""
+    while start < end:
+        if os.pread(fd, min(block, end - start), start).strip():
+            return False
+        start += block
+    return True
 
 
 def line_number(path, offset: int) -> int:
@@ -576,7 +586,10 @@ class LazySource:
         out = []
         for i in base:
             i = int(i)
-            line = os.pread(self.fd, int(self.ends[i] - self.starts[i]), int(self.starts[i]))
+            start, size = int(self.starts[i]), int(self.ends[i] - self.starts[i])
+            if size > MAX_LINE_BYTES:  # refused as the cache's build (training.records.Lines) refuses it: unread
+                raise line_too_long(line_number(self.path, start))
+            line = os.pread(self.fd, size, start)
             try:
                 out.append((i, parse(line, 0, self.kind)))
             except ValueError:  # name the line as the cache's build would

@@ -202,12 +202,13 @@ def test_the_form_without_javascript_shows_the_errors(client, user):
 
 def test_a_refused_upload_is_explained_in_the_users_language(client, token):
     r = client.post("/api/v1/datasets", {"name": "n", "kind": "sft", "file": SimpleUploadedFile(
-        "n.jsonl", b'{"conversations": [{"role": "user", "content": "hi"}]}\nnot json\n')},
+        "n.jsonl", b'{"conversations": [{"role": "user", "content": "hi"}]}\nnot json\n' + b"[" * 100_000 + b"\n")},
         HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_ACCEPT_LANGUAGE="zh-hans")
     body = r.json()
     assert r.status_code == 400 and body["details"]["validation"]["errors"] == [
-        [1, "'conversations' 中没有可供学习的 assistant 消息"], [2, "不是有效的 JSON（Expecting value，第 1 列）"]]
-    assert body["error"].startswith("file: 2 处错误：第 1 行：")
+        [1, "'conversations' 中没有可供学习的 assistant 消息"], [2, "不是有效的 JSON（Expecting value，第 1 列）"],
+        [3, "无法读取的 JSON（nested too deeply）"]]
+    assert body["error"].startswith("file: 3 处错误：第 1 行：")
 
 
 def test_duplicate_warnings_are_kept_and_read_in_each_readers_language(client, user, token):

@@ -272,6 +272,20 @@ def test_an_explained_engine_error_is_shown_in_the_readers_language(user, pretra
     with translation.override("zh-hans"):
         assert job.error_text.startswith("显存/内存不足：CUDA out of memory — 请减小 batch_size")
         assert job.events.latest("pk").text == job.error_text
+    # a problem nested in the template (what is wrong with which dataset line) is translated too, both from the
+    # catalogue; parameters are clipped for storage, the nested ones too
+    line = {"event": "error", "kind": "lineerror", "message": "dataset line 7: not valid JSON (Expecting value at column 3)",
+            "template": "dataset line %(line)s: %(problem)s",
+            "params": {"line": 7, "problem": ["not valid JSON (%(msg)s at column %(colno)s)",
+                                              {"msg": "Expecting value" + " x" * 2000, "colno": 3}]}}
+    bad = services.submit_job(owner=user, name="bad line", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    services.claim_next_job("n", 1)
+    services.finish_job(bad, Job.Status.FAILED, **engine_error(line))
+    bad.refresh_from_db()
+    assert bad.status == Job.Status.FAILED and len(bad.error_params["problem"][1]["msg"]) == 2000
+    with translation.override("zh-hans"):
+        assert bad.error_text.startswith("数据集第 7 行：不是有效的 JSON（Expecting value x x")
+        assert bad.error_text.endswith("，第 3 列）")
     # the engine's own one line (an exception's text) is kept as it is; an empty event still says something
     assert engine_error({"message": "ValueError: 50% done"}) == {"error": "ValueError: 50% done"}
     unexplained = engine_error({})

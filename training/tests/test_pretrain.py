@@ -154,6 +154,9 @@ def test_bad_spec_gives_one_line_error_naming_the_field(make_spec):
     rc, events, _ = run_engine(make_spec(batch_sise=3))
     assert rc == 2
     assert events[-1]["event"] == "error" and events[-1]["field"] == "batch_sise"
+    # explained as a template and its parameters, the field's problem nested (the portal translates both)
+    assert events[-1]["template"] == "%(field)s: %(problem)s"
+    assert events[-1]["params"] == {"field": "batch_sise", "problem": ["unknown config key", {}]}
 
 
 def test_unknown_compile_mode_is_refused_naming_the_field(make_spec):
@@ -172,6 +175,8 @@ def test_bad_dataset_line_is_named(make_spec, tmp_path, engine):
     rc, events, _ = engine(spec_path)
     assert rc == 1
     assert events[-1]["event"] == "error" and "line 2" in events[-1]["message"]
+    assert events[-1]["template"] == "dataset line %(line)s: %(problem)s"
+    assert events[-1]["params"] == {"line": 2, "problem": ["missing field 'text'", {}]}
 
 
 def test_out_of_memory_while_training_fails_with_a_hint_for_a_smaller_batch(make_spec, tmp_path, capsys,

@@ -334,6 +334,31 @@ def test_the_line_index_finds_every_record_and_skips_blank_lines(tmp_path):
     assert list((tmp_path / "scratch").iterdir()) == []
 
 
+def test_a_long_line_is_not_read_whole(tmp_path, demo_dir, monkeypatch):
+    """The blank-line check reads a line a block at a time (a record after a long indent is kept, a long run of
+    spaces is not), and the lazy reader refuses a line over the reader's bound as the cache's build does, naming it,
+    without reading it into memory."""
+    from training import records
+
+    path = tmp_path / "long.jsonl"
+    lines = [b'{"text": "a"}\n', b" " * 200_000 + b'{"text": "b"}\n', b" " * 200_000 + b"\n",
+             b'{"text": "' + b"c" * 300_000 + b'"}\n']
+    path.write_bytes(b"".join(lines))
+    data = path.read_bytes()
+    for block in (7, 4096, 64 << 20):
+        starts, ends = token_cache.line_index(path, tmp_path / "scratch", block=block)
+        assert [data[a:b] for a, b in zip(starts, ends)] == [lines[0], lines[1], lines[3]]
+    monkeypatch.setattr(token_cache, "MAX_LINE_BYTES", 250_000)
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    lazy = token_cache.LazySource(path, token_cache.Encoder(tok, "pretrain", {}), tmp_path / "scratch")
+    assert len(lazy.rows([0, 1])["x"]) == 2
+    reads, pread = [], os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
+    with pytest.raises(records.DataTooLarge) as exc:
+        lazy.rows([2])
+    assert exc.value.lineno == 4 and "longer than" in str(exc.value) and reads == []
+
+
 def _epoch(view, epoch, bs=32):
     order = view.order(bs, 3, epoch)
     return torch.cat([view.batch(order[i:i + bs])["x"] for i in range(0, len(order), bs)])
