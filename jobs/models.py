@@ -7,7 +7,8 @@ from django.utils.translation import gettext, gettext_lazy as _
 
 from accounts.models import Shareable, UsageRecord
 from minicloud.files import disk_usage
-from training.spec import is_problem, render
+from minicloud.errors import stored_text  # noqa: F401 -- read here by the job and its events
+from training.spec import is_problem
 
 STAGE_CHOICES = [("pretrain", _("Pretrain")), ("sft", _("Supervised fine-tuning")), ("lora", _("LoRA")),
                  ("dpo", _("DPO")), ("distill", _("Distillation")), ("ppo", _("PPO")), ("grpo", _("GRPO"))]
@@ -151,22 +152,6 @@ class JobTemplate(models.Model):
 
     def __str__(self):
         return self.name
-
-
-def stored_text(template: str, params: dict | None) -> str:
-    """A message stored as an English template (marked with gettext_noop where it is written) and its parameters,
-    in the active language. Text stored without parameters (records written before, the engine's own errors) is
-    shown as it is. A parameter that is itself a (template, params) pair is translated too (``training.spec.render``:
-    "dataset line 7: " and what is wrong with it)."""
-    if params is None:
-        return template
-    try:
-        return render(template, params, gettext)
-    except (KeyError, TypeError, ValueError):  # a catalogue entry that does not fit: the English one
-        try:
-            return render(template, params)
-        except (KeyError, TypeError, ValueError):
-            return template
 
 
 def clip_params(params: dict | None, limit: int = 2000) -> dict | None:

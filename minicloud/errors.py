@@ -1,11 +1,15 @@
 """The one exception services raise for a refused request (views show it, the API answers it as JSON), and the
 readings of a client's values that every view and service needs (a name, a whole number, an object's id), whatever
-type the client sent: never a ValueError or a database error from "abc", "²", 1.5, true or 2**70."""
+type the client sent: never a ValueError or a database error from "abc", "²", 1.5, true or 2**70; and
+``stored_text``, a message kept (or sent by the engine) as an English template and its parameters, in the reader's
+language."""
 import json
 import math
 import re
 
-from django.utils.translation import gettext as _
+from django.utils.translation import gettext, gettext as _
+
+from training.spec import render
 
 
 class ServiceError(Exception):
@@ -16,6 +20,22 @@ class ServiceError(Exception):
         self.status = status
         self.field = field
         self.details = details  # extra JSON for the API (e.g. a dataset's line-numbered errors)
+
+
+def stored_text(template: str, params: dict | None) -> str:
+    """A message stored as an English template (marked with gettext_noop where it is written) and its parameters,
+    in the active language. Text stored without parameters (records written before, the engine's own errors) is
+    shown as it is. A parameter that is itself a (template, params) pair is translated too (``training.spec.render``:
+    "dataset line 7: " and what is wrong with it)."""
+    if params is None:
+        return template
+    try:
+        return render(template, params, gettext)
+    except (KeyError, TypeError, ValueError):  # a catalogue entry that does not fit: the English one
+        try:
+            return render(template, params)
+        except (KeyError, TypeError, ValueError):
+            return template
 
 
 def clean_name(value, max_length: int, field: str = "name") -> str:

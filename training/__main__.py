@@ -133,14 +133,17 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def _report(fn) -> int:
-    """Run a conversion; print its JSON report, or ``{"error": ...}`` (one line naming the problem) and exit 2."""
+    """Run a conversion; print its JSON report, or ``{"error": ...}`` (one line naming the problem; with ``template``
+    and ``params`` where the engine explains it, for the portal to translate) and exit 2."""
     try:
         print(json.dumps(fn()))
         return 0
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         sys.stderr.write(traceback.format_exc())
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(json.dumps({"error": message}))
+        explained = explanation(exc)
+        print(json.dumps({"error": message, **({"template": explained[0], "params": explained[1]} if explained else {})},
+                         ensure_ascii=False, default=str))
         return 2
 
 

@@ -121,7 +121,7 @@ def export_hf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_dir:
     return {"out": str(out_dir), "config": mcfg, "verification": compare_logits(source, loaded, mcfg["vocab_size"])}
 
 
-from .spec import SUPPORTED_MODEL_TYPES  # noqa: E402 -- the portal reads it without torch
+from .spec import SUPPORTED_MODEL_TYPES, Explained, gettext_noop  # noqa: E402 -- the portal reads it without torch
 
 
 def import_hf(folder: str | Path, out_path: str | Path) -> dict:
@@ -133,10 +133,11 @@ def import_hf(folder: str | Path, out_path: str | Path) -> dict:
     try:
         hf_cfg = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"config.json: missing or not JSON ({exc})") from None
+        raise Explained(gettext_noop("config.json: missing or not JSON (%(error)s)"), error=str(exc)) from None
     if hf_cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"config.json: model_type {hf_cfg.get('model_type')!r} is not a MiniMind/Qwen3 "
-                         f"architecture ({' or '.join(SUPPORTED_MODEL_TYPES)})")
+        raise Explained(gettext_noop("config.json: model_type %(type)s is not a MiniMind/Qwen3 architecture "
+                                     "(%(supported)s)"), type=repr(hf_cfg.get("model_type")),
+                        supported=" or ".join(SUPPORTED_MODEL_TYPES))
     mcfg = hf_to_pth(folder, out_path)
     source = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     ours, _ = load_model({"path": str(out_path), "config": mcfg})
@@ -158,15 +159,16 @@ def lora_pairs(lora_sd: dict) -> dict:
     for key, value in lora_sd.items():
         m = _LORA_KEY.match(key.removeprefix("module."))
         if not m:
-            raise ValueError(f"LoRA file: unexpected key {key} (MiniMind's layout is <module>.lora.A/B.weight)")
+            raise Explained(gettext_noop("LoRA file: unexpected key %(key)s (MiniMind's layout is "
+                                         "<module>.lora.A/B.weight)"), key=key)
         parts.setdefault(m.group(1), {})[m.group(2)] = value.float()
     pairs = {}
     for name, p in parts.items():
         if set(p) != {"A", "B"}:
-            raise ValueError(f"LoRA file: {name} has only lora.{''.join(p)}")
+            raise Explained(gettext_noop("LoRA file: %(name)s has only lora.%(part)s"), name=name, part="".join(p))
         pairs[name] = (p["A"], p["B"])
     if not pairs:
-        raise ValueError("LoRA file: no LoRA weights in it")
+        raise Explained(gettext_noop("LoRA file: no LoRA weights in it"))
     return pairs
 
 
@@ -194,8 +196,8 @@ def merge_lora(base_pth: str | Path, config: dict, lora_pth: str | Path, out_pat
     for name, (a, b) in pairs.items():
         lin = modules.get(name)
         if not isinstance(lin, torch.nn.Linear) or tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(lin.weight.shape):
-            raise ValueError(f"LoRA file: {name} does not fit the base model "
-                             f"(A {tuple(a.shape)}, B {tuple(b.shape)})")
+            raise Explained(gettext_noop("LoRA file: %(name)s does not fit the base model (A %(a)s, B %(b)s)"),
+                            name=name, a=str(tuple(a.shape)), b=str(tuple(b.shape)))
         with torch.no_grad():
             lin.weight += (b @ a).to(lin.weight.dtype)
         parent_name, _, child = name.rpartition(".")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .spec import gettext_noop
+from .spec import Explained, gettext_noop
 
 TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
 # |Δlogit| allowed between llama.cpp on the f16 file and our fp32 forward of the same fp16 weights: ggml rounds the
@@ -333,7 +333,7 @@ def export_gguf(pth: str | Path, config: dict, out_dir: str | Path, tokenizer_di
     model, mcfg = load_model({"path": str(pth), "config": config})
     blocked = support(mcfg, bool(tokenizer_dir))["f16"]
     if not blocked["available"]:
-        raise ValueError(blocked["note"])
+        raise Explained(blocked["template"], **blocked["params"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}

@@ -92,13 +92,16 @@ def test_import_a_minimind_pth_with_its_config_and_generate(client, token, user,
     mcfg = _weights(tmp_path / "full_sft_64.pth", seed=3)
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
 
-    def upload(name, config, path=tmp_path / "full_sft_64.pth"):
+    def upload(name, config, path=tmp_path / "full_sft_64.pth", **headers):
         return client.post("/api/v1/models/import", {
             "name": name, "config": json.dumps(config),
-            "file": SimpleUploadedFile(path.name, path.read_bytes())}, **auth)
+            "file": SimpleUploadedFile(path.name, path.read_bytes())}, **auth, **headers)
 
     wrong = upload("wrong", {**ARCH, "hidden_size": 128})
     assert wrong.status_code == 400 and "shape mismatch" in wrong.json()["error"]
+    # the engine's explanation, in the reader's language (what does not fit stays as the engine names it)
+    wrong = upload("wrong", {**ARCH, "hidden_size": 128}, HTTP_ACCEPT_LANGUAGE="zh-hans").json()["error"]
+    assert wrong.startswith("检查点与模型配置不符：") and "shape mismatch" in wrong
     missing = upload("noconfig", {})
     assert missing.status_code == 400 and missing.json()["details"]["field"] == "config"
     r = upload("my-sft", ARCH)
