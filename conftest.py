@@ -31,8 +31,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: ("live" not in getattr(item, "fixturenames", ()), not item.get_closest_marker("slow")))
     if os.environ.get("PYTEST_XDIST_WORKER") == "gw0" and os.environ.get("MINICLOUD_TEST_GROUPS"):
         # the Slurm tests share their portal (and the one Slurm cluster, which two portals would fight over)
-        groups = {item.nodeid: name for item in items for name in ("live", "portal")
-                  if name in getattr(item, "fixturenames", ())}
+        groups = {item.nodeid: group for item in items
+                  for group, names in (("live", {"live"}), ("portal", {"portal", "gpu_portal"}))
+                  if names & set(getattr(item, "fixturenames", ()))}
         Path(os.environ["MINICLOUD_TEST_GROUPS"]).write_text(json.dumps(groups))
     return result
 

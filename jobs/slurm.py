@@ -15,8 +15,9 @@ Slurm's own commands (``sbatch``, ``scontrol``, ``scancel``, ``sacct``), as a la
   is ``scancel --signal=TERM`` (the job steps alone: the engine checkpoints and exits, the batch script ends with
   its code) and SIGKILL is ``scancel``.
 - How a run ended, when Slurm ended it (``outcome``): "cancelled" (``scancel`` from outside the portal), "timeout"
-  (its ``--time``), "lost" (``NODE_FAIL``, ``PREEMPTED``, ``BOOT_FAIL``: the portal resumes it from its checkpoint,
-  once, as for a crash), "oom" (over its ``--mem``), "gone" (Slurm forgot it and there is no accounting), "never"
+  (its ``--time``), "preempted" (a job of a higher priority took its nodes: ``PREEMPTED``, or ended within the
+  GraceTime after its SIGTERM; it resumes from its checkpoint, every time: that SIGTERM lets the engine write one), "lost" (``NODE_FAIL``,
+  ``BOOT_FAIL``: the portal resumes it from its checkpoint, once, as for a crash), "oom" (over its ``--mem``), "gone" (Slurm forgot it and there is no accounting), "never"
   (pending for a reason that cannot clear, such as more nodes than the partition has: cancelled, the job fails).
 
 The supervisor (jobs/supervisor.py) does the rest as for a local run: events to the database, pause/cancel, the end.
@@ -42,7 +43,7 @@ MiB = 2**20
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
           "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT", "STOPPED"}
 OUTCOMES = {"CANCELLED": "cancelled", "TIMEOUT": "timeout", "DEADLINE": "timeout", "NODE_FAIL": "lost",
-            "PREEMPTED": "lost", "BOOT_FAIL": "lost", "OUT_OF_MEMORY": "oom"}
+            "PREEMPTED": "preempted", "BOOT_FAIL": "lost", "OUT_OF_MEMORY": "oom"}
 # Reasons a pending job gives when the cluster as configured can never run it (Slurm accepts such a job unless
 # EnforcePartLimits is set, and leaves it pending for ever): the portal cancels it and fails the job, saying why.
 NEVER_REASONS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
@@ -166,9 +167,13 @@ def _time(value: str | None) -> str | None:
 
 
 def query(slurm_id: str) -> dict | None:
-    """{"state", "reason", "nodes", "start", "end", "exit"} from ``scontrol show job`` (Slurm keeps an ended job
-    there for MinJobAge), else from ``sacct`` (accounting, when the cluster has it); None when Slurm no longer knows
-    the job. Raises SlurmError when the controller cannot be asked (the run is not taken for gone then)."""
+    """{"state", "reason", "nodes", "start", "end", "exit", "preempted"} from ``scontrol show job`` (Slurm keeps an
+    ended job there for MinJobAge), else from ``sacct`` (accounting, when the cluster has it); None when Slurm no
+    longer knows the job. Raises SlurmError when the controller cannot be asked (the run is not taken for gone then).
+
+    ``preempted``: Slurm chose the job for preemption (its PreemptTime). A job that exits within the partition's
+    GraceTime, as the engine does once the SIGTERM has made it checkpoint, ends FAILED (its exit code, 143), not
+    PREEMPTED: only PreemptTime tells the two apart (sacct keeps no such field: there the state alone counts)."""
     try:
         text = _run("scontrol", "show", "job", "-o", slurm_id)
     except SlurmError as exc:
@@ -180,7 +185,7 @@ def query(slurm_id: str) -> dict | None:
         return {"state": fields["JobState"], "reason": fields.get("Reason", "None"),
                 "nodes": "" if fields.get("NodeList") in (None, "(null)") else fields["NodeList"],
                 "start": _time(fields.get("StartTime")), "end": _time(fields.get("EndTime")),
-                "exit": fields.get("ExitCode", "")}
+                "exit": fields.get("ExitCode", ""), "preempted": _time(fields.get("PreemptTime")) is not None}
     try:
         line = _run("sacct", "-j", slurm_id, "-X", "-n", "-P", "-o", "State,Reason,NodeList,Start,End,ExitCode")
     except SlurmError:
@@ -189,7 +194,7 @@ def query(slurm_id: str) -> dict | None:
     if len(parts) < 6:
         return None
     return {"state": parts[0].split()[0], "reason": parts[1], "nodes": parts[2], "start": _time(parts[3]),
-            "end": _time(parts[4]), "exit": parts[5]}
+            "end": _time(parts[4]), "exit": parts[5], "preempted": parts[0].startswith("PREEMPTED")}
 
 
 def exit_code(exit_field: str) -> int:
@@ -245,7 +250,9 @@ class SlurmRun:
                 return self.returncode
             if state in ACTIVE:
                 return None
-            self.outcome = OUTCOMES.get(state)
+            # preempted: also when it ended within the GraceTime on its own (FAILED, 143), not only when Slurm
+            # cancelled it after; a run that finished (COMPLETED) is done whatever was asked of it
+            self.outcome = "preempted" if info.get("preempted") and state != "COMPLETED" else OUTCOMES.get(state)
             self.returncode = exit_code(info["exit"]) if state in ("COMPLETED", "FAILED") else (
                 -signal.SIGTERM if self.outcome in ("cancelled", "timeout") else 1)
             return self.returncode

@@ -371,18 +371,41 @@ class Supervisor:
                                 error=gettext_noop("could not start the training process: %(error)s"),
                                 error_params={"error": str(exc)})
             return Job.Status.FAILED
-        self.trackers = RunTrackers(self.job, self.job.run_dir).start()
         try:
-            while self.flush():
-                self.check_stop()
-                time.sleep(settings.JOB_POLL_S)
-            self.proc.wait()
-            self.trackers.close()
-            self.flush()
-        finally:
-            self.trackers.close()
-            self.raw_log.close()
-        return self.finish(self.proc.returncode)
+            self.trackers = RunTrackers(self.job, self.job.run_dir).start()
+            try:
+                while self.flush():
+                    self.check_stop()
+                    time.sleep(settings.JOB_POLL_S)
+                self.proc.wait()
+                self.trackers.close()
+                self.flush()
+            finally:
+                self.trackers.close()
+                self.raw_log.close()
+            return self.finish(self.proc.returncode)
+        except Exception as exc:
+            return self.failed(exc)
+
+    def failed(self, exc: Exception) -> str:
+        """The supervisor itself failed (a defect of ours, a lost database connection): the job must not stay live
+        with nobody following it (its worker lives on, so the housekeeping would not take it for orphaned) and the
+        worker's next jobs must still start. Its run is stopped, and the job ends as an orphaned one does: a cancel
+        or a pause completes, a running job is interrupted (and resumes from its checkpoint while the automatic-resume
+        budget lasts)."""
+        log.exception("job %s: the supervisor failed", self.job.pk)
+        try:
+            proc = getattr(self, "proc", None)
+            if proc is not None and proc.poll() is None:
+                self._signal(signal.SIGKILL)
+        except Exception:
+            log.exception("job %s: could not stop its run", self.job.pk)
+        job = Job.objects.get(pk=self.job.pk)
+        if job.status in Job.LIVE and job.generation == self.generation:
+            services.end_orphaned(job, gettext_noop("the job's supervisor failed: %(error)s"),
+                                  gettext_noop("the node stopped while pausing"),
+                                  {"error": f"{type(exc).__name__}: {exc}"[:500]})
+        return Job.objects.get(pk=self.job.pk).status
 
     def finish(self, rc: int) -> str:
         job = Job.objects.get(pk=self.job.pk)
@@ -430,6 +453,11 @@ class Supervisor:
             limit = gettext_noop("time limit of %(limit)s s reached at step %(step)s; retry continues from the last "
                                  "checkpoint")
             services.finish_job(job, S.FAILED, error=limit, error_params={"limit": job.time_limit_s, "step": job.step})
+        elif outcome == "preempted":  # not the job's doing: every time, as when a node shuts down
+            services.interrupt_job(job, gettext_noop("Slurm preempted the run on %(nodes)s for a job of a higher "
+                                                     "priority: it resumes from its last checkpoint"),
+                                   {"nodes": self.proc.info.get("nodes")}, counts=False,
+                                   requeued=gettext_noop("requeued after Slurm preempted it"))
         elif outcome == "lost":
             services.interrupt_job(job, gettext_noop("Slurm ended the run (%(state)s on %(nodes)s): it resumes from "
                                                      "its last checkpoint"),

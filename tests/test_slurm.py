@@ -40,18 +40,20 @@ def slurm(*args) -> str:
     return subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
 
 
-def slurm_state(slurm_id) -> str:
+def slurm_field(slurm_id, name: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", "-o", str(slurm_id)], capture_output=True, text=True)
-    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("JobState=")), "")
+    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith(f"{name}=")), "")
 
 
-@pytest.fixture(scope="module")
-def portal(tmp_path_factory):
-    """A portal node whose executor is Slurm: CPU tasks (no GRES), two per node, at most 4 jobs released at once."""
-    home = tmp_path_factory.mktemp("slurm-home")
+def slurm_state(slurm_id) -> str:
+    return slurm_field(slurm_id, "JobState")
+
+
+def slurm_portal(home, **env):
+    """A portal node whose executor is Slurm (``env``: its settings); stopped at the end with nothing of its own left
+    in Slurm or on this machine."""
     node = LiveNode(home)
-    node.env.update(MINICLOUD_EXECUTOR="slurm", MINICLOUD_SLURM_GRES="", MINICLOUD_SLURM_DEVICES_PER_NODE="2",
-                    MINICLOUD_SLURM_MAX_JOBS="4", MINICLOUD_SLURM_POLL_S="1", MINICLOUD_NODE="login")
+    node.env.update(MINICLOUD_EXECUTOR="slurm", MINICLOUD_SLURM_POLL_S="1", MINICLOUD_NODE="login", **env)
     node.env.pop("MINICLOUD_DEVICES", None)
     node.start()
     try:
@@ -65,6 +67,23 @@ def portal(tmp_path_factory):
                 subprocess.run(["scancel", line.split()[0]])
         assert rc == 0, node.log()
         assert processes_of(node.home) == []
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory):
+    """A portal node whose executor is Slurm: CPU tasks (no GRES), two per node, at most 4 jobs released at once."""
+    yield from slurm_portal(tmp_path_factory.mktemp("slurm-home"), MINICLOUD_SLURM_GRES="",
+                            MINICLOUD_SLURM_DEVICES_PER_NODE="2", MINICLOUD_SLURM_MAX_JOBS="4")
+
+
+@pytest.fixture(scope="module")
+def gpu_portal(tmp_path_factory):
+    """A portal whose executor asks Slurm for GPUs (the test cluster's two per node are stand-ins, deploy/slurm:
+    the engine finds no CUDA and trains on the CPU), a one-GPU job that needs little of a GPU's 80 GB for one of its
+    8 shards."""
+    yield from slurm_portal(tmp_path_factory.mktemp("slurm-gpu-home"), MINICLOUD_SLURM_GRES="gpu",
+                            MINICLOUD_SLURM_DEVICES_PER_NODE="2", MINICLOUD_SLURM_SHARDS_PER_GPU="8",
+                            MINICLOUD_SLURM_GPU_MEMORY_GB="80")
 
 
 def slurm_id(portal, job_id, timeout=60):
@@ -177,6 +196,45 @@ def test_a_node_failure_in_slurm_resumes_the_job_from_its_checkpoint_once(portal
     assert int(log.split("resumed from step ")[1].split()[0]) >= 10
 
 
+def test_a_job_preempted_by_slurm_resumes_from_its_checkpoint_every_time(portal):
+    """A job of a higher-priority partition takes both nodes (Slurm's partition_prio preemption; GraceTime's SIGTERM
+    lets the engine checkpoint and exit: Slurm then says FAILED, not PREEMPTED): the job resumes from the step it
+    had reached, every time: not the job's doing, so it does not spend the automatic-resume budget for crashes
+    (MINICLOUD_AUTO_RESUME, 1)."""
+    job = portal.submit("slurm-preempted", {**TINY, "max_steps": 100000, "epochs": 10000, "log_interval": 1,
+                                            "save_interval": 100000})
+    preempted, reached = [], 0
+
+    def training(j):  # its current Slurm run is training: past the step where the last one stopped
+        return (j["slurm"] or {}).get("state") == "RUNNING" and j["slurm"]["id"] not in preempted and (
+            j["step"] >= reached + 3)
+
+    for _ in range(2):
+        running = portal.wait_for(job["id"], training, what="training (again)")
+        sid = running["slurm"]["id"]
+        urgent = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive",
+                       "--job-name=minicloud-test-urgent", "--output=/dev/null", "--wrap=sleep 1").strip()
+        portal.wait_for(job["id"], lambda j: (j["slurm"] or {}).get("id") != sid, timeout=120,
+                        what="submitted again")
+        # chosen for preemption; it checkpointed and exited within the GraceTime (FAILED, 143) or was killed after it
+        assert slurm_field(sid, "PreemptTime")[:1].isdigit() and slurm_state(sid) in ("FAILED", "PREEMPTED")
+        for _ in range(120):  # the urgent job gets the nodes (the resubmitted run waits behind it)
+            if slurm_state(urgent) not in ("PENDING", ""):
+                break
+            time.sleep(0.5)
+        assert slurm_state(urgent) in ("RUNNING", "COMPLETING", "COMPLETED")
+        preempted.append(sid)
+        reached = portal.job(job["id"])["step"]
+    again = portal.wait_for(job["id"], training, what="training after the second preemption")
+    assert again["auto_resumes"] == 0
+    assert sum("Slurm preempted the run" in e["message"] for e in again["events"]) == 2, again["events"]
+    log = portal.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")[1]["text"]
+    steps = [int(part.split()[0]) for part in log.split("resumed from step ")[1:]]
+    assert len(steps) == 2 and 3 <= steps[0] < steps[1], steps  # each from the checkpoint its SIGTERM wrote
+    assert portal.request("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 202
+    portal.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=60, what="cancelled")
+
+
 def test_a_two_process_gloo_ddp_job_under_srun_torchrun(portal):
     job = portal.submit("slurm-ddp", {**TINY, "max_steps": 20, "log_interval": 2}, gpus=2)
     slurm_id(portal, job["id"])
@@ -244,3 +302,23 @@ def test_the_queue_page_shows_slurms_state_and_reason(portal):
         for j in (big, waiting):
             portal.wait_for(j["id"], lambda x: x["status"] in ("cancelled", "paused", "failed", "succeeded"),
                             timeout=60, what="stopped")
+
+
+def slurm_gres(slurm_id) -> str:
+    """The GRES Slurm allocated to a job (kept once it has ended)."""
+    out = slurm("scontrol", "show", "job", "-d", "-o", str(slurm_id))
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JOB_GRES=")), "")
+
+
+def test_gpu_jobs_get_slurms_gpus_and_a_small_one_a_shard_of_one(gpu_portal):
+    """What a GPU cluster's Slurm is asked for and allocates: --gres=gpu:N per node, and --gres=shard:K for a
+    one-GPU job whose memory estimate fits in K of a GPU's shares (two such jobs can share one GPU)."""
+    small = [gpu_portal.submit(f"slurm-shard-{i}", {**TINY, "max_steps": 30, "log_interval": 2}) for i in range(2)]
+    pair = gpu_portal.submit("slurm-gpus", {**TINY, "max_steps": 10, "log_interval": 2}, gpus=2)
+    for job, gres, allocated in [*((j, "--gres=shard:1", "shard:1") for j in small), (pair, "--gres=gpu:2", "gpu:2")]:
+        sid = slurm_id(gpu_portal, job["id"])
+        script = (gpu_portal.home / "runs" / f"job-{job['id']}" / "job.sbatch").read_text()
+        assert gres in script and "CUDA_VISIBLE_DEVICES=" not in script, script
+        done = gpu_portal.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"), what="finished")
+        assert done["status"] == "succeeded", done
+        assert slurm_gres(sid) == allocated

@@ -15,6 +15,9 @@ cpus="$(nproc)"
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))  # MB per node: half the machine each
 sed -e "s/@HOST@/$host/g" -e "s/@CPUS@/$cpus/g" -e "s/@MEM@/$mem/g" -e "s#@STATE@#$state#g" \
   "$here/slurm.conf.in" > /etc/slurm/slurm.conf
+# two stand-in GPU "devices" (plain files: slurmd only looks them up; Slurm's sharing needs each GPU's File)
+mkdir -p "$state/dev" && touch "$state/dev/gpu0" "$state/dev/gpu1"
+printf 'Name=gpu File=%s/dev/gpu[0-1]\nName=shard Count=8\n' "$state" > /etc/slurm/gres.conf
 
 if [ ! -s /etc/munge/munge.key ]; then
   mkdir -p /etc/munge

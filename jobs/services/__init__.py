@@ -10,8 +10,8 @@ from .exports import metrics_csv, metrics_json, tensorboard_zip
 from .monitoring import exposition
 from .notifications import check_waits, deliver_due, job_event, remember_language, update_integrations
 from .lifecycle import _RESUMING, cancel_job, clone_job, finish_job, interrupt_job, pause_job, resume_job, retry_job
-from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, follow_slurm_job, reconcile_node, refresh_node,
-                    register_node, sample_devices, take_over_slurm_job)
+from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, end_orphaned, follow_slurm_job, reconcile_node,
+                    refresh_node, register_node, sample_devices, take_over_slurm_job)
 from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_task, build_spec, claim_next_job,
                     device_state, kick_queue, live_nodes, node_queue, queue_forecast, queue_info, queue_order,
                     queue_plan, queue_position, queue_snapshot, write_spec)
@@ -30,7 +30,8 @@ __all__ = [
     "_local_devices", "node_queue", "queue_forecast", "queue_info", "queue_order", "queue_plan", "queue_position",
     "queue_snapshot", "QUEUE_SNAPSHOT_S", "write_spec", "estimate_job", "largest_device_memory", "prepare_job",
     "record_event", "save_template", "submit_job", "cancel_job", "clone_job", "finish_job", "interrupt_job",
-    "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage", "reconcile_node",
+    "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage", "end_orphaned",
+    "reconcile_node",
     "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT",
     "append_upload",
     "compute_dataset_stats", "create_dataset", "dataset_references", "delete_dataset", "find_upload",

@@ -60,6 +60,8 @@ _RESUMING = {
         "(continues from its last checkpoint)"),
     gettext_noop("requeued after the node stopped"): gettext_noop(
         "requeued after the node stopped (continues from its last checkpoint)"),
+    gettext_noop("requeued after Slurm preempted it"): gettext_noop(
+        "requeued after Slurm preempted it (continues from its last checkpoint)"),
     gettext_noop("automatic resume %(n)s/%(limit)s"): gettext_noop(
         "automatic resume %(n)s/%(limit)s (continues from its last checkpoint)"),
 }
@@ -149,16 +151,17 @@ def finish_job(job: Job, status: str, *, error: str = "", error_params: dict | N
     return done
 
 
-def interrupt_job(job: Job, reason: str, params: dict | None = None, *, counts: bool = True) -> None:
+def interrupt_job(job: Job, reason: str, params: dict | None = None, *, counts: bool = True,
+                  requeued: str = gettext_noop("requeued after the node stopped")) -> None:
     """The job's process stopped without finishing: mark it interrupted, and requeue it to resume from its last
     checkpoint. After a crash (``counts``) only while the automatic-resume budget (MINICLOUD_AUTO_RESUME, default 1)
-    lasts; a clean node shutdown always requeues. One transaction: nobody sees a requeued job as interrupted (its
-    history keeps both events)."""
+    lasts; what is not the job's doing (a clean node shutdown, Slurm preempting it) always requeues, saying
+    ``requeued``. One transaction: nobody sees a requeued job as interrupted (its history keeps both events)."""
     with transaction.atomic():
         if not job.transition(Job.Status.INTERRUPTED, "system", reason, params or {}, pid=None, worker_pid=None):
             return
         if not counts:
-            _requeue(job, "system", gettext_noop("requeued after the node stopped"))
+            _requeue(job, "system", requeued)
         elif job.auto_resumes < settings.AUTO_RESUME_LIMIT:
             Job.objects.filter(pk=job.pk).update(auto_resumes=F("auto_resumes") + 1)
             job.refresh_from_db()

@@ -51,7 +51,7 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
             continue
         kill_group(job.pid)  # nobody reads its events any more
         why = gettext_noop("the node restarted") if starting else gettext_noop("the job's supervisor died")
-        _end_orphaned(job, why, gettext_noop("the node stopped while pausing"))
+        end_orphaned(job, why, gettext_noop("the node stopped while pausing"))
         done.append(job.pk)
     return done
 
@@ -71,7 +71,7 @@ def take_over_slurm_job(job_id: int, generation: int) -> Job | None:
     return Job.objects.get(pk=job_id)
 
 
-def _end_orphaned(job: Job, reason: str, pausing_reason: str, params: dict | None = None) -> bool:
+def end_orphaned(job: Job, reason: str, pausing_reason: str, params: dict | None = None) -> bool:
     """A live job whose supervisor is gone: a cancel completes, a pause completes (resumable from its checkpoint),
     a running job is interrupted with ``reason`` (and maybe requeued). True for the interrupted case."""
     if job.status == Job.Status.CANCELLING:

@@ -230,6 +230,40 @@ def test_fifty_jobs_from_ten_users_drain_in_fair_order(db, pretrain, django_user
         assert sorted(starts[rnd * 10:(rnd + 1) * 10]) == sorted(u.username for u in users)
 
 
+@pytest.mark.parametrize("where", ["flush", "finish"])
+def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrain, monkeypatch, settings, where):
+    """A supervisor that raises (a defect of ours, a lost database connection) while following its run or while
+    recording how it ended: the run is stopped and the job interrupted (resumed while the crash budget lasts), not
+    left running with nobody behind it (its worker lives on: the housekeeping would never take it for orphaned)."""
+    import io
+    import subprocess
+
+    from jobs.supervisor import Supervisor
+
+    settings.AUTO_RESUME_LIMIT = 1
+    job = services.submit_job(owner=user, name="defect", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    job = services.claim_next_job("n", 1)
+    child = subprocess.Popen(["sleep", "60"] if where == "flush" else ["true"], start_new_session=True)
+
+    def start(self):
+        self.job.run_dir.mkdir(parents=True, exist_ok=True)
+        self.raw_log, self.proc = io.StringIO(), child
+
+    def defect(self, *args):
+        raise KeyError("a defect")
+
+    monkeypatch.setattr(Supervisor, "start", start)
+    monkeypatch.setattr(Supervisor, "flush", defect if where == "flush" else lambda self: False)
+    if where == "finish":
+        monkeypatch.setattr(Supervisor, "finish", defect)
+    assert Supervisor(job).run() == Job.Status.QUEUED
+    assert child.wait(timeout=10) is not None  # stopped, not left training
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED and job.auto_resumes == 1
+    interrupted = job.events.filter(kind="interrupted").latest("pk")
+    assert interrupted.text == "the job's supervisor failed: KeyError: 'a defect'"
+
+
 def test_the_supervisor_records_the_real_peak_memory(user, pretrain):
     import io
     import json as _json

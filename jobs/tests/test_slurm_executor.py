@@ -59,6 +59,40 @@ def test_slurms_exit_codes_and_times_read_as_subprocess_would_report_them():
     assert slurm._time("2026-12-02T19:15:53").endswith("+00:00")
 
 
+PREEMPTED_IN_GRACE = ("JobId=79 JobName=minicloud-1 JobState=FAILED Reason=NonZeroExitCode ExitCode=143:0 "
+                      "StartTime=2026-12-06T06:39:46 EndTime=2026-12-06T06:39:53 NodeList=node1 "
+                      "PreemptEligibleTime=2026-12-06T06:39:46 PreemptTime=2026-12-06T06:39:51")
+
+
+@pytest.mark.parametrize("text, outcome", [
+    (PREEMPTED_IN_GRACE, "preempted"),  # exited (143) within the GraceTime after Slurm's SIGTERM
+    (PREEMPTED_IN_GRACE.replace("JobState=FAILED", "JobState=PREEMPTED"), "preempted"),  # killed after it
+    (PREEMPTED_IN_GRACE.replace("JobState=FAILED", "JobState=COMPLETED"), None),  # it finished first
+    (PREEMPTED_IN_GRACE.replace("PreemptTime=2026-12-06T06:39:51", "PreemptTime=None"), None)])  # failed
+def test_a_run_slurm_preempted_is_told_from_a_failed_one(tmp_path, monkeypatch, settings, text, outcome):
+    settings.SLURM_POLL_S = 0
+    monkeypatch.setattr(slurm, "_run", lambda *args, **kw: text)
+    run = slurm.SlurmRun("79", tmp_path / "slurm-79.out")
+    assert run.poll() is not None and run.outcome == outcome
+
+
+def test_a_preempted_job_resumes_every_time_without_spending_its_crash_budget(job, settings):
+    settings.AUTO_RESUME_LIMIT = 1
+    job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    job.checkpoint_path.write_bytes(b"the checkpoint its SIGTERM wrote")
+    for n in range(3):
+        services.claim_next_job("n", 1)
+        job.refresh_from_db()
+        assert job.status == Job.Status.RUNNING, n
+        sup = Supervisor(job)
+        sup.proc = type("Run", (), {"outcome": "preempted", "info": {"nodes": "node1"}})()
+        sup.finish(1)
+        job.refresh_from_db()
+        assert job.status == Job.Status.QUEUED and job.auto_resumes == 0 and job.resume
+    assert [e.kind for e in job.events.order_by("pk")][-2:] == ["interrupted", "queued"]
+    assert job.events.latest("pk").text == "requeued after Slurm preempted it (continues from its last checkpoint)"
+
+
 def test_a_restarted_portal_follows_its_slurm_runs_instead_of_interrupting_them(job, settings, monkeypatch):
     queued = []
     monkeypatch.setattr("jobs.services.nodes.enqueue", lambda *a, **kw: queued.append((a, kw)))
