@@ -16,8 +16,9 @@ Slurm's own commands (``sbatch``, ``scontrol``, ``scancel``, ``sacct``), as a la
   its code) and SIGKILL is ``scancel``.
 - How a run ended, when Slurm ended it (``outcome``): "cancelled" (``scancel`` from outside the portal), "timeout"
   (its ``--time``), "preempted" (a job of a higher priority took its nodes: ``PREEMPTED``, or ended within the
-  GraceTime after its SIGTERM; it resumes from its checkpoint, every time: that SIGTERM lets the engine write one), "lost" (``NODE_FAIL``,
-  ``BOOT_FAIL``: the portal resumes it from its checkpoint, once, as for a crash), "oom" (over its ``--mem``), "gone" (Slurm forgot it and there is no accounting), "never"
+  GraceTime after its SIGTERM; it resumes from its checkpoint, every time: that SIGTERM lets the engine write one),
+  "lost" (``NODE_FAIL``, ``BOOT_FAIL``: the portal resumes it from its checkpoint, once, as for a crash), "oom" (over
+  its ``--mem``), "gone" (Slurm forgot it and there is no accounting), "never"
   (pending for a reason that cannot clear, such as more nodes than the partition has: cancelled, the job fails).
 
 The supervisor (jobs/supervisor.py) does the rest as for a local run: events to the database, pause/cancel, the end.

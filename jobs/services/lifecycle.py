@@ -69,8 +69,9 @@ _RESUMING = {
 
 def _requeue(job: Job, actor: str, message: str, params: dict | None = None) -> bool:
     resume = job.checkpoint_path.exists()
-    ok = job.transition(Job.Status.QUEUED, actor, _RESUMING[message] if resume else message, params or {},
-                        resume=resume, pid=None, worker_pid=None, node="", devices=[], finished_at=None)
+    said = _RESUMING.get(message, message) if resume else message  # (each requeue's words have their resuming form)
+    ok = job.transition(Job.Status.QUEUED, actor, said, params or {}, resume=resume, pid=None, worker_pid=None,
+                        node="", devices=[], finished_at=None)
     if ok:
         transaction.on_commit(kick_queue)
     return ok
