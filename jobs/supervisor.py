@@ -367,6 +367,7 @@ class Supervisor:
         try:
             self.start()
         except Exception as exc:
+            self._stop_run()  # launched, then a failure (recording its pid): no engine left training unfollowed
             services.finish_job(self.job, Job.Status.FAILED,
                                 error=gettext_noop("could not start the training process: %(error)s"),
                                 error_params={"error": str(exc)})
@@ -387,6 +388,15 @@ class Supervisor:
         except Exception as exc:
             return self.failed(exc)
 
+    def _stop_run(self) -> None:
+        """Kill the run this supervisor started, if it did and it still runs (its failure paths)."""
+        try:
+            proc = getattr(self, "proc", None)
+            if proc is not None and proc.poll() is None:
+                self._signal(signal.SIGKILL)
+        except Exception:
+            log.exception("job %s: could not stop its run", self.job.pk)
+
     def failed(self, exc: Exception) -> str:
         """The supervisor itself failed (a defect of ours, a lost database connection): the job must not stay live
         with nobody following it (its worker lives on, so the housekeeping would not take it for orphaned) and the
@@ -394,12 +404,7 @@ class Supervisor:
         or a pause completes, a running job is interrupted (and resumes from its checkpoint while the automatic-resume
         budget lasts)."""
         log.exception("job %s: the supervisor failed", self.job.pk)
-        try:
-            proc = getattr(self, "proc", None)
-            if proc is not None and proc.poll() is None:
-                self._signal(signal.SIGKILL)
-        except Exception:
-            log.exception("job %s: could not stop its run", self.job.pk)
+        self._stop_run()
         job = Job.objects.get(pk=self.job.pk)
         if job.status in Job.LIVE and job.generation == self.generation:
             services.end_orphaned(job, gettext_noop("the job's supervisor failed: %(error)s"),

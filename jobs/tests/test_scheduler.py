@@ -230,11 +230,12 @@ def test_fifty_jobs_from_ten_users_drain_in_fair_order(db, pretrain, django_user
         assert sorted(starts[rnd * 10:(rnd + 1) * 10]) == sorted(u.username for u in users)
 
 
-@pytest.mark.parametrize("where", ["flush", "finish"])
+@pytest.mark.parametrize("where", ["start", "flush", "finish"])
 def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrain, monkeypatch, settings, where):
-    """A supervisor that raises (a defect of ours, a lost database connection) while following its run or while
-    recording how it ended: the run is stopped and the job interrupted (resumed while the crash budget lasts), not
-    left running with nobody behind it (its worker lives on: the housekeeping would never take it for orphaned)."""
+    """A supervisor that raises (a defect of ours, a lost database connection) once its run is launched, while
+    following it or while recording how it ended: the run is stopped and the job failed (at the start) or
+    interrupted (resumed while the crash budget lasts), not left running with nobody behind it (its worker lives
+    on: the housekeeping would never take it for orphaned)."""
     import io
     import subprocess
 
@@ -243,11 +244,13 @@ def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrai
     settings.AUTO_RESUME_LIMIT = 1
     job = services.submit_job(owner=user, name="defect", stage="pretrain", dataset=pretrain.pk, config=TINY)
     job = services.claim_next_job("n", 1)
-    child = subprocess.Popen(["sleep", "60"] if where == "flush" else ["true"], start_new_session=True)
+    child = subprocess.Popen(["true"] if where == "finish" else ["sleep", "60"], start_new_session=True)
 
     def start(self):
         self.job.run_dir.mkdir(parents=True, exist_ok=True)
         self.raw_log, self.proc = io.StringIO(), child
+        if where == "start":
+            raise KeyError("a defect")
 
     def defect(self, *args):
         raise KeyError("a defect")
@@ -256,9 +259,12 @@ def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrai
     monkeypatch.setattr(Supervisor, "flush", defect if where == "flush" else lambda self: False)
     if where == "finish":
         monkeypatch.setattr(Supervisor, "finish", defect)
-    assert Supervisor(job).run() == Job.Status.QUEUED
+    assert Supervisor(job).run() == (Job.Status.FAILED if where == "start" else Job.Status.QUEUED)
     assert child.wait(timeout=10) is not None  # stopped, not left training
     job.refresh_from_db()
+    if where == "start":
+        assert job.status == Job.Status.FAILED and "a defect" in job.error_text
+        return
     assert job.status == Job.Status.QUEUED and job.auto_resumes == 1
     interrupted = job.events.filter(kind="interrupted").latest("pk")
     assert interrupted.text == "the job's supervisor failed: KeyError: 'a defect'"
