@@ -64,6 +64,8 @@ timed 60 --cases sft --compile no $mm
 timed 60 ${compiled[4]}  # packed SFT (the engine's default): >= 3x MiniMind's SFT non-pad tokens/s (issue 27)
 timed 60 --cases sft_packed --compile no $ours
 timed 60 ${compiled[3]}
+timed 60 --cases distill --compile no $mm  # distillation (student and MoE teacher on packed rows) beside MiniMind's
+timed 60 --cases distill_packed --compile no $ours
 timeout 60 $PY bench/train_throughput.py $MM $SMALL ${compiled[0]} --steps 2 --warmup 3 --profile 1 \
   >"$OUT/profile.jsonl" 2>"$OUT/profile.txt"  # the kernel table of one optimizer step
 echo "done in $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"

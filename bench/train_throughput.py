@@ -7,7 +7,10 @@
 Cases (MiniMind's defaults): ``dense`` pretraining (hidden 768, 8 layers, batch 32 × 340, accumulation 8),
 ``moe`` the same with 4 experts top-1, ``sft`` batch 16 × 768 with conversation-like lengths (uniform between a
 quarter of the row and the full row; pad counted apart), ``sft_grouped`` the same with ``group_by_length``,
-``sft_packed`` the same packed (the engine's default for SFT, LoRA and DPO: training/rows.py). For SFT
+``sft_packed`` the same packed (the engine's default for SFT, LoRA, DPO and distillation: training/rows.py),
+``distill`` / ``distill_packed`` rows of that kind at MiniMind's train_distillation.py defaults (batch 32 × 340) with
+a frozen teacher (``--teacher-hidden``/``--teacher-layers``/``--teacher-dense``; MiniMind's default, 768 × 8 MoE) and
+the distillation loss (training/distill.py: CE and T²·KL at alpha 0.5, T 1.5). For SFT
 our engine's batching is measured as it trains: random batches (or grouped by length), each trimmed of its right
 padding; MiniMind's class gets MiniMind's full padded rows in random order. Each measures forward + backward + clip + fused AdamW after warm-up
 steps on random tokens, and prints tokens/s (all and non-pad), step time, peak memory and model FLOPs utilisation
@@ -23,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
+from training.distill import make_loss as distill_loss  # noqa: E402
 from training.loop import compile_for_training, row_lengths, trim_padding  # noqa: E402
 from training.rows import epoch_order, pack_rows  # noqa: E402
 from training.model import ATTENTION, GPU_EXPERTS, aux_loss, build_model, packed_inputs  # noqa: E402
@@ -33,7 +37,10 @@ CASES = {"dense": {"use_moe": False, "batch": 32, "seq": 340, "accum": 8, "padde
          "moe": {"use_moe": True, "batch": 32, "seq": 340, "accum": 8, "padded": False},
          "sft": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True},
          "sft_grouped": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "grouped": True},
-         "sft_packed": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "packed": True}}
+         "sft_packed": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "packed": True},
+         "distill": {"use_moe": False, "batch": 32, "seq": 340, "accum": 1, "padded": True, "teacher": True},
+         "distill_packed": {"use_moe": False, "batch": 32, "seq": 340, "accum": 1, "padded": True, "packed": True,
+                            "teacher": True}}
 
 
 def minimind_model(path, mcfg):
@@ -103,13 +110,21 @@ def measure(name, case, args, impl, compiled):
         model = build_model(mcfg, GPU_EXPERTS if is_cuda and case["use_moe"] else None, fused=not args.unfused,
                             attention=args.attn).to(device)
     model.train()
+    distill = None
+    if case.get("teacher"):  # a frozen teacher of its own size (ours or MiniMind's class, as the student)
+        tcfg = model_config(resolve_config("pretrain", {"hidden_size": args.teacher_hidden,
+                                                        "num_hidden_layers": args.teacher_layers,
+                                                        "use_moe": not args.teacher_dense}))
+        teacher = (minimind_model(args.minimind, tcfg) if impl == "minimind" else
+                   build_model(tcfg, GPU_EXPERTS if is_cuda and tcfg["use_moe"] else None)).to(device)
+        distill = distill_loss(teacher, alpha=0.5, temperature=1.5)
     graphs = compiled and args.compile_mode != "default"
     step_model = compile_for_training(model, args.compile_mode, args.coordinate_descent) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=is_cuda)
     batch, seq = args.batch or case["batch"], args.seq or case["seq"]
     accum = args.accum or case["accum"]
     batches = make_batches(case, batch, seq, mcfg["vocab_size"], ours=impl == "ours", multiple=64 if compiled else 8)
-    batches = [(x.to(device), y.to(device), packed_inputs({k: v.to(device) for k, v in packed.items()}) if packed else {})
+    batches = [(x.to(device), y.to(device), {k: v.to(device) for k, v in packed.items()} if packed else {})
                for x, y, packed in batches]
     feed = iter(range(10**9))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else torch.autocast("cpu", enabled=False)
@@ -118,11 +133,14 @@ def measure(name, case, args, impl, compiled):
         for _ in range(accum):
             x, y, extra = batches[next(feed) % len(batches)]
             with amp:
-                out = step_model(input_ids=x, labels=y, **extra)
-                loss = out.loss
-                aux = aux_loss(model) if impl == "ours" else getattr(out, "aux_loss", None)
-                if aux is not None:
-                    loss = loss + aux
+                if distill is not None:  # the engine's loss: its model call passes the packed rows' mask
+                    loss, _ = distill(step_model, {"x": x, "y": y, **extra})
+                else:
+                    out = step_model(input_ids=x, labels=y, **packed_inputs(extra))
+                    loss = out.loss
+                    aux = aux_loss(model) if impl == "ours" else getattr(out, "aux_loss", None)
+                    if aux is not None:
+                        loss = loss + aux
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -170,14 +188,18 @@ def measure(name, case, args, impl, compiled):
            "coordinate_descent": args.coordinate_descent, "sdpa_backend": args.sdpa_backend, "device": torch.cuda.get_device_name() if is_cuda else "cpu",
            "torch": torch.__version__, "hidden_size": h, "layers": layers, "use_moe": case["use_moe"], "batch": batch,
            "seq": seq, "accumulation": accum, "params": params["total"], "active_params": params["active"],
+           "teacher": [args.teacher_hidden, args.teacher_layers, "dense" if args.teacher_dense else "moe"]
+           if distill else None,
            "step_time_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
            "nonpad_tokens_per_s": round(real / dt, 1), "mean_width": round(width, 1), "rows_per_step": rows,
            "achieved_tflops": round(flops_per_token * real / dt / 1e12, 2)}  # useful (non-pad) work only
+    if distill is not None:  # the teacher's forward is not in the student's FLOPs: no utilisation figure
+        del out["achieved_tflops"]
     if is_cuda:
         out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # the timed steps' own
         out["peak_reserved_gb"] = round(max(whole_run_reserved, torch.cuda.max_memory_reserved()) / 2**30, 2)
         peak = next((t for k, t in PEAK_BF16_TFLOPS.items() if k in out["device"]), None)
-        if peak:
+        if peak and "achieved_tflops" in out:
             out["mfu"] = round(out["achieved_tflops"] / peak, 4)
     return out
 
@@ -193,6 +215,9 @@ def main():
     p.add_argument("--batch", type=int, help="override the case's batch")
     p.add_argument("--seq", type=int, help="override the case's sequence length")
     p.add_argument("--accum", type=int, help="override the case's accumulation steps")
+    p.add_argument("--teacher-hidden", type=int, default=768, help="distill cases: the teacher's hidden size")
+    p.add_argument("--teacher-layers", type=int, default=8, help="distill cases: the teacher's layers")
+    p.add_argument("--teacher-dense", action="store_true", help="distill cases: a dense teacher (default: MoE)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

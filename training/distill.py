@@ -1,7 +1,9 @@
 """Knowledge distillation (MiniMind's train_distillation.py): a student learns from a teacher of another size.
 
 loss = α · CE(student, assistant labels) [+ aux if the student is MoE] + (1 - α) · T² · KL(teacher_T ‖ student_T),
-the KL a batch mean over assistant-label tokens; teacher logits are cut to the student's vocabulary.
+the KL a batch mean over assistant-label tokens; teacher logits are cut to the student's vocabulary. Packed rows
+(``packing``, the default as for SFT) reach student and teacher alike, each conversation attending only to its own
+tokens: every label's CE and KL term is the unpacked batch's.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .loop import pick_device, train
-from .model import aux_loss, freeze
+from .model import aux_loss, freeze, packed_inputs
 from .sft import load_rows
 
 
@@ -24,9 +26,10 @@ def make_loss(teacher, alpha: float, temperature: float):
     freeze(teacher)
 
     def loss_fn(model, batch):
-        out = model(input_ids=batch["x"], labels=batch["y"])
+        packed = packed_inputs(batch)
+        out = model(input_ids=batch["x"], labels=batch["y"], **packed)
         with torch.no_grad():
-            t_logits = teacher(input_ids=batch["x"]).logits
+            t_logits = teacher(input_ids=batch["x"], **packed).logits
         vocab = out.logits.shape[-1]
         logits, t_logits = out.logits[:, :-1], t_logits[:, :-1, :vocab]
         mask = batch["y"][:, 1:] != -100

@@ -66,7 +66,7 @@ STAGE_EXTRA = {
     # lora_targets null: MiniMind's rule, every square nn.Linear (q/o_proj; k/v_proj too without GQA)
     "lora": {**SFT_EXTRA, **PACKED, "lora_rank": 16, "lora_alpha": 16, "lora_targets": None},
     "dpo": {"beta": 0.15, "empty_think_drop_ratio": 0.8, **PACKED},
-    "distill": {**SFT_EXTRA, "alpha": 0.5, "temperature": 1.5},
+    "distill": {**SFT_EXTRA, **PACKED, "alpha": 0.5, "temperature": 1.5},
     "ppo": {**RL_EXTRA, "critic_learning_rate": 5e-7, "clip_epsilon": 0.2, "vf_coef": 0.5, "kl_coef": 0.02,
             "gamma": 1.0, "lam": 0.95, "cliprange_value": 0.2, "ppo_update_iters": 2, "early_stop_kl": 0.25,
             "mini_batch_size": 2},

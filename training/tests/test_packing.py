@@ -87,7 +87,23 @@ def test_packed_gradients_equal_the_unpacked_ones(demo_dir):
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("stage", ["sft", "lora", "dpo"])
+def test_packed_distillation_loss_equals_the_unpacked_loss(demo_dir):
+    """Student and teacher (another size, MoE) both read the packed rows: CE, KL and the loss are the unpacked ones."""
+    from training.distill import make_loss as distill_loss
+    from training.model import build_model
+
+    plain, packed = _batches(demo_dir, "sft", "demo-sft")
+    torch.manual_seed(1)
+    teacher = build_model(model_config(resolve_config("pretrain", {**ARCH, "hidden_size": 96, "use_moe": True}))).float()
+    loss_fn = distill_loss(teacher, alpha=0.5, temperature=1.5)
+    student = _model()
+    with torch.no_grad():
+        a, pa = loss_fn(student, plain)
+        b, pb = loss_fn(student, packed)
+    assert abs(float(a) - float(b)) < 1e-6
+    assert abs(float(pa["distill"]) - float(pb["distill"])) < 1e-6 and abs(float(pa["ce"]) - float(pb["ce"])) < 1e-6
+
+
+@pytest.mark.parametrize("stage", ["sft", "lora", "dpo", "distill"])
 def test_packing_is_the_default_where_it_is_exact(stage):
     assert resolve_config(stage, {})["packing"] is True
-    assert "packing" not in resolve_config("distill", {})  # the teacher reads the rows unpacked
