@@ -404,9 +404,15 @@ class Supervisor:
         or a pause completes, a running job is interrupted (and resumes from its checkpoint while the automatic-resume
         budget lasts)."""
         log.exception("job %s: the supervisor failed", self.job.pk)
+        try:
+            job = Job.objects.get(pk=self.job.pk)
+        except Exception:  # the database is gone too: at least no run goes on unrecorded
+            self._stop_run()
+            raise
+        if job.generation != self.generation or self.reason in ("lost", "detach"):
+            return job.status  # another supervisor has the job, and its run, now: neither is this one's to end
         self._stop_run()
-        job = Job.objects.get(pk=self.job.pk)
-        if job.status in Job.LIVE and job.generation == self.generation:
+        if job.status in Job.LIVE:
             services.end_orphaned(job, gettext_noop("the job's supervisor failed: %(error)s"),
                                   gettext_noop("the node stopped while pausing"),
                                   {"error": f"{type(exc).__name__}: {exc}"[:500]})

@@ -230,7 +230,7 @@ def test_fifty_jobs_from_ten_users_drain_in_fair_order(db, pretrain, django_user
         assert sorted(starts[rnd * 10:(rnd + 1) * 10]) == sorted(u.username for u in users)
 
 
-@pytest.mark.parametrize("where", ["start", "flush", "finish"])
+@pytest.mark.parametrize("where", ["start", "flush", "finish", "taken over"])
 def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrain, monkeypatch, settings, where):
     """A supervisor that raises (a defect of ours, a lost database connection) once its run is launched, while
     following it or while recording how it ended: the run is stopped and the job failed (at the start) or
@@ -256,9 +256,15 @@ def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrai
         raise KeyError("a defect")
 
     monkeypatch.setattr(Supervisor, "start", start)
-    monkeypatch.setattr(Supervisor, "flush", defect if where == "flush" else lambda self: False)
+    monkeypatch.setattr(Supervisor, "flush", defect if where in ("flush", "taken over") else lambda self: False)
     if where == "finish":
         monkeypatch.setattr(Supervisor, "finish", defect)
+    if where == "taken over":  # another supervisor follows the job (and its run) now: neither is this one's to end
+        sup = Supervisor(job)
+        Job.objects.filter(pk=job.pk).update(generation=job.generation + 1)
+        assert sup.run() == Job.Status.RUNNING and child.poll() is None
+        child.kill()
+        return
     assert Supervisor(job).run() == (Job.Status.FAILED if where == "start" else Job.Status.QUEUED)
     assert child.wait(timeout=10) is not None  # stopped, not left training
     job.refresh_from_db()
