@@ -133,6 +133,7 @@ class FileLine(str):
 class Supervisor:
     def __init__(self, job: Job, attach: bool = False):
         self.job = job
+        self.proc = None  # the run's handle once started (engine_process.launch or slurm.submit / SlurmRun)
         self.attach = attach  # follow the job's Slurm run that another supervisor started (jobs/services/nodes.py)
         self.slurm = job.executor == "slurm" if attach else settings.EXECUTOR == "slurm"
         self.read_pos = None  # Slurm: how far the output file is recorded
@@ -391,8 +392,7 @@ class Supervisor:
     def _stop_run(self) -> None:
         """Kill the run this supervisor started, if it did and it still runs (its failure paths)."""
         try:
-            proc = getattr(self, "proc", None)
-            if proc is not None and proc.poll() is None:
+            if self.proc is not None and self.proc.poll() is None:
                 self._signal(signal.SIGKILL)
         except Exception:
             log.exception("job %s: could not stop its run", self.job.pk)

@@ -84,7 +84,7 @@ def cmd_run(args) -> int:
                                      "model"))
             events.emit("error", kind="out_of_memory", message=template % {"error": message}, template=template,
                         params={"error": message})
-        elif explained := explanation(exc):  # spec.Explained, a SpecError, loop.Diverged: in the reader's language
+        elif explained := explanation(exc):  # spec.Explained (loop.Diverged too), a SpecError: in the reader's language
             events.emit("error", kind=type(exc).__name__.lower(), message=message, template=explained[0],
                         params=explained[1])
         else:
@@ -141,9 +141,10 @@ def _report(fn) -> int:
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         sys.stderr.write(traceback.format_exc())
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        explained = explanation(exc)
-        print(json.dumps({"error": message, **({"template": explained[0], "params": explained[1]} if explained else {})},
-                         ensure_ascii=False, default=str))
+        report = {"error": message}
+        if explained := explanation(exc):
+            report["template"], report["params"] = explained
+        print(json.dumps(report, ensure_ascii=False, default=str))
         return 2
 
 

@@ -27,22 +27,19 @@ import torch.distributed as dist
 from . import events
 from .model import save_pth
 from .records import no_samples
-from .spec import gettext_noop
+from .spec import Explained, gettext_noop
 
 EXIT_STOPPED = 143  # stopped on SIGTERM after a checkpoint (128 + SIGTERM)
 
 
-class Diverged(RuntimeError):
+class Diverged(Explained):
     """The loss is not a number and the trained weights are no longer finite: no later step can recover, so the job
     stops instead of holding its device (fp16's skipped overflow steps leave the weights finite and go on)."""
 
-    template = gettext_noop("training diverged at step %(step)s: the loss is %(loss)s and the weights are no longer "
-                            "finite — lower learning_rate (it was %(lr)s), add warmup_steps, or use bf16 rather "
-                            "than fp16")
-
     def __init__(self, step: int, loss: float, lr: float):
-        self.params = {"step": step, "loss": str(loss), "lr": f"{lr:g}"}
-        super().__init__(self.template % self.params)
+        super().__init__(gettext_noop("training diverged at step %(step)s: the loss is %(loss)s and the weights are "
+                                      "no longer finite — lower learning_rate (it was %(lr)s), add warmup_steps, or "
+                                      "use bf16 rather than fp16"), step=step, loss=str(loss), lr=f"{lr:g}")
 
 
 class StopFlag:

@@ -71,7 +71,7 @@ ENGINE_TIMEOUT_S = 1800
 
 def run_engine(*args, timeout: int = ENGINE_TIMEOUT_S) -> dict:
     """``python -m training ARGS`` → its JSON report; its one-line error becomes a ServiceError (400), in the
-    reader's language where the engine explains it (a template and its parameters: ``jobs.models.stored_text``)."""
+    reader's language where the engine explains it (a template and its parameters: ``minicloud.errors.stored_text``)."""
     import signal
     import subprocess
     import sys
