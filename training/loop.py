@@ -146,7 +146,9 @@ def trim_padding(batch: dict, multiple: int = 8) -> dict:
 def write_checkpoint(ckpt_dir: Path, state: dict, step: int, eval_loss, keep: int) -> Path:
     """Write ``step-N.pt``, point ``resume.pt`` at it, and rotate: keep the last ``keep`` and the best by eval loss.
 
-    ``index.json`` lists the kept checkpoints with their eval loss.
+    ``index.json`` lists the kept checkpoints with their eval loss. Every file is replaced whole (written beside,
+    then renamed): a run killed at any moment leaves the previous version, never a partial one that its resume
+    would fail to read.
     """
     path = ckpt_dir / f"step-{step:07d}.pt"
     tmp = path.with_suffix(".tmp")
@@ -169,7 +171,9 @@ def write_checkpoint(ckpt_dir: Path, state: dict, step: int, eval_loss, keep: in
         if e["step"] not in latest and e["step"] != best:
             (ckpt_dir / e["file"]).unlink(missing_ok=True)
     index = [dict(e, best=e["step"] == best) for e in index if e["step"] in latest or e["step"] == best]
-    index_path.write_text(json.dumps(index, indent=1))
+    tmp_index = index_path.with_suffix(".tmp")
+    tmp_index.write_text(json.dumps(index, indent=1))
+    os.replace(tmp_index, index_path)
     return path
 
 

@@ -274,6 +274,29 @@ def test_checkpoints_rotate_keeping_the_last_and_the_best(tmp_path):
     assert [(e["step"], e["best"]) for e in index] == [(20, True), (40, False), (50, False)]
 
 
+def test_a_run_killed_while_writing_the_checkpoint_index_resumes(tmp_path, monkeypatch):
+    """A kill in the middle of writing index.json (a process SIGKILLed at the worst moment; seen in CI: the resumed
+    run failed on an empty index) leaves the previous index whole, and the next checkpoint is written."""
+    from pathlib import Path
+
+    from training.loop import write_checkpoint
+
+    write_checkpoint(tmp_path, {"step": 10}, 10, 3.0, keep=2)
+    write_text = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path, {"step": 20}, 20, 2.0, keep=2)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert [e["step"] for e in json.loads((tmp_path / "index.json").read_text())] == [10]
+    write_checkpoint(tmp_path, {"step": 30}, 30, 1.0, keep=2)  # the resumed run's next checkpoint
+    assert [e["step"] for e in json.loads((tmp_path / "index.json").read_text())] == [10, 30]
+
+
 def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path, engine):
     """With eval_dataset the whole dataset trains and the eval loss comes from the other file."""
     held_out = tmp_path / "held-out.jsonl"
