@@ -28,6 +28,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_noop
 
+from minicloud.errors import explained
 from minicloud.processes import engine_env, kill_group
 from models_registry.services import record_evaluation, register_job_output
 
@@ -414,7 +415,7 @@ class Supervisor:
         self._stop_run()
         if job.status in Job.LIVE:
             services.end_orphaned(job, gettext_noop("the job's supervisor failed: %(error)s"),
-                                  gettext_noop("the node stopped while pausing"),
+                                  gettext_noop("the job's supervisor failed while pausing: %(error)s"),
                                   {"error": f"{type(exc).__name__}: {exc}"[:500]})
         return Job.objects.get(pk=self.job.pk).status
 
@@ -507,8 +508,8 @@ class Supervisor:
 def engine_error(event: dict) -> dict:
     """finish_job's error arguments for the engine's error event: its English template and parameters where it sends
     them (the errors it explains, such as running out of memory), else its one line as it is."""
-    if event.get("template") and isinstance(event.get("params"), dict):
-        return {"error": event["template"], "error_params": event["params"]}
+    if (pair := explained(event)) is not None:
+        return {"error": pair[0], "error_params": pair[1]}
     if event.get("message"):
         return {"error": event["message"]}
     return {"error": gettext_noop("training failed"), "error_params": {}}

@@ -38,6 +38,14 @@ def stored_text(template: str, params: dict | None) -> str:
             return template
 
 
+def explained(report: dict) -> tuple[str, dict] | None:
+    """The English template and parameters of an error the engine explains (its error event or its conversions'
+    JSON report: ``training.spec.Explained``), or None when it sent only a line of text."""
+    if report.get("template") and isinstance(report.get("params"), dict):
+        return report["template"], report["params"]
+    return None
+
+
 def clean_name(value, max_length: int, field: str = "name") -> str:
     """A name as a client sent it, stripped: 1 to ``max_length`` characters of text."""
     name = value.strip() if isinstance(value, str) else ""

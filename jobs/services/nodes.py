@@ -50,8 +50,11 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
             follow_slurm_job(job)  # the Slurm run goes on without the portal: follow it again
             continue
         kill_group(job.pid)  # nobody reads its events any more
-        why = gettext_noop("the node restarted") if starting else gettext_noop("the job's supervisor died")
-        end_orphaned(job, why, gettext_noop("the node stopped while pausing"))
+        if starting:
+            end_orphaned(job, gettext_noop("the node restarted"), gettext_noop("the node stopped while pausing"))
+        else:
+            end_orphaned(job, gettext_noop("the job's supervisor died"),
+                         gettext_noop("the job's supervisor died while pausing"))
         done.append(job.pk)
     return done
 

@@ -230,7 +230,7 @@ def test_fifty_jobs_from_ten_users_drain_in_fair_order(db, pretrain, django_user
         assert sorted(starts[rnd * 10:(rnd + 1) * 10]) == sorted(u.username for u in users)
 
 
-@pytest.mark.parametrize("where", ["start", "flush", "finish", "taken over"])
+@pytest.mark.parametrize("where", ["start", "flush", "finish", "taken over", "pausing"])
 def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrain, monkeypatch, settings, where):
     """A supervisor that raises (a defect of ours, a lost database connection) once its run is launched, while
     following it or while recording how it ended: the run is stopped and the job failed (at the start) or
@@ -256,7 +256,7 @@ def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrai
         raise KeyError("a defect")
 
     monkeypatch.setattr(Supervisor, "start", start)
-    monkeypatch.setattr(Supervisor, "flush", defect if where in ("flush", "taken over") else lambda self: False)
+    monkeypatch.setattr(Supervisor, "flush", lambda self: False if where in ("start", "finish") else defect(self))
     if where == "finish":
         monkeypatch.setattr(Supervisor, "finish", defect)
     if where == "taken over":  # another supervisor follows the job (and its run) now: neither is this one's to end
@@ -264,6 +264,11 @@ def test_a_failing_supervisor_stops_its_run_and_leaves_no_job_live(user, pretrai
         Job.objects.filter(pk=job.pk).update(generation=job.generation + 1)
         assert sup.run() == Job.Status.RUNNING and child.poll() is None
         child.kill()
+        return
+    if where == "pausing":  # a pause asked for: it completes (resumable), saying why in the words of what happened
+        job.transition(Job.Status.PAUSING, "system")
+        assert Supervisor(job).run() == Job.Status.PAUSED and child.wait(timeout=10) is not None
+        assert job.events.latest("pk").text == "the job's supervisor failed while pausing: KeyError: 'a defect'"
         return
     assert Supervisor(job).run() == (Job.Status.FAILED if where == "start" else Job.Status.QUEUED)
     assert child.wait(timeout=10) is not None  # stopped, not left training

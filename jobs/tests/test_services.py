@@ -198,6 +198,18 @@ def test_reconcile_requeues_jobs_of_a_dead_node(user, demo, settings, tmp_path):
     assert list(job.events.values_list("kind", flat=True))[-2:] == ["interrupted", "queued"]
 
 
+def test_reconcile_completes_the_pause_of_a_job_whose_supervisor_died(user, demo, settings, tmp_path):
+    settings.HOME = tmp_path
+    job = submit(user, demo)
+    services.claim_next_job("node-x", 1)
+    job.refresh_from_db()
+    job.transition(Job.Status.PAUSING, "system")
+    Job.objects.filter(pk=job.pk).update(pid=2**22 + 12345, worker_pid=2**22 + 12346)  # both gone; the node lives
+    assert services.reconcile_node("node-x", starting=False) == [job.pk]
+    job.refresh_from_db()
+    assert job.status == "paused" and job.events.latest("pk").text == "the job's supervisor died while pausing"
+
+
 def test_queue_position(user, demo):
     a, b = submit(user, demo), submit(user, demo)
     c = submit(user, demo, priority=1)

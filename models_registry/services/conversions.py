@@ -9,7 +9,7 @@ from django.conf import settings
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from minicloud.errors import ServiceError, stored_text
+from minicloud.errors import ServiceError, explained, stored_text
 from minicloud.files import exclusive_lock, folder_entries, zip_files
 from minicloud.processes import die_with_parent, engine_env
 from training import gguf_export  # its support table and types: plain Python (numpy), no torch
@@ -92,8 +92,8 @@ def run_engine(*args, timeout: int = ENGINE_TIMEOUT_S) -> dict:
         report = {}
     if out.returncode != 0 or "error" in report or not report:
         message = report.get("error") or (out.stderr.strip().splitlines() or ["the engine failed"])[-1]
-        if report.get("template") and isinstance(report.get("params"), dict):
-            message = stored_text(report["template"], report["params"])
+        if (pair := explained(report)) is not None:
+            message = stored_text(*pair)
         raise ServiceError(message[:500], status=400)
     return report
 
