@@ -174,28 +174,44 @@ def query(slurm_id: str) -> dict | None:
 
     ``preempted``: Slurm chose the job for preemption (its PreemptTime). A job that exits within the partition's
     GraceTime, as the engine does once the SIGTERM has made it checkpoint, ends FAILED (its exit code, 143), not
-    PREEMPTED: only PreemptTime tells the two apart (sacct keeps no such field: there the state alone counts)."""
+    PREEMPTED: only PreemptTime tells the two apart. sacct keeps no such field: there such a run reads FAILED, and
+    the engine's own "stopped" event says that it checkpointed on a SIGTERM (jobs/supervisor.py resumes it)."""
+    return from_scontrol(slurm_id) or from_sacct(slurm_id)
+
+
+def from_scontrol(slurm_id: str) -> dict | None:
+    """``query`` as ``scontrol`` answers it; None once it has forgotten the job."""
     try:
         text = _run("scontrol", "show", "job", "-o", slurm_id)
     except SlurmError as exc:
         if "invalid job id" not in str(exc).lower():
             raise  # slurmctld unreachable or busy: ask again later
-        text = ""
+        return None
     fields = dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", text))
-    if fields.get("JobState"):
-        return {"state": fields["JobState"], "reason": fields.get("Reason", "None"),
-                "nodes": "" if fields.get("NodeList") in (None, "(null)") else fields["NodeList"],
-                "start": _time(fields.get("StartTime")), "end": _time(fields.get("EndTime")),
-                "exit": fields.get("ExitCode", ""), "preempted": _time(fields.get("PreemptTime")) is not None}
+    if not fields.get("JobState"):
+        return None
+    return {"state": fields["JobState"], "reason": fields.get("Reason", "None"),
+            "nodes": "" if fields.get("NodeList") in (None, "(null)") else fields["NodeList"],
+            "start": _time(fields.get("StartTime")), "end": _time(fields.get("EndTime")),
+            "exit": fields.get("ExitCode", ""), "preempted": _time(fields.get("PreemptTime")) is not None}
+
+
+def from_sacct(slurm_id: str) -> dict | None:
+    """``query`` as Slurm's accounting (``sacct``) answers it; None without accounting or a record of the job."""
     try:
-        line = _run("sacct", "-j", slurm_id, "-X", "-n", "-P", "-o", "State,Reason,NodeList,Start,End,ExitCode")
+        line = _run("sacct", "-j", slurm_id, "-X", "-n", "-P", "-o",
+                    "State,Reason,NodeList,Start,End,ExitCode,DerivedExitCode")
     except SlurmError:
         return None
     parts = line.strip().splitlines()[0].split("|") if line.strip() else []
-    if len(parts) < 6:
+    if len(parts) < 7:
         return None
-    return {"state": parts[0].split()[0], "reason": parts[1], "nodes": parts[2], "start": _time(parts[3]),
-            "end": _time(parts[4]), "exit": parts[5], "preempted": parts[0].startswith("PREEMPTED")}
+    # the engine's exit code is its step's: sacct's ExitCode of a job whose srun step exited 143 reads "15:0"
+    # (Slurm 22.05; scontrol says 143:0), its DerivedExitCode (the highest of its steps') "143:0"
+    code = parts[6] if parts[6] and parts[6] != "0:0" else parts[5]
+    return {"state": parts[0].split()[0], "reason": parts[1],
+            "nodes": "" if parts[2] == "None assigned" else parts[2], "start": _time(parts[3]),
+            "end": _time(parts[4]), "exit": code, "preempted": parts[0].startswith("PREEMPTED")}
 
 
 def exit_code(exit_field: str) -> int:

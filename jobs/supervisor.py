@@ -69,6 +69,8 @@ def _format(event: dict) -> str:
         return f"[{stamp}] preparing data: {100 * _number(event, 'fraction'):.0f} %, {int(_number(event, 'records'))} records"
     if kind == "done":
         return f"[{stamp}] done after {event.get('step')} steps"
+    if kind == "stopped":
+        return f"[{stamp}] stopped by signal at step {event.get('step')}; resume continues from here"
     if kind == "error":
         return f"[{stamp}] ERROR {event.get('message', '')}"
     return f"[{stamp}] {json.dumps(event, ensure_ascii=False)}"
@@ -144,6 +146,7 @@ class Supervisor:
         self.log_offset = last.offset + len(last.text) if last else 0
         self.done_event = None
         self.error_event = None
+        self.stopped_event = None  # the engine checkpointed and stopped on a SIGTERM
         self.trackers = None  # RunTrackers once the child runs (jobs/trackers.py)
         self.tail: list[str] = []
         self.term_sent_at = None
@@ -237,6 +240,8 @@ class Supervisor:
             elif kind == "progress" and not self.steps_started:  # later: a background build, shown in the log
                 updates["phase"] = {"name": str(event.get("phase", ""))[:20], "fraction": _number(event, "fraction"),
                                     "records": int(_number(event, "records"))}
+            elif kind == "stopped":
+                self.stopped_event = event
             elif kind == "done":
                 self.done_event = event
                 updates.update(step=event.get("step", 0))
@@ -486,6 +491,12 @@ class Supervisor:
             services.interrupt_job(job, gettext_noop("the node is shutting down"), counts=False)
         elif self.error_event is not None:
             services.finish_job(job, S.FAILED, **engine_error(self.error_event))
+        elif self.stopped_event is not None:
+            # a SIGTERM the portal did not send (an admin's kill; Slurm preempting a run that ended within the
+            # GraceTime, where only sacct could be asked and it keeps no PreemptTime): the engine checkpointed first
+            services.interrupt_job(job, gettext_noop("stopped at step %(step)s by a signal from outside the portal "
+                                                     "(an admin, or Slurm preempting it): it resumes from the "
+                                                     "checkpoint it wrote"), {"step": self.stopped_event.get("step")})
         elif outcome == "gone":
             services.interrupt_job(job, gettext_noop("Slurm no longer knows job %(id)s and keeps no accounting to "
                                                      "ask: it resumes from its last checkpoint"),

@@ -67,6 +67,22 @@ def test_killed_training_process_is_resumed_automatically(live):
     assert int(log_text(live, job["id"]).split("resumed from step ")[1].split()[0]) >= 20
 
 
+def test_a_training_process_stopped_from_outside_resumes_from_the_checkpoint_it_wrote(live):
+    """A SIGTERM the portal did not send (an admin's kill; Slurm preempting a run, as only sacct can tell it once
+    scontrol has forgotten the job): the engine checkpoints and exits 143; the job resumes from that checkpoint
+    instead of failing with "exited with code 143"."""
+    job = live.submit("kill-term", {**TINY, "max_steps": 60, "log_interval": 1, "save_interval": 1000})
+    live.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 5, what="training")
+    for pid in training_processes(live.home, job["id"]):
+        os.kill(pid, signal.SIGTERM)
+    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "interrupted"),
+                         what="recovered")
+    assert done["status"] == "succeeded" and done["auto_resumes"] == 1, done
+    log = log_text(live, job["id"])
+    stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
+    assert stopped >= 5 and int(log.split("resumed from step ")[1].split()[0]) == stopped  # no save_interval met
+
+
 def test_time_limit_fails_the_job_and_retry_continues(live):
     status, datasets = live.request("GET", "/api/v1/datasets")
     ds = next(d for d in datasets["datasets"] if d["name"] == "demo-pretrain")

@@ -49,6 +49,24 @@ def slurm_state(slurm_id) -> str:
     return slurm_field(slurm_id, "JobState")
 
 
+def accounted_as_scontrol_says(slurm_id) -> dict:
+    """Slurm's accounting (slurmdbd, deploy/slurm) reads an ended run as scontrol does: the portal asks sacct once
+    scontrol has forgotten the run (MinJobAge; a portal down longer than that). sacct's view, read by the portal's
+    own reader (jobs/slurm.py)."""
+    from jobs import slurm as executor
+
+    live = executor.from_scontrol(str(slurm_id))
+    for _ in range(40):  # slurmctld hands the record to slurmdbd a moment after the job ends
+        kept = executor.from_sacct(str(slurm_id))
+        if kept is not None and kept["state"] == live["state"] and kept["end"]:
+            break
+        time.sleep(0.5)
+    assert kept is not None, f"sacct has no record of {slurm_id}"
+    same = ("state", "nodes", "start", "end") + (("exit",) if live["state"] in ("COMPLETED", "FAILED") else ())
+    assert {k: kept[k] for k in same} == {k: live[k] for k in same}  # (the portal reads no exit code otherwise)
+    return kept
+
+
 def slurm_portal(home, **env):
     """A portal node whose executor is Slurm (``env``: its settings); stopped at the end with nothing of its own left
     in Slurm or on this machine."""
@@ -102,6 +120,7 @@ def test_a_cpu_job_runs_in_slurm_end_to_end(portal):
     assert done["executor"] == "slurm" and done["slurm"]["nodes"].startswith("node")
     assert done["step"] == 30 and done["output_model"]
     assert slurm_state(sid) == "COMPLETED"
+    assert accounted_as_scontrol_says(sid)["exit"] == "0:0"
     points = portal.request("GET", f"/api/v1/jobs/{job['id']}/metrics")[1]
     assert len(points["points"]) >= 10  # the live metrics came through the output file on the shared storage
     # the run's device-hours are what Slurm accounted: from its start of the batch job to its end
@@ -145,6 +164,7 @@ def test_scancel_outside_the_portal_shows_as_cancelled_by_slurm(portal):
     done = portal.wait_for(job["id"], lambda j: j["status"] not in ("running", "queued"), timeout=60, what="ended")
     assert done["status"] == "cancelled", done
     assert "Slurm" in done["error"] and sid in done["error"]
+    assert accounted_as_scontrol_says(sid)["state"] == "CANCELLED"
 
 
 def test_a_job_over_its_time_limit_is_stopped_by_slurm(portal):
@@ -225,6 +245,10 @@ def test_a_job_preempted_by_slurm_resumes_from_its_checkpoint_every_time(portal)
         assert slurm_state(urgent) in ("RUNNING", "COMPLETING", "COMPLETED")
         preempted.append(sid)
         reached = portal.job(job["id"])["step"]
+        # sacct keeps no PreemptTime: a run that exited within the GraceTime reads FAILED there, 143 (the engine's
+        # "stopped" event resumes it then: jobs/tests/test_slurm_executor.py)
+        accounted = accounted_as_scontrol_says(sid)
+        assert accounted["preempted"] == (accounted["state"] == "PREEMPTED")
     again = portal.wait_for(job["id"], training, what="training after the second preemption")
     assert again["auto_resumes"] == 0
     assert sum("Slurm preempted the run" in e["message"] for e in again["events"]) == 2, again["events"]

@@ -441,7 +441,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
                 stopping = bool(flag.item())
             if stopping:
                 save_checkpoint()
-                events.log(f"stopped by signal at step {step}; resume continues from here")
+                events.emit("stopped", step=step)  # the checkpoint is written: a resume continues from here
                 raise SystemExit(EXIT_STOPPED)
             if step % cfg["save_interval"] == 0 and step < total_steps:
                 save_checkpoint()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import events
+from . import events, threads_given
 from .records import MAX_LINE_BYTES, expected_answers, line_too_long, open_binary, parse
 
 CACHE_VERSION = 1
@@ -230,10 +230,14 @@ def is_gzip(path) -> bool:
 
 
 def workers_for(size_bytes: int) -> int:
+    """Tokenising processes for a file of ``size_bytes``: the cores this process may use, at most 8, and no more
+    than the threads it was given (a job on CPU slots gets its share of the node's cores, OMP_NUM_THREADS: its build
+    must not take the cores of the job beside it); 0 (inline) for a small file or a single core."""
     if size_bytes < INLINE_BYTES:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cpus, 8))
+    cpus = min(cpus, 8, threads_given() or cpus)
+    return cpus if cpus > 1 else 0
 
 
 class Writer:

@@ -93,6 +93,43 @@ def test_a_preempted_job_resumes_every_time_without_spending_its_crash_budget(jo
     assert job.events.latest("pk").text == "requeued after Slurm preempted it (continues from its last checkpoint)"
 
 
+def test_a_run_preempted_within_its_grace_time_that_only_sacct_remembers_resumes(job, tmp_path, monkeypatch,
+                                                                                 settings):
+    """Once scontrol has forgotten a run (the portal was down longer than MinJobAge), only sacct answers, and it keeps
+    no PreemptTime: a run that checkpointed and exited within the GraceTime reads FAILED, 143. The engine's "stopped"
+    event says it stopped on a SIGTERM the portal did not send, after writing a checkpoint: the job resumes from it
+    (while the automatic-resume budget lasts: sacct cannot tell Slurm's preemption from an admin's signal)."""
+    settings.SLURM_POLL_S, settings.AUTO_RESUME_LIMIT = 0, 1
+
+    def answer(*cmd, **kw):
+        if cmd[0] == "scontrol":
+            raise slurm.SlurmError("slurm_load_jobs error: Invalid job id specified")
+        assert cmd[0] == "sacct"
+        return "FAILED|None|node1|2026-12-06T06:39:46|2026-12-06T06:39:53|15:0|143:0\n"  # as Slurm 22.05 has it
+
+    monkeypatch.setattr(slurm, "_run", answer)
+    run = slurm.SlurmRun("79", tmp_path / "slurm-79.out")
+    assert run.poll() == 143 and run.outcome is None and run.info["nodes"] == "node1"
+    services.claim_next_job("n", 1)
+    job.refresh_from_db()
+    sup = Supervisor(job)
+    sup.proc, sup.stopped_event = run, {"event": "stopped", "step": 12}
+    sup.finish(143)
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED and job.auto_resumes == 1
+    assert job.events.get(kind="interrupted").text == (
+        "stopped at step 12 by a signal from outside the portal (an admin, or Slurm preempting it): it resumes from "
+        "the checkpoint it wrote")
+    sup.stopped_event = None  # without the engine's word, exit code 143 is a failure like any other
+    services.claim_next_job("n", 1)
+    job.refresh_from_db()
+    sup = Supervisor(job)
+    sup.proc = run
+    sup.finish(143)
+    job.refresh_from_db()
+    assert job.status == Job.Status.FAILED and "exited with code 143" in job.error_text
+
+
 def test_a_restarted_portal_follows_its_slurm_runs_instead_of_interrupting_them(job, settings, monkeypatch):
     queued = []
     monkeypatch.setattr("jobs.services.nodes.enqueue", lambda *a, **kw: queued.append((a, kw)))

@@ -62,6 +62,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
     assert proc.wait(timeout=60) == 143
     stopped_at = [e for e in first_part if e["event"] == "checkpoint"][-1]["step"]
     assert 8 <= stopped_at < 30
+    assert first_part[-1]["event"] == "stopped" and first_part[-1]["step"] == stopped_at  # the portal reads it
     spec = json.loads(spec_path.read_text())
     spec["resume"] = True
     spec_path.write_text(json.dumps(spec))

@@ -138,7 +138,20 @@ def six_mb(tmp_path_factory):
     return path
 
 
-def test_a_job_killed_while_preparing_leaves_no_cache_and_the_next_prepares_again(demo_dir, tmp_path, six_mb):
+def test_a_job_on_a_share_of_the_cores_tokenises_within_its_share(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    big = token_cache.INLINE_BYTES
+    assert token_cache.workers_for(big) == 8 and token_cache.workers_for(big - 1) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # a job on 4 of the node's CPU slots' cores
+    assert token_cache.workers_for(big) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one core: inline (a pool would only add a process to share it)
+    assert token_cache.workers_for(big) == 0
+
+
+def test_a_job_killed_while_preparing_leaves_no_cache_and_the_next_prepares_again(demo_dir, tmp_path, six_mb,
+                                                                                monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # two cores' share (the suite's workers have one): two tokenisers
     spec_path = _write(tmp_path, _spec(demo_dir, tmp_path, "killed", data=six_mb), "killed")
     proc = _popen(spec_path)
     for line in proc.stdout:
