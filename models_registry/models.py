@@ -72,6 +72,9 @@ class ModelVersion(Shareable):
     verifications = models.JSONField(default=dict, blank=True)  # format → {max_abs_diff, tolerance, ok, ...}
     notes = models.TextField(_("notes"), blank=True)
     tags = models.JSONField(_("tags"), default=list, blank=True)
+    # Bytes in files_dir (imported or merged weights, cached conversions), measured after each write there (null:
+    # never measured, walked when asked): the storage quota adds these up instead of walking every model's folder.
+    files_bytes = models.BigIntegerField(null=True, blank=True, editable=False)
 
     objects = ModelVersionQuerySet.as_manager()
 
@@ -87,10 +90,22 @@ class ModelVersion(Shareable):
         """Imported and merged weights and the cached conversions (Hugging Face zips) of every model; a model
         trained by a job keeps its weights in the job's run folder (counted there)."""
         total = 0
-        for mv in cls.objects.filter(owner=user).only("pk", "job_id", "size_bytes"):
-            used = disk_usage(mv.files_dir)
-            total += max(used, mv.size_bytes) if mv.job_id is None else used
+        for pk, job_id, size, files in cls.objects.filter(owner=user).order_by().values_list(
+                "pk", "job_id", "size_bytes", "files_bytes"):
+            used = disk_usage(cls.folder(pk)) if files is None else files
+            total += max(used, size) if job_id is None else used
         return total
+
+    @staticmethod
+    def folder(pk) -> Path:
+        """Where version ``pk``'s own files live (imports, merges, cached conversions)."""
+        return settings.HOME / "models" / str(pk)
+
+    def measure_files(self) -> int:
+        """Record the bytes in ``files_dir`` after writing there (under its lock, where conversions take it)."""
+        self.files_bytes = disk_usage(self.files_dir)
+        ModelVersion.objects.filter(pk=self.pk).update(files_bytes=self.files_bytes)
+        return self.files_bytes
 
     def __str__(self):
         return f"{self.name} v{self.version}"
@@ -107,7 +122,7 @@ class ModelVersion(Shareable):
     @property
     def files_dir(self) -> Path:
         """Where this version's own files live (imports, merges, cached conversions)."""
-        return settings.HOME / "models" / str(self.pk)
+        return self.folder(self.pk)
 
     @property
     def pth_path(self) -> Path:

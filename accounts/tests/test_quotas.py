@@ -212,6 +212,26 @@ def test_storage_quota_counts_datasets_runs_and_imported_models(user, demo):
 
 
 
+def test_a_models_files_are_measured_when_written_not_at_each_storage_check(user, monkeypatch):
+    """Imported weights and cached conversions (the model's own folder) are measured after each write there; the
+    storage check reads the sum instead of walking every model's folder. A version never measured is walked."""
+    import models_registry.models
+    from accounts.services import storage_used
+    from models_registry.models import ModelVersion
+
+    measured = ModelVersion.objects.create(owner=user, name="imported", path="", size_bytes=100)
+    measured.files_dir.mkdir(parents=True)
+    (measured.files_dir / "model.pth").write_bytes(b"x" * 3000)
+    assert measured.measure_files() == 3000 and ModelVersion.objects.get(pk=measured.pk).files_bytes == 3000
+    older = ModelVersion.objects.create(owner=user, name="before", path="", size_bytes=100)  # not measured yet
+    older.files_dir.mkdir(parents=True)
+    (older.files_dir / "model.pth").write_bytes(b"x" * 500)
+    walked = []
+    real = models_registry.models.disk_usage
+    monkeypatch.setattr(models_registry.models, "disk_usage", lambda path: walked.append(path) or real(path))
+    assert storage_used(user) == 3500 and walked == [older.files_dir]
+
+
 def test_a_finished_jobs_folder_is_measured_once_not_at_each_storage_check(client, user, demo, monkeypatch):
     """The storage check of every submission walked the run folder of every job the user ever ran (a stat per file,
     over the network on shared storage): a finished job's size is measured when it ends and read from then on."""

@@ -143,6 +143,7 @@ def hf_zip(mv: ModelVersion, layout: str = "transformers5") -> Path:
         _record_verification(mv, f"hf{suffix}", run_engine(*args))
         zip_files(out, folder_entries(folder))
         shutil.rmtree(folder, ignore_errors=True)
+        mv.measure_files()
     return out
 
 
@@ -192,6 +193,7 @@ def gguf_zip(mv: ModelVersion, gguf_type: str) -> Path:
         gguf = Path(files[gguf_type]["path"])
         zip_files(out, [(gguf, gguf.name), (gguf.with_suffix(".Modelfile"), "Modelfile")])
         shutil.rmtree(folder, ignore_errors=True)
+        mv.measure_files()
     return out
 
 
@@ -202,6 +204,7 @@ def lora_zip(mv: ModelVersion) -> Path:
         if not out.exists():
             adapter = folder_entries(Path(mv.adapter_path), "adapter/") if mv.adapter_path else []
             zip_files(out, [(mv.lora_path, download_name(mv).replace(".pth", "_lora.pth")), *adapter])
+            mv.measure_files()
     return out
 
 

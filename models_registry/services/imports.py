@@ -196,6 +196,7 @@ def import_model(*, owner, name: str, upload, config=None, tokenizer_json=None, 
             weights.replace(final)
             ModelVersion.objects.filter(pk=mv.pk).update(path=str(final))
             mv.path = str(final)
+            mv.measure_files()
         audit(owner, "model_import", mv, request=request, kind="hf" if folder else "pth")
         return mv
     finally:
@@ -224,6 +225,7 @@ def _import_reward_model(owner, name: str, folder: Path, hf_config: dict, reques
         folder.replace(final)
         ModelVersion.objects.filter(pk=mv.pk).update(path=str(final))
         mv.path = str(final)
+        mv.measure_files()
     audit(owner, "model_import", mv, request=request, kind="reward")
     return mv
 
@@ -257,5 +259,6 @@ def merge_lora(*, owner, mv: ModelVersion, request=None) -> ModelVersion:
         verifications={"merge": {**report["verification"], "adapted_modules": report["adapted_modules"],
                                  "rank": report["rank"]}})
     merged.refresh_from_db()
+    merged.measure_files()
     audit(owner, "model_merge", merged, request=request, lora=mv.pk, base=base.pk)
     return merged

@@ -49,7 +49,7 @@ def register_job_output(job, *, model_path: str, model_config: dict, parameters:
         parent=job.base_model, dataset=job.dataset, tokenizer=job.tokenizer, config=model_config,
         parameters=parameters, active_parameters=_parameters(model_config)["active"] or parameters,
         path=str(path), lora_path=lora_path, adapter_path=adapter_path, size_bytes=path.stat().st_size,
-        metrics=final_metrics(job), source="job")
+        metrics=final_metrics(job), source="job", files_bytes=0)  # its weights are in the run folder; no files yet
 
 
 def record_evaluation(job, metrics: dict) -> Evaluation:

@@ -49,6 +49,9 @@ def test_gguf_download_is_verified_in_llama_cpp_with_a_modelfile_and_cached(api,
     before = cached.stat().st_mtime_ns
     assert b"".join(api.get(f"/api/v1/models/{mv.pk}/download?format=gguf&type=q4_k_m").streaming_content) == raw
     assert cached.stat().st_mtime_ns == before
+    from minicloud.files import disk_usage
+
+    assert ModelVersion.objects.get(pk=mv.pk).files_bytes == disk_usage(mv.files_dir) > len(raw)  # the quota's
     bad = api.get(f"/api/v1/models/{mv.pk}/download?format=gguf&type=q2_k")
     assert bad.status_code == 400 and bad.json()["details"]["field"] == "type"
     assert "f16, bf16, q8_0, q4_k_m" in bad.json()["error"]
