@@ -163,7 +163,15 @@ def write_checkpoint(ckpt_dir: Path, state: dict, step: int, eval_loss, keep: in
     index_path = ckpt_dir / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else []
     index = [e for e in index if e["step"] != step and (ckpt_dir / e["file"]).exists()]
+    # what a run killed between its writes left: a checkpoint renamed into place but not yet listed (rotated like
+    # the others from now on, its eval loss unknown), a checkpoint half written (never read: removed)
+    listed = {e["file"] for e in index} | {path.name}
+    index += [{"step": int(f.stem.removeprefix("step-")), "file": f.name, "eval_loss": None}
+              for f in ckpt_dir.glob("step-*.pt") if f.name not in listed and f.stem[5:].isdigit()]
+    for stale in ckpt_dir.glob("step-*.tmp"):
+        stale.unlink(missing_ok=True)
     index.append({"step": step, "file": path.name, "eval_loss": eval_loss})
+    index.sort(key=lambda e: e["step"])
     with_eval = [e for e in index if e["eval_loss"] is not None]
     best = min(with_eval, key=lambda e: e["eval_loss"])["step"] if with_eval else None
     latest = sorted(e["step"] for e in index)[-max(keep, 1):]

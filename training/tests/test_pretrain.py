@@ -294,8 +294,13 @@ def test_a_run_killed_while_writing_the_checkpoint_index_resumes(tmp_path, monke
         write_checkpoint(tmp_path, {"step": 20}, 20, 2.0, keep=2)
     monkeypatch.setattr(Path, "write_text", write_text)
     assert [e["step"] for e in json.loads((tmp_path / "index.json").read_text())] == [10]
+    (tmp_path / "step-0000025.tmp").write_bytes(b"half a checkpoint")  # a kill inside torch.save
     write_checkpoint(tmp_path, {"step": 30}, 30, 1.0, keep=2)  # the resumed run's next checkpoint
-    assert [e["step"] for e in json.loads((tmp_path / "index.json").read_text())] == [10, 30]
+    # step 20's checkpoint was whole (renamed into place), only unlisted: it is listed and rotated like the others,
+    # never left on disk for ever; the half-written one is removed
+    assert [e["step"] for e in json.loads((tmp_path / "index.json").read_text())] == [20, 30]
+    write_checkpoint(tmp_path, {"step": 40}, 40, 2.0, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000030.pt", "step-0000040.pt"]
 
 
 def test_a_second_file_is_the_eval_split(make_spec, demo_dir, tmp_path, engine):
