@@ -24,6 +24,7 @@ compiled=(  # the engine's fastest settings (use_compile, compile_mode reduce-ov
   "--cases moe --compile yes $ours $graphs --coordinate-descent"
   "--cases sft --compile yes $ours $graphs --coordinate-descent"
   "--cases sft_packed --compile yes $ours $graphs"
+  "--cases sft_packed_flex --compile yes $ours $graphs"
 )
 start=$(date +%s)
 for v in "${compiled[@]}"; do
@@ -63,6 +64,7 @@ timed 60 ${compiled[2]} --steps 8
 timed 60 --cases sft --compile no $mm
 timed 60 ${compiled[4]}  # packed SFT (the engine's default): >= 3x MiniMind's SFT non-pad tokens/s (issue 27)
 timed 60 --cases sft_packed --compile no $ours
+timed 60 ${compiled[5]}  # the same through FlexAttention's block mask (packed_attention: flex): kept if it wins
 timed 60 ${compiled[3]}
 timed 60 --cases distill --compile no $mm  # distillation (student and MoE teacher on packed rows) beside MiniMind's
 timed 60 --cases distill_packed --compile no $ours

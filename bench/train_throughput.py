@@ -8,6 +8,8 @@ Cases (MiniMind's defaults): ``dense`` pretraining (hidden 768, 8 layers, batch 
 ``moe`` the same with 4 experts top-1, ``sft`` batch 16 × 768 with conversation-like lengths (uniform between a
 quarter of the row and the full row; pad counted apart), ``sft_grouped`` the same with ``group_by_length``,
 ``sft_packed`` the same packed (the engine's default for SFT, LoRA, DPO and distillation: training/rows.py),
+``sft_packed_flex`` packed with FlexAttention's block mask instead of the dense mask (``packed_attention: flex``;
+CUDA only: FlexAttention has no backward on the CPU),
 ``distill`` / ``distill_packed`` rows of that kind at MiniMind's train_distillation.py defaults (batch 32 × 340) with
 a frozen teacher (``--teacher-hidden``/``--teacher-layers``/``--teacher-dense``; MiniMind's default, 768 × 8 MoE) and
 the distillation loss (training/distill.py: CE and T²·KL at alpha 0.5, T 1.5). For SFT
@@ -29,7 +31,7 @@ import torch  # noqa: E402
 from training.distill import make_loss as distill_loss  # noqa: E402
 from training.loop import compile_for_training, row_lengths, trim_padding  # noqa: E402
 from training.rows import epoch_order, pack_rows  # noqa: E402
-from training.model import ATTENTION, GPU_EXPERTS, aux_loss, build_model, packed_inputs  # noqa: E402
+from training.model import ATTENTION, GPU_EXPERTS, aux_loss, block_mask, build_model, packed_inputs  # noqa: E402
 from training.spec import model_config, parameter_count, resolve_config  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "3090": 71.0}
@@ -38,6 +40,8 @@ CASES = {"dense": {"use_moe": False, "batch": 32, "seq": 340, "accum": 8, "padde
          "sft": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True},
          "sft_grouped": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "grouped": True},
          "sft_packed": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "packed": True},
+         "sft_packed_flex": {"use_moe": False, "batch": 16, "seq": 768, "accum": 1, "padded": True, "packed": True,
+                             "flex": True},
          "distill": {"use_moe": False, "batch": 32, "seq": 340, "accum": 1, "padded": True, "teacher": True},
          "distill_packed": {"use_moe": False, "batch": 32, "seq": 340, "accum": 1, "padded": True, "packed": True,
                             "teacher": True}}
@@ -132,6 +136,8 @@ def measure(name, case, args, impl, compiled):
     def optimizer_step():
         for _ in range(accum):
             x, y, extra = batches[next(feed) % len(batches)]
+            if case.get("flex") and impl == "ours":  # made per batch on the device, as the engine's loop does
+                extra = {**extra, "block_mask": block_mask(extra["doc"])}
             with amp:
                 if distill is not None:  # the engine's loss: its model call passes the packed rows' mask
                     loss, _ = distill(step_model, {"x": x, "y": y, **extra})
@@ -236,6 +242,9 @@ def main():
     impls = [i for i in args.impls.split(",") if i == "ours" or (i == "minimind" and args.minimind)]
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for name in args.cases.split(","):
+        if CASES[name].get("flex") and not args.device.startswith("cuda"):
+            print(json.dumps({"case": name, "skipped": "FlexAttention has no backward on the CPU"}), flush=True)
+            continue
         for impl in impls:
             for compiled in compiles:
                 with sdpa_backends(args.sdpa_backend):

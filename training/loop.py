@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import events
-from .model import save_pth
+from .model import block_mask, save_pth
 from .records import no_samples
 from .spec import Explained, gettext_noop
 
@@ -352,6 +352,15 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
             dist.barrier()
         return files
 
+    flex = cfg.get("packed_attention") == "flex" and is_cuda  # FlexAttention has no backward on the CPU
+
+    def on_device(rows: dict) -> dict:
+        """A batch on the training device; packed rows with FlexAttention get their block mask, made there."""
+        batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
+        if flex and "doc" in batch:
+            batch["block_mask"] = block_mask(batch["doc"])
+        return batch
+
     @torch.no_grad()
     def evaluate():
         """Mean loss of up to 20 held-out batches, without gradients, through the uncompiled model: the compiled one
@@ -361,8 +370,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
         total, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, min(len(eval_data), 20 * bs), bs):
-                rows = eval_data.batch(range(i, min(i + bs, len(eval_data))))
-                batch = {k: v.to(device) for k, v in rows.items()}
+                batch = on_device(eval_data.batch(range(i, min(i + bs, len(eval_data)))))
                 with autocast:
                     loss, _ = loss_fn(core, batch)
                 total, n = total + loss.item(), n + 1
@@ -388,7 +396,7 @@ def train(spec: dict, model, data: dict, loss_fn=None, params=None, save_fn=defa
             idx = rows[rank * bs:(rank + 1) * bs] if world_size > 1 else rows
             rows = data.batch(idx, multiple)
             n_tokens = int((rows["y"] != -100).sum()) if "y" in rows else 0  # counted on the host: no device sync
-            batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
+            batch = on_device(rows)
             lr = lr_at(step, total_steps, cfg["learning_rate"], cfg["warmup_steps"])
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)

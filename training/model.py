@@ -13,7 +13,9 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -61,8 +63,11 @@ def sdpa_repeat_kv(module, query, key, value, attention_mask, dropout=0.0, scali
     transformers' ``sdpa`` passes ``enable_gqa`` instead, which on an H100 (torch 2.11) dispatches to cuDNN's attention;
     at MiniMind's shapes (head dim 96, 340 columns) the repeated k/v go to the flash kernel and dense pretraining ran
     20-27 % faster (docs/performance.md). Only for the mask-free, cache-free case (training, a prefill of the whole
-    row); everything else is transformers' own SDPA path.
+    row); a FlexAttention block mask (packed rows, ``packed_attention: flex``) goes to transformers' FlexAttention;
+    everything else is transformers' own SDPA path.
     """
+    if isinstance(attention_mask, BlockMask):
+        return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if attention_mask is not None or query.shape[2] == 1 or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     groups = module.num_key_value_groups
@@ -236,13 +241,26 @@ def build_model(mcfg: dict, experts_implementation: str | None = None, fused: bo
 def packed_inputs(batch: dict) -> dict:
     """The model arguments of a packed batch (training.rows.pack_rows): positions restarting at each sequence and a
     boolean attention mask [rows, 1, L, L] letting a column see only earlier columns of its own sequence (padding sees
-    padding, so no row of the mask is empty). ``{}`` for an unpacked batch."""
+    padding, so no row of the mask is empty), or the same mask as FlexAttention's blocks where the loop made one
+    (``block_mask``). ``{}`` for an unpacked batch."""
     if "doc" not in batch:
         return {}
+    if "block_mask" in batch:
+        return {"position_ids": batch["pos"], "attention_mask": batch["block_mask"]}
     doc = batch["doc"]
     width = doc.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=doc.device).tril()
     return {"position_ids": batch["pos"], "attention_mask": ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]}
+
+
+def block_mask(doc: torch.Tensor) -> BlockMask:
+    """``packed_inputs``' mask for FlexAttention (``packed_attention: flex``, CUDA: FlexAttention has no backward on
+    the CPU): the same rule, kept as blocks of 128 × 128 of which only those on the diagonal's sequences are
+    computed, instead of a dense [rows, 1, L, L] mask that SDPA's flash kernel cannot take."""
+    def same_sequence(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_sequence, doc.shape[0], None, doc.shape[1], doc.shape[1], device=doc.device)
 
 
 def aux_loss(model):

@@ -59,7 +59,10 @@ RL_EXTRA = {"max_gen_len": 1024, "temperature": 0.8, "top_p": 1.0, "thinking_rat
             "debug_interval": 20, "rewards": {"rule": 1.0}, "reward_regex": "", "reward_model_path": "",
             "eval_ratio": 0.0}
 SFT_EXTRA = {"system_prompt_ratio": 0.2, "empty_think_drop_ratio": 0.8}
-PACKED = {"packing": True}  # several conversations per row, attending only to their own (training/rows.py)
+# several conversations per row, attending only to their own (training/rows.py): through a dense mask in SDPA
+# ("mask"), or FlexAttention's block mask ("flex", CUDA only; the CPU uses the mask)
+PACKED = {"packing": True, "packed_attention": "mask"}
+PACKED_ATTENTION = ("mask", "flex")
 STAGE_EXTRA = {
     "pretrain": {"packing": True},
     "sft": {**SFT_EXTRA, **PACKED},
@@ -103,7 +106,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 NEEDS_BASE = ("lora", "dpo", "ppo", "grpo", "eval")  # stages that start from a trained model
 
 COMPILE_MODES = ("default", "reduce-overhead")
-_CHOICE_KEYS = {"dtype": DTYPES, "compile_mode": COMPILE_MODES}
+_CHOICE_KEYS = {"dtype": DTYPES, "compile_mode": COMPILE_MODES, "packed_attention": PACKED_ATTENTION}
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size", "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
              "epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len",

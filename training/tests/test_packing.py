@@ -104,6 +104,26 @@ def test_packed_distillation_loss_equals_the_unpacked_loss(demo_dir):
     assert abs(float(pa["distill"]) - float(pb["distill"])) < 1e-6 and abs(float(pa["ce"]) - float(pb["ce"])) < 1e-6
 
 
+def test_packed_rows_through_flexattention_give_the_unpacked_loss(demo_dir):
+    """``packed_attention: flex`` (CUDA; timed by bench/train_throughput.py's sft_packed_flex): the block mask
+    replaces the dense one and every token's loss is still the unpacked batch's (the forward pass, on the CPU:
+    FlexAttention has no backward there), for SFT and for DPO's chosen/rejected sequences."""
+    from training.model import block_mask
+
+    model = _model()
+    plain, packed = _batches(demo_dir, "sft", "demo-sft")
+    flex = {**packed, "block_mask": block_mask(packed["doc"])}
+    a, b = _token_losses(model, plain), _token_losses(model, flex)
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-5
+    plain, packed = _batches(demo_dir, "dpo", "demo-dpo")
+    loss_fn = make_loss(_model(1), beta=0.15)
+    with torch.no_grad():
+        a, _ = loss_fn(model, plain)
+        b, _ = loss_fn(model, {**packed, "block_mask": block_mask(packed["doc"])})
+    assert abs(float(a) - float(b)) < 1e-5
+    assert resolve_config("sft", {})["packed_attention"] == "mask"  # until a GPU measures flex faster
+
+
 @pytest.mark.parametrize("stage", ["sft", "lora", "dpo", "distill"])
 def test_packing_is_the_default_where_it_is_exact(stage):
     assert resolve_config(stage, {})["packing"] is True
