@@ -1,4 +1,5 @@
 import uuid
+from pathlib import Path
 
 from django.conf import settings
 from django.db import models, transaction
@@ -47,6 +48,11 @@ class Dataset(Shareable):
     def stored_bytes(cls, user) -> int:
         return cls.objects.filter(owner=user).aggregate(n=models.Sum("size_bytes"))["n"] or 0
 
+    @classmethod
+    def home_files(cls) -> tuple[str, set]:
+        """The dataset store's files that versions name (minicloud/orphans.py: the rest is what a kill left)."""
+        return "datasets", {Path(p).name for p in cls.objects.values_list("path", flat=True)}
+
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name
 
@@ -82,6 +88,11 @@ class Upload(models.Model):
     def stored_bytes(cls, user) -> int:
         """Unfinished uploads count against the storage quota like finished files."""
         return cls.objects.filter(owner=user).aggregate(n=models.Sum("size"))["n"] or 0
+
+    @classmethod
+    def home_files(cls) -> tuple[str, set]:
+        """The parts of the uploads in progress (minicloud/orphans.py)."""
+        return "uploads", {f"{pk}.part" for pk in cls.objects.values_list("pk", flat=True)}
 
 
 class Node(models.Model):
@@ -278,6 +289,11 @@ class Job(Shareable):
         stat per file over the network)."""
         return sum(cls.folder_bytes(pk, size)
                    for pk, size in cls.objects.filter(owner=user).order_by().values_list("pk", "disk_bytes"))
+
+    @classmethod
+    def home_files(cls) -> tuple[str, set]:
+        """The run folders of the jobs there are (minicloud/orphans.py)."""
+        return "runs", {cls.folder(pk).name for pk in cls.objects.values_list("pk", flat=True)}
 
     @classmethod
     def folder_bytes(cls, pk, disk_bytes=None) -> int:

@@ -32,6 +32,14 @@ class Tokenizer(Shareable):
         return self.name
 
     @classmethod
+    def home_files(cls) -> tuple[str, set | None]:
+        """The folders of the tokenizers there are (minicloud/orphans.py); None while one trains: its row names its
+        folder only once it is trained."""
+        if cls.objects.filter(status="training").exists():
+            return "tokenizers", None
+        return "tokenizers", {Path(p).name for p in cls.objects.values_list("path", flat=True) if p}
+
+    @classmethod
     def demo(cls):
         """The public demo tokenizer (installed after migrate), or None."""
         return cls.objects.filter(name="demo-tokenizer", is_public=True).first()
@@ -95,6 +103,11 @@ class ModelVersion(Shareable):
             used = disk_usage(cls.folder(pk)) if files is None else files
             total += max(used, size) if job_id is None else used
         return total
+
+    @classmethod
+    def home_files(cls) -> tuple[str, set]:
+        """The folders of the model versions there are (minicloud/orphans.py)."""
+        return "models", {str(pk) for pk in cls.objects.values_list("pk", flat=True)}
 
     @staticmethod
     def folder(pk) -> Path:
