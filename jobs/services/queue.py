@@ -108,8 +108,7 @@ def device_state(node_name: str | None = None, slots: int | None = None,
         if slots is not None:
             nodes[node_name] = [scheduler.Device(node_name, i) for i in range(slots)]
         elif node_name not in nodes:
-            row = Node.objects.filter(name=node_name).first()
-            nodes[node_name] = scheduler.devices_from_inventory(node_name, row.devices if row else _local_devices())
+            nodes[node_name] = node_devices(node_name)
     if not jobs:
         return nodes
     placed = live_jobs_by_device()
@@ -117,6 +116,12 @@ def device_state(node_name: str | None = None, slots: int | None = None,
         for d in devs:
             d.jobs.extend(placed.get((d.node, d.index), []))
     return nodes
+
+
+def node_devices(node_name: str) -> list[scheduler.Device]:
+    """One node's devices from its Node row (live or not), else this machine's inventory."""
+    row = Node.objects.filter(name=node_name).first()
+    return scheduler.devices_from_inventory(node_name, row.devices if row else _local_devices())
 
 
 def live_jobs_by_device() -> dict[tuple[str, int], list[int]]:

@@ -15,7 +15,7 @@ from training.estimate import estimate_memory
 
 from .. import scheduler
 from ..models import Dataset, Job, JobEvent, JobTemplate
-from .queue import device_state, kick_queue
+from .queue import device_state, kick_queue, node_devices
 from .quota import check_submission_quota
 from .reasons import never_fits_text, spec_error_text
 
@@ -195,7 +195,7 @@ def _trackers(owner, trackers) -> dict:
 
 def _devices_that_could_run() -> dict:
     """Every node's devices as the scheduler sees them idle (no live node yet: this machine's)."""
-    return device_state(jobs=False) or device_state(settings.NODE_NAME, jobs=False)
+    return device_state(jobs=False) or {settings.NODE_NAME: node_devices(settings.NODE_NAME)}
 
 
 def largest_device_memory() -> int | None:

@@ -405,6 +405,37 @@ def test_a_submission_reads_the_live_nodes_once(user, pretrain):
     assert len(node_reads) == 1, node_reads
 
 
+def test_a_class_members_submission_reads_their_jobs_once(user, pretrain):
+    """With a queued-jobs and a device-hours limit (as a teacher sets for a class), the member's queued jobs and the
+    hours of their running ones come from one read of their jobs; with no live node, the machine's own Node row is
+    read once after the live nodes (it was read again with them)."""
+    from django.contrib.auth.models import Group
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from accounts.models import Quota
+
+    course = Group.objects.create(name="course")
+    user.groups.add(course)
+    Quota.objects.create(group=course, max_queued_jobs=5, device_hours_per_week=10)
+    running = services.submit_job(owner=user, name="running", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    Job.objects.filter(pk=running.pk).update(status=Job.Status.RUNNING, started_at=timezone.now() - timedelta(hours=2))
+    services.submit_job(owner=user, name="queued", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    with CaptureQueriesContext(connection) as queries:
+        services.submit_job(owner=user, name="third", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    job_reads = [q["sql"] for q in queries.captured_queries
+                 if q["sql"].startswith("SELECT") and 'FROM "jobs_job" WHERE' in q["sql"]
+                 and '"jobs_job"."status"' in q["sql"] and '"jobs_job"."owner_id"' in q["sql"]]
+    assert len(job_reads) == 1, job_reads
+    assert len([q for q in queries.captured_queries if 'FROM "jobs_node"' in q["sql"]]) == 2
+    Quota.objects.filter(group=course).update(max_queued_jobs=2)
+    with pytest.raises(services.ServiceError, match="2 queued job"):  # "queued" and "third"; not the running one
+        services.submit_job(owner=user, name="fourth", stage="pretrain", dataset=pretrain.pk, config=TINY)
+    Quota.objects.filter(group=course).update(max_queued_jobs=None, device_hours_per_week=0.001)
+    with pytest.raises(services.ServiceError, match="device-hours"):  # the running job's hours this week count
+        services.submit_job(owner=user, name="fourth", stage="pretrain", dataset=pretrain.pk, config=TINY)
+
+
 def test_a_full_node_claims_nothing_without_planning_the_queue(user, pretrain, settings, monkeypatch):
     from jobs.services import queue
 
