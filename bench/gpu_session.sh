@@ -50,21 +50,23 @@ EOF
   echo "engine $stage exit $?" | tee -a "$OUT/gpu.txt"; grep -h '"step"' "$OUT/engine-$stage.jsonl" | tail -2
 }
 # most important first: what ran by the call's time limit is in $OUT (the fourth session measured max-autotune: it
-# did not finish compiling in 5 minutes, and cuBLAS won the shapes it tried)
+# did not finish compiling in 5 minutes, and cuBLAS won the shapes it tried). Issue 27's open targets lead: dense MFU,
+# packed SFT against MiniMind's SFT (>= 3x its non-pad tokens/s; the dense mask, then FlexAttention's block mask),
+# GRPO rollouts against MiniMind's own rollout path (>= 5x)
 timed 60 ${compiled[0]} --steps 20
-[ "${ENGINE:-1}" = 1 ] && engine sft demo-sft 40  # not yet run through the engine with CUDA graphs
-[ "${ENGINE:-1}" = 1 ] && engine pretrain demo-pretrain 30
+timed 60 --cases sft --compile no $mm
+timed 60 ${compiled[4]}  # packed SFT (the engine's default)
+timed 60 ${compiled[5]}  # the same through FlexAttention's block mask (packed_attention: flex): kept if it wins
 rl() { timeout "$1" $PY bench/rl_throughput.py $RL_SMALL "${@:2}" 2>>"$OUT/stderr.log" | tee -a "$OUT/rl.jsonl"; }
 # GRPO rollouts at MiniMind's defaults (2 prompts x 6 x 1024 new tokens): MiniMind's own rollout path, then ours
 [ -n "$MINIMIND" ] && rl 90 --impl minimind --minimind "$MINIMIND" --warmup 1 --steps 1
 rl 150 --warmup 1 --steps 3
+[ "${ENGINE:-1}" = 1 ] && engine sft demo-sft 40  # not yet run through the engine with CUDA graphs
+[ "${ENGINE:-1}" = 1 ] && engine pretrain demo-pretrain 30
 timed 60 ${compiled[1]} --steps 20
 timed 60 --cases dense --compile no $mm --steps 8
 timed 60 ${compiled[2]} --steps 8
-timed 60 --cases sft --compile no $mm
-timed 60 ${compiled[4]}  # packed SFT (the engine's default): >= 3x MiniMind's SFT non-pad tokens/s (issue 27)
 timed 60 --cases sft_packed --compile no $ours
-timed 60 ${compiled[5]}  # the same through FlexAttention's block mask (packed_attention: flex): kept if it wins
 timed 60 ${compiled[3]}
 timed 60 --cases distill --compile no $mm  # distillation (student and MoE teacher on packed rows) beside MiniMind's
 timed 60 --cases distill_packed --compile no $ours
