@@ -122,6 +122,25 @@ def test_packed_rows_through_flexattention_give_the_unpacked_loss(demo_dir):
         b, _ = loss_fn(model, {**packed, "block_mask": block_mask(packed["doc"])})
     assert abs(float(a) - float(b)) < 1e-5
     assert resolve_config("sft", {})["packed_attention"] == "mask"  # until a GPU measures flex faster
+    assert resolve_config("sft", {"packed_attention": "flex"})["packed_attention"] == "flex"
+    from training.spec import SpecError
+
+    with pytest.raises(SpecError, match="packed_attention.*mask, flex"):
+        resolve_config("sft", {"packed_attention": "varlen"})
+
+
+def test_a_flex_job_on_the_cpu_trains_with_the_mask(make_spec, demo_dir, engine):
+    """``packed_attention: flex`` asks for FlexAttention, which has no backward on the CPU: there the packed rows keep
+    the dense mask and the job trains (and evaluates) as with ``mask``."""
+    import json
+
+    path = make_spec(max_steps=3, eval_interval=3, packed_attention="flex")
+    spec = json.loads(path.read_text())
+    spec.update(stage="sft", dataset=str(demo_dir / "demo-sft.jsonl"))
+    path.write_text(json.dumps(spec))
+    rc, events, other = engine(path)
+    assert rc == 0, other
+    assert [e["step"] for e in events if e["event"] == "eval"] == [3]
 
 
 @pytest.mark.parametrize("stage", ["sft", "lora", "dpo", "distill"])
