@@ -1,7 +1,7 @@
 """Every message the code and the templates mark for translation has its Simplified Chinese text in the compiled
 catalogue users get (locale/zh_Hans/LC_MESSAGES/django.mo): a string added without one shows English to a zh-hans
 reader. Strings are found as makemessages finds them: gettext_noop / gettext / _ / gettext_lazy / pgettext calls with
-a literal, and ``{% translate "…" %}`` in templates."""
+a literal, and ``{% translate "…" %}`` and ``{% blocktranslate %}`` blocks in templates."""
 import ast
 import gettext
 import re
@@ -35,10 +35,18 @@ def _marked_in_code():
 
 def _marked_in_templates():
     for path in sorted((ROOT / "templates").rglob("*.html")):
-        for m in re.finditer(r'{%\s*(?:translate|trans)\s+"((?:[^"\\]|\\.)*)"(?:\s+context\s+"([^"]*)")?',
-                             path.read_text(encoding="utf-8")):
-            key = f"{m.group(2)}\x04{m.group(1)}" if m.group(2) else m.group(1)
-            yield str(path.relative_to(ROOT)), key
+        text, where = path.read_text(encoding="utf-8"), str(path.relative_to(ROOT))
+        for m in re.finditer(r'{%\s*(?:translate|trans)\s+"((?:[^"\\]|\\.)*)"(?:\s+context\s+"([^"]*)")?', text):
+            yield where, f"{m.group(2)}\x04{m.group(1)}" if m.group(2) else m.group(1)
+        # a block's message as Django builds it: "%" doubled, {{ name }} as %(name)s, lines joined when trimmed
+        for m in re.finditer(r"{%\s*blocktrans(?:late)?(?P<opts>[^%]*)%}(?P<body>.*?){%\s*endblocktrans(?:late)?\s*%}",
+                             text, re.S):
+            message = re.split(r"{%\s*plural\s*%}", m.group("body"))[0].replace("%", "%%")
+            message = re.sub(r"{{\s*(\w+)\s*}}", r"%(\1)s", message)
+            if "trimmed" in m.group("opts").split():
+                message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+            context = re.search(r'context\s+"([^"]*)"', m.group("opts"))
+            yield where, f"{context.group(1)}\x04{message}" if context else message
 
 
 def test_every_marked_message_has_its_simplified_chinese_text():
