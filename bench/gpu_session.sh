@@ -47,7 +47,7 @@ engine() {  # the engine itself (python -m training run) at MiniMind's pretraini
  "log_interval": 5, "save_interval": 20, "epochs": 1}}
 EOF
   timeout 100 $PY -m training run $d/$stage-spec.json > "$OUT/engine-$stage.jsonl" 2>>"$OUT/stderr.log"
-  echo "engine $stage exit $?" | tee -a "$OUT/gpu.txt"; grep -h '"step"' "$OUT/engine-$stage.jsonl" | tail -2
+  echo "engine $stage exit $?" | tee -a "$OUT/gpu.txt"; grep -h '"event": "step"' "$OUT/engine-$stage.jsonl" | tail -2
 }
 # most important first: what ran by the call's time limit is in $OUT (the fourth session measured max-autotune: it
 # did not finish compiling in 5 minutes, and cuBLAS won the shapes it tried). Issue 27's open targets lead: dense MFU,
