@@ -167,14 +167,14 @@ def write_checkpoint(ckpt_dir: Path, state: dict, step: int, eval_loss, keep: in
     # the others from now on, its eval loss unknown), a checkpoint half written (never read: removed)
     listed = {e["file"] for e in index} | {path.name}
     index += [{"step": int(f.stem.removeprefix("step-")), "file": f.name, "eval_loss": None}
-              for f in ckpt_dir.glob("step-*.pt") if f.name not in listed and f.stem[5:].isdigit()]
+              for f in ckpt_dir.glob("step-*.pt") if f.name not in listed and f.stem.removeprefix("step-").isdigit()]
     for stale in ckpt_dir.glob("step-*.tmp"):
         stale.unlink(missing_ok=True)
     index.append({"step": step, "file": path.name, "eval_loss": eval_loss})
     index.sort(key=lambda e: e["step"])
     with_eval = [e for e in index if e["eval_loss"] is not None]
     best = min(with_eval, key=lambda e: e["eval_loss"])["step"] if with_eval else None
-    latest = sorted(e["step"] for e in index)[-max(keep, 1):]
+    latest = [e["step"] for e in index][-max(keep, 1):]  # the index is in step order
     for e in index:
         if e["step"] not in latest and e["step"] != best:
             (ckpt_dir / e["file"]).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start a real one-box Slurm for the tests (.ci/run calls it; run it as root): munged, slurmdbd (accounting in the
-# local MariaDB), slurmctld and two slurmd (node1, node2) on this machine, installed with apt-get when missing. Idempotent: running daemons are left as they are.
+# local MariaDB), slurmctld and two slurmd (node1, node2) on this machine, installed with apt-get when missing.
+# Idempotent: running daemons are left as they are.
 # Prints nothing but errors; `sinfo` shows the result.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
