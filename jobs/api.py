@@ -187,7 +187,7 @@ def dataset_detail(request, dataset_id):
         services.delete_dataset(request.user, ds, request=request)
         return {"deleted": dataset_id}
     return {**ds.to_dict(), "validation": ds.validation_report(), "stats": ds.stats,
-            "stats_progress": ds.stats_progress}
+            "stats_progress": ds.stats_progress, "stats_error": ds.stats_error or None}
 
 
 @endpoint("GET")

@@ -38,6 +38,7 @@ class Dataset(Shareable):
     stats = models.JSONField(default=dict, blank=True)  # token statistics (jobs.dataset_stats), when computed
     stats_status = models.CharField(max_length=20, blank=True)  # "", "queued", "running", "done", "failed"
     stats_progress = models.FloatField(default=0.0)
+    stats_worker = models.CharField(max_length=200, blank=True)  # "<node>:<pid>" computing them, while it does
 
     class Meta:
         verbose_name = _("dataset")
@@ -61,6 +62,13 @@ class Dataset(Shareable):
                 "size_bytes": self.size_bytes, "sha256": self.sha256, **self.sharing_dict(),
                 "owner": self.owner.username if self.owner else None, "created_at": self.created_at.isoformat(),
                 "warnings": self.validation.get("warning_count", 0), "stats_status": self.stats_status or None}
+
+    @property
+    def stats_error(self) -> str:
+        """Why the statistics failed, in the active language where the portal wrote it (the reader's own errors as
+        they are)."""
+        error = self.stats.get("error") if self.stats_status == "failed" else None
+        return gettext(error) if error else ""
 
     @property
     def warning_lines(self) -> list[list]:

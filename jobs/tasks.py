@@ -27,11 +27,12 @@ def follow_slurm_job(job_id, generation):
 
 
 def housekeeping():
-    """Periodic: refresh this node's device readings, recover jobs whose supervisor died (a killed worker), and
-    start any queued job a lost token left waiting."""
+    """Periodic: refresh this node's device readings, recover jobs whose supervisor died (a killed worker), end the
+    background work whose worker died, and start any queued job a lost token left waiting."""
     services.refresh_node(settings.NODE_NAME)
     services.prune_uploads()
     services.reconcile_node(settings.NODE_NAME, starting=False)
+    services.reconcile_background(settings.NODE_NAME, starting=False)
     if Job.objects.filter(status=Job.Status.QUEUED).exists():
         services.kick_queue()
     services.check_waits()

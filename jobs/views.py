@@ -423,4 +423,5 @@ def dataset_action(request, dataset_id, action):
 @login_required
 def dataset_stats(request, dataset_id):
     ds = _dataset_or_404(request, dataset_id)
-    return JsonResponse({"status": ds.stats_status, "progress": ds.stats_progress, "stats": ds.stats})
+    return JsonResponse({"status": ds.stats_status, "progress": ds.stats_progress, "stats": ds.stats,
+                         "error": ds.stats_error or None})

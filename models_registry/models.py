@@ -3,7 +3,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
-from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext, gettext_lazy as _
 
 from accounts.models import Shareable, VisibleQuerySet
 from jobs.models import stage_label
@@ -22,6 +22,7 @@ class Tokenizer(Shareable):
                               choices=[("training", _("training")), ("ready", _("ready")), ("failed", _("failed"))])
     error = models.TextField(blank=True)
     trained_on = models.ForeignKey("jobs.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    worker = models.CharField(max_length=200, blank=True)  # "<node>:<pid>" of the worker training it, while it does
 
     class Meta:
         verbose_name = _("tokenizer")
@@ -44,9 +45,14 @@ class Tokenizer(Shareable):
         """The public demo tokenizer (installed after migrate), or None."""
         return cls.objects.filter(name="demo-tokenizer", is_public=True).first()
 
+    @property
+    def error_text(self) -> str:
+        """Why it failed, in the active language where the portal wrote it (the trainer's own errors as they are)."""
+        return gettext(self.error) if self.error else ""
+
     def to_dict(self):
         return {"id": self.pk, "name": self.name, "vocab_size": self.vocab_size, "status": self.status,
-                "error": self.error or None, "owner": self.owner.username if self.owner else None,
+                "error": self.error_text or None, "owner": self.owner.username if self.owner else None,
                 "trained_on": self.trained_on_id, "created_at": self.created_at.isoformat(), **self.sharing_dict()}
 
 

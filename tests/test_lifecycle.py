@@ -111,19 +111,40 @@ def test_a_model_larger_than_the_machine_is_refused_before_it_starts(live):
     assert all(d["memory_total"] for d in devices)
 
 
+def words_corpus(lines: int) -> bytes:
+    """Pretraining text of many distinct words: a tokenizer trains on 10,000 such lines for a few seconds."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(50000)]
+    return "".join(json.dumps({"text": " ".join(rng.choices(words, k=120))}) + "\n" for _ in range(lines)).encode()
+
+
 @pytest.mark.slow
 def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
     """kill -9 of serve's process group: nothing of that portal lives on (web servers, the job runners, the training
     process) within 5 s — no orphan runner may resume a job without its portal — and the job resumes from its last
-    checkpoint once serve starts again."""
+    checkpoint once serve starts again. Background work the kill stopped (a tokenizer's training) says so after the
+    restart instead of "training" forever."""
     node = LiveNode(tmp_path / "home")
     (tmp_path / "home").mkdir()
     node.own_group = True
     node.start()
     try:
+        status, corpus = node.upload("/api/v1/datasets", {"name": "words", "kind": "pretrain"},
+                                     {"file": ("words.jsonl", words_corpus(10_000))})
+        assert status == 201, corpus
         job = node.submit("survivor", {**TINY, "max_steps": 60, "log_interval": 1, "save_interval": 10})
         node.wait_for(job["id"], lambda j: j["status"] == "running" and j["step"] >= 25, what="past a checkpoint")
         assert training_processes(node.home, job["id"])
+        status, tok = node.request("POST", "/api/v1/tokenizers/train", {"name": "words", "dataset": corpus["id"]})
+        assert status == 202, tok
+        deadline = time.time() + 60  # the background worker made the tokenizer's folder: it trains
+        while not any((node.home / "tokenizers").glob("*/")) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not any((node.home / "tokenizers").glob("*/tokenizer.json")), "trained before the kill"
         os.killpg(node.proc.pid, signal.SIGKILL)
         node.proc.wait()
         deadline = time.time() + 5
@@ -135,6 +156,8 @@ def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
                              what="finished after restart")
         assert done["status"] == "succeeded", done
         assert int(log_text(node, job["id"]).split("resumed from step ")[1].split()[0]) >= 20
+        tok = node.request("GET", f"/api/v1/tokenizers/{tok['id']}")[1]
+        assert tok["status"] == "failed" and tok["error"].endswith("train it again"), tok
     finally:
         rc = node.stop()
         node.drop_database()

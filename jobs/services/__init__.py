@@ -10,11 +10,11 @@ from .exports import metrics_csv, metrics_json, tensorboard_zip
 from .monitoring import exposition
 from .notifications import check_waits, deliver_due, job_event, remember_language, update_integrations
 from .lifecycle import _RESUMING, cancel_job, clone_job, finish_job, interrupt_job, pause_job, resume_job, retry_job
-from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, end_orphaned, follow_slurm_job, reconcile_node,
-                    refresh_node, register_node, sample_devices, take_over_slurm_job)
+from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, end_orphaned, follow_slurm_job, reconcile_background,
+                    reconcile_node, refresh_node, register_node, sample_devices, take_over_slurm_job)
 from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_task, build_spec, claim_next_job,
                     device_state, kick_queue, live_nodes, node_queue, queue_forecast, queue_info, queue_order,
-                    queue_plan, queue_position, queue_snapshot, write_spec)
+                    queue_plan, queue_position, queue_snapshot, this_worker, write_spec)
 from .quota import (check_submission_quota, device_hours, hours_left, recent_usage, settle_run_segment,
                     usage_summary)
 from .reasons import never_fits_text, spec_error_text, wait_reason_text
@@ -28,10 +28,10 @@ __all__ = [
     "usage_summary",
     "background_task", "build_spec", "claim_next_job", "device_state", "kick_queue", "live_nodes",
     "_local_devices", "node_queue", "queue_forecast", "queue_info", "queue_order", "queue_plan", "queue_position",
-    "queue_snapshot", "QUEUE_SNAPSHOT_S", "write_spec", "estimate_job", "largest_device_memory", "prepare_job",
+    "queue_snapshot", "QUEUE_SNAPSHOT_S", "this_worker", "write_spec", "estimate_job", "largest_device_memory", "prepare_job",
     "record_event", "save_template", "submit_job", "cancel_job", "clone_job", "finish_job", "interrupt_job",
     "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage", "end_orphaned",
-    "reconcile_node",
+    "reconcile_background", "reconcile_node",
     "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT",
     "append_upload",
     "compute_dataset_stats", "create_dataset", "dataset_references", "delete_dataset", "find_upload",

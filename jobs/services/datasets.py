@@ -22,7 +22,7 @@ from training import spec as tspec
 from .. import dataset_stats
 from ..models import Dataset, Job, Upload
 from ..validation import validate_file
-from .queue import background_task
+from .queue import background_task, this_worker
 from .submission import ModelVersion, Tokenizer
 
 
@@ -112,7 +112,7 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
     tok = tok or Tokenizer.demo()
     stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
     msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
-    Dataset.objects.filter(pk=ds.pk).update(stats_status="running", stats_progress=0.0)
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="running", stats_progress=0.0, stats_worker=this_worker())
     cached = None
     if ds.sha256:  # a job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising
         from training import token_cache
@@ -125,11 +125,12 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
                                       progress=lambda p: Dataset.objects.filter(pk=ds.pk).update(stats_progress=p),
                                       known_lengths=token_cache.record_lengths(cached) if cached else None)
     except Exception as exc:  # a task must record why, not vanish
-        Dataset.objects.filter(pk=ds.pk).update(stats_status="failed", stats={"error": str(exc)[:500]})
+        Dataset.objects.filter(pk=ds.pk).update(stats_status="failed", stats={"error": str(exc)[:500]},
+                                                stats_worker="")
         raise
     stats["tokenizer"] = tok.name
     stats["from_token_cache"] = cached is not None
-    Dataset.objects.filter(pk=ds.pk).update(stats_status="done", stats_progress=1.0, stats=stats)
+    Dataset.objects.filter(pk=ds.pk).update(stats_status="done", stats_progress=1.0, stats=stats, stats_worker="")
 
 
 def find_upload(owner, upload_id):

@@ -43,10 +43,16 @@ def kick_queue(nodes: list[str] | None = None) -> None:
 
 
 def background_task(func: str, *args, task_name: str) -> None:
-    """Queue background work (statistics, tokenizer training) on a live worker node: this one when it is one."""
+    """Queue background work (statistics, tokenizer training) on a live worker node: this one when it is one. The
+    work names its worker (``this_worker``) on its record while it runs (``nodes.reconcile_background``)."""
     nodes = live_nodes()
     target = settings.NODE_NAME if settings.NODE_NAME in nodes or not nodes else nodes[0]
     enqueue(func, *args, queue=node_queue(target), task_name=task_name)
+
+
+def this_worker() -> str:
+    """This process as a record of background work names the worker doing it: ``<node>:<pid>``."""
+    return f"{settings.NODE_NAME}:{os.getpid()}"
 
 
 def enqueue(func: str, *args, queue: str, task_name: str, **q_options) -> None:

@@ -210,6 +210,43 @@ def test_reconcile_completes_the_pause_of_a_job_whose_supervisor_died(user, demo
     assert job.status == "paused" and job.events.latest("pk").text == "the job's supervisor died while pausing"
 
 
+def dead_pid() -> int:
+    """The pid of a process of this machine that has ended."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_background_work_whose_worker_is_gone_fails_saying_why(user, demo, settings):
+    """A tokenizer's training or a dataset's statistics whose worker died (killed, out of memory, its node restarted)
+    showed "training" / "Computing…" forever: django-q2 never runs such a task again. The node's housekeeping (and
+    its start) end them, saying why; a live worker's and another node's are left alone."""
+    from django.utils import translation
+
+    from jobs.tasks import housekeeping
+
+    settings.NODE_NAME = "node-x"
+    dead = f"node-x:{dead_pid()}"
+    tok = Tokenizer.objects.create(name="t", owner=user, status="training", worker=dead)
+    alive = Tokenizer.objects.create(name="u", owner=user, status="training", worker=f"node-x:{os.getpid()}")
+    other = Tokenizer.objects.create(name="v", owner=user, status="training", worker=f"node-xy:{dead_pid()}")
+    Dataset.objects.filter(pk=demo.pk).update(stats_status="running", stats_worker=dead)
+    housekeeping()
+    tok.refresh_from_db()
+    demo.refresh_from_db()
+    assert tok.status == "failed" and tok.worker == "" and tok.error_text.endswith("train it again")
+    assert demo.stats_status == "failed" and demo.stats_error.endswith("compute them again")
+    with translation.override("zh-hans"):
+        assert tok.error_text.endswith("请重新训练") and demo.stats_error.endswith("请重新计算")
+    assert Tokenizer.objects.get(pk=alive.pk).status == "training"  # its worker lives
+    assert Tokenizer.objects.get(pk=other.pk).status == "training"  # another node's: that node's housekeeping
+    assert services.reconcile_background("node-x", starting=True) == 1  # at start, nothing of the last run lives
+    assert Tokenizer.objects.get(pk=alive.pk).status == "failed"
+
+
 def test_queue_position(user, demo):
     a, b = submit(user, demo), submit(user, demo)
     c = submit(user, demo, priority=1)

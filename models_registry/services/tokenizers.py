@@ -11,7 +11,7 @@ from django.db import transaction
 from django.utils.translation import gettext as _
 
 from accounts.services import audit
-from jobs.services import background_task
+from jobs.services import background_task, this_worker
 from jobs.validation import open_text, record_text
 from training.records import loads
 from minicloud.errors import ServiceError, clean_name
@@ -123,6 +123,7 @@ def train_tokenizer_now(tokenizer_id: int, max_records: int = 200_000) -> None:
 
     tok = Tokenizer.objects.select_related("trained_on").get(pk=tokenizer_id)
     ds = tok.trained_on
+    Tokenizer.objects.filter(pk=tok.pk).update(worker=this_worker())  # until it ends (jobs' reconcile_background)
 
     def texts():
         with open_text(ds.path) as f:
@@ -136,9 +137,10 @@ def train_tokenizer_now(tokenizer_id: int, max_records: int = 200_000) -> None:
         folder = _tokenizer_dir()
         train_tokenizer(texts(), folder, vocab_size=tok.vocab_size)
     except Exception as exc:  # the task records why instead of vanishing
-        Tokenizer.objects.filter(pk=tok.pk).update(status="failed", error=str(exc)[:2000])
+        Tokenizer.objects.filter(pk=tok.pk).update(status="failed", error=str(exc)[:2000], worker="")
         raise
-    Tokenizer.objects.filter(pk=tok.pk).update(path=str(folder), status="ready", vocab_size=vocab_size_of(folder))
+    Tokenizer.objects.filter(pk=tok.pk).update(path=str(folder), status="ready", vocab_size=vocab_size_of(folder),
+                                               worker="")
 
 
 def encode(tok: Tokenizer, text: str) -> dict:

@@ -31,6 +31,33 @@ def test_train_a_tokenizer_on_a_dataset(api, user, db):
     assert bad.status_code == 400 and bad.json()["details"]["field"] == "vocab_size"
 
 
+def test_background_work_names_its_worker_while_it_runs(user, db, monkeypatch):
+    """A tokenizer's training and a dataset's statistics name the worker doing them until they end, so that the
+    node's housekeeping can tell when that worker died (jobs.services.reconcile_background)."""
+    import training.tokenizer
+    from jobs import dataset_stats
+    from jobs import services as job_services
+
+    ds = Dataset.objects.get(name="demo-sft")
+    seen = []
+
+    def spy(real, read):
+        def call(*args, **kwargs):
+            seen.append(read())
+            return real(*args, **kwargs)
+        return call
+
+    tok = services.start_tokenizer_training(owner=user, name="w", dataset=ds, vocab_size=600)
+    monkeypatch.setattr(training.tokenizer, "train_tokenizer", spy(training.tokenizer.train_tokenizer,
+                                                                   lambda: Tokenizer.objects.get(pk=tok.pk).worker))
+    services.train_tokenizer_now(tok.pk)
+    monkeypatch.setattr(dataset_stats, "compute", spy(dataset_stats.compute,
+                                                      lambda: Dataset.objects.get(pk=ds.pk).stats_worker))
+    job_services.compute_dataset_stats(ds.pk)
+    assert seen == [job_services.this_worker()] * 2
+    assert Tokenizer.objects.get(pk=tok.pk).worker == "" and Dataset.objects.get(pk=ds.pk).stats_worker == ""
+
+
 def test_playground_shows_a_split_characters_bytes(api, db):
     """A byte-level tokenizer may split a character's UTF-8 bytes across tokens: each such token is shown as its
     bytes (<0xE4>), not as a replacement character, and all the pieces together still spell the text."""

@@ -65,6 +65,7 @@ class Command(BaseCommand):
                 sys.exit(2)
             services.register_node(settings.NODE_NAME)
             requeued = services.reconcile_node(settings.NODE_NAME, starting=True)
+            services.reconcile_background(settings.NODE_NAME, starting=True)
             self._ensure_schedule()
             if requeued:
                 self.stdout.write(f"Requeued interrupted jobs to resume: {requeued}")
