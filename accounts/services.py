@@ -380,9 +380,10 @@ def login_wait(username: str, ip) -> int:
     return wait
 
 
-def check_deletable(actor, obj, kind: str, references: list[str]) -> None:
+def check_deletable(actor, obj, references: list[str]) -> None:
     """Refuse to delete ``obj`` unless ``actor`` owns (manages) it and nothing uses it (``references`` names what
-    does: 409 with the list)."""
+    does: 409 with the list). The message names the kind of ``obj`` in the active language (its verbose name)."""
+    kind = type(obj)._meta.verbose_name
     if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists() or obj.owner_id is None:
         raise ServiceError(_("only the owner can delete this %(kind)s") % {"kind": kind}, status=403)
     if references:

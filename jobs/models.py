@@ -4,7 +4,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
-from django.utils.translation import gettext, gettext_lazy as _
+from django.utils.translation import gettext, gettext_lazy as _, gettext_noop
 
 from accounts.models import Shareable, UsageRecord
 from minicloud.files import disk_usage
@@ -22,6 +22,11 @@ def stage_label(stage: str) -> str:
     return str(_STAGE_LABELS.get(stage, stage))
 KIND_CHOICES = [("pretrain", _("Pretrain text")), ("sft", _("Conversations (SFT)")),
                 ("dpo", _("Preference pairs (DPO)")), ("rlaif", _("RL prompts"))]
+
+
+# Why statistics failed when the worker computing them was gone (Dataset.background_work).
+STATS_LOST = gettext_noop("the worker computing them stopped (its node restarted, or the process was killed): "
+                          "compute them again")
 
 
 class Dataset(Shareable):
@@ -48,6 +53,13 @@ class Dataset(Shareable):
     @classmethod
     def stored_bytes(cls, user) -> int:
         return cls.objects.filter(owner=user).aggregate(n=models.Sum("size_bytes"))["n"] or 0
+
+    @classmethod
+    def background_work(cls):
+        """Statistics being computed, the field naming their worker, and what they become when it is gone
+        (jobs.services.reconcile_background)."""
+        return cls.objects.filter(stats_status="running"), "stats_worker", {"stats_status": "failed",
+                                                                              "stats": {"error": STATS_LOST}}
 
     @classmethod
     def home_files(cls) -> tuple[str, set]:

@@ -100,6 +100,7 @@ urlpatterns = [
     path("models/", models_views.model_list, name="models"),
     path("tokenizers/", models_views.tokenizer_list, name="tokenizers"),
     path("tokenizers/<int:tokenizer_id>/", models_views.tokenizer_detail, name="tokenizer_detail"),
+    path("tokenizers/<int:tokenizer_id>/delete/", models_views.tokenizer_delete, name="tokenizer_delete"),
     path("models/<int:model_id>/", models_views.model_detail, name="model_detail"),
     path("models/<int:model_id>/download/", models_views.model_download, name="model_download"),
     path("models/<int:model_id>/<str:action>/", models_views.model_action, name="model_action"),

@@ -116,9 +116,14 @@ def _tokenizer(request, tokenizer_id) -> Tokenizer:
     return readable(Tokenizer, request.user, tokenizer_id)
 
 
-@endpoint("GET")
+@endpoint("GET", "DELETE")
 def tokenizer_detail(request, tokenizer_id):
-    return _tokenizer(request, tokenizer_id).to_dict()
+    """GET: the tokenizer. DELETE: when nothing uses it and it is not training."""
+    tok = _tokenizer(request, tokenizer_id)
+    if request.method == "DELETE":
+        services.delete_tokenizer(request.user, tok, request=request)
+        return {"deleted": tokenizer_id}
+    return tok.to_dict()
 
 
 @endpoint("POST")

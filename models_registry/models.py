@@ -3,11 +3,16 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
-from django.utils.translation import gettext, gettext_lazy as _
+from django.utils.translation import gettext, gettext_lazy as _, gettext_noop
 
 from accounts.models import Shareable, VisibleQuerySet
 from jobs.models import stage_label
 from minicloud.files import disk_usage
+
+
+# Why a training failed when the worker doing it was gone (Tokenizer.background_work).
+TRAINING_LOST = gettext_noop("the worker training it stopped (its node restarted, or the process was killed): "
+                             "train it again")
 
 
 class Tokenizer(Shareable):
@@ -31,6 +36,12 @@ class Tokenizer(Shareable):
 
     def __str__(self):
         return self.name
+
+    @classmethod
+    def background_work(cls):
+        """Tokenizers in training, the field naming their worker, and what they become when it is gone
+        (jobs.services.reconcile_background)."""
+        return cls.objects.filter(status="training"), "worker", {"status": "failed", "error": TRAINING_LOST}
 
     @classmethod
     def home_files(cls) -> tuple[str, set | None]:

@@ -182,5 +182,20 @@ def tokenizer_list(request):
 @login_required
 def tokenizer_detail(request, tokenizer_id):
     tok = readable(Tokenizer, request.user, tokenizer_id)
-    return render(request, "models_registry/tokenizer_detail.html", {"tokenizer": tok,
-                                                                     **share_context(request.user, tok)})
+    manage = may_manage(request.user, tok) and tok.owner_id is not None
+    return render(request, "models_registry/tokenizer_detail.html", {
+        "tokenizer": tok, "can_delete": manage, **share_context(request.user, tok),
+        "references": services.tokenizer_references(tok) if manage else []})
+
+
+@login_required
+@require_POST
+def tokenizer_delete(request, tokenizer_id):
+    tok = readable(Tokenizer, request.user, tokenizer_id)
+    try:
+        services.delete_tokenizer(request.user, tok, request=request)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("tokenizer_detail", tokenizer_id=tok.pk)
+    messages.success(request, _("Tokenizer deleted."))
+    return redirect("tokenizers")

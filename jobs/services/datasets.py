@@ -83,7 +83,7 @@ def dataset_references(ds: Dataset) -> list[str]:
 def delete_dataset(actor, ds: Dataset, request=None) -> None:
     """Delete a dataset version nobody uses (its file too, unless another version shares it)."""
 
-    check_deletable(actor, ds, "dataset", dataset_references(ds))
+    check_deletable(actor, ds, dataset_references(ds))
     path = Path(ds.path)
     audit(actor, "delete", ds, request=request, name=ds.name, version=ds.version)
     ds.delete()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+from django.apps import apps
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
@@ -13,9 +14,8 @@ from django.utils.translation import gettext_noop
 
 from minicloud.errors import ServiceError
 from minicloud.processes import kill_group, pid_alive
-from models_registry.models import Tokenizer
 
-from ..models import Dataset, DeviceSample, Job, Node, Setting
+from ..models import DeviceSample, Job, Node, Setting
 from .lifecycle import finish_job, interrupt_job
 from .queue import _local_devices, enqueue, node_queue
 
@@ -60,27 +60,22 @@ def reconcile_node(node_name: str, *, starting: bool) -> list[int]:
     return done
 
 
-# What a record of background work says when the worker doing it is gone (``reconcile_background``).
-TOKENIZER_LOST = gettext_noop("the worker training it stopped (its node restarted, or the process was killed): "
-                              "train it again")
-STATS_LOST = gettext_noop("the worker computing them stopped (its node restarted, or the process was killed): "
-                          "compute them again")
-
-
 def reconcile_background(node_name: str, *, starting: bool) -> int:
     """Background work of this node whose worker is gone (a tokenizer's training, a dataset's statistics; killed, out
     of memory, the node restarted): the record says it failed and why, instead of showing the work in progress
     forever (django-q2 never runs a task again whose worker died: ``max_attempts`` 1). At start every one of this
-    node's is gone, later those whose process died. The number of records ended."""
+    node's is gone, later those whose process died. Each model with such work says which rows are in progress, the
+    field that names their worker (``<node>:<pid>``, ``queue.this_worker``) and what a lost one becomes (a
+    ``background_work`` classmethod), so this knows no kind of record. The number of records ended."""
     ended = 0
-    for rows, field, failed in (
-            (Tokenizer.objects.filter(status="training"), "worker", {"status": "failed", "error": TOKENIZER_LOST}),
-            (Dataset.objects.filter(stats_status="running"), "stats_worker",
-             {"stats_status": "failed", "stats": {"error": STATS_LOST}})):
+    for model in apps.get_models():
+        if not callable(getattr(model, "background_work", None)):
+            continue
+        rows, field, lost = model.background_work()
         for pk, worker in rows.filter(**{f"{field}__startswith": f"{node_name}:"}).values_list("pk", field):
             node, _, pid = worker.rpartition(":")
             if node == node_name and (starting or not pid_alive(int(pid))):
-                ended += rows.filter(pk=pk, **{field: worker}).update(**failed, **{field: ""})
+                ended += rows.filter(pk=pk, **{field: worker}).update(**lost, **{field: ""})
     return ended
 
 

@@ -118,7 +118,7 @@ def delete_model(actor, mv: ModelVersion, request=None) -> None:
     import shutil
 
 
-    check_deletable(actor, mv, "model", model_references(mv))
+    check_deletable(actor, mv, model_references(mv))
     files = [Path(p) for p in (mv.path, mv.lora_path) if p]
     folders = [mv.files_dir] + ([Path(mv.adapter_path)] if mv.adapter_path else [])
     audit(actor, "delete", mv, request=request, name=mv.name, version=mv.version)

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils.translation import gettext as _
 
-from accounts.services import audit
+from accounts.services import audit, check_deletable
 from jobs.services import background_task, this_worker
 from jobs.validation import open_text, record_text
 from training.records import loads
@@ -141,6 +141,35 @@ def train_tokenizer_now(tokenizer_id: int, max_records: int = 200_000) -> None:
         raise
     Tokenizer.objects.filter(pk=tok.pk).update(path=str(folder), status="ready", vocab_size=vocab_size_of(folder),
                                                worker="")
+
+
+def tokenizer_references(tok: Tokenizer) -> list[str]:
+    """What uses a tokenizer: jobs (any state: their runs and checkpoints read it) and models that speak it."""
+    from jobs.models import Job
+
+    from ..models import ModelVersion
+
+    refs = [f"job #{pk} {name}" for pk, name in
+            Job.objects.filter(tokenizer=tok).order_by("pk").values_list("pk", "name")[:50]]
+    refs += [f"model #{pk} {name} v{version}" for pk, name, version in
+             ModelVersion.objects.filter(tokenizer=tok).order_by("pk").values_list("pk", "name", "version")[:50]]
+    return refs
+
+
+def delete_tokenizer(actor, tok: Tokenizer, request=None) -> None:
+    """Delete a tokenizer nothing uses, with its folder: one that failed, or one its owner no longer wants. Not while
+    it trains (its worker would write a folder nothing names)."""
+    import shutil
+
+    check_deletable(actor, tok, tokenizer_references(tok))
+    if tok.status == "training":
+        raise ServiceError(_("tokenizer %(name)s is still training: delete it once it has finished")
+                           % {"name": tok.name}, status=409)
+    folder = Path(tok.path) if tok.path else None
+    audit(actor, "delete", tok, request=request, name=tok.name)
+    tok.delete()
+    if folder is not None and folder.parent == settings.HOME / "tokenizers":
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def encode(tok: Tokenizer, text: str) -> dict:

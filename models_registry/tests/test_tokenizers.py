@@ -1,10 +1,12 @@
 """Tokenizers as first-class objects: training on a dataset, upload (with MiniMind's layout checked), playground."""
 import json
+from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from jobs.models import Dataset
+from minicloud.errors import ServiceError
 from models_registry import services
 from models_registry.models import Tokenizer
 
@@ -115,3 +117,40 @@ def test_tokenizer_pages(client, user, lang):
     ready = "可用" if lang == "zh-hans" else "ready"
     assert f'data-status="ready">{ready}' in page
     assert f"<td>{ready}</td>" in client.get("/tokenizers/", HTTP_ACCEPT_LANGUAGE=lang).content.decode()
+
+
+def test_delete_a_tokenizer_nothing_uses(api, client, user, other_user, db, settings, tmp_path):
+    """A failed tokenizer (its worker died, say) held its name and its folder for good: nobody could delete one. Its
+    owner now can, when no job or model uses it and it is not training; the folder goes with it."""
+    from django.utils import translation
+
+    from jobs import services as job_services
+
+    settings.HOME = tmp_path
+    ds = Dataset.objects.get(name="demo-sft")
+    tok = services.start_tokenizer_training(owner=user, name="mine", dataset=ds, vocab_size=600)
+    r = api.delete(f"/api/v1/tokenizers/{tok.pk}")
+    assert r.status_code == 409 and "still training" in r.json()["error"]
+    services.train_tokenizer_now(tok.pk)
+    tok.refresh_from_db()
+    folder = Path(tok.path)
+    assert folder.is_dir() and folder.parent == tmp_path / "tokenizers"
+    job = job_services.submit_job(owner=user, name="uses-it", stage="sft", dataset=ds.pk, tokenizer=tok.pk,
+                                  config={"max_steps": 1})
+    r = api.delete(f"/api/v1/tokenizers/{tok.pk}")
+    assert r.status_code == 409 and r.json()["details"]["references"] == [f"job #{job.pk} uses-it"]
+    with translation.override("zh-hans"), pytest.raises(ServiceError) as refused:
+        services.delete_tokenizer(user, tok)
+    assert str(refused.value).startswith("分词器正被 1 个对象使用")
+    job.delete()
+    client.force_login(other_user)  # another user's: not theirs to delete (and not visible: 404)
+    assert client.post(f"/tokenizers/{tok.pk}/delete/").status_code == 404
+    demo = Tokenizer.objects.get(name="demo-tokenizer")
+    assert api.delete(f"/api/v1/tokenizers/{demo.pk}").status_code == 403  # the portal's own
+    client.force_login(user)
+    page = client.get(f"/tokenizers/{tok.pk}/")
+    assert b'id="delete-tokenizer">' in page.content  # not disabled: nothing uses it
+    r = client.post(f"/tokenizers/{tok.pk}/delete/", follow=True)
+    assert r.redirect_chain[-1][0] == "/tokenizers/" and "Tokenizer deleted." in r.content.decode()
+    assert not Tokenizer.objects.filter(pk=tok.pk).exists() and not folder.exists()
+    assert services.start_tokenizer_training(owner=user, name="mine", dataset=ds).name == "mine"  # the name is free
