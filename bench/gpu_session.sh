@@ -25,6 +25,7 @@ compiled=(  # the engine's fastest settings (use_compile, compile_mode reduce-ov
   "--cases sft --compile yes $ours $graphs --coordinate-descent"
   "--cases sft_packed --compile yes $ours $graphs"
   "--cases sft_packed_flex --compile yes $ours $graphs"
+  "--cases dense --compile yes $ours $graphs --coordinate-descent --batch 64 --accum 4"
 )
 start=$(date +%s)
 for v in "${compiled[@]}"; do
@@ -54,6 +55,7 @@ EOF
 # packed SFT against MiniMind's SFT (>= 3x its non-pad tokens/s; the dense mask, then FlexAttention's block mask),
 # GRPO rollouts against MiniMind's own rollout path (>= 5x)
 timed 60 ${compiled[0]} --steps 20
+timed 60 ${compiled[6]} --steps 20  # the same tokens per optimizer step in half the micro-steps: kept if it wins
 timed 60 --cases sft --compile no $mm
 timed 60 ${compiled[4]}  # packed SFT (the engine's default)
 timed 60 ${compiled[5]}  # the same through FlexAttention's block mask (packed_attention: flex): kept if it wins
