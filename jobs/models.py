@@ -44,6 +44,7 @@ class Dataset(Shareable):
     stats_status = models.CharField(max_length=20, blank=True)  # "", "queued", "running", "done", "failed"
     stats_progress = models.FloatField(default=0.0)
     stats_worker = models.CharField(max_length=200, blank=True)  # "<node>:<pid>" computing them, while it does
+    stats_request = models.PositiveIntegerField(default=0)  # the latest request's number: older tasks stop
 
     class Meta:
         verbose_name = _("dataset")

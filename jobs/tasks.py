@@ -44,6 +44,6 @@ def deliver_notifications():
     return services.deliver_due()
 
 
-def dataset_stats(ds_id, max_seq_len=None, tokenizer_id=None):
+def dataset_stats(ds_id, max_seq_len=None, tokenizer_id=None, request=None):
     """Token statistics of a dataset version, in the background."""
-    services.compute_dataset_stats(ds_id, max_seq_len, tokenizer_id)
+    services.compute_dataset_stats(ds_id, max_seq_len, tokenizer_id, request)

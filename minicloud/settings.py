@@ -207,13 +207,23 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 # Jobs that may share one GPU while their memory estimates fit (CPU slots take one job each).
 JOBS_PER_GPU = envint("MINICLOUD_JOBS_PER_GPU", 4)
 
+# Work people start that runs for minutes (a tokenizer's training, a dataset's statistics) has a queue and a cluster of
+# its own on each node (`serve` starts both; django-q2's ALT_CLUSTERS): it never takes a job runner, nor queues ahead
+# of a job's start. MINICLOUD_BACKGROUND_WORKERS: how many such tasks a node runs at once.
+BACKGROUND_QUEUE = f"{NODE_QUEUE}.background"
+BACKGROUND_WORKERS = envint("MINICLOUD_BACKGROUND_WORKERS", 1)
+# Tokenizer trainings one user may have in progress at once (queued or training); more are refused.
+TOKENIZER_TRAININGS_PER_USER = envint("MINICLOUD_TOKENIZER_TRAININGS_PER_USER", 2)
+
 Q_CLUSTER = {
     "name": INSTANCE,
     "cluster_name": NODE_QUEUE,
-    # One worker per job that can run at once (each supervises one job), plus one for background work (dataset
-    # statistics) so that it never waits behind training. `serve` counts this node's devices and passes the number
-    # to its qcluster (no device probe here); a qcluster started by hand gets one runner.
+    # One worker per job that can run at once (each supervises one job), plus one for the node's own short work (the
+    # housekeeping, notifications, following a Slurm run again) so that it never waits behind training. `serve`
+    # counts this node's devices and passes the number to its qcluster (no device probe here); a qcluster started by
+    # hand gets one runner.
     "workers": envint("MINICLOUD_JOB_RUNNERS", 1) + 1,
+    "ALT_CLUSTERS": {BACKGROUND_QUEUE: {"workers": BACKGROUND_WORKERS, "label": "Background work"}},
     "recycle": 50,
     "timeout": 6 * 24 * 3600,
     "retry": 7 * 24 * 3600,

@@ -168,6 +168,36 @@ def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
     assert processes_of(node.home) == []
 
 
+@pytest.mark.slow
+def test_background_work_never_holds_up_a_jobs_start(tmp_path):
+    """Tokenizer trainings (minutes each on a real corpus) shared the job runners' queue and workers: with a flood of
+    them queued, a job submitted next waited until the queue reached its start token, the device idle meanwhile.
+    They run in a cluster of their own now, one at a time, and the job starts while they are still queued."""
+    node = LiveNode(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    node.env.update(MINICLOUD_DEVICES="cpu:1", MINICLOUD_TOKENIZER_TRAININGS_PER_USER="3")
+    node.start()
+    try:
+        status, corpus = node.upload("/api/v1/datasets", {"name": "words", "kind": "pretrain"},
+                                     {"file": ("words.jsonl", words_corpus(6_000))})
+        assert status == 201, corpus
+        tokenizers = []
+        for n in range(3):
+            status, tok = node.request("POST", "/api/v1/tokenizers/train", {"name": f"w{n}", "dataset": corpus["id"]})
+            assert status == 202, tok
+            tokenizers.append(tok["id"])
+        job = node.submit("not-behind", {**TINY, "max_steps": 3})
+        node.wait_for(job["id"], lambda j: j["status"] != "queued", timeout=60, what="the job to start")
+        training = [t for t in tokenizers if node.request("GET", f"/api/v1/tokenizers/{t}")[1]["status"] == "training"]
+        assert len(training) >= 2, f"the job started only once {3 - len(training)} of 3 tokenizers had trained"
+        assert node.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"),
+                             what="the job to end")["status"] == "succeeded"
+    finally:
+        rc = node.stop()
+        node.drop_database()
+    assert rc == 0, node.log()
+
+
 def test_a_two_device_job_runs_ddp_under_torchrun(live):
     """Gang allocation on the node's two CPU slots: torchrun starts two gloo ranks; rank 0 alone reports."""
     job = live.submit("pair", {**TINY, "max_steps": 6, "log_interval": 2}, gpus=2)

@@ -12,9 +12,9 @@ from .notifications import check_waits, deliver_due, job_event, remember_languag
 from .lifecycle import _RESUMING, cancel_job, clone_job, finish_job, interrupt_job, pause_job, resume_job, retry_job
 from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, end_orphaned, follow_slurm_job, reconcile_background,
                     reconcile_node, refresh_node, register_node, sample_devices, take_over_slurm_job)
-from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_task, build_spec, claim_next_job,
-                    device_state, kick_queue, live_nodes, node_queue, queue_forecast, queue_info, queue_order,
-                    queue_plan, queue_position, queue_snapshot, this_worker, write_spec)
+from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_queue, background_task, build_spec,
+                    claim_next_job, device_state, kick_queue, live_nodes, node_queue, queue_forecast, queue_info,
+                    queue_order, queue_plan, queue_position, queue_snapshot, this_worker, write_spec)
 from .quota import (check_submission_quota, device_hours, hours_left, recent_usage, settle_run_segment,
                     usage_summary)
 from .reasons import never_fits_text, spec_error_text, wait_reason_text
@@ -26,7 +26,7 @@ __all__ = [
     "ServiceError", "die_with_parent", "kill_group", "pid_alive", "never_fits_text", "spec_error_text",
     "wait_reason_text", "check_submission_quota", "device_hours", "hours_left", "recent_usage", "settle_run_segment",
     "usage_summary",
-    "background_task", "build_spec", "claim_next_job", "device_state", "kick_queue", "live_nodes",
+    "background_queue", "background_task", "build_spec", "claim_next_job", "device_state", "kick_queue", "live_nodes",
     "_local_devices", "node_queue", "queue_forecast", "queue_info", "queue_order", "queue_plan", "queue_position",
     "queue_snapshot", "QUEUE_SNAPSHOT_S", "this_worker", "write_spec", "estimate_job", "largest_device_memory", "prepare_job",
     "record_event", "save_template", "submit_job", "cancel_job", "clone_job", "finish_job", "interrupt_job",

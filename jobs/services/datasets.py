@@ -9,7 +9,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -93,26 +93,44 @@ def delete_dataset(actor, ds: Dataset, request=None) -> None:
 
 def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id=None, actor=None) -> None:
     """Queue the token statistics of a dataset (a background task with progress). Asked by a person (``actor``),
-    they replace the dataset's stored statistics: only its owner (or an admin) may, with a tokenizer they may use."""
+    they replace the dataset's stored statistics: only its owner (or an admin) may, with a tokenizer they may use.
+    Each request draws the next ``stats_request``; a task whose request a later one superseded (a second click, other
+    settings) stops, so that the one background worker never computes what nobody will see."""
     if actor is not None:
         check_manage(actor, ds)
         tok = Tokenizer.objects.usable_by(actor, tokenizer_id, "tokenizer")
         tokenizer_id = tok.pk if tok else None
-    Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0)
-    transaction.on_commit(lambda: background_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
-                                                  task_name=f"dataset-stats-{ds.pk}"))
+    with transaction.atomic():
+        Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0, stats_worker="",
+                                                stats_request=F("stats_request") + 1)
+        request = Dataset.objects.values_list("stats_request", flat=True).get(pk=ds.pk)
+        transaction.on_commit(lambda: background_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
+                                                      request, task_name=f"dataset-stats-{ds.pk}"))
 
 
-def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_id: int | None = None) -> None:
-    """Run the statistics of one dataset version (the background task), recording progress and the result."""
+class _Superseded(Exception):
+    """A later request for the same dataset's statistics took over."""
+
+
+def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_id: int | None = None,
+                          request: int | None = None) -> None:
+    """Run the statistics of one dataset version (the background task), recording progress and the result; nothing
+    when ``request`` is no longer the dataset's latest (``request_dataset_stats``), and it stops once it is not."""
     ds = Dataset.objects.filter(pk=ds_id).first()
     if ds is None:
         return
+    mine = Dataset.objects.filter(pk=ds.pk, **({} if request is None else {"stats_request": request}))
+    if not mine.update(stats_status="running", stats_progress=0.0, stats_worker=this_worker()):
+        return
+
+    def progress(p):
+        if not mine.update(stats_progress=p):
+            raise _Superseded
+
     tok = Tokenizer.objects.filter(pk=tokenizer_id).first() if tokenizer_id else None
     tok = tok or Tokenizer.demo()
     stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
     msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
-    Dataset.objects.filter(pk=ds.pk).update(stats_status="running", stats_progress=0.0, stats_worker=this_worker())
     cached = None
     if ds.sha256:  # a job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising
         from training import token_cache
@@ -122,15 +140,16 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
                                   processing)
     try:
         stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
-                                      progress=lambda p: Dataset.objects.filter(pk=ds.pk).update(stats_progress=p),
+                                      progress=progress,
                                       known_lengths=token_cache.record_lengths(cached) if cached else None)
+    except _Superseded:
+        return
     except Exception as exc:  # a task must record why, not vanish
-        Dataset.objects.filter(pk=ds.pk).update(stats_status="failed", stats={"error": str(exc)[:500]},
-                                                stats_worker="")
+        mine.update(stats_status="failed", stats={"error": str(exc)[:500]}, stats_worker="")
         raise
     stats["tokenizer"] = tok.name
     stats["from_token_cache"] = cached is not None
-    Dataset.objects.filter(pk=ds.pk).update(stats_status="done", stats_progress=1.0, stats=stats, stats_worker="")
+    mine.update(stats_status="done", stats_progress=1.0, stats=stats, stats_worker="")
 
 
 def find_upload(owner, upload_id):

@@ -86,10 +86,10 @@ def job_event(job: Job, event: str) -> list[Notification]:
 
 
 def _queue_delivery():
-    from .queue import background_task
+    from .queue import node_task
 
     try:
-        background_task("jobs.tasks.deliver_notifications", task_name=f"notify-{timezone.now().timestamp()}")
+        node_task("jobs.tasks.deliver_notifications", task_name=f"notify-{timezone.now().timestamp()}")
     except Exception:  # noqa: BLE001 -- the housekeeping sends them within a minute anyway
         pass
 

@@ -42,12 +42,28 @@ def kick_queue(nodes: list[str] | None = None) -> None:
     _kick_nodes(nodes or live_nodes() or [settings.NODE_NAME])
 
 
-def background_task(func: str, *args, task_name: str) -> None:
-    """Queue background work (statistics, tokenizer training) on a live worker node: this one when it is one. The
-    work names its worker (``this_worker``) on its record while it runs (``nodes.reconcile_background``)."""
+def background_queue(node_name: str) -> str:
+    """The django-q2 queue of a node's background cluster (settings.BACKGROUND_QUEUE on that node)."""
+    return f"{node_queue(node_name)}.background"
+
+
+def _worker_node() -> str:
+    """A live worker node to give work to: this one when it is one."""
     nodes = live_nodes()
-    target = settings.NODE_NAME if settings.NODE_NAME in nodes or not nodes else nodes[0]
-    enqueue(func, *args, queue=node_queue(target), task_name=task_name)
+    return settings.NODE_NAME if settings.NODE_NAME in nodes or not nodes else nodes[0]
+
+
+def background_task(func: str, *args, task_name: str) -> None:
+    """Queue work that people start and that runs for minutes (statistics, tokenizer training) on a live worker
+    node's background cluster: never on a job runner, never ahead of a job's start. The work names its worker
+    (``this_worker``) on its record while it runs (``nodes.reconcile_background``)."""
+    enqueue(func, *args, queue=background_queue(_worker_node()), task_name=task_name)
+
+
+def node_task(func: str, *args, task_name: str) -> None:
+    """Queue the portal's own short work (sending notifications) on a live worker node's job cluster, whose worker
+    beyond the job runners takes it."""
+    enqueue(func, *args, queue=node_queue(_worker_node()), task_name=task_name)
 
 
 def this_worker() -> str:

@@ -147,6 +147,47 @@ def test_a_dataset_in_use_cannot_be_deleted(client, user, token, tmp_path):
     assert not Dataset.objects.filter(pk=ds["id"]).exists() and not __import__("os").path.exists(path)
 
 
+def test_a_later_request_for_statistics_supersedes_an_earlier_one(user, db, monkeypatch, settings,
+                                                                  django_capture_on_commit_callbacks):
+    """Two clicks on "compute" queued two tasks, each tokenising the whole file on the node's one background worker
+    (an hour for a 9 GB SFT file). Only the latest request's task computes: an earlier one that has not started does
+    nothing, and one that is running stops at its next progress report."""
+    from jobs import dataset_stats
+    from jobs.services import queue
+    from training.spec import STAGE_DEFAULTS
+
+    sent = []
+    monkeypatch.setattr(queue, "enqueue", lambda func, *args, **kw: sent.append((func, args, kw["queue"])))
+    ds = Dataset.objects.get(name="demo-sft")
+    Dataset.objects.filter(pk=ds.pk).update(owner=user)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.request_dataset_stats(ds, actor=user)
+        services.request_dataset_stats(ds, max_seq_len=20, actor=user)
+    assert [(func, q) for func, _, q in sent] == [  # the background cluster's queue, not the job runners'
+        ("jobs.tasks.dataset_stats", queue.background_queue(settings.NODE_NAME))] * 2
+    first, second = (args for _, args, _ in sent)
+    assert first[-1] + 1 == second[-1] == Dataset.objects.get(pk=ds.pk).stats_request
+    services.compute_dataset_stats(*first)  # superseded before it started: nothing
+    assert Dataset.objects.get(pk=ds.pk).stats_status == "queued"
+    real = dataset_stats.compute
+
+    def clicked_again_meanwhile(*args, progress, **kwargs):
+        with django_capture_on_commit_callbacks(execute=True):
+            services.request_dataset_stats(ds, actor=user)
+        progress(0.5)
+        raise AssertionError("went on after a later request")
+
+    monkeypatch.setattr(dataset_stats, "compute", clicked_again_meanwhile)
+    services.compute_dataset_stats(*second)  # superseded while it ran: it stops, writing nothing
+    ds.refresh_from_db()
+    assert ds.stats_status == "queued" and ds.stats_worker == "" and ds.stats == {}
+    monkeypatch.setattr(dataset_stats, "compute", real)
+    services.compute_dataset_stats(*sent[-1][1])  # the latest computes
+    ds.refresh_from_db()
+    assert ds.stats_status == "done" and ds.stats["max_seq_len"] == STAGE_DEFAULTS["sft"]["max_seq_len"]
+    assert ds.stats_worker == ""
+
+
 def test_statistics_with_the_demo_tokenizer(db):
     ds = Dataset.objects.get(name="demo-sft")
     services.compute_dataset_stats(ds.pk, max_seq_len=20)

@@ -109,6 +109,10 @@ def start_tokenizer_training(*, owner, name: str, dataset, vocab_size: int = 640
     name = _new_tokenizer_name(owner, name)
     if not isinstance(vocab_size, int) or not 300 <= vocab_size <= 200_000:
         raise ServiceError(_("vocab_size: between 300 and 200000"), field="vocab_size")
+    limit = settings.TOKENIZER_TRAININGS_PER_USER  # the node's background worker is everyone's
+    if Tokenizer.objects.filter(owner=owner, status="training").count() >= limit:
+        raise ServiceError(_("you already have %(n)s tokenizers training: start another once one has finished")
+                           % {"n": limit}, status=429)
     tok = Tokenizer.objects.create(name=name, owner=owner, path="", status="training", trained_on=dataset,
                                    vocab_size=vocab_size)
     audit(owner, "tokenizer_train", tok, request=request, dataset=dataset.pk, vocab_size=vocab_size)

@@ -154,3 +154,15 @@ def test_delete_a_tokenizer_nothing_uses(api, client, user, other_user, db, sett
     assert r.redirect_chain[-1][0] == "/tokenizers/" and "Tokenizer deleted." in r.content.decode()
     assert not Tokenizer.objects.filter(pk=tok.pk).exists() and not folder.exists()
     assert services.start_tokenizer_training(owner=user, name="mine", dataset=ds).name == "mine"  # the name is free
+
+
+def test_a_user_trains_at_most_two_tokenizers_at_once(api, user, db, settings):
+    """Each training is minutes of the node's one background worker, which everyone's statistics and tokenizers
+    share: a student's loop of POSTs queued them without end. A third while two train is refused (429); once one
+    has ended, another may start."""
+    ds = Dataset.objects.get(name="demo-sft")
+    ids = [api.post("/api/v1/tokenizers/train", {"name": f"t{n}", "dataset": ds.pk}).json()["id"] for n in range(2)]
+    r = api.post("/api/v1/tokenizers/train", {"name": "t2", "dataset": ds.pk})
+    assert r.status_code == 429 and r.json()["error"].startswith("you already have 2 tokenizers training")
+    Tokenizer.objects.filter(pk=ids[0]).update(status="failed")
+    assert api.post("/api/v1/tokenizers/train", {"name": "t2", "dataset": ds.pk}).status_code == 202
