@@ -127,17 +127,26 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
         if not mine.update(stats_progress=p):
             raise _Superseded
 
+    from training import token_cache
+
     tok = Tokenizer.objects.filter(pk=tokenizer_id).first() if tokenizer_id else None
     tok = tok or Tokenizer.demo()
     stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
     msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
+    digest = token_cache.tokenizer_digest(tok.path)
     cached = None
-    if ds.sha256:  # a job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising
-        from training import token_cache
-
-        processing = token_cache.PROCESSING[stage]
-        cached = token_cache.find(settings.DATA_CACHE_DIR, ds.sha256, token_cache.tokenizer_digest(tok.path),
-                                  processing)
+    if ds.sha256:
+        # The same file already counted with the same tokenizer and max_seq_len (a class uploading one corpus thirty
+        # times; another version with the same bytes): its statistics, nothing read again.
+        same = Dataset.objects.filter(sha256=ds.sha256, kind=ds.kind, stats_status="done", stats__max_seq_len=msl,
+                                      stats__tokenizer_digest=digest).exclude(pk=ds.pk)
+        counted = same.values_list("stats", flat=True).first()
+        if counted:
+            mine.update(stats_status="done", stats_progress=1.0, stats={**counted, "tokenizer": tok.name},
+                        stats_worker="")
+            return
+        # A job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising.
+        cached = token_cache.find(settings.DATA_CACHE_DIR, ds.sha256, digest, token_cache.PROCESSING[stage])
     try:
         stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
                                       progress=progress,
@@ -147,8 +156,7 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
     except Exception as exc:  # a task must record why, not vanish
         mine.update(stats_status="failed", stats={"error": str(exc)[:500]}, stats_worker="")
         raise
-    stats["tokenizer"] = tok.name
-    stats["from_token_cache"] = cached is not None
+    stats.update(tokenizer=tok.name, tokenizer_digest=digest, from_token_cache=cached is not None)
     mine.update(stats_status="done", stats_progress=1.0, stats=stats, stats_worker="")
 
 

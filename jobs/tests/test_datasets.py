@@ -1,6 +1,7 @@
 """Dataset upload, streaming validation with line numbers, versions, references, statistics."""
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -186,6 +187,28 @@ def test_a_later_request_for_statistics_supersedes_an_earlier_one(user, db, monk
     ds.refresh_from_db()
     assert ds.stats_status == "done" and ds.stats["max_seq_len"] == STAGE_DEFAULTS["sft"]["max_seq_len"]
     assert ds.stats_worker == ""
+
+
+def test_statistics_of_a_file_already_counted_are_reused(user, other_user, db, monkeypatch, tmp_path):
+    """Thirty students uploading the same corpus queued thirty computations of the same statistics (minutes each on
+    the one background worker for MiniMind's 1.6 GB file). A dataset whose bytes were already counted with the same
+    tokenizer and max_seq_len takes those statistics; another tokenizer or length is computed."""
+    from jobs import dataset_stats
+
+    source = Path(Dataset.objects.get(name="demo-sft").path)
+    mine, theirs = (services.create_dataset(owner=owner, name="corpus", kind="sft", source=source, keep_source=True)
+                    for owner in (user, other_user))
+    services.compute_dataset_stats(mine.pk)
+    counted = Dataset.objects.get(pk=mine.pk).stats
+    def counted_again(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(dataset_stats, "compute", counted_again)
+    services.compute_dataset_stats(theirs.pk)
+    theirs.refresh_from_db()
+    assert theirs.stats_status == "done" and theirs.stats == counted and theirs.stats_progress == 1.0
+    with pytest.raises(AssertionError, match="counted again"):  # another max_seq_len: computed
+        services.compute_dataset_stats(theirs.pk, max_seq_len=64)
 
 
 def test_statistics_with_the_demo_tokenizer(db):
