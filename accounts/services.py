@@ -147,8 +147,8 @@ def audit(actor, action: str, obj=None, *, request=None, username: str = "", **d
 
 def storage_used(user) -> int:
     """Bytes the user stores: the sum of what every kind of object that keeps files says it keeps on disk for them
-    (``stored_bytes``: datasets, jobs' run folders, imported and merged models and their conversions, and unfinished
-    uploads: a model of any app that defines it is counted, without accounts knowing the kinds)."""
+    (``stored_bytes``: datasets, jobs' run folders, imported and merged models and their conversions, tokenizers and
+    unfinished uploads: a model of any app that defines it is counted, without accounts knowing the kinds)."""
     return sum(model.stored_bytes(user) for model in apps.get_models() if callable(getattr(model, "stored_bytes", None)))
 
 

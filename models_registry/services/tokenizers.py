@@ -10,12 +10,12 @@ from django.conf import settings
 from django.db import transaction
 from django.utils.translation import gettext as _
 
-from accounts.services import audit, check_deletable
+from accounts.services import audit, check_deletable, check_storage
 from jobs.services import background_task, this_worker
 from jobs.validation import open_text, record_text
 from training.records import loads
 from minicloud.errors import ServiceError, clean_name
-from minicloud.files import save_upload
+from minicloud.files import disk_usage, save_upload
 
 from ..models import Tokenizer
 
@@ -28,7 +28,8 @@ def vocab_size_of(folder: Path) -> int:
 
 def register_tokenizer(*, name: str, path: Path, owner=None, is_public=False) -> Tokenizer:
     tok, _created = Tokenizer.objects.update_or_create(
-        name=name, owner=owner, defaults={"path": str(path), "is_public": is_public, "vocab_size": vocab_size_of(path)}
+        name=name, owner=owner, defaults={"path": str(path), "is_public": is_public, "vocab_size": vocab_size_of(path),
+                                          "size_bytes": disk_usage(path)}
     )
     return tok
 
@@ -86,6 +87,11 @@ def upload_tokenizer(*, owner, name: str, tokenizer_json, tokenizer_config, requ
     name = _new_tokenizer_name(owner, name)
     if tokenizer_json is None or tokenizer_config is None:
         raise ServiceError(_("files: send tokenizer_json and tokenizer_config"), field="tokenizer_json")
+    for field, upload in (("tokenizer_json", tokenizer_json), ("tokenizer_config", tokenizer_config)):
+        if upload.size > settings.TOKENIZER_MAX_BYTES:  # the check below parses it in this web process
+            raise ServiceError(_("%(field)s: larger than the %(mb)s MB a tokenizer file may be") % {
+                "field": field, "mb": format(settings.TOKENIZER_MAX_BYTES / 1e6, "g")}, field=field, status=413)
+    check_storage(owner, adding=tokenizer_json.size + tokenizer_config.size)
     folder = _tokenizer_dir()
     for upload, filename in ((tokenizer_json, "tokenizer.json"), (tokenizer_config, "tokenizer_config.json")):
         save_upload(upload, folder / filename)
@@ -109,6 +115,7 @@ def start_tokenizer_training(*, owner, name: str, dataset, vocab_size: int = 640
     name = _new_tokenizer_name(owner, name)
     if not isinstance(vocab_size, int) or not 300 <= vocab_size <= 200_000:
         raise ServiceError(_("vocab_size: between 300 and 200000"), field="vocab_size")
+    check_storage(owner)  # nothing more once the storage quota is full
     limit = settings.TOKENIZER_TRAININGS_PER_USER  # the node's background worker is everyone's
     if Tokenizer.objects.filter(owner=owner, status="training").count() >= limit:
         raise ServiceError(_("you already have %(n)s tokenizers training: start another once one has finished")
@@ -144,7 +151,7 @@ def train_tokenizer_now(tokenizer_id: int, max_records: int = 200_000) -> None:
         Tokenizer.objects.filter(pk=tok.pk).update(status="failed", error=str(exc)[:2000], worker="")
         raise
     Tokenizer.objects.filter(pk=tok.pk).update(path=str(folder), status="ready", vocab_size=vocab_size_of(folder),
-                                               worker="")
+                                               size_bytes=disk_usage(folder), worker="")
 
 
 def tokenizer_references(tok: Tokenizer) -> list[str]:

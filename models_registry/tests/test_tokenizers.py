@@ -166,3 +166,33 @@ def test_a_user_trains_at_most_two_tokenizers_at_once(api, user, db, settings):
     assert r.status_code == 429 and r.json()["error"].startswith("you already have 2 tokenizers training")
     Tokenizer.objects.filter(pk=ids[0]).update(status="failed")
     assert api.post("/api/v1/tokenizers/train", {"name": "t2", "dataset": ds.pk}).status_code == 202
+
+
+def test_tokenizer_files_are_bounded_and_count_against_storage(client, user, token, db, settings):
+    """A tokenizer upload is parsed in the web process: a multi-gigabyte tokenizer.json (JSON that parses) would take
+    that process's memory, and tokenizers were counted in nobody's storage. Each file is bounded (413), a stored
+    tokenizer counts in its owner's storage, and an upload past the quota is refused (403) with nothing stored."""
+    from accounts.models import Quota
+    from accounts.services import storage_used
+
+    demo = Tokenizer.objects.get(name="demo-tokenizer")
+    tjson, tconfig = files_of(demo)
+
+    def upload(name):
+        return client.post("/api/v1/tokenizers", {"name": name, "tokenizer_json": SimpleUploadedFile("t.json", tjson),
+                                                  "tokenizer_config": SimpleUploadedFile("c.json", tconfig)},
+                           HTTP_AUTHORIZATION=f"Bearer {token}")
+
+    settings.TOKENIZER_MAX_BYTES = len(tjson) - 1
+    r = upload("too-big")
+    assert r.status_code == 413 and r.json()["details"]["field"] == "tokenizer_json"
+    settings.TOKENIZER_MAX_BYTES = len(tjson)
+    before = storage_used(user)
+    assert upload("fits").status_code == 201
+    stored = Tokenizer.objects.get(owner=user, name="fits")
+    assert stored.size_bytes >= len(tjson) + len(tconfig) and storage_used(user) == before + stored.size_bytes
+    Quota.objects.create(user=user, storage_gb=(storage_used(user) + len(tjson)) / 1e9)
+    r = upload("past-the-quota")
+    assert r.status_code == 403 and r.json()["details"]["field"] == "quota"
+    assert not Tokenizer.objects.filter(name="past-the-quota").exists()
+    assert len(list((settings.HOME / "tokenizers").iterdir())) == 1  # only the stored one's folder
