@@ -50,10 +50,11 @@ def heldout_reward(model_path, tok, regex="。$", n=4):
 @pytest.mark.parametrize("loss_type", ["cispo", "grpo"])
 def test_grpo_raises_the_reward_on_heldout_prompts(trained, demo_dir, tmp_path, capsys, loss_type):
     """The regex reward on 100 held-out prompts rises by more than 0.2. At 3e-4 for 30 steps it rose 0.20 -> 0.375 on
-    a machine with AVX-512/AMX kernels (2026-12-03), short of the bar by a rounding's luck; at 1e-3 the sampled reward
-    reaches 0.9-1.0 by step 12 and the held-out one 0.2 -> 0.81 after 15 steps, in half the time."""
+    a machine with AVX-512/AMX kernels (2026-12-03), short of the bar by a rounding's luck. At 1e-3 for 15 steps the
+    held-out reward reached 0.81 there, but on an AMD EPYC machine (2026-12-06) 0.27 / 0.44 / 0.77 / 0.99 for seeds
+    42 / 1 / 2 / 3 (the sampled reward rose, collapsed, and rose again); at 2e-3 it reached 0.99-1.0 for all four."""
     spec = rl_spec("grpo", demo_dir, tmp_path, trained["sft"], max_steps=15, num_generations=8, loss_type=loss_type,
-                   learning_rate=1e-3)
+                   learning_rate=2e-3)
     rc, events = run_inprocess(spec, tmp_path, capsys)
     assert rc == 0, events[-1]
     steps = [e["metrics"] for e in events if e["event"] == "step"]
