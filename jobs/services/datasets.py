@@ -127,6 +127,19 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
         if not mine.update(stats_progress=p):
             raise _Superseded
 
+    try:
+        stats = _statistics(ds, max_seq_len, tokenizer_id, progress)
+    except _Superseded:
+        return
+    except Exception as exc:  # a task must record why, not vanish (or it would show "running" while its worker lives)
+        mine.update(stats_status="failed", stats={"error": str(exc)[:500]}, stats_worker="")
+        raise
+    mine.update(stats_status="done", stats_progress=1.0, stats=stats, stats_worker="")
+
+
+def _statistics(ds: Dataset, max_seq_len, tokenizer_id, progress) -> dict:
+    """The statistics of ``ds`` with the tokenizer (the demo one by default), taken from another dataset of the same
+    bytes already counted alike, else computed (from a job's token cache of it, when there is one)."""
     from training import token_cache
 
     tok = Tokenizer.objects.filter(pk=tokenizer_id).first() if tokenizer_id else None
@@ -138,26 +151,17 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
     if ds.sha256:
         # The same file already counted with the same tokenizer and max_seq_len (a class uploading one corpus thirty
         # times; another version with the same bytes): its statistics, nothing read again.
-        same = Dataset.objects.filter(sha256=ds.sha256, kind=ds.kind, stats_status="done", stats__max_seq_len=msl,
-                                      stats__tokenizer_digest=digest).exclude(pk=ds.pk)
-        counted = same.values_list("stats", flat=True).first()
+        counted = Dataset.objects.filter(
+            sha256=ds.sha256, kind=ds.kind, stats_status="done", stats__max_seq_len=msl,
+            stats__tokenizer_digest=digest).exclude(pk=ds.pk).values_list("stats", flat=True).first()
         if counted:
-            mine.update(stats_status="done", stats_progress=1.0, stats={**counted, "tokenizer": tok.name},
-                        stats_worker="")
-            return
+            return {**counted, "tokenizer": tok.name}
         # A job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising.
         cached = token_cache.find(settings.DATA_CACHE_DIR, ds.sha256, digest, token_cache.PROCESSING[stage])
-    try:
-        stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
-                                      progress=progress,
-                                      known_lengths=token_cache.record_lengths(cached) if cached else None)
-    except _Superseded:
-        return
-    except Exception as exc:  # a task must record why, not vanish
-        mine.update(stats_status="failed", stats={"error": str(exc)[:500]}, stats_worker="")
-        raise
-    stats.update(tokenizer=tok.name, tokenizer_digest=digest, from_token_cache=cached is not None)
-    mine.update(stats_status="done", stats_progress=1.0, stats=stats, stats_worker="")
+    stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
+                                  progress=progress,
+                                  known_lengths=token_cache.record_lengths(cached) if cached else None)
+    return {**stats, "tokenizer": tok.name, "tokenizer_digest": digest, "from_token_cache": cached is not None}
 
 
 def find_upload(owner, upload_id):

@@ -211,6 +211,19 @@ def test_statistics_of_a_file_already_counted_are_reused(user, other_user, db, m
         services.compute_dataset_stats(theirs.pk, max_seq_len=64)
 
 
+def test_statistics_that_cannot_start_fail_saying_why(user, db):
+    """A tokenizer whose folder is gone (or any error before the counting) left the statistics "running" for good,
+    their worker alive: they fail with the error, and the worker is no longer named."""
+    from models_registry.models import Tokenizer
+
+    ds = Dataset.objects.get(name="demo-sft")
+    gone = Tokenizer.objects.create(name="gone", owner=user, path="/nonexistent/tokenizer")
+    with pytest.raises(OSError):
+        services.compute_dataset_stats(ds.pk, tokenizer_id=gone.pk)
+    ds.refresh_from_db()
+    assert ds.stats_status == "failed" and "/nonexistent/tokenizer" in ds.stats_error and ds.stats_worker == ""
+
+
 def test_statistics_with_the_demo_tokenizer(db):
     ds = Dataset.objects.get(name="demo-sft")
     services.compute_dataset_stats(ds.pk, max_seq_len=20)

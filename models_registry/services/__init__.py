@@ -13,7 +13,8 @@ from .tokenizers import (MINIMIND_IDS, _tokenizer_dir, check_tokenizer_files, de
 
 __all__ = [
     "check_tokenizer_files", "delete_tokenizer", "encode", "MINIMIND_IDS", "register_tokenizer",
-    "start_tokenizer_training", "tokenizer_references", "_tokenizer_dir", "train_tokenizer_now", "upload_tokenizer", "vocab_size_of",
+    "start_tokenizer_training", "tokenizer_references", "_tokenizer_dir", "train_tokenizer_now", "upload_tokenizer",
+    "vocab_size_of",
     "download_choices", "download_name", "ENGINE_TIMEOUT_S", "format_file", "gguf_support", "gguf_zip", "hf_zip",
     "lora_zip", "run_engine", "delete_model",
     "evaluation_table", "final_metrics", "lineage", "loss_thumbnail", "model_references", "next_version",

@@ -11,13 +11,14 @@ from django.db import transaction
 from django.utils.translation import gettext as _
 
 from accounts.services import audit, check_deletable, check_storage
+from jobs.models import Job
 from jobs.services import background_task, this_worker
 from jobs.validation import open_text, record_text
 from training.records import loads
 from minicloud.errors import ServiceError, clean_name
 from minicloud.files import disk_usage, save_upload
 
-from ..models import Tokenizer
+from ..models import ModelVersion, Tokenizer
 
 
 def vocab_size_of(folder: Path) -> int:
@@ -156,10 +157,6 @@ def train_tokenizer_now(tokenizer_id: int, max_records: int = 200_000) -> None:
 
 def tokenizer_references(tok: Tokenizer) -> list[str]:
     """What uses a tokenizer: jobs (any state: their runs and checkpoints read it) and models that speak it."""
-    from jobs.models import Job
-
-    from ..models import ModelVersion
-
     refs = [f"job #{pk} {name}" for pk, name in
             Job.objects.filter(tokenizer=tok).order_by("pk").values_list("pk", "name")[:50]]
     refs += [f"model #{pk} {name} v{version}" for pk, name, version in
