@@ -207,7 +207,8 @@ def from_sacct(slurm_id: str) -> dict | None:
     if len(parts) < 7:
         return None
     # the engine's exit code is its step's: sacct's ExitCode of a job whose srun step exited 143 reads "15:0"
-    # (Slurm 22.05; scontrol says 143:0), its DerivedExitCode (the highest of its steps') "143:0"
+    # (Slurm 22.05; scontrol says 143:0), its DerivedExitCode (the highest of its steps') "143:0" when Slurm recorded
+    # one (not always: "0:0"); the engine's "stopped" event, not this code, says that a run stopped on a signal
     code = parts[6] if parts[6] and parts[6] != "0:0" else parts[5]
     return {"state": parts[0].split()[0], "reason": parts[1],
             "nodes": "" if parts[2] == "None assigned" else parts[2], "start": _time(parts[3]),

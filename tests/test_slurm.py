@@ -62,8 +62,14 @@ def accounted_as_scontrol_says(slurm_id) -> dict:
             break
         time.sleep(0.5)
     assert kept is not None, f"sacct has no record of {slurm_id}"
-    same = ("state", "nodes", "start", "end") + (("exit",) if live["state"] in ("COMPLETED", "FAILED") else ())
+    same = ("state", "nodes", "start", "end") + (("exit",) if live["state"] == "COMPLETED" else ())
     assert {k: kept[k] for k in same} == {k: live[k] for k in same}  # (the portal reads no exit code otherwise)
+    if live["state"] == "FAILED" and kept["exit"] != live["exit"]:
+        # Slurm 22.05's accounting sometimes records no DerivedExitCode (0:0: seen for one of two preempted runs
+        # whose steps exited alike), and its ExitCode folds an exit of 128 + N into N ("15:0" for the engine's 143):
+        # the same failure, its code told apart only by scontrol. The engine's "stopped" event, not this code,
+        # tells the supervisor that a run stopped on a signal (jobs/tests/test_slurm_executor.py).
+        assert executor.exit_code(kept["exit"]) + 128 == executor.exit_code(live["exit"]), (kept, live)
     return kept
 
 
@@ -83,6 +89,9 @@ def slurm_portal(home, **env):
             if line.split()[1].startswith("minicloud-") and str(home) in slurm("scontrol", "show", "job",
                                                                                  line.split()[0]):
                 subprocess.run(["scancel", line.split()[0]])
+        deadline = time.time() + 60  # a cancelled run's processes end a moment later (SIGTERM, its checkpoint)
+        while processes_of(node.home) and time.time() < deadline:
+            time.sleep(0.5)
         assert rc == 0, node.log()
         assert processes_of(node.home) == []
 
@@ -223,6 +232,14 @@ def test_a_job_preempted_by_slurm_resumes_from_its_checkpoint_every_time(portal)
     (MINICLOUD_AUTO_RESUME, 1)."""
     job = portal.submit("slurm-preempted", {**TINY, "max_steps": 100000, "epochs": 10000, "log_interval": 1,
                                             "save_interval": 100000})
+    try:
+        preempted_twice(portal, job)
+    finally:  # a failure here must not leave the run holding a node for the module's other tests
+        portal.request("POST", f"/api/v1/jobs/{job['id']}/cancel")
+    portal.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=60, what="cancelled")
+
+
+def preempted_twice(portal, job):
     preempted, reached = [], 0
 
     def training(j):  # its current Slurm run is training: past the step where the last one stopped
@@ -255,8 +272,6 @@ def test_a_job_preempted_by_slurm_resumes_from_its_checkpoint_every_time(portal)
     log = portal.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")[1]["text"]
     steps = [int(part.split()[0]) for part in log.split("resumed from step ")[1:]]
     assert len(steps) == 2 and 3 <= steps[0] < steps[1], steps  # each from the checkpoint its SIGTERM wrote
-    assert portal.request("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 202
-    portal.wait_for(job["id"], lambda j: j["status"] == "cancelled", timeout=60, what="cancelled")
 
 
 def test_a_two_process_gloo_ddp_job_under_srun_torchrun(portal):
