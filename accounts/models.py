@@ -83,9 +83,13 @@ class Shareable(models.Model):
 
     @classmethod
     def stored_bytes(cls, user) -> int:
-        """Bytes of files that objects of this kind owned by ``user`` keep on disk (their storage quota); each kind
-        that stores files says how (accounts.services.storage_used adds them up without knowing the kinds)."""
-        return 0
+        """Bytes of files that objects of this kind owned by ``user`` keep on disk (their storage quota): the sum of
+        their ``size_bytes`` where the kind has that field and nothing else on disk (datasets, tokenizers), else 0;
+        a kind that stores files otherwise says how (accounts.services.storage_used adds them up without knowing
+        the kinds)."""
+        if not any(f.name == "size_bytes" for f in cls._meta.concrete_fields):
+            return 0
+        return cls.objects.filter(owner=user).aggregate(n=models.Sum("size_bytes"))["n"] or 0
 
     def readable_by(self, user) -> bool:
         """``visible_to`` for one object: the common cases (an admin, the owner, a public object) without a query."""

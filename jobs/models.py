@@ -52,10 +52,6 @@ class Dataset(Shareable):
         ordering = ["name", "-version"]
 
     @classmethod
-    def stored_bytes(cls, user) -> int:
-        return cls.objects.filter(owner=user).aggregate(n=models.Sum("size_bytes"))["n"] or 0
-
-    @classmethod
     def background_work(cls):
         """Statistics being computed, the field naming their worker, and what they become when it is gone
         (jobs.services.reconcile_background)."""

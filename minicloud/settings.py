@@ -212,8 +212,8 @@ JOBS_PER_GPU = envint("MINICLOUD_JOBS_PER_GPU", 4)
 # of a job's start. MINICLOUD_BACKGROUND_WORKERS: how many such tasks a node runs at once.
 BACKGROUND_QUEUE = f"{NODE_QUEUE}.background"
 BACKGROUND_WORKERS = envint("MINICLOUD_BACKGROUND_WORKERS", 1)
-# The largest tokenizer.json / tokenizer_config.json an upload may hold (a 256k-token vocabulary's is ~35 MB): the upload
-# is parsed in the web process to check it.
+# The largest tokenizer.json / tokenizer_config.json an upload may hold (a 256k-token vocabulary's is ~35 MB): the
+# upload is parsed in the web process to check it.
 TOKENIZER_MAX_BYTES = envint("MINICLOUD_TOKENIZER_MAX_BYTES", 200 * 10**6)
 # Tokenizer trainings one user may have in progress at once (queued or training); more are refused.
 TOKENIZER_TRAININGS_PER_USER = envint("MINICLOUD_TOKENIZER_TRAININGS_PER_USER", 2)

@@ -28,7 +28,7 @@ class Tokenizer(Shareable):
     error = models.TextField(blank=True)
     trained_on = models.ForeignKey("jobs.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     worker = models.CharField(max_length=200, blank=True)  # "<node>:<pid>" of the worker training it, while it does
-    size_bytes = models.BigIntegerField(default=0, editable=False)  # its folder, counted in its owner's storage
+    size_bytes = models.BigIntegerField(default=0, editable=False)  # its folder, in its owner's storage (stored_bytes)
 
     class Meta:
         verbose_name = _("tokenizer")
@@ -37,11 +37,6 @@ class Tokenizer(Shareable):
 
     def __str__(self):
         return self.name
-
-    @classmethod
-    def stored_bytes(cls, user) -> int:
-        """The folders of the user's tokenizers (uploaded or trained)."""
-        return cls.objects.filter(owner=user).aggregate(n=models.Sum("size_bytes"))["n"] or 0
 
     @classmethod
     def background_work(cls):
