@@ -112,8 +112,8 @@ SCHEMA = {
                         "post": _op("Upload a tokenizer (multipart: name, tokenizer_json, tokenizer_config)", ok="201")},
         "/tokenizers/train": {"post": _op("Train a tokenizer on a dataset in the background", ok="202")},
         "/tokenizers/{id}": {"get": {**_op("One tokenizer"), "parameters": ID},
-                             "delete": {**_op("Delete a tokenizer nothing uses and that is not training (409 lists "
-                                              "what uses it)"), "parameters": ID}},
+                             "delete": {**_op("Delete a tokenizer nothing uses and no worker is training (a queued "
+                                              "training is cancelled; 409 lists what uses it)"), "parameters": ID}},
         "/tokenizers/{id}/encode": {"post": {**_op("Encode a text (the playground)"), "parameters": ID}},
         "/models/{id}": {"get": {**_op("One model version: lineage, verifications, final metrics, notes, tags"),
                                  "parameters": ID},

@@ -133,9 +133,11 @@ def train_tokenizer_now(tokenizer_id: int, max_records: int = 200_000) -> None:
     """The background part: read the dataset's texts (the first ``max_records`` records), train, register."""
     from training.tokenizer import train_tokenizer
 
-    tok = Tokenizer.objects.select_related("trained_on").get(pk=tokenizer_id)
+    tok = Tokenizer.objects.select_related("trained_on").filter(pk=tokenizer_id).first()
+    if tok is None or not Tokenizer.objects.filter(pk=tok.pk, status="training", worker="").update(
+            worker=this_worker()):  # deleted while queued: nothing to do. Named until it ends (reconcile_background)
+        return
     ds = tok.trained_on
-    Tokenizer.objects.filter(pk=tok.pk).update(worker=this_worker())  # until it ends (jobs' reconcile_background)
 
     def texts():
         with open_text(ds.path) as f:
@@ -165,12 +167,13 @@ def tokenizer_references(tok: Tokenizer) -> list[str]:
 
 
 def delete_tokenizer(actor, tok: Tokenizer, request=None) -> None:
-    """Delete a tokenizer nothing uses, with its folder: one that failed, or one its owner no longer wants. Not while
-    it trains (its worker would write a folder nothing names)."""
+    """Delete a tokenizer nothing uses, with its folder: one that failed, one its owner no longer wants, or one whose
+    training is still queued (its task then finds nothing to do; a task lost with its node ends no other way). Not
+    while a worker trains it (it would write a folder nothing names)."""
     import shutil
 
     check_deletable(actor, tok, tokenizer_references(tok))
-    if tok.status == "training":
+    if tok.status == "training" and tok.worker:
         raise ServiceError(_("tokenizer %(name)s is still training: delete it once it has finished")
                            % {"name": tok.name}, status=409)
     folder = Path(tok.path) if tok.path else None

@@ -128,9 +128,15 @@ def test_delete_a_tokenizer_nothing_uses(api, client, user, other_user, db, sett
 
     settings.HOME = tmp_path
     ds = Dataset.objects.get(name="demo-sft")
+    queued = services.start_tokenizer_training(owner=user, name="queued", dataset=ds, vocab_size=600)
+    assert api.delete(f"/api/v1/tokenizers/{queued.pk}").status_code == 200  # not started: its task finds nothing
+    services.train_tokenizer_now(queued.pk)
+    assert not Tokenizer.objects.filter(pk=queued.pk).exists() and not (tmp_path / "tokenizers").exists()
     tok = services.start_tokenizer_training(owner=user, name="mine", dataset=ds, vocab_size=600)
+    Tokenizer.objects.filter(pk=tok.pk).update(worker="node-x:1")  # a worker trains it
     r = api.delete(f"/api/v1/tokenizers/{tok.pk}")
     assert r.status_code == 409 and "still training" in r.json()["error"]
+    Tokenizer.objects.filter(pk=tok.pk).update(worker="")
     services.train_tokenizer_now(tok.pk)
     tok.refresh_from_db()
     folder = Path(tok.path)
