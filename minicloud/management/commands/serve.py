@@ -99,14 +99,13 @@ class Command(BaseCommand):
             listener.close()  # the children hold it
         if self.worker:
             runners = worker_count(settings.JOBS_PER_GPU)  # one per CPU slot, JOBS_PER_GPU per GPU
-            self.children["workers"] = subprocess.Popen(
-                [py, "manage.py", "workers"], cwd=settings.BASE_DIR, start_new_session=True,
-                env={**os.environ, "MINICLOUD_JOB_RUNNERS": str(runners)}, preexec_fn=die_with_parent(signal.SIGKILL))
-            # Tokenizer training and dataset statistics: a cluster of their own (settings.BACKGROUND_QUEUE).
-            self.children["background"] = subprocess.Popen(
-                [py, "manage.py", "workers"], cwd=settings.BASE_DIR, start_new_session=True,
-                env={**os.environ, "Q_CLUSTER_NAME": settings.BACKGROUND_QUEUE},
-                preexec_fn=die_with_parent(signal.SIGKILL))
+            # The job runners' cluster, and one of their own for tokenizer training and dataset statistics
+            # (settings.BACKGROUND_QUEUE).
+            for name, env in (("workers", {"MINICLOUD_JOB_RUNNERS": str(runners)}),
+                              ("background", {"Q_CLUSTER_NAME": settings.BACKGROUND_QUEUE})):
+                self.children[name] = subprocess.Popen(
+                    [py, "manage.py", "workers"], cwd=settings.BASE_DIR, start_new_session=True,
+                    env={**os.environ, **env}, preexec_fn=die_with_parent(signal.SIGKILL))
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
         where = f"at http://{host}:{port}" if self.web else "as a worker"
