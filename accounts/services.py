@@ -20,7 +20,7 @@ from django.utils.translation import gettext as _
 from minicloud.db.writes import add
 from minicloud.errors import ServiceError, clean_name, id_or_none
 
-from .access import role_of  # noqa: F401 -- also a public name here
+from .access import may_manage, role_of  # noqa: F401 -- role_of: also a public name here
 from .models import LIMIT_FIELDS, QUOTA_FIELDS, AuditEntry, GroupInfo, GroupInvitation, GroupLimit, Quota, UsageRecord
 
 
@@ -313,7 +313,7 @@ def set_visibility(actor, obj, visibility: str, group=None, request=None):
 
 def share_context(user, obj) -> dict:
     """What the share widget of an object page needs."""
-    can = type(obj).objects.manageable_by(user).filter(pk=obj.pk).exists()
+    can = may_manage(user, obj)
     return {"can_share": can, "share_groups": list(groups_of(user)) if can else []}
 
 
@@ -384,7 +384,7 @@ def check_deletable(actor, obj, references: list[str]) -> None:
     """Refuse to delete ``obj`` unless ``actor`` owns (manages) it and nothing uses it (``references`` names what
     does: 409 with the list). The message names the kind of ``obj`` in the active language (its verbose name)."""
     kind = type(obj)._meta.verbose_name
-    if not type(obj).objects.manageable_by(actor).filter(pk=obj.pk).exists() or obj.owner_id is None:
+    if not may_manage(actor, obj) or obj.owner_id is None:
         raise ServiceError(_("only the owner can delete this %(kind)s") % {"kind": kind}, status=403)
     if references:
         raise ServiceError(
