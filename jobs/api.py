@@ -194,7 +194,7 @@ def dataset_detail(request, dataset_id):
 def dataset_preview(request, dataset_id):
     ds = _dataset(request, dataset_id)
     offset, limit = int_param(request, "offset"), min(int_param(request, "limit", 20), 200)
-    return {"offset": offset, "records": selectors.dataset_records(ds, offset, limit), "total": ds.records}
+    return {"offset": offset, "records": services.dataset_records(ds, offset, limit), "total": ds.records}
 
 
 @endpoint("POST")

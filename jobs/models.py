@@ -60,8 +60,22 @@ class Dataset(Shareable):
 
     @classmethod
     def home_files(cls) -> tuple[str, set]:
-        """The dataset store's files that versions name (minicloud/orphans.py: the rest is what a kill left)."""
-        return "datasets", {Path(p).name for p in cls.objects.values_list("path", flat=True)}
+        """The dataset store's files that versions name, and their record indexes (minicloud/orphans.py: the rest
+        is what a kill left)."""
+        names = {Path(p).name for p in cls.objects.values_list("path", flat=True)}
+        return "datasets", names | {cls.index_name(name) for name in names}
+
+    @staticmethod
+    def index_name(file_name: str) -> str:
+        return f"{file_name}.idx.npy"
+
+    @property
+    def index_path(self) -> Path:
+        """The file's sparse record index beside it (training.records.INDEX_STRIDE; plain files only): written when
+        the file is stored, or in the background at a preview's first deep page for a version stored before indexes
+        were (jobs.services.datasets.dataset_records)."""
+        path = Path(self.path)
+        return path.with_name(self.index_name(path.name))
 
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name

@@ -3,10 +3,7 @@ import json
 
 from django.db import close_old_connections
 
-from training.records import loads
-
 from .models import DeviceSample, Job, JobEvent, LogChunk, MetricPoint
-from .validation import open_text
 
 SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job
 
@@ -217,15 +214,6 @@ def chart_text(text: str) -> str:
     import html
 
     return html.escape(text, quote=False)
-
-
-def dataset_records(ds, offset=0, limit=20):
-    """Records ``offset``…``offset+limit`` of a dataset file (blank lines skipped; .gz read as it streams)."""
-    import itertools
-
-    with open_text(ds.path) as f:
-        lines = (line for line in f if line.strip())
-        return [loads(line) for line in itertools.islice(lines, offset, offset + limit)]
 
 
 def device_history(hours: float = 1.0) -> dict:

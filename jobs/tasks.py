@@ -44,6 +44,11 @@ def deliver_notifications():
     return services.deliver_due()
 
 
+def index_dataset(ds_id):
+    """The record index of a dataset file stored before indexes were (its preview's deep pages), in the background."""
+    return services.index_dataset(ds_id)
+
+
 def dataset_stats(ds_id, max_seq_len=None, tokenizer_id=None, request=None):
     """Token statistics of a dataset version, in the background."""
     services.compute_dataset_stats(ds_id, max_seq_len, tokenizer_id, request)

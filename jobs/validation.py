@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from django.utils.translation import gettext as _, gettext_noop
 
-from training.records import DataTooLarge, check_record, loads, message, not_utf8, open_text, record_text, unparsed
+from training.records import (INDEX_STRIDE, DataTooLarge, check_record, loads, message, not_utf8, open_text,
+                              record_text, unparsed)
 
 __all__ = ["Report", "validate_file", "check_record", "open_text", "record_text"]
 
@@ -35,6 +36,7 @@ class Report:
     warnings: list = field(default_factory=list)
     sha256: str = ""
     size_bytes: int = 0
+    record_index: list | None = None  # every INDEX_STRIDE-th record's byte offset (a plain file; not stored in the row)
 
     @property
     def ok(self) -> bool:
@@ -79,12 +81,15 @@ def validate_file(path, kind: str, progress=None) -> Report:
     exact, near = {}, {}
     try:
         with open_text(path) as f:
+            index = report.record_index = None if f.gzip else []
             for lineno, line in enumerate(f, 1):
                 report.lines = lineno
                 if progress and lineno % 100_000 == 0:
                     progress(lineno)
                 if not line.strip():
                     continue
+                if index is not None and (report.records + report.error_count) % INDEX_STRIDE == 0:
+                    index.append(f.start)
                 try:
                     rec = loads(line)
                 except ValueError as exc:  # not JSON; nesting too deep, an integer of 4300+ digits

@@ -384,16 +384,17 @@ def _dataset_or_404(request, dataset_id):
 @login_required
 def dataset_detail(request, dataset_id):
     ds = _dataset_or_404(request, dataset_id)
-    page = min(max(int_or_none(request.GET.get("page")) or 1, 1), 10**9)
-    records = selectors.dataset_records(ds, (page - 1) * PREVIEW_PAGE, PREVIEW_PAGE)
+    pages = max(1, -(-ds.records // PREVIEW_PAGE))
+    page = min(max(int_or_none(request.GET.get("page")) or 1, 1), pages)
+    records = services.dataset_records(ds, (page - 1) * PREVIEW_PAGE, PREVIEW_PAGE)
     for r in records:  # an RL record's expected answer ('gt' or 'answer': a string or a list of strings), for display
         gt = r.get("gt", r.get("answer"))
         r["expected_answer"] = " · ".join(map(str, gt)) if isinstance(gt, list) else gt
     versions = Dataset.objects.visible_to(request.user).filter(owner=ds.owner, name=ds.name).order_by("-version")
     manageable = may_manage(request.user, ds) and ds.owner_id is not None
     return render(request, "jobs/dataset_detail.html", {
-        "dataset": ds, "records": records, "page": page,
-        "next_page": page + 1 if len(records) == PREVIEW_PAGE else None, "first": (page - 1) * PREVIEW_PAGE + 1,
+        "dataset": ds, "records": records, "page": page, "pages": pages,
+        "next_page": page + 1 if page < pages else None, "first": (page - 1) * PREVIEW_PAGE + 1,
         "last": (page - 1) * PREVIEW_PAGE + len(records), "versions": versions, "manageable": manageable,
         "references": services.dataset_references(ds) if manageable else [],
         "tokenizers": Tokenizer.objects.visible_to(request.user), **share_context(request.user, ds)})

@@ -38,7 +38,7 @@ def test_orphans_are_listed_then_removed_and_nothing_named_is_touched(user, sett
     kept_model = _write(mv.files_dir / "model.pth", 500).parent
     upload = Upload.objects.create(owner=user, size=10)
     kept_part = _write(upload.path, 10)
-    kept = [Path(kept_ds.path), kept_run, kept_model, kept_part]
+    kept = [Path(kept_ds.path), kept_ds.index_path, kept_run, kept_model, kept_part]
     for path in kept:
         _old(path)
     orphans = [_old(_write(home / "datasets" / ("0" * 64 + ".jsonl"), 3000)),  # moved in, its row never committed

@@ -58,6 +58,15 @@ def line_too_long(lineno: int) -> DataTooLarge:
     return DataTooLarge(lineno, problem(gettext_noop("longer than %(mb)s MB"), mb=MAX_LINE_BYTES >> 20))
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path) -> bool:
+    """Whether a dataset file is gzip-compressed (told by its magic bytes, whatever its name)."""
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
 class Lines:
     """A dataset file read line by line (bytes, ``\\n`` kept), gunzipped on the fly when compressed, within the bounds
     above: iterating never holds more than one line of at most MAX_LINE_BYTES. ``text=True`` yields str (UTF-8,
@@ -66,12 +75,21 @@ class Lines:
     def __init__(self, path, text: bool = False):
         self.raw = open(path, "rb")
         self.text = text
-        self.gzip = self.raw.read(2) == b"\x1f\x8b"
+        self.gzip = self.raw.read(2) == GZIP_MAGIC
         self.raw.seek(0)
         self.f = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gzip else self.raw
         self.budget = max(GZIP_MAX_RATIO * os.fstat(self.raw.fileno()).st_size, GZIP_FLOOR_BYTES)
         self.lineno = 0
         self.unpacked = 0
+        self.start = 0  # the byte offset of the line last yielded (in the unpacked stream)
+
+    def seek(self, offset: int) -> None:
+        """Read on from byte ``offset`` of a plain file (a record's start, from a record index below); line numbers then
+        count from there."""
+        if self.gzip:
+            raise ValueError("a gzip file is read from its start")
+        self.raw.seek(offset)
+        self.unpacked = self.start = offset
 
     def __iter__(self):
         while True:
@@ -81,6 +99,7 @@ class Lines:
             self.lineno += 1
             if len(line) > MAX_LINE_BYTES:
                 raise line_too_long(self.lineno)
+            self.start = self.unpacked
             self.unpacked += len(line)
             if self.gzip and self.unpacked > self.budget:
                 raise DataTooLarge(self.lineno, problem(gettext_noop(
@@ -307,6 +326,49 @@ def iter_records(path, kind: str | None = None, limit: int | None = None):
             if line.strip():
                 n += 1
                 yield lineno, parse(line, lineno, kind)
+
+
+# A dataset's sparse record index: the byte offset of every INDEX_STRIDE-th record (non-blank line) of a plain file,
+# written beside it when it is stored (from the validation's pass) so that a page of records anywhere in a 9 GB file
+# is read after at most INDEX_STRIDE - 1 lines (a few MB), not the whole file up to it.
+INDEX_STRIDE = 1024
+
+
+def save_record_index(path, offsets) -> None:
+    """Write a record index (``offsets``: every INDEX_STRIDE-th record's start) as a NumPy file, atomically."""
+    import numpy as np
+
+    path = str(path)
+    tmp = f"{path}.{os.getpid()}.part"
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(offsets, dtype=np.int64))
+    os.replace(tmp, path)
+
+
+def load_record_index(path):
+    """A saved record index, or None when there is none (or it cannot be read: it is written again)."""
+    import numpy as np
+
+    try:
+        index = np.load(str(path))
+    except (OSError, ValueError, EOFError):
+        return None
+    return index if index.ndim == 1 and index.dtype == np.int64 else None
+
+
+def read_records(path, offset: int, limit: int, index=None) -> list:
+    """Records ``offset``…``offset + limit`` of a dataset file (blank lines skipped; .gz read as it streams), read on
+    from the nearest record of ``index`` at or before ``offset`` when there is one."""
+    import itertools
+
+    with open_text(path) as f:
+        skip = offset
+        if index is not None and len(index) and not f.gzip:
+            k = min(offset // INDEX_STRIDE, len(index) - 1)
+            f.seek(int(index[k]))
+            skip -= k * INDEX_STRIDE
+        lines = (line for line in f if line.strip())
+        return [loads(line) for line in itertools.islice(lines, skip, skip + limit)]
 
 
 def first_record(path) -> dict:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import token_cache
+from .records import is_gzip
 from .tokenizer import EOS_ID, PAD_ID
 
 
@@ -246,7 +247,7 @@ def load(spec: dict, tok, dataset: str | None = None, processing: str | None = N
     size = os.path.getsize(path)
     large = size >= LAZY_BYTES
     source = pending = None
-    if large and (mode == "packed" or not cfg.get("group_by_length")) and not token_cache.is_gzip(path):
+    if large and (mode == "packed" or not cfg.get("group_by_length")) and not is_gzip(path):
         root.mkdir(parents=True, exist_ok=True)
         name = token_cache.cache_name(data_sha or token_cache.file_sha256(path, root),
                                       token_cache.tokenizer_digest(spec["tokenizer"]), processing, options)

@@ -224,11 +224,6 @@ def _chunks(f):
         yield first_line, first_index, lines
 
 
-def is_gzip(path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
 def workers_for(size_bytes: int) -> int:
     """Tokenising processes for a file of ``size_bytes``: the cores this process may use, at most 8, and no more
     than the threads it was given (a job on CPU slots gets its share of the node's cores, OMP_NUM_THREADS: its build

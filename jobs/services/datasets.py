@@ -17,7 +17,7 @@ from accounts.access import check_manage
 from accounts.services import audit, check_deletable, check_storage, storage_room
 from minicloud.errors import ServiceError, clean_name
 from minicloud.files import check_upload_size, save_upload
-from training import spec as tspec
+from training import records as trecords, spec as tspec
 
 from .. import dataset_stats
 from ..models import Dataset, Job, Upload
@@ -52,9 +52,7 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
     latest = Dataset.objects.filter(owner=owner, name=name).order_by("-version").first()
     if latest and latest.sha256 == report.sha256:
         return latest
-    with open(source, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    dest = _dataset_store() / f"{report.sha256}.jsonl{'.gz' if gz else ''}"
+    dest = _dataset_store() / f"{report.sha256}.jsonl{'.gz' if trecords.is_gzip(source) else ''}"
     if not dest.exists():
         tmp = dest.with_suffix(dest.suffix + ".part")
         if keep_source:
@@ -64,6 +62,9 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
         os.replace(tmp, dest)
     elif not keep_source:
         Path(source).unlink(missing_ok=True)
+    index = dest.with_name(Dataset.index_name(dest.name))
+    if report.record_index is not None and not index.exists():
+        trecords.save_record_index(index, report.record_index)
     ds = Dataset.objects.create(owner=owner, name=name, kind=kind, path=str(dest), records=report.records,
                                 size_bytes=report.size_bytes, sha256=report.sha256,
                                 version=(latest.version + 1) if latest else 1, validation=report.to_dict())
@@ -86,9 +87,36 @@ def delete_dataset(actor, ds: Dataset, request=None) -> None:
     check_deletable(actor, ds, dataset_references(ds))
     path = Path(ds.path)
     audit(actor, "delete", ds, request=request, name=ds.name, version=ds.version)
+    index = ds.index_path
     ds.delete()
     if path.parent == _dataset_store() and not Dataset.objects.filter(path=str(path)).exists():
         path.unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
+
+
+def dataset_records(ds: Dataset, offset: int = 0, limit: int = 20) -> list[dict]:
+    """Records ``offset``…``offset + limit`` of a dataset version (its preview), read from the nearest indexed record
+    before them: a page anywhere in a 9 GB file reads a few MB. A plain file stored before indexes were has its
+    index built in the background at its first deep page (this page reads the file up to it, as before)."""
+    if offset >= ds.records:
+        return []
+    index = trecords.load_record_index(ds.index_path) if offset >= trecords.INDEX_STRIDE else None
+    if index is None and offset >= trecords.INDEX_STRIDE and not trecords.is_gzip(ds.path):
+        background_task("jobs.tasks.index_dataset", ds.pk, task_name=f"index_dataset_{ds.pk}")
+    return trecords.read_records(ds.path, offset, limit, index)
+
+
+def index_dataset(ds_id: int) -> bool:
+    """Write the record index of a plain dataset file that has none (one newline scan, ~0.3 s per 100 MB); True
+    when it wrote one."""
+    from training.token_cache import line_index
+
+    ds = Dataset.objects.filter(pk=ds_id).first()
+    if ds is None or trecords.is_gzip(ds.path) or trecords.load_record_index(ds.index_path) is not None:
+        return False
+    starts, _ends = line_index(ds.path, _dataset_store())
+    trecords.save_record_index(ds.index_path, starts[::trecords.INDEX_STRIDE])
+    return True
 
 
 def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id=None, actor=None) -> None:
