@@ -4,17 +4,24 @@
     python bench/dataset_upload.py --mb 50      # a quick run
 
 Starts `manage.py serve` (tests/live.py) with a temporary MINICLOUD_HOME, writes a MiniMind SFT JSONL file of the
-given size, uploads it as the page does (8 MB chunks to /api/v1/uploads, then POST /api/v1/datasets, which validates
-it in one streaming pass), and reports the wall time, the throughput, and the peak resident memory (VmHWM) of the web
-server process (daphne) — which must stay far below the file size. (A single multipart request is fine for small
-files but daphne queues a whole request body in memory, hence the chunks.) Also times the validator alone.
+given size, uploads it as the page does (8 MB chunks to /api/v1/uploads, then POST /api/v1/datasets, which has it
+validated in one streaming pass), and reports the wall time, the throughput, and the peak resident memory (VmHWM) of
+the web server processes (daphne) — which must stay far below the file size. (A single multipart request is fine for
+small files but daphne queues a whole request body in memory, hence the chunks.) Also times the validator alone.
+
+Twice, on a fresh node each: the check inside the finishing request (the previous behaviour, forced with a large
+MINICLOUD_VALIDATE_INLINE_BYTES) and on the background cluster (the default for a file of 32 MB or more, the page
+following GET /api/v1/uploads/{id}). For each: how long the finishing request took, the time to the dataset, and
+the latency of /api/v1/health asked every 100 ms by another client meanwhile.
 """
 import argparse
 import json
 import os
 import random
 import sys
+import statistics
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -47,16 +54,33 @@ def api(node, method, path, body=None, content_type="application/json"):
         return json.loads(resp.read())
 
 
-def upload_in_chunks(node, path: Path, chunk: int = 8 * 2**20) -> dict:
-    """What the page does: POST /uploads, PUT 8 MB chunks, POST /datasets with the upload id."""
+def upload_in_chunks(node, path: Path, chunk: int = 8 * 2**20, started=lambda: None) -> dict:
+    """What the page does: POST /uploads, PUT 8 MB chunks, POST /datasets with the upload id (``started()`` just
+    before it), then GET /uploads/{id} while it is checked in the background."""
     upload = api(node, "POST", "/api/v1/uploads")
     offset = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             offset = api(node, "PUT", f"/api/v1/uploads/{upload['id']}?offset={offset}", block,
                          "application/octet-stream")["offset"]
+    started()
     form = f"name=big-sft&kind=sft&upload={upload['id']}".encode()
-    return api(node, "POST", "/api/v1/datasets", form, "application/x-www-form-urlencoded")
+    t0 = time.perf_counter()
+    answer = api(node, "POST", "/api/v1/datasets", form, "application/x-www-form-urlencoded")
+    finish_s = time.perf_counter() - t0
+    while answer.get("status") == "checking":  # checked in the background: follow it as the page does
+        time.sleep(0.5)
+        answer = api(node, "GET", f"/api/v1/uploads/{upload['id']}")
+    return {**answer.get("dataset", answer), "finish_request_s": finish_s}
+
+
+def probe(node, stop: threading.Event, latencies: list) -> None:
+    """Another user's requests while the upload is finished and checked: /api/v1/health every 100 ms."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        api(node, "GET", "/api/v1/health")
+        latencies.append(time.perf_counter() - t0)
+        stop.wait(0.1)
 
 
 def daphne_peak_kb(serve_pid: int) -> int:
@@ -87,17 +111,36 @@ def main():
         tmp = Path(tmp)
         data = tmp / "big-sft.jsonl"
         records = write_sft(data, args.mb * 2**20)
-        (tmp / "home").mkdir()
-        node = LiveNode(tmp / "home").start()
-        try:
-            before = daphne_peak_kb(node.proc.pid)
-            t0 = time.perf_counter()
-            answer = upload_in_chunks(node, data)
-            upload_s = time.perf_counter() - t0
-            peak = daphne_peak_kb(node.proc.pid)
-        finally:
-            node.stop()
-            node.drop_database()
+        out = {"file_mb": round(data.stat().st_size / 2**20, 1), "records": records}
+        for mode, inline_bytes in (("in_request", str(2**62)), ("background", None)):
+            (tmp / mode).mkdir()
+            node = LiveNode(tmp / mode)
+            node.env.pop("MINICLOUD_VALIDATE_INLINE_BYTES", None)  # the default, unless forced
+            if inline_bytes:
+                node.env["MINICLOUD_VALIDATE_INLINE_BYTES"] = inline_bytes
+            node.start()
+            stop, latencies = threading.Event(), []
+            try:
+                before = daphne_peak_kb(node.proc.pid)
+                t0 = time.perf_counter()
+                prober = threading.Thread(target=probe, args=(node, stop, latencies))
+                answer = upload_in_chunks(node, data, started=lambda: prober.start())
+                upload_s = time.perf_counter() - t0
+                stop.set()
+                prober.join()
+                peak = daphne_peak_kb(node.proc.pid)
+            finally:
+                stop.set()
+                node.stop()
+                node.drop_database()
+            out[mode] = {
+                "stored_records": answer["records"], "upload_and_validate_s": round(upload_s, 2),
+                "mb_per_s": round(data.stat().st_size / 2**20 / upload_s, 1),
+                "finish_request_s": round(answer["finish_request_s"], 3),
+                "other_requests_meanwhile": {"n": len(latencies),
+                                             "p50_ms": round(1000 * statistics.median(latencies), 1),
+                                             "max_ms": round(1000 * max(latencies), 1)},
+                "web_process_peak_mb": round(peak / 1024, 1), "web_process_peak_before_mb": round(before / 1024, 1)}
         import django
 
         django.setup()
@@ -105,12 +148,8 @@ def main():
 
         t0 = time.perf_counter()
         report = validate_file(data, "sft")
-        validate_s = time.perf_counter() - t0
-        print(json.dumps({
-            "file_mb": round(data.stat().st_size / 2**20, 1), "records": records, "stored_records": answer["records"],
-            "upload_and_validate_s": round(upload_s, 2), "mb_per_s": round(data.stat().st_size / 2**20 / upload_s, 1),
-            "validate_only_s": round(validate_s, 2), "validator_ok": report.ok,
-            "web_process_peak_mb": round(peak / 1024, 1), "web_process_peak_before_mb": round(before / 1024, 1)}))
+        out.update(validate_only_s=round(time.perf_counter() - t0, 2), validator_ok=report.ok)
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from accounts.services import audit
 from minicloud.api import ApiError, endpoint, int_param, json_body, next_page, offset_page, page_limit
 
 from . import selectors, services
-from .models import Dataset, Job, Node
+from .models import Dataset, Job, Node, Upload
 
 
 def _job(request, job_id) -> Job:
@@ -173,6 +173,8 @@ def datasets(request):
         page, next_url = offset_page(request, Dataset.objects.visible_to(request.user))
         return {"datasets": [d.to_dict() for d in page], "next": next_url}
     ds = services.upload_dataset(request, request.user)
+    if isinstance(ds, Upload):  # a large upload, checked in the background: poll GET /api/v1/uploads/{id}
+        return ds.to_dict(), 202
     return {**ds.to_dict(), "validation": ds.validation_report()}, 201
 
 
@@ -206,12 +208,13 @@ def uploads(request):
 
 @endpoint("GET", "PUT")
 def upload_detail(request, upload_id):
-    """GET: bytes received so far (resume from there). PUT ?offset=N with the raw chunk as the body."""
+    """GET: bytes received so far (resume from there), and once finished the check's status and progress, then its
+    dataset or its refusal. PUT ?offset=N with the raw chunk as the body."""
     upload = services.find_upload(request.user, upload_id)
     if upload is None:
         raise ApiError(404, _("no upload %(id)s") % {"id": upload_id})
     if request.method == "GET":
-        return {"id": str(upload.id), "offset": upload.size}
+        return upload.to_dict()
     length = int(request.META.get("CONTENT_LENGTH") or 0)
     offset = int_param(request, "offset", -1)
     return {"id": str(upload.id), "offset": services.append_upload(upload, offset, request, length)}

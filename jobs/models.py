@@ -103,13 +103,33 @@ class Dataset(Shareable):
         return {**self.validation, "warnings": self.warning_lines} if self.validation else {}
 
 
+# Why an upload's check ended without a verdict when the worker checking it was gone (Upload.background_work).
+CHECK_LOST = gettext_noop("the worker checking it stopped (its node restarted, or the process was killed): "
+                          "finish the upload again")
+
+
 class Upload(models.Model):
-    """A file arriving in chunks (resumable): ``HOME/uploads/<id>.part`` until it becomes a dataset."""
+    """A file arriving in chunks (resumable): ``HOME/uploads/<id>.part`` until it becomes a dataset. Finished, it is
+    checked (``status`` "checking", with ``progress``; in the background when large) and becomes a dataset version
+    ("done", ``dataset``) or is refused ("refused", ``outcome``: the error and the validation's line errors), when it
+    may be finished again (another kind). Done and refused uploads are forgotten after a day."""
+
+    class Status(models.TextChoices):
+        RECEIVING = "", "receiving"
+        CHECKING = "checking", "checking"
+        REFUSED = "refused", "refused"
+        DONE = "done", "done"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     size = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
+    status = models.CharField(max_length=20, blank=True, choices=Status.choices, default=Status.RECEIVING)
+    progress = models.FloatField(default=0.0)  # of the check, 0..1
+    finish = models.JSONField(default=dict, blank=True)  # the dataset asked for: name, kind, the asker's language
+    outcome = models.JSONField(default=dict, blank=True)  # a refusal: error, field, status, details
+    worker = models.CharField(max_length=200, blank=True)  # "<node>:<pid>" checking it, while it does
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
 
     @property
     def path(self):
@@ -117,13 +137,29 @@ class Upload(models.Model):
 
     @classmethod
     def stored_bytes(cls, user) -> int:
-        """Unfinished uploads count against the storage quota like finished files."""
-        return cls.objects.filter(owner=user).aggregate(n=models.Sum("size"))["n"] or 0
+        """Unfinished uploads count against the storage quota like finished files (a done one is its dataset)."""
+        return cls.objects.filter(owner=user).exclude(status="done").aggregate(n=models.Sum("size"))["n"] or 0
 
     @classmethod
     def home_files(cls) -> tuple[str, set]:
         """The parts of the uploads in progress (minicloud/orphans.py)."""
         return "uploads", {f"{pk}.part" for pk in cls.objects.values_list("pk", flat=True)}
+
+    @classmethod
+    def background_work(cls):
+        """Uploads being checked, the field naming their worker, and what they become when it is gone
+        (jobs.services.reconcile_background): refused, saying so; the part is kept and may be finished again."""
+        return cls.objects.filter(status="checking"), "worker", {"status": "refused", "outcome": {"error": CHECK_LOST}}
+
+    def to_dict(self) -> dict:
+        out = {"id": str(self.id), "offset": self.size, "status": self.get_status_display(),
+               "progress": round(self.progress, 4)}
+        if self.status == self.Status.DONE and self.dataset is not None:
+            out["dataset"] = {**self.dataset.to_dict(), "validation": self.dataset.validation_report()}
+        if self.status == self.Status.REFUSED:
+            out.update(error=gettext(self.outcome.get("error", "")),
+                       **{k: self.outcome[k] for k in ("field", "details") if self.outcome.get(k)})
+        return out
 
 
 class Node(models.Model):

@@ -44,6 +44,11 @@ def deliver_notifications():
     return services.deliver_due()
 
 
+def check_upload(upload_id):
+    """A large finished upload checked and stored as a dataset version, in the background."""
+    services.check_upload(upload_id)
+
+
 def index_dataset(ds_id):
     """The record index of a dataset file stored before indexes were (its preview's deep pages), in the background."""
     return services.index_dataset(ds_id)

@@ -4,8 +4,9 @@ from django.http import JsonResponse
 ERR = {"$ref": "#/components/responses/Error"}
 
 
-def _op(summary, ok="200", auth=True, body=None, params=()):
-    op = {"summary": summary, "responses": {ok: {"description": "OK"}, "400": ERR, "401": ERR, "404": ERR}}
+def _op(summary, ok="200", auth=True, body=None, params=(), also=None):
+    op = {"summary": summary, "responses": {ok: {"description": "OK"}, "400": ERR, "401": ERR, "404": ERR,
+                                            **(also or {})}}
     if not auth:
         op["security"] = []
     if body:
@@ -57,12 +58,16 @@ SCHEMA = {
         "/datasets": {"get": _op("Datasets you can use, by name, a page at a time (`next`: the page after, null on the "
                                  "last; limit 1-500, default 500)", params=("limit", "offset")),
                       "post": _op("Upload a dataset (multipart: file, name, kind; or upload = a finished chunked "
-                                  "upload's id): validated, 400 with line-numbered errors", ok="201")},
+                                  "upload's id): validated, 400 with line-numbered errors; an upload of 32 MB or more "
+                                  "is validated in the background (202: follow GET /uploads/{id})", ok="201",
+                                  also={"202": {"description": "Accepted: the upload is being checked"}})},
         "/datasets/{id}": {"get": {**_op("One dataset"), "parameters": ID},
                            "delete": {**_op("Delete a dataset version nobody uses (409 lists what uses it)"),
                                       "parameters": ID}},
         "/uploads": {"post": _op("Start a chunked, resumable upload", ok="201")},
-        "/uploads/{id}": {"get": {**_op("Bytes received so far"), "parameters": [
+        "/uploads/{id}": {"get": {**_op("Bytes received so far (offset); once finished, the check's status "
+                                        "(checking, refused, done) and progress, then its dataset or its refusal "
+                                        "(error, details.validation)"), "parameters": [
                               {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]},
                           "put": {**_op("Append a chunk (raw body) at ?offset=N"), "parameters": [
                               {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},

@@ -46,7 +46,9 @@ class LiveNode:
         self.env = dict(os.environ, MINICLOUD_HOME=str(home), PORT=str(self.port), MINICLOUD_DEVICES="cpu:2",
                         MINICLOUD_INSTANCE=f"mc-e2e-{uuid.uuid4().hex[:8]}", MINICLOUD_KILL_GRACE="5",
                         DJANGO_SUPERUSER_USERNAME=ADMIN[0], DJANGO_SUPERUSER_PASSWORD=ADMIN[1], PYTHONUNBUFFERED="1",
-                        MINICLOUD_METRICS_TOKEN=f"scrape-{uuid.uuid4().hex}")
+                        MINICLOUD_METRICS_TOKEN=f"scrape-{uuid.uuid4().hex}",
+                        # uploads of more than 1 KB are checked in the background (the browser test sends both)
+                        MINICLOUD_VALIDATE_INLINE_BYTES="1000")
         self.pg_db = None
         db_url = os.environ.get("DATABASE_URL", "")
         if db_url.startswith(("postgres://", "postgresql://")):

@@ -235,6 +235,7 @@ def test_upload_errors_fix_preview_and_statistics(live, browser, tmp_path):
     assert "2: 'conversations' has no assistant message" in errors and "3: not valid JSON" in errors
     fixed = tmp_path / "chat-fixed.jsonl"
     fixed.write_text("".join(json.dumps(good_rec if i % 2 else {**good_rec, "n": i}) + "\n" for i in range(25)))
+    assert fixed.stat().st_size > 1000 > bad.stat().st_size  # checked in the background, and in the request
     page.set_input_files("#upload-file", str(fixed))
     with page.expect_navigation():
         page.click("#upload-submit")

@@ -7,7 +7,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from jobs import services
-from jobs.models import Dataset, Job
+from jobs.models import Dataset, Job, Upload
 from jobs.validation import validate_file
 
 from conftest import TINY
@@ -251,7 +251,8 @@ def test_chunked_resumable_upload(client, user, token):
     client.put(f"{url}?offset=10", body[10:], content_type="application/octet-stream", **auth)
     r = client.post("/api/v1/datasets", {"name": "chunked", "kind": "pretrain", "upload": start["id"]}, **auth)
     assert r.status_code == 201 and r.json()["records"] == 2
-    assert client.get(url, **auth).status_code == 404  # consumed
+    done = client.get(url, **auth).json()  # it says what it became (for a day)
+    assert done["status"] == "done" and done["dataset"]["id"] == r.json()["id"]
     assert client.post("/api/v1/datasets", {"name": "x", "kind": "pretrain", "upload": "not-a-uuid"},
                        **auth).status_code == 404
 
@@ -411,3 +412,98 @@ def test_deleting_a_dataset_removes_its_index(client, user, token, tmp_path):
     assert index.exists()
     assert client.delete(f"/api/v1/datasets/{ds.pk}", HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 200
     assert not index.exists() and not Path(ds.path).exists()
+
+
+def _finished_upload(client, auth, body: bytes, name: str, kind: str, **headers):
+    start = client.post("/api/v1/uploads", **auth).json()
+    url = f"/api/v1/uploads/{start['id']}"
+    assert client.put(f"{url}?offset=0", body, content_type="application/octet-stream", **auth).status_code == 200
+    return url, start["id"], client.post("/api/v1/datasets", {"upload": start["id"], "name": name, "kind": kind},
+                                         **auth, **headers)
+
+
+def test_a_large_upload_is_checked_in_the_background_with_its_progress(client, user, token, settings, monkeypatch):
+    """Finishing an upload checked every record inside the request: seven minutes for a 9 GB file (20 MB/s), the
+    browser showing "Checking…" without progress, a web thread and a share of its process's GIL held for all of
+    it. A large one now answers 202 at once and is checked on the background cluster; the upload reports the
+    check's progress, then its dataset."""
+    from jobs.services import datasets
+
+    settings.VALIDATE_INLINE_BYTES = 1000
+    queued = []
+    monkeypatch.setattr(datasets, "background_task", lambda *args, **kw: queued.append(args))
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    body = b"".join(b'{"text": "record %d"}\n' % i for i in range(100_000))
+    url, upload_id, r = _finished_upload(client, auth, body, name="big", kind="pretrain")
+    assert r.status_code == 202 and r.json()["status"] == "checking" and r.json()["progress"] == 0
+    assert queued == [("jobs.tasks.check_upload", upload_id)]
+    put = client.put(f"{url}?offset={len(body)}", b"{}", content_type="application/octet-stream", **auth)
+    assert put.status_code == 409  # the file does not change while it is checked
+    seen = []
+    monkeypatch.setattr(Upload.objects.none().__class__, "update", _spy_progress(seen))
+    ds = services.check_upload(upload_id)
+    assert ds.records == 100_000 and len(seen) >= 3 and seen == sorted(seen) and 0 < seen[0] < seen[-1] <= 1
+    done = client.get(url, **auth).json()
+    assert done["status"] == "done" and done["progress"] == 1 and done["dataset"]["id"] == ds.pk
+    upload = Upload.objects.get(pk=upload_id)
+    assert not upload.path.exists() and Path(ds.path).exists() and Upload.stored_bytes(user) == 0  # moved
+    assert services.check_upload(upload_id) is None  # once
+    again = client.post("/api/v1/datasets", {"upload": upload_id, "name": "big", "kind": "pretrain"}, **auth)
+    assert again.status_code == 409 and f"#{ds.pk}" in again.json()["error"]
+
+
+def _spy_progress(seen):
+    """QuerySet.update, recording each progress written."""
+    from django.db.models.query import QuerySet
+
+    real = QuerySet.update
+
+    def update(self, **kwargs):
+        if set(kwargs) == {"progress"}:
+            seen.append(kwargs["progress"])
+        return real(self, **kwargs)
+
+    return update
+
+
+def test_a_refused_background_check_answers_in_the_askers_language(client, user, token, settings, monkeypatch):
+    """The worker has no request: the refusal is written in the language of the one who finished the upload, the
+    part is kept, and it may be finished again as another kind."""
+    from jobs.services import datasets
+
+    settings.VALIDATE_INLINE_BYTES = 10
+    monkeypatch.setattr(datasets, "background_task", lambda *args, **kw: None)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    url, upload_id, r = _finished_upload(client, auth, b'{"text": "plain text"}\n' * 50, name="t", kind="sft",
+                                         HTTP_ACCEPT_LANGUAGE="zh-hans")
+    assert r.status_code == 202
+    assert services.check_upload(upload_id) is None
+    refused = client.get(url, **auth).json()
+    assert refused["status"] == "refused" and refused["field"] == "file"
+    assert refused["details"]["validation"]["errors"][0] == [1, "缺少字段 'conversations'"]
+    assert Upload.objects.get(pk=upload_id).path.exists() and not Dataset.objects.filter(name="t").exists()
+    r = client.post("/api/v1/datasets", {"upload": upload_id, "name": "t", "kind": "pretrain"}, **auth)
+    assert r.status_code == 202 and services.check_upload(upload_id).records == 50
+
+
+def test_a_check_whose_worker_died_can_be_finished_again(client, user, token, settings, monkeypatch):
+    from django.utils import translation
+
+    from jobs.services import datasets
+    from jobs.tests.test_services import dead_pid
+
+    settings.NODE_NAME = "node-x"
+    settings.VALIDATE_INLINE_BYTES = 10
+    monkeypatch.setattr(datasets, "background_task", lambda *args, **kw: None)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    url, upload_id, _r = _finished_upload(client, auth, b'{"text": "a"}\n' * 20, name="d", kind="pretrain")
+    Upload.objects.filter(pk=upload_id).update(worker=f"node-x:{dead_pid()}")  # killed while checking
+    assert client.post("/api/v1/datasets", {"upload": upload_id, "name": "d", "kind": "pretrain"},
+                       **auth).status_code == 409  # a worker has it
+    assert services.reconcile_background("node-x", starting=False) == 1
+    lost = client.get(url, **auth).json()
+    assert lost["status"] == "refused" and lost["error"].endswith("finish the upload again")
+    with translation.override("zh-hans"):
+        assert Upload.objects.get(pk=upload_id).to_dict()["error"].endswith("请重新完成上传")
+    r = client.post("/api/v1/datasets", {"upload": upload_id, "name": "d", "kind": "pretrain"}, **auth)
+    assert r.status_code == 202 and services.check_upload(upload_id).records == 20

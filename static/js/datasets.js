@@ -1,6 +1,6 @@
 // Dataset upload: drag and drop or choose a file; it is sent in 8 MB chunks (resumable: after a network error the
-// upload continues from the bytes the server has) with a progress bar, then checked by the server, whose
-// line-numbered errors are shown in the page when it refuses the file.
+// upload continues from the bytes the server has) with a progress bar, then checked by the server (a large file in
+// the background, its progress followed here), whose line-numbered errors are shown in the page when it refuses it.
 (function () {
   "use strict";
   const form = document.getElementById("upload-form");
@@ -80,8 +80,17 @@
     data.set("name", $("upload-name").value || file.name.replace(/\.gz$/, "").replace(/\.jsonl$/, ""));
     data.set("kind", $("upload-kind").value);
     data.set("upload", id);
-    const done = await api("POST", "/api/v1/datasets", data);
+    bar.value = 0;
+    let done = await api("POST", "/api/v1/datasets", data);
+    while (done.status === 202 || (done.status === 200 && done.json.status === "checking")) {
+      // a large file is checked in the background: follow its progress, then its dataset or its refusal
+      bar.value = done.json.progress || 0;
+      $("upload-status").textContent = `${form.dataset.checking || "…"} ${Math.round(100 * bar.value)} %`;
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      try { done = await api("GET", `/api/v1/uploads/${id}`); } catch (err) { /* a network error: ask again */ }
+    }
     if (done.status === 201) window.location = `/datasets/${done.json.id}/`;
+    else if (done.status === 200 && done.json.dataset) window.location = `/datasets/${done.json.dataset.id}/`;
     else showErrors(done.json);
   }
 
