@@ -226,6 +226,11 @@ def upload_dataset(request, owner) -> Dataset | Upload:
             raise ServiceError(
                 _("server_path: no file at %(server_path)s") % {"server_path": server_path}, field="server_path"
             )
+        size = path.stat().st_size
+        if size >= settings.VALIDATE_INLINE_BYTES:  # a corpus on the lab's disk: checked as a large upload is
+            check_storage(owner, size)
+            upload = Upload.objects.create(owner=owner, size=size)
+            return finish_upload(upload, name=name, kind=kind, request=request, source=str(path))
         return create_dataset(owner=owner, name=name, kind=kind, source=path, keep_source=True, request=request)
     upload = request.FILES.get("file")
     if upload is None:
@@ -285,13 +290,15 @@ def append_upload(upload, offset: int, stream, length: int) -> int:
     return upload.size
 
 
-def finish_upload(upload, *, name: str, kind: str, request=None) -> Dataset | Upload:
+def finish_upload(upload, *, name: str, kind: str, request=None, source: str | None = None) -> Dataset | Upload:
     """Turn a complete upload into a dataset version. The file is checked record by record (~20 MB/s: seven
     minutes for 9 GB): in this request when it is smaller than ``VALIDATE_INLINE_BYTES`` (the dataset, or the
     refusal with its line errors, as before), else on the node's background cluster, the upload returned at once
     (its ``status`` and ``progress``, then its dataset or its refusal: ``GET /api/v1/uploads/{id}``). A refused upload
-    keeps its part and may be finished again (another kind)."""
-    ask = {"name": name, "kind": kind, "language": translation.get_language()}
+    keeps its part and may be finished again (another kind). ``source``: an admin's file on the server, copied into
+    the store instead of the upload's part (kept for a second finish)."""
+    ask = {"name": name, "kind": kind, "language": translation.get_language(),
+           "source": source or upload.finish.get("source")}
     mine = Upload.objects.filter(pk=upload.pk)
     if not (mine.filter(status__in=("", "refused")).update(status="checking", progress=0.0, outcome={}, finish=ask)
             or mine.filter(status="checking", worker="").update(finish=ask)):  # asked again before a worker took it
@@ -318,7 +325,8 @@ def check_upload(upload_id, request=None) -> Dataset | None:
     try:
         with translation.override(ask.get("language")):
             ds = create_dataset(owner=upload.owner, name=ask.get("name", ""), kind=ask.get("kind", ""),
-                                source=upload.path, quota_checked=True, request=request,  # each chunk was
+                                source=ask.get("source") or upload.path, keep_source=bool(ask.get("source")),
+                                quota_checked=True, request=request,  # each chunk was (a server file is counted)
                                 progress=lambda fraction: mine.update(progress=fraction))
     except ServiceError as exc:
         mine.update(status="refused", worker="", outcome={"error": str(exc), "field": exc.field,

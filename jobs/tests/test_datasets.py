@@ -507,3 +507,24 @@ def test_a_check_whose_worker_died_can_be_finished_again(client, user, token, se
         assert Upload.objects.get(pk=upload_id).to_dict()["error"].endswith("请重新完成上传")
     r = client.post("/api/v1/datasets", {"upload": upload_id, "name": "d", "kind": "pretrain"}, **auth)
     assert r.status_code == 202 and services.check_upload(upload_id).records == 20
+
+
+def test_a_large_file_on_the_server_is_imported_in_the_background(client, tmp_path, settings, monkeypatch,
+                                                                    django_user_model):
+    """An admin's import of a corpus on the lab's disk (MiniMind's 9 GB SFT file) was copied and checked inside the
+    request too: it is checked as a large upload is, and the lab's file stays."""
+    from accounts.models import ApiToken
+    from jobs.services import datasets
+
+    settings.VALIDATE_INLINE_BYTES = 100
+    monkeypatch.setattr(datasets, "background_task", lambda *args, **kw: None)
+    admin = django_user_model.objects.create_superuser("root", password="x")
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {ApiToken.issue(admin)[1]}"}
+    path = write(tmp_path, [{"text": f"lab corpus {i}"} for i in range(30)])
+    r = client.post("/api/v1/datasets", {"name": "lab", "kind": "sft", "server_path": str(path)}, **auth)
+    assert r.status_code == 202 and services.check_upload(r.json()["id"]) is None  # the wrong kind: refused
+    url = f"/api/v1/uploads/{r.json()['id']}"
+    assert client.get(url, **auth).json()["status"] == "refused"
+    again = client.post("/api/v1/datasets", {"name": "lab", "kind": "pretrain", "upload": r.json()["id"]}, **auth)
+    assert again.status_code == 202 and services.check_upload(r.json()["id"]).records == 30
+    assert client.get(url, **auth).json()["dataset"]["name"] == "lab" and path.exists()  # copied, the lab's file stays

@@ -80,10 +80,18 @@
     data.set("name", $("upload-name").value || file.name.replace(/\.gz$/, "").replace(/\.jsonl$/, ""));
     data.set("kind", $("upload-kind").value);
     data.set("upload", id);
+    await finish(data);
+  }
+
+  async function finish(data) {
+    // POST /datasets; a large file is checked in the background (202): follow its progress, then its dataset or
+    // its refusal
+    const bar = $("upload-progress");
+    bar.hidden = false;
     bar.value = 0;
     let done = await api("POST", "/api/v1/datasets", data);
+    const id = done.json.id;
     while (done.status === 202 || (done.status === 200 && done.json.status === "checking")) {
-      // a large file is checked in the background: follow its progress, then its dataset or its refusal
       bar.value = done.json.progress || 0;
       $("upload-status").textContent = `${form.dataset.checking || "…"} ${Math.round(100 * bar.value)} %`;
       await new Promise((resolve) => setTimeout(resolve, 1000));
@@ -100,9 +108,7 @@
     data.set("kind", $("upload-kind").value);
     data.set("server_path", serverPath);
     $("upload-status").textContent = form.dataset.checking || "…";
-    const done = await api("POST", "/api/v1/datasets", data);
-    if (done.status === 201) window.location = `/datasets/${done.json.id}/`;
-    else showErrors(done.json);
+    await finish(data);
   }
 
   form.addEventListener("submit", async (e) => {
