@@ -3,18 +3,22 @@ record index (training.records.INDEX_STRIDE), in the same run.
 
     python bench/dataset_preview.py                    # a 9 GB SFT file, MiniMind-sized conversations
     python bench/dataset_preview.py --gb 1 --keep /tmp/sft-1g.jsonl
+    python bench/dataset_preview.py --gb 2 --gzip      # the file gzipped: its seek points (indexed_gzip)
 
 The file is generated (no download): conversations of Chinese and Latin text, 1.5 KB on average (lognormal lengths,
 as MiniMind's SFT files), a blank line now and then. Measured: the whole file's validation (the upload's pass, which
 now also writes the index: ``jobs.validation.validate_file``), the index of a file stored before indexes
-(``token_cache.line_index``'s newline scan, the background build), and a page of 10 records at the first page, 10 %,
+(``token_cache.line_index``'s newline scan, the background build; gzipped, the seek points and a line-by-line
+pass), and a page of 10 records at the first page, 10 %,
 50 % and the last page, read the previous way (``read_records`` without an index: the previous selector's code) and
 from the index -- with the page cache warm (the file just read), and cold where this process may drop it (root).
 """
 import argparse
+import gzip
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -75,6 +79,7 @@ def main():
     p.add_argument("--gb", type=float, default=9.0)
     p.add_argument("--keep", help="the generated file's path (reused when it exists)")
     p.add_argument("--repeat", type=int, default=3, help="timings of each indexed page (the median)")
+    p.add_argument("--gzip", action="store_true", help="the file gzipped (level 1), read through its seek points")
     args = p.parse_args()
     home = Path(tempfile.mkdtemp(prefix="minicloud-preview-"))
     os.environ.update(MINICLOUD_HOME=str(home), DJANGO_SETTINGS_MODULE="minicloud.settings")
@@ -90,6 +95,13 @@ def main():
         t = time.perf_counter()
         generate(path, int(args.gb * 1e9))
         out["generate_s"] = round(time.perf_counter() - t, 1)
+    if args.gzip:
+        packed = home / "sft.jsonl.gz"
+        t = time.perf_counter()
+        with open(path, "rb") as src, gzip.open(packed, "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        out["gzip_s"] = round(time.perf_counter() - t, 1)
+        path = packed
     out["file_bytes"] = path.stat().st_size
 
     t = time.perf_counter()
@@ -99,8 +111,17 @@ def main():
     n = out["records"] = report.records
     index = report.record_index
     t = time.perf_counter()
-    starts, _ends = token_cache.line_index(path, home / "scratch")
-    rebuilt = starts[::records.INDEX_STRIDE]
+    if args.gzip:  # a gzip file's seek points (built in the background once it is stored), then its record index
+        gzip_index = home / "sft.jsonl.gz.gzidx"
+        records.save_gzip_index(path, gzip_index)
+        out["gzip_index_build_s"] = round(time.perf_counter() - t, 2)
+        out["gzip_index_bytes"] = gzip_index.stat().st_size
+        t = time.perf_counter()
+        rebuilt = records.record_offsets(path)
+    else:
+        gzip_index = None
+        starts, _ends = token_cache.line_index(path, home / "scratch")
+        rebuilt = list(starts[::records.INDEX_STRIDE])
     out["legacy_index_build_s"] = round(time.perf_counter() - t, 2)
     assert list(rebuilt) == index, "the background build and the validation disagree"
     index_file = home / "sft.jsonl.idx.npy"
@@ -121,8 +142,8 @@ def main():
             if cache == "cold":
                 drop_cache(path)
             repeat = 1 if cache == "cold" else args.repeat
-            s, after = timed(lambda: records.read_records(path, offset, 10, records.load_record_index(index_file)),
-                             repeat)
+            s, after = timed(lambda: records.read_records(path, offset, 10, records.load_record_index(index_file),
+                                                          gzip_index), repeat)
             row[f"indexed_{cache}_s"] = round(s, 5)
             assert before == after and len(after) == min(10, n - offset)
     print(json.dumps(out))

@@ -63,19 +63,26 @@ class Dataset(Shareable):
         """The dataset store's files that versions name, and their record indexes (minicloud/orphans.py: the rest
         is what a kill left)."""
         names = {Path(p).name for p in cls.objects.values_list("path", flat=True)}
-        return "datasets", names | {cls.index_name(name) for name in names}
+        return "datasets", names | {index for name in names for index in cls.index_names(name)}
 
     @staticmethod
-    def index_name(file_name: str) -> str:
-        return f"{file_name}.idx.npy"
+    def index_names(file_name: str) -> tuple[str, str]:
+        """The names of a stored file's record index and, for a gzip file, its seek points."""
+        return f"{file_name}.idx.npy", f"{file_name}.gzidx"
 
     @property
     def index_path(self) -> Path:
-        """The file's sparse record index beside it (training.records.INDEX_STRIDE; plain files only): written when
-        the file is stored, or in the background at a preview's first deep page for a version stored before indexes
-        were (jobs.services.datasets.dataset_records)."""
+        """The file's sparse record index beside it (training.records.INDEX_STRIDE): written when the file is
+        stored, or in the background at a preview's first deep page for a version stored before indexes were
+        (jobs.services.datasets.dataset_records)."""
         path = Path(self.path)
-        return path.with_name(self.index_name(path.name))
+        return path.with_name(self.index_names(path.name)[0])
+
+    @property
+    def gzip_index_path(self) -> Path:
+        """A gzip file's seek points beside it (training.records.save_gzip_index), built in the background."""
+        path = Path(self.path)
+        return path.with_name(self.index_names(path.name)[1])
 
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name

@@ -50,7 +50,8 @@ def check_upload(upload_id):
 
 
 def index_dataset(ds_id):
-    """The record index of a dataset file stored before indexes were (its preview's deep pages), in the background."""
+    """What a dataset's preview needs to read any page (a gzip file's seek points; the record index of a file stored
+    before indexes were), in the background."""
     return services.index_dataset(ds_id)
 
 

@@ -36,7 +36,7 @@ class Report:
     warnings: list = field(default_factory=list)
     sha256: str = ""
     size_bytes: int = 0
-    record_index: list | None = None  # every INDEX_STRIDE-th record's byte offset (a plain file; not stored in the row)
+    record_index: list | None = None  # every INDEX_STRIDE-th record's (unpacked) byte offset (not stored in the row)
 
     @property
     def ok(self) -> bool:
@@ -82,14 +82,14 @@ def validate_file(path, kind: str, progress=None) -> Report:
     exact, near = {}, {}
     try:
         with open_text(path) as f:
-            index = report.record_index = None if f.gzip else []
+            index = report.record_index = []
             for lineno, line in enumerate(f, 1):
                 report.lines = lineno
                 if progress and lineno % 20_000 == 0:
                     progress(min(f.raw.tell() / max(report.size_bytes, 1), 1.0))
                 if not line.strip():
                     continue
-                if index is not None and (report.records + report.error_count) % INDEX_STRIDE == 0:
+                if (report.records + report.error_count) % INDEX_STRIDE == 0:
                     index.append(f.start)
                 try:
                     rec = loads(line)

@@ -72,23 +72,29 @@ class Lines:
     above: iterating never holds more than one line of at most MAX_LINE_BYTES. ``text=True`` yields str (UTF-8,
     strict: a UnicodeDecodeError names nothing, callers add the line)."""
 
-    def __init__(self, path, text: bool = False):
+    def __init__(self, path, text: bool = False, gzip_index=None):
         self.raw = open(path, "rb")
         self.text = text
         self.gzip = self.raw.read(2) == GZIP_MAGIC
         self.raw.seek(0)
         self.f = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gzip else self.raw
+        self.seekable = not self.gzip
+        if self.gzip and gzip_index is not None:  # its seek points (save_gzip_index): read on from anywhere
+            import indexed_gzip
+
+            self.f = indexed_gzip.IndexedGzipFile(fileobj=self.raw, index_file=str(gzip_index), auto_build=False)
+            self.seekable = True
         self.budget = max(GZIP_MAX_RATIO * os.fstat(self.raw.fileno()).st_size, GZIP_FLOOR_BYTES)
         self.lineno = 0
         self.unpacked = 0
         self.start = 0  # the byte offset of the line last yielded (in the unpacked stream)
 
     def seek(self, offset: int) -> None:
-        """Read on from byte ``offset`` of a plain file (a record's start, from a record index below); line numbers then
-        count from there."""
-        if self.gzip:
-            raise ValueError("a gzip file is read from its start")
-        self.raw.seek(offset)
+        """Read on from byte ``offset`` of the (unpacked) file: a record's start, from a record index below; a gzip
+        file only with its seek points. Line numbers then count from there."""
+        if not self.seekable:
+            raise ValueError("a gzip file without its seek points is read from its start")
+        self.f.seek(offset)
         self.unpacked = self.start = offset
 
     def __iter__(self):
@@ -123,9 +129,9 @@ def open_binary(path) -> Lines:
     return Lines(path)
 
 
-def open_text(path) -> Lines:
+def open_text(path, gzip_index=None) -> Lines:
     """A dataset file's lines as text (``Lines``)."""
-    return Lines(path, text=True)
+    return Lines(path, text=True, gzip_index=gzip_index)
 
 
 def _json_string_list(value, what: str) -> Problem | None:
@@ -328,10 +334,13 @@ def iter_records(path, kind: str | None = None, limit: int | None = None):
                 yield lineno, parse(line, lineno, kind)
 
 
-# A dataset's sparse record index: the byte offset of every INDEX_STRIDE-th record (non-blank line) of a plain file,
-# written beside it when it is stored (from the validation's pass) so that a page of records anywhere in a 9 GB file
-# is read after at most INDEX_STRIDE - 1 lines (a few MB), not the whole file up to it.
+# A dataset's sparse record index: the byte offset of every INDEX_STRIDE-th record (non-blank line) in the file's
+# (unpacked) bytes, written beside it when it is stored (from the validation's pass) so that a page of records
+# anywhere in a 9 GB file is read after at most INDEX_STRIDE - 1 lines (a few MB), not the whole file up to it. A
+# gzip file is entered in the middle through its seek points (indexed_gzip's zran index: the decompressor's 32 KB
+# window every GZIP_SPACING bytes of the unpacked stream, ~2 MB per GB), built in the background once it is stored.
 INDEX_STRIDE = 1024
+GZIP_SPACING = 16 << 20
 
 
 def save_record_index(path, offsets) -> None:
@@ -356,14 +365,39 @@ def load_record_index(path):
     return index if index.ndim == 1 and index.dtype == np.int64 else None
 
 
-def read_records(path, offset: int, limit: int, index=None) -> list:
+def save_gzip_index(path, index_path) -> None:
+    """Build the seek points of a gzip dataset file (one pass) and write them, atomically."""
+    import indexed_gzip
+
+    tmp = f"{index_path}.{os.getpid()}.part"
+    with indexed_gzip.IndexedGzipFile(str(path), spacing=GZIP_SPACING) as f:
+        f.build_full_index()
+        f.export_index(tmp)
+    os.replace(tmp, str(index_path))
+
+
+def record_offsets(path) -> list[int]:
+    """Every INDEX_STRIDE-th record's byte offset, read line by line (a gzip file, or one stored before its index
+    was kept; a plain file's are found faster by token_cache.line_index)."""
+    offsets, n = [], 0
+    with open_binary(path) as f:
+        for line in f:
+            if line.strip():
+                if n % INDEX_STRIDE == 0:
+                    offsets.append(f.start)
+                n += 1
+    return offsets
+
+
+def read_records(path, offset: int, limit: int, index=None, gzip_index=None) -> list:
     """Records ``offset``…``offset + limit`` of a dataset file (blank lines skipped; .gz read as it streams), read on
-    from the nearest record of ``index`` at or before ``offset`` when there is one."""
+    from the nearest record of ``index`` at or before ``offset`` when there is one (a gzip file: with its seek points
+    ``gzip_index``, else from its start)."""
     import itertools
 
-    with open_text(path) as f:
+    with open_text(path, gzip_index) as f:
         skip = offset
-        if index is not None and len(index) and not f.gzip:
+        if index is not None and len(index) and f.seekable:
             k = min(offset // INDEX_STRIDE, len(index) - 1)
             f.seek(int(index[k]))
             skip -= k * INDEX_STRIDE

@@ -63,14 +63,17 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
         os.replace(tmp, dest)
     elif not keep_source:
         Path(source).unlink(missing_ok=True)
-    index = dest.with_name(Dataset.index_name(dest.name))
-    if report.record_index is not None and not index.exists():
+    index, gzip_index = (dest.with_name(name) for name in Dataset.index_names(dest.name))
+    if not index.exists():
         trecords.save_record_index(index, report.record_index)
     ds = Dataset.objects.create(owner=owner, name=name, kind=kind, path=str(dest), records=report.records,
                                 size_bytes=report.size_bytes, sha256=report.sha256,
                                 version=(latest.version + 1) if latest else 1, validation=report.to_dict())
     audit(owner, "upload", ds, request=request, sha256=report.sha256, version=ds.version)
     request_dataset_stats(ds)
+    if dest.name.endswith(".gz") and not gzip_index.exists():  # its seek points, for the preview's deep pages
+        transaction.on_commit(lambda: background_task("jobs.tasks.index_dataset", ds.pk,
+                                                      task_name=f"index_dataset_{ds.pk}"))
     return ds
 
 
@@ -88,36 +91,49 @@ def delete_dataset(actor, ds: Dataset, request=None) -> None:
     check_deletable(actor, ds, dataset_references(ds))
     path = Path(ds.path)
     audit(actor, "delete", ds, request=request, name=ds.name, version=ds.version)
-    index = ds.index_path
+    indexes = ds.index_path, ds.gzip_index_path
     ds.delete()
     if path.parent == _dataset_store() and not Dataset.objects.filter(path=str(path)).exists():
-        path.unlink(missing_ok=True)
-        index.unlink(missing_ok=True)
+        for stored in (path, *indexes):
+            stored.unlink(missing_ok=True)
 
 
 def dataset_records(ds: Dataset, offset: int = 0, limit: int = 20) -> list[dict]:
     """Records ``offset``…``offset + limit`` of a dataset version (its preview), read from the nearest indexed record
-    before them: a page anywhere in a 9 GB file reads a few MB. A plain file stored before indexes were has its
-    index built in the background at its first deep page (this page reads the file up to it, as before)."""
+    before them: a page anywhere in a 9 GB file reads a few MB. A file whose index (or, gzipped, whose seek points)
+    is not there yet -- stored before indexes were, or a gzip file's seek points still being built -- has it built
+    in the background, and this page is read from the file's start, as before."""
     if offset >= ds.records:
         return []
-    index = trecords.load_record_index(ds.index_path) if offset >= trecords.INDEX_STRIDE else None
-    if index is None and offset >= trecords.INDEX_STRIDE and not trecords.is_gzip(ds.path):
+    if offset < trecords.INDEX_STRIDE:
+        return trecords.read_records(ds.path, offset, limit)
+    index = trecords.load_record_index(ds.index_path)
+    gzip_index = ds.gzip_index_path if ds.gzip_index_path.exists() else None
+    if index is None or (gzip_index is None and trecords.is_gzip(ds.path)):
         background_task("jobs.tasks.index_dataset", ds.pk, task_name=f"index_dataset_{ds.pk}")
-    return trecords.read_records(ds.path, offset, limit, index)
+    return trecords.read_records(ds.path, offset, limit, index, gzip_index)
 
 
 def index_dataset(ds_id: int) -> bool:
-    """Write the record index of a plain dataset file that has none (one newline scan, ~0.3 s per 100 MB); True
-    when it wrote one."""
-    from training.token_cache import line_index
-
+    """Write what a dataset file's preview lacks: its record index (a plain file's from one newline scan, ~0.15 s per
+    100 MB) and a gzip file's seek points; True when it wrote anything."""
     ds = Dataset.objects.filter(pk=ds_id).first()
-    if ds is None or trecords.is_gzip(ds.path) or trecords.load_record_index(ds.index_path) is not None:
+    if ds is None:
         return False
-    starts, _ends = line_index(ds.path, _dataset_store())
-    trecords.save_record_index(ds.index_path, starts[::trecords.INDEX_STRIDE])
-    return True
+    wrote = False
+    if trecords.is_gzip(ds.path) and not ds.gzip_index_path.exists():
+        trecords.save_gzip_index(ds.path, ds.gzip_index_path)
+        wrote = True
+    if trecords.load_record_index(ds.index_path) is None:
+        if trecords.is_gzip(ds.path):
+            offsets = trecords.record_offsets(ds.path)
+        else:
+            from training.token_cache import line_index
+
+            offsets = line_index(ds.path, _dataset_store())[0][::trecords.INDEX_STRIDE]
+        trecords.save_record_index(ds.index_path, offsets)
+        wrote = True
+    return wrote
 
 
 def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id=None, actor=None) -> None:

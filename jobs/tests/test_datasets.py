@@ -339,8 +339,8 @@ def _lines_read(monkeypatch):
 
     opened, real = [], records.open_text
 
-    def spy(path):
-        opened.append(real(path))
+    def spy(*args):
+        opened.append(real(*args))
         return opened[-1]
 
     monkeypatch.setattr(records, "open_text", spy)
@@ -386,12 +386,38 @@ def test_a_file_stored_before_indexes_gets_one_in_the_background(user, db, tmp_p
     assert services.dataset_records(ds, 4000, 1)[0]["conversations"][1]["content"] == "answer 4000"
     assert opened[-1].lineno < 1024 and len(queued) == 1
 
+
+
+def test_a_gzip_file_is_read_from_its_seek_points(user, db, tmp_path, monkeypatch, django_capture_on_commit_callbacks):
+    """A gzip file cannot be entered in the middle without the decompressor's state there: its seek points
+    (indexed_gzip) are built in the background once it is stored; until then a page is read from its start."""
+    from jobs.services import datasets
+    from training import records
+
+    queued = []
+    monkeypatch.setattr(datasets, "background_task",
+                        lambda *args, **kw: queued.append(args) if args[0] == "jobs.tasks.index_dataset" else None)
     packed = tmp_path / "many.jsonl.gz"
-    packed.write_bytes(gzip.compress(_numbered(tmp_path, name="again.jsonl").read_bytes()))
-    gz = services.create_dataset(owner=user, name="many-gz", kind="sft", source=packed)
-    assert not gz.index_path.exists()
+    packed.write_bytes(gzip.compress(_numbered(tmp_path).read_bytes()))
+    with django_capture_on_commit_callbacks(execute=True):
+        gz = services.create_dataset(owner=user, name="many-gz", kind="sft", source=packed)
+    assert queued == [("jobs.tasks.index_dataset", gz.pk)] and gz.index_path.exists()
+    assert not gz.gzip_index_path.exists()
+    opened = _lines_read(monkeypatch)
     assert services.dataset_records(gz, 4321, 1)[0]["conversations"][1]["content"] == "answer 4321"
-    assert not services.index_dataset(gz.pk) and len(queued) == 1
+    assert opened[-1].lineno > 4321 and len(queued) == 2  # from the start, asking again for the seek points
+    assert services.index_dataset(gz.pk) and gz.gzip_index_path.exists() and not services.index_dataset(gz.pk)
+    for offset in (1024, 2047, 4321, 4999):
+        page = services.dataset_records(gz, offset, 3)
+        assert [r["conversations"][1]["content"] for r in page] == [
+            f"answer {i}" for i in range(offset, min(offset + 3, 5000))]
+        assert opened[-1].lineno < 1024 + 3 + 11 and len(queued) == 2
+    written = records.load_record_index(gz.index_path)
+    gz.index_path.unlink()  # stored before indexes: rebuilt from the unpacked lines, the same offsets
+    assert services.index_dataset(gz.pk) and (records.load_record_index(gz.index_path) == written).all()
+    indexes = gz.index_path, gz.gzip_index_path
+    services.delete_dataset(user, gz)
+    assert not any(p.exists() for p in indexes)
 
 
 def test_the_page_goes_to_any_page_and_the_last(client, user, tmp_path):
