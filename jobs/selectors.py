@@ -3,7 +3,7 @@ import json
 
 from django.db import close_old_connections
 
-from .models import DeviceSample, Job, JobEvent, LogChunk, MetricPoint
+from .models import DeviceSample, Job, JobEvent, LogChunk, MetricPoint, Upload
 
 SHOWN_WITH = ("owner", "dataset", "output_model")  # what a job's page and the API show beside the job
 
@@ -92,6 +92,12 @@ def list_rows(jobs, *extra):
     of a full job."""
     return jobs.select_related("owner").only("name", "owner__username", "stage", "status", "step", "total_steps",
                                              "created_at", *extra)
+
+
+def open_uploads(user) -> list:
+    """The user's finished uploads that are not datasets: being checked (with their progress), or refused (saying
+    why) -- what the datasets page shows above the list, the page that finished them perhaps long closed."""
+    return list(Upload.objects.filter(owner=user, status__in=("checking", "refused")).order_by("-created_at")[:20])
 
 
 def my_jobs(user):

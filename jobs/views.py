@@ -355,7 +355,7 @@ def devices(request):
 def datasets(request):
     return render(request, "jobs/datasets.html", {
         "datasets": Dataset.objects.visible_to(request.user).select_related("owner", "shared_with"),
-        "kinds": Dataset._meta.get_field("kind").choices})
+        "kinds": Dataset._meta.get_field("kind").choices, "uploads": selectors.open_uploads(request.user)})
 
 
 @login_required
@@ -370,7 +370,11 @@ def dataset_upload(request):
                        % {"n": validation["error_count"]})
         return render(request, "jobs/datasets.html", {
             "datasets": Dataset.objects.visible_to(request.user).select_related("owner", "shared_with"),
-            "kinds": Dataset._meta.get_field("kind").choices, "refused": validation}, status=exc.status)
+            "kinds": Dataset._meta.get_field("kind").choices, "refused": validation,
+            "uploads": selectors.open_uploads(request.user)}, status=exc.status)
+    if not isinstance(ds, Dataset):  # a large file, checked in the background
+        messages.info(request, _("The file is being checked in the background; this page shows how far."))
+        return redirect("datasets")
     return redirect("dataset_detail", dataset_id=ds.pk)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import reverse
 
 from jobs import services
 from jobs.models import Dataset, Job, Upload
@@ -554,3 +555,28 @@ def test_a_large_file_on_the_server_is_imported_in_the_background(client, tmp_pa
     again = client.post("/api/v1/datasets", {"name": "lab", "kind": "pretrain", "upload": r.json()["id"]}, **auth)
     assert again.status_code == 202 and services.check_upload(r.json()["id"]).records == 30
     assert client.get(url, **auth).json()["dataset"]["name"] == "lab" and path.exists()  # copied, the lab's file stays
+    client.force_login(admin)  # the form without JavaScript: back to the datasets page, which shows the check
+    r = client.post(reverse("dataset_upload"), {"name": "lab2", "kind": "pretrain", "server_path": str(path)},
+                    follow=True)
+    assert r.status_code == 200 and "being checked in the background" in r.content.decode()
+    assert 'id="upload-checks"' in r.content.decode() and "lab2" in r.content.decode()
+
+
+def test_the_datasets_page_shows_uploads_being_checked_and_refused(client, user, token, settings, monkeypatch):
+    """The page that finished a large upload may be long closed: the datasets page shows the user's uploads being
+    checked, with their progress, and those refused, saying why, in the reader's language."""
+    from jobs.services import datasets
+
+    settings.VALIDATE_INLINE_BYTES = 10
+    monkeypatch.setattr(datasets, "background_task", lambda *args, **kw: None)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    _finished_upload(client, auth, b'{"text": "a"}\n' * 20, name="big-one", kind="pretrain")
+    _url, bad, _r = _finished_upload(client, auth, b'{"text": "a"}\n' * 20, name="wrong-kind", kind="sft")
+    services.check_upload(bad)
+    Upload.objects.filter(status="checking").update(progress=0.42)
+    client.force_login(user)
+    html = client.get("/datasets/").content.decode()
+    assert 'id="upload-checks"' in html and "big-one" in html and "42 %" in html
+    assert "wrong-kind" in html and "refused: file: 20 error(s)" in html
+    html = client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "你正在检查中的上传" in html and "被拒绝" in html
