@@ -206,15 +206,18 @@ def uploads(request):
     return {"id": str(upload.id), "offset": 0, "max_bytes": settings.UPLOAD_MAX_BYTES}, 201
 
 
-@endpoint("GET", "PUT")
+@endpoint("GET", "PUT", "DELETE")
 def upload_detail(request, upload_id):
     """GET: bytes received so far (resume from there), and once finished the check's status and progress, then its
-    dataset or its refusal. PUT ?offset=N with the raw chunk as the body."""
+    dataset or its refusal. PUT ?offset=N with the raw chunk as the body. DELETE: drop it (not while checked)."""
     upload = services.find_upload(request.user, upload_id)
     if upload is None:
         raise ApiError(404, _("no upload %(id)s") % {"id": upload_id})
     if request.method == "GET":
         return upload.to_dict()
+    if request.method == "DELETE":
+        services.delete_upload(upload)
+        return {"deleted": str(upload.id)}
     length = int(request.META.get("CONTENT_LENGTH") or 0)
     offset = int_param(request, "offset", -1)
     return {"id": str(upload.id), "offset": services.append_upload(upload, offset, request, length)}

@@ -378,6 +378,20 @@ def dataset_upload(request):
     return redirect("dataset_detail", dataset_id=ds.pk)
 
 
+@login_required
+@require_POST
+def upload_delete(request, upload_id):
+    """Drop one of the user's uploads listed on the datasets page (refused, or given up on)."""
+    upload = services.find_upload(request.user, upload_id)
+    if upload is None:
+        raise Http404
+    try:
+        services.delete_upload(upload)
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+    return redirect("datasets")
+
+
 PREVIEW_PAGE = 10
 
 

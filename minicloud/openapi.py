@@ -69,6 +69,9 @@ SCHEMA = {
                                         "(checking, refused, done) and progress, then its dataset or its refusal "
                                         "(error, details.validation)"), "parameters": [
                               {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]},
+                          "delete": {**_op("Drop an upload and its bytes (409 while it is being checked)"),
+                                     "parameters": [{"name": "id", "in": "path", "required": True,
+                                                     "schema": {"type": "string"}}]},
                           "put": {**_op("Append a chunk (raw body) at ?offset=N"), "parameters": [
                               {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
                               {"name": "offset", "in": "query", "schema": {"type": "integer"}}]}},

@@ -94,6 +94,7 @@ urlpatterns = [
     path("devices/", jobs_views.devices, name="devices"),
     path("datasets/", jobs_views.datasets, name="datasets"),
     path("datasets/upload/", jobs_views.dataset_upload, name="dataset_upload"),
+    path("uploads/<str:upload_id>/delete/", jobs_views.upload_delete, name="upload_delete"),
     path("datasets/<int:dataset_id>/", jobs_views.dataset_detail, name="dataset_detail"),
     path("datasets/<int:dataset_id>/stats.json", jobs_views.dataset_stats, name="dataset_stats"),
     path("datasets/<int:dataset_id>/<str:action>/", jobs_views.dataset_action, name="dataset_action"),

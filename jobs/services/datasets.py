@@ -358,6 +358,13 @@ def check_upload(upload_id, request=None) -> Dataset | None:
     return ds
 
 
+def delete_upload(upload) -> None:
+    """Drop an upload and its bytes (given up on, or refused); not while it is being checked."""
+    if not Upload.objects.filter(pk=upload.pk).exclude(status="checking").delete()[0]:
+        raise ServiceError(_("upload: it is being checked"), status=409, field="upload")
+    upload.path.unlink(missing_ok=True)
+
+
 def prune_uploads(max_age_h: float = 24) -> int:
     """Forget uploads left unfinished (or finished: done, refused) for a day, not those being checked
     (housekeeping)."""

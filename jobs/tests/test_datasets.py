@@ -579,4 +579,11 @@ def test_the_datasets_page_shows_uploads_being_checked_and_refused(client, user,
     assert 'id="upload-checks"' in html and "big-one" in html and "42 %" in html
     assert "wrong-kind" in html and "refused: file: 20 error(s)" in html
     html = client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
-    assert "你正在检查中的上传" in html and "被拒绝" in html
+    assert "你正在检查中的上传" in html and "被拒绝" in html and "删除此上传" in html
+    checking = Upload.objects.get(status="checking")
+    assert client.delete(f"/api/v1/uploads/{checking.pk}", **auth).status_code == 409  # not while it is checked
+    part = Upload.objects.get(pk=bad).path
+    assert part.exists() and client.post(f"/uploads/{bad}/delete/").status_code == 302  # the page's button
+    assert not Upload.objects.filter(pk=bad).exists() and not part.exists()
+    assert client.post(f"/uploads/{checking.pk}/delete/", follow=True).status_code == 200
+    assert Upload.objects.filter(pk=checking.pk).exists()
