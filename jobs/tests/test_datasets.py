@@ -581,9 +581,30 @@ def test_the_datasets_page_shows_uploads_being_checked_and_refused(client, user,
     html = client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "你正在检查中的上传" in html and "被拒绝" in html and "删除此上传" in html
     checking = Upload.objects.get(status="checking")
+    Upload.objects.filter(pk=checking.pk).update(worker=f"{settings.NODE_NAME}:1")  # a worker has it
     assert client.delete(f"/api/v1/uploads/{checking.pk}", **auth).status_code == 409  # not while it is checked
     part = Upload.objects.get(pk=bad).path
     assert part.exists() and client.post(f"/uploads/{bad}/delete/").status_code == 302  # the page's button
     assert not Upload.objects.filter(pk=bad).exists() and not part.exists()
     assert client.post(f"/uploads/{checking.pk}/delete/", follow=True).status_code == 200
     assert Upload.objects.filter(pk=checking.pk).exists()
+
+
+def test_old_uploads_are_pruned_but_not_one_a_worker_checks(user, db):
+    """Unfinished, done and refused uploads go after a day, and so does a check whose task was lost before a worker
+    took it (a node gone, a Redis that keeps nothing): it stayed "checking", its bytes counted, for good."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    old = timezone.now() - timedelta(days=2)
+    rows = {kind: Upload.objects.create(owner=user, size=5, created_at=old, **fields) for kind, fields in {
+        "unfinished": {}, "done": {"status": "done"}, "refused": {"status": "refused"},
+        "lost": {"status": "checking"}, "checked": {"status": "checking", "worker": "node-a:123"}}.items()}
+    recent = Upload.objects.create(owner=user, size=5)
+    for upload in rows.values():
+        upload.path.parent.mkdir(parents=True, exist_ok=True)
+        upload.path.write_bytes(b"x" * 5)
+    assert services.prune_uploads() == 4
+    assert set(Upload.objects.values_list("pk", flat=True)) == {rows["checked"].pk, recent.pk}
+    assert not rows["lost"].path.exists() and rows["checked"].path.exists()
