@@ -8,7 +8,8 @@ optionally with the expected answers ``gt``/``answer`` (strings or numbers, whic
 The portal's upload validation (jobs/validation.py), the engine's data preparation (training/token_cache.py), the
 eval stage and the demo data all read through here, so a record the portal accepted is one the engine trains on.
 Problems are ``(template, params)``: English templates marked for the catalogue (the portal translates them, the
-engine writes them as they are). Pure Python: no torch, no Django.
+engine writes them as they are). Pure Python: no torch, no Django (numpy and indexed_gzip for the record index of a
+preview, imported when used).
 """
 from __future__ import annotations
 
