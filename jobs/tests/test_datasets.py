@@ -580,8 +580,10 @@ def test_the_datasets_page_shows_uploads_being_checked_and_refused(client, user,
     assert "wrong-kind" in html and "refused: file: 20 error(s)" in html
     html = client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "你正在检查中的上传" in html and "被拒绝" in html and "删除此上传" in html
+    assert html.count("删除此上传") == 2  # a check still queued may be dropped too
     checking = Upload.objects.get(status="checking")
     Upload.objects.filter(pk=checking.pk).update(worker=f"{settings.NODE_NAME}:1")  # a worker has it
+    assert client.get("/datasets/").content.decode().count("Delete this upload") == 1
     assert client.delete(f"/api/v1/uploads/{checking.pk}", **auth).status_code == 409  # not while it is checked
     part = Upload.objects.get(pk=bad).path
     assert part.exists() and client.post(f"/uploads/{bad}/delete/").status_code == 302  # the page's button
