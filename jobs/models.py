@@ -158,6 +158,12 @@ class Upload(models.Model):
         (jobs.services.reconcile_background): refused, saying so; the part is kept and may be finished again."""
         return cls.objects.filter(status="checking"), "worker", {"status": "refused", "outcome": {"error": CHECK_LOST}}
 
+    @property
+    def kind_label(self) -> str:
+        """The kind of dataset asked for, in the active language."""
+        kind = self.finish.get("kind", "")
+        return str(dict(KIND_CHOICES).get(kind, kind))
+
     def to_dict(self) -> dict:
         out = {"id": str(self.id), "offset": self.size, "status": self.get_status_display(),
                "progress": round(self.progress, 4)}

@@ -576,7 +576,7 @@ def test_the_datasets_page_shows_uploads_being_checked_and_refused(client, user,
     Upload.objects.filter(status="checking").update(progress=0.42)
     client.force_login(user)
     html = client.get("/datasets/").content.decode()
-    assert 'id="upload-checks"' in html and "big-one" in html and "42 %" in html
+    assert 'id="upload-checks"' in html and "big-one" in html and "42 %" in html and "Pretrain text" in html
     assert "wrong-kind" in html and "refused: file: 20 error(s)" in html
     html = client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "你正在检查中的上传" in html and "被拒绝" in html and "删除此上传" in html
