@@ -62,27 +62,26 @@ class Dataset(Shareable):
     def home_files(cls) -> tuple[str, set]:
         """The dataset store's files that versions name, and their record indexes (minicloud/orphans.py: the rest
         is what a kill left)."""
-        names = {Path(p).name for p in cls.objects.values_list("path", flat=True)}
-        return "datasets", names | {index for name in names for index in cls.index_names(name)}
+        paths = [Path(p) for p in cls.objects.values_list("path", flat=True)]
+        return "datasets", {p.name for path in paths for p in (path, *cls.index_paths(path))}
 
     @staticmethod
-    def index_names(file_name: str) -> tuple[str, str]:
-        """The names of a stored file's record index and, for a gzip file, its seek points."""
-        return f"{file_name}.idx.npy", f"{file_name}.gzidx"
+    def index_paths(path) -> tuple[Path, Path]:
+        """A stored file's record index and, for a gzip file, its seek points, beside it."""
+        path = Path(path)
+        return path.with_name(f"{path.name}.idx.npy"), path.with_name(f"{path.name}.gzidx")
 
     @property
     def index_path(self) -> Path:
-        """The file's sparse record index beside it (training.records.INDEX_STRIDE): written when the file is
-        stored, or in the background at a preview's first deep page for a version stored before indexes were
+        """The file's sparse record index (training.records.INDEX_STRIDE): written when the file is stored, or in the
+        background at a preview's first deep page for a version stored before indexes were
         (jobs.services.datasets.dataset_records)."""
-        path = Path(self.path)
-        return path.with_name(self.index_names(path.name)[0])
+        return self.index_paths(self.path)[0]
 
     @property
     def gzip_index_path(self) -> Path:
-        """A gzip file's seek points beside it (training.records.save_gzip_index), built in the background."""
-        path = Path(self.path)
-        return path.with_name(self.index_names(path.name)[1])
+        """A gzip file's seek points (training.records.save_gzip_index), built in the background."""
+        return self.index_paths(self.path)[1]
 
     def __str__(self):
         return f"{self.name} v{self.version}" if self.version > 1 else self.name

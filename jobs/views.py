@@ -353,9 +353,16 @@ def devices(request):
 
 @login_required
 def datasets(request):
+    return _datasets_page(request)
+
+
+def _datasets_page(request, status=200, **extra):
+    """The datasets page: the upload form, the user's uploads being checked or refused, the datasets they see
+    (``extra``: a refused upload's report, from the form without JavaScript)."""
     return render(request, "jobs/datasets.html", {
         "datasets": Dataset.objects.visible_to(request.user).select_related("owner", "shared_with"),
-        "kinds": Dataset._meta.get_field("kind").choices, "uploads": selectors.open_uploads(request.user)})
+        "kinds": Dataset._meta.get_field("kind").choices, "uploads": selectors.open_uploads(request.user),
+        **extra}, status=status)
 
 
 @login_required
@@ -368,10 +375,7 @@ def dataset_upload(request):
         validation = (exc.details or {}).get("validation", {})
         messages.error(request, str(exc) if not validation else _("The file was refused: %(n)s error(s).")
                        % {"n": validation["error_count"]})
-        return render(request, "jobs/datasets.html", {
-            "datasets": Dataset.objects.visible_to(request.user).select_related("owner", "shared_with"),
-            "kinds": Dataset._meta.get_field("kind").choices, "refused": validation,
-            "uploads": selectors.open_uploads(request.user)}, status=exc.status)
+        return _datasets_page(request, status=exc.status, refused=validation)
     if not isinstance(ds, Dataset):  # a large file, checked in the background
         messages.info(request, _("The file is being checked in the background; this page shows how far."))
         return redirect("datasets")

@@ -63,7 +63,7 @@ def create_dataset(*, owner, name: str, kind: str, source, keep_source: bool = F
         os.replace(tmp, dest)
     elif not keep_source:
         Path(source).unlink(missing_ok=True)
-    index, gzip_index = (dest.with_name(name) for name in Dataset.index_names(dest.name))
+    index, gzip_index = Dataset.index_paths(dest)
     if not index.exists():
         trecords.save_record_index(index, report.record_index)
     ds = Dataset.objects.create(owner=owner, name=name, kind=kind, path=str(dest), records=report.records,
@@ -120,12 +120,12 @@ def index_dataset(ds_id: int) -> bool:
     ds = Dataset.objects.filter(pk=ds_id).first()
     if ds is None:
         return False
-    wrote = False
-    if trecords.is_gzip(ds.path) and not ds.gzip_index_path.exists():
+    wrote, gz = False, trecords.is_gzip(ds.path)
+    if gz and not ds.gzip_index_path.exists():
         trecords.save_gzip_index(ds.path, ds.gzip_index_path)
         wrote = True
     if trecords.load_record_index(ds.index_path) is None:
-        if trecords.is_gzip(ds.path):
+        if gz:
             offsets = trecords.record_offsets(ds.path)
         else:
             from training.token_cache import line_index
@@ -332,12 +332,11 @@ def check_upload(upload_id, request=None) -> Dataset | None:
     """Check a finished upload and store it as a dataset version (moved into the store: no copy), its messages in
     the asker's language; a refusal is recorded on the upload (and raised to a ``request`` waiting for it). Nothing
     when another worker took it first. The upload names its worker while it checks (``reconcile_background``)."""
-    upload = Upload.objects.filter(pk=upload_id).select_related("owner").first()
-    claim = Upload.objects.filter(pk=upload_id, status="checking", worker="")
-    if upload is None or not claim.update(worker=this_worker()):
-        return None
+    if not Upload.objects.filter(pk=upload_id, status="checking", worker="").update(worker=this_worker()):
+        return None  # gone, or another worker took it
     mine = Upload.objects.filter(pk=upload_id, status="checking", worker=this_worker())
-    ask = Upload.objects.values_list("finish", flat=True).get(pk=upload_id)
+    upload = mine.select_related("owner").get()  # read once claimed: what was asked is fixed from here on
+    ask = upload.finish
     try:
         with translation.override(ask.get("language")):
             ds = create_dataset(owner=upload.owner, name=ask.get("name", ""), kind=ask.get("kind", ""),
