@@ -14,6 +14,7 @@ preview, imported when used).
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 
@@ -68,16 +69,48 @@ def is_gzip(path) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
+class _Hashed(io.RawIOBase):
+    """A file's bytes as stored, each passed through ``digest`` (a hashlib object) as it is read: one read of a file
+    gives both its lines and its checksum (``Lines(digest=...)``)."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest, self.pos = f, digest, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        if n:
+            self.digest.update(memoryview(buffer)[:n])
+            self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
 class Lines:
     """A dataset file read line by line (bytes, ``\\n`` kept), gunzipped on the fly when compressed, within the bounds
     above: iterating never holds more than one line of at most MAX_LINE_BYTES. ``text=True`` yields str (UTF-8,
-    strict: a UnicodeDecodeError names nothing, callers add the line)."""
+    strict: a UnicodeDecodeError names nothing, callers add the line). ``digest`` (a hashlib object): every byte of the
+    file as stored goes through it as it is read; ``read_rest`` reads what the lines left, so that it covers the
+    whole file however the reading stopped (the upload's validation: one read for the records and the checksum)."""
 
-    def __init__(self, path, text: bool = False, gzip_index=None):
-        self.raw = open(path, "rb")
+    def __init__(self, path, text: bool = False, gzip_index=None, digest=None):
+        if digest is None:
+            self.raw = open(path, "rb")
+        else:
+            self.raw = io.BufferedReader(_Hashed(open(path, "rb", buffering=0), digest), 1 << 20)
         self.text = text
-        self.gzip = self.raw.read(2) == GZIP_MAGIC
-        self.raw.seek(0)
+        self.gzip = self.raw.peek(2)[:2] == GZIP_MAGIC
         self.f = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gzip else self.raw
         self.seekable = not self.gzip
         if self.gzip and gzip_index is not None:  # its seek points (save_gzip_index): read on from anywhere
@@ -114,6 +147,13 @@ class Lines:
                     mb=self.budget >> 20, ratio=GZIP_MAX_RATIO))
             yield line.decode("utf-8") if self.text else line
 
+    def read_rest(self) -> int:
+        """Read the stored bytes the lines have not (through ``digest``): the number read."""
+        n = 0
+        while block := self.raw.read(1 << 20):
+            n += len(block)
+        return n
+
     def close(self):
         self.f.close()
         self.raw.close()
@@ -130,9 +170,9 @@ def open_binary(path) -> Lines:
     return Lines(path)
 
 
-def open_text(path, gzip_index=None) -> Lines:
+def open_text(path, gzip_index=None, digest=None) -> Lines:
     """A dataset file's lines as text (``Lines``)."""
-    return Lines(path, text=True, gzip_index=gzip_index)
+    return Lines(path, text=True, gzip_index=gzip_index, digest=digest)
 
 
 def _json_string_list(value, what: str) -> Problem | None:

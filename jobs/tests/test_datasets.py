@@ -1,5 +1,6 @@
 """Dataset upload, streaming validation with line numbers, versions, references, statistics."""
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -79,6 +80,25 @@ def test_valid_files_of_every_kind_pass_and_tools_are_accepted(tmp_path):
     assert report.warnings[1] == [3, "duplicate of line %(line)s", {"line": 1}]
 
 
+def test_near_duplicates_are_the_same_text_up_to_case_spaces_and_punctuation(tmp_path):
+    """The near-duplicate fingerprint keeps exactly the characters the regex ``\\w`` keeps (the definition it had
+    before its table), in every script, and reads a lone surrogate JSON may spell."""
+    import re
+
+    from jobs.validation import _near_fingerprint
+
+    texts = ["模型，训练。数据！", "模型训练数据", "The model_2 learns.", "the MODEL_2 learns", "Ａｂｃ１２３（全角）", "abc123全角",
+             "café crème", "cafe\u0301 cre\u0300me", "١٢٣ ٤", "१२३", "emoji 🙂 here", "emojihere", "a\u00a0b\u2003c",
+             "abc", "x\ud800y", "xy", "ǅungla", "ǆungla", "", "。，、"]
+    spec = {t: re.sub(r"[^\w]+", "", t.lower()) for t in texts}
+    for a in texts:
+        for b in texts:
+            assert (_near_fingerprint(a) == _near_fingerprint(b)) == (spec[a] == spec[b]), (a, b)
+    report = validate_file(write(tmp_path, [{"text": "模型，训练。"}, {"text": "模型 训练"}, '{"text": "x\\ud800y"}',
+                                            {"text": "x y"}]), "pretrain")
+    assert [w[0] for w in report.warnings] == [2, 4]
+
+
 def test_errors_are_capped_at_100_but_all_counted(tmp_path):
     report = validate_file(write(tmp_path, ["{oops"] * 250 + [{"text": "x"}]), "pretrain")
     assert report.error_count == 250 and len(report.errors) == 100 and report.errors[-1][0] == 100
@@ -93,6 +113,31 @@ def test_gzip_and_non_utf8_files(tmp_path):
     bad.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
     report = validate_file(bad, "pretrain")
     assert not report.ok and "not UTF-8" in report.errors[0][1]
+
+
+def test_validation_reads_the_file_once_for_its_records_and_its_checksum(tmp_path, monkeypatch):
+    """A 9 GB upload's check read the whole file twice (its sha256, then its lines): now the lines' read hashes the
+    bytes as stored, and where a refusal stops the lines early the rest is read into the checksum."""
+    rows = [{"text": f"记录 {i} " + "x" * (i % 97)} for i in range(3000)]
+    plain = write(tmp_path, rows)
+    packed = tmp_path / "d.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=1))
+    stops_early = tmp_path / "stops.jsonl"  # not UTF-8 at line 6: the lines stop there, the checksum must not
+    stops_early.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows[:5]) + b'{"text": "caf\xe9"}\n'
+                            + plain.read_bytes())
+    too_long = tmp_path / "long.jsonl"
+    too_long.write_bytes(b'{"text": "' + b"a" * (2 << 20) + b'"}\n' + plain.read_bytes())
+    monkeypatch.setattr("training.records.MAX_LINE_BYTES", 1 << 20)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
+    for path, records in ((plain, 3000), (packed, 3000), (stops_early, 5), (too_long, 0)):
+        opened.clear()
+        report = validate_file(path, "pretrain")
+        assert opened.count(str(path)) == 1, opened
+        assert report.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert report.size_bytes == path.stat().st_size
+        assert report.records == records and report.ok == (records == 3000)
 
 
 def upload(api_client, token, **data):
@@ -430,7 +475,7 @@ def test_the_page_goes_to_any_page_and_the_last(client, user, tmp_path):
     html = client.get(f"/datasets/{ds.pk}/?page=1000000000").content.decode()  # past the end: the last page
     assert "Records 1231–1234" in html and "answer 1233" in html and 'id="next-page"' not in html
     html = client.get(f"/datasets/{ds.pk}/?page=124", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
-    assert "第 124 页，共 124 页" in html and "跳转到第几页" in html
+    assert "第 124 页，共 124 页" in html and "跳转到第几页" in html and ">跳转</button>" in html
 
 
 def test_deleting_a_dataset_removes_its_index(client, user, token, tmp_path):
