@@ -5,7 +5,7 @@ each can be a whole dataset, checkpoint or model, on the disk for ever. ``python
 ``--delete`` removes them.
 
 Only what is older than ``min_age_s`` (an hour by default) is taken: a file is written before the row that names it
-is committed (a dataset moved into its store, an import's weights), and a run in progress must not lose it.
+is committed (a dataset linked into its store, an import's weights), and a run in progress must not lose it.
 """
 from __future__ import annotations
 

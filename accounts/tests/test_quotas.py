@@ -269,11 +269,11 @@ def test_storage_quota_refuses_uploads_imports_and_merges_that_would_pass_it(use
     size = source.stat().st_size
     Quota.objects.create(user=user, storage_gb=(storage_used(user) + size - 1) / 1e9)
     with pytest.raises(services.ServiceError, match=r"this adds 0\.\d\d GB") as exc:
-        services.create_dataset(owner=user, name="more", kind="pretrain", source=source, keep_source=True)
+        services.create_dataset(owner=user, name="more", kind="pretrain", source=source, copy_source=True)
     assert exc.value.status == 403 and exc.value.field == "quota"
     assert not Dataset.objects.filter(owner=user).exists() and source.exists()  # nothing stored, nothing lost
     Quota.objects.filter(user=user).update(storage_gb=(storage_used(user) + size) / 1e9)
-    services.create_dataset(owner=user, name="more", kind="pretrain", source=source, keep_source=True)
+    services.create_dataset(owner=user, name="more", kind="pretrain", source=source, copy_source=True)
     with pytest.raises(services.ServiceError, match="quota"):  # full now: no new upload starts
         services.start_upload(user)
     with pytest.raises(services.ServiceError, match="quota") as exc:

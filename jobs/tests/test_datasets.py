@@ -242,7 +242,7 @@ def test_statistics_of_a_file_already_counted_are_reused(user, other_user, db, m
     from jobs import dataset_stats
 
     source = Path(Dataset.objects.get(name="demo-sft").path)
-    mine, theirs = (services.create_dataset(owner=owner, name="corpus", kind="sft", source=source, keep_source=True)
+    mine, theirs = (services.create_dataset(owner=owner, name="corpus", kind="sft", source=source, copy_source=True)
                     for owner in (user, other_user))
     services.compute_dataset_stats(mine.pk)
     counted = Dataset.objects.get(pk=mine.pk).stats
@@ -579,6 +579,60 @@ def test_a_check_whose_worker_died_can_be_finished_again(client, user, token, se
         assert Upload.objects.get(pk=upload_id).to_dict()["error"].endswith("请重新完成上传")
     r = client.post("/api/v1/datasets", {"upload": upload_id, "name": "d", "kind": "pretrain"}, **auth)
     assert r.status_code == 202 and services.check_upload(upload_id).records == 20
+
+
+class Killed(BaseException):
+    """A kill -9: no handler of the process runs."""
+
+
+@pytest.mark.parametrize("moment", ["save_record_index", "audit", "finish"])
+def test_a_check_killed_at_the_worst_moment_loses_nothing(client, user, token, settings, monkeypatch, moment):
+    """Killed once the file was in the store (the part moved there) but before the dataset was recorded, or before
+    the upload said so: the upload had lost its bytes, and finishing it again failed. The part is now linked into
+    the store and dropped only once the upload is done."""
+    from jobs.services import datasets
+    from jobs.tests.test_services import dead_pid
+
+    settings.NODE_NAME = "node-x"
+    settings.VALIDATE_INLINE_BYTES = 10
+    monkeypatch.setattr(datasets, "background_task", lambda *args, **kw: None)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    data = b"".join(b'{"text": "record %d"}\n' % i for i in range(40))
+    url, upload_id, _r = _finished_upload(client, auth, data, name="d", kind="pretrain")
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    if moment == "finish":  # the dataset recorded, the upload not yet done
+        from django.db.models import QuerySet
+
+        real_update = QuerySet.update
+        monkeypatch.setattr(QuerySet, "update", lambda qs, **fields: kill() if fields.get("status") == "done"
+                            else real_update(qs, **fields))
+    else:
+        monkeypatch.setattr(datasets.trecords if moment == "save_record_index" else datasets, moment, kill)
+    worker = f"node-x:{dead_pid()}"
+    monkeypatch.setattr(datasets, "this_worker", lambda: worker)
+    with pytest.raises(Killed):
+        services.check_upload(upload_id)
+    monkeypatch.undo()
+    settings.NODE_NAME, settings.VALIDATE_INLINE_BYTES = "node-x", 10
+    monkeypatch.setattr(datasets, "background_task", lambda *args, **kw: None)
+    assert services.reconcile_background("node-x", starting=False) == 1
+    assert client.get(url, **auth).json()["status"] == "refused"
+    stored = sorted((settings.HOME / "datasets").glob("*.jsonl"))
+    if moment == "save_record_index":  # a refused upload may grow before it is finished again: not what is stored
+        more = b'{"text": "one more"}\n'
+        assert client.put(f"{url}?offset={len(data)}", more, content_type="application/octet-stream",
+                          **auth).status_code == 200
+        assert [f.read_bytes() for f in stored] == [data]
+        data += more
+    r = client.post("/api/v1/datasets", {"upload": upload_id, "name": "d", "kind": "pretrain"}, **auth)
+    assert r.status_code == 202
+    ds = services.check_upload(upload_id)
+    assert ds.records == data.count(b"\n") and Path(ds.path).read_bytes() == data
+    assert Dataset.objects.filter(owner=user, name="d").count() == 1
+    assert client.get(url, **auth).json()["status"] == "done" and not Upload.objects.get(pk=upload_id).path.exists()
 
 
 def test_a_large_file_on_the_server_is_imported_in_the_background(client, tmp_path, settings, monkeypatch,
