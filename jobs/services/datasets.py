@@ -343,7 +343,7 @@ def finish_upload(upload, *, name: str, kind: str, request=None, source: str | N
     keeps its part and may be finished again (another kind). ``source``: an admin's file on the server, copied into
     the store instead of the upload's part (kept for a second finish)."""
     ask = {"name": name, "kind": kind, "language": translation.get_language(),
-           "source": source or upload.finish.get("source")}
+           "source": source or upload.finish.get("source"), "at": timezone.now().isoformat()}
     mine = Upload.objects.filter(pk=upload.pk)
     if not (mine.filter(status__in=("", "refused")).update(status="checking", progress=0.0, outcome={}, finish=ask)
             or mine.filter(status="checking", worker="").update(finish=ask)):  # asked again before a worker took it
@@ -387,7 +387,25 @@ def check_upload(upload_id, request=None) -> Dataset | None:
 
 
 _BEING_CHECKED = Q(status="checking") & ~Q(worker="")  # a worker has it (one only queued may be dropped: its task
-# then finds nothing, and one lost with a node or a Redis that keeps nothing would otherwise stay for good)
+# then finds nothing)
+RESEND_AFTER_S = 600
+
+
+def resend_checks(after_s: float = RESEND_AFTER_S) -> int:
+    """Send again the task of each finished upload that no worker took within ``after_s`` of its sending: its token
+    may be lost (its node gone before the node's background cluster took it, a Redis that keeps nothing restarted),
+    and the upload would say "checking" for good. A duplicate does nothing (``check_upload`` claims the upload), and
+    the sender stamps the upload first, so one node's housekeeping sends it per interval. The number sent."""
+    cutoff = (timezone.now() - timedelta(seconds=after_s)).isoformat()
+    sent = 0
+    for pk, ask in Upload.objects.filter(status="checking", worker="").values_list("pk", "finish"):
+        if ask.get("at", "") > cutoff:
+            continue
+        if Upload.objects.filter(pk=pk, status="checking", worker="", finish=ask).update(
+                finish={**ask, "at": timezone.now().isoformat()}):
+            background_task("jobs.tasks.check_upload", str(pk), task_name=f"check-upload-{pk}")
+            sent += 1
+    return sent
 
 
 def delete_upload(upload) -> None:

@@ -709,3 +709,33 @@ def test_old_uploads_are_pruned_but_not_one_a_worker_checks(user, db):
     assert services.prune_uploads() == 4
     assert set(Upload.objects.values_list("pk", flat=True)) == {rows["checked"].pk, recent.pk}
     assert not rows["lost"].path.exists() and rows["checked"].path.exists()
+
+
+def test_a_check_whose_task_was_lost_is_sent_again(client, user, token, settings, monkeypatch):
+    """A finished upload whose task was lost before a worker took it (its node gone, a Redis that keeps nothing
+    restarted) said "checking" until it was pruned a day later, its bytes lost. The housekeeping now sends it again
+    after ten minutes, once per interval whichever nodes run it; a duplicate does nothing."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs import tasks
+    from jobs.services import datasets
+
+    settings.VALIDATE_INLINE_BYTES = 10
+    sent = []
+    monkeypatch.setattr(datasets, "background_task", lambda func, *args, **kw: sent.append(args))
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    url, upload_id, r = _finished_upload(client, auth, b'{"text": "a"}\n{"text": "b"}\n', name="d", kind="pretrain")
+    assert r.status_code == 202 and sent == [(upload_id,)]
+    sent.clear()  # the token is lost
+    assert services.resend_checks() == 0  # sent a moment ago: it may be waiting behind other work
+    ask = Upload.objects.get(pk=upload_id).finish
+    Upload.objects.filter(pk=upload_id).update(finish={**ask, "at": (timezone.now() - timedelta(minutes=11)).isoformat()})
+    tasks.housekeeping()
+    assert sent == [(upload_id,)]
+    assert services.resend_checks() == 0 and services.resend_checks(after_s=0) == 1  # stamped: once per interval
+    assert services.check_upload(upload_id).records == 2
+    assert services.check_upload(upload_id) is None  # the duplicate
+    assert services.resend_checks(after_s=0) == 0 and client.get(url, **auth).json()["status"] == "done"
+
