@@ -45,6 +45,7 @@ class Dataset(Shareable):
     stats_progress = models.FloatField(default=0.0)
     stats_worker = models.CharField(max_length=200, blank=True)  # "<node>:<pid>" computing them, while it does
     stats_request = models.PositiveIntegerField(default=0)  # the latest request's number: older tasks stop
+    stats_ask = models.JSONField(default=dict, blank=True)  # the latest request's settings and when it was sent
 
     class Meta:
         verbose_name = _("dataset")
@@ -57,6 +58,14 @@ class Dataset(Shareable):
         (jobs.services.reconcile_background)."""
         return cls.objects.filter(stats_status="running"), "stats_worker", {"stats_status": "failed",
                                                                               "stats": {"error": STATS_LOST}}
+
+    @classmethod
+    def queued_work(cls):
+        """Statistics asked for and not started, the field keeping the ask (``at``: when it was sent), and the task
+        that computes them (jobs.services.resend_background)."""
+        return cls.objects.filter(stats_status="queued"), "stats_ask", lambda ds: (
+            "jobs.tasks.dataset_stats", ds.pk, ds.stats_ask.get("max_seq_len"), ds.stats_ask.get("tokenizer_id"),
+            ds.stats_request)
 
     @classmethod
     def home_files(cls) -> tuple[str, set]:
@@ -156,6 +165,13 @@ class Upload(models.Model):
         """Uploads being checked, the field naming their worker, and what they become when it is gone
         (jobs.services.reconcile_background): refused, saying so; the part is kept and may be finished again."""
         return cls.objects.filter(status="checking"), "worker", {"status": "refused", "outcome": {"error": CHECK_LOST}}
+
+    @classmethod
+    def queued_work(cls):
+        """Checks sent to a background cluster and not taken by a worker, the field keeping the ask (``at``: when it
+        was sent), and the task that checks one (jobs.services.resend_background)."""
+        return cls.objects.filter(status="checking", worker=""), "finish", lambda upload: (
+            "jobs.tasks.check_upload", str(upload.pk))
 
     @property
     def kind_label(self) -> str:

@@ -163,7 +163,9 @@ def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer
         tokenizer_id = tok.pk if tok else None
     with transaction.atomic():
         Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0, stats_worker="",
-                                                stats_request=F("stats_request") + 1)
+                                                stats_request=F("stats_request") + 1, stats_ask={
+                                                    "max_seq_len": max_seq_len, "tokenizer_id": tokenizer_id,
+                                                    "at": timezone.now().isoformat()})
         request = Dataset.objects.values_list("stats_request", flat=True).get(pk=ds.pk)
         transaction.on_commit(lambda: background_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
                                                       request, task_name=f"dataset-stats-{ds.pk}"))
@@ -181,7 +183,9 @@ def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_
     if ds is None:
         return
     mine = Dataset.objects.filter(pk=ds.pk, **({} if request is None else {"stats_request": request}))
-    if not mine.update(stats_status="running", stats_progress=0.0, stats_worker=this_worker()):
+    # a request's task claims it (a duplicate sent again finds it taken); a direct call computes
+    claim = mine if request is None else mine.filter(stats_status="queued")
+    if not claim.update(stats_status="running", stats_progress=0.0, stats_worker=this_worker()):
         return
 
     def progress(p):
@@ -388,24 +392,6 @@ def check_upload(upload_id, request=None) -> Dataset | None:
 
 _BEING_CHECKED = Q(status="checking") & ~Q(worker="")  # a worker has it (one only queued may be dropped: its task
 # then finds nothing)
-RESEND_AFTER_S = 600
-
-
-def resend_checks(after_s: float = RESEND_AFTER_S) -> int:
-    """Send again the task of each finished upload that no worker took within ``after_s`` of its sending: its token
-    may be lost (its node gone before the node's background cluster took it, a Redis that keeps nothing restarted),
-    and the upload would say "checking" for good. A duplicate does nothing (``check_upload`` claims the upload), and
-    the sender stamps the upload first, so one node's housekeeping sends it per interval. The number sent."""
-    cutoff = (timezone.now() - timedelta(seconds=after_s)).isoformat()
-    sent = 0
-    for pk, ask in Upload.objects.filter(status="checking", worker="").values_list("pk", "finish"):
-        if ask.get("at", "") > cutoff:
-            continue
-        if Upload.objects.filter(pk=pk, status="checking", worker="", finish=ask).update(
-                finish={**ask, "at": timezone.now().isoformat()}):
-            background_task("jobs.tasks.check_upload", str(pk), task_name=f"check-upload-{pk}")
-            sent += 1
-    return sent
 
 
 def delete_upload(upload) -> None:

@@ -79,6 +79,36 @@ def reconcile_background(node_name: str, *, starting: bool) -> int:
     return ended
 
 
+RESEND_AFTER_S = 600
+
+
+def resend_background(after_s: float = RESEND_AFTER_S) -> int:
+    """Send again the task of background work that no worker took within ``after_s`` of its sending (an upload's
+    check, a dataset's statistics): its token may be lost (its node gone before the node's background cluster took
+    it, a Redis that keeps nothing restarted), and the work would say "queued" or "checking" for good. A duplicate
+    does nothing (each task claims its record), and the sender stamps the ask first, so one node's housekeeping sends
+    it per interval. Each model with such work says which rows wait, the field keeping their ask (``at``: when it was
+    sent) and their task (a ``queued_work`` classmethod). The number sent."""
+    from .queue import background_task
+
+    now = timezone.now()
+    cutoff = (now - timedelta(seconds=after_s)).isoformat()
+    sent = 0
+    for model in apps.get_models():
+        if not callable(getattr(model, "queued_work", None)):
+            continue
+        rows, field, task = model.queued_work()
+        for row in rows:
+            ask = getattr(row, field)
+            if ask.get("at", "") > cutoff:
+                continue
+            if rows.filter(pk=row.pk, **{field: ask}).update(**{field: {**ask, "at": now.isoformat()}}):
+                func, *args = task(row)
+                background_task(func, *args, task_name=f"{func.rsplit('.', 1)[-1]}-{row.pk}")
+                sent += 1
+    return sent
+
+
 def follow_slurm_job(job: Job) -> None:
     """Have one of this node's runners follow ``job``'s Slurm run from where the last supervisor stopped reading."""
     enqueue("jobs.tasks.follow_slurm_job", job.pk, job.generation, queue=node_queue(job.node),

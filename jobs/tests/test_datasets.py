@@ -711,31 +711,55 @@ def test_old_uploads_are_pruned_but_not_one_a_worker_checks(user, db):
     assert not rows["lost"].path.exists() and rows["checked"].path.exists()
 
 
-def test_a_check_whose_task_was_lost_is_sent_again(client, user, token, settings, monkeypatch):
-    """A finished upload whose task was lost before a worker took it (its node gone, a Redis that keeps nothing
-    restarted) said "checking" until it was pruned a day later, its bytes lost. The housekeeping now sends it again
-    after ten minutes, once per interval whichever nodes run it; a duplicate does nothing."""
+def test_background_work_whose_task_was_lost_is_sent_again(client, user, token, settings, monkeypatch,
+                                                            django_capture_on_commit_callbacks):
+    """A finished upload (or a dataset's statistics) whose task was lost before a worker took it (its node gone, a
+    Redis that keeps nothing restarted) said "checking" until it was pruned a day later, its bytes lost ("Computing…"
+    for good). The housekeeping now sends it again after ten minutes, once per interval whichever nodes run it; a
+    duplicate does nothing."""
     from datetime import timedelta
 
     from django.utils import timezone
 
     from jobs import tasks
-    from jobs.services import datasets
+    from jobs.services import datasets, queue
 
     settings.VALIDATE_INLINE_BYTES = 10
     sent = []
-    monkeypatch.setattr(datasets, "background_task", lambda func, *args, **kw: sent.append(args))
+    monkeypatch.setattr(datasets, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
+    monkeypatch.setattr(queue, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
     url, upload_id, r = _finished_upload(client, auth, b'{"text": "a"}\n{"text": "b"}\n', name="d", kind="pretrain")
-    assert r.status_code == 202 and sent == [(upload_id,)]
+    check = ("jobs.tasks.check_upload", upload_id)
+    assert r.status_code == 202 and sent == [check]
     sent.clear()  # the token is lost
-    assert services.resend_checks() == 0  # sent a moment ago: it may be waiting behind other work
-    ask = Upload.objects.get(pk=upload_id).finish
-    Upload.objects.filter(pk=upload_id).update(finish={**ask, "at": (timezone.now() - timedelta(minutes=11)).isoformat()})
-    tasks.housekeeping()
-    assert sent == [(upload_id,)]
-    assert services.resend_checks() == 0 and services.resend_checks(after_s=0) == 1  # stamped: once per interval
-    assert services.check_upload(upload_id).records == 2
-    assert services.check_upload(upload_id) is None  # the duplicate
-    assert services.resend_checks(after_s=0) == 0 and client.get(url, **auth).json()["status"] == "done"
+    assert services.resend_background() == 0  # sent a moment ago: it may be waiting behind other work
 
+    def age(model, pk, field, minutes=11):
+        ask = getattr(model.objects.get(pk=pk), field)
+        model.objects.filter(pk=pk).update(**{field: {**ask, "at": (timezone.now() - timedelta(minutes=minutes))
+                                                      .isoformat()}})
+
+    age(Upload, upload_id, "finish")
+    tasks.housekeeping()
+    assert sent == [check]
+    assert services.resend_background() == 0 and services.resend_background(after_s=0) == 1  # stamped: once
+    ds = services.check_upload(upload_id)
+    assert ds.records == 2 and services.check_upload(upload_id) is None  # the duplicate finds it taken
+    assert client.get(url, **auth).json()["status"] == "done"
+
+    with django_capture_on_commit_callbacks(execute=True):  # its statistics, asked for with settings; the token lost
+        services.request_dataset_stats(ds, 64, None, actor=user)
+    stats = [t for t in sent if t[0] == "jobs.tasks.dataset_stats"]
+    sent.clear()
+    age(Dataset, ds.pk, "stats_ask")
+    request = Dataset.objects.get(pk=ds.pk).stats_request
+    assert services.resend_background() == 1 and sent == [stats[-1]] == [("jobs.tasks.dataset_stats", ds.pk, 64,
+                                                                          None, request)]
+    services.compute_dataset_stats(*sent[0][1:])
+    ds.refresh_from_db()
+    assert ds.stats_status == "done" and ds.stats["max_seq_len"] == 64
+    Dataset.objects.filter(pk=ds.pk).update(stats={**ds.stats, "seen": True})
+    services.compute_dataset_stats(*sent[0][1:])  # the duplicate: nothing computed again
+    ds.refresh_from_db()
+    assert ds.stats_status == "done" and ds.stats["seen"] and services.resend_background(after_s=0) == 0
