@@ -3,6 +3,9 @@ statistics, chunked uploads."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -74,9 +77,6 @@ def _store_file(source, dest: Path, copy: bool) -> None:
     so a process killed in between leaves the upload whole, to be finished again), or a copy where ``copy`` (a file
     that is not the portal's, which its owner may change after: a lab's file on the server) or where no link can be
     made (another filesystem)."""
-    import shutil
-    import uuid
-
     if dest.exists():
         return
     tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.part")  # two checks of the same bytes at once: one wins
@@ -276,10 +276,8 @@ def upload_dataset(request, owner) -> Dataset | Upload:
         name = Path(upload.name or "dataset").name.removesuffix(".gz").removesuffix(".jsonl")[:200]
     if hasattr(upload, "temporary_file_path"):  # streamed to disk: validated, then linked into the store
         return create_dataset(owner=owner, name=name, kind=kind, source=upload.temporary_file_path(), request=request)
-    import tempfile
-    import uuid
-
-    tmp = save_upload(upload, Path(settings.FILE_UPLOAD_TEMP_DIR or tempfile.gettempdir()) / f"upload-{uuid.uuid4().hex}")
+    spool = Path(settings.FILE_UPLOAD_TEMP_DIR or tempfile.gettempdir())
+    tmp = save_upload(upload, spool / f"upload-{uuid.uuid4().hex}")
     try:
         return create_dataset(owner=owner, name=name, kind=kind, source=tmp, request=request)
     finally:
@@ -331,8 +329,6 @@ def _unshare(path: Path) -> None:
     """Give ``path`` a file of its own where the dataset store shares it (``_store_file`` linked an upload's part there
     and the check was killed before the upload was done; a refused upload may grow): what is stored stays as it was
     checked."""
-    import shutil
-
     if path.stat().st_nlink > 1:
         tmp = path.with_name(f"{path.name}.copy")
         shutil.copyfile(path, tmp)
