@@ -17,7 +17,7 @@ from minicloud.processes import kill_group, pid_alive
 
 from ..models import DeviceSample, Job, Node, Setting
 from .lifecycle import finish_job, interrupt_job
-from .queue import _local_devices, enqueue, node_queue
+from .queue import _local_devices, background_task, enqueue, node_queue
 
 
 def check_shared_storage() -> None:
@@ -89,8 +89,6 @@ def resend_background(after_s: float = RESEND_AFTER_S) -> int:
     does nothing (each task claims its record), and the sender stamps the ask first, so one node's housekeeping sends
     it per interval. Each model with such work says which rows wait, the field keeping their ask (``at``: when it was
     sent) and their task (a ``queued_work`` classmethod). The number sent."""
-    from .queue import background_task
-
     now = timezone.now()
     cutoff = (now - timedelta(seconds=after_s)).isoformat()
     sent = 0

@@ -722,12 +722,12 @@ def test_background_work_whose_task_was_lost_is_sent_again(client, user, token, 
     from django.utils import timezone
 
     from jobs import tasks
-    from jobs.services import datasets, queue
+    from jobs.services import datasets, nodes
 
     settings.VALIDATE_INLINE_BYTES = 10
     sent = []
     monkeypatch.setattr(datasets, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
-    monkeypatch.setattr(queue, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
+    monkeypatch.setattr(nodes, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
     url, upload_id, r = _finished_upload(client, auth, b'{"text": "a"}\n{"text": "b"}\n', name="d", kind="pretrain")
     check = ("jobs.tasks.check_upload", upload_id)
