@@ -182,7 +182,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 2**20
 # Dataset uploads stream to a temporary file (never into memory); larger requests are refused with 413.
 UPLOAD_MAX_BYTES = envint("MINICLOUD_UPLOAD_MAX_BYTES", 50 * 10**9)
 # A finished upload at least this large is checked on the background cluster (the request answers 202 at once and
-# the upload reports its progress); a smaller one in its request (~20 MB/s: under two seconds).
+# the upload reports its progress); a smaller one in its request (~60 MB/s: about half a second).
 VALIDATE_INLINE_BYTES = envint("MINICLOUD_VALIDATE_INLINE_BYTES", 32 * 2**20)
 # Any other request body (JSON, forms): refused with a 413 at the ASGI layer beyond this (minicloud/bodylimit.py).
 MAX_BODY_BYTES = envint("MINICLOUD_MAX_BODY_BYTES", DATA_UPLOAD_MAX_MEMORY_SIZE)

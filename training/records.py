@@ -147,12 +147,10 @@ class Lines:
                     mb=self.budget >> 20, ratio=GZIP_MAX_RATIO))
             yield line.decode("utf-8") if self.text else line
 
-    def read_rest(self) -> int:
-        """Read the stored bytes the lines have not (through ``digest``): the number read."""
-        n = 0
-        while block := self.raw.read(1 << 20):
-            n += len(block)
-        return n
+    def read_rest(self) -> None:
+        """Read the stored bytes the lines have not (through ``digest``)."""
+        while self.raw.read(1 << 20):
+            pass
 
     def close(self):
         self.f.close()

@@ -102,7 +102,8 @@ def resend_background(after_s: float = RESEND_AFTER_S) -> int:
                 continue
             if rows.filter(pk=row.pk, **{field: ask}).update(**{field: {**ask, "at": now.isoformat()}}):
                 func, *args = task(row)
-                background_task(func, *args, task_name=f"{func.rsplit('.', 1)[-1]}-{row.pk}")
+                # named as at its first sending: check-upload-<id>, dataset-stats-<id>
+                background_task(func, *args, task_name=f"{func.rsplit('.', 1)[-1].replace('_', '-')}-{row.pk}")
                 sent += 1
     return sent
 
