@@ -271,6 +271,10 @@ CPU_JOB_THREADS = envint("MINICLOUD_CPU_JOB_THREADS", 0)
 # quota, least recently used ones removed beyond this many GB (`manage.py data_cache` lists and clears them).
 DATA_CACHE_DIR = HOME / "cache" / "data"
 DATA_CACHE_GB = float(os.environ.get("MINICLOUD_DATA_CACHE_GB", "100"))
+# A dataset's statistics from a file of at least this many MB are computed by building the token cache that a job with
+# the default options reads (exact lengths, and that job then tokenises nothing); a smaller file is counted in the
+# background worker (the engine's start, ~5 s, would cost more than the tokenising it saves).
+STATS_TOKEN_CACHE_MB = float(os.environ.get("MINICLOUD_STATS_TOKEN_CACHE_MB", "4"))
 # Where a released job runs (jobs/executors.py): "local" (this node's GPUs or CPU slots) or "slurm" (a batch job of
 # the Slurm cluster this node submits to: jobs/slurm.py, docs/deploy.md). MINICLOUD_HOME must then be the shared path
 # that every Slurm node mounts at the same place, with this checkout and its .venv on it.

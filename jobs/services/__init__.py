@@ -1,12 +1,12 @@
 """The jobs domain's services, one module per job you can name (docs/architecture.md): submission, quota, the queue, a
-job's lifecycle, nodes, datasets and uploads, and the wording of reasons. Views, the API, consumers, tasks and serve
+job's lifecycle, nodes, datasets and uploads, their statistics, and the wording of reasons. Views, the API, consumers, tasks and serve
 call these names from here."""
 from minicloud.errors import ServiceError
 from minicloud.processes import die_with_parent, kill_group, pid_alive
 
-from .datasets import (append_upload, check_upload, compute_dataset_stats, create_dataset, dataset_records,
-                       dataset_references, delete_dataset, delete_upload, find_upload, finish_upload, index_dataset,
-                       prune_uploads, request_dataset_stats, start_upload, upload_dataset)
+from .datasets import (append_upload, check_upload, create_dataset, dataset_records, dataset_references,
+                       delete_dataset, delete_upload, find_upload, finish_upload, index_dataset, prune_uploads,
+                       start_upload, upload_dataset)
 from .exports import metrics_csv, metrics_json, tensorboard_zip
 from .monitoring import exposition
 from .notifications import check_waits, deliver_due, job_event, remember_language, update_integrations
@@ -19,6 +19,7 @@ from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_queue, backgrou
                     queue_order, queue_plan, queue_position, queue_snapshot, this_worker, write_spec)
 from .quota import (check_submission_quota, device_hours, hours_left, recent_usage, settle_run_segment,
                     usage_summary)
+from .statistics import compute_dataset_stats, request_dataset_stats
 from .reasons import never_fits_text, spec_error_text, wait_reason_text
 from .submission import estimate_job, largest_device_memory, prepare_job, record_event, save_template, submit_job
 

@@ -22,10 +22,10 @@ from minicloud.errors import ServiceError, clean_name
 from minicloud.files import check_upload_size, save_upload
 from training import records as trecords, spec as tspec
 
-from .. import dataset_stats
 from ..models import Dataset, Job, Upload
 from ..validation import validate_file
 from .queue import background_task, this_worker
+from .statistics import request_dataset_stats
 from .submission import ModelVersion, Tokenizer
 
 
@@ -150,83 +150,6 @@ def index_dataset(ds_id: int) -> bool:
         trecords.save_record_index(ds.index_path, offsets)
         wrote = True
     return wrote
-
-
-def request_dataset_stats(ds: Dataset, max_seq_len: int | None = None, tokenizer_id=None, actor=None) -> None:
-    """Queue the token statistics of a dataset (a background task with progress). Asked by a person (``actor``),
-    they replace the dataset's stored statistics: only its owner (or an admin) may, with a tokenizer they may use.
-    Each request draws the next ``stats_request``; a task whose request a later one superseded (a second click, other
-    settings) stops, so that the one background worker never computes what nobody will see."""
-    if actor is not None:
-        check_manage(actor, ds)
-        tok = Tokenizer.objects.usable_by(actor, tokenizer_id, "tokenizer")
-        tokenizer_id = tok.pk if tok else None
-    with transaction.atomic():
-        Dataset.objects.filter(pk=ds.pk).update(stats_status="queued", stats_progress=0.0, stats_worker="",
-                                                stats_request=F("stats_request") + 1, stats_ask={
-                                                    "max_seq_len": max_seq_len, "tokenizer_id": tokenizer_id,
-                                                    "at": timezone.now().isoformat()})
-        request = Dataset.objects.values_list("stats_request", flat=True).get(pk=ds.pk)
-        transaction.on_commit(lambda: background_task("jobs.tasks.dataset_stats", ds.pk, max_seq_len, tokenizer_id,
-                                                      request, task_name=f"dataset-stats-{ds.pk}"))
-
-
-class _Superseded(Exception):
-    """A later request for the same dataset's statistics took over."""
-
-
-def compute_dataset_stats(ds_id: int, max_seq_len: int | None = None, tokenizer_id: int | None = None,
-                          request: int | None = None) -> None:
-    """Run the statistics of one dataset version (the background task), recording progress and the result; nothing
-    when ``request`` is no longer the dataset's latest (``request_dataset_stats``), and it stops once it is not."""
-    ds = Dataset.objects.filter(pk=ds_id).first()
-    if ds is None:
-        return
-    mine = Dataset.objects.filter(pk=ds.pk, **({} if request is None else {"stats_request": request}))
-    # a request's task claims it (a duplicate sent again finds it taken); a direct call computes
-    claim = mine if request is None else mine.filter(stats_status="queued")
-    if not claim.update(stats_status="running", stats_progress=0.0, stats_worker=this_worker()):
-        return
-
-    def progress(p):
-        if not mine.update(stats_progress=p):
-            raise _Superseded
-
-    try:
-        stats = _statistics(ds, max_seq_len, tokenizer_id, progress)
-    except _Superseded:
-        return
-    except Exception as exc:  # a task must record why, not vanish (or it would show "running" while its worker lives)
-        mine.update(stats_status="failed", stats={"error": str(exc)[:500]}, stats_worker="")
-        raise
-    mine.update(stats_status="done", stats_progress=1.0, stats=stats, stats_worker="")
-
-
-def _statistics(ds: Dataset, max_seq_len, tokenizer_id, progress) -> dict:
-    """The statistics of ``ds`` with the tokenizer (the demo one by default), taken from another dataset of the same
-    bytes already counted alike, else computed (from a job's token cache of it, when there is one)."""
-    from training import token_cache
-
-    tok = Tokenizer.objects.filter(pk=tokenizer_id).first() if tokenizer_id else None
-    tok = tok or Tokenizer.demo()
-    stage = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlaif": "grpo"}[ds.kind]
-    msl = max_seq_len or tspec.STAGE_DEFAULTS[stage]["max_seq_len"]
-    digest = token_cache.tokenizer_digest(tok.path)
-    cached = None
-    if ds.sha256:
-        # The same file already counted with the same tokenizer and max_seq_len (a class uploading one corpus thirty
-        # times; another version with the same bytes): its statistics, nothing read again.
-        counted = Dataset.objects.filter(
-            sha256=ds.sha256, kind=ds.kind, stats_status="done", stats__max_seq_len=msl,
-            stats__tokenizer_digest=digest).exclude(pk=ds.pk).values_list("stats", flat=True).first()
-        if counted:
-            return {**counted, "tokenizer": tok.name}
-        # A job already tokenised this dataset with this tokenizer: its exact lengths, no tokenising.
-        cached = token_cache.find(settings.DATA_CACHE_DIR, ds.sha256, digest, token_cache.PROCESSING[stage])
-    stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
-                                  progress=progress,
-                                  known_lengths=token_cache.record_lengths(cached) if cached else None)
-    return {**stats, "tokenizer": tok.name, "tokenizer_digest": digest, "from_token_cache": cached is not None}
 
 
 def find_upload(owner, upload_id):

@@ -79,11 +79,13 @@ def test_the_job_shows_its_data_preparation_until_its_first_step(user):
     assert job.phase == {"name": "prepare", "fraction": 0.0, "records": 0}
 
 
-def test_token_statistics_reuse_a_jobs_cache(user, cache_dir):
+def test_token_statistics_reuse_a_jobs_cache(client, user, cache_dir):
     ds = Dataset.objects.get(name="demo-sft")
     services.compute_dataset_stats(ds.pk)
     fresh = Dataset.objects.get(pk=ds.pk).stats
     assert fresh["from_token_cache"] is False
+    client.force_login(user)
+    assert 'id="stats-estimated"' in client.get(f"/datasets/{ds.pk}/").content.decode()  # the page says so
     cache = token_cache.Cache(_prepare(ds, "sft", cache_dir))
     services.compute_dataset_stats(ds.pk)
     reused = Dataset.objects.get(pk=ds.pk).stats
@@ -91,6 +93,54 @@ def test_token_statistics_reuse_a_jobs_cache(user, cache_dir):
     assert reused["total_tokens"] == int(token_cache.record_lengths(cache).sum())
     # exact (the rendered template: framing, empty think blocks) where the statistics' own count estimates
     assert reused["mean_tokens"] > fresh["mean_tokens"] and sum(reused["histogram"]["counts"]) == 3000
+    assert 'id="stats-estimated"' not in client.get(f"/datasets/{ds.pk}/").content.decode()
+
+
+def test_statistics_of_a_large_file_build_the_cache_a_default_job_reads(user, cache_dir, settings):
+    settings.STATS_TOKEN_CACHE_MB = 0  # the demo file counts as large
+    ds = Dataset.objects.get(name="demo-sft")
+    services.compute_dataset_stats(ds.pk)
+    stats = Dataset.objects.get(pk=ds.pk).stats
+    assert stats["from_token_cache"] is True and stats["records"] == 3000
+    # the very cache a job keeping the default options reads (training.rows.load names it so): it tokenises nothing
+    job = services.submit_job(owner=user, name="j", stage="sft", dataset=ds.pk, config=TINY)
+    spec = services.build_spec(job)
+    name = token_cache.cache_name(ds.sha256, token_cache.tokenizer_digest(spec["tokenizer"]), "sft",
+                                  token_cache.processing_options("sft", spec["config"]))
+    assert [c["name"] for c in token_cache.list_caches(cache_dir)] == [name]
+    assert stats["total_tokens"] == int(token_cache.record_lengths(token_cache.Cache(cache_dir / name)).sum())
+
+
+def test_statistics_superseded_while_the_cache_is_built_stop_the_builder(user, cache_dir, settings, tmp_path):
+    from training.demo_data import write_sized
+
+    from jobs.services import statistics
+
+    settings.STATS_TOKEN_CACHE_MB = 1
+    write_sized(tmp_path / "sft.jsonl", "sft", 6 << 20)  # tokenised by worker processes for a few seconds
+    ds = services.create_dataset(owner=user, name="big", kind="sft", source=tmp_path / "sft.jsonl")
+    seen = []
+
+    def progress(p):
+        seen.append(p)
+        raise statistics._Superseded  # a later request took over as the build started
+
+    with pytest.raises(statistics._Superseded):
+        statistics._statistics(ds, None, None, progress)
+    assert seen == [0.0]
+    # interrupted, the builder removed its part (killed, it would leave it; left running, it would finish the cache)
+    assert token_cache.list_caches(cache_dir) == [] and not [p for p in cache_dir.iterdir() if ".part" in p.name]
+
+
+def test_statistics_whose_cache_cannot_be_built_are_counted_without_it(user, settings, tmp_path, caplog):
+    settings.STATS_TOKEN_CACHE_MB = 0
+    settings.DATA_CACHE_DIR = tmp_path / "a-file"
+    settings.DATA_CACHE_DIR.write_text("not a folder")
+    ds = Dataset.objects.get(name="demo-sft")
+    services.compute_dataset_stats(ds.pk)
+    ds.refresh_from_db()
+    assert ds.stats_status == "done" and ds.stats["from_token_cache"] is False and ds.stats["records"] == 3000
+    assert "the token cache was not built" in caplog.text
 
 
 def test_the_command_lists_and_clears_caches(user, cache_dir):

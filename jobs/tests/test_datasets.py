@@ -284,6 +284,18 @@ def test_statistics_with_the_demo_tokenizer(db):
     assert len(json.loads(line)["conversations"]) >= 2
 
 
+def test_the_language_mix_counts_the_scripts_by_their_code_point_ranges():
+    from jobs.dataset_stats import letters
+
+    # each range's first and last code point and their neighbours; spaces are not counted; a lone surrogate (JSON
+    # may spell one) and a character beyond the BMP are "other"
+    chinese = "\u3400\u4dbf\u4e00\u9fff\uf900\ufaff" + "模型"
+    latin = "AZaz\u00c0\u00d7\u024f" + "é"
+    other = "@[`{\u00bf\u0250\u33ff\u4dc0\u4dff\ua000\uf8ff\ufb00\ud800\U00020000" + "，1_"
+    assert letters(chinese + " " + latin + "  " + other) == (len(chinese), len(latin), len(other))
+    assert letters("") == (0, 0, 0)
+
+
 def test_chunked_resumable_upload(client, user, token):
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
     start = client.post("/api/v1/uploads", **auth).json()
@@ -722,12 +734,12 @@ def test_background_work_whose_task_was_lost_is_sent_again(client, user, token, 
     from django.utils import timezone
 
     from jobs import tasks
-    from jobs.services import datasets, nodes
+    from jobs.services import datasets, nodes, statistics
 
     settings.VALIDATE_INLINE_BYTES = 10
     sent = []
-    monkeypatch.setattr(datasets, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
-    monkeypatch.setattr(nodes, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
+    for module in (datasets, nodes, statistics):
+        monkeypatch.setattr(module, "background_task", lambda func, *args, **kw: sent.append((func, *args)))
     auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
     url, upload_id, r = _finished_upload(client, auth, b'{"text": "a"}\n{"text": "b"}\n', name="d", kind="pretrain")
     check = ("jobs.tasks.check_upload", upload_id)
