@@ -74,6 +74,29 @@ def test_devices_health_and_errors(live):
     assert status == 400 and body["details"]["field"] == "config.hidden_size"
 
 
+def test_a_large_files_statistics_tokenise_it_for_its_first_job(live, tmp_path):
+    from training.demo_data import write_sized
+
+    write_sized(tmp_path / "sft.jsonl", "sft", 4_300_000)  # over MINICLOUD_STATS_TOKEN_CACHE_MB (4)
+    status, ds = live.upload("/api/v1/datasets", {"name": "e2e-stats", "kind": "sft"},
+                             {"file": ("sft.jsonl", (tmp_path / "sft.jsonl").read_bytes())})
+    assert status == 201, ds
+    deadline = time.time() + 180
+    while (body := live.request("GET", f"/api/v1/datasets/{ds['id']}")[1])["stats_status"] not in ("done", "failed"):
+        assert time.time() < deadline, body
+        time.sleep(0.5)
+    stats = body["stats"]
+    assert body["stats_status"] == "done" and stats["from_token_cache"] is True, body  # the engine's cache, exact
+    assert stats["records"] == ds["records"]
+    status, job = live.request("POST", "/api/v1/jobs", {"name": "e2e-stats", "stage": "sft", "dataset": ds["id"],
+                                                        "config": {**TINY, "max_steps": 2}})
+    assert status == 201, job
+    done = live.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), what="finish")
+    assert done["status"] == "succeeded", done
+    log = live.request("GET", f"/api/v1/jobs/{job['id']}/logs?after=0")[1]["text"]
+    assert "data: reusing the token cache" in log and "tokenised" not in log  # built by the statistics
+
+
 @pytest.mark.slow
 def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_client(live, tmp_path):
     import json
