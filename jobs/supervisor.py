@@ -31,6 +31,7 @@ from django.utils.translation import gettext_noop
 from minicloud.errors import explained
 from minicloud.processes import engine_env, kill_group
 from models_registry.services import record_evaluation, register_job_output
+from training import events
 
 from . import engine_process, services, slurm
 from .devices import cpu_job_threads, inventory
@@ -305,15 +306,8 @@ class Supervisor:
 
     def _event(self, line: str) -> tuple[dict | None, str]:
         """(the event, the line without the token) for a line the engine wrote as an event; (None, line) for anything
-        else, however much it looks like one."""
-        head, sep, rest = line.partition(" ")
-        if not sep or not secrets.compare_digest(head, self.token):
-            return None, line
-        try:
-            event = json.loads(rest, parse_constant=lambda _name: None)  # NaN: no database stores it
-        except (json.JSONDecodeError, RecursionError):
-            return None, rest
-        return (event if isinstance(event, dict) and "event" in event else None), rest
+        else (``training.events.parse``)."""
+        return events.parse(line, self.token)
 
     def check_stop(self) -> None:
         """Stop the child when the job is cancelled or paused, the node shuts down or the time limit passes:

@@ -73,11 +73,13 @@ def test_lines_without_the_runs_token_are_log_text(user):
     sup.raw_log = io.StringIO()
     sup.lines.put(json.dumps({"event": "step", "step": 7, "time": 0, "metrics": {"loss": 0.1}}))
     sup.lines.put("0" * 32 + " " + json.dumps({"event": "step", "step": 8, "time": 0, "metrics": {}}))
+    sup.lines.put("模型输出： 你好")  # a first word beyond ASCII (a rollout, a warning in Chinese) is text too
     sup.lines.put(sup.token + " " + json.dumps({"event": "step", "step": 3, "time": 0, "metrics": {"loss": 2.0}}))
     sup.flush()
     job.refresh_from_db()
     assert job.step == 3 and list(job.metrics.values_list("step", flat=True)) == [3]
     assert '"step": 7' in sup.raw_log.getvalue() and sup.token not in sup.raw_log.getvalue()
+    assert "模型输出： 你好" in sup.raw_log.getvalue()
 
 
 # --- 5. hardening -----------------------------------------------------------------------------------------------------

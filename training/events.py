@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 
@@ -32,6 +33,20 @@ def emit(event: str, **fields) -> None:
     line = json.dumps(finite(fields), ensure_ascii=False, default=str)
     sys.stdout.write(f"{token} {line}\n" if token else line + "\n")
     sys.stdout.flush()
+
+
+def parse(line: str, token: str) -> tuple[dict | None, str]:
+    """(the event, the line without the token) for a line ``emit`` wrote under ``token`` (the supervisor's, or any
+    reader of an engine child's stdout); (None, line) for anything else, however much it looks like one. The first
+    word is compared as bytes: a line may start with any text (a rollout, a warning in Chinese)."""
+    head, sep, rest = line.partition(" ")
+    if not sep or not secrets.compare_digest(head.encode("utf-8", "surrogatepass"), token.encode()):
+        return None, line
+    try:
+        event = json.loads(rest, parse_constant=lambda _name: None)  # NaN: no database stores it
+    except (json.JSONDecodeError, RecursionError):
+        return None, rest
+    return (event if isinstance(event, dict) and "event" in event else None), rest
 
 
 def finite(value):

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from accounts.access import check_manage
 from minicloud.processes import die_with_parent, engine_env
-from training import spec as tspec
+from training import events, spec as tspec
 
 from .. import dataset_stats
 from ..models import Dataset
@@ -137,13 +137,7 @@ def _build_token_cache(ds: Dataset, tok, stage: str, progress):
                                  preexec_fn=_lowest_priority_child)
         try:
             for line in child.stdout:
-                head, _, rest = line.partition(" ")
-                if not secrets.compare_digest(head, token):
-                    continue
-                try:
-                    event = json.loads(rest)
-                except ValueError:
-                    continue
+                event = events.parse(line.rstrip("\n"), token)[0] or {}
                 if event.get("event") == "progress" and isinstance(event.get("fraction"), (int, float)):
                     progress(BUILD_SHARE * min(max(float(event["fraction"]), 0.0), 1.0))
                 elif event.get("event") == "log" and event.get("level") == "warning":
