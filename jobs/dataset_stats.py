@@ -1,11 +1,15 @@
 """Token statistics of a dataset with a chosen tokenizer, in one streaming pass (run as a background task).
 
-Record length in tokens as the engine sees it: pretrain text + bos/eos; conversations as rendered by the chat
-template (each message's content plus its 5 framing tokens ``<|im_start|>role\\n … <|im_end|>\\n``); a DPO row is its
-longer side. Uses the ``tokenizers`` library only (no torch in the portal).
+Record length in tokens as the engine sees it, exact where a token cache gives it (``known_lengths``), else counted
+here: pretrain text + bos/eos (exact); a conversation as the chat template renders it, estimated (each message's
+content plus its frame ``<|im_start|>role\\n … <|im_end|>\\n`` and an answer's think block in this tokenizer's
+tokens; empty think blocks and drawn system prompts not counted); a DPO row is its longer side; an RL record is its
+prompt (the messages before the last, and the generation prompt), as the RL stages encode it. Uses the
+``tokenizers`` library only (no torch in the portal).
 """
 from __future__ import annotations
 
+import functools
 from array import array
 
 import numpy as np
@@ -14,7 +18,6 @@ from training.records import loads
 
 from .validation import open_text
 
-FRAME = 5  # <|im_start|> role \n … <|im_end|> \n
 # The language shares' scripts as ranges of code points, [start, end): Chinese (CJK ideographs: extension A, the
 # unified block, the compatibility block) and Latin (ASCII letters, Latin-1 to Latin Extended-B).
 _CHINESE = ((0x3400, 0x4DC0), (0x4E00, 0xA000), (0xF900, 0xFB00))
@@ -27,18 +30,39 @@ for _class, _ranges in ((1, _CHINESE), (2, _LATIN)):
         _CLASS[int(np.searchsorted(_BOUNDS, _start, side="right"))] = _class
 
 
-def _pieces(kind: str, rec) -> list[tuple[list[str], int]]:
+def _framing(tok):
+    """``(frame, generation, think)``: the tokens of the chat template's frame around a message of a role
+    (``<|im_start|>role\\n`` … ``<|im_end|>\\n``, ChatML as MiniMind's template writes it), of an RL prompt's
+    generation prompt (``<|im_start|>assistant\\n<think>\\n``: thinking opened, the RL stages' default) and of the think
+    block around an answer's reasoning, counted with ``tok`` (a small vocabulary spells ``assistant`` in several
+    tokens). An answer without reasoning is counted without its empty think block, which SFT drops by default."""
+    def count(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False).ids)
+
+    end = count("<|im_end|>\n")
+    frame = functools.cache(lambda role: count(f"<|im_start|>{role}\n") + end)
+    return frame, count("<|im_start|>assistant\n<think>\n"), count("<think>\n") + count("\n</think>\n\n")
+
+
+def _pieces(kind: str, rec, framing) -> list[tuple[list[str], int]]:
     """The rows a record becomes: (texts to encode, framing tokens)."""
     if kind == "pretrain":
         return [([rec.get("text", "")], 2)]
-    sides = [rec.get("chosen", []), rec.get("rejected", [])] if kind == "dpo" else [rec.get("conversations", [])]
+    if kind == "dpo":
+        sides = [rec.get("chosen", []), rec.get("rejected", [])]
+    elif kind == "rlaif":  # the prompt the model answers: the conversation before its placeholder answer
+        sides = [rec.get("conversations", [])[:-1]]
+    else:
+        sides = [rec.get("conversations", [])]
+    frame, generation, think = framing
     rows = []
     for msgs in sides:
-        texts = []
+        texts, tokens = [], generation if kind == "rlaif" else 0
         for m in msgs:
-            texts.append(str(m.get("reasoning_content") or "") + str(m.get("content") or ""))
-            texts.append(str(m.get("tool_calls") or "") + str(m.get("tools") or ""))
-        rows.append((texts, FRAME * len(msgs)))
+            reasoning = str(m.get("reasoning_content") or "")
+            texts += [reasoning, str(m.get("content") or ""), str(m.get("tool_calls") or "") + str(m.get("tools") or "")]
+            tokens += frame(str(m.get("role"))) + (think if reasoning and m.get("role") == "assistant" else 0)
+        rows.append((texts, tokens))
     return rows
 
 
@@ -63,7 +87,8 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
     lengths = array("I")
     shares = {"chinese": 0, "latin": 0, "other": 0}
     pending: list[tuple[int, list[tuple[list[str], int]]]] = []
-    texts: list[str] = []  # the pending records' text of their first row, for the language shares
+    first_rows: list[str] = []  # the pending records' text of their first row, for the language shares
+    framing = _framing(tok)
     long_lines: list[int] = []  # the first 100 records longer than max_seq_len, by line
 
     def flush():
@@ -73,9 +98,9 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
             flat = [t for _, rows in pending for texts, _ in rows for t in texts]
             counts = iter(len(e.ids) for e in tok.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
             found = [max(frame + sum(next(counts) for _ in texts) for texts, frame in rows) for _, rows in pending]
-        for key, n in zip(shares, letters("".join(texts))):
+        for key, n in zip(shares, letters("".join(first_rows))):
             shares[key] += n
-        texts.clear()
+        first_rows.clear()
         for (lineno, _), length in zip(pending, found):
             lengths.append(length)
             if length > max_seq_len and len(long_lines) < 100:
@@ -89,9 +114,9 @@ def compute(path, kind: str, tokenizer_file: str, max_seq_len: int, total_record
             if not line.strip():
                 continue
             rec = loads(line)
-            pieces = _pieces(kind, rec)
+            pieces = _pieces(kind, rec, framing)
             pending.append((lineno, pieces))
-            texts.extend(pieces[0][0])
+            first_rows.extend(pieces[0][0])
             if len(pending) >= batch:
                 flush()
     flush()

@@ -272,7 +272,7 @@ def test_statistics_that_cannot_start_fail_saying_why(user, db):
 
 def test_statistics_with_the_demo_tokenizer(db):
     ds = Dataset.objects.get(name="demo-sft")
-    services.compute_dataset_stats(ds.pk, max_seq_len=20)
+    services.compute_dataset_stats(ds.pk, max_seq_len=27)
     ds.refresh_from_db()
     s = ds.stats
     assert ds.stats_status == "done" and s["records"] == ds.records and s["tokenizer"] == "demo-tokenizer"
@@ -282,6 +282,30 @@ def test_statistics_with_the_demo_tokenizer(db):
     with open(ds.path) as f:  # the first line reported is really longer than max_seq_len
         line = f.readlines()[s["truncated_lines"][0] - 1]
     assert len(json.loads(line)["conversations"]) >= 2
+
+
+def test_estimated_lengths_frame_each_message_in_the_tokenizers_own_tokens(db, tmp_path):
+    """Without a token cache (a small file), a conversation's length is its messages' tokens and the template's frame
+    as this tokenizer spells it: exact where no system prompt or empty think block is drawn; an RL record is its
+    prompt, whatever the placeholder answer."""
+    import random
+
+    from jobs import dataset_stats
+    from models_registry.models import Tokenizer
+    from training.chat import load_hf_tokenizer, prompt_text, render
+
+    folder = Tokenizer.demo().path
+    tok = load_hf_tokenizer(folder)
+    ask = {"role": "user", "content": "把这个词重复两次：海洋。"}
+    chat = [ask, {"role": "assistant", "content": "好的, the ocean", "reasoning_content": "想一想 about it"},
+            {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
+    rl = [ask, {"role": "assistant", "content": "a placeholder " * 50}]
+    expected = {"sft": render(tok, chat, random.Random(0), 0.0, 1.0), "rlaif": prompt_text(tok, rl[:-1], None, 0.0, 1.0)}
+    for kind, conversation in (("sft", chat), ("rlaif", rl)):
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text(json.dumps({"conversations": conversation}, ensure_ascii=False) + "\n", encoding="utf-8")
+        stats = dataset_stats.compute(path, kind, Path(folder) / "tokenizer.json", 768)
+        assert stats["max_tokens"] == len(tok.encode(expected[kind], add_special_tokens=False)), kind
 
 
 def test_the_language_mix_counts_the_scripts_by_their_code_point_ranges():
