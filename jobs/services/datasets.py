@@ -12,21 +12,20 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 
-from accounts.access import check_manage
 from accounts.services import audit, check_deletable, check_storage, storage_room
 from minicloud.errors import ServiceError, clean_name
 from minicloud.files import check_upload_size, save_upload
-from training import records as trecords, spec as tspec
+from training import records as trecords
 
 from ..models import Dataset, Job, Upload
 from ..validation import validate_file
 from .queue import background_task, this_worker
 from .statistics import request_dataset_stats
-from .submission import ModelVersion, Tokenizer
+from .submission import ModelVersion
 
 
 def _dataset_store() -> Path:
