@@ -27,10 +27,11 @@ def follow_slurm_job(job_id, generation):
 
 
 def housekeeping():
-    """Periodic: refresh this node's device readings, recover jobs whose supervisor died (a killed worker), end the
+    """Periodic: refresh this node's device readings, remove what killed token-cache builds left, recover jobs whose supervisor died (a killed worker), end the
     background work whose worker died, and start any queued job or background work a lost token left waiting."""
     services.refresh_node(settings.NODE_NAME)
     services.prune_uploads()
+    services.remove_cache_leftovers()
     services.resend_background()
     services.reconcile_node(settings.NODE_NAME, starting=False)
     services.reconcile_background(settings.NODE_NAME, starting=False)

@@ -186,12 +186,20 @@ def cmd_chat_worker(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    """Build a dataset's token cache (the background builder of a job that started without waiting for it). Its
-    events go to the job's own stdout; a failure is a warning there (the job reads the same records itself and
-    reports a bad one when it reaches it)."""
+    """Build a dataset's token cache (the background builder of a job that started without waiting for it, or of a
+    dataset's statistics). Its events go to its reader's stdout (the job's own); a failure is a warning there (the job
+    reads the same records itself and reports a bad one when it reaches it). SIGTERM stops it, leaving nothing."""
+    import signal
+
     from . import events, token_cache
     from .chat import load_hf_tokenizer
 
+    def stop(signum, frame):  # asked to stop (statistics a later request superseded): the build removes its part
+        raise SystemExit(128 + signum)
+
+    # its own handler: a disposition inherited from the process that started it (a django-q2 worker ignores SIGINT)
+    # must not leave it deaf
+    signal.signal(signal.SIGTERM, stop)
     try:
         token_cache.prepare(args.dataset, load_hf_tokenizer(args.tokenizer), args.tokenizer, args.processing,
                             json.loads(args.options), Path(args.cache), data_sha=args.sha256 or None,

@@ -390,7 +390,17 @@ def prepare(path, tok, tok_dir, processing: str, options: dict, root: Path, data
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    """The bytes of the files in ``folder`` (those a removal takes away meanwhile count nothing)."""
+    total = 0
+    try:
+        for p in folder.iterdir():
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return total
 
 
 def list_caches(root: Path) -> list[dict]:
@@ -429,8 +439,42 @@ def remove(root: Path, name: str) -> bool:
     return True
 
 
+def _leftovers(root: Path):
+    """What killed processes left under ``root``, each while the lock of its cache is held (a build cannot start on it
+    meanwhile): the part of a build killed before its rename (``.NAME.partPID``: a job cancelled while tokenising, a
+    worker killed under a statistics build) whose cache nobody is building now (a build in progress holds the lock),
+    and a removal's folder killed mid-way (``.NAME.gonePID``). A part is otherwise removed only when the same cache is
+    built again, which may be never: gigabytes that no cache lists."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    yield from root.glob(".*.gone*")
+    for part in root.glob(".*.part*"):
+        with open(root / f"{part.name.rsplit('.part', 1)[0]}.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being built
+            yield part
+
+
+def leftovers(root: Path) -> list[dict]:
+    """``_leftovers(root)`` with their sizes (``data_cache list``)."""
+    return [{"path": str(p), "bytes": folder_bytes(p)} for p in _leftovers(root)]
+
+
+def remove_leftovers(root: Path) -> int:
+    """Remove ``_leftovers(root)`` (each node's housekeeping, and before an eviction); the bytes freed."""
+    freed = 0
+    for path in _leftovers(root):
+        freed += folder_bytes(path)
+        shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
 def evict(root: Path, cap_bytes: int, keep=()) -> list[str]:
     """Remove the least recently used caches until the rest fit in ``cap_bytes``; never those in ``keep``."""
+    remove_leftovers(root)
     caches = list_caches(root)
     total = sum(c["bytes"] for c in caches)
     removed = []

@@ -6,7 +6,7 @@ from minicloud.processes import die_with_parent, kill_group, pid_alive
 
 from .datasets import (append_upload, check_upload, create_dataset, dataset_records, dataset_references,
                        delete_dataset, delete_upload, find_upload, finish_upload, index_dataset, prune_uploads,
-                       start_upload, upload_dataset)
+                       remove_cache_leftovers, start_upload, upload_dataset)
 from .exports import metrics_csv, metrics_json, tensorboard_zip
 from .monitoring import exposition
 from .notifications import check_waits, deliver_due, job_event, remember_language, update_integrations
@@ -39,6 +39,6 @@ __all__ = [
     "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT",
     "append_upload", "check_upload", "delete_upload",
     "compute_dataset_stats", "create_dataset", "dataset_records", "dataset_references", "delete_dataset",
-    "find_upload", "finish_upload", "index_dataset", "prune_uploads", "request_dataset_stats",
+    "find_upload", "finish_upload", "index_dataset", "prune_uploads", "remove_cache_leftovers", "request_dataset_stats",
     "start_upload", "upload_dataset"
 ]

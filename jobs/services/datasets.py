@@ -151,6 +151,14 @@ def index_dataset(ds_id: int) -> bool:
     return wrote
 
 
+def remove_cache_leftovers() -> int:
+    """What killed token-cache builds left (a job cancelled while tokenising, a worker killed under a statistics build:
+    ``training.token_cache.remove_leftovers``), from each node's housekeeping; the bytes freed."""
+    from training import token_cache
+
+    return token_cache.remove_leftovers(settings.DATA_CACHE_DIR)
+
+
 def find_upload(owner, upload_id):
     """One of the owner's uploads, or None (also for an id that is not a UUID)."""
     try:

@@ -166,9 +166,10 @@ def _lowest_priority_child() -> None:
 
 
 def _stop(child: subprocess.Popen) -> None:
-    """Interrupt the builder (it removes its part and its worker processes), killed if it has not ended in 30 s."""
+    """Stop the builder (SIGTERM: it removes its part and its worker processes), killed if it has not ended in 30 s
+    (its part is then a leftover that the housekeeping removes)."""
     if child.poll() is None:
-        child.send_signal(signal.SIGINT)
+        child.terminate()
         try:
             child.wait(30)
         except subprocess.TimeoutExpired:

@@ -112,6 +112,8 @@ def test_statistics_of_a_large_file_build_the_cache_a_default_job_reads(user, ca
 
 
 def test_statistics_superseded_while_the_cache_is_built_stop_the_builder(user, cache_dir, settings, tmp_path):
+    import signal
+
     from training.demo_data import write_sized
 
     from jobs.services import statistics
@@ -125,8 +127,12 @@ def test_statistics_superseded_while_the_cache_is_built_stop_the_builder(user, c
         seen.append(p)
         raise statistics._Superseded  # a later request took over as the build started
 
-    with pytest.raises(statistics._Superseded):
-        statistics._statistics(ds, None, None, progress)
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a django-q2 worker: its children inherit it
+    try:
+        with pytest.raises(statistics._Superseded):
+            statistics._statistics(ds, None, None, progress)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert seen == [0.0]
     # interrupted, the builder removed its part (killed, it would leave it; left running, it would finish the cache)
     assert token_cache.list_caches(cache_dir) == [] and not [p for p in cache_dir.iterdir() if ".part" in p.name]
@@ -152,6 +158,36 @@ def test_the_command_lists_and_clears_caches(user, cache_dir):
     call_command("data_cache", "clear", "--all", stdout=out)
     assert f"removed: {folder.name}" in out.getvalue() and not Path(folder).exists()
     call_command("data_cache", "evict", "--gb", "0", stdout=io.StringIO())
+
+
+def test_what_a_killed_build_leaves_is_removed_by_the_housekeeping(user, cache_dir, settings, tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    from jobs import tasks
+    from training.demo_data import write_sized
+
+    write_sized(tmp_path / "sft.jsonl", "sft", 6 << 20)
+    child = subprocess.Popen([sys.executable, "-m", "training", "prepare", str(tmp_path / "sft.jsonl"), "--tokenizer",
+                              Tokenizer.demo().path, "--processing", "sft", "--options", "{}", "--cache",
+                              str(cache_dir)], cwd=settings.BASE_DIR, stdout=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if '"progress"' in line:  # building: its part is there
+            break
+    child.kill()  # a job cancelled while tokenising, a worker killed under statistics: no rename, no cleanup
+    child.wait()
+    parts = list(cache_dir.glob(".*.part*"))
+    assert len(parts) == 1 and token_cache.list_caches(cache_dir) == []
+    with open(cache_dir / f"{parts[0].name.rsplit('.part', 1)[0]}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a build in progress holds it: its part is not a leftover
+        tasks.housekeeping()
+        assert parts[0].exists()
+    out = io.StringIO()
+    call_command("data_cache", "list", stdout=out)
+    assert "1 unfinished build(s) that killed processes left" in out.getvalue()
+    tasks.housekeeping()
+    assert not parts[0].exists() and token_cache.leftovers(cache_dir) == []
 
 
 def test_numeric_expected_answers_pass_validation(tmp_path):

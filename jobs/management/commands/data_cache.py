@@ -2,8 +2,8 @@
 
 Jobs tokenise a dataset once into a cache under ``MINICLOUD_HOME/cache/data`` (training/token_cache.py); the engine
 keeps their total under ``MINICLOUD_DATA_CACHE_GB`` by removing the least recently used. This lists them (which
-dataset, processing, size, last use), clears chosen ones or all, or applies the cap now. A cache that a job is
-building is never removed; one a running job reads stays readable to it (it keeps its mapped files).
+dataset, processing, size, last use, and what killed builds left), clears chosen ones or all, or applies the cap
+now (removing those leftovers first). A cache that a job is building is never removed; one a running job reads stays readable to it (it keeps its mapped files).
 """
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ class Command(BaseCommand):
             total = sum(c["bytes"] for c in caches)
             self.stdout.write(f"{len(caches)} cache(s), {total / 1e9:.2f} GB of {settings.DATA_CACHE_GB:g} GB "
                               f"in {root}")
+            left = token_cache.leftovers(root)
+            if left:
+                self.stdout.write(f"{len(left)} unfinished build(s) that killed processes left, "
+                                  f"{sum(x['bytes'] for x in left) / 1e9:.2f} GB (evict, or the housekeeping, "
+                                  "removes them)")
             return
         if action == "clear":
             names = [c["name"] for c in token_cache.list_caches(root)] if opts["all"] else opts["names"]
