@@ -60,7 +60,8 @@ def _pieces(kind: str, rec, framing) -> list[tuple[list[str], int]]:
         texts, tokens = [], generation if kind == "rlaif" else 0
         for m in msgs:
             reasoning = str(m.get("reasoning_content") or "")
-            texts += [reasoning, str(m.get("content") or ""), str(m.get("tool_calls") or "") + str(m.get("tools") or "")]
+            tools = str(m.get("tool_calls") or "") + str(m.get("tools") or "")
+            texts += [reasoning, str(m.get("content") or ""), tools]
             tokens += frame(str(m.get("role"))) + (think if reasoning and m.get("role") == "assistant" else 0)
         rows.append((texts, tokens))
     return rows

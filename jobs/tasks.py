@@ -27,8 +27,9 @@ def follow_slurm_job(job_id, generation):
 
 
 def housekeeping():
-    """Periodic: refresh this node's device readings, remove what killed token-cache builds left, recover jobs whose supervisor died (a killed worker), end the
-    background work whose worker died, and start any queued job or background work a lost token left waiting."""
+    """Periodic: refresh this node's device readings, remove what killed token-cache builds left, recover jobs whose
+    supervisor died (a killed worker), end the background work whose worker died, and start any queued job or
+    background work a lost token left waiting."""
     services.refresh_node(settings.NODE_NAME)
     services.prune_uploads()
     services.remove_cache_leftovers()

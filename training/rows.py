@@ -272,23 +272,15 @@ def load(spec: dict, tok, dataset: str | None = None, processing: str | None = N
 
 def _lazy(spec, tok, path, command, processing, options, folder):
     from . import events
+    from .warm import background_child
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         subprocess.Popen([sys.executable, "-u", "-m", "training", "prepare", str(path), *command],
-                         stdin=subprocess.DEVNULL, preexec_fn=_background)
+                         stdin=subprocess.DEVNULL, preexec_fn=background_child)
     source = token_cache.LazySource(path, token_cache.Encoder(tok, processing, options), folder.parent)
     events.log(f"data: {source.records} records read as they are needed while the token cache is built in the "
                "background")
     return source
-
-
-def _background() -> None:
-    """The background builder dies with its job and yields the CPUs to it: at the lowest priority it uses what the
-    training leaves (most of a GPU box's cores; on a small CPU box the job's first steps are not slowed by it)."""
-    from .warm import die_with_parent
-
-    die_with_parent()
-    os.nice(19)
 
 
 def from_records(tok, processing: str, records: list[dict], cfg: dict) -> Rows:

@@ -47,6 +47,14 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os._exit(128 + sig)
 
 
+def background_child() -> None:
+    """The ``preexec_fn`` of a token-cache builder started beside other work (a job's, or a dataset's statistics'): it
+    dies with the process that started it and yields the CPUs at the lowest priority, using what the training leaves
+    (most of a GPU box's cores; on a small CPU box a job's first steps are not slowed by it)."""
+    die_with_parent()
+    os.nice(19)
+
+
 # What every run imports (training.__main__.cmd_run); importing touches no device.
 PRELOAD = ("torch", "training.model", "training.chat", "training.loop", "training.distill", "training.dpo",
            "training.evaluate", "training.grpo", "training.lora", "training.ppo", "training.pretrain", "training.sft")

@@ -1,6 +1,6 @@
 """The jobs domain's services, one module per job you can name (docs/architecture.md): submission, quota, the queue, a
-job's lifecycle, nodes, datasets and uploads, their statistics, and the wording of reasons. Views, the API, consumers, tasks and serve
-call these names from here."""
+job's lifecycle, nodes, datasets and uploads, their statistics, and the wording of reasons. Views, the API, consumers,
+tasks and serve call these names from here."""
 from minicloud.errors import ServiceError
 from minicloud.processes import die_with_parent, kill_group, pid_alive
 
@@ -39,6 +39,7 @@ __all__ = [
     "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT",
     "append_upload", "check_upload", "delete_upload",
     "compute_dataset_stats", "create_dataset", "dataset_records", "dataset_references", "delete_dataset",
-    "find_upload", "finish_upload", "index_dataset", "prune_uploads", "remove_cache_leftovers", "request_dataset_stats",
+    "find_upload", "finish_upload", "index_dataset", "prune_uploads", "remove_cache_leftovers",
+    "request_dataset_stats",
     "start_upload", "upload_dataset"
 ]

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,8 +19,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from accounts.access import check_manage
-from minicloud.processes import die_with_parent, engine_env
+from minicloud.processes import engine_env
 from training import events, spec as tspec
+from training.warm import background_child
 
 from .. import dataset_stats
 from ..models import Dataset
@@ -108,7 +107,7 @@ def _statistics(ds: Dataset, max_seq_len, tokenizer_id, progress) -> dict:
         processing = token_cache.PROCESSING[stage]
         cached = token_cache.find(settings.DATA_CACHE_DIR, ds.sha256, digest, processing)
         if cached is None and ds.size_bytes >= settings.STATS_TOKEN_CACHE_MB * 1e6:
-            cached = _build_token_cache(ds, tok, stage, progress)
+            cached = _build_token_cache(ds, tok, digest, stage, progress)
             share = BUILD_SHARE if cached is not None else 0.0
     stats = dataset_stats.compute(ds.path, ds.kind, Path(tok.path) / "tokenizer.json", msl, ds.records,
                                   progress=lambda f: progress(share + (1 - share) * f),
@@ -116,11 +115,12 @@ def _statistics(ds: Dataset, max_seq_len, tokenizer_id, progress) -> dict:
     return {**stats, "tokenizer": tok.name, "tokenizer_digest": digest, "from_token_cache": cached is not None}
 
 
-def _build_token_cache(ds: Dataset, tok, stage: str, progress):
-    """The token cache of ``ds`` that a ``stage`` job with the default options reads, built by the engine as a job's
-    background builder is (a child at the lowest priority, dying with this worker; the cache's lock makes a job that
-    starts meanwhile wait for it rather than tokenise twice). ``progress`` raising (a later request took over) stops
-    the child, which removes its part. None when it failed (the file is then counted here; the reason is logged)."""
+def _build_token_cache(ds: Dataset, tok, digest: str, stage: str, progress):
+    """The token cache of ``ds`` (tokenizer ``tok``, whose files hash to ``digest``) that a ``stage`` job with the
+    default options reads, built by the engine as a job's background builder is (a child at the lowest priority,
+    dying with this worker; the cache's lock makes a job that starts meanwhile wait for it rather than tokenise
+    twice). ``progress`` raising (a later request took over) stops the child, which removes its part. None when it
+    failed (the file is then counted here; the reason is logged)."""
     from training import token_cache
 
     processing = token_cache.PROCESSING[stage]
@@ -134,7 +134,7 @@ def _build_token_cache(ds: Dataset, tok, stage: str, progress):
     with tempfile.TemporaryFile() as stderr:
         child = subprocess.Popen(command, cwd=settings.BASE_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=stderr, text=True, env={**engine_env(), "MINICLOUD_EVENT_TOKEN": token},
-                                 preexec_fn=_lowest_priority_child)
+                                 preexec_fn=background_child)
         try:
             for line in child.stdout:
                 event = events.parse(line.rstrip("\n"), token)[0] or {}
@@ -152,17 +152,9 @@ def _build_token_cache(ds: Dataset, tok, stage: str, progress):
                         reason[-1])
             return None
     try:
-        return token_cache.Cache(root / token_cache.cache_name(ds.sha256, token_cache.tokenizer_digest(tok.path),
-                                                                processing, options))
+        return token_cache.Cache(root / token_cache.cache_name(ds.sha256, digest, processing, options))
     except (OSError, ValueError):  # removed at once (another cache's eviction under a cap smaller than this one)
         return None
-
-
-def _lowest_priority_child() -> None:
-    """The builder's ``preexec_fn``: killed with the worker that started it, at the lowest CPU priority (a job on
-    this node keeps its cores)."""
-    die_with_parent(signal.SIGKILL)()
-    os.nice(19)
 
 
 def _stop(child: subprocess.Popen) -> None:

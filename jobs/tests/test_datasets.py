@@ -300,7 +300,8 @@ def test_estimated_lengths_frame_each_message_in_the_tokenizers_own_tokens(db, t
     chat = [ask, {"role": "assistant", "content": "好的, the ocean", "reasoning_content": "想一想 about it"},
             {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
     rl = [ask, {"role": "assistant", "content": "a placeholder " * 50}]
-    expected = {"sft": render(tok, chat, random.Random(0), 0.0, 1.0), "rlaif": prompt_text(tok, rl[:-1], None, 0.0, 1.0)}
+    expected = {"sft": render(tok, chat, random.Random(0), 0.0, 1.0),
+                "rlaif": prompt_text(tok, rl[:-1], None, 0.0, 1.0)}
     for kind, conversation in (("sft", chat), ("rlaif", rl)):
         path = tmp_path / f"{kind}.jsonl"
         path.write_text(json.dumps({"conversations": conversation}, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -3,7 +3,8 @@
 Jobs tokenise a dataset once into a cache under ``MINICLOUD_HOME/cache/data`` (training/token_cache.py); the engine
 keeps their total under ``MINICLOUD_DATA_CACHE_GB`` by removing the least recently used. This lists them (which
 dataset, processing, size, last use, and what killed builds left), clears chosen ones or all, or applies the cap
-now (removing those leftovers first). A cache that a job is building is never removed; one a running job reads stays readable to it (it keeps its mapped files).
+now (removing those leftovers first). A cache that a job is building is never removed; one a running job reads
+stays readable to it (it keeps its mapped files).
 """
 from __future__ import annotations
 
