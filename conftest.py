@@ -4,6 +4,7 @@ start, and so do the Slurm tests (their ``portal``); the slow flows are handed o
 import json
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,19 @@ def _fresh_cache():
     from django.core.cache import cache
 
     cache.clear()
+
+
+@pytest.fixture
+def midweek():
+    """The clock at Wednesday noon of this week, running on from there. The tests that put hours of use just before
+    "now" need that much of the week behind them: the suite run early on a Monday (CI at 00:03 once) would count the
+    part before Monday 00:00 in last week and fail."""
+    import time_machine
+
+    from accounts.services import week_start
+
+    with time_machine.travel(week_start() + timedelta(days=2, hours=12), tick=True):
+        yield
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ def test_submission_refuses_what_the_quota_forbids(user, demo):
     assert exc.value.status == 403 and exc.value.field == "gpus"
 
 
-def test_weekly_device_hours_are_enforced_with_a_clear_reason(user, demo):
+def test_weekly_device_hours_are_enforced_with_a_clear_reason(user, demo, midweek):
     Quota.objects.create(user=user, device_hours_per_week=10)
     finished_run(user, 9.5)
     job = submit(user, demo)  # 9.5 of 10 used: still allowed to queue and to start
@@ -108,7 +108,7 @@ def test_the_scheduler_holds_jobs_over_the_running_quota(user, other_user, demo)
         "over your concurrent-job quota (1 of 1 running)"
 
 
-def test_the_scheduler_stops_starting_jobs_once_the_week_is_used_up(user, demo):
+def test_the_scheduler_stops_starting_jobs_once_the_week_is_used_up(user, demo, midweek):
     Quota.objects.create(user=user, device_hours_per_week=2)
     job = submit(user, demo)
     finished_run(user, 2.5)
@@ -138,7 +138,7 @@ def test_quota_priority_moves_a_users_jobs_forward(user, other_user, demo):
     assert services.queue_order([first, later])[0].pk == later.pk
 
 
-def test_each_run_segment_is_accounted(user, demo):
+def test_each_run_segment_is_accounted(user, demo, midweek):
     job = submit(user, demo)
     services.claim_next_job("n", slots=1)
     Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(minutes=30))
@@ -159,7 +159,7 @@ def test_usage_straddling_the_week_start_counts_only_its_part(user):
     assert device_hours(user, start) == pytest.approx(1.0)
 
 
-def test_usage_page_me_api_and_the_admin_report(client, user, other_user, api, django_user_model):
+def test_usage_page_me_api_and_the_admin_report(client, user, other_user, api, django_user_model, midweek):
     Quota.objects.create(user=user, device_hours_per_week=10)
     finished_run(user, 1.5)
     client.force_login(user)

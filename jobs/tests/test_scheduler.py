@@ -405,7 +405,7 @@ def test_a_submission_reads_the_live_nodes_once(user, pretrain):
     assert len(node_reads) == 1, node_reads
 
 
-def test_a_class_members_submission_reads_their_jobs_once(user, pretrain):
+def test_a_class_members_submission_reads_their_jobs_once(user, pretrain, midweek):
     """With a queued-jobs and a device-hours limit (as a teacher sets for a class), the member's queued jobs and the
     hours of their running ones come from one read of their jobs; with no live node, the machine's own Node row is
     read once after the live nodes (it was read again with them)."""
