@@ -14,6 +14,7 @@ def run_next_job():
         job = services.claim_next_job(settings.NODE_NAME, slots)
         if job is None:
             return ran
+        services.hand_on_claim(settings.NODE_NAME)  # another free runner takes the next queued job meanwhile
         Supervisor(job).run()
         ran.append(job.pk)
 

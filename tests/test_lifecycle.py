@@ -244,6 +244,16 @@ def test_fifty_queued_jobs_from_ten_users_drain_in_fair_order(tmp_path):
     starts = [owner for _, _, owner in runs]
     assert sorted(starts[:10]) == sorted(tokens), starts
     assert unfair_starts(runs) == [], starts
+    # both slots train from the start: the second job starts while the first still runs (the restart's one claim
+    # token is handed on by the runner that took it), and so on to the end
+    assert runs[1][0] < runs[0][1], runs[:2]
+    assert busy_share(runs, slots=2) > 0.8, busy_share(runs, slots=2)
+
+
+def busy_share(runs, slots):
+    """The share of the slots' time from the first start to the last end that ``runs`` ((start, end, owner)) used."""
+    span = max(e for _, e, _ in runs) - min(s for s, _, _ in runs)
+    return sum(e - s for s, e, _ in runs) / (span * slots)
 
 
 def unfair_starts(runs, slack=1.0):

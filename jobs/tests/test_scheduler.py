@@ -391,6 +391,35 @@ def test_submissions_leave_one_waiting_claim_token_not_one_each(user, pretrain, 
     assert sum(row.task.get("func") == CLAIM_TASK for row in OrmQ.objects.all()) == 2
 
 
+def test_a_runner_hands_a_claim_token_on_while_jobs_wait(user, pretrain, monkeypatch):
+    """One claim token, two jobs queued on a node of two CPU slots (a restart, or a burst whose submissions shared the
+    one waiting token): the runner that claims the first job sends another token before it trains it, so that a free
+    runner claims the second now; with nothing left waiting, its next claim sends none. Without it the node trained
+    one job at a time until the next housekeeping minute sent a token."""
+    from django.conf import settings
+
+    from jobs import tasks
+    from jobs.services import queue
+
+    for name in ("a", "b"):
+        services.submit_job(owner=user, name=name, stage="pretrain", dataset=pretrain.pk, config=TINY)
+    kicks, started = [], []
+    monkeypatch.setattr(queue, "_kick_nodes", lambda names: kicks.append(list(names)))
+    monkeypatch.setattr(services, "_local_devices", lambda: ["cpu-slot", "cpu-slot"])
+
+    class Supervised:  # what had been sent when each claimed job's supervision began; then the job ends
+        def __init__(self, job):
+            self.job = job
+
+        def run(self):
+            started.append((self.job.name, len(kicks)))
+            services.finish_job(self.job, Job.Status.SUCCEEDED)
+
+    monkeypatch.setattr(tasks, "Supervisor", Supervised)
+    assert len(tasks.run_next_job()) == 2
+    assert started == [("a", 1), ("b", 1)] and kicks == [[settings.NODE_NAME]]
+
+
 @pytest.mark.django_db(transaction=True)  # with Redis the claim token is sent on commit: counted too
 def test_a_submission_reads_the_live_nodes_once(user, pretrain):
     """The nodes that could run the job (its memory check) are the nodes its claim token goes to: one read, not
