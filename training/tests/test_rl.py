@@ -147,10 +147,12 @@ def test_ppo_refuses_accumulation_and_halves_its_batch_without_it():
 def test_grpo_with_a_verifiable_reward_raises_the_accuracy_of_its_answers(trained, demo_dir, tmp_path, capsys):
     """Prompts with their expected answers (rlaif ``gt``) and the ``exact`` reward: after GRPO the model's sampled
     answers to its prompts ("Copy the word W twice.", 14 of the demo words) are right more often than the SFT
-    model's (0.08 -> 0.25 in 40 steps here, the logged reward 0.02 -> 0.3-0.44). What the tiny model does not learn
-    in CPU minutes, so no test asks it: addition by RL (the numeric reward over the 0..20 table moved 35 -> 36 greedy
-    right answers in 60 steps, its logged reward flat at ~0.05; on other CPU kernels 32 -> 30), nor copying the words
-    it never trained on (held-out sampled accuracy 0.08 -> 0.02: it learns its prompts, not the skill)."""
+    model's (0.10 -> 0.28 in 40 steps here, the logged reward 0.18 -> 0.45). The rollouts stop at 8 tokens (each
+    right answer is 2 and its end): uncut at 24 the same run learnt as much (0.10 -> 0.29) in twice the time. What
+    the tiny model does not learn in CPU minutes, so no test asks it: addition by RL (the numeric reward over the
+    0..20 table moved 35 -> 36 greedy right answers in 60 steps, its logged reward flat at ~0.05; on other CPU
+    kernels 32 -> 30), nor copying the words it never trained on (held-out sampled accuracy 0.08 -> 0.02: it learns
+    its prompts, not the skill)."""
     import random
 
     from training.demo_data import WORDS
@@ -169,7 +171,7 @@ def test_grpo_with_a_verifiable_reward_raises_the_accuracy_of_its_answers(traine
                               temperature=0.8)
 
     spec = rl_spec("grpo", demo_dir, tmp_path, trained["sft"], max_steps=40, num_generations=8, temperature=0.8,
-                   rewards={"exact": 1.0}, reward_regex="", log_interval=5, learning_rate=1e-3)
+                   max_gen_len=8, rewards={"exact": 1.0}, reward_regex="", log_interval=5, learning_rate=1e-3)
     spec["dataset"] = str(data)
     rc, events = run_inprocess(spec, tmp_path, capsys)
     assert rc == 0, events[-1]
