@@ -14,7 +14,7 @@ from transformers import Qwen3ForCausalLM
 from training.model import hf_config
 from training.spec import model_config, resolve_config
 
-from .conftest import ROOT, losses, run_engine, run_inprocess
+from .conftest import ROOT, TINY, built_once, losses, run_engine, run_inprocess
 
 
 def test_pretrain_loss_falls_well_below_start(make_spec, engine):
@@ -77,41 +77,69 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
         assert resumed[step] == loss, (step, resumed[step], loss)
 
 
+def compiled_spec(demo_dir, run_dir, cache, **config) -> dict:
+    """A compiled one-layer pretraining run (one layer: less to compile) whose compile cache is ``cache``."""
+    return {"stage": "pretrain", "run_dir": str(run_dir), "dataset": str(demo_dir / "demo-pretrain.jsonl"),
+            "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu", "compile_cache": str(cache),
+            "config": {**TINY, "use_compile": True, "num_hidden_layers": 1, **config}}
+
+
+def run_compiled(spec: dict, folder: Path):
+    """``spec`` run by a fresh interpreter, without the inductor settings of the caller's environment."""
+    path = folder / "spec.json"
+    path.write_text(json.dumps(spec))
+    return run_engine(path, env={k: v for k, v in os.environ.items()
+                                 if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))})
+
+
+@pytest.fixture(scope="session")
+def compiled_run(demo_dir):
+    """One compiled run (8 steps, a checkpoint at step 4) on an empty compile cache of its own: its folder (``run``,
+    ``compile-cache``) and its events, with paths relative to the folder. Made once for every pytest-xdist worker
+    (``built_once``): the two tests below share its cold compilation, most of a minute on 2 cores."""
+    def build(out):
+        rc, events, other = run_compiled(compiled_spec(demo_dir, out / "run", out / "compile-cache", max_steps=8,
+                                                       save_interval=4, keep_checkpoints=3), out)
+        assert rc == 0, other
+        text = json.dumps(events).replace(json.dumps(str(out))[1:-1] + "/", "")
+        (out / "events.json").write_text(text)
+
+    # inductor's graphs (and so the cache's keys) depend on the threads a process has: a suite run under
+    # pytest-xdist (one thread each) and one without it need a cache each
+    folder = built_once("compiled-run", build, os.environ.get("OMP_NUM_THREADS"))
+    return folder, json.loads((folder / "events.json").read_text())
+
+
 @pytest.mark.slow
-def test_a_second_compiled_job_with_the_same_shapes_loads_its_graphs_from_the_shared_cache(make_spec, tmp_path):
+def test_a_second_compiled_job_with_the_same_shapes_loads_its_graphs_from_the_shared_cache(compiled_run, demo_dir,
+                                                                                           tmp_path):
     """Warm starts: the first compiled job fills the shared compile cache (inductor's FX graphs, AOTAutograd's
     forward+backward graphs), the second, a fresh process with the same shapes, loads them instead of compiling;
     both report their time to the first step."""
+    folder, events = compiled_run
     cache = tmp_path / "compile-cache"
-    first = {}
-    for name in ("cold", "warm"):
-        path = make_spec(name, use_compile=True, max_steps=2, num_hidden_layers=1)  # one layer: less to compile
-        path.write_text(json.dumps({**json.loads(path.read_text()), "compile_cache": str(cache)}))
-        rc, events, other = run_engine(path, env={k: v for k, v in os.environ.items()
-                                                  if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))})
-        assert rc == 0, other
-        first[name] = next(e for e in events if e.get("event") == "step")["metrics"]
-    cold, warm = first["cold"], first["warm"]
+    shutil.copytree(folder / "compile-cache", cache)  # the shared one stays as the first job left it
+    assert any(cache.rglob("*"))  # the cache is the folder the spec named
+    rc, warm_events, other = run_compiled(compiled_spec(demo_dir, tmp_path / "warm", cache, max_steps=2), tmp_path)
+    assert rc == 0, other
+    cold, warm = (next(e for e in ev if e.get("event") == "step")["metrics"] for ev in (events, warm_events))
     assert cold["compile_cache_misses"] > 0 and cold["compile_cache_hits"] == 0, cold
     assert warm["compile_cache_hits"] > 0 and warm["compile_cache_misses"] < cold["compile_cache_misses"], warm
     assert cold["time_to_first_step_s"] > 0 and warm["time_to_first_step_s"] > 0
-    assert any(cache.rglob("*"))  # the cache is the folder the spec named
 
 
 @pytest.mark.slow
-def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(make_spec, tmp_path, engine):
+def test_a_compiled_run_writes_plain_files_and_resumes_without_compiling(compiled_run, make_spec, tmp_path, engine):
     """MiniMind's trainers cannot resume a --use_compile 1 run (minimind#701: the compiled wrapper's `_orig_mod.`
     keys). The engine saves the model itself, so a compiled run's checkpoint resumes with or without compiling and
     its .pth loads strictly into Qwen3ForCausalLM."""
-    rc, compiled, other = run_engine(make_spec("compiled", use_compile=True, max_steps=8, save_interval=4,
-                                               keep_checkpoints=3, num_hidden_layers=1))
-    assert rc == 0, other
+    folder, compiled = compiled_run
     assert any("torch.compile enabled" in e.get("message", "") for e in compiled)
-    checkpoint = tmp_path / "compiled" / "checkpoints" / "step-0000004.pt"
+    checkpoint = folder / "run" / "checkpoints" / "step-0000004.pt"
     assert not any("_orig_mod" in k for k in torch.load(checkpoint, weights_only=False)["model"])
     done = compiled[-1]
     Qwen3ForCausalLM(hf_config(done["model_config"])).load_state_dict(
-        torch.load(done["model_path"], weights_only=True), strict=True)
+        torch.load(folder / done["model_path"], weights_only=True), strict=True)
     spec_path = make_spec("eager", max_steps=8, save_interval=4, num_hidden_layers=1)
     (tmp_path / "eager" / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpoint, tmp_path / "eager" / "checkpoints" / "resume.pt")
