@@ -31,9 +31,12 @@ def pytest_collection_modifyitems(config, items):
     # node's tests, then the slow flows. xdist hands out work in this order (a group where its first test stands).
     items.sort(key=lambda item: ("live" not in getattr(item, "fixturenames", ()), not item.get_closest_marker("slow")))
     if os.environ.get("PYTEST_XDIST_WORKER") == "gw0" and os.environ.get("MINICLOUD_TEST_GROUPS"):
-        # the Slurm tests share their portal (and the one Slurm cluster, which two portals would fight over)
+        # the Slurm tests share their portal (and the one Slurm cluster, which two portals would fight over); the
+        # tests of the cached trained models (and of the one compiled run) run in one worker too: a second worker
+        # that needed them while the first built them waited idle for the build (44 s in a CI run)
         groups = {item.nodeid: group for item in items
-                  for group, names in (("live", {"live"}), ("portal", {"portal", "gpu_portal"}))
+                  for group, names in (("live", {"live"}), ("portal", {"portal", "gpu_portal"}),
+                                       ("trained", {"trained"}), ("compiled", {"compiled_run"}))
                   if names & set(getattr(item, "fixturenames", ()))}
         Path(os.environ["MINICLOUD_TEST_GROUPS"]).write_text(json.dumps(groups))
     return result
