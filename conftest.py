@@ -1,6 +1,8 @@
 """Fixtures for every test, and how the suite is shared between pytest-xdist's workers (docs/performance.md, "The test
 suite"): the tests that use the one shared live node (``live``) go to one worker so that they share one `serve`
-start, and so do the Slurm tests (their ``portal``); the slow flows are handed out first so that neither worker is left with a long tail."""
+start, and so do the Slurm tests (their ``portal``) and the tests of the cached trained models and compiled run
+(built once, which the other worker would wait for); the slow flows are handed out first so that neither worker is
+left with a long tail."""
 import json
 import os
 import tempfile

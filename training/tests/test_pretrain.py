@@ -45,10 +45,11 @@ def test_pth_is_minimind_layout_and_loads_strictly_into_qwen3(make_spec, engine)
     model.load_state_dict(sd, strict=True)
 
 
-def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
-    """Stop at step k with SIGTERM, resume, and get the same losses as a run that never stopped (CPU, fp32)."""
+def test_sigterm_checkpoints_and_resume_is_exact(make_spec, engine):
+    """Stop at step k with SIGTERM, resume, and get the same losses as a run that never stopped (CPU, fp32). The
+    stopped run is a process of its own (the signal); the straight and the resumed ones run in this one."""
     cfg = dict(max_steps=30, save_interval=1000)
-    rc, straight, other = run_engine(make_spec("straight", **cfg))
+    rc, straight, other = engine(make_spec("straight", **cfg))
     assert rc == 0, other
     spec_path = make_spec("stopped", **cfg)
     proc = subprocess.Popen([sys.executable, "-u", "-m", "training", "run", str(spec_path)], cwd=ROOT,
@@ -66,7 +67,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec):
     spec = json.loads(spec_path.read_text())
     spec["resume"] = True
     spec_path.write_text(json.dumps(spec))
-    rc, second_part, other = run_engine(spec_path)
+    rc, second_part, other = engine(spec_path)
     assert rc == 0, other
     start = [e for e in second_part if e["event"] == "start"][0]
     assert start["resumed_from_step"] == stopped_at
