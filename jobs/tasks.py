@@ -2,7 +2,6 @@
 from django.conf import settings
 
 from . import services
-from .models import Job
 from .supervisor import Supervisor
 
 
@@ -14,7 +13,7 @@ def run_next_job():
         job = services.claim_next_job(settings.NODE_NAME, slots)
         if job is None:
             return ran
-        services.hand_on_claim(settings.NODE_NAME)  # another free runner takes the next queued job meanwhile
+        services.kick_waiting([settings.NODE_NAME])  # another free runner takes the next queued job meanwhile
         Supervisor(job).run()
         ran.append(job.pk)
 
@@ -37,8 +36,7 @@ def housekeeping():
     services.resend_background()
     services.reconcile_node(settings.NODE_NAME, starting=False)
     services.reconcile_background(settings.NODE_NAME, starting=False)
-    if Job.objects.filter(status=Job.Status.QUEUED).exists():
-        services.kick_queue()
+    services.kick_waiting()
     services.check_waits()
     services.deliver_due()
 

@@ -15,7 +15,7 @@ from .nodes import (SAMPLES_KEPT, beat, check_shared_storage, end_orphaned, foll
                     reconcile_node, refresh_node, register_node, resend_background, sample_devices,
                     take_over_slurm_job)
 from .queue import (QUEUE_SNAPSHOT_S, _local_devices, background_queue, background_task, build_spec,
-                    claim_next_job, device_state, hand_on_claim, kick_queue, live_nodes, node_queue, queue_forecast,
+                    claim_next_job, device_state, kick_queue, kick_waiting, live_nodes, node_queue, queue_forecast,
                     queue_info, queue_order, queue_plan, queue_position, queue_snapshot, this_worker, write_spec)
 from .quota import (check_submission_quota, device_hours, hours_left, recent_usage, settle_run_segment,
                     usage_summary)
@@ -29,7 +29,8 @@ __all__ = [
     "ServiceError", "die_with_parent", "kill_group", "pid_alive", "never_fits_text", "spec_error_text",
     "wait_reason_text", "check_submission_quota", "device_hours", "hours_left", "recent_usage", "settle_run_segment",
     "usage_summary",
-    "background_queue", "background_task", "build_spec", "claim_next_job", "device_state", "hand_on_claim", "kick_queue", "live_nodes",
+    "background_queue", "background_task", "build_spec", "claim_next_job", "device_state", "kick_queue", "kick_waiting",
+    "live_nodes",
     "_local_devices", "node_queue", "queue_forecast", "queue_info", "queue_order", "queue_plan", "queue_position",
     "queue_snapshot", "QUEUE_SNAPSHOT_S", "this_worker", "write_spec", "estimate_job", "largest_device_memory",
     "prepare_job",

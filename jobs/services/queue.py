@@ -42,14 +42,14 @@ def kick_queue(nodes: list[str] | None = None) -> None:
     _kick_nodes(nodes or live_nodes() or [settings.NODE_NAME])
 
 
-def hand_on_claim(node_name: str) -> None:
-    """Another claim token for ``node_name`` while jobs still wait, sent by a runner that has just claimed a job and
-    is about to supervise it: a free runner claims the next job now. One token starts one runner, which trains what
-    it claimed before it claims again; the one token that a restart or a burst of submissions sent (the database
-    broker keeps one waiting at a time) left every other slot idle until the next housekeeping minute. Bounded: only a
-    successful claim hands on."""
+def kick_waiting(nodes: list[str] | None = None) -> None:
+    """``kick_queue(nodes)`` while jobs wait: the housekeeping's periodic kick (a lost token), and a runner's that has
+    just claimed a job and is about to supervise it (``nodes``: its own), so that a free runner claims the next job
+    now. One token starts one runner, which trains what it claimed before it claims again; the one token that a
+    restart or a burst of submissions sent (the database broker keeps one waiting at a time) left every other slot
+    idle until the next housekeeping minute. Bounded: a runner hands on only after a successful claim."""
     if Job.objects.filter(status=Job.Status.QUEUED).exists():
-        _kick_nodes([node_name])
+        kick_queue(nodes)
 
 
 def background_queue(node_name: str) -> str:

@@ -56,13 +56,17 @@ def demo_dir():
     return built_once("demo", lambda out: main(["demo-data", str(out)]) == 0 or pytest.fail("demo-data failed"))
 
 
+def pretrain_spec(demo_dir, run_dir, **config) -> dict:
+    """A tiny pretraining run on the demo data, on the CPU: ``TINY`` with ``config`` over it."""
+    return {"stage": "pretrain", "run_dir": str(run_dir), "dataset": str(demo_dir / "demo-pretrain.jsonl"),
+            "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu", "config": {**TINY, **config}}
+
+
 @pytest.fixture
 def make_spec(demo_dir, tmp_path):
     def make(name="run", **config):
-        spec = {"stage": "pretrain", "run_dir": str(tmp_path / name), "dataset": str(demo_dir / "demo-pretrain.jsonl"),
-                "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu", "config": {**TINY, **config}}
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(spec))
+        path.write_text(json.dumps(pretrain_spec(demo_dir, tmp_path / name, **config)))
         return path
 
     return make

@@ -14,7 +14,7 @@ from transformers import Qwen3ForCausalLM
 from training.model import hf_config
 from training.spec import model_config, resolve_config
 
-from .conftest import ROOT, TINY, built_once, losses, run_engine, run_inprocess
+from .conftest import ROOT, built_once, losses, pretrain_spec, run_engine, run_inprocess
 
 
 def test_pretrain_loss_falls_well_below_start(make_spec, engine):
@@ -80,9 +80,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(make_spec, engine):
 
 def compiled_spec(demo_dir, run_dir, cache, **config) -> dict:
     """A compiled one-layer pretraining run (one layer: less to compile) whose compile cache is ``cache``."""
-    return {"stage": "pretrain", "run_dir": str(run_dir), "dataset": str(demo_dir / "demo-pretrain.jsonl"),
-            "tokenizer": str(demo_dir / "demo-tokenizer"), "device": "cpu", "compile_cache": str(cache),
-            "config": {**TINY, "use_compile": True, "num_hidden_layers": 1, **config}}
+    return {**pretrain_spec(demo_dir, run_dir, use_compile=True, num_hidden_layers=1, **config),
+            "compile_cache": str(cache)}
 
 
 def run_compiled(spec: dict, folder: Path):
