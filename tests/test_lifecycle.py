@@ -169,10 +169,12 @@ def test_kill_9_of_serve_then_restart_resumes_the_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_background_work_never_holds_up_a_jobs_start(tmp_path):
+def test_background_work_never_holds_up_a_jobs_start_nor_an_uploads_check(tmp_path):
     """Tokenizer trainings (minutes each on a real corpus) shared the job runners' queue and workers: with a flood of
     them queued, a job submitted next waited until the queue reached its start token, the device idle meanwhile.
-    They run in a cluster of their own now, one at a time, and the job starts while they are still queued."""
+    They run in a cluster of their own now, one at a time, and the job starts while they are still queued. An
+    upload's check waited behind them in that cluster (behind a 9 GB file's statistics, an hour): the checks have a
+    cluster of their own too, and a large file is a dataset while the tokenizers still train."""
     node = LiveNode(tmp_path / "home")
     (tmp_path / "home").mkdir()
     node.env.update(MINICLOUD_DEVICES="cpu:1", MINICLOUD_TOKENIZER_TRAININGS_PER_USER="3")
@@ -186,10 +188,22 @@ def test_background_work_never_holds_up_a_jobs_start(tmp_path):
             status, tok = node.request("POST", "/api/v1/tokenizers/train", {"name": f"w{n}", "dataset": corpus["id"]})
             assert status == 202, tok
             tokenizers.append(tok["id"])
+        training = lambda: [t for t in tokenizers  # noqa: E731
+                            if node.request("GET", f"/api/v1/tokenizers/{t}")[1]["status"] == "training"]
         job = node.submit("not-behind", {**TINY, "max_steps": 3})
+        big = tmp_path / "big.jsonl"  # over the node's MINICLOUD_VALIDATE_INLINE_BYTES: checked in the background
+        big.write_bytes(words_corpus(300))
+        status, upload = node.upload("/api/v1/datasets", {"name": "big", "kind": "pretrain",
+                                                          "server_path": str(big)}, {})
+        assert status == 202 and upload["status"] == "checking", upload
         node.wait_for(job["id"], lambda j: j["status"] != "queued", timeout=60, what="the job to start")
-        training = [t for t in tokenizers if node.request("GET", f"/api/v1/tokenizers/{t}")[1]["status"] == "training"]
-        assert len(training) >= 2, f"the job started only once {3 - len(training)} of 3 tokenizers had trained"
+        assert len(training()) >= 2, f"the job started only once {3 - len(training())} of 3 tokenizers had trained"
+        deadline = time.time() + 60
+        while (upload := node.request("GET", f"/api/v1/uploads/{upload['id']}")[1])["status"] == "checking":
+            assert time.time() < deadline, f"the upload is still being checked: {upload}\n{node.log()}"
+            time.sleep(0.2)
+        assert upload["status"] == "done", upload
+        assert len(training()) >= 2, f"the upload was checked only once {3 - len(training())} of 3 tokenizers trained"
         assert node.wait_for(job["id"], lambda j: j["status"] in ("succeeded", "failed"),
                              what="the job to end")["status"] == "succeeded"
     finally:

@@ -52,9 +52,15 @@ def kick_waiting(nodes: list[str] | None = None) -> None:
         kick_queue(nodes)
 
 
-def background_queue(node_name: str) -> str:
-    """The django-q2 queue of a node's background cluster (settings.BACKGROUND_QUEUE on that node)."""
-    return f"{node_queue(node_name)}.background"
+# Background work that makes a dataset usable, minutes at most: a lane (a cluster) of its own on each node
+# (settings.CHECKS_QUEUE), so that it never waits behind an hour of statistics or a tokenizer's training.
+CHECK_TASKS = frozenset({"jobs.tasks.check_upload", "jobs.tasks.index_dataset"})
+
+
+def background_queue(node_name: str, func: str = "") -> str:
+    """The django-q2 queue of the node's background cluster that runs ``func``: its checks' (settings.CHECKS_QUEUE on
+    that node) for ``CHECK_TASKS``, else its background work's (settings.BACKGROUND_QUEUE)."""
+    return f"{node_queue(node_name)}.{'checks' if func in CHECK_TASKS else 'background'}"
 
 
 def _worker_node() -> str:
@@ -64,10 +70,11 @@ def _worker_node() -> str:
 
 
 def background_task(func: str, *args, task_name: str) -> None:
-    """Queue work that people start and that runs for minutes (statistics, tokenizer training) on a live worker
-    node's background cluster: never on a job runner, never ahead of a job's start. The work names its worker
-    (``this_worker``) on its record while it runs (``nodes.reconcile_background``)."""
-    enqueue(func, *args, queue=background_queue(_worker_node()), task_name=task_name)
+    """Queue work that people start and that runs for minutes (an upload's check, statistics, tokenizer training) on
+    a live worker node's background clusters (``background_queue``): never on a job runner, never ahead of a job's
+    start, and a check never behind the long work. The work names its worker (``this_worker``) on its record while
+    it runs (``nodes.reconcile_background``)."""
+    enqueue(func, *args, queue=background_queue(_worker_node(), func), task_name=task_name)
 
 
 def node_task(func: str, *args, task_name: str) -> None:

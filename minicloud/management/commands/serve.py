@@ -99,10 +99,11 @@ class Command(BaseCommand):
             listener.close()  # the children hold it
         if self.worker:
             runners = worker_count(settings.JOBS_PER_GPU)  # one per CPU slot, JOBS_PER_GPU per GPU
-            # The job runners' cluster, and one of their own for tokenizer training and dataset statistics
-            # (settings.BACKGROUND_QUEUE).
+            # The job runners' cluster, one of their own for tokenizer training and dataset statistics
+            # (settings.BACKGROUND_QUEUE), and one for the checks that make a dataset usable (settings.CHECKS_QUEUE).
             for name, env in (("workers", {"MINICLOUD_JOB_RUNNERS": str(runners)}),
-                              ("background", {"Q_CLUSTER_NAME": settings.BACKGROUND_QUEUE})):
+                              ("background", {"Q_CLUSTER_NAME": settings.BACKGROUND_QUEUE}),
+                              ("checks", {"Q_CLUSTER_NAME": settings.CHECKS_QUEUE})):
                 self.children[name] = subprocess.Popen(
                     [py, "manage.py", "workers"], cwd=settings.BASE_DIR, start_new_session=True,
                     env={**os.environ, **env}, preexec_fn=die_with_parent(signal.SIGKILL))
