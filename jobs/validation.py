@@ -25,6 +25,20 @@ MAX_WARNINGS = 100
 MAX_TRACKED = 500_000  # records whose fingerprints are kept for duplicate warnings (bounds memory on huge files)
 
 
+@functools.cache
+def checker_version() -> str:
+    """What a report was checked by: the digest of this module's and training/records.py's code (the checks and the
+    schema), kept in each report, so that a stored report stands for a file's check only while those are unchanged
+    (``jobs.services.datasets``: the same bytes uploaded again)."""
+    from training import records
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], records):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Report:
     kind: str
@@ -57,7 +71,14 @@ class Report:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "records": self.records, "lines": self.lines, "ok": self.ok,
                 "error_count": self.error_count, "errors": self.errors, "warning_count": self.warning_count,
-                "warnings": self.warnings, "sha256": self.sha256, "size_bytes": self.size_bytes}
+                "warnings": self.warnings, "sha256": self.sha256, "size_bytes": self.size_bytes,
+                "checker": checker_version()}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> Report:
+        """A report as ``to_dict`` stored it (without the record index, which is kept beside the file)."""
+        return cls(**{name: stored[name] for name in ("kind", "records", "lines", "error_count", "errors",
+                                                      "warning_count", "warnings", "sha256", "size_bytes")})
 
     def summary(self, limit: int = 5) -> str:
         shown = "; ".join(_("line %(line)s: %(message)s") % {"line": n, "message": m} for n, m in self.errors[:limit])

@@ -70,9 +70,9 @@ def processing_options(processing: str, cfg: dict) -> dict:
     return opts
 
 
-def file_sha256(path, root: Path | None = None) -> str:
+def file_sha256(path, root: Path | None = None, progress=None) -> str:
     """The file's sha256, remembered under ``root`` by (path, size, mtime, inode) as git's index does, so a job on
-    a 9 GB file does not hash it again when nothing changed."""
+    a 9 GB file does not hash it again when nothing changed. ``progress(fraction)``: the share read, every 64 MB."""
     st = os.stat(path)
     stamp = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino]
     memo = None
@@ -84,8 +84,10 @@ def file_sha256(path, root: Path | None = None) -> str:
             pass
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for n, block in enumerate(iter(lambda: f.read(1 << 20), b""), 1):
             digest.update(block)
+            if progress and n % 64 == 0:
+                progress(min(f.tell() / max(st.st_size, 1), 1.0))
     sha = digest.hexdigest()
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)

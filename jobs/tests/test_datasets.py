@@ -257,6 +257,48 @@ def test_statistics_of_a_file_already_counted_are_reused(user, other_user, db, m
         services.compute_dataset_stats(theirs.pk, max_seq_len=64)
 
 
+def test_the_same_bytes_uploaded_again_take_their_stored_check(user, other_user, db, monkeypatch, tmp_path):
+    """Thirty students uploading MiniMind's 9 GB SFT file queued thirty checks of three minutes each on the one
+    checks worker. Bytes already checked as a dataset of that kind (anyone's, by this code) take that check: their
+    sha256 is read (~1.5 GB/s) instead. Other bytes of the same size, another kind or a report of other code are
+    checked whole; the sha256 is read only where a stored dataset of that kind has the file's size."""
+    from jobs.services import datasets
+    from training import records, token_cache
+
+    source = _numbered(tmp_path)
+    mine = services.create_dataset(owner=user, name="corpus", kind="sft", source=source)
+    checked, hashed = [], []
+    real_check, real_hash = datasets.validate_file, token_cache.file_sha256
+    monkeypatch.setattr(datasets, "validate_file", lambda *a, **kw: checked.append(a[0]) or real_check(*a, **kw))
+    monkeypatch.setattr(token_cache, "file_sha256", lambda *a, **kw: hashed.append(a[0]) or real_hash(*a, **kw))
+    again = tmp_path / "again.jsonl"
+    again.write_bytes(source.read_bytes())
+    theirs = services.create_dataset(owner=other_user, name="mine-too", kind="sft", source=again)
+    assert checked == [] and hashed == [again]
+    assert (theirs.sha256, theirs.records, theirs.validation, theirs.path) == (
+        mine.sha256, mine.records, mine.validation, mine.path) and theirs.owner == other_user
+    assert len(records.load_record_index(theirs.index_path)) == 5
+    assert services.dataset_records(theirs, 4321, 1)[0]["conversations"][1]["content"] == "answer 4321"
+
+    text = source.read_text()
+    broken = tmp_path / "broken.jsonl"  # the same size, one record cut short: refused, line named
+    broken.write_text(text.replace('{"conversations"', '{"conversation_"', 1))
+    assert broken.stat().st_size == source.stat().st_size
+    with pytest.raises(services.ServiceError) as refused:
+        services.create_dataset(owner=other_user, name="broken", kind="sft", source=broken)
+    assert checked == [broken] and hashed[-1] == broken and refused.value.details["validation"]["errors"][0][0] == 2
+    checked.clear(), hashed.clear()
+    other_size = tmp_path / "shorter.jsonl"
+    other_size.write_text("".join(text.splitlines(keepends=True)[:-1]))
+    services.create_dataset(owner=other_user, name="shorter", kind="sft", source=other_size)
+    assert checked == [other_size] and hashed == []  # no stored file of that size: one read, as before
+    checked.clear()
+    Dataset.objects.filter(pk=mine.pk).update(validation={**mine.validation, "checker": "older code"})
+    Dataset.objects.filter(pk=theirs.pk).delete()
+    services.create_dataset(owner=other_user, name="mine-again", kind="sft", source=again)
+    assert checked == [again]  # checked by other code: checked again
+
+
 def test_statistics_that_cannot_start_fail_saying_why(user, db):
     """A tokenizer whose folder is gone (or any error before the counting) left the statistics "running" for good,
     their worker alive: they fail with the error, and the worker is no longer named."""
