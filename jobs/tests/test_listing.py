@@ -95,7 +95,7 @@ def test_listing_filters(api, user, other_user):
     other_user.groups.add(group)
     jobs = _jobs(user, group)
     ds, tok = Dataset.objects.get(name="demo-pretrain"), Tokenizer.objects.get(name="demo-tokenizer")
-    theirs = Job.objects.create(owner=other_user, stage="pretrain", dataset=ds, tokenizer=tok, name="theirs",
+    Job.objects.create(owner=other_user, stage="pretrain", dataset=ds, tokenizer=tok, name="theirs",
                                 shared_with=group, status="failed")
 
     def names(query):
