@@ -96,7 +96,7 @@ def test_listing_filters(api, user, other_user):
     jobs = _jobs(user, group)
     ds, tok = Dataset.objects.get(name="demo-pretrain"), Tokenizer.objects.get(name="demo-tokenizer")
     Job.objects.create(owner=other_user, stage="pretrain", dataset=ds, tokenizer=tok, name="theirs",
-                                shared_with=group, status="failed")
+                       shared_with=group, status="failed")
 
     def names(query):
         r = api.get("/api/v1/jobs?" + query)
