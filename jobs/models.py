@@ -1,4 +1,6 @@
 import uuid
+from collections import Counter
+from datetime import datetime, timezone as dt_timezone
 from pathlib import Path
 
 from django.conf import settings
@@ -144,6 +146,7 @@ class Upload(models.Model):
     finish = models.JSONField(default=dict, blank=True)  # the dataset asked for: name, kind, the asker's language
     outcome = models.JSONField(default=dict, blank=True)  # a refusal: error, field, status, details
     worker = models.CharField(max_length=200, blank=True)  # "<node>:<pid>" checking it, while it does
+    checked_at = models.DateTimeField(null=True, blank=True)  # when its last check began (next_to_check's turns)
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
 
     @property
@@ -172,6 +175,26 @@ class Upload(models.Model):
         was sent), and the task that checks one (jobs.services.resend_background)."""
         return cls.objects.filter(status="checking", worker=""), "finish", lambda upload: (
             "jobs.tasks.check_upload", str(upload.pk))
+
+    @classmethod
+    def next_to_check(cls, hint=None):
+        """The waiting upload whose background check comes next, in fair order: the owner with the fewest checks
+        running, then the one whose last check began longest ago (never first), goes next, with their upload begun
+        first; so one member's ten 9 GB uploads (an hour of checks) take turns with each classmate's instead of
+        holding them all behind. Only uploads finished for a background check (``finish["background"]``; also
+        ``hint``, the upload whose finish sent the task, were it finished before that mark): an inline check's
+        request claims its own. Its id, or None when none waits."""
+        waiting = list(cls.objects.filter(models.Q(finish__background=True) | models.Q(pk=hint), status="checking",
+                                          worker="").order_by("created_at", "pk").values_list("pk", "owner_id"))
+        if not waiting:
+            return None
+        owners = {owner for _pk, owner in waiting}
+        running = Counter(cls.objects.filter(owner__in=owners, status="checking").exclude(worker="")
+                          .values_list("owner_id", flat=True))
+        last = dict(cls.objects.filter(owner__in=owners, checked_at__isnull=False).values("owner_id")
+                    .annotate(at=models.Max("checked_at")).values_list("owner_id", "at"))
+        never = datetime.min.replace(tzinfo=dt_timezone.utc)
+        return min(waiting, key=lambda row: (running[row[1]], last.get(row[1], never)))[0]  # stable: begun first
 
     @property
     def kind_label(self) -> str:

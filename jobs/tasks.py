@@ -47,8 +47,9 @@ def deliver_notifications():
 
 
 def check_upload(upload_id):
-    """A large finished upload checked and stored as a dataset version, in the background."""
-    services.check_upload(upload_id)
+    """A large finished upload checked and stored as a dataset version, in the background: the next waiting one in
+    fair order (this task was sent when ``upload_id`` was finished)."""
+    services.check_next_upload(upload_id)
 
 
 def index_dataset(ds_id):

@@ -4,9 +4,9 @@ tasks and serve call these names from here."""
 from minicloud.errors import ServiceError
 from minicloud.processes import die_with_parent, kill_group, pid_alive
 
-from .datasets import (append_upload, check_upload, create_dataset, dataset_records, dataset_references,
-                       delete_dataset, delete_upload, find_upload, finish_upload, index_dataset, prune_uploads,
-                       remove_cache_leftovers, start_upload, upload_dataset)
+from .datasets import (append_upload, check_next_upload, check_upload, create_dataset, dataset_records,
+                       dataset_references, delete_dataset, delete_upload, find_upload, finish_upload, index_dataset,
+                       prune_uploads, remove_cache_leftovers, start_upload, upload_dataset)
 from .exports import metrics_csv, metrics_json, tensorboard_zip
 from .monitoring import exposition
 from .notifications import check_waits, deliver_due, job_event, remember_language, update_integrations
@@ -38,7 +38,7 @@ __all__ = [
     "pause_job", "resume_job", "_RESUMING", "retry_job", "beat", "check_shared_storage", "end_orphaned",
     "reconcile_background", "reconcile_node", "resend_background",
     "follow_slurm_job", "take_over_slurm_job", "refresh_node", "register_node", "sample_devices", "SAMPLES_KEPT",
-    "append_upload", "check_upload", "delete_upload",
+    "append_upload", "check_next_upload", "check_upload", "delete_upload",
     "compute_dataset_stats", "create_dataset", "dataset_records", "dataset_references", "delete_dataset",
     "find_upload", "finish_upload", "index_dataset", "prune_uploads", "remove_cache_leftovers",
     "request_dataset_stats",

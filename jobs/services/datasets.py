@@ -294,7 +294,8 @@ def finish_upload(upload, *, name: str, kind: str, request=None, source: str | N
     (its ``status`` and ``progress``, then its dataset or its refusal: ``GET /api/v1/uploads/{id}``). A refused upload
     keeps its part and may be finished again (another kind). ``source``: an admin's file on the server, copied into
     the store instead of the upload's part (kept for a second finish)."""
-    ask = {"name": name, "kind": kind, "language": translation.get_language(),
+    background = upload.size >= settings.VALIDATE_INLINE_BYTES
+    ask = {"name": name, "kind": kind, "language": translation.get_language(), "background": background,
            "source": source or upload.finish.get("source"), "at": timezone.now().isoformat()}
     mine = Upload.objects.filter(pk=upload.pk)
     if not (mine.filter(status__in=("", "refused")).update(status="checking", progress=0.0, outcome={}, finish=ask)
@@ -303,18 +304,38 @@ def finish_upload(upload, *, name: str, kind: str, request=None, source: str | N
         raise ServiceError(_("upload: it became dataset #%(id)s") % {"id": upload.dataset_id}
                            if upload.status == "done" else _("upload: it is being checked"), status=409,
                            field="upload")
-    if upload.size >= settings.VALIDATE_INLINE_BYTES:
+    if background:
         background_task("jobs.tasks.check_upload", str(upload.pk), task_name=f"check-upload-{upload.pk}")
         return Upload.objects.get(pk=upload.pk)
     return check_upload(upload.pk, request=request)
+
+
+def check_next_upload(upload_id=None) -> Dataset | None:
+    """A background check (the task that finishing ``upload_id`` sent): of the uploads waiting for one, the next in
+    fair order (``Upload.next_to_check``), so each finish's task checks one upload and a class's uploads take turns
+    on the checks cluster instead of first come, first served. Nothing when none waits (a duplicate task)."""
+    while (pick := Upload.next_to_check(hint=upload_id)) is not None:
+        if _claim_upload(pick):  # else another worker took it between the pick and the claim: the next one
+            return _check_claimed(pick)
+    return None
+
+
+def _claim_upload(upload_id) -> bool:
+    """Name this worker on a waiting upload; False when it is gone or another worker took it."""
+    return bool(Upload.objects.filter(pk=upload_id, status="checking", worker="").update(
+        worker=this_worker(), checked_at=timezone.now()))
 
 
 def check_upload(upload_id, request=None) -> Dataset | None:
     """Check a finished upload and store it as a dataset version (linked into the store: no copy), its messages in
     the asker's language; a refusal is recorded on the upload (and raised to a ``request`` waiting for it). Nothing
     when another worker took it first. The upload names its worker while it checks (``reconcile_background``)."""
-    if not Upload.objects.filter(pk=upload_id, status="checking", worker="").update(worker=this_worker()):
+    if not _claim_upload(upload_id):
         return None  # gone, or another worker took it
+    return _check_claimed(upload_id, request)
+
+
+def _check_claimed(upload_id, request=None) -> Dataset | None:
     mine = Upload.objects.filter(pk=upload_id, status="checking", worker=this_worker())
     upload = mine.select_related("owner").get()  # read once claimed: what was asked is fixed from here on
     ask = upload.finish

@@ -1,12 +1,14 @@
 """Dataset upload, streaming validation with line numbers, versions, references, statistics."""
 import gzip
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
+from django.utils import timezone
 
 from jobs import services
 from jobs.models import Dataset, Job, Upload
@@ -603,6 +605,50 @@ def test_a_large_upload_is_checked_in_the_background_with_its_progress(client, u
     assert again.status_code == 409 and f"#{ds.pk}" in again.json()["error"]
 
 
+def test_a_class_uploads_take_turns_on_the_checks_cluster(user, other_user, settings, monkeypatch):
+    """The checks cluster took finished uploads first come, first served: one member who finished ten 9 GB uploads
+    held every classmate's behind an hour of checks. Each finish still sends one task, but a task checks the next
+    upload in fair order (``Upload.next_to_check``): the owner with the fewest checks running, then the one served
+    longest ago; an inline check's upload, which its request checks, is never taken."""
+    from jobs import tasks
+    from jobs.services import datasets
+
+    settings.VALIDATE_INLINE_BYTES = 10
+    queued = []  # the checks cluster's queue: one task per finish, first in first out
+    monkeypatch.setattr(datasets, "background_task", lambda func, upload_id, **kw: queued.append(upload_id))
+
+    def finish(owner, name):
+        upload = services.start_upload(owner)
+        data = b"".join(b'{"text": "%s %d"}\n' % (name.encode(), i) for i in range(20))
+        services.append_upload(upload, 0, io.BytesIO(data), len(data))
+        assert isinstance(services.finish_upload(upload, name=name, kind="pretrain"), Upload)
+        return upload
+
+    def run_task():
+        tasks.check_upload(queued.pop(0))
+
+    checked = lambda: list(Dataset.objects.filter(owner__in=(user, other_user)).order_by("pk")  # noqa: E731
+                           .values_list("name", flat=True))
+    in_request = Upload.objects.create(owner=user, size=5, status="checking", finish={"name": "inline"})
+    for name in ("a1", "a2", "a3"):
+        finish(user, name)
+    run_task()
+    finish(other_user, "b1")  # while alice's first was checked
+    for _task in range(3):
+        run_task()
+    assert checked() == ["a1", "b1", "a2", "a3"]  # first come, first served: a1, a2, a3, b1
+    assert not queued and Upload.objects.get(pk=in_request.pk).worker == ""  # left to its request
+
+    running = finish(user, "a4")
+    Upload.objects.filter(pk=running.pk).update(worker="node-x:1")  # alice's check runs on another worker
+    waiting, other = finish(user, "a5"), finish(other_user, "b2")  # bob was served last, but has none running
+    assert Upload.next_to_check() == other.pk
+    Upload.objects.filter(pk=running.pk).update(status="done", worker="", checked_at=timezone.now())  # just ended
+    assert Upload.next_to_check() == other.pk  # bob's turn still: alice's last check began after his
+    assert services.check_next_upload().name == "b2" and services.check_next_upload().name == "a5"
+    assert services.check_next_upload() is None and Upload.objects.get(pk=waiting.pk).status == "done"
+
+
 def _spy_progress(seen):
     """QuerySet.update, recording each progress written."""
     from django.db.models.query import QuerySet
@@ -775,8 +821,6 @@ def test_old_uploads_are_pruned_but_not_one_a_worker_checks(user, db):
     took it (a node gone, a Redis that keeps nothing): it stayed "checking", its bytes counted, for good."""
     from datetime import timedelta
 
-    from django.utils import timezone
-
     old = timezone.now() - timedelta(days=2)
     rows = {kind: Upload.objects.create(owner=user, size=5, created_at=old, **fields) for kind, fields in {
         "unfinished": {}, "done": {"status": "done"}, "refused": {"status": "refused"},
@@ -797,8 +841,6 @@ def test_background_work_whose_task_was_lost_is_sent_again(client, user, token, 
     for good). The housekeeping now sends it again after ten minutes, once per interval whichever nodes run it; a
     duplicate does nothing."""
     from datetime import timedelta
-
-    from django.utils import timezone
 
     from jobs import tasks
     from jobs.services import datasets, nodes, statistics
