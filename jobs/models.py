@@ -205,6 +205,8 @@ class Upload(models.Model):
     def to_dict(self) -> dict:
         out = {"id": str(self.id), "offset": self.size, "status": self.get_status_display(),
                "progress": round(self.progress, 4)}
+        if self.status == self.Status.CHECKING:
+            out["waiting"] = not self.worker  # for its turn on the checks cluster (next_to_check)
         if self.status == self.Status.DONE and self.dataset is not None:
             out["dataset"] = {**self.dataset.to_dict(), "validation": self.dataset.validation_report()}
         if self.status == self.Status.REFUSED:

@@ -800,14 +800,18 @@ def test_the_datasets_page_shows_uploads_being_checked_and_refused(client, user,
     Upload.objects.filter(status="checking").update(progress=0.42)
     client.force_login(user)
     html = client.get("/datasets/").content.decode()
-    assert 'id="upload-checks"' in html and "big-one" in html and "42 %" in html and "Pretrain text" in html
+    assert 'id="upload-checks"' in html and "big-one" in html and "Pretrain text" in html
+    assert "waiting its turn to be checked" in html and "42 %" not in html  # no worker has it yet
     assert "wrong-kind" in html and "refused: file: 20 error(s)" in html
     html = client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
-    assert "你正在检查中的上传" in html and "被拒绝" in html and "删除此上传" in html
+    assert "你正在检查中的上传" in html and "被拒绝" in html and "删除此上传" in html and "排队等待检查" in html
     assert html.count("删除此上传") == 2  # a check still queued may be dropped too
     checking = Upload.objects.get(status="checking")
+    assert client.get(f"/api/v1/uploads/{checking.pk}", **auth).json()["waiting"] is True
     Upload.objects.filter(pk=checking.pk).update(worker=f"{settings.NODE_NAME}:1")  # a worker has it
-    assert client.get("/datasets/").content.decode().count("Delete this upload") == 1
+    html = client.get("/datasets/").content.decode()
+    assert html.count("Delete this upload") == 1 and "42 %" in html and "waiting its turn" not in html
+    assert client.get(f"/api/v1/uploads/{checking.pk}", **auth).json()["waiting"] is False
     assert client.delete(f"/api/v1/uploads/{checking.pk}", **auth).status_code == 409  # not while it is checked
     part = Upload.objects.get(pk=bad).path
     assert part.exists() and client.post(f"/uploads/{bad}/delete/").status_code == 302  # the page's button

@@ -93,7 +93,8 @@
     const id = done.json.id;
     while (done.status === 202 || (done.status === 200 && done.json.status === "checking")) {
       bar.value = done.json.progress || 0;
-      $("upload-status").textContent = `${form.dataset.checking || "…"} ${Math.round(100 * bar.value)} %`;
+      $("upload-status").textContent = done.json.waiting ? form.dataset.waiting || "…"
+        : `${form.dataset.checking || "…"} ${Math.round(100 * bar.value)} %`;
       await new Promise((resolve) => setTimeout(resolve, 1000));
       try { done = await api("GET", `/api/v1/uploads/${id}`); } catch (err) { /* a network error: ask again */ }
     }
