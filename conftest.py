@@ -67,8 +67,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
-    """In-process tests create many users; PBKDF2's 1,000,000 rounds cost ~0.5 s each on a small CPU. The live nodes
-    (end-to-end and browser tests) run with the real hasher."""
+    """In-process tests create many users; PBKDF2's 1,000,000 rounds cost 0.5-3.5 s each on a small CPU. The live
+    nodes (end-to-end and browser tests) hash with MD5 too (tests/live_settings.py)."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 

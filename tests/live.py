@@ -47,6 +47,7 @@ class LiveNode:
                         MINICLOUD_INSTANCE=f"mc-e2e-{uuid.uuid4().hex[:8]}", MINICLOUD_KILL_GRACE="5",
                         DJANGO_SUPERUSER_USERNAME=ADMIN[0], DJANGO_SUPERUSER_PASSWORD=ADMIN[1], PYTHONUNBUFFERED="1",
                         MINICLOUD_METRICS_TOKEN=f"scrape-{uuid.uuid4().hex}",
+                        DJANGO_SETTINGS_MODULE="tests.live_settings",  # a fast password hasher
                         # uploads of more than 1 KB are checked in the background (the browser test sends both)
                         MINICLOUD_VALIDATE_INLINE_BYTES="1000")
         self.pg_db = None
