@@ -14,13 +14,10 @@ dataset; ``all_s``: the whole queue.
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from fresh_portal import fresh_portal
 
 
 def write_corpus(path: Path, size: int, tag: str) -> None:
@@ -38,15 +35,7 @@ def main():
     p.add_argument("--mb", type=float, default=20.0, help="each upload's size")
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="minicloud-turns-"))
-    os.environ.update(MINICLOUD_HOME=str(home), DJANGO_SETTINGS_MODULE="minicloud.settings")
-    os.environ.pop("DATABASE_URL", None)
-    os.environ.pop("REDIS_URL", None)
-    sys.path.insert(0, str(ROOT))
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, check=True)
-    import django
-
-    django.setup()
+    home = fresh_portal("minicloud-turns-")
     from django.conf import settings
     from django.contrib.auth import get_user_model
 

@@ -14,15 +14,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from dataset_preview import generate  # noqa: E402
+from dataset_preview import generate
+from fresh_portal import fresh_portal
 
 
 def main():
@@ -31,15 +27,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--keep", help="the generated file's path (reused when it exists)")
     args = p.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="minicloud-recheck-"))
-    os.environ.update(MINICLOUD_HOME=str(home), DJANGO_SETTINGS_MODULE="minicloud.settings")
-    os.environ.pop("DATABASE_URL", None)
-    os.environ.pop("REDIS_URL", None)
-    sys.path.insert(0, str(ROOT))
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, check=True)
-    import django
-
-    django.setup()
+    home = fresh_portal("minicloud-recheck-")
     from django.contrib.auth import get_user_model
 
     from jobs.services import datasets

@@ -14,15 +14,10 @@ network round trip, and the walk costs far more.
 """
 import argparse
 import json
-import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fresh_portal import fresh_portal
 
 FILES = {"engine.log": 20_000, "spec.json": 2_000, "model.pth": 100_000, "model_config.json": 1_000,
          "checkpoints/resume.pt": 300_000, "checkpoints/step-0000024.pt": 300_000, "checkpoints/index.json": 200,
@@ -34,15 +29,7 @@ def main():
     p.add_argument("--jobs", type=int, nargs="*", default=[100, 300, 1000])
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="minicloud-storage-"))
-    os.environ.update(MINICLOUD_HOME=str(home), DJANGO_SETTINGS_MODULE="minicloud.settings")
-    os.environ.pop("DATABASE_URL", None)
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
+    fresh_portal("minicloud-storage-")
     from django.contrib.auth import get_user_model
 
     from jobs.models import Dataset, Job

@@ -1,0 +1,25 @@
+"""An in-process portal for a benchmark: a new temporary MINICLOUD_HOME, the SQLite default (no DATABASE_URL or
+REDIS_URL from the shell), migrated, Django set up."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_portal(prefix: str) -> Path:
+    """Set up Django on a fresh database in a new home named ``prefix``…; returns the home."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.update(MINICLOUD_HOME=str(home), DJANGO_SETTINGS_MODULE="minicloud.settings")
+    os.environ.pop("DATABASE_URL", None)
+    os.environ.pop("REDIS_URL", None)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    return home
