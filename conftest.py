@@ -69,7 +69,9 @@ def pytest_xdist_make_scheduler(config, log):
 def _fast_password_hashing(settings):
     """In-process tests create many users; PBKDF2's 1,000,000 rounds cost 0.5-3.5 s each on a small CPU. The live
     nodes (end-to-end and browser tests) hash with MD5 too (tests/live_settings.py)."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    from tests.live_settings import PASSWORD_HASHERS
+
+    settings.PASSWORD_HASHERS = PASSWORD_HASHERS
 
 
 @pytest.fixture(autouse=True)

@@ -137,6 +137,9 @@ class Upload(models.Model):
         REFUSED = "refused", "refused"
         DONE = "done", "done"
 
+    # a worker checks it (one only queued may be dropped: its task then finds nothing)
+    BEING_CHECKED = models.Q(status="checking") & ~models.Q(worker="")
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     size = models.BigIntegerField(default=0)
@@ -189,12 +192,16 @@ class Upload(models.Model):
         if not waiting:
             return None
         owners = {owner for _pk, owner in waiting}
-        running = Counter(cls.objects.filter(owner__in=owners, status="checking").exclude(worker="")
-                          .values_list("owner_id", flat=True))
+        running = Counter(cls.objects.filter(cls.BEING_CHECKED, owner__in=owners).values_list("owner_id", flat=True))
         last = dict(cls.objects.filter(owner__in=owners, checked_at__isnull=False).values("owner_id")
                     .annotate(at=models.Max("checked_at")).values_list("owner_id", "at"))
         never = datetime.min.replace(tzinfo=dt_timezone.utc)
         return min(waiting, key=lambda row: (running[row[1]], last.get(row[1], never)))[0]  # stable: begun first
+
+    @property
+    def waiting(self) -> bool:
+        """Checking, but for its turn on the checks cluster (``next_to_check``): no worker has it yet."""
+        return self.status == self.Status.CHECKING and not self.worker
 
     @property
     def kind_label(self) -> str:
@@ -206,7 +213,7 @@ class Upload(models.Model):
         out = {"id": str(self.id), "offset": self.size, "status": self.get_status_display(),
                "progress": round(self.progress, 4)}
         if self.status == self.Status.CHECKING:
-            out["waiting"] = not self.worker  # for its turn on the checks cluster (next_to_check)
+            out["waiting"] = self.waiting
         if self.status == self.Status.DONE and self.dataset is not None:
             out["dataset"] = {**self.dataset.to_dict(), "validation": self.dataset.validation_report()}
         if self.status == self.Status.REFUSED:

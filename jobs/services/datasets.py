@@ -359,13 +359,9 @@ def _check_claimed(upload_id, request=None) -> Dataset | None:
     return ds
 
 
-_BEING_CHECKED = Q(status="checking") & ~Q(worker="")  # a worker has it (one only queued may be dropped: its task
-# then finds nothing)
-
-
 def delete_upload(upload) -> None:
     """Drop an upload and its bytes (given up on, or refused); not while a worker checks it."""
-    if not Upload.objects.filter(pk=upload.pk).exclude(_BEING_CHECKED).delete()[0]:
+    if not Upload.objects.filter(pk=upload.pk).exclude(Upload.BEING_CHECKED).delete()[0]:
         raise ServiceError(_("upload: it is being checked"), status=409, field="upload")
     upload.path.unlink(missing_ok=True)
 
@@ -373,7 +369,8 @@ def delete_upload(upload) -> None:
 def prune_uploads(max_age_h: float = 24) -> int:
     """Forget uploads left unfinished (or finished: done, refused, a check whose task was lost) for a day, not those
     a worker checks (housekeeping)."""
-    old = Upload.objects.filter(created_at__lt=timezone.now() - timedelta(hours=max_age_h)).exclude(_BEING_CHECKED)
+    old = Upload.objects.filter(created_at__lt=timezone.now() - timedelta(hours=max_age_h)).exclude(
+        Upload.BEING_CHECKED)
     for upload in old:
         upload.path.unlink(missing_ok=True)
     return old.delete()[0]
