@@ -38,6 +38,9 @@ WEB_PROCESSES = envint("MINICLOUD_WEB_PROCESSES", min(4, (os.cpu_count() or 1) +
 WEB_REQUESTS = envint("MINICLOUD_WEB_REQUESTS", 2 if os.environ.get("DATABASE_URL") else 1)
 WEB_LONG_REQUEST_MS = envint("MINICLOUD_WEB_LONG_REQUEST_MS", 100)
 NODE_TIMEOUT_S = float(os.environ.get("MINICLOUD_NODE_TIMEOUT_S", "90"))
+# Chats (the playground, /v1/chat/completions) one user may have at a web process's generation worker at once,
+# generating or waiting for their turn; one more is answered 429 (models_registry/inference.py, Turns).
+CHAT_REQUESTS_PER_USER = envint("MINICLOUD_CHAT_REQUESTS_PER_USER", 4)
 
 # A per-install key kept under MINICLOUD_HOME (so sessions survive restarts without a committed secret), unless given.
 # This module only reads it: the first start writes it (minicloud.apps.MinicloudConfig.ready, or `serve`).

@@ -1,17 +1,20 @@
 """The web side of generation: one ``python -m training chat-worker`` child per web process, spoken to over pipes.
 
 The web server never imports torch and never blocks on a model: it writes a request line and relays the worker's
-token deltas as they arrive (asyncio). Requests take turns (one generation at a time per web process); a client
-that goes away cancels its generation at the next token. The worker runs on the CPU (``CUDA_VISIBLE_DEVICES=""``):
+token deltas as they arrive (asyncio). One generation runs at a time per web process, in fair turns between users
+(``Turns``: one member's many requests never hold a classmate's behind all of them); a client that goes away cancels
+its generation at the next token, or leaves the queue. The worker runs on the CPU (``CUDA_VISIBLE_DEVICES=""``):
 the GPUs belong to the scheduler's jobs.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import sys
 import uuid
+from collections import Counter
 
 from django.conf import settings
 from django.utils.translation import gettext as _
@@ -26,10 +29,89 @@ START_TIMEOUT_S = 180
 _worker = None
 
 
+class Ticket:
+    """One request's place at the worker: ``granted`` once its turn has come."""
+
+    def __init__(self, who, seq: int):
+        self.who, self.seq, self.granted = who, seq, False
+
+
+class Turns:
+    """One generation at a time, in fair turns between users: when the worker frees, the next turn goes to the
+    waiting request of the user whose last turn began longest ago (a user not served yet first), first come, first
+    served among one user's requests. Each user holds at most ``per_user`` requests here (running or waiting); one
+    more is refused (429), so a script cannot fill a web process's memory with waiting requests. The same policy as
+    the upload checks' turns (``jobs.models.Upload.next_to_check``), in memory: a web process's queue lives as long
+    as the process."""
+
+    def __init__(self, per_user: int):
+        self.per_user = per_user
+        self.running: Ticket | None = None
+        self.waiting: list[Ticket] = []
+        self.held: Counter = Counter()
+        self.last: dict = {}  # user -> the sequence number of their latest turn
+        self._seq = itertools.count()
+        self._changed = asyncio.get_running_loop().create_future()
+
+    def check(self, who) -> None:
+        """Refuse (429) a user who holds ``per_user`` requests here already: before a streamed answer starts, so
+        that the refusal is its status, not an event of a 200."""
+        if self.held[who] >= self.per_user:
+            raise ServiceError(
+                _("you already have %(n)s chats running or waiting for the generation worker; wait for one to "
+                  "finish") % {"n": self.held[who]}, status=429)
+
+    def enter(self, who) -> Ticket:
+        self.check(who)
+        self.held[who] += 1
+        ticket = Ticket(who, next(self._seq))
+        self.waiting.append(ticket)
+        self._hand()
+        return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        """The request is done (or gone before its turn): free its place and hand the turn on."""
+        self.held[ticket.who] -= 1
+        if not self.held[ticket.who]:
+            del self.held[ticket.who]
+        if self.running is ticket:
+            self.running = None
+        elif ticket in self.waiting:
+            self.waiting.remove(ticket)
+        self._hand()
+
+    def order(self) -> list[Ticket]:
+        """The waiting requests in the order they will be served if nobody else comes."""
+        last, queue, out = dict(self.last), list(self.waiting), []
+        turn = itertools.count(next(self._seq))
+        while queue:
+            nxt = min(queue, key=lambda t: (last.get(t.who, -1), t.seq))
+            queue.remove(nxt)
+            out.append(nxt)
+            last[nxt.who] = next(turn)
+        return out
+
+    def ahead(self, ticket: Ticket) -> int:
+        """How many generations start before this waiting request's (the running one included)."""
+        return self.order().index(ticket) + (self.running is not None)
+
+    async def changed(self) -> None:
+        await asyncio.wait([self._changed])
+
+    def _hand(self) -> None:
+        if self.running is None and self.waiting:
+            self.running = self.order()[0]
+            self.waiting.remove(self.running)
+            self.running.granted = True
+            self.last[self.running.who] = next(self._seq)
+        self._changed.set_result(None)
+        self._changed = asyncio.get_running_loop().create_future()
+
+
 class ChatWorker:
     def __init__(self):
         self.loop = asyncio.get_running_loop()
-        self.lock = asyncio.Lock()
+        self.turns = Turns(settings.CHAT_REQUESTS_PER_USER)
         self.proc = None
 
     async def _start(self):
@@ -53,13 +135,30 @@ class ChatWorker:
                 pass
         self.proc = None
 
+    async def aclose(self):
+        """Stop the worker and wait for it (its pipes close on this event loop)."""
+        proc = self.proc
+        self.stop()
+        if proc is not None:
+            await proc.wait()
+
     async def _send(self, msg: dict):
         self.proc.stdin.write((json.dumps(msg, ensure_ascii=False) + "\n").encode())
         await self.proc.stdin.drain()
 
-    async def stream(self, request: dict):
-        """Yield the worker's messages for one request (deltas, then ``done``); errors raise ServiceError."""
-        async with self.lock:
+    async def stream(self, request: dict, who):
+        """Yield ``{"queued": n}`` while ``who``'s request waits for its turn (n generations start before it; again
+        whenever n changes), then the worker's messages (deltas, then ``done``); errors raise ServiceError (429: the
+        user has ``CHAT_REQUESTS_PER_USER`` requests here already)."""
+        ticket = self.turns.enter(who)
+        try:
+            shown = None
+            while not ticket.granted:
+                ahead = self.turns.ahead(ticket)
+                if ahead != shown:
+                    shown = ahead
+                    yield {"queued": ahead}
+                await self.turns.changed()
             if self.proc is None or self.proc.returncode is not None:
                 await self._start()
             rid = uuid.uuid4().hex
@@ -84,6 +183,9 @@ class ChatWorker:
             finally:
                 if not finished and self.proc is not None:
                     await self._cancel(rid)
+
+        finally:
+            self.turns.leave(ticket)
 
     async def _cancel(self, rid: str):
         """Stop the worker's generation for ``rid`` and read up to its end (or restart a worker that hangs)."""

@@ -24,8 +24,15 @@ from .models import ModelVersion
 MAX_TOKENS = 4096
 
 
-def oai_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    return JsonResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status=status)
+RETRY_AFTER_S = 5  # a refused chat (429): OpenAI's clients wait this long, then try again
+
+
+def oai_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+              code: str | None = None):
+    resp = JsonResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status)
+    if status == 429:
+        resp["Retry-After"] = str(RETRY_AFTER_S)
+    return resp
 
 
 def model_id(mv: ModelVersion) -> str:
@@ -114,13 +121,13 @@ def _prepare(request):
     req = parse_request(body)
     mv = find_model(user, body.get("model"))
     req["model"] = model_entry(mv)
-    return mv, req, bool(body.get("stream"))
+    return user, mv, req, bool(body.get("stream"))
 
 
 def _error_response(exc: ServiceError):
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "requests"}.get(
         exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
-    return oai_error(exc.status, str(exc), exc.field, kind)
+    return oai_error(exc.status, str(exc), exc.field, kind, "rate_limit_exceeded" if exc.status == 429 else None)
 
 
 def _chunk(cid, created, name, delta, finish=None, usage=None) -> str:
@@ -140,11 +147,12 @@ async def chat_completions(request):
     if request.method != "POST":
         return oai_error(405, "use POST")
     try:
-        mv, req, stream = await sync_to_async(_prepare)(request)
+        user, mv, req, stream = await sync_to_async(_prepare)(request)
+        worker().turns.check(user.pk)
     except ServiceError as exc:
         return _error_response(exc)
     cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_id(mv)
-    gen = worker().stream(req)
+    gen = worker().stream(req, user.pk)
     if not stream:
         content, reasoning, done = [], [], {}
         try:
@@ -166,6 +174,8 @@ async def chat_completions(request):
         yield _chunk(cid, created, name, {"role": "assistant", "content": ""})
         try:
             async for msg in gen:
+                if "queued" in msg:  # an SSE comment: OpenAI's clients skip it, the playground shows it
+                    yield f": queued {msg['queued']}\n\n"
                 if msg.get("reasoning"):
                     yield _chunk(cid, created, name, {"reasoning_content": msg["reasoning"]})
                 if msg.get("content"):

@@ -142,7 +142,9 @@ def playground(request):
     first = request.GET.get("model", "")
     words = {"reasoning": _("Reasoning"), "you": _("You"), "error": _("Error"),
              "empty": _("(no text: the model ended at once or wrote only blank lines)"),
-             "tokens": pgettext("after a number", "tokens")}  # for playground.js, in the page's language
+             "tokens": pgettext("after a number", "tokens"),
+             # while other users' chats take their turns at the generation worker (models_registry/inference.py)
+             "waiting": _("Waiting for its turn: %(n)s ahead")}  # for playground.js, in the page's language
     return render(request, "models_registry/playground.html", {
         "models": models, "first": id_or_none(first), "words": words})
 

@@ -193,7 +193,7 @@ def test_notes_and_tags_and_the_model_pages_in_both_languages(api, client, user,
     assert "对话" in playground and "在 &lt;think&gt; 块中推理" in playground  # shown as text, not swallowed as a tag
     words = json.loads(playground.split('<script id="pg-text" type="application/json">')[1].split("</script>")[0])
     assert words == {"reasoning": "推理过程", "you": "你", "error": "错误", "tokens": "个词元",
-                     "empty": "（没有文字：模型立即结束，或只输出了空行）"}, words
+                     "empty": "（没有文字：模型立即结束，或只输出了空行）", "waiting": "排队等待中：前面还有 %(n)s 个"}, words
     from jobs.models import Dataset
     from models_registry.models import Evaluation
 
@@ -273,3 +273,60 @@ def test_chat_workers_share_the_cores(monkeypatch, settings):
         settings.WEB_PROCESSES = processes
         env = worker_env()
         assert env["OMP_NUM_THREADS"] == threads and env["CUDA_VISIBLE_DEVICES"] == "", (cores, processes)
+
+
+def test_a_class_chats_take_turns_at_the_generation_worker(tiny, settings):
+    """One generation runs at a time per web process. A member whose script sends several chats at once used to hold
+    every classmate's behind all of them (first come, first served); now the next turn goes to the user whose last
+    turn began longest ago, each waiting chat is told how many start before it, and a user's chats beyond
+    CHAT_REQUESTS_PER_USER are refused (429) instead of queueing without bound. The real worker and model."""
+    import asyncio
+
+    from minicloud.errors import ServiceError
+    from models_registry.inference import ChatWorker, model_entry
+
+    settings.CHAT_REQUESTS_PER_USER = 3
+    request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 2,
+               "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
+    started, queued = [], {}
+
+    async def chat(worker, who, name):
+        queued[name] = []
+        async for msg in worker.stream(request, who):
+            if "queued" in msg:
+                queued[name].append(msg["queued"])
+            elif name not in started:
+                started.append(name)
+            if msg.get("done"):
+                assert msg["usage"]["completion_tokens"] <= 2
+
+    async def main():
+        worker = ChatWorker()
+        try:
+            # member 1 sends three chats at once (the first is served: it starts the worker), then member 2 one
+            tasks = [asyncio.create_task(chat(worker, who, name))
+                     for who, name in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")]]
+            await asyncio.sleep(0.1)
+            with pytest.raises(ServiceError) as refused:  # a fourth of member 1's while three are held
+                worker.turns.check(1)
+            assert refused.value.status == 429
+            worker.turns.check(2)  # member 2 holds one
+            await asyncio.gather(*tasks)
+            assert not worker.turns.held and worker.turns.running is None and not worker.turns.waiting
+        finally:
+            await worker.aclose()
+
+    asyncio.run(main())
+    assert started == ["a1", "b1", "a2", "a3"]  # first come, first served: a1, a2, a3, b1
+    # each waiting chat heard its place: b1 went ahead of member 1's others, then each moved up as turns ended
+    assert queued == {"a1": [], "a2": [1, 2, 1], "a3": [2, 3, 2, 1], "b1": [1]}
+
+
+def test_a_refused_chat_says_when_to_try_again_as_openai_does():
+    from minicloud.errors import ServiceError
+    from models_registry.openai_api import _error_response
+
+    r = _error_response(ServiceError("busy", status=429))
+    body = json.loads(r.content)["error"]
+    assert r.status_code == 429 and r["Retry-After"] == "5"
+    assert body["type"] == "requests" and body["code"] == "rate_limit_exceeded" and body["message"] == "busy"

@@ -35,7 +35,10 @@
     details.hidden = true;
     const answer = document.createElement("div");
     answer.className = "answer";
-    out.append(details, answer);
+    const waiting = document.createElement("div");
+    waiting.className = "waiting";
+    waiting.hidden = true;
+    out.append(waiting, details, answer);
     const messages = [];
     const system = $("pg-system").value.trim();
     if (system) messages.push({ role: "system", content: system });
@@ -65,7 +68,10 @@
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
           const line = buffer.slice(0, cut).trim();
           buffer = buffer.slice(cut + 2);
+          const queued = /^: queued (\d+)$/.exec(line);  // other users' chats go first (fair turns)
+          if (queued) { waiting.textContent = text.waiting.replace("%(n)s", queued[1]); waiting.hidden = false; }
           if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+          waiting.hidden = true;
           const chunk = JSON.parse(line.slice(6));
           if (chunk.error) throw new Error(chunk.error.message);
           const delta = (chunk.choices[0] || {}).delta || {};

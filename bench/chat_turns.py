@@ -1,0 +1,94 @@
+"""A classmate's chat behind one member's many, as JSON: how long a member's one question waits for its first token
+while another member's script has several long chats at the same web process's generation worker. The previous
+order (first come, first served: the worker's ``asyncio.Lock``) beside this tree's (``Turns``: the user whose last
+turn began longest ago goes next), alternately, with the real worker (``python -m training chat-worker``) and a
+random model of MiniMind-3's shape (768 wide, 8 layers; greedy, so every chat runs to its ``max_tokens``).
+
+    python bench/chat_turns.py                          # 6 chats of 128 tokens by one member, then one by another
+    python bench/chat_turns.py --chats 8 --tokens 256 --rounds 2
+
+``wait_s``: from the second member's request to its first token; ``all_s``: until every chat is done.
+"""
+import argparse
+import asyncio
+import json
+import os
+import time
+
+from fresh_portal import fresh_portal
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chats", type=int, default=6, help="the first member's chats, sent at once")
+    p.add_argument("--tokens", type=int, default=128, help="each chat's max_tokens")
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    home = fresh_portal("minicloud-chat-turns-")
+    import torch
+    from django.conf import settings
+
+    from models_registry.inference import ChatWorker, Turns, worker_env
+    from models_registry.models import Tokenizer
+    from training.model import build_model, save_pth
+    from training.spec import model_config, resolve_config
+
+    class FirstComeFirstServed(Turns):
+        """The previous order: the waiting requests as they came (an asyncio.Lock wakes its waiters so)."""
+
+        def order(self):
+            return list(self.waiting)
+
+    torch.manual_seed(0)
+    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 768, "num_hidden_layers": 8}))
+    weights = home / "minimind3.pth"
+    save_pth(build_model(mcfg), weights)
+    settings.CHAT_REQUESTS_PER_USER = args.chats
+    entry = {"path": str(weights), "config": mcfg, "tokenizer": Tokenizer.demo().path}
+
+    def request(text):
+        return {"model": entry, "messages": [{"role": "user", "content": text}], "max_new_tokens": args.tokens,
+                "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
+
+    async def chat(worker, who, text, first):
+        asked = time.perf_counter()
+        async for msg in worker.stream(request(text), who):
+            if ("content" in msg or msg.get("done")) and who not in first:
+                first[who] = time.perf_counter() - asked
+
+    async def one_round(worker):
+        first = {}
+        start = time.perf_counter()
+        many = [asyncio.create_task(chat(worker, "member1", f"question {n}", {})) for n in range(args.chats)]
+        await asyncio.sleep(0.5)  # the first member's first chat is generating
+        await asyncio.gather(chat(worker, "member2", "a classmate's question", first), *many)
+        return first["member2"], time.perf_counter() - start
+
+    async def run():
+        out = {"bench": "chat_turns", "chats": args.chats, "tokens": args.tokens, "cpus": os.cpu_count(),
+               "worker_threads": int(worker_env()["OMP_NUM_THREADS"]), "runs": []}
+        worker = ChatWorker()
+        try:
+            async for _ in worker.stream(request("warm up: load the model"), "warm"):
+                pass
+            for rnd in range(args.rounds):
+                for code in (("previous", "new") if rnd % 2 == 0 else ("new", "previous")):
+                    if code == "previous":
+                        worker.turns = FirstComeFirstServed(args.chats)
+                    else:
+                        worker.turns = Turns(args.chats)
+                    wait, total = await one_round(worker)
+                    out["runs"].append({"code": code, "round": rnd, "wait_s": round(wait, 2), "all_s": round(total, 2)})
+        finally:
+            await worker.aclose()
+        for code in ("previous", "new"):
+            waits = [r["wait_s"] for r in out["runs"] if r["code"] == code]
+            out[f"{code}_wait_s"] = round(sum(waits) / len(waits), 2)
+        out["wait_ratio"] = round(out["previous_wait_s"] / out["new_wait_s"], 1)
+        return out
+
+    print(json.dumps(asyncio.run(run())))
+
+
+if __name__ == "__main__":
+    main()
