@@ -19,7 +19,7 @@ from collections import Counter
 from django.conf import settings
 from django.utils.translation import gettext as _
 
-from minicloud.errors import ServiceError
+from minicloud.errors import ServiceError, explained, stored_text
 from minicloud.processes import die_with_parent, engine_env
 
 from .models import Tokenizer
@@ -175,7 +175,8 @@ class ChatWorker:
                         continue  # the tail of an earlier, cancelled request
                     if "error" in msg:
                         finished = True
-                        raise ServiceError(msg["error"], status=400)
+                        pair = explained(msg)
+                        raise ServiceError(stored_text(*pair) if pair else msg["error"], status=400)
                     finished = bool(msg.get("done"))
                     yield msg
                     if finished:

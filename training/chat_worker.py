@@ -7,7 +7,8 @@ torch or blocks on generation. Models stay loaded (the two most recently used). 
 Request: ``{"id", "model": {"path", "config", "tokenizer"}, "messages": [...], "max_new_tokens", "temperature",
 "top_p", "thinking", "seed"}``. Answers: ``{"id", "reasoning": "..."}`` / ``{"id", "content": "..."}`` deltas as
 tokens arrive, then ``{"id", "done": true, "finish_reason": "stop"|"length"|"cancelled", "usage": {...}}``, or
-``{"id", "error": "..."}``.
+``{"id", "error": "..."}`` (with ``template`` and ``params`` where the engine explains it: ``spec.Explained``, which
+the portal shows in the reader's language).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from collections import OrderedDict
 
 import torch
 
+from .spec import Explained, gettext_noop
 from .tokenizer import EOS_ID, PAD_ID
 
 MAX_NEW_TOKENS = 4096
@@ -133,6 +135,9 @@ def generate(models: Models, req: dict, cancel: threading.Event) -> None:
                                      open_thinking=thinking)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     limit = int(req.get("max_position_embeddings") or model.config.max_position_embeddings)
+    if ids.shape[1] >= limit:  # positions the model never learned: text out of noise, and a prefill of minutes
+        raise Explained(gettext_noop("the conversation is %(tokens)s tokens long and this model reads at most "
+                                     "%(limit)s: shorten it or start a new chat"), tokens=int(ids.shape[1]), limit=limit)
     max_new = max(1, min(int(req.get("max_new_tokens") or 512), MAX_NEW_TOKENS, limit - ids.shape[1]))
     temperature = float(req.get("temperature", 0.85))
     sampling = temperature > 0
@@ -194,5 +199,8 @@ def main() -> int:
             generate(models, req, current["cancel"])
         except Exception as exc:  # one request's problem must not end the worker
             sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
-            send({"id": req.get("id"), "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+            error = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            if isinstance(exc, Explained):
+                error.update(template=exc.template, params=exc.params)
+            send({"id": req.get("id"), **error})
         current["id"] = None

@@ -330,3 +330,16 @@ def test_a_refused_chat_says_when_to_try_again_as_openai_does():
     body = json.loads(r.content)["error"]
     assert r.status_code == 429 and r["Retry-After"] == "5"
     assert body["type"] == "requests" and body["code"] == "rate_limit_exceeded" and body["message"] == "busy"
+
+
+def test_a_conversation_longer_than_the_model_reads_is_refused_in_the_readers_language(client, token, tiny):
+    """A prompt past the model's positions (a 10 MiB body is millions of tokens) used to be generated from anyway:
+    noise from positions the model never learned, after a prefill that held the generation worker for minutes
+    (160,000 tokens: 68 s on the CPU for a 64-wide model). The worker refuses it, explained."""
+    assert tiny.config["max_position_embeddings"] == 32768
+    body = json.dumps({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hello " * 40000}]})
+    r = client.post("/v1/chat/completions", body, content_type="application/json",
+                    HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_ACCEPT_LANGUAGE="zh-hans")
+    assert r.status_code == 400, r.content
+    message = r.json()["error"]["message"]
+    assert message.startswith("对话长 ") and "此模型最多读取 32768 个" in message, message

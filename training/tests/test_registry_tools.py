@@ -130,6 +130,13 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
         proc.stdin.flush()
         rest = answers("b")
         assert rest[-1]["finish_reason"] == "cancelled" and rest[-1]["usage"]["completion_tokens"] < 4000
+        # a conversation longer than the model's positions is refused, explained, before any prefill
+        ask(id="d", max_position_embeddings=32, messages=[{"role": "user", "content": "hello " * 40}])
+        refused = json.loads(proc.stdout.readline())
+        assert refused["id"] == "d" and refused["params"]["limit"] == 32 and refused["params"]["tokens"] > 32
+        assert refused["template"].startswith("the conversation is %(tokens)s tokens long"), refused
+        ask(id="e", max_new_tokens=3, temperature=0, max_position_embeddings=32)  # a short one still fits
+        assert answers("e")[-1]["usage"]["completion_tokens"] <= 3
         proc.stdin.write(json.dumps({"id": "c", "model": {**model, "path": str(tmp_path / "none.pth")},
                                      "messages": [{"role": "user", "content": "x"}]}) + "\n")
         proc.stdin.flush()
