@@ -1,7 +1,9 @@
 """Live job updates over WebSocket.
 
-The database is the source of truth: the consumer tails the job's metric points, log and status every 0.5 s, so it
-works across processes on the SQLite default with no channel layer. With Redis, the supervisor's ``job.update``
+The database is the source of truth: the streams tail their jobs' metric points, log and status every 0.5 s, so
+they work across processes on the SQLite default with no channel layer. One look per web process serves all its
+streams (``Watch``: one light query for every watched job's fingerprint), and a stream reads its job in full only
+when that changed. With Redis, the supervisor's ``job.update``
 push makes it look at once. When the status moves, the update also carries the job's history; texts come in the
 page's language (``lang``).
 """
@@ -21,6 +23,49 @@ from .models import Job
 
 POLL_S = 0.5
 RECHECK_S = 2.0  # how often an open stream checks that its user may still read the job
+
+
+class Watch:
+    """One poll for every open job stream of a web process (an event loop): every ``POLL_S`` the fingerprints of all
+    the watched jobs in one query (``selectors.job_fingerprints``), and a wake for each stream whose job's
+    fingerprint is not the one it last read. Open job pages used to poll one by one, four queries each twice a
+    second: a class's idle tabs took most of a core (docs/performance.md)."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.streams: dict[int, set] = {}
+        self.task = None
+
+    def add(self, stream) -> None:
+        self.streams.setdefault(stream.job_id, set()).add(stream)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self.run())
+
+    def remove(self, stream) -> None:
+        streams = self.streams.get(stream.job_id, set())
+        streams.discard(stream)
+        if not streams:
+            self.streams.pop(stream.job_id, None)
+
+    async def run(self):
+        while self.streams:
+            prints = await database_sync_to_async(selectors.job_fingerprints)(list(self.streams))
+            for job_id, streams in list(self.streams.items()):
+                for stream in streams:
+                    if stream.seen is not None and stream.seen != prints.get(job_id):  # new, or the job is gone
+                        stream.wake.set()
+            await asyncio.sleep(POLL_S)
+
+
+_watch = None
+
+
+def watch() -> Watch:
+    """This event loop's watch."""
+    global _watch
+    if _watch is None or _watch.loop is not asyncio.get_running_loop():
+        _watch = Watch()
+    return _watch
 
 
 class JobConsumer(AsyncJsonWebsocketConsumer):
@@ -43,6 +88,7 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         except LookupError:
             self.language = settings.LANGUAGE_CODE
         self.last_status = None
+        self.seen = None  # the job's fingerprint at the last full read (selectors.job_fingerprints)
         self.user_id = user.pk
         self.checked_at = asyncio.get_running_loop().time()
         self.wake = asyncio.Event()
@@ -51,10 +97,12 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         self.poller = asyncio.create_task(self.poll())
+        watch().add(self)
 
     async def disconnect(self, code):
         if hasattr(self, "poller"):
             self.poller.cancel()
+            watch().remove(self)
         if getattr(self, "group", None) and self.channel_layer is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -77,26 +125,49 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
             return False
         return True
 
+    def read_update(self):
+        """(the job's fingerprint, everything new for the stream): the fingerprint first, so that a change during the
+        read makes the next look differ."""
+        fingerprint = selectors.job_fingerprints([self.job_id]).get(self.job_id)
+        if fingerprint is None:
+            return None, None
+        return fingerprint, self.read(selectors.job_update, self.after, self.log_after)
+
+    async def send_update(self) -> bool:
+        """Send what is new; False once the job is gone (the stream is closed)."""
+        fingerprint, update = await database_sync_to_async(self.read_update)()
+        if fingerprint is None:
+            await self.close(code=4404)
+            return False
+        self.seen = fingerprint
+        if update["points"]:
+            self.after = update["points"][-1]["seq"]
+        self.log_after = update["log_offset"]
+        status = update["job"]["status"], update["job"]["step"]
+        if update["points"] or update["log"] or status != self.last_status:
+            if self.last_status is None or status[0] != self.last_status[0]:  # the history gained an event
+                update["events"] = await database_sync_to_async(self.read)(selectors.job_events)
+            self.last_status = status
+            await self.send_json({"type": "update", **update})
+        return True
+
     async def poll(self):
+        """The first update, then one whenever the watch (or the supervisor's push, with Redis) says the job moved;
+        every RECHECK_S whether the user may still read it."""
+        if not await self.send_update():
+            return
         while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), RECHECK_S)
+            except asyncio.TimeoutError:
+                pass
             now = asyncio.get_running_loop().time()
             if now - self.checked_at >= RECHECK_S:
                 self.checked_at = now
                 if not await database_sync_to_async(self.still_allowed)():
                     await self.close(code=4403)  # made private, token revoked, logged out: the stream ends
                     return
-            update = await database_sync_to_async(self.read)(selectors.job_update, self.after, self.log_after)
-            if update["points"]:
-                self.after = update["points"][-1]["seq"]
-            self.log_after = update["log_offset"]
-            status = update["job"]["status"], update["job"]["step"]
-            if update["points"] or update["log"] or status != self.last_status:
-                if self.last_status is None or status[0] != self.last_status[0]:  # the history gained an event
-                    update["events"] = await database_sync_to_async(self.read)(selectors.job_events)
-                self.last_status = status
-                await self.send_json({"type": "update", **update})
-            try:
-                await asyncio.wait_for(self.wake.wait(), POLL_S)
-            except asyncio.TimeoutError:
-                pass
-            self.wake.clear()
+            if self.wake.is_set():
+                self.wake.clear()
+                if not await self.send_update():
+                    return

@@ -197,6 +197,21 @@ def log_after(job, offset=0, limit=1_000_000):
     return "".join(text)[:limit], end
 
 
+def job_fingerprints(job_ids) -> dict:
+    """What the live views' next updates depend on, for many jobs in one light query: each job's status and step,
+    its last metric point and its last log chunk (both only ever appended), by job id. A web process looks at the
+    jobs of all its open streams with it twice a second (jobs/consumers.py ``Watch``); a stream's full read
+    (``job_update``, four queries) follows only a change."""
+    from django.db.models import OuterRef, Subquery
+
+    def last(model, field):
+        return Subquery(model.objects.filter(job=OuterRef("pk")).order_by("-" + field).values(field)[:1])
+
+    rows = Job.objects.filter(pk__in=job_ids).values_list(
+        "pk", "status", "step", last(MetricPoint, "seq"), last(LogChunk, "offset"))
+    return {pk: rest for pk, *rest in rows}
+
+
 def job_update(job_id, after, log_offset):
     """Everything new for a live view since (after, log_offset)."""
     close_old_connections()

@@ -1,10 +1,13 @@
 """The job WebSocket consumer, in-process: auth, ownership, and new points and log arriving as they are written."""
+import asyncio
+
 import pytest
 from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from models_registry.models import Tokenizer
+from jobs.consumers import POLL_S
 from jobs.models import Dataset, Job, JobEvent, LogChunk, MetricPoint
 from jobs.routing import websocket_urlpatterns
 from minicloud.wsauth import TokenAuthMiddleware
@@ -138,3 +141,47 @@ async def test_the_history_arrives_when_the_status_moves_in_the_pages_language()
     assert moved["job"]["status"] == "interrupted"
     assert (moved["events"][-1]["label"], moved["events"][-1]["message"]) == ("已中断", "训练进程被信号 9 终止")
     await comm.disconnect()
+
+
+async def test_idle_streams_cost_one_light_query_per_look_for_all_of_them(monkeypatch):
+    """An open job page polled on its own twice a second: with nothing new it read the job, its log and its points
+    each time (~3-4 ms of a web process's CPU per look: a class's idle tabs took a core while nothing moved). Now one
+    look serves every stream of the process (the watched jobs' fingerprints in one query), and a stream reads its
+    job in full only after a new point, log chunk, status or step."""
+    from jobs import selectors
+
+    reads, looks = [], []
+    full_read, fingerprints = selectors.job_update, selectors.job_fingerprints
+    monkeypatch.setattr(selectors, "job_update", lambda *a: reads.append(a[0]) or full_read(*a))
+    monkeypatch.setattr(selectors, "job_fingerprints", lambda ids: looks.append(sorted(ids)) or fingerprints(ids))
+    user, token = await make_user("kim")
+    job, other = await make_job(user), await make_job(user)
+    await write_step(job, 1, 7.5)
+    comms = [communicator(f"/ws/jobs/{j.pk}/", token) for j in (job, job, other)]  # two tabs on one job
+    for comm in comms:
+        assert (await comm.connect())[0]
+        await comm.receive_json_from(timeout=5)
+    assert sorted(reads) == sorted([job.pk, job.pk, other.pk])
+    looks.clear()
+    await asyncio.sleep(4 * POLL_S)  # about four looks, nothing new
+    assert 3 <= len(looks) <= 5 and all(ids == sorted([job.pk, other.pk]) for ids in looks), looks
+    assert len(reads) == 3 and all([await comm.receive_nothing(timeout=0.05) for comm in comms])
+    comm = comms[0]
+    await write_step(job, 2, 6.0)  # a point and a log chunk: both tabs of the job read it, the other job's does not
+    msg = await comm.receive_json_from(timeout=5)
+    assert [p["seq"] for p in msg["points"]] == [2] and msg["log"].endswith("02\n")
+    assert [p["seq"] for p in (await comms[1].receive_json_from(timeout=5))["points"]] == [2]
+    assert reads.count(job.pk) == 4 and reads.count(other.pk) == 1
+
+    @database_sync_to_async
+    def log_only():
+        LogChunk.objects.create(job=job, offset=15, text="saving\n")
+
+    await log_only()
+    assert (await comm.receive_json_from(timeout=5))["log"] == "saving\n"
+    await database_sync_to_async(Job.objects.filter(pk=job.pk).update)(step=99)  # the step alone moves the bar
+    assert (await comm.receive_json_from(timeout=5))["job"]["step"] == 99
+    await database_sync_to_async(Job.objects.filter(pk=other.pk).delete)()  # a job gone ends its stream
+    assert (await comms[2].receive_output(timeout=5))["type"] == "websocket.close"
+    for comm in comms[:2]:
+        await comm.disconnect()
