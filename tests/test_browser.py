@@ -298,6 +298,23 @@ def test_playground_streams_two_models_side_by_side_with_thinking(live, browser,
     assert last.locator("details").is_visible()  # the <think> part arrives as reasoning_content, folded
     assert last.locator(".reasoning").text_content()  # folded: in the page, not rendered until opened
     assert page.locator("#pg-chat-a .bubble.role-user").count() == 2  # multi-turn: the history grows
+
+    # while other users' chats have their turns, a chat hears how many start before it (an SSE comment): shown until
+    # its first token comes (answers given here by the page's own route, to hold the wait still)
+    role = 'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}'
+    token = 'data: {"choices": [{"index": 0, "delta": {"content": "Five"}}]}'
+    for n, events in enumerate([(role, ": queued 2"), (role, ": queued 1", token, "data: [DONE]")]):
+        body = "".join(f"{e}\n\n" for e in events)
+        page.route("**/v1/chat/completions", lambda route, _request, body=body: route.fulfill(
+            status=200, content_type="text/event-stream", body=body))
+        page.fill("#pg-input", "Wait")
+        page.click("#pg-send")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#pg-chat-a .bubble.role-assistant.done').length == {3 + n}")
+        page.unroute("**/v1/chat/completions")
+    waited, answered = (page.locator("#pg-chat-a .bubble.role-assistant").nth(i) for i in (2, 3))
+    assert waited.locator(".waiting").inner_text() == "Waiting for its turn: 2 ahead"
+    assert answered.locator(".waiting").is_hidden() and answered.locator(".answer").inner_text() == "Five"
     page.close()
 
 
