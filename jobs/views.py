@@ -205,7 +205,7 @@ def _metrics_export(jobs, fmt: str, stem: str):
     if fmt == "csv":
         response = StreamingHttpResponse(services.metrics_csv(jobs), content_type="text/csv; charset=utf-8")
     else:
-        response = JsonResponse(services.metrics_json(jobs), json_dumps_params={"ensure_ascii": False})
+        response = StreamingHttpResponse(services.metrics_json(jobs), content_type="application/json")
     response["Content-Disposition"] = f'attachment; filename="{stem}-metrics.{fmt}"'
     return response
 
@@ -231,15 +231,29 @@ def job_tensorboard(request, job_id):
     return FileResponse(f, as_attachment=True, filename=f"job-{job.pk}-tensorboard.zip", content_type="application/zip")
 
 
+# One compare page (and its downloads) shows at most MAX_COMPARED jobs, and its chart at most COMPARE_POINTS points
+# in all, shared by the jobs (5,000 each up to 20 jobs; TensorBoard keeps 1,000 per run): a hundred long runs made
+# a 51 MB page in 3 s of a web process, a thousand ten times that (docs/performance.md).
+MAX_COMPARED = 50
+COMPARE_POINTS = 100_000
+
+
+def compare_points(jobs: int) -> int:
+    """The chart's points per job when ``jobs`` are compared."""
+    return max(500, min(5000, COMPARE_POINTS // max(1, jobs)))
+
+
 def _compared_jobs(request):
-    ids = [i for i in map(id_or_none, request.GET.get("ids", "").split(",")) if i]
-    return ids, list(selectors.jobs_for(request.user).filter(pk__in=ids).order_by("pk"))
+    """(the ids asked for, at most MAX_COMPARED of them; the jobs among them the user may read; how many were asked)."""
+    ids = list(dict.fromkeys(i for i in map(id_or_none, request.GET.get("ids", "").split(",")) if i))
+    asked, ids = len(ids), ids[:MAX_COMPARED]
+    return ids, list(selectors.jobs_for(request.user).filter(pk__in=ids).order_by("pk")), asked
 
 
 @login_required
 def compare_metrics_export(request, fmt):
     """The compared jobs' metric points in one CSV (a ``job`` column) or JSON file."""
-    ids, jobs = _compared_jobs(request)
+    ids, jobs, _asked = _compared_jobs(request)
     return _metrics_export(jobs, fmt, "jobs-" + "-".join(str(j.pk) for j in jobs))
 
 
@@ -286,8 +300,11 @@ def integrations(request):
 @login_required
 def compare(request):
     """Overlay the curves of several jobs (same metric, by step or by tokens) with their configuration differences."""
-    ids, jobs = _compared_jobs(request)
-    series = {job.pk: selectors.metric_history(job, max_points=5000) for job in jobs}
+    ids, jobs, asked = _compared_jobs(request)
+    if asked > MAX_COMPARED:
+        messages.warning(request, _("Comparing the first %(shown)s of the %(asked)s jobs asked for: choose fewer to "
+                                    "see the others.") % {"shown": MAX_COMPARED, "asked": asked})
+    series = {job.pk: selectors.metric_history(job, max_points=compare_points(len(jobs))) for job in jobs}
     keys = []
     for points in series.values():
         keys += [k for k in selectors.metric_keys(points) if k not in keys]

@@ -57,12 +57,24 @@ def metrics_csv(jobs):
         yield flush()
 
 
-def metrics_json(jobs) -> dict:
-    """``{"jobs": [{id, name, stage, status, config, points: [{seq, step, time, values}]}]}``."""
-    return {"jobs": [{"id": job.pk, "name": job.name, "stage": job.stage, "status": job.status,
-                      "config": job.resolved_config,
-                      "points": [{"seq": s, "step": st, "time": t, "values": v} for s, st, t, v in _raw_points(job)]}
-                     for job in jobs]}
+def metrics_json(jobs):
+    """``{"jobs": [{id, name, stage, status, config, points: [{seq, step, time, values}]}]}`` as JSON text, a piece at
+    a time (as the CSV): the whole document of a long run's points, or of many runs', is never in memory at once."""
+    def dumps(value) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    yield '{"jobs": ['
+    for i, job in enumerate(jobs):
+        head = {"id": job.pk, "name": job.name, "stage": job.stage, "status": job.status, "config": job.resolved_config}
+        yield ("," if i else "") + dumps(head)[:-1] + ', "points": ['
+        piece = []
+        for n, (seq, step, t, values) in enumerate(_raw_points(job)):
+            piece.append(("," if n else "") + dumps({"seq": seq, "step": step, "time": t, "values": values}))
+            if len(piece) >= CHUNK:
+                yield "".join(piece)
+                piece = []
+        yield "".join(piece) + "]}"
+    yield "]}"
 
 
 def tensorboard_zip(job) -> Path | None:
