@@ -8,6 +8,7 @@ push makes it look at once. When the status moves, the update also carries the j
 page's language (``lang``).
 """
 import asyncio
+import logging
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -21,6 +22,7 @@ from minicloud.errors import int_or_none
 from . import selectors
 from .models import Job
 
+log = logging.getLogger("jobs")
 POLL_S = 0.5
 RECHECK_S = 2.0  # how often an open stream checks that its user may still read the job
 
@@ -49,7 +51,12 @@ class Watch:
 
     async def run(self):
         while self.streams:
-            prints = await database_sync_to_async(selectors.job_fingerprints)(list(self.streams))
+            try:
+                prints = await database_sync_to_async(selectors.job_fingerprints)(list(self.streams))
+            except Exception:  # the database restarting: every stream of the process waits for it, none is lost
+                log.exception("the live updates' look at the database failed; trying again")
+                await asyncio.sleep(POLL_S)
+                continue
             for job_id, streams in list(self.streams.items()):
                 for stream in streams:
                     if stream.seen is not None and stream.seen != prints.get(job_id):  # new, or the job is gone
@@ -153,7 +160,15 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
 
     async def poll(self):
         """The first update, then one whenever the watch (or the supervisor's push, with Redis) says the job moved;
-        every RECHECK_S whether the user may still read it."""
+        every RECHECK_S whether the user may still read it. A read that fails closes the stream (1011), and the page
+        connects again from where it was, instead of a stream left open that says nothing more."""
+        try:
+            await self.follow()
+        except Exception:
+            log.exception("the live updates of job %s stopped", self.job_id)
+            await self.close(code=1011)
+
+    async def follow(self):
         if not await self.send_update():
             return
         while True:

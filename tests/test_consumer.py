@@ -185,3 +185,39 @@ async def test_idle_streams_cost_one_light_query_per_look_for_all_of_them(monkey
     assert (await comms[2].receive_output(timeout=5))["type"] == "websocket.close"
     for comm in comms[:2]:
         await comm.disconnect()
+
+
+async def test_a_failed_look_at_the_database_loses_no_stream(monkeypatch, caplog):
+    """The one look serves every stream of a web process: a failed query (PostgreSQL restarting) must not end it, or
+    every open page of the process would stop updating. A stream whose own read fails closes (1011) so that its page
+    connects again, rather than staying open and silent."""
+    from jobs import selectors
+
+    fingerprints, full_read, failing = selectors.job_fingerprints, selectors.job_update, {"looks": 0, "reads": 0}
+
+    def flaky_look(ids):
+        if failing["looks"]:
+            failing["looks"] -= 1
+            raise RuntimeError("the database is restarting")
+        return fingerprints(ids)
+
+    def flaky_read(*args):
+        if failing["reads"]:
+            raise RuntimeError("the database is restarting")
+        return full_read(*args)
+
+    monkeypatch.setattr(selectors, "job_fingerprints", flaky_look)
+    monkeypatch.setattr(selectors, "job_update", flaky_read)
+    user, token = await make_user("lee")
+    job = await make_job(user)
+    comm = communicator(f"/ws/jobs/{job.pk}/", token)
+    assert (await comm.connect())[0]
+    await comm.receive_json_from(timeout=5)
+    failing["looks"] = 3
+    await asyncio.sleep(2 * POLL_S)
+    await write_step(job, 1, 7.0)
+    assert [p["seq"] for p in (await comm.receive_json_from(timeout=5))["points"]] == [1]
+    assert failing["looks"] == 0 and "look at the database failed" in caplog.text
+    failing["reads"] = 1
+    await write_step(job, 2, 6.0)
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 1011}
