@@ -228,6 +228,9 @@ CHECK_WORKERS = envint("MINICLOUD_CHECK_WORKERS", 1)
 TOKENIZER_MAX_BYTES = envint("MINICLOUD_TOKENIZER_MAX_BYTES", 200 * 10**6)
 # Tokenizer trainings one user may have in progress at once (queued or training); more are refused.
 TOKENIZER_TRAININGS_PER_USER = envint("MINICLOUD_TOKENIZER_TRAININGS_PER_USER", 2)
+# Uploads one user may have started and not finished at once (each a row and a file; a script that only ever
+# starts them filled the database until the day-old ones were pruned): one more is answered 429.
+UPLOADS_PER_USER = envint("MINICLOUD_UPLOADS_PER_USER", 10)
 
 Q_CLUSTER = {
     "name": INSTANCE,

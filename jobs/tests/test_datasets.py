@@ -384,6 +384,35 @@ def test_chunked_resumable_upload(client, user, token):
                        **auth).status_code == 404
 
 
+def test_a_user_has_a_bounded_number_of_uploads_in_progress(client, user, other_user, token, settings):
+    """A script that only ever starts uploads made a row and a file each, without end (until the day-old ones were
+    pruned): a user has at most UPLOADS_PER_USER unfinished; the stalest one, silent for an hour (a page closed during
+    its upload), makes room for a new one; otherwise one more is 429, in the user's language."""
+    import io
+    import os
+    import time
+
+    from jobs import services
+    from jobs.models import Upload
+
+    settings.UPLOADS_PER_USER = 3
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    started = [client.post("/api/v1/uploads", **auth) for _ in range(3)]
+    assert [r.status_code for r in started] == [201] * 3
+    refused = client.post("/api/v1/uploads", HTTP_ACCEPT_LANGUAGE="zh-hans", **auth)
+    assert refused.status_code == 429 and refused.json()["error"] == "你已有 3 个上传正在进行：请先完成或删除其中一个"
+    assert services.start_upload(other_user)  # one user's count is theirs
+    first, second = (Upload.objects.get(pk=r.json()["id"]) for r in started[:2])
+    hour_ago = time.time() - services.datasets.UPLOAD_GIVEN_UP_S - 60
+    os.utime(second.path, (hour_ago, hour_ago))  # given up on an hour ago
+    os.utime(first.path, (hour_ago + 30, hour_ago + 30))  # and this one half a minute later
+    assert client.post("/api/v1/uploads", **auth).status_code == 201
+    assert not Upload.objects.filter(pk=second.pk).exists() and not second.path.exists()
+    assert Upload.objects.filter(owner=user, status="").count() == 3 and first.path.exists()
+    services.append_upload(first, 0, io.BytesIO(b'{"text": "a"}\n'), 14)  # it grows again: it stays
+    assert client.post("/api/v1/uploads", **auth).status_code == 429
+
+
 def test_the_pages_write_to_the_api_with_their_csrf_token(user):
     from django.test import Client
 
