@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.source import parse
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The layer order: a module may import its own layer and those below it, never one above. Entry points (the modules
@@ -59,7 +61,7 @@ def upward_imports(root: Path = ROOT) -> list[str]:
                 continue
             me = _module_name(path, root)
             package = me if path.name == "__init__.py" else me.rpartition(".")[0]
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(parse(path)):
                 for target in _imported(node, package, root):
                     theirs = layer_of(target)
                     if theirs is not None and theirs > layer_of(me):
@@ -119,7 +121,7 @@ def test_django_processes_do_not_import_torch():
 def test_training_package_never_imports_django_or_portal_apps():
     forbidden = ("django", "jobs", "accounts", "models_registry", "minicloud", "channels", "django_q")
     for path in (ROOT / "training").rglob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = parse(path)
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):

@@ -7,6 +7,8 @@ import gettext
 import re
 from pathlib import Path
 
+from tests.source import parse
+
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = {"gettext_noop", "_", "gettext", "gettext_lazy", "ngettext", "pgettext", "pgettext_lazy"}
 
@@ -21,7 +23,7 @@ def _marked_in_code():
         parts = path.relative_to(ROOT).parts
         if parts[0] in (".venv", "bench", "var") or "tests" in parts or "migrations" in parts:
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(parse(path)):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CALLS):
                 continue
             where, args = f"{path.relative_to(ROOT)}:{node.lineno}", node.args
