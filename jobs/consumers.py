@@ -3,9 +3,8 @@
 The database is the source of truth: the streams tail their jobs' metric points, log and status every 0.5 s, so
 they work across processes on the SQLite default with no channel layer. One look per web process serves all its
 streams (``Watch``: one light query for every watched job's fingerprint), and a stream reads its job in full only
-when that changed. With Redis, the supervisor's ``job.update``
-push makes it look at once. When the status moves, the update also carries the job's history; texts come in the
-page's language (``lang``).
+when that changed. With Redis, the supervisor's ``job.update`` push makes it look at once. When the status moves,
+the update also carries the job's history; texts come in the page's language (``lang``).
 """
 import asyncio
 import logging

@@ -1,3 +1,4 @@
+import time
 import uuid
 from collections import Counter
 from datetime import datetime, timezone as dt_timezone
@@ -202,6 +203,15 @@ class Upload(models.Model):
     def waiting(self) -> bool:
         """Checking, but for its turn on the checks cluster (``next_to_check``): no worker has it yet."""
         return self.status == self.Status.CHECKING and not self.worker
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since its file last grew (since it started, if its file is gone): an unfinished upload silent for
+        long was given up on (a page closed during it)."""
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return (timezone.now() - self.created_at).total_seconds()
 
     @property
     def kind_label(self) -> str:

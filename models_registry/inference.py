@@ -83,7 +83,7 @@ class Turns:
     def order(self) -> list[Ticket]:
         """The waiting requests in the order they will be served if nobody else comes."""
         last, queue, out = dict(self.last), list(self.waiting), []
-        turn = itertools.count(next(self._seq))
+        turn = itertools.count(next(self._seq))  # the turns to come: later than every turn given so far
         while queue:
             nxt = min(queue, key=lambda t: (last.get(t.who, -1), t.seq))
             queue.remove(nxt)
@@ -184,7 +184,6 @@ class ChatWorker:
             finally:
                 if not finished and self.proc is not None:
                     await self._cancel(rid)
-
         finally:
             self.turns.leave(ticket)
 

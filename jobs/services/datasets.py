@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -240,14 +239,6 @@ def upload_dataset(request, owner) -> Dataset | Upload:
 UPLOAD_GIVEN_UP_S = 3600  # an unfinished upload whose file has not grown for this long may make room for a new one
 
 
-def _silent_s(upload) -> float:
-    """Seconds since the upload's file last grew (since it started, if its file is gone)."""
-    try:
-        return time.time() - upload.path.stat().st_mtime
-    except OSError:
-        return (timezone.now() - upload.created_at).total_seconds()
-
-
 def start_upload(owner):
     """A new resumable upload of ``owner``'s: refused when their storage is full, or when they have
     ``UPLOADS_PER_USER`` unfinished already (429)."""
@@ -255,11 +246,11 @@ def start_upload(owner):
     started = list(Upload.objects.filter(owner=owner, status=Upload.Status.RECEIVING).order_by("created_at"))
     if len(started) >= settings.UPLOADS_PER_USER:
         # a page closed during an upload leaves it unfinished: the stalest one, silent for an hour, makes room
-        stale = [u for u in started if _silent_s(u) >= UPLOAD_GIVEN_UP_S]
+        stale = [u for u in started if u.silent_s >= UPLOAD_GIVEN_UP_S]
         if not stale:
             raise ServiceError(_("you already have %(n)s uploads in progress: finish or delete one first")
                                % {"n": len(started)}, status=429)
-        delete_upload(max(stale, key=_silent_s))
+        delete_upload(max(stale, key=lambda u: u.silent_s))
     upload = Upload.objects.create(owner=owner)
     upload.path.parent.mkdir(parents=True, exist_ok=True)
     upload.path.touch()
