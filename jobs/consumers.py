@@ -15,7 +15,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import translation
 
-from accounts.access import NotFound, connection_user, readable
+from accounts.access import NotFound, connection_user, readable, readable_ids
 from minicloud.errors import int_or_none
 
 from . import selectors
@@ -26,16 +26,35 @@ POLL_S = 0.5
 RECHECK_S = 2.0  # how often an open stream checks that its user may still read the job
 
 
+def still_allowed(streams) -> set:
+    """Which of ``streams`` may go on: their connection's credentials still hold (an active account, a token not
+    revoked, a session not ended) and its user may still read the job. One check per connection's credentials and
+    one query per user, however many streams (accounts.access)."""
+    by_credentials = {}
+    for stream in streams:
+        by_credentials.setdefault(stream.credentials, []).append(stream)
+    allowed = set()
+    for (user_id, token_digest, _session_key), group in by_credentials.items():
+        user = connection_user(user_id, token_digest, group[0].scope.get("session"))
+        if user is not None:
+            readable = readable_ids(Job, user, {stream.job_id for stream in group})
+            allowed.update(stream for stream in group if stream.job_id in readable)
+    return allowed
+
+
 class Watch:
     """One poll for every open job stream of a web process (an event loop): every ``POLL_S`` the fingerprints of all
     the watched jobs in one query (``selectors.job_fingerprints``), and a wake for each stream whose job's
-    fingerprint is not the one it last read. Open job pages used to poll one by one, four queries each twice a
-    second: a class's idle tabs took most of a core (docs/performance.md)."""
+    fingerprint is not the one it last read; every ``RECHECK_S`` whether each stream's user may still read its job,
+    for all of them at once (``still_allowed``), closing those who may not (4403). Open job pages used to poll one by
+    one, four queries each twice a second and their access every 2 s: a class's idle tabs took most of a core
+    (docs/performance.md)."""
 
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.streams: dict[int, set] = {}
         self.task = None
+        self.checked_at = self.loop.time()
 
     def add(self, stream) -> None:
         self.streams.setdefault(stream.job_id, set()).add(stream)
@@ -60,7 +79,22 @@ class Watch:
                 for stream in streams:
                     if stream.seen is not None and stream.seen != prints.get(job_id):  # new, or the job is gone
                         stream.wake.set()
+            if self.loop.time() - self.checked_at >= RECHECK_S:
+                await self.recheck()
             await asyncio.sleep(POLL_S)
+
+    async def recheck(self):
+        self.checked_at = self.loop.time()
+        streams = [stream for streams in self.streams.values() for stream in streams]
+        try:
+            allowed = await database_sync_to_async(still_allowed)(streams)
+        except Exception:  # as a failed look: the next tick checks again
+            log.exception("the live updates' access check failed; trying again")
+            return
+        for stream in streams:
+            if stream not in allowed:
+                self.remove(stream)
+                await stream.close(code=4403)  # made private, token revoked, logged out: the stream ends
 
 
 _watch = None
@@ -95,8 +129,8 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
             self.language = settings.LANGUAGE_CODE
         self.last_status = None
         self.seen = None  # the job's fingerprint at the last full read (selectors.job_fingerprints)
-        self.user_id = user.pk
-        self.checked_at = asyncio.get_running_loop().time()
+        session = self.scope.get("session")
+        self.credentials = (user.pk, self.scope.get("token_digest"), session.session_key if session else None)
         self.wake = asyncio.Event()
         self.group = f"job.{self.job_id}"
         if self.channel_layer is not None:
@@ -119,17 +153,6 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         """A selector's answer, its texts in the page's language."""
         with translation.override(self.language):
             return selector(self.job_id, *args)
-
-    def still_allowed(self) -> bool:
-        """The connection's credentials still hold and its user may still read the job (accounts.access)."""
-        user = connection_user(self.user_id, self.scope.get("token_digest"), self.scope.get("session"))
-        if user is None:
-            return False
-        try:
-            readable(Job, user, self.job_id)
-        except NotFound:
-            return False
-        return True
 
     def read_update(self):
         """(the job's fingerprint, everything new for the stream): the fingerprint first, so that a change during the
@@ -158,9 +181,10 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         return True
 
     async def poll(self):
-        """The first update, then one whenever the watch (or the supervisor's push, with Redis) says the job moved;
-        every RECHECK_S whether the user may still read it. A read that fails closes the stream (1011), and the page
-        connects again from where it was, instead of a stream left open that says nothing more."""
+        """The first update, then one whenever the watch (or the supervisor's push, with Redis) says the job moved
+        (the watch also ends the stream once its user may no longer read the job). A read that fails closes the
+        stream (1011), and the page connects again from where it was, instead of a stream left open that says
+        nothing more."""
         try:
             await self.follow()
         except Exception:
@@ -171,17 +195,7 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         if not await self.send_update():
             return
         while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), RECHECK_S)
-            except asyncio.TimeoutError:
-                pass
-            now = asyncio.get_running_loop().time()
-            if now - self.checked_at >= RECHECK_S:
-                self.checked_at = now
-                if not await database_sync_to_async(self.still_allowed)():
-                    await self.close(code=4403)  # made private, token revoked, logged out: the stream ends
-                    return
-            if self.wake.is_set():
-                self.wake.clear()
-                if not await self.send_update():
-                    return
+            await self.wake.wait()
+            self.wake.clear()
+            if not await self.send_update():
+                return

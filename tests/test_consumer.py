@@ -145,15 +145,20 @@ async def test_the_history_arrives_when_the_status_moves_in_the_pages_language()
 
 async def test_idle_streams_cost_one_light_query_per_look_for_all_of_them(monkeypatch):
     """An open job page polled on its own twice a second: with nothing new it read the job, its log and its points
-    each time (~3-4 ms of a web process's CPU per look: a class's idle tabs took a core while nothing moved). Now one
-    look serves every stream of the process (the watched jobs' fingerprints in one query), and a stream reads its
-    job in full only after a new point, log chunk, status or step."""
+    each time (~3-4 ms of a web process's CPU per look: a class's idle tabs took a core while nothing moved), and
+    checked its access every 2 s. Now one look serves every stream of the process (the watched jobs' fingerprints in
+    one query), a stream reads its job in full only after a new point, log chunk, status or step, and the access
+    checks are made once per connection's credentials."""
     from jobs import selectors
 
-    reads, looks = [], []
-    full_read, fingerprints = selectors.job_update, selectors.job_fingerprints
+    from jobs import consumers
+
+    reads, looks, checks = [], [], []
+    full_read, fingerprints, credentials = selectors.job_update, selectors.job_fingerprints, consumers.connection_user
     monkeypatch.setattr(selectors, "job_update", lambda *a: reads.append(a[0]) or full_read(*a))
     monkeypatch.setattr(selectors, "job_fingerprints", lambda ids: looks.append(sorted(ids)) or fingerprints(ids))
+    monkeypatch.setattr(consumers, "connection_user", lambda *a: checks.append(a[0]) or credentials(*a))
+    monkeypatch.setattr(consumers, "RECHECK_S", 2 * POLL_S)
     user, token = await make_user("kim")
     job, other = await make_job(user), await make_job(user)
     await write_step(job, 1, 7.5)
@@ -166,6 +171,8 @@ async def test_idle_streams_cost_one_light_query_per_look_for_all_of_them(monkey
     await asyncio.sleep(4 * POLL_S)  # about four looks, nothing new
     assert 3 <= len(looks) <= 5 and all(ids == sorted([job.pk, other.pk]) for ids in looks), looks
     assert len(reads) == 3 and all([await comm.receive_nothing(timeout=0.05) for comm in comms])
+    # the access of all three streams (one user, one token) checked at once, every RECHECK_S: once per check
+    assert 1 <= len(checks) <= 3, checks
     comm = comms[0]
     await write_step(job, 2, 6.0)  # a point and a log chunk: both tabs of the job read it, the other job's does not
     msg = await comm.receive_json_from(timeout=5)
