@@ -343,3 +343,40 @@ def test_a_conversation_longer_than_the_model_reads_is_refused_in_the_readers_la
     assert r.status_code == 400, r.content
     message = r.json()["error"]["message"]
     assert message.startswith("对话长 ") and "此模型最多读取 32768 个" in message, message
+
+
+def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny):
+    """The worker killed while it generates (the OOM killer, say): that chat says so (503, try again), the chat
+    waiting for its turn starts a new worker and is answered, and no turn is left held."""
+    import asyncio
+    import os
+    import signal
+
+    from minicloud.errors import ServiceError
+    from models_registry.inference import ChatWorker, model_entry
+
+    request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 200,
+               "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
+    outcome = {}
+
+    async def chat(worker, who, kill=False):
+        try:
+            async for msg in worker.stream(request, who):
+                if kill and "content" in msg:
+                    os.kill(worker.proc.pid, signal.SIGKILL)
+                    kill = False
+                if msg.get("done"):
+                    outcome[who] = msg["finish_reason"]
+        except ServiceError as exc:
+            outcome[who] = exc.status
+
+    async def main():
+        worker = ChatWorker()
+        try:
+            await asyncio.gather(chat(worker, "killed", kill=True), chat(worker, "next"))
+            assert not worker.turns.held and worker.turns.running is None
+        finally:
+            await worker.aclose()
+
+    asyncio.run(main())
+    assert outcome["killed"] == 503 and outcome["next"] in ("length", "stop"), outcome
