@@ -37,8 +37,8 @@ def still_allowed(streams) -> set:
     for (user_id, token_digest, _session_key), group in by_credentials.items():
         user = connection_user(user_id, token_digest, group[0].scope.get("session"))
         if user is not None:
-            readable = readable_ids(Job, user, {stream.job_id for stream in group})
-            allowed.update(stream for stream in group if stream.job_id in readable)
+            visible = readable_ids(Job, user, {stream.job_id for stream in group})
+            allowed.update(stream for stream in group if stream.job_id in visible)
     return allowed
 
 

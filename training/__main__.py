@@ -15,7 +15,7 @@ from pathlib import Path
 
 def cmd_run(args) -> int:
     from . import events
-    from .spec import Explained, SpecError, gettext_noop, load_spec, model_config, parameter_count
+    from .spec import Explained, SpecError, explanation, gettext_noop, load_spec, model_config, parameter_count
 
     if nice := int(os.environ.get("MINICLOUD_NICE") or 0):  # a job on CPU slots: jobs/supervisor.py
         os.nice(nice)
@@ -92,17 +92,6 @@ def cmd_run(args) -> int:
         return 1
 
 
-def explanation(exc: BaseException) -> tuple[str, dict] | None:
-    """The (template, params) of an error the engine explains (the portal shows it in the reader's language), or
-    None for any other exception (its one English line is shown as it is)."""
-    from .spec import SpecError
-
-    if isinstance(exc, SpecError):
-        return exc.explained()
-    template, params = getattr(exc, "template", None), getattr(exc, "params", None)
-    return (template, params) if isinstance(template, str) and isinstance(params, dict) else None
-
-
 def out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or an allocation the CPU could not make (torch raises a RuntimeError there)."""
     torch = sys.modules.get("torch")
@@ -135,16 +124,14 @@ def cmd_train_tokenizer(args) -> int:
 def _report(fn) -> int:
     """Run a conversion; print its JSON report, or ``{"error": ...}`` (one line naming the problem; with ``template``
     and ``params`` where the engine explains it, for the portal to translate) and exit 2."""
+    from .spec import error_report
+
     try:
         print(json.dumps(fn()))
         return 0
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         sys.stderr.write(traceback.format_exc())
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        report = {"error": message}
-        if explained := explanation(exc):
-            report["template"], report["params"] = explained
-        print(json.dumps(report, ensure_ascii=False, default=str))
+        print(json.dumps(error_report(exc), ensure_ascii=False, default=str))
         return 2
 
 

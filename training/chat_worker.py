@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import torch
 
-from .spec import Explained, gettext_noop
+from .spec import Explained, error_report, gettext_noop
 from .tokenizer import EOS_ID, PAD_ID
 
 MAX_NEW_TOKENS = 4096
@@ -199,8 +199,5 @@ def main() -> int:
             generate(models, req, current["cancel"])
         except Exception as exc:  # one request's problem must not end the worker
             sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
-            error = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-            if isinstance(exc, Explained):
-                error.update(template=exc.template, params=exc.params)
-            send({"id": req.get("id"), **error})
+            send({"id": req.get("id"), **error_report(exc)})
         current["id"] = None

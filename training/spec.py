@@ -178,6 +178,24 @@ class SpecError(ValueError):
         return gettext_noop("%(field)s: %(problem)s"), {"field": self.field, "problem": (self.template, self.params)}
 
 
+def explanation(exc: BaseException) -> tuple[str, dict] | None:
+    """The (template, params) of an error the engine explains (the portal shows it in the reader's language), or
+    None for any other exception (its one English line is shown as it is)."""
+    if isinstance(exc, SpecError):
+        return exc.explained()
+    template, params = getattr(exc, "template", None), getattr(exc, "params", None)
+    return (template, params) if isinstance(template, str) and isinstance(params, dict) else None
+
+
+def error_report(exc: BaseException) -> dict:
+    """An error as the engine's JSON answers carry it (a conversion's report, a chat worker's answer): its one line,
+    and where the engine explains it, ``template`` and ``params`` for the portal to translate."""
+    report = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    if explained := explanation(exc):
+        report["template"], report["params"] = explained
+    return report
+
+
 def defaults_for(stage: str) -> dict:
     """All config keys with MiniMind's default for ``stage``."""
     if stage not in STAGES:

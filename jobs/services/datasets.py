@@ -243,14 +243,14 @@ def start_upload(owner):
     """A new resumable upload of ``owner``'s: refused when their storage is full, or when they have
     ``UPLOADS_PER_USER`` unfinished already (429)."""
     check_storage(owner)  # refused before the first chunk when the owner's storage is full
-    started = list(Upload.objects.filter(owner=owner, status=Upload.Status.RECEIVING).order_by("created_at"))
+    started = list(Upload.objects.filter(owner=owner, status=Upload.Status.RECEIVING))
     if len(started) >= settings.UPLOADS_PER_USER:
         # a page closed during an upload leaves it unfinished: the stalest one, silent for an hour, makes room
-        stale = [u for u in started if u.silent_s >= UPLOAD_GIVEN_UP_S]
-        if not stale:
+        stalest = max(started, key=lambda u: u.silent_s)
+        if stalest.silent_s < UPLOAD_GIVEN_UP_S:
             raise ServiceError(_("you already have %(n)s uploads in progress: finish or delete one first")
                                % {"n": len(started)}, status=429)
-        delete_upload(max(stale, key=lambda u: u.silent_s))
+        delete_upload(stalest)
     upload = Upload.objects.create(owner=owner)
     upload.path.parent.mkdir(parents=True, exist_ok=True)
     upload.path.touch()
