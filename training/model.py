@@ -18,6 +18,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, apply_rotary_pos_emb, eager_attention_forward
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
@@ -77,6 +78,10 @@ def sdpa_repeat_kv(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 ALL_ATTENTION_FUNCTIONS.register("sdpa_repeat_kv", sdpa_repeat_kv)
+# Its masks are SDPA's: without this, transformers treats an attention implementation it does not know as one that
+# needs no mask (vLLM's, TGI's) and drops a 2D padding mask, so a left-padded row (a batch of rollouts, a chat beside
+# longer ones) attended to its padding.
+ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_repeat_kv", sdpa_mask)
 ATTENTION = "sdpa_repeat_kv"  # the engine's attention implementation
 
 

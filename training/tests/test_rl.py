@@ -180,3 +180,30 @@ def test_grpo_with_a_verifiable_reward_raises_the_accuracy_of_its_answers(traine
     assert sum(logged[-2:]) / 2 > sum(logged[:2]) / 2 + 0.1, logged
     before, after = accuracy(trained["sft"]), accuracy(events[-1]["model_path"])
     assert after > before + 0.08, (before, after)
+
+
+def test_a_left_padded_rollout_is_the_same_as_its_prompt_alone():
+    """A batch of rollouts left-pads its shorter prompts. The engine's attention implementation had no mask function
+    registered, so transformers dropped the padding mask and a short prompt's completion attended to the padding:
+    its log-probs differed by ~0.1 from the prompt alone (GRPO/PPO learned from them, the eval's batched answers were
+    made so). Now the padded row equals the row alone, in the log-probs and in a greedy completion."""
+    from training.model import build_model
+    from training.rl import token_logps
+    from training.spec import model_config
+    from training.tokenizer import EOS_ID, PAD_ID
+
+    torch.manual_seed(0)
+    model = build_model(model_config(resolve_config("pretrain", dict(ARCH)))).eval()
+    short, long = torch.randint(5, 100, (1, 5)), torch.randint(5, 100, (1, 12))
+    batch = torch.cat([torch.cat([torch.full((1, 7), PAD_ID), short], 1), long])
+    mask = batch != PAD_ID
+    mask[1] = True
+    with torch.no_grad():
+        greedy = dict(do_sample=False, max_new_tokens=6, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        together = model.generate(input_ids=batch, attention_mask=mask.long(), **greedy)
+        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **greedy)
+        assert torch.equal(together[0, 12:], alone[0, 5:])
+        full_mask = torch.cat([mask, torch.ones_like(together[:, 12:], dtype=torch.bool)], 1)
+        padded = token_logps(model, together, full_mask, 12)[0]
+        single = token_logps(model, alone, torch.ones_like(alone, dtype=torch.bool), 5)[0]
+    assert torch.allclose(padded, single, atol=1e-5), (padded - single).abs().max()
