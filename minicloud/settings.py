@@ -41,6 +41,9 @@ NODE_TIMEOUT_S = float(os.environ.get("MINICLOUD_NODE_TIMEOUT_S", "90"))
 # Chats (the playground, /v1/chat/completions) one user may have at a web process's generation worker at once,
 # generating or waiting for their turn; one more is answered 429 (models_registry/inference.py, Turns).
 CHAT_REQUESTS_PER_USER = envint("MINICLOUD_CHAT_REQUESTS_PER_USER", 4)
+# Chats a web process's worker generates at once, together (one forward pass per token for all of them: on the CPU
+# eight chats get ~3.4x the tokens per second of one, docs/performance.md); the others wait for their turn.
+CHAT_BATCH = max(1, envint("MINICLOUD_CHAT_BATCH", 8))
 
 # A per-install key kept under MINICLOUD_HOME (so sessions survive restarts without a committed secret), unless given.
 # This module only reads it: the first start writes it (minicloud.apps.MinicloudConfig.ready, or `serve`).

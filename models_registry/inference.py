@@ -1,9 +1,10 @@
 """The web side of generation: one ``python -m training chat-worker`` child per web process, spoken to over pipes.
 
-The web server never imports torch and never blocks on a model: it writes a request line and relays the worker's
-token deltas as they arrive (asyncio). One generation runs at a time per web process, in fair turns between users
-(``Turns``: one member's many requests never hold a classmate's behind all of them); a client that goes away cancels
-its generation at the next token, or leaves the queue. The worker runs on the CPU (``CUDA_VISIBLE_DEVICES=""``):
+The web server never imports torch and never blocks on a model: it writes request lines and relays the worker's
+token deltas as they arrive (asyncio; one reader hands each line to its request). Up to ``CHAT_BATCH`` generations run
+at once per web process, generated together by the worker (one forward pass per token for all of them), the rest
+wait in fair turns between users (``Turns``: one member's many requests never hold a classmate's behind all of
+them); a client that goes away cancels its generation at the next token, or leaves the queue. The worker runs on the CPU (``CUDA_VISIBLE_DEVICES=""``):
 the GPUs belong to the scheduler's jobs.
 """
 from __future__ import annotations
@@ -37,16 +38,16 @@ class Ticket:
 
 
 class Turns:
-    """One generation at a time, in fair turns between users: when the worker frees, the next turn goes to the
+    """At most ``slots`` generations at a time, in fair turns between users: when one ends, the next turn goes to the
     waiting request of the user whose last turn began longest ago (a user not served yet first), first come, first
     served among one user's requests. Each user holds at most ``per_user`` requests here (running or waiting); one
     more is refused (429), so a script cannot fill a web process's memory with waiting requests. The same policy as
     the upload checks' turns (``jobs.models.Upload.next_to_check``), in memory: a web process's queue lives as long
     as the process."""
 
-    def __init__(self, per_user: int):
-        self.per_user = per_user
-        self.running: Ticket | None = None
+    def __init__(self, per_user: int, slots: int = 1):
+        self.per_user, self.slots = per_user, slots
+        self.running: list[Ticket] = []
         self.waiting: list[Ticket] = []
         self.held: Counter = Counter()
         self.last: dict = {}  # user -> the sequence number of their latest turn
@@ -74,8 +75,8 @@ class Turns:
         self.held[ticket.who] -= 1
         if not self.held[ticket.who]:
             del self.held[ticket.who]
-        if self.running is ticket:
-            self.running = None
+        if ticket in self.running:
+            self.running.remove(ticket)
         elif ticket in self.waiting:
             self.waiting.remove(ticket)
         self._hand()
@@ -92,18 +93,19 @@ class Turns:
         return out
 
     def ahead(self, ticket: Ticket) -> int:
-        """How many generations start before this waiting request's (the running one included)."""
-        return self.order().index(ticket) + (self.running is not None)
+        """How many generations must end before this waiting request's starts (every slot is taken while it waits)."""
+        return self.order().index(ticket) + 1
 
     async def changed(self) -> None:
         await asyncio.wait([self._changed])
 
     def _hand(self) -> None:
-        if self.running is None and self.waiting:
-            self.running = self.order()[0]
-            self.waiting.remove(self.running)
-            self.running.granted = True
-            self.last[self.running.who] = next(self._seq)
+        while len(self.running) < self.slots and self.waiting:
+            ticket = self.order()[0]
+            self.waiting.remove(ticket)
+            self.running.append(ticket)
+            ticket.granted = True
+            self.last[ticket.who] = next(self._seq)
         self._changed.set_result(None)
         self._changed = asyncio.get_running_loop().create_future()
 
@@ -111,21 +113,48 @@ class Turns:
 class ChatWorker:
     def __init__(self):
         self.loop = asyncio.get_running_loop()
-        self.turns = Turns(settings.CHAT_REQUESTS_PER_USER)
+        self.turns = Turns(settings.CHAT_REQUESTS_PER_USER, settings.CHAT_BATCH)
         self.proc = None
+        self.inboxes: dict[str, asyncio.Queue] = {}  # the running requests' messages, by request id
+        self._starting = asyncio.Lock()
+        self._reader = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
 
     async def _start(self):
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training", "chat-worker", cwd=settings.BASE_DIR, env=worker_env(),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24,
-            preexec_fn=die_with_parent(signal.SIGTERM))
+        async with self._starting:  # the turns granted at once start one worker
+            if self.alive():
+                return
+            self.inboxes = {}  # this worker's requests (a dead worker's reader may still empty its own)
+            self.proc = proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "training", "chat-worker", cwd=settings.BASE_DIR, env=worker_env(),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24,
+                preexec_fn=die_with_parent(signal.SIGTERM))
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                line = b""
+            if not line.startswith(b'{"ready"'):
+                self.stop()
+                raise ServiceError(_("the generation worker did not start; the server log says why"), status=503)
+            self._reader = asyncio.create_task(self._read(proc, self.inboxes))
+
+    async def _read(self, proc, inboxes: dict):
+        """Hand each of the worker's lines to its request; when the worker ends, each of its requests hears None."""
         try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            line = b""
-        if not line.startswith(b'{"ready"'):
-            self.stop()
-            raise ServiceError(_("the generation worker did not start; the server log says why"), status=503)
+            while line := await proc.stdout.readline():
+                msg = json.loads(line)
+                inbox = inboxes.get(msg.get("id"))
+                if inbox is not None:  # else the tail of a request that went away
+                    inbox.put_nowait(msg)
+        except (OSError, ValueError):
+            pass
+        finally:
+            if self.proc is proc:
+                self.stop()
+            for inbox in inboxes.values():
+                inbox.put_nowait(None)
 
     def stop(self):
         if self.proc is not None and self.proc.returncode is None:
@@ -137,19 +166,24 @@ class ChatWorker:
 
     async def aclose(self):
         """Stop the worker and wait for it (its pipes close on this event loop)."""
-        proc = self.proc
+        proc, reader = self.proc, self._reader
         self.stop()
         if proc is not None:
             await proc.wait()
+        if reader is not None:
+            await reader
 
     async def _send(self, msg: dict):
-        self.proc.stdin.write((json.dumps(msg, ensure_ascii=False) + "\n").encode())
-        await self.proc.stdin.drain()
+        try:
+            self.proc.stdin.write((json.dumps(msg, ensure_ascii=False) + "\n").encode())
+            await self.proc.stdin.drain()
+        except (AttributeError, OSError):  # the worker ended meanwhile (no process, or a closed pipe)
+            raise _stopped() from None
 
     async def stream(self, request: dict, who):
-        """Yield ``{"queued": n}`` while ``who``'s request waits for its turn (n generations start before it; again
-        whenever n changes), then the worker's messages (deltas, then ``done``); errors raise ServiceError (429: the
-        user has ``CHAT_REQUESTS_PER_USER`` requests here already)."""
+        """Yield ``{"queued": n}`` while ``who``'s request waits for its turn (n generations end before it starts;
+        again whenever n changes), then the worker's messages (deltas, then ``done``); errors raise ServiceError (429:
+        the user has ``CHAT_REQUESTS_PER_USER`` requests here already)."""
         ticket = self.turns.enter(who)
         try:
             shown = None
@@ -159,20 +193,17 @@ class ChatWorker:
                     shown = ahead
                     yield {"queued": ahead}
                 await self.turns.changed()
-            if self.proc is None or self.proc.returncode is not None:
+            if not self.alive():
                 await self._start()
-            rid = uuid.uuid4().hex
-            await self._send({**request, "id": rid})
+            rid, inboxes = uuid.uuid4().hex, self.inboxes
+            inbox = inboxes[rid] = asyncio.Queue()
             finished = False
             try:
+                await self._send({**request, "id": rid})
                 while True:
-                    line = await self.proc.stdout.readline()
-                    if not line:
-                        self.proc = None
-                        raise ServiceError(_("the generation worker stopped; try again"), status=503)
-                    msg = json.loads(line)
-                    if msg.get("id") != rid:
-                        continue  # the tail of an earlier, cancelled request
+                    msg = await inbox.get()
+                    if msg is None:
+                        raise _stopped()
                     if "error" in msg:
                         finished = True
                         pair = explained(msg)
@@ -182,25 +213,25 @@ class ChatWorker:
                     if finished:
                         return
             finally:
-                if not finished and self.proc is not None:
-                    await self._cancel(rid)
+                if not finished and self.alive() and inboxes is self.inboxes:
+                    await self._cancel(rid, inbox)
+                inboxes.pop(rid, None)
         finally:
             self.turns.leave(ticket)
 
-    async def _cancel(self, rid: str):
-        """Stop the worker's generation for ``rid`` and read up to its end (or restart a worker that hangs)."""
+    async def _cancel(self, rid: str, inbox: asyncio.Queue):
+        """Stop the worker's generation for ``rid`` and wait for its end (or restart a worker that hangs)."""
         try:
             await self._send({"cancel": rid})
             async with asyncio.timeout(30):
-                while True:
-                    line = await self.proc.stdout.readline()
-                    if not line:
-                        break
-                    msg = json.loads(line)
-                    if msg.get("id") == rid and (msg.get("done") or "error" in msg):
-                        break
-        except (TimeoutError, OSError, ValueError):
+                while (msg := await inbox.get()) is not None and not (msg.get("done") or "error" in msg):
+                    pass
+        except (TimeoutError, ServiceError):
             self.stop()
+
+
+def _stopped() -> ServiceError:
+    return ServiceError(_("the generation worker stopped; try again"), status=503)
 
 
 def worker_env() -> dict:

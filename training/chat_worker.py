@@ -1,8 +1,10 @@
 """``python -m training chat-worker``: a generation process for the playground and the OpenAI-compatible API.
 
 It reads one JSON request per line on stdin and answers with JSON lines on stdout, so the web server never loads
-torch or blocks on generation. Models stay loaded (the two most recently used). One request runs at a time; a
-``{"cancel": ID}`` line stops it at the next token. The process exits when stdin closes (its web server is gone).
+torch or blocks on generation. Models stay loaded (the two most recently used). The requests it is sent are
+generated together, one batch per model (``Batch``: one forward pass per token for all of them; the web process decides
+how many it sends at once); a ``{"cancel": ID}`` line stops one at its next token. The process exits when stdin closes
+(its web server is gone).
 
 Request: ``{"id", "model": {"path", "config", "tokenizer"}, "messages": [...], "max_new_tokens", "temperature",
 "top_p", "thinking", "seed"}``. Answers: ``{"id", "reasoning": "..."}`` / ``{"id", "content": "..."}`` deltas as
@@ -17,7 +19,7 @@ import os
 import queue
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 
@@ -25,6 +27,11 @@ from .spec import Explained, error_report, gettext_noop
 from .tokenizer import EOS_ID, PAD_ID
 
 MAX_NEW_TOKENS = 4096
+# The tokens (prompt and max_new_tokens) the chats generating at once may reserve together: one MiniMind-3 context
+# and a half, ~1.2 GB of fp32 KV cache for its 64M model. A chat beyond it waits in the worker until others end; a chat
+# alone always runs. Padding at most doubles it: a chat joins a batch only where the padded cache stays within twice
+# its real tokens, else it starts another batch of the same model.
+KV_TOKENS = 49152
 END_THINK = "</think>"
 
 
@@ -90,86 +97,208 @@ class Splitter:
         return out
 
 
-class _Streamer:
-    """transformers' streamer hook: decode after every token and send what is new."""
+class Chat:
+    """One request being generated: its sampling (its own random generator: a seed repeats a reply; beside other
+    chats up to the batch's float rounding), its tokens so far and its stream of deltas."""
 
-    def __init__(self, tok, rid: str, splitter: Splitter, prompt_len: int):
-        self.tok, self.rid, self.splitter, self.prompt_len = tok, rid, splitter, prompt_len
-        self.ids: list[int] = []
-        self.skipped_prompt = False
+    def __init__(self, req: dict, tok, prompt_len: int, limit: int, cancel: threading.Event):
+        from transformers.generation.logits_process import TopPLogitsWarper
 
-    def put(self, value):
-        if not self.skipped_prompt:  # generate() first hands over the prompt
-            self.skipped_prompt = True
-            return
-        self.ids += [i for i in value.reshape(-1).tolist() if i not in (EOS_ID, PAD_ID)]
-        self.flush(final=False)
+        self.rid, self.tok, self.cancel, self.prompt_len = req.get("id", ""), tok, cancel, prompt_len
+        self.max_new = max(1, min(int(req.get("max_new_tokens") or 512), MAX_NEW_TOKENS, limit - prompt_len))
+        self.temperature = float(req.get("temperature", 0.85))
+        top_p = float(req.get("top_p", 0.85))
+        self.sampling = self.temperature > 0
+        self.top_p = TopPLogitsWarper(top_p) if self.sampling and top_p < 1 else None  # as generate skips it at 1
+        self.generator = torch.Generator()
+        if req.get("seed") is not None:
+            self.generator.manual_seed(int(req["seed"]))
+        else:
+            self.generator.seed()
+        self.splitter = Splitter(bool(req.get("thinking")))
+        self.new: list[int] = []  # the generated ids, the closing eos included
+        self.reserved = prompt_len + self.max_new
+
+    def take(self, logits: torch.Tensor) -> bool:
+        """Choose the next token from its logits (greedy at temperature 0, else temperature and top-p sampling as
+        transformers' ``generate`` does them), stream what it adds, and say whether the chat goes on."""
+        if not self.sampling:
+            token = int(logits.argmax())
+        else:
+            scores = logits.float()[None] / self.temperature
+            if self.top_p is not None:
+                scores = self.top_p(None, scores)
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+        self.new.append(token)
+        going = token != EOS_ID and len(self.new) < self.max_new and not self.cancel.is_set()
+        self.flush(final=not going)
+        return going
 
     def flush(self, final: bool):
-        text = self.tok.decode(self.ids, skip_special_tokens=False)
-        delta = self.splitter.deltas(text, final)
+        ids = [i for i in self.new if i not in (EOS_ID, PAD_ID)]
+        delta = self.splitter.deltas(self.tok.decode(ids, skip_special_tokens=False), final)
         if delta:
             send({"id": self.rid, **delta})
 
-    def end(self):
-        pass
+    def finish(self):
+        reason = "cancelled" if self.cancel.is_set() else "stop" if self.new[-1:] == [EOS_ID] else "length"
+        send({"id": self.rid, "done": True, "finish_reason": reason,
+              "usage": {"prompt_tokens": self.prompt_len, "completion_tokens": len(self.new),
+                        "total_tokens": self.prompt_len + len(self.new)}})
 
 
-class _Cancelled:
-    """A stopping criterion that ends generation once the request is cancelled."""
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x`` padded with zeros at the start of dimension ``dim`` to ``width``."""
+    if x.shape[dim] == width:
+        return x
+    shape = list(x.shape)
+    shape[dim] = width - x.shape[dim]
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
-    def __init__(self, event: threading.Event):
-        self.event = event
 
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+class Batch:
+    """The chats of one model, generated together: one forward pass gives every chat its next token, so a class's
+    chats share the reading of the weights that bounds a decoding step on the CPU (docs/decisions.md). A new chat's
+    prompt is read alone, then its KV cache joins the batch's, left-padded to a common length (the attention mask
+    hides the padding, the position ids are each chat's own); a chat that ends leaves the batch at once, and the
+    padding no chat needs any more is cut away."""
+
+    def __init__(self, model):
+        self.model, self.chats = model, []
+        self.cache = self.mask = self.last = self.pos = None  # KV cache, [B, T] mask, [B] next input, [B] positions
+
+    def fits(self, model, prompt_len: int) -> bool:
+        """Whether a chat with this prompt may join: the same model, and the padded cache within twice its real
+        tokens (a long conversation beside short ones would pad every one of them to its length)."""
+        if model is not self.model or self.mask is None:
+            return model is self.model
+        rows, width = self.mask.shape
+        return (rows + 1) * max(width, prompt_len) <= 2 * (int(self.mask.sum()) + prompt_len)
+
+    def add(self, chat: Chat, ids: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        out = self.model(input_ids=ids, use_cache=True, cache=DynamicCache(), logits_to_keep=1)
+        if not chat.take(out.logits[0, -1]):
+            chat.finish()
+            return
+        width = ids.shape[1] if self.cache is None else max(ids.shape[1], self.mask.shape[1])
+        layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        mask, last, pos = torch.ones_like(ids), torch.tensor([chat.new[-1]]), torch.tensor([ids.shape[1]])
+        if self.cache is not None:
+            layers = [(torch.cat([_left_pad(k0, width, 2), _left_pad(k, width, 2)]),
+                       torch.cat([_left_pad(v0, width, 2), _left_pad(v, width, 2)]))
+                      for (k0, v0), (k, v) in zip(self._layers(), layers)]
+            mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+            last, pos = torch.cat([self.last, last]), torch.cat([self.pos, pos])
+        self.cache, self.mask, self.last, self.pos = DynamicCache(ddp_cache_data=layers), mask, last, pos
+        self.chats.append(chat)
+
+    def step(self) -> None:
+        """One token for every chat; the chats that end leave."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        logits = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
+                            cache=self.cache, use_cache=True).logits[:, -1]
+        going = []
+        for i, chat in enumerate(self.chats):
+            if chat.take(logits[i]):
+                going.append(i)
+            else:
+                chat.finish()
+        self.last = torch.tensor([chat.new[-1] for chat in self.chats])
+        self.pos += 1
+        if len(going) < len(self.chats):
+            self._keep(going)
+
+    def _layers(self):
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def _keep(self, rows: list[int]) -> None:
+        from transformers import DynamicCache
+
+        self.chats = [self.chats[i] for i in rows]
+        if not rows:
+            self.cache = self.mask = self.last = self.pos = None
+            return
+        index = torch.tensor(rows)
+        mask = self.mask[index]
+        start = int(mask.any(0).long().argmax())  # the columns before it are padding for every chat left
+        self.mask, self.last, self.pos = mask[:, start:], self.last[index], self.pos[index]
+        self.cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
+                                                  for k, v in self._layers()])
+
+    def fail(self, exc: Exception) -> None:
+        for chat in self.chats:
+            send({"id": chat.rid, **error_report(exc)})
+        self.chats, self.cache = [], None
 
 
-def generate(models: Models, req: dict, cancel: threading.Event) -> None:
-    from transformers import StoppingCriteriaList
+class Chats:
+    """Every chat the worker holds: the batches generating, and the chats waiting for room (``KV_TOKENS``)."""
 
-    rid = req.get("id", "")
-    model, tok = models.get(req["model"])
-    thinking = bool(req.get("thinking"))
-    prompt = tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True,
-                                     open_thinking=thinking)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    limit = int(req.get("max_position_embeddings") or model.config.max_position_embeddings)
-    if ids.shape[1] >= limit:  # positions the model never learned: text out of noise, and a prefill of minutes
-        raise Explained(gettext_noop("the conversation is %(tokens)s tokens long and this model reads at most "
-                                     "%(limit)s: shorten it or start a new chat"), tokens=int(ids.shape[1]), limit=limit)
-    max_new = max(1, min(int(req.get("max_new_tokens") or 512), MAX_NEW_TOKENS, limit - ids.shape[1]))
-    temperature = float(req.get("temperature", 0.85))
-    sampling = temperature > 0
-    if req.get("seed") is not None:
-        torch.manual_seed(int(req["seed"]))
-    streamer = _Streamer(tok, rid, Splitter(thinking), ids.shape[1])
-    kwargs = dict(max_new_tokens=max_new, do_sample=sampling, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                  streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
-    if sampling:
-        kwargs.update(temperature=temperature, top_p=float(req.get("top_p", 0.85)), top_k=0)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    streamer.flush(final=True)
-    new = out[0, ids.shape[1]:].tolist()
-    if cancel.is_set():
-        reason = "cancelled"
-    elif EOS_ID in new:
-        reason = "stop"
-    else:
-        reason = "length"
-    completion = new.index(EOS_ID) + 1 if EOS_ID in new else len(new)
-    send({"id": rid, "done": True, "finish_reason": reason,
-          "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": completion,
-                    "total_tokens": int(ids.shape[1]) + completion}})
+    def __init__(self):
+        self.models, self.batches, self.waiting = Models(), [], deque()
+
+    def take(self, req: dict, cancel: threading.Event) -> None:
+        """Read a new request's prompt (or refuse it, explained) and start it, or queue it when there is no room."""
+        model, tok = self.models.get(req["model"])
+        thinking = bool(req.get("thinking"))
+        prompt = tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True,
+                                         open_thinking=thinking)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        limit = int(req.get("max_position_embeddings") or model.config.max_position_embeddings)
+        if ids.shape[1] >= limit:  # positions the model never learned: text out of noise, and a prefill of minutes
+            raise Explained(gettext_noop("the conversation is %(tokens)s tokens long and this model reads at most "
+                                         "%(limit)s: shorten it or start a new chat"), tokens=int(ids.shape[1]),
+                            limit=limit)
+        self.waiting.append((model, Chat(req, tok, int(ids.shape[1]), limit, cancel), ids))
+        self.admit()
+
+    def admit(self) -> None:
+        """Start the waiting chats, first come first served, while they fit in ``KV_TOKENS`` (one always may)."""
+        for item in [item for item in self.waiting if item[1].cancel.is_set()]:  # gone before they started
+            self.waiting.remove(item)
+            item[1].finish()
+        while self.waiting:
+            model, chat, ids = self.waiting[0]
+            reserved = sum(c.reserved for batch in self.batches for c in batch.chats)
+            if reserved and reserved + chat.reserved > KV_TOKENS:
+                return
+            self.waiting.popleft()
+            batch = next((b for b in self.batches if b.fits(model, ids.shape[1])), None)
+            if batch is None:
+                batch = Batch(model)
+                self.batches.append(batch)
+            try:
+                with torch.no_grad():
+                    batch.add(chat, ids)
+            except Exception as exc:  # its prompt could not be read (memory): this chat ends, the others go on
+                sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
+                send({"id": chat.rid, **error_report(exc)})
+
+    def step(self) -> None:
+        """One token for every generating chat; the ended ones make room for the waiting."""
+        for batch in self.batches:
+            try:
+                if batch.chats:
+                    with torch.no_grad():
+                        batch.step()
+            except Exception as exc:  # the whole batch's step failed: its chats end, the worker goes on
+                sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
+                batch.fail(exc)
+        self.batches = [batch for batch in self.batches if batch.chats]
+        self.admit()
+
+    def ids(self) -> set:
+        return {c.rid for batch in self.batches for c in batch.chats} | {c.rid for _, c, _ in self.waiting}
 
 
 def main() -> int:
     from . import threads_given
 
     torch.set_num_threads(threads_given() or max(1, min(4, os.cpu_count() or 1)))
-    requests: queue.Queue = queue.Queue()
-    current = {"id": None, "cancel": threading.Event()}
+    inbox: queue.Queue = queue.Queue()
+    cancels: dict[str, threading.Event] = {}  # the requests taken and not finished, by id
 
     def read_stdin():
         for line in sys.stdin:
@@ -179,25 +308,34 @@ def main() -> int:
                 send({"error": "request is not JSON"})
                 continue
             if "cancel" in msg:
-                if msg["cancel"] == current["id"]:
-                    current["cancel"].set()
+                if msg["cancel"] in cancels:
+                    cancels[msg["cancel"]].set()
             else:
-                requests.put(msg)
-        current["cancel"].set()
-        requests.put(None)  # stdin closed: the web server is gone
+                inbox.put((msg, cancels.setdefault(msg.get("id", ""), threading.Event())))
+        inbox.put(None)  # stdin closed: the web server is gone
 
     threading.Thread(target=read_stdin, daemon=True).start()
-    models = Models()
+    chats, taken_ids = Chats(), set()
     send({"ready": True, "threads": torch.get_num_threads()})
     while True:
-        req = requests.get()
-        if req is None:
-            return 0
-        current["cancel"] = threading.Event()
-        current["id"] = req.get("id")
-        try:
-            generate(models, req, current["cancel"])
-        except Exception as exc:  # one request's problem must not end the worker
-            sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
-            send({"id": req.get("id"), **error_report(exc)})
-        current["id"] = None
+        try:  # wait for work only when nothing is being generated
+            taken = [inbox.get(block=not chats.batches)]
+        except queue.Empty:
+            taken = []
+        while not inbox.empty():
+            taken.append(inbox.get_nowait())
+        for item in taken:
+            if item is None:
+                return 0
+            req, cancel = item
+            taken_ids.add(req.get("id", ""))
+            try:
+                chats.take(req, cancel)
+            except Exception as exc:  # one request's problem must not end the worker
+                sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
+                send({"id": req.get("id"), **error_report(exc)})
+        chats.step()
+        ended = taken_ids - chats.ids()
+        for rid in ended:
+            cancels.pop(rid, None)
+        taken_ids -= ended

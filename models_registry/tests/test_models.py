@@ -276,16 +276,17 @@ def test_chat_workers_share_the_cores(monkeypatch, settings):
 
 
 def test_a_class_chats_take_turns_at_the_generation_worker(tiny, settings):
-    """One generation runs at a time per web process. A member whose script sends several chats at once used to hold
-    every classmate's behind all of them (first come, first served); now the next turn goes to the user whose last
-    turn began longest ago, each waiting chat is told how many start before it, and a user's chats beyond
-    CHAT_REQUESTS_PER_USER are refused (429) instead of queueing without bound. The real worker and model."""
+    """CHAT_BATCH generations run at once per web process (here one). A member whose script sends several chats at
+    once used to hold every classmate's behind all of them (first come, first served); now the next turn goes to the
+    user whose last turn began longest ago, each waiting chat is told how many end before it starts, and a user's
+    chats beyond CHAT_REQUESTS_PER_USER are refused (429) instead of queueing without bound. The real worker and
+    model."""
     import asyncio
 
     from minicloud.errors import ServiceError
     from models_registry.inference import ChatWorker, model_entry
 
-    settings.CHAT_REQUESTS_PER_USER = 3
+    settings.CHAT_REQUESTS_PER_USER, settings.CHAT_BATCH = 3, 1
     request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 2,
                "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
     started, queued = [], {}
@@ -312,7 +313,7 @@ def test_a_class_chats_take_turns_at_the_generation_worker(tiny, settings):
             assert refused.value.status == 429
             worker.turns.check(2)  # member 2 holds one
             await asyncio.gather(*tasks)
-            assert not worker.turns.held and worker.turns.running is None and not worker.turns.waiting
+            assert not worker.turns.held and not worker.turns.running and not worker.turns.waiting
         finally:
             await worker.aclose()
 
@@ -320,6 +321,46 @@ def test_a_class_chats_take_turns_at_the_generation_worker(tiny, settings):
     assert started == ["a1", "b1", "a2", "a3"]  # first come, first served: a1, a2, a3, b1
     # each waiting chat heard its place: b1 went ahead of member 1's others, then each moved up as turns ended
     assert queued == {"a1": [], "a2": [1, 2, 1], "a3": [2, 3, 2, 1], "b1": [1]}
+
+
+def test_a_class_chats_are_generated_together_at_the_worker(tiny, settings):
+    """Up to CHAT_BATCH chats run at once at a web process's worker, generated together (one forward pass per token
+    for all): two classmates' replies stream side by side, a third waits until one of them ends (told so), and each
+    greedy reply is the one it gets alone. Before, one chat generated at a time: b's reply began after a's ended."""
+    import asyncio
+
+    from models_registry.inference import ChatWorker, model_entry
+
+    settings.CHAT_BATCH = 2
+    request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 24,
+               "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
+    events = []
+
+    async def chat(worker, who):
+        text = ""
+        async for msg in worker.stream(request, who):
+            events.append((who, "queued" if "queued" in msg else "done" if msg.get("done") else "delta"))
+            text += msg.get("content", "")
+        return text
+
+    async def main():
+        worker = ChatWorker()
+        try:
+            alone = await chat(worker, "alone")
+            events.clear()
+            a, b = asyncio.create_task(chat(worker, "a")), asyncio.create_task(chat(worker, "b"))
+            await asyncio.sleep(0)  # a and b take the two turns, c waits
+            together = await asyncio.gather(a, b, chat(worker, "c"))
+            assert not worker.turns.held and not worker.turns.running and not worker.turns.waiting
+            return alone, together
+        finally:
+            await worker.aclose()
+
+    alone, together = asyncio.run(main())
+    assert alone and together == [alone, alone, alone]
+    first_done = min(events.index(("a", "done")), events.index(("b", "done")))
+    assert ("a", "delta") in events[:first_done] and ("b", "delta") in events[:first_done], events
+    assert events[0] == ("c", "queued") and events.index(("c", "delta")) > first_done, events
 
 
 def test_a_refused_chat_says_when_to_try_again_as_openai_does():
@@ -345,7 +386,7 @@ def test_a_conversation_longer_than_the_model_reads_is_refused_in_the_readers_la
     assert message.startswith("对话长 ") and "此模型最多读取 32768 个" in message, message
 
 
-def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny):
+def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny, settings):
     """The worker killed while it generates (the OOM killer, say): that chat says so (503, try again), the chat
     waiting for its turn starts a new worker and is answered, and no turn is left held."""
     import asyncio
@@ -355,6 +396,7 @@ def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny):
     from minicloud.errors import ServiceError
     from models_registry.inference import ChatWorker, model_entry
 
+    settings.CHAT_BATCH = 1  # "next" waits for its turn
     request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 200,
                "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
     outcome = {}
@@ -374,7 +416,7 @@ def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny):
         worker = ChatWorker()
         try:
             await asyncio.gather(chat(worker, "killed", kill=True), chat(worker, "next"))
-            assert not worker.turns.held and worker.turns.running is None
+            assert not worker.turns.held and not worker.turns.running
         finally:
             await worker.aclose()
 

@@ -146,6 +146,154 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
         assert proc.wait(timeout=30) == 0
 
 
+def test_chat_worker_generates_chats_together_each_as_it_would_alone(demo_dir, tmp_path):
+    """Chats sent at once share one forward pass per token (their deltas interleave), and each greedy reply is the one
+    it gets alone, token for token as transformers' generate gives it. A seed repeats a sampled reply (its chat's own
+    generator); beside other chats only up to the batch's float rounding, as OpenAI's seed is best effort."""
+    from training.chat import load_hf_tokenizer
+    from training.model import load_model
+    from training.tokenizer import EOS_ID, PAD_ID
+
+    pth, cfg = _random_model(tmp_path)
+    model = {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")}
+    asks = {"short": dict(content="1+1=", temperature=0),
+            "long": dict(content="a longer question, asked with many more words than the others " * 3, temperature=0,
+                         max_new_tokens=8),  # leaves first: the padding it needed is cut from the batch's cache
+            "seeded": dict(content="tell me a story", temperature=1.0, top_p=0.9, seed=7)}
+    proc = subprocess.Popen([sys.executable, "-m", "training", "chat-worker"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def ask(prefix, *names):
+        for name in names:
+            a = dict(asks[name])
+            proc.stdin.write(json.dumps({"id": prefix + name, "model": model, "max_new_tokens": 24,
+                                         "messages": [{"role": "user", "content": a.pop("content")}], **a}) + "\n")
+        proc.stdin.flush()
+
+    def replies(prefix, names):
+        text, done, order = dict.fromkeys(names, ""), {}, []
+        while len(done) < len(names):
+            msg = json.loads(proc.stdout.readline())
+            name = msg["id"][len(prefix):]
+            assert msg["id"].startswith(prefix) and "error" not in msg, msg
+            order.append((name, bool(msg.get("done"))))
+            text[name] += msg.get("content", "")
+            if msg.get("done"):
+                done[name] = msg
+        return text, done, order
+
+    try:
+        assert json.loads(proc.stdout.readline())["ready"]
+        alone = {}
+        for name in asks:  # one at a time: each waits for the previous reply
+            ask("alone-", name)
+            text, done, _ = replies("alone-", [name])
+            alone[name] = (text[name], done[name]["usage"])
+        ask("again-", "seeded")
+        text, _, _ = replies("again-", ["seeded"])
+        assert text["seeded"] == alone["seeded"][0]
+        ask("together-", *asks)
+        text, done, order = replies("together-", list(asks))
+        assert {name: (text[name], done[name]["usage"]) for name in ("short", "long")} == {
+            name: alone[name] for name in ("short", "long")}
+        assert done["seeded"]["usage"]["completion_tokens"] <= 24 and text["seeded"]
+        before_first_done = {name for name, is_done in order[:order.index(next(o for o in order if o[1]))]}
+        assert len(before_first_done) > 1, order  # generated side by side, not one after the other
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+    m, _ = load_model({"path": str(pth), "config": cfg})
+    tok = load_hf_tokenizer(demo_dir / "demo-tokenizer")
+    for name in ("short", "long"):
+        prompt = tok.apply_chat_template([{"role": "user", "content": asks[name]["content"]}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = m.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=asks[name].get("max_new_tokens", 24),
+                                eos_token_id=EOS_ID, pad_token_id=PAD_ID)[0, ids.shape[1]:].tolist()
+        assert tok.decode([i for i in out if i not in (EOS_ID, PAD_ID)]) == alone[name][0]
+
+
+def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, monkeypatch):
+    """A long conversation does not pad short ones to its length (it starts a batch of its own), the chats generating
+    at once reserve at most KV_TOKENS (a chat beyond waits in the worker until one ends), and a waiting chat whose
+    client went away ends without its prompt being read. Every greedy reply is still the one it gets alone."""
+    import threading
+
+    from training import chat_worker
+
+    pth, cfg = _random_model(tmp_path)
+    model = {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")}
+    sent, seen = [], {}  # what each chat streamed; the logits each chat chose its tokens from
+    monkeypatch.setattr(chat_worker, "send", sent.append)
+    take = chat_worker.Chat.take
+
+    def recording_take(chat, logits):
+        seen.setdefault(chat.rid, []).append(logits.clone())
+        return take(chat, logits)
+
+    monkeypatch.setattr(chat_worker.Chat, "take", recording_take)
+
+    def request(rid, words, tokens):
+        return {"id": rid, "model": model, "messages": [{"role": "user", "content": "word " * words}],
+                "max_new_tokens": tokens, "temperature": 0}
+
+    def run(chats, *reqs):
+        events = {}
+        for req in reqs:
+            events[req["id"]] = threading.Event()
+            chats.take(req, events[req["id"]])
+        return events
+
+    def replies():
+        out = {}
+        for msg in sent:
+            out.setdefault(msg["id"], []).append(msg)
+        sent.clear()
+        return {rid: ("".join(m.get("content", "") for m in msgs), msgs[-1]["finish_reason"]) for rid, msgs in out.items()}
+
+    def same_logits(before):
+        assert before.keys() == seen.keys()
+        for rid in seen:  # every step of every chat: the batch (its padding, its cut cache) changes nothing
+            assert len(seen[rid]) == len(before[rid])
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(seen[rid], before[rid])), rid
+        seen.clear()
+
+    alone = {}
+    for rid, words, tokens in [("short1", 2, 12), ("short2", 3, 5), ("long", 300, 12)]:
+        chats = chat_worker.Chats()
+        run(chats, request(rid, words, tokens))
+        while chats.batches:
+            chats.step()
+        alone.update(replies())
+    alone_logits, seen = seen, {}
+
+    chats = chat_worker.Chats()
+    run(chats, request("short1", 2, 12), request("short2", 3, 5), request("long", 300, 12))
+    assert [[c.rid for c in b.chats] for b in chats.batches] == [["short1", "short2"], ["long"]]
+    assert chats.batches[0].mask.shape[1] < 40  # not padded to the long prompt's 300-odd tokens
+    while chats.batches:
+        chats.step()
+    assert replies() == alone
+    same_logits(alone_logits)
+
+    monkeypatch.setattr(chat_worker, "KV_TOKENS", 320)
+    chats = chat_worker.Chats()
+    gone = run(chats, request("long", 300, 12), request("short1", 2, 12), request("gone", 2, 12))["gone"]
+    assert [[c.rid for c in b.chats] for b in chats.batches] == [["long"]]
+    assert [c.rid for _, c, _ in chats.waiting] == ["short1", "gone"]
+    gone.set()  # its client went away while it waited
+    steps = 0
+    while chats.batches or chats.waiting:
+        chats.step()
+        steps += 1
+        if chats.batches and chats.batches[0].chats[0].rid == "short1":
+            assert not chats.waiting and len(chats.batches) == 1
+    assert replies() == {"long": alone["long"], "short1": alone["short1"], "gone": ("", "cancelled")}
+    assert steps >= 20  # one after the other
+    same_logits({rid: alone_logits[rid] for rid in ("long", "short1")})
+
+
 def test_eval_stage_measures_loss_preferences_and_answers_and_sft_beats_pretrain(trained, demo_dir, tmp_path,
                                                                                     capsys):
     from .conftest import run_inprocess
