@@ -29,23 +29,15 @@ HERE = Path(__file__).resolve().parent
 
 def measure(args):
     """One run in this process: the tree this file lies in."""
-    from fresh_portal import fresh_portal
+    from fresh_portal import fresh_portal, minimind3_chat_model
 
     home = fresh_portal("minicloud-chat-batch-")
-    import torch
     from django.conf import settings
 
     from models_registry.inference import ChatWorker, worker_env
-    from models_registry.models import Tokenizer
-    from training.model import build_model, save_pth
-    from training.spec import model_config, resolve_config
 
-    torch.manual_seed(0)
-    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 768, "num_hidden_layers": 8}))
-    weights = home / "minimind3.pth"
-    save_pth(build_model(mcfg), weights)
     settings.CHAT_BATCH = args.batch
-    entry = {"path": str(weights), "config": mcfg, "tokenizer": Tokenizer.demo().path}
+    entry = minimind3_chat_model(home)
 
     def request(text, tokens, seed=0):
         return {"model": entry, "messages": [{"role": "user", "content": text}], "max_new_tokens": tokens,

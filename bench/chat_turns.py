@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from fresh_portal import fresh_portal
+from fresh_portal import fresh_portal, minimind3_chat_model
 
 
 def main():
@@ -25,13 +25,9 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     home = fresh_portal("minicloud-chat-turns-")
-    import torch
     from django.conf import settings
 
     from models_registry.inference import ChatWorker, Turns, worker_env
-    from models_registry.models import Tokenizer
-    from training.model import build_model, save_pth
-    from training.spec import model_config, resolve_config
 
     class FirstComeFirstServed(Turns):
         """The previous order: the waiting requests as they came (an asyncio.Lock wakes its waiters so)."""
@@ -39,12 +35,8 @@ def main():
         def order(self):
             return list(self.waiting)
 
-    torch.manual_seed(0)
-    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 768, "num_hidden_layers": 8}))
-    weights = home / "minimind3.pth"
-    save_pth(build_model(mcfg), weights)
     settings.CHAT_REQUESTS_PER_USER = args.chats
-    entry = {"path": str(weights), "config": mcfg, "tokenizer": Tokenizer.demo().path}
+    entry = minimind3_chat_model(home)
 
     def request(text):
         return {"model": entry, "messages": [{"role": "user", "content": text}], "max_new_tokens": args.tokens,

@@ -23,3 +23,19 @@ def fresh_portal(prefix: str) -> Path:
 
     call_command("migrate", verbosity=0)
     return home
+
+
+def minimind3_chat_model(home: Path) -> dict:
+    """A random model of MiniMind-3's shape (768 wide, 8 layers; seed 0) saved under ``home``, as the generation
+    worker's model entry (with the demo tokenizer)."""
+    import torch
+
+    from models_registry.models import Tokenizer
+    from training.model import build_model, save_pth
+    from training.spec import model_config, resolve_config
+
+    torch.manual_seed(0)
+    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 768, "num_hidden_layers": 8}))
+    weights = home / "minimind3.pth"
+    save_pth(build_model(mcfg), weights)
+    return {"path": str(weights), "config": mcfg, "tokenizer": Tokenizer.demo().path}
