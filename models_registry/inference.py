@@ -4,8 +4,8 @@ The web server never imports torch and never blocks on a model: it writes reques
 token deltas as they arrive (asyncio; one reader hands each line to its request). Up to ``CHAT_BATCH`` generations run
 at once per web process, generated together by the worker (one forward pass per token for all of them), the rest
 wait in fair turns between users (``Turns``: one member's many requests never hold a classmate's behind all of
-them); a client that goes away cancels its generation at the next token, or leaves the queue. The worker runs on the CPU (``CUDA_VISIBLE_DEVICES=""``):
-the GPUs belong to the scheduler's jobs.
+them); a client that goes away cancels its generation at the next token, or leaves the queue. The worker runs on the
+CPU (``CUDA_VISIBLE_DEVICES=""``): the GPUs belong to the scheduler's jobs.
 """
 from __future__ import annotations
 

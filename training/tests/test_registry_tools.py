@@ -250,7 +250,8 @@ def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, mon
         for msg in sent:
             out.setdefault(msg["id"], []).append(msg)
         sent.clear()
-        return {rid: ("".join(m.get("content", "") for m in msgs), msgs[-1]["finish_reason"]) for rid, msgs in out.items()}
+        return {rid: ("".join(m.get("content", "") for m in msgs), msgs[-1]["finish_reason"])
+                for rid, msgs in out.items()}
 
     def same_logits(before):
         assert before.keys() == seen.keys()
