@@ -40,6 +40,12 @@ def send(obj) -> None:
     sys.stdout.flush()
 
 
+def fail(rid, exc: Exception) -> None:
+    """Answer request ``rid`` with its error (and log it); the worker goes on."""
+    sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
+    send({"id": rid, **error_report(exc)})
+
+
 class Models:
     """The most recently used models and their tokenizers, loaded on the CPU in fp32."""
 
@@ -229,7 +235,7 @@ class Batch:
 
     def fail(self, exc: Exception) -> None:
         for chat in self.chats:
-            send({"id": chat.rid, **error_report(exc)})
+            fail(chat.rid, exc)
         self.chats, self.cache = [], None
 
 
@@ -273,8 +279,7 @@ class Chats:
                 with torch.no_grad():
                     batch.add(chat, ids)
             except Exception as exc:  # its prompt could not be read (memory): this chat ends, the others go on
-                sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
-                send({"id": chat.rid, **error_report(exc)})
+                fail(chat.rid, exc)
 
     def step(self) -> None:
         """One token for every generating chat; the ended ones make room for the waiting."""
@@ -284,7 +289,6 @@ class Chats:
                     with torch.no_grad():
                         batch.step()
             except Exception as exc:  # the whole batch's step failed: its chats end, the worker goes on
-                sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
                 batch.fail(exc)
         self.batches = [batch for batch in self.batches if batch.chats]
         self.admit()
@@ -332,8 +336,7 @@ def main() -> int:
             try:
                 chats.take(req, cancel)
             except Exception as exc:  # one request's problem must not end the worker
-                sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
-                send({"id": req.get("id"), **error_report(exc)})
+                fail(req.get("id"), exc)
         chats.step()
         ended = taken_ids - chats.ids()
         for rid in ended:

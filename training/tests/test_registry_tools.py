@@ -97,11 +97,16 @@ def test_splitter_streams_reasoning_then_content():
     assert Splitter(thinking=False).deltas("plain") == {"content": "plain"}
 
 
+def _chat_worker():
+    """A ``python -m training chat-worker`` with one thread, as the web process starts it."""
+    return subprocess.Popen([sys.executable, "-m", "training", "chat-worker"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
 def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path):
     pth, cfg = _random_model(tmp_path)
     model = {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")}
-    proc = subprocess.Popen([sys.executable, "-m", "training", "chat-worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = _chat_worker()
     try:  # its share of the cores, from the web process (models_registry/inference.py worker_env)
         assert json.loads(proc.stdout.readline()) == {"ready": True, "threads": 1}
 
@@ -160,8 +165,7 @@ def test_chat_worker_generates_chats_together_each_as_it_would_alone(demo_dir, t
             "long": dict(content="a longer question, asked with many more words than the others " * 3, temperature=0,
                          max_new_tokens=8),  # leaves first: the padding it needed is cut from the batch's cache
             "seeded": dict(content="tell me a story", temperature=1.0, top_p=0.9, seed=7)}
-    proc = subprocess.Popen([sys.executable, "-m", "training", "chat-worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = _chat_worker()
 
     def ask(prefix, *names):
         for name in names:
