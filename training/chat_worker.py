@@ -3,8 +3,9 @@
 It reads one JSON request per line on stdin and answers with JSON lines on stdout, so the web server never loads
 torch or blocks on generation. Models stay loaded (the two most recently used). The requests it is sent are
 generated together, one batch per model (``Batch``: one forward pass per token for all of them; the web process decides
-how many it sends at once); a ``{"cancel": ID}`` line stops one at its next token. The process exits when stdin closes
-(its web server is gone).
+how many it sends at once; a new chat's prompt is read ``PREFILL_CHUNK`` tokens between two decoding steps of the
+others); a ``{"cancel": ID}`` line stops one at its next token. The process exits when stdin closes (its web server
+is gone).
 
 Request: ``{"id", "model": {"path", "config", "tokenizer"}, "messages": [...], "max_new_tokens", "temperature",
 "top_p", "thinking", "seed"}``. Answers: ``{"id", "reasoning": "..."}`` / ``{"id", "content": "..."}`` deltas as
@@ -32,6 +33,11 @@ MAX_NEW_TOKENS = 4096
 # alone always runs. Padding at most doubles it: a chat joins a batch only where the padded cache stays within twice
 # its real tokens, else it starts another batch of the same model.
 KV_TOKENS = 49152
+# The prompt tokens read between two decoding steps: a new chat's prompt is read a piece at a time, so a long
+# conversation that arrives does not stop the other chats' streams for the whole of its reading (chunked prefill; on
+# one thread, MiniMind-3's size: a wait of ~1.1 s per token beside an 8,000-token prompt instead of 20 s for all of
+# it; smaller pieces delay the long conversation's own first token more, docs/decisions.md).
+PREFILL_CHUNK = 256
 END_THINK = "</think>"
 
 
@@ -107,11 +113,13 @@ class Chat:
     """One request being generated: its sampling (its own random generator: a seed repeats a reply; beside other
     chats up to the batch's float rounding), its tokens so far and its stream of deltas."""
 
-    def __init__(self, req: dict, tok, prompt_len: int, limit: int, cancel: threading.Event):
+    def __init__(self, req: dict, model, tok, ids: torch.Tensor, limit: int, cancel: threading.Event):
+        from transformers import DynamicCache
         from transformers.generation.logits_process import TopPLogitsWarper
 
-        self.rid, self.tok, self.cancel, self.prompt_len = req.get("id", ""), tok, cancel, prompt_len
-        self.max_new = max(1, min(int(req.get("max_new_tokens") or 512), MAX_NEW_TOKENS, limit - prompt_len))
+        self.rid, self.model, self.tok, self.cancel = req.get("id", ""), model, tok, cancel
+        self.ids, self.prompt_len, self.read, self.cache = ids, int(ids.shape[1]), 0, DynamicCache()
+        self.max_new = max(1, min(int(req.get("max_new_tokens") or 512), MAX_NEW_TOKENS, limit - self.prompt_len))
         self.temperature = float(req.get("temperature", 0.85))
         top_p = float(req.get("top_p", 0.85))
         self.sampling = self.temperature > 0
@@ -123,7 +131,16 @@ class Chat:
             self.generator.seed()
         self.splitter = Splitter(bool(req.get("thinking")))
         self.new: list[int] = []  # the generated ids, the closing eos included
-        self.reserved = prompt_len + self.max_new
+        self.reserved = self.prompt_len + self.max_new
+
+    def read_prompt(self, tokens: int):
+        """Read up to ``tokens`` more of the prompt into the chat's own KV cache; the next token's logits once the
+        whole prompt is read, else None. Read in pieces, it is the same as in one (the later pieces attend to the
+        cache of the earlier ones through the causal mask)."""
+        piece = self.ids[:, self.read:self.read + tokens]
+        out = self.model(input_ids=piece, use_cache=True, cache=self.cache, logits_to_keep=1)
+        self.read += piece.shape[1]
+        return out.logits[0, -1] if self.read == self.prompt_len else None
 
     def take(self, logits: torch.Tensor) -> bool:
         """Choose the next token from its logits (greedy at temperature 0, else temperature and top-p sampling as
@@ -165,9 +182,9 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class Batch:
     """The chats of one model, generated together: one forward pass gives every chat its next token, so a class's
     chats share the reading of the weights that bounds a decoding step on the CPU (docs/decisions.md). A new chat's
-    prompt is read alone, then its KV cache joins the batch's, left-padded to a common length (the attention mask
-    hides the padding, the position ids are each chat's own); a chat that ends leaves the batch at once, and the
-    padding no chat needs any more is cut away."""
+    prompt is read alone (``Chat.read_prompt``), then its KV cache joins the batch's, left-padded to a common length
+    (the attention mask hides the padding, the position ids are each chat's own); a chat that ends leaves the batch at
+    once, and the padding no chat needs any more is cut away."""
 
     def __init__(self, model):
         self.model, self.chats = model, []
@@ -181,16 +198,14 @@ class Batch:
         rows, width = self.mask.shape
         return (rows + 1) * max(width, prompt_len) <= 2 * (int(self.mask.sum()) + prompt_len)
 
-    def add(self, chat: Chat, ids: torch.Tensor) -> None:
+    def join(self, chat: Chat) -> None:
+        """Take in a chat whose prompt is read (and its first token chosen): its KV cache joins the batch's."""
         from transformers import DynamicCache
 
-        out = self.model(input_ids=ids, use_cache=True, cache=DynamicCache(), logits_to_keep=1)
-        if not chat.take(out.logits[0, -1]):
-            chat.finish()
-            return
-        width = ids.shape[1] if self.cache is None else max(ids.shape[1], self.mask.shape[1])
-        layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-        mask, last, pos = torch.ones_like(ids), torch.tensor([chat.new[-1]]), torch.tensor([ids.shape[1]])
+        width = chat.prompt_len if self.cache is None else max(chat.prompt_len, self.mask.shape[1])
+        layers = [(layer.keys, layer.values) for layer in chat.cache.layers]
+        mask = torch.ones(1, chat.prompt_len, dtype=torch.long)
+        last, pos = torch.tensor([chat.new[-1]]), torch.tensor([chat.prompt_len])
         if self.cache is not None:
             layers = [(torch.cat([_left_pad(k0, width, 2), _left_pad(k, width, 2)]),
                        torch.cat([_left_pad(v0, width, 2), _left_pad(v, width, 2)]))
@@ -198,6 +213,7 @@ class Batch:
             mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
             last, pos = torch.cat([self.last, last]), torch.cat([self.pos, pos])
         self.cache, self.mask, self.last, self.pos = DynamicCache(ddp_cache_data=layers), mask, last, pos
+        chat.ids = chat.cache = None  # the batch holds its cache now
         self.chats.append(chat)
 
     def step(self) -> None:
@@ -240,13 +256,17 @@ class Batch:
 
 
 class Chats:
-    """Every chat the worker holds: the batches generating, and the chats waiting for room (``KV_TOKENS``)."""
+    """Every chat the worker holds: the batches generating, the chats whose prompt is being read (``PREFILL_CHUNK``
+    tokens between two decoding steps), and the chats waiting for room (``KV_TOKENS``)."""
 
     def __init__(self):
-        self.models, self.batches, self.waiting = Models(), [], deque()
+        self.models, self.batches, self.reading, self.waiting = Models(), [], deque(), deque()
+
+    def busy(self) -> bool:
+        return bool(self.batches or self.reading)
 
     def take(self, req: dict, cancel: threading.Event) -> None:
-        """Read a new request's prompt (or refuse it, explained) and start it, or queue it when there is no room."""
+        """Tokenize a new request's prompt (or refuse it, explained) and queue it; it starts when there is room."""
         model, tok = self.models.get(req["model"])
         thinking = bool(req.get("thinking"))
         prompt = tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True,
@@ -257,32 +277,60 @@ class Chats:
             raise Explained(gettext_noop("the conversation is %(tokens)s tokens long and this model reads at most "
                                          "%(limit)s: shorten it or start a new chat"), tokens=int(ids.shape[1]),
                             limit=limit)
-        self.waiting.append((model, Chat(req, tok, int(ids.shape[1]), limit, cancel), ids))
+        self.waiting.append(Chat(req, model, tok, ids, limit, cancel))
         self.admit()
 
     def admit(self) -> None:
-        """Start the waiting chats, first come first served, while they fit in ``KV_TOKENS`` (one always may)."""
-        for item in [item for item in self.waiting if item[1].cancel.is_set()]:  # gone before they started
-            self.waiting.remove(item)
-            item[1].finish()
+        """Let the waiting chats in, first come first served, while they fit in ``KV_TOKENS`` (one always may)."""
+        for chat in [chat for chat in self.waiting if chat.cancel.is_set()]:  # gone before they started
+            self.waiting.remove(chat)
+            chat.finish()
         while self.waiting:
-            model, chat, ids = self.waiting[0]
-            reserved = sum(c.reserved for batch in self.batches for c in batch.chats)
-            if reserved and reserved + chat.reserved > KV_TOKENS:
+            reserved = sum(c.reserved for c in self._holding())
+            if reserved and reserved + self.waiting[0].reserved > KV_TOKENS:
                 return
-            self.waiting.popleft()
-            batch = next((b for b in self.batches if b.fits(model, ids.shape[1])), None)
-            if batch is None:
-                batch = Batch(model)
-                self.batches.append(batch)
+            self.reading.append(self.waiting.popleft())
+
+    def _holding(self):
+        yield from self.reading
+        for batch in self.batches:
+            yield from batch.chats
+
+    def read(self) -> None:
+        """Read up to ``PREFILL_CHUNK`` prompt tokens of the chats let in, first come first served; a chat whose
+        prompt is read takes its first token and joins a batch of its model (one where the padding at most doubles
+        its cache, else a new one)."""
+        budget = PREFILL_CHUNK
+        while self.reading and budget > 0:
+            chat = self.reading[0]
+            if chat.cancel.is_set():  # its client went away while its prompt was read
+                self.reading.popleft()
+                chat.finish()
+                continue
+            before = chat.read
             try:
                 with torch.no_grad():
-                    batch.add(chat, ids)
+                    logits = chat.read_prompt(budget)
             except Exception as exc:  # its prompt could not be read (memory): this chat ends, the others go on
+                self.reading.popleft()
                 fail(chat.rid, exc)
+                continue
+            budget -= chat.read - before
+            if logits is None:
+                return  # the budget is spent on this prompt; the rest at the next step
+            self.reading.popleft()
+            if not chat.take(logits):
+                chat.finish()
+                continue
+            batch = next((b for b in self.batches if b.fits(chat.model, chat.prompt_len)), None)
+            if batch is None:
+                batch = Batch(chat.model)
+                self.batches.append(batch)
+            batch.join(chat)
 
     def step(self) -> None:
-        """One token for every generating chat; the ended ones make room for the waiting."""
+        """One token for every generating chat, then a piece of the prompts being read; the ended chats make room
+        for the waiting."""
         for batch in self.batches:
             try:
                 if batch.chats:
@@ -291,10 +339,11 @@ class Chats:
             except Exception as exc:  # the whole batch's step failed: its chats end, the worker goes on
                 batch.fail(exc)
         self.batches = [batch for batch in self.batches if batch.chats]
+        self.read()
         self.admit()
 
     def ids(self) -> set:
-        return {c.rid for batch in self.batches for c in batch.chats} | {c.rid for _, c, _ in self.waiting}
+        return {c.rid for c in self._holding()} | {c.rid for c in self.waiting}
 
 
 def main() -> int:
@@ -323,7 +372,7 @@ def main() -> int:
     send({"ready": True, "threads": torch.get_num_threads()})
     while True:
         try:  # wait for work only when nothing is being generated
-            taken = [inbox.get(block=not chats.batches)]
+            taken = [inbox.get(block=not chats.busy())]
         except queue.Empty:
             taken = []
         while not inbox.empty():

@@ -218,85 +218,144 @@ def test_chat_worker_generates_chats_together_each_as_it_would_alone(demo_dir, t
         assert tok.decode([i for i in out if i not in (EOS_ID, PAD_ID)]) == alone[name][0]
 
 
-def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, monkeypatch):
-    """A long conversation does not pad short ones to its length (it starts a batch of its own), the chats generating
-    at once reserve at most KV_TOKENS (a chat beyond waits in the worker until one ends), and a waiting chat whose
-    client went away ends without its prompt being read. Every greedy reply is still the one it gets alone."""
-    import threading
+class _Recorded:
+    """A chat worker's ``Chats`` driven in this process: what each chat streamed (``replies``), and the logits each
+    chat chose its tokens from (``seen``)."""
 
-    from training import chat_worker
+    def __init__(self, monkeypatch, model):
+        from training import chat_worker
 
-    pth, cfg = _random_model(tmp_path)
-    model = {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")}
-    sent, seen = [], {}  # what each chat streamed; the logits each chat chose its tokens from
-    monkeypatch.setattr(chat_worker, "send", sent.append)
-    take = chat_worker.Chat.take
+        self.model, self.sent, self.seen = model, [], {}
+        monkeypatch.setattr(chat_worker, "send", self.sent.append)
+        take = chat_worker.Chat.take
 
-    def recording_take(chat, logits):
-        seen.setdefault(chat.rid, []).append(logits.clone())
-        return take(chat, logits)
+        def recording_take(chat, logits):
+            self.seen.setdefault(chat.rid, []).append(logits.clone())
+            return take(chat, logits)
 
-    monkeypatch.setattr(chat_worker.Chat, "take", recording_take)
+        monkeypatch.setattr(chat_worker.Chat, "take", recording_take)
 
-    def request(rid, words, tokens):
-        return {"id": rid, "model": model, "messages": [{"role": "user", "content": "word " * words}],
+    def request(self, rid, words, tokens):
+        return {"id": rid, "model": self.model, "messages": [{"role": "user", "content": "word " * words}],
                 "max_new_tokens": tokens, "temperature": 0}
 
-    def run(chats, *reqs):
+    def run(self, chats, *reqs):
+        import threading
+
         events = {}
         for req in reqs:
             events[req["id"]] = threading.Event()
             chats.take(req, events[req["id"]])
         return events
 
-    def replies():
+    def replies(self):
         out = {}
-        for msg in sent:
+        for msg in self.sent:
             out.setdefault(msg["id"], []).append(msg)
-        sent.clear()
+        self.sent.clear()
         return {rid: ("".join(m.get("content", "") for m in msgs), msgs[-1]["finish_reason"])
                 for rid, msgs in out.items()}
 
-    def same_logits(before):
-        assert before.keys() == seen.keys()
-        for rid in seen:  # every step of every chat: the batch (its padding, its cut cache) changes nothing
-            assert len(seen[rid]) == len(before[rid])
-            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(seen[rid], before[rid])), rid
-        seen.clear()
+    def take_logits(self):
+        seen, self.seen = self.seen, {}
+        return seen
+
+    def same_logits(self, before):
+        assert before.keys() == self.seen.keys()
+        for rid in self.seen:  # every step of every chat: the batch (its padding, its cut cache) changes nothing
+            assert len(self.seen[rid]) == len(before[rid])
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(self.seen[rid], before[rid])), rid
+        self.seen.clear()
+
+
+def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, monkeypatch):
+    """A long conversation does not pad short ones to its length (it starts a batch of its own), the chats generating
+    at once reserve at most KV_TOKENS (a chat beyond waits in the worker until one ends), and a waiting chat whose
+    client went away ends without its prompt being read. Every greedy reply is still the one it gets alone."""
+    from training import chat_worker
+
+    pth, cfg = _random_model(tmp_path)
+    rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
+    monkeypatch.setattr(chat_worker, "PREFILL_CHUNK", 10**6)  # every prompt read at the step after it came
 
     alone = {}
     for rid, words, tokens in [("short1", 2, 12), ("short2", 3, 5), ("long", 300, 12)]:
         chats = chat_worker.Chats()
-        run(chats, request(rid, words, tokens))
-        while chats.batches:
+        rec.run(chats, rec.request(rid, words, tokens))
+        while chats.busy():
             chats.step()
-        alone.update(replies())
-    alone_logits, seen = seen, {}
+        alone.update(rec.replies())
+    alone_logits = rec.take_logits()
 
     chats = chat_worker.Chats()
-    run(chats, request("short1", 2, 12), request("short2", 3, 5), request("long", 300, 12))
+    rec.run(chats, rec.request("short1", 2, 12), rec.request("short2", 3, 5), rec.request("long", 300, 12))
+    chats.step()
     assert [[c.rid for c in b.chats] for b in chats.batches] == [["short1", "short2"], ["long"]]
     assert chats.batches[0].mask.shape[1] < 40  # not padded to the long prompt's 300-odd tokens
-    while chats.batches:
+    while chats.busy():
         chats.step()
-    assert replies() == alone
-    same_logits(alone_logits)
+    assert rec.replies() == alone
+    rec.same_logits(alone_logits)
 
     monkeypatch.setattr(chat_worker, "KV_TOKENS", 320)
     chats = chat_worker.Chats()
-    gone = run(chats, request("long", 300, 12), request("short1", 2, 12), request("gone", 2, 12))["gone"]
-    assert [[c.rid for c in b.chats] for b in chats.batches] == [["long"]]
-    assert [c.rid for _, c, _ in chats.waiting] == ["short1", "gone"]
-    gone.set()  # its client went away while it waited
+    gone = rec.run(chats, rec.request("long", 300, 12), rec.request("short1", 2, 12), rec.request("gone", 2, 12))
+    assert [c.rid for c in chats.reading] == ["long"]
+    assert [c.rid for c in chats.waiting] == ["short1", "gone"]
+    gone["gone"].set()  # its client went away while it waited
     steps = 0
-    while chats.batches or chats.waiting:
+    while chats.busy() or chats.waiting:
         chats.step()
         steps += 1
         if chats.batches and chats.batches[0].chats[0].rid == "short1":
-            assert not chats.waiting and len(chats.batches) == 1
-    assert replies() == {"long": alone["long"], "short1": alone["short1"], "gone": ("", "cancelled")}
+            assert not chats.waiting and not chats.reading and len(chats.batches) == 1
+    assert rec.replies() == {"long": alone["long"], "short1": alone["short1"], "gone": ("", "cancelled")}
     assert steps >= 20  # one after the other
-    same_logits({rid: alone_logits[rid] for rid in ("long", "short1")})
+    rec.same_logits({rid: alone_logits[rid] for rid in ("long", "short1")})
+
+
+def test_chat_worker_reads_a_long_prompt_a_piece_at_a_time_beside_the_others(demo_dir, tmp_path, monkeypatch):
+    """A long conversation that arrives while another chat streams is read PREFILL_CHUNK tokens between two of the
+    other's tokens (chunked prefill), instead of in one piece that stops the other's stream for the whole of its
+    reading; read in pieces, every logit either chat chooses from is the one it gets with the prompt read in one
+    piece, and a chat whose client goes away while its prompt is read ends there."""
+    from training import chat_worker
+
+    pth, cfg = _random_model(tmp_path)
+    rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
+
+    def streamed(chunk):
+        """The replies, and how many tokens the streaming chat got while the long prompt was read."""
+        monkeypatch.setattr(chat_worker, "PREFILL_CHUNK", chunk)
+        chats = chat_worker.Chats()
+        rec.run(chats, rec.request("streaming", 2, 40))
+        for _ in range(3):
+            chats.step()
+        rec.sent.clear()
+        rec.run(chats, rec.request("long", 300, 6))
+        while not any(m["id"] == "long" for m in rec.sent):
+            chats.step()
+        meanwhile = sum(m["id"] == "streaming" for m in rec.sent)
+        prompt_len = next(c.prompt_len for b in chats.batches for c in b.chats if c.rid == "long")
+        while chats.busy():
+            chats.step()
+        return rec.replies(), meanwhile, prompt_len
+
+    whole, whole_meanwhile, prompt_len = streamed(10**6)
+    whole_logits = rec.take_logits()
+    pieces, meanwhile, _ = streamed(16)
+    assert whole_meanwhile <= 1  # read in one piece: the other chat waited for all of it
+    assert meanwhile >= prompt_len // 16 - 1 and prompt_len > 300, (meanwhile, prompt_len)
+    assert pieces["long"] == whole["long"]
+    rec.same_logits(whole_logits)
+
+    chats = chat_worker.Chats()
+    gone = rec.run(chats, rec.request("long", 300, 6))
+    chats.step()
+    assert [c.rid for c in chats.reading] == ["long"] and chats.reading[0].read == 16
+    gone["long"].set()
+    chats.step()
+    assert not chats.busy() and rec.replies() == {"long": ("", "cancelled")}
 
 
 def test_eval_stage_measures_loss_preferences_and_answers_and_sft_beats_pretrain(trained, demo_dir, tmp_path,
