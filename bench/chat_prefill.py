@@ -14,7 +14,8 @@ count them).
 Per run: ``stall_max_s`` (the longest wait of a streaming chat for its next token while the long prompt was read),
 ``stall_p50_s`` (each streaming chat's longest wait, their median), ``streamed_meanwhile`` (the tokens the streaming
 chats got while it was read), ``long_first_s`` (from the long conversation's arrival to its first token),
-``long_prompt_tokens``, ``all_s`` (until every reply is done) and ``tokens_per_s`` (all replies' tokens over it).
+``long_prompt_tokens``, ``late_first_s`` (a short question that comes ``--late`` seconds after the long
+conversation: from then to its first token), ``all_s`` (until every reply is done) and ``tokens_per_s`` (all replies' tokens over it).
 """
 import argparse
 import json
@@ -86,17 +87,22 @@ def measure(args):
     for n in range(args.users):  # the worker's main loop: the requests that came, then one step for all
         chats.take(request(f"user{n}", [{"role": "user", "content": f"question {n}: what is {n} + {n}?"}],
                            args.tokens, n), threading.Event())
-    t0 = None
-    while busy(chats) or t0 is None:
-        if t0 is None and time.perf_counter() - start >= args.after:
-            t0 = time.perf_counter()
+    t0 = late_at = None
+    while busy(chats) or late_at is None:
+        now = time.perf_counter()
+        if t0 is None and now - start >= args.after:
+            t0 = now
             chats.take(long, threading.Event())
+        elif t0 is not None and late_at is None and now - t0 >= args.late:  # taken at the loop's next turn
+            late_at = t0 + args.late
+            chats.take(request("late", [{"role": "user", "content": "one more question: what is 2 + 2?"}], 32, 98),
+                       threading.Event())
         chats.step()
     total = time.perf_counter() - start
     t1 = arrivals["long"][0]
     stalls, meanwhile = [], 0
     for rid, times in arrivals.items():  # each chat's longest wait between two tokens while the prompt was read
-        if rid == "long":
+        if rid in ("long", "late"):
             continue
         inside = [t for t in times if t0 <= t <= t1]
         points = [t for t in times if t < t0][-1:] + inside + [t for t in times if t > t1][:1]
@@ -105,7 +111,8 @@ def measure(args):
             stalls.append(max(b - a for a, b in zip(points, points[1:])))
     print(json.dumps({
         "all_s": round(total, 2), "tokens_per_s": round(sum(map(len, arrivals.values())) / total, 1),
-        "long_prompt_tokens": prompt_len, "long_first_s": round(t1 - t0, 2), "stall_max_s": round(max(stalls), 2),
+        "long_prompt_tokens": prompt_len, "long_first_s": round(t1 - t0, 2),
+        "late_first_s": round(arrivals["late"][0] - late_at, 2), "stall_max_s": round(max(stalls), 2),
         "stall_p50_s": round(statistics.median(stalls), 2), "streamed_meanwhile": meanwhile,
         "threads": torch.get_num_threads()}))
 
@@ -117,6 +124,7 @@ def main():
     p.add_argument("--tokens", type=int, default=256, help="each streaming chat's max_tokens")
     p.add_argument("--prompt-tokens", type=int, default=3000, help="about how long the long conversation is")
     p.add_argument("--after", type=float, default=2.0, help="seconds after the others start that it arrives")
+    p.add_argument("--late", type=float, default=1.0, help="seconds after the long one that a short question comes")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one run, in this process
     args = p.parse_args()
@@ -133,7 +141,7 @@ def main():
         for code, bench in (codes if rnd % 2 == 0 else codes[::-1]):
             cmd = [sys.executable, str(bench / "chat_prefill.py"), "--measure", "--users", str(args.users),
                    "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens), "--after",
-                   str(args.after)]
+                   str(args.after), "--late", str(args.late)]
             line = subprocess.run(cmd, cwd=bench.parent, check=True, capture_output=True, text=True).stdout
             out["runs"].append({"code": code, "round": rnd, **json.loads(line.strip().splitlines()[-1])})
     print(json.dumps(out))

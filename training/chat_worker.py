@@ -260,7 +260,7 @@ class Chats:
     tokens between two decoding steps), and the chats waiting for room (``KV_TOKENS``)."""
 
     def __init__(self):
-        self.models, self.batches, self.reading, self.waiting = Models(), [], deque(), deque()
+        self.models, self.batches, self.reading, self.waiting = Models(), [], [], deque()
 
     def busy(self) -> bool:
         return bool(self.batches or self.reading)
@@ -297,28 +297,28 @@ class Chats:
             yield from batch.chats
 
     def read(self) -> None:
-        """Read up to ``PREFILL_CHUNK`` prompt tokens of the chats let in, first come first served; a chat whose
-        prompt is read takes its first token and joins a batch of its model (one where the padding at most doubles
-        its cache, else a new one)."""
+        """Read up to ``PREFILL_CHUNK`` prompt tokens of the chats let in, the shortest rest first (a question that
+        comes while a long conversation is read starts at the next step instead of waiting for all of it); a chat
+        whose prompt is read takes its first token and joins a batch of its model (one where the padding at most
+        doubles its cache, else a new one)."""
+        for chat in [chat for chat in self.reading if chat.cancel.is_set()]:  # gone while its prompt was read
+            self.reading.remove(chat)
+            chat.finish()
         budget = PREFILL_CHUNK
         while self.reading and budget > 0:
-            chat = self.reading[0]
-            if chat.cancel.is_set():  # its client went away while its prompt was read
-                self.reading.popleft()
-                chat.finish()
-                continue
+            chat = min(self.reading, key=lambda c: c.prompt_len - c.read)
             before = chat.read
             try:
                 with torch.no_grad():
                     logits = chat.read_prompt(budget)
             except Exception as exc:  # its prompt could not be read (memory): this chat ends, the others go on
-                self.reading.popleft()
+                self.reading.remove(chat)
                 fail(chat.rid, exc)
                 continue
             budget -= chat.read - before
             if logits is None:
                 return  # the budget is spent on this prompt; the rest at the next step
-            self.reading.popleft()
+            self.reading.remove(chat)
             if not chat.take(logits):
                 chat.finish()
                 continue

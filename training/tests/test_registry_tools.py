@@ -318,7 +318,8 @@ def test_chat_worker_reads_a_long_prompt_a_piece_at_a_time_beside_the_others(dem
     """A long conversation that arrives while another chat streams is read PREFILL_CHUNK tokens between two of the
     other's tokens (chunked prefill), instead of in one piece that stops the other's stream for the whole of its
     reading; read in pieces, every logit either chat chooses from is the one it gets with the prompt read in one
-    piece, and a chat whose client goes away while its prompt is read ends there."""
+    piece. A question that comes while the long prompt is read is read first (the shortest rest first), and a chat
+    whose client goes away while its prompt is read ends there."""
     from training import chat_worker
 
     pth, cfg = _random_model(tmp_path)
@@ -348,6 +349,20 @@ def test_chat_worker_reads_a_long_prompt_a_piece_at_a_time_beside_the_others(dem
     assert meanwhile >= prompt_len // 16 - 1 and prompt_len > 300, (meanwhile, prompt_len)
     assert pieces["long"] == whole["long"]
     rec.same_logits(whole_logits)
+
+    chats = chat_worker.Chats()  # a question that comes while it is read starts at once, not after all of it
+    rec.run(chats, rec.request("long", 300, 6))
+    chats.step()
+    rec.run(chats, rec.request("late", 2, 6))
+    for _ in range(3):
+        chats.step()
+        if chats.batches:
+            break
+    assert [c.rid for b in chats.batches for c in b.chats] == ["late"] and [c.rid for c in chats.reading] == ["long"]
+    while chats.busy():
+        chats.step()
+    assert rec.replies()["long"] == whole["long"]
+    rec.take_logits()
 
     chats = chat_worker.Chats()
     gone = rec.run(chats, rec.request("long", 300, 6))
