@@ -1,0 +1,157 @@
+"""A class of thirty asking at once through the OpenAI-compatible API, as JSON: a real web node (`serve --web`, its
+web processes and their generation workers, the SQLite default) holds a model of MiniMind-3's shape (768 wide, 8
+layers, random weights, imported through the API and made public); thirty members of a class each stream one chat of
+``--tokens`` tokens from POST /v1/chat/completions at the same moment (temperature 1, a seed each). Each member's
+first token and last token are timed at the client; the tokens come from each stream's closing usage. The node runs
+with ``MINICLOUD_CHAT_BATCH`` 1 (one chat at a time per worker, the reference: every worker before the batching) and
+with this tree's default, alternately, each on a fresh node.
+
+    python bench/chat_class.py                        # 30 users x 128 tokens, 2 rounds
+    python bench/chat_class.py --users 30 --tokens 64 --rounds 1
+
+Per run: ``all_s`` until every reply is done, ``tokens_per_s`` (all replies' tokens over ``all_s``), ``first_p50_s`` /
+``first_p95_s`` / ``first_max_s`` (from the request to its first token), ``done_p50_s`` / ``done_max_s``, ``errors``
+(answers other than 200), the node's ``web_processes`` and ``worker_cpu_s`` (the CPU-seconds each web process's
+generation worker used: how evenly the class's chats fell on the web processes).
+"""
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def minimind3_pth(home: Path) -> tuple[Path, dict]:
+    """A random model of MiniMind-3's shape (seed 0), as a MiniMind .pth and its config."""
+    import torch
+
+    from training.model import build_model, save_pth
+    from training.spec import model_config, resolve_config
+
+    torch.manual_seed(0)
+    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 768, "num_hidden_layers": 8}))
+    save_pth(build_model(mcfg), home / "minimind3.pth")
+    return home / "minimind3.pth", mcfg
+
+
+def stream_chat(node, token, model, n, tokens, start, out):
+    """One member's streamed chat: (first token s, last token s, completion tokens) or the error status."""
+    body = json.dumps({"model": model, "stream": True, "max_tokens": tokens, "temperature": 1.0, "top_p": 1,
+                       "seed": n, "messages": [{"role": "user", "content": f"question {n}: what is {n} + {n}?"}]})
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=600)
+    first = usage = None
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {token}",
+                                                            "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            out[n] = {"error": resp.status}
+            return
+        for line in resp:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+            usage = chunk.get("usage") or usage
+        out[n] = {"first": first, "done": time.perf_counter() - start, "tokens": (usage or {}).get(
+            "completion_tokens", 0)}
+    finally:
+        conn.close()
+
+
+def measure(args, batch: int) -> dict:
+    from portal_load import class_accounts
+    from tests.live import LiveNode
+
+    home = Path(tempfile.mkdtemp(prefix="minicloud-chat-class-"))
+    node = LiveNode(home)
+    node.args = ["--web"]
+    node.env["MINICLOUD_CHAT_BATCH"] = str(batch)
+    node.start()
+    try:
+        node.token = node.token_for("admin", "e2e-admin-password")
+        pth, mcfg = minimind3_pth(home)
+        _, toks = node.request("GET", "/api/v1/tokenizers")
+        demo = next(t for t in toks["tokenizers"] if t["name"] == "demo-tokenizer")
+        status, mv = node.upload("/api/v1/models/import", {"name": "class-model", "config": json.dumps(mcfg),
+                                                           "tokenizer": demo["id"]},
+                                 {"file": ("minimind3.pth", pth.read_bytes())})
+        assert status == 201, mv
+        status, shared = node.request("POST", f"/api/v1/models/{mv['id']}/share", {"visibility": "public"})
+        assert status == 200, shared
+        tokens = class_accounts(node, args.users)
+        model = f"{mv['name']}:v{mv['version']}"
+        warm = {}  # each web process's worker loads the model on its first chat: not part of the class's wait
+        for i in range(3 * node_processes(node)):
+            stream_chat(node, tokens[i % len(tokens)], model, 1000 + i, 2, time.perf_counter(), warm)
+        out: dict = {}
+        cpu_before = chat_worker_cpu()
+        start = time.perf_counter()
+        threads = [threading.Thread(target=stream_chat, args=(node, tokens[n], model, n, args.tokens, start, out))
+                   for n in range(args.users)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = time.perf_counter() - start
+        workers = chat_worker_cpu()
+        workers = sorted(round(cpu - cpu_before.get(pid, 0.0), 1) for pid, cpu in workers.items())
+    finally:
+        node.stop()
+        node.drop_database()
+    ok = [r for r in out.values() if "error" not in r]
+    firsts = sorted(r["first"] for r in ok if r["first"] is not None)
+    done = sorted(r["done"] for r in ok)
+    return {"chat_batch": batch, "web_processes": node_processes(node), "errors": len(out) - len(ok),
+            "all_s": round(total, 2), "tokens": sum(r["tokens"] for r in ok),
+            "tokens_per_s": round(sum(r["tokens"] for r in ok) / total, 1),
+            "first_p50_s": round(statistics.median(firsts), 2),
+            "first_p95_s": round(firsts[int(0.95 * (len(firsts) - 1))], 2), "first_max_s": round(firsts[-1], 2),
+            "done_p50_s": round(statistics.median(done), 2), "done_max_s": round(done[-1], 2),
+            "worker_cpu_s": workers}
+
+
+def chat_worker_cpu() -> dict:
+    """CPU-seconds used so far by each generation worker on this machine (one per web process that had a chat)."""
+    from portal_load import _processes
+
+    return {pid: cpu for pid, _parent, cpu, cmd, _name in _processes() if "training chat-worker" in cmd}
+
+
+def node_processes(node) -> int:
+    return int(node.env.get("MINICLOUD_WEB_PROCESSES") or min(4, (os.cpu_count() or 1) + 1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=30)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8, help="this tree's CHAT_BATCH (the default)")
+    p.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one run with this CHAT_BATCH, in this process
+    args = p.parse_args()
+    if args.measure:  # a process of its own: Django here is set up on one node's database
+        return print(json.dumps(measure(args, args.measure)))
+    out = {"bench": "chat_class", "users": args.users, "tokens": args.tokens, "cpus": os.cpu_count(), "runs": []}
+    for rnd in range(args.rounds):
+        for batch in ((1, args.batch) if rnd % 2 == 0 else (args.batch, 1)):
+            cmd = [sys.executable, __file__, "--measure", str(batch), "--users", str(args.users), "--tokens",
+                   str(args.tokens)]
+            line = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            out["runs"].append({"round": rnd, **json.loads(line.strip().splitlines()[-1])})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
