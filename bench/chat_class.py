@@ -31,19 +31,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def minimind3_pth(home: Path) -> tuple[Path, dict]:
-    """A random model of MiniMind-3's shape (seed 0), as a MiniMind .pth and its config."""
-    import torch
-
-    from training.model import build_model, save_pth
-    from training.spec import model_config, resolve_config
-
-    torch.manual_seed(0)
-    mcfg = model_config(resolve_config("pretrain", {"hidden_size": 768, "num_hidden_layers": 8}))
-    save_pth(build_model(mcfg), home / "minimind3.pth")
-    return home / "minimind3.pth", mcfg
-
-
 def stream_chat(node, token, model, n, tokens, start, out):
     """One member's streamed chat: (first token s, last token s, completion tokens) or the error status."""
     body = json.dumps({"model": model, "stream": True, "max_tokens": tokens, "temperature": 1.0, "top_p": 1,
@@ -71,6 +58,7 @@ def stream_chat(node, token, model, n, tokens, start, out):
 
 
 def measure(args, batch: int) -> dict:
+    from fresh_portal import minimind3_pth
     from portal_load import class_accounts
     from tests.live import LiveNode
 
@@ -81,7 +69,8 @@ def measure(args, batch: int) -> dict:
     node.start()
     try:
         node.token = node.token_for("admin", "e2e-admin-password")
-        pth, mcfg = minimind3_pth(home)
+        pth = home / "minimind3.pth"
+        mcfg = minimind3_pth(pth)
         _, toks = node.request("GET", "/api/v1/tokenizers")
         demo = next(t for t in toks["tokenizers"] if t["name"] == "demo-tokenizer")
         status, mv = node.upload("/api/v1/models/import", {"name": "class-model", "config": json.dumps(mcfg),
@@ -90,10 +79,13 @@ def measure(args, batch: int) -> dict:
         assert status == 201, mv
         status, shared = node.request("POST", f"/api/v1/models/{mv['id']}/share", {"visibility": "public"})
         assert status == 200, shared
-        tokens = class_accounts(node, args.users)
+        tokens = class_accounts(node, args.users)  # Django is set up on the node's database from here on
+        from django.conf import settings
+
+        processes = settings.WEB_PROCESSES  # read from the same environment as the node's
         model = f"{mv['name']}:v{mv['version']}"
         warm = {}  # each web process's worker loads the model on its first chat: not part of the class's wait
-        for i in range(3 * node_processes(node)):
+        for i in range(3 * processes):
             stream_chat(node, tokens[i % len(tokens)], model, 1000 + i, 2, time.perf_counter(), warm)
         out: dict = {}
         cpu_before = chat_worker_cpu()
@@ -113,7 +105,7 @@ def measure(args, batch: int) -> dict:
     ok = [r for r in out.values() if "error" not in r]
     firsts = sorted(r["first"] for r in ok if r["first"] is not None)
     done = sorted(r["done"] for r in ok)
-    return {"chat_batch": batch, "web_processes": node_processes(node), "errors": len(out) - len(ok),
+    return {"chat_batch": batch, "web_processes": processes, "errors": len(out) - len(ok),
             "all_s": round(total, 2), "tokens": sum(r["tokens"] for r in ok),
             "tokens_per_s": round(sum(r["tokens"] for r in ok) / total, 1),
             "first_p50_s": round(statistics.median(firsts), 2),
@@ -127,10 +119,6 @@ def chat_worker_cpu() -> dict:
     from portal_load import _processes
 
     return {pid: cpu for pid, _parent, cpu, cmd, _name in _processes() if "training chat-worker" in cmd}
-
-
-def node_processes(node) -> int:
-    return int(node.env.get("MINICLOUD_WEB_PROCESSES") or min(4, (os.cpu_count() or 1) + 1))
 
 
 def main():

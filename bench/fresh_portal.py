@@ -25,17 +25,23 @@ def fresh_portal(prefix: str) -> Path:
     return home
 
 
-def minimind3_chat_model(home: Path) -> dict:
-    """A random model of MiniMind-3's shape (768 wide, 8 layers; seed 0) saved under ``home``, as the generation
-    worker's model entry (with the demo tokenizer)."""
+def minimind3_pth(path: Path) -> dict:
+    """A random model of MiniMind-3's shape (768 wide, 8 layers; seed 0) saved as a MiniMind .pth at ``path``; its
+    config. Needs no Django."""
     import torch
 
-    from models_registry.models import Tokenizer
     from training.model import build_model, save_pth
     from training.spec import model_config, resolve_config
 
     torch.manual_seed(0)
     mcfg = model_config(resolve_config("pretrain", {"hidden_size": 768, "num_hidden_layers": 8}))
+    save_pth(build_model(mcfg), path)
+    return mcfg
+
+
+def minimind3_chat_model(home: Path) -> dict:
+    """``minimind3_pth`` saved under ``home``, as the generation worker's model entry (with the demo tokenizer)."""
+    from models_registry.models import Tokenizer
+
     weights = home / "minimind3.pth"
-    save_pth(build_model(mcfg), weights)
-    return {"path": str(weights), "config": mcfg, "tokenizer": Tokenizer.demo().path}
+    return {"path": str(weights), "config": minimind3_pth(weights), "tokenizer": Tokenizer.demo().path}

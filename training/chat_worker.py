@@ -179,6 +179,11 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
+def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A ``DynamicCache``'s (keys, values) per layer, as ``DynamicCache(ddp_cache_data=...)`` takes them back."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 class Batch:
     """The chats of one model, generated together: one forward pass gives every chat its next token, so a class's
     chats share the reading of the weights that bounds a decoding step on the CPU (docs/decisions.md). A new chat's
@@ -203,13 +208,13 @@ class Batch:
         from transformers import DynamicCache
 
         width = chat.prompt_len if self.cache is None else max(chat.prompt_len, self.mask.shape[1])
-        layers = [(layer.keys, layer.values) for layer in chat.cache.layers]
+        layers = _kv(chat.cache)
         mask = torch.ones(1, chat.prompt_len, dtype=torch.long)
         last, pos = torch.tensor([chat.new[-1]]), torch.tensor([chat.prompt_len])
         if self.cache is not None:
             layers = [(torch.cat([_left_pad(k0, width, 2), _left_pad(k, width, 2)]),
                        torch.cat([_left_pad(v0, width, 2), _left_pad(v, width, 2)]))
-                      for (k0, v0), (k, v) in zip(self._layers(), layers)]
+                      for (k0, v0), (k, v) in zip(_kv(self.cache), layers)]
             mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
             last, pos = torch.cat([self.last, last]), torch.cat([self.pos, pos])
         self.cache, self.mask, self.last, self.pos = DynamicCache(ddp_cache_data=layers), mask, last, pos
@@ -232,9 +237,6 @@ class Batch:
         if len(going) < len(self.chats):
             self._keep(going)
 
-    def _layers(self):
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
-
     def _keep(self, rows: list[int]) -> None:
         from transformers import DynamicCache
 
@@ -247,7 +249,7 @@ class Batch:
         start = int(mask.any(0).long().argmax())  # the columns before it are padding for every chat left
         self.mask, self.last, self.pos = mask[:, start:], self.last[index], self.pos[index]
         self.cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
-                                                  for k, v in self._layers()])
+                                                  for k, v in _kv(self.cache)])
 
     def fail(self, exc: Exception) -> None:
         for chat in self.chats:
