@@ -3,16 +3,18 @@ web processes and their generation workers, the SQLite default) holds a model of
 layers, random weights, imported through the API and made public); thirty members of a class each stream one chat of
 ``--tokens`` tokens from POST /v1/chat/completions at the same moment (temperature 1, a seed each). Each member's
 first token and last token are timed at the client; the tokens come from each stream's closing usage. The node runs
-with ``MINICLOUD_CHAT_BATCH`` 1 (one chat at a time per worker, the reference: every worker before the batching) and
-with this tree's default, alternately, each on a fresh node.
+with ``MINICLOUD_CHAT_BATCH`` 1 (one chat at a time, the reference: every worker before the batching), or with
+``--previous WORKTREE`` the previous commit's node at its default, and with this tree's ``--batch``, alternately, each
+on a fresh node.
 
     python bench/chat_class.py                        # 30 users x 128 tokens, 2 rounds
     python bench/chat_class.py --users 30 --tokens 64 --rounds 1
+    python bench/chat_class.py --previous /tmp/prev --batch 32
 
 Per run: ``all_s`` until every reply is done, ``tokens_per_s`` (all replies' tokens over ``all_s``), ``first_p50_s`` /
 ``first_p95_s`` / ``first_max_s`` (from the request to its first token), ``done_p50_s`` / ``done_max_s``, ``errors``
-(answers other than 200), the node's ``web_processes`` and ``worker_cpu_s`` (the CPU-seconds each web process's
-generation worker used: how evenly the class's chats fell on the web processes).
+(answers other than 200), the node's ``web_processes`` and ``worker_cpu_s`` (the CPU-seconds each generation worker
+used: one per web process that had a chat before the node's one worker, a sign of how evenly the chats fell).
 """
 import argparse
 import http.client
@@ -126,18 +128,21 @@ def main():
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8, help="this tree's CHAT_BATCH (the default)")
+    p.add_argument("--batch", type=int, default=8, help="this tree's CHAT_BATCH")
+    p.add_argument("--previous", help="a worktree of the previous commit: its node at its default is the reference")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one run with this CHAT_BATCH, in this process
     args = p.parse_args()
     if args.measure:  # a process of its own: Django here is set up on one node's database
         return print(json.dumps(measure(args, args.measure)))
     out = {"bench": "chat_class", "users": args.users, "tokens": args.tokens, "cpus": os.cpu_count(), "runs": []}
+    reference = ("previous", Path(args.previous).resolve(), 8) if args.previous else ("batch 1", ROOT, 1)
+    new = ("new", ROOT, args.batch)
     for rnd in range(args.rounds):
-        for batch in ((1, args.batch) if rnd % 2 == 0 else (args.batch, 1)):
-            cmd = [sys.executable, __file__, "--measure", str(batch), "--users", str(args.users), "--tokens",
-                   str(args.tokens)]
-            line = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-            out["runs"].append({"round": rnd, **json.loads(line.strip().splitlines()[-1])})
+        for code, tree, batch in ((reference, new) if rnd % 2 == 0 else (new, reference)):
+            cmd = [sys.executable, str(tree / "bench" / "chat_class.py"), "--measure", str(batch), "--users",
+                   str(args.users), "--tokens", str(args.tokens)]
+            line = subprocess.run(cmd, cwd=tree, check=True, capture_output=True, text=True).stdout
+            out["runs"].append({"round": rnd, "code": code, **json.loads(line.strip().splitlines()[-1])})
     print(json.dumps(out))
 
 

@@ -58,7 +58,8 @@ def measure(args):
     from training.chat import load_hf_tokenizer
 
     torch.set_num_threads(1)
-    chat_worker.send = lambda obj: None
+    chat_worker.send = lambda obj: None  # a tree before the worker answered on connections (Conn)
+    quiet = (chat_worker.Conn(lambda data: None),) if hasattr(chat_worker, "Conn") else ()
     arrivals: dict[str, list[float]] = {}  # each chat's token times
     take = chat_worker.Chat.take
 
@@ -77,7 +78,11 @@ def measure(args):
         return bool(chats.batches or getattr(chats, "reading", None) or chats.waiting)
 
     chats = chat_worker.Chats()
-    chats.take(request("warm", [{"role": "user", "content": "warm up"}], 4, 0), threading.Event())
+
+    def take(req):
+        chats.take(req, threading.Event(), *quiet)
+
+    take(request("warm", [{"role": "user", "content": "warm up"}], 4, 0))
     while busy(chats):
         chats.step()
     arrivals.clear()
@@ -85,18 +90,16 @@ def measure(args):
     long = request("long", messages, 32, 99)
     start = time.perf_counter()
     for n in range(args.users):  # the worker's main loop: the requests that came, then one step for all
-        chats.take(request(f"user{n}", [{"role": "user", "content": f"question {n}: what is {n} + {n}?"}],
-                           args.tokens, n), threading.Event())
+        take(request(f"user{n}", [{"role": "user", "content": f"question {n}: what is {n} + {n}?"}], args.tokens, n))
     t0 = late_at = None
     while busy(chats) or late_at is None:
         now = time.perf_counter()
         if t0 is None and now - start >= args.after:
             t0 = now
-            chats.take(long, threading.Event())
+            take(long)
         elif t0 is not None and late_at is None and now - t0 >= args.late:  # taken at the loop's next turn
             late_at = t0 + args.late
-            chats.take(request("late", [{"role": "user", "content": "one more question: what is 2 + 2?"}], 32, 98),
-                       threading.Event())
+            take(request("late", [{"role": "user", "content": "one more question: what is 2 + 2?"}], 32, 98))
         chats.step()
     total = time.perf_counter() - start
     t1 = arrivals["long"][0]

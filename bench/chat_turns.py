@@ -1,8 +1,10 @@
 """A classmate's chat behind one member's many, as JSON: how long a member's one question waits for its first token
-while another member's script has several long chats at the same web process's generation worker. The previous
-order (first come, first served: the worker's ``asyncio.Lock``) beside this tree's (``Turns``: the user whose last
-turn began longest ago goes next), alternately, with the real worker (``python -m training chat-worker``) and a
-random model of MiniMind-3's shape (768 wide, 8 layers; greedy, so every chat runs to its ``max_tokens``).
+while another member's script has several long chats at the node's generation worker (one turn at a time,
+``CHAT_BATCH=1``; ``Turns``: the user whose last turn began longest ago goes next), with the real worker
+(``python -m training chat-worker``) and a random model of MiniMind-3's shape (768 wide, 8 layers; greedy, so every
+chat runs to its ``max_tokens``). The first-come-first-served reference was measured beside it while the turns were
+the web process's (bench/results/, docs/performance.md); the turns are the worker's now, with no such order to
+switch to.
 
     python bench/chat_turns.py                          # 6 chats of 128 tokens by one member, then one by another
     python bench/chat_turns.py --chats 8 --tokens 256 --rounds 2
@@ -27,15 +29,9 @@ def main():
     home = fresh_portal("minicloud-chat-turns-")
     from django.conf import settings
 
-    from models_registry.inference import ChatWorker, Turns, worker_env
+    from models_registry.inference import ChatWorker, worker_env
 
-    class FirstComeFirstServed(Turns):
-        """The previous order: the waiting requests as they came (an asyncio.Lock wakes its waiters so)."""
-
-        def order(self):
-            return list(self.waiting)
-
-    settings.CHAT_REQUESTS_PER_USER = args.chats
+    settings.CHAT_REQUESTS_PER_USER, settings.CHAT_BATCH = args.chats, 1
     entry = minimind3_chat_model(home)
 
     def request(text):
@@ -64,19 +60,11 @@ def main():
             async for _ in worker.stream(request("warm up: load the model"), "warm"):
                 pass
             for rnd in range(args.rounds):
-                for code in (("previous", "new") if rnd % 2 == 0 else ("new", "previous")):
-                    if code == "previous":
-                        worker.turns = FirstComeFirstServed(args.chats)
-                    else:
-                        worker.turns = Turns(args.chats)
-                    wait, total = await one_round(worker)
-                    out["runs"].append({"code": code, "round": rnd, "wait_s": round(wait, 2), "all_s": round(total, 2)})
+                wait, total = await one_round(worker)
+                out["runs"].append({"round": rnd, "wait_s": round(wait, 2), "all_s": round(total, 2)})
         finally:
             await worker.aclose()
-        for code in ("previous", "new"):
-            waits = [r["wait_s"] for r in out["runs"] if r["code"] == code]
-            out[f"{code}_wait_s"] = round(sum(waits) / len(waits), 2)
-        out["wait_ratio"] = round(out["previous_wait_s"] / out["new_wait_s"], 1)
+        out["wait_s"] = round(sum(r["wait_s"] for r in out["runs"]) / len(out["runs"]), 2)
         return out
 
     print(json.dumps(asyncio.run(run())))

@@ -38,12 +38,17 @@ WEB_PROCESSES = envint("MINICLOUD_WEB_PROCESSES", min(4, (os.cpu_count() or 1) +
 WEB_REQUESTS = envint("MINICLOUD_WEB_REQUESTS", 2 if os.environ.get("DATABASE_URL") else 1)
 WEB_LONG_REQUEST_MS = envint("MINICLOUD_WEB_LONG_REQUEST_MS", 100)
 NODE_TIMEOUT_S = float(os.environ.get("MINICLOUD_NODE_TIMEOUT_S", "90"))
-# Chats (the playground, /v1/chat/completions) one user may have at a web process's generation worker at once,
-# generating or waiting for their turn; one more is answered 429 (models_registry/inference.py, Turns).
+# Chats (the playground, /v1/chat/completions) one user may have at the node's generation worker at once, generating
+# or waiting for their turn; one more is answered 429 (training/chat_worker.py, Turns).
 CHAT_REQUESTS_PER_USER = envint("MINICLOUD_CHAT_REQUESTS_PER_USER", 4)
-# Chats a web process's worker generates at once, together (one forward pass per token for all of them: on the CPU
-# eight chats get ~3.4x the tokens per second of one, docs/performance.md); the others wait for their turn.
-CHAT_BATCH = max(1, envint("MINICLOUD_CHAT_BATCH", 8))
+# Chats the node's worker generates at once, together (one forward pass per token for all of them: on the CPU eight
+# chats get ~3.4x the tokens per second of one; a class of thirty at 32 got 2.2x the tokens per second of three
+# per-process workers of 8, docs/performance.md); the others wait for their turn. The KV cache they hold is bounded
+# apart (training/chat_worker.py KV_TOKENS).
+CHAT_BATCH = max(1, envint("MINICLOUD_CHAT_BATCH", 32))
+# The node's generation worker, which `serve` starts and names for its web processes (models_registry/inference.py
+# node_socket); empty where a process runs alone (runserver, the tests): it starts a worker of its own.
+CHAT_SOCKET = os.environ.get("MINICLOUD_CHAT_SOCKET", "")
 
 # A per-install key kept under MINICLOUD_HOME (so sessions survive restarts without a committed secret), unless given.
 # This module only reads it: the first start writes it (minicloud.apps.MinicloudConfig.ready, or `serve`).

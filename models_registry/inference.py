@@ -1,21 +1,22 @@
-"""The web side of generation: one ``python -m training chat-worker`` child per web process, spoken to over pipes.
+"""The web side of generation: one ``python -m training chat-worker`` per node, which every web process speaks to.
 
-The web server never imports torch and never blocks on a model: it writes request lines and relays the worker's
-token deltas as they arrive (asyncio; one reader hands each line to its request). Up to ``CHAT_BATCH`` generations run
-at once per web process, generated together by the worker (one forward pass per token for all of them), the rest
-wait in fair turns between users (``Turns``: one member's many requests never hold a classmate's behind all of
-them); a client that goes away cancels its generation at the next token, or leaves the queue. The worker runs on the
-CPU (``CUDA_VISIBLE_DEVICES=""``): the GPUs belong to the scheduler's jobs.
+``serve`` starts the node's worker beside its web processes; each connects to it on an abstract Unix socket
+(``node_socket``). The web server never imports torch and never blocks on a model: it writes request lines and
+relays the worker's token deltas as they arrive (asyncio; one reader hands each line to its request). Up to
+``CHAT_BATCH`` generations run at once on the node, generated together by the worker (one forward pass per token for
+all of them), the rest wait in fair turns between users (training/chat_worker.py ``Turns``: one member's many
+requests never hold a classmate's behind all of them); a client that goes away cancels its generation at the next
+token, or leaves the queue. A process not started by ``serve`` (runserver, the tests) starts a worker of its own. The
+worker runs on the CPU (``CUDA_VISIBLE_DEVICES=""``): the GPUs belong to the scheduler's jobs.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import json
 import signal
 import sys
 import uuid
-from collections import Counter
 
 from django.conf import settings
 from django.utils.translation import gettext as _
@@ -30,120 +31,64 @@ START_TIMEOUT_S = 180
 _worker = None
 
 
-class Ticket:
-    """One request's place at the worker: ``granted`` once its turn has come."""
-
-    def __init__(self, who, seq: int):
-        self.who, self.seq, self.granted = who, seq, False
-
-
-class Turns:
-    """At most ``slots`` generations at a time, in fair turns between users: when one ends, the next turn goes to the
-    waiting request of the user whose last turn began longest ago (a user not served yet first), first come, first
-    served among one user's requests. Each user holds at most ``per_user`` requests here (running or waiting); one
-    more is refused (429), so a script cannot fill a web process's memory with waiting requests. The same policy as
-    the upload checks' turns (``jobs.models.Upload.next_to_check``), in memory: a web process's queue lives as long
-    as the process."""
-
-    def __init__(self, per_user: int, slots: int = 1):
-        self.per_user, self.slots = per_user, slots
-        self.running: list[Ticket] = []
-        self.waiting: list[Ticket] = []
-        self.held: Counter = Counter()
-        self.last: dict = {}  # user -> the sequence number of their latest turn
-        self._seq = itertools.count()
-        self._changed = asyncio.get_running_loop().create_future()
-
-    def check(self, who) -> None:
-        """Refuse (429) a user who holds ``per_user`` requests here already: before a streamed answer starts, so
-        that the refusal is its status, not an event of a 200."""
-        if self.held[who] >= self.per_user:
-            raise ServiceError(
-                _("you already have %(n)s chats running or waiting for the generation worker; wait for one to "
-                  "finish") % {"n": self.held[who]}, status=429)
-
-    def enter(self, who) -> Ticket:
-        self.check(who)
-        self.held[who] += 1
-        ticket = Ticket(who, next(self._seq))
-        self.waiting.append(ticket)
-        self._hand()
-        return ticket
-
-    def leave(self, ticket: Ticket) -> None:
-        """The request is done (or gone before its turn): free its place and hand the turn on."""
-        self.held[ticket.who] -= 1
-        if not self.held[ticket.who]:
-            del self.held[ticket.who]
-        if ticket in self.running:
-            self.running.remove(ticket)
-        elif ticket in self.waiting:
-            self.waiting.remove(ticket)
-        self._hand()
-
-    def order(self) -> list[Ticket]:
-        """The waiting requests in the order they will be served if nobody else comes."""
-        last, queue, out = dict(self.last), list(self.waiting), []
-        turn = itertools.count(next(self._seq))  # the turns to come: later than every turn given so far
-        while queue:
-            nxt = min(queue, key=lambda t: (last.get(t.who, -1), t.seq))
-            queue.remove(nxt)
-            out.append(nxt)
-            last[nxt.who] = next(turn)
-        return out
-
-    def ahead(self, ticket: Ticket) -> int:
-        """How many generations must end before this waiting request's starts (every slot is taken while it waits)."""
-        return self.order().index(ticket) + 1
-
-    async def changed(self) -> None:
-        await asyncio.wait([self._changed])
-
-    def _hand(self) -> None:
-        while len(self.running) < self.slots and self.waiting:
-            ticket = self.order()[0]
-            self.waiting.remove(ticket)
-            self.running.append(ticket)
-            ticket.granted = True
-            self.last[ticket.who] = next(self._seq)
-        self._changed.set_result(None)
-        self._changed = asyncio.get_running_loop().create_future()
-
-
 class ChatWorker:
+    """This web process's line to the node's generation worker: the one ``serve`` started for the node
+    (``settings.CHAT_SOCKET``: every web process connects to it, so a class's chats are generated in one batch
+    whichever web process accepted them), or else a worker of its own (``runserver``, the tests), started on its first
+    chat. The turns (``CHAT_BATCH`` chats at once, fair between users, ``CHAT_REQUESTS_PER_USER`` each) are the
+    worker's (training/chat_worker.py ``Turns``)."""
+
     def __init__(self):
         self.loop = asyncio.get_running_loop()
-        self.turns = Turns(settings.CHAT_REQUESTS_PER_USER, settings.CHAT_BATCH)
-        self.proc = None
+        self.proc = None  # the worker this process started (none where it connects to the node's)
+        self.pid = None  # the worker's process id (it says so when it is ready)
+        self.writer = None  # the line to it while it answers
         self.inboxes: dict[str, asyncio.Queue] = {}  # the running requests' messages, by request id
         self._starting = asyncio.Lock()
         self._reader = None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.writer is not None
 
     async def _start(self):
-        async with self._starting:  # the turns granted at once start one worker
+        async with self._starting:  # the requests that come at once start (or connect to) one worker
             if self.alive():
                 return
             self.inboxes = {}  # this worker's requests (a dead worker's reader may still empty its own)
-            self.proc = proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "training", "chat-worker", cwd=settings.BASE_DIR, env=worker_env(),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24,
-                preexec_fn=die_with_parent(signal.SIGTERM))
+            deadline = self.loop.time() + START_TIMEOUT_S
             try:
-                line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                line = b""
-            if not line.startswith(b'{"ready"'):
+                if settings.CHAT_SOCKET:
+                    reader, writer = await self._connect(settings.CHAT_SOCKET, deadline)
+                else:
+                    self.proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "training", "chat-worker", *worker_args(), cwd=settings.BASE_DIR,
+                        env=worker_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                        limit=1 << 24, preexec_fn=die_with_parent(signal.SIGTERM))
+                    reader, writer = self.proc.stdout, self.proc.stdin
+                line = await asyncio.wait_for(reader.readline(), max(deadline - self.loop.time(), 0.1))
+                ready = json.loads(line) if line.startswith(b'{"ready"') else None
+            except (OSError, TimeoutError, ValueError):
+                ready = None
+            if ready is None:
                 self.stop()
                 raise ServiceError(_("the generation worker did not start; the server log says why"), status=503)
-            self._reader = asyncio.create_task(self._read(proc, self.inboxes))
+            self.writer, self.pid = writer, ready.get("pid")
+            self._reader = asyncio.create_task(self._read(reader, writer, self.inboxes))
 
-    async def _read(self, proc, inboxes: dict):
+    async def _connect(self, name: str, deadline: float):
+        """Connect to the node's worker (while ``serve`` starts it again after a crash, it does not answer yet)."""
+        while True:
+            try:
+                return await asyncio.open_unix_connection("\0" + name, limit=1 << 24)
+            except (ConnectionRefusedError, FileNotFoundError):
+                if self.loop.time() > deadline:
+                    raise TimeoutError from None
+                await asyncio.sleep(0.2)
+
+    async def _read(self, reader, writer, inboxes: dict):
         """Hand each of the worker's lines to its request; when the worker ends, each of its requests hears None."""
         try:
-            while line := await proc.stdout.readline():
+            while line := await reader.readline():
                 msg = json.loads(line)
                 inbox = inboxes.get(msg.get("id"))
                 if inbox is not None:  # else the tail of a request that went away
@@ -151,21 +96,27 @@ class ChatWorker:
         except (OSError, ValueError):
             pass
         finally:
-            if self.proc is proc:
+            if self.writer is writer:
                 self.stop()
             for inbox in inboxes.values():
                 inbox.put_nowait(None)
 
     def stop(self):
-        if self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except (ProcessLookupError, RuntimeError):  # gone already, or its event loop is
-                pass
-        self.proc = None
+        """Let go of the worker: kill the one this process started, or close the line to the node's (which ends this
+        process's chats there)."""
+        writer, self.writer = self.writer, None
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                try:
+                    self.proc.kill()
+                except (ProcessLookupError, RuntimeError):  # gone already, or its event loop is
+                    pass
+            self.proc = None
+        elif writer is not None:
+            writer.close()
 
     async def aclose(self):
-        """Stop the worker and wait for it (its pipes close on this event loop)."""
+        """Stop the worker (or close the line to it) and wait until its lines close on this event loop."""
         proc, reader = self.proc, self._reader
         self.stop()
         if proc is not None:
@@ -175,52 +126,46 @@ class ChatWorker:
 
     async def _send(self, msg: dict):
         try:
-            self.proc.stdin.write((json.dumps(msg, ensure_ascii=False) + "\n").encode())
-            await self.proc.stdin.drain()
-        except (AttributeError, OSError):  # the worker ended meanwhile (no process, or a closed pipe)
+            self.writer.write((json.dumps(msg, ensure_ascii=False) + "\n").encode())
+            await self.writer.drain()
+        except (AttributeError, OSError):  # the worker ended meanwhile (no line, or a closed one)
             raise _stopped() from None
 
     async def stream(self, request: dict, who):
-        """Yield ``{"queued": n}`` while ``who``'s request waits for its turn (n generations end before it starts;
-        again whenever n changes), then the worker's messages (deltas, then ``done``); errors raise ServiceError (429:
-        the user has ``CHAT_REQUESTS_PER_USER`` requests here already)."""
-        ticket = self.turns.enter(who)
-        try:
-            shown = None
-            while not ticket.granted:
-                ahead = self.turns.ahead(ticket)
-                if ahead != shown:
-                    shown = ahead
-                    yield {"queued": ahead}
-                await self.turns.changed()
+        """Yield ``{"queued": n}`` as soon as the worker has the request and whenever its place changes (n generations
+        end before it starts; 0: it has started), then the worker's messages (deltas, then ``done``). Errors raise
+        ServiceError, the first (429: the user holds ``CHAT_REQUESTS_PER_USER`` requests at the worker) before
+        anything is yielded. A request the worker had not begun to answer when it died is sent to a new one."""
+        for attempt in (1, 2):
             if not self.alive():
                 await self._start()
             rid, inboxes = uuid.uuid4().hex, self.inboxes
             inbox = inboxes[rid] = asyncio.Queue()
-            finished = False
+            finished = begun = False
             try:
-                await self._send({**request, "id": rid})
+                await self._send({**request, "id": rid, "who": str(who)})
                 while True:
                     msg = await inbox.get()
                     if msg is None:
-                        raise _stopped()
+                        if begun or attempt == 2:
+                            raise _stopped()
+                        break  # not begun: again, at a new worker
                     if "error" in msg:
                         finished = True
                         pair = explained(msg)
-                        raise ServiceError(stored_text(*pair) if pair else msg["error"], status=400)
+                        raise ServiceError(stored_text(*pair) if pair else msg["error"], status=msg.get("status", 400))
+                    begun = begun or "queued" not in msg
                     finished = bool(msg.get("done"))
-                    yield msg
+                    yield {"queued": msg["queued"]} if "queued" in msg else msg
                     if finished:
                         return
             finally:
                 if not finished and self.alive() and inboxes is self.inboxes:
                     await self._cancel(rid, inbox)
                 inboxes.pop(rid, None)
-        finally:
-            self.turns.leave(ticket)
 
     async def _cancel(self, rid: str, inbox: asyncio.Queue):
-        """Stop the worker's generation for ``rid`` and wait for its end (or restart a worker that hangs)."""
+        """Stop the worker's generation for ``rid`` and wait for its end (or let go of a worker that hangs)."""
         try:
             await self._send({"cancel": rid})
             async with asyncio.timeout(30):
@@ -229,21 +174,46 @@ class ChatWorker:
         except (TimeoutError, ServiceError):
             self.stop()
 
+    async def stats(self) -> dict:
+        """The worker's turns: ``{"running", "waiting", "held": {user: n}, "generating"}``."""
+        if not self.alive():
+            await self._start()
+        inbox = self.inboxes[None] = asyncio.Queue()  # the answer has no request id
+        try:
+            await self._send({"stats": True})
+            while (msg := await inbox.get()) is not None and "stats" not in msg:
+                pass
+            if msg is None:
+                raise _stopped()
+            return msg["stats"]
+        finally:
+            self.inboxes.pop(None, None)
+
 
 def _stopped() -> ServiceError:
     return ServiceError(_("the generation worker stopped; try again"), status=503)
 
 
 def worker_env() -> dict:
-    """The chat worker's environment: no secrets, no GPU, and its share of the cores as OMP_NUM_THREADS (every web
-    process has a worker: the cores over the web processes, at most 4). A chat generates one token at a time, which
-    one thread does as fast as two; three workers generating at once with a thread per core each ran 4.3-4.5x slower
-    than with one thread each on two cores (docs/performance.md)."""
+    """The chat worker's environment: no secrets, no GPU, and the node's cores (at most 4) as OMP_NUM_THREADS: one
+    worker generates every chat of the node, a batch to which more threads give more tokens per second (beside it,
+    the web processes only pass tokens on). Before, each web process had a worker with its share of the cores;
+    three of them on two cores ran 4.3-4.5x slower with a thread per core each than with one (docs/performance.md)."""
     from jobs.devices import core_share
 
-    threads = min(4, core_share(settings.WEB_PROCESSES))
     return dict(engine_env(), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-                OMP_NUM_THREADS=str(threads))
+                OMP_NUM_THREADS=str(min(4, core_share(1))))
+
+
+def worker_args() -> list[str]:
+    """The worker's turns: ``CHAT_BATCH`` chats at once, ``CHAT_REQUESTS_PER_USER`` requests per user."""
+    return ["--slots", str(settings.CHAT_BATCH), "--per-user", str(settings.CHAT_REQUESTS_PER_USER)]
+
+
+def node_socket() -> str:
+    """The abstract Unix socket of this node's worker: named from its data folder and node name, so that two portals
+    on one machine (two instances, the tests' parallel runs) each have their own."""
+    return "minicloud-chat-" + hashlib.sha256(f"{settings.HOME.resolve()}|{settings.NODE_NAME}".encode()).hexdigest()[:24]
 
 
 def worker() -> ChatWorker:

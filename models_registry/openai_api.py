@@ -142,17 +142,28 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
+async def _after(first: dict, gen):
+    """``first``, then the rest of ``gen`` (closed with it)."""
+    try:
+        yield first
+        async for msg in gen:
+            yield msg
+    finally:
+        await gen.aclose()
+
+
 @csrf_exempt
 async def chat_completions(request):
     if request.method != "POST":
         return oai_error(405, "use POST")
     try:
         user, mv, req, stream = await sync_to_async(_prepare)(request)
-        worker().turns.check(user.pk)
+        gen = worker().stream(req, user.pk)
+        first = await anext(gen)  # the worker has the request (its place in the turns), or refused it (429)
     except ServiceError as exc:
         return _error_response(exc)
     cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_id(mv)
-    gen = worker().stream(req, user.pk)
+    gen = _after(first, gen)
     if not stream:
         content, reasoning, done = [], [], {}
         try:
@@ -174,7 +185,7 @@ async def chat_completions(request):
         yield _chunk(cid, created, name, {"role": "assistant", "content": ""})
         try:
             async for msg in gen:
-                if "queued" in msg:  # an SSE comment: OpenAI's clients skip it, the playground shows it
+                if msg.get("queued"):  # an SSE comment: OpenAI's clients skip it, the playground shows it
                     yield f": queued {msg['queued']}\n\n"
                 if msg.get("reasoning"):
                     yield _chunk(cid, created, name, {"reasoning_content": msg["reasoning"]})

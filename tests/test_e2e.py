@@ -9,7 +9,7 @@ from transformers import Qwen3ForCausalLM
 
 from training.model import hf_config
 
-from .live import TINY, training_processes
+from .live import TINY, processes_of, training_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -156,6 +156,8 @@ def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_c
     assert "".join(parts)
     whole = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens <= 4
+    # the node's one generation worker answered them all, whichever web process took each request
+    assert sum(" chat-worker --listen " in cmd for cmd in processes_of(live.home)) == 1
 
     rlaif = next(d for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == "demo-rlaif")
     for target in (sft_model["id"], merged["id"]):

@@ -262,84 +262,115 @@ def test_a_reward_model_a_job_is_rewarded_by_is_not_deleted_under_it_and_one_no_
     assert not (tmp_path / "rm2").exists()  # its folder went with it (it was a 500: unlink of a folder)
 
 
-def test_chat_workers_share_the_cores(monkeypatch, settings):
-    """Every web process has a chat worker: each gets the cores over the web processes (at most 4), not a thread per
-    core each (three workers generating at once on two cores ran 4-5x slower so)."""
+def test_the_chat_worker_takes_the_nodes_cores(monkeypatch, settings):
+    """One worker generates every chat of the node: it gets the node's cores (at most 4), whatever the number of web
+    processes (each had a worker of its own before, with its share)."""
     from jobs import devices
     from models_registry.inference import worker_env
 
-    for cores, processes, threads in [(2, 3, "1"), (16, 4, "4"), (64, 4, "4"), (6, 2, "3")]:
+    for cores, processes, threads in [(2, 3, "2"), (16, 4, "4"), (64, 4, "4"), (1, 2, "1")]:
         monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
         settings.WEB_PROCESSES = processes
         env = worker_env()
         assert env["OMP_NUM_THREADS"] == threads and env["CUDA_VISIBLE_DEVICES"] == "", (cores, processes)
 
 
+def _ask(tiny, **over):
+    from models_registry.inference import model_entry
+
+    return {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 2,
+            "temperature": 0, "top_p": 1, "thinking": False, "seed": None, **over}
+
+
+class _Chats:
+    """Chats streamed through ``ChatWorker``s, each as an asyncio task: the places each heard (``queued``), the order
+    in which they began to be answered (``started``), their text and how each ended."""
+
+    def __init__(self):
+        import asyncio
+
+        self.queued, self.started, self.text, self.ended, self.heard = {}, [], {}, {}, {}
+        self.tasks, self.asyncio = {}, asyncio
+
+    def start(self, worker, request, who, name):
+        self.heard[name] = self.asyncio.Event()
+        self.tasks[name] = self.asyncio.create_task(self._run(worker, request, who, name))
+        return self.heard[name].wait()  # the worker has it
+
+    async def _run(self, worker, request, who, name):
+        from minicloud.errors import ServiceError
+
+        self.queued[name], self.text[name] = [], ""
+        try:
+            async for msg in worker.stream(request, who):
+                self.heard[name].set()
+                if "queued" in msg:
+                    self.queued[name].append(msg["queued"])
+                elif name not in self.started:
+                    self.started.append(name)
+                self.text[name] += msg.get("content", "")
+                if msg.get("done"):
+                    self.ended[name] = msg["finish_reason"]
+        except ServiceError as exc:
+            self.ended[name] = exc.status
+        finally:
+            self.heard[name].set()
+
+
 def test_a_class_chats_take_turns_at_the_generation_worker(tiny, settings):
-    """CHAT_BATCH generations run at once per web process (here one). A member whose script sends several chats at
-    once used to hold every classmate's behind all of them (first come, first served); now the next turn goes to the
-    user whose last turn began longest ago, each waiting chat is told how many end before it starts, and a user's
+    """CHAT_BATCH generations run at once at the node's worker (here one). A member whose script sends several chats
+    at once used to hold every classmate's behind all of them (first come, first served); now the next turn goes to
+    the user whose last turn began longest ago, each waiting chat is told how many end before it starts, and a user's
     chats beyond CHAT_REQUESTS_PER_USER are refused (429) instead of queueing without bound. The real worker and
     model."""
     import asyncio
 
     from minicloud.errors import ServiceError
-    from models_registry.inference import ChatWorker, model_entry
+    from models_registry.inference import ChatWorker
 
     settings.CHAT_REQUESTS_PER_USER, settings.CHAT_BATCH = 3, 1
-    request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 2,
-               "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
-    started, queued = [], {}
-
-    async def chat(worker, who, name):
-        queued[name] = []
-        async for msg in worker.stream(request, who):
-            if "queued" in msg:
-                queued[name].append(msg["queued"])
-            elif name not in started:
-                started.append(name)
-            if msg.get("done"):
-                assert msg["usage"]["completion_tokens"] <= 2
+    chats = _Chats()
 
     async def main():
         worker = ChatWorker()
         try:
-            # member 1 sends three chats at once (the first is served: it starts the worker), then member 2 one
-            tasks = [asyncio.create_task(chat(worker, who, name))
-                     for who, name in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")]]
-            await asyncio.sleep(0.1)
+            # a long chat of member 1 holds the turn; then member 1 sends two more, then member 2 one
+            await chats.start(worker, _ask(tiny, max_new_tokens=4000), 1, "a1")
+            for who, name in [(1, "a2"), (1, "a3"), (2, "b1")]:
+                await chats.start(worker, _ask(tiny), who, name)
             with pytest.raises(ServiceError) as refused:  # a fourth of member 1's while three are held
-                worker.turns.check(1)
-            assert refused.value.status == 429
-            worker.turns.check(2)  # member 2 holds one
-            await asyncio.gather(*tasks)
-            assert not worker.turns.held and not worker.turns.running and not worker.turns.waiting
+                await anext(worker.stream(_ask(tiny), 1))
+            assert refused.value.status == 429 and "already have 3 chats" in str(refused.value)
+            assert (await worker.stats())["held"] == {"1": 3, "2": 1}
+            chats.tasks["a1"].cancel()  # its client goes away: the turn goes on
+            await asyncio.gather(*chats.tasks.values(), return_exceptions=True)
+            assert await worker.stats() == {"running": 0, "waiting": 0, "held": {}, "generating": 0}
         finally:
             await worker.aclose()
 
     asyncio.run(main())
-    assert started == ["a1", "b1", "a2", "a3"]  # first come, first served: a1, a2, a3, b1
+    assert chats.started == ["a1", "b1", "a2", "a3"]  # first come, first served: a1, a2, a3, b1
     # each waiting chat heard its place: b1 went ahead of member 1's others, then each moved up as turns ended
-    assert queued == {"a1": [], "a2": [1, 2, 1], "a3": [2, 3, 2, 1], "b1": [1]}
+    assert chats.queued == {"a1": [0], "a2": [1, 2, 1, 0], "a3": [2, 3, 2, 1, 0], "b1": [1, 0]}
 
 
 def test_a_class_chats_are_generated_together_at_the_worker(tiny, settings):
-    """Up to CHAT_BATCH chats run at once at a web process's worker, generated together (one forward pass per token
-    for all): two classmates' replies stream side by side, a third waits until one of them ends (told so), and each
-    greedy reply is the one it gets alone. Before, one chat generated at a time: b's reply began after a's ended."""
+    """Up to CHAT_BATCH chats run at once at the worker, generated together (one forward pass per token for all):
+    two classmates' replies stream side by side, a third waits until one of them ends (told so), and each greedy
+    reply is the one it gets alone. Before, one chat generated at a time: b's reply began after a's ended."""
     import asyncio
 
-    from models_registry.inference import ChatWorker, model_entry
+    from models_registry.inference import ChatWorker
 
     settings.CHAT_BATCH = 2
-    request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 24,
-               "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
+    request = _ask(tiny, max_new_tokens=24)
     events = []
 
     async def chat(worker, who):
         text = ""
         async for msg in worker.stream(request, who):
-            events.append((who, "queued" if "queued" in msg else "done" if msg.get("done") else "delta"))
+            if msg.get("queued") != 0:
+                events.append((who, "queued" if "queued" in msg else "done" if msg.get("done") else "delta"))
             text += msg.get("content", "")
         return text
 
@@ -351,7 +382,7 @@ def test_a_class_chats_are_generated_together_at_the_worker(tiny, settings):
             a, b = asyncio.create_task(chat(worker, "a")), asyncio.create_task(chat(worker, "b"))
             await asyncio.sleep(0)  # a and b take the two turns, c waits
             together = await asyncio.gather(a, b, chat(worker, "c"))
-            assert not worker.turns.held and not worker.turns.running and not worker.turns.waiting
+            assert (await worker.stats())["held"] == {}
             return alone, together
         finally:
             await worker.aclose()
@@ -360,7 +391,65 @@ def test_a_class_chats_are_generated_together_at_the_worker(tiny, settings):
     assert alone and together == [alone, alone, alone]
     first_done = min(events.index(("a", "done")), events.index(("b", "done")))
     assert ("a", "delta") in events[:first_done] and ("b", "delta") in events[:first_done], events
-    assert events[0] == ("c", "queued") and events.index(("c", "delta")) > first_done, events
+    assert events.index(("c", "queued")) < first_done < events.index(("c", "delta")), events
+
+
+def test_the_web_processes_of_a_node_share_one_generation_worker(tiny, settings):
+    """Every web process of a node speaks to the node's one worker (``serve`` starts it; the processes connect to its
+    socket). Before, each web process had a worker of its own: a class's chats, most of which one process's accept
+    loop takes, were generated CHAT_BATCH at a time there while the others idled (bench/chat_class.py). Now chats
+    from two processes are generated in one batch, the turns and each user's bound count over the node, and a
+    process that goes away ends its own chats only."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from models_registry.inference import ChatWorker, node_socket, worker_args, worker_env
+
+    settings.CHAT_REQUESTS_PER_USER, settings.CHAT_BATCH = 3, 4
+    settings.CHAT_SOCKET = node_socket()
+    node = subprocess.Popen([sys.executable, "-m", "training", "chat-worker", "--listen", settings.CHAT_SOCKET,
+                             *worker_args()], cwd=settings.BASE_DIR, env=worker_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    chats = _Chats()
+
+    async def main():
+        one, two = ChatWorker(), ChatWorker()  # the lines of two web processes
+        try:
+            await chats.start(one, _ask(tiny, max_new_tokens=4000), 1, "one-long")
+            await chats.start(one, _ask(tiny, max_new_tokens=24), 1, "one-short")
+            await chats.start(two, _ask(tiny, max_new_tokens=24), 2, "two-short")
+            await chats.start(two, _ask(tiny, max_new_tokens=4000), 1, "two-long")
+            assert one.pid == two.pid == node.pid and one.proc is None  # the node's worker, not one of their own
+            with pytest.raises(Exception) as refused:  # member 1 holds three over the two processes
+                await anext(two.stream(_ask(tiny), 1))
+            assert refused.value.status == 429
+            await asyncio.gather(chats.tasks["one-short"], chats.tasks["two-short"])
+            stats = await two.stats()
+            assert stats["running"] == 2 and stats["held"] == {"1": 2}  # both long chats generate on
+            await one.aclose()  # a web process goes away: its chat ends, the other's goes on
+            await asyncio.sleep(0.5)
+            stats = await two.stats()
+            assert stats["running"] == 1 and not chats.tasks["two-long"].done(), stats
+            chats.tasks["two-long"].cancel()
+            await asyncio.gather(*chats.tasks.values(), return_exceptions=True)
+            three = ChatWorker()  # a process that comes later is served by the same worker
+            assert "".join([m.get("content", "") async for m in three.stream(_ask(tiny, max_new_tokens=24), 3)]) \
+                == chats.text["one-short"] == chats.text["two-short"]
+            assert three.pid == node.pid and (await three.stats())["held"] == {}
+            await three.aclose()
+        finally:
+            await two.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.stdin.close()  # its parent goes: it ends
+        assert node.wait(timeout=30) == 0
+    assert chats.queued["two-short"] == [0] and chats.queued["two-long"] == [0]  # four slots: none waited
+    # generated together: the short chats of both processes began while both long ones were running
+    assert set(chats.started) == {"one-long", "one-short", "two-short", "two-long"}
+    assert chats.ended["one-short"] == chats.ended["two-short"] == "length"
 
 
 def test_a_refused_chat_says_when_to_try_again_as_openai_does():
@@ -396,7 +485,7 @@ def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny, settings
     from minicloud.errors import ServiceError
     from models_registry.inference import ChatWorker, model_entry
 
-    settings.CHAT_BATCH = 1  # "next" waits for its turn
+    settings.CHAT_BATCH = 1  # "next" waits for its turn (its place is the dead worker's: it is sent to a new one)
     request = {"model": model_entry(tiny), "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 200,
                "temperature": 0, "top_p": 1, "thinking": False, "seed": None}
     outcome = {}
@@ -405,7 +494,7 @@ def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny, settings
         try:
             async for msg in worker.stream(request, who):
                 if kill and "content" in msg:
-                    os.kill(worker.proc.pid, signal.SIGKILL)
+                    os.kill(worker.pid, signal.SIGKILL)
                     kill = False
                 if msg.get("done"):
                     outcome[who] = msg["finish_reason"]
@@ -416,7 +505,7 @@ def test_a_generation_worker_killed_mid_chat_fails_that_chat_only(tiny, settings
         worker = ChatWorker()
         try:
             await asyncio.gather(chat(worker, "killed", kill=True), chat(worker, "next"))
-            assert not worker.turns.held and not worker.turns.running
+            assert (await worker.stats())["held"] == {}
         finally:
             await worker.aclose()
 

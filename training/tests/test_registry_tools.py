@@ -97,10 +97,18 @@ def test_splitter_streams_reasoning_then_content():
     assert Splitter(thinking=False).deltas("plain") == {"content": "plain"}
 
 
-def _chat_worker():
-    """A ``python -m training chat-worker`` with one thread, as the web process starts it."""
-    return subprocess.Popen([sys.executable, "-m", "training", "chat-worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def _chat_worker(*args):
+    """A ``python -m training chat-worker`` with one thread, spoken to on its stdin and stdout."""
+    return subprocess.Popen([sys.executable, "-m", "training", "chat-worker", *args], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _answer(proc):
+    """The worker's next answer that is not a request's place in the turns (``{"id", "queued": n}``)."""
+    while "queued" in (msg := json.loads(proc.stdout.readline())):
+        pass
+    return msg
 
 
 def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path):
@@ -108,7 +116,8 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
     model = {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")}
     proc = _chat_worker()
     try:  # its share of the cores, from the web process (models_registry/inference.py worker_env)
-        assert json.loads(proc.stdout.readline()) == {"ready": True, "threads": 1}
+        ready = json.loads(proc.stdout.readline())
+        assert ready == {"ready": True, "threads": 1, "pid": proc.pid}
 
         def ask(**req):
             proc.stdin.write(json.dumps({"model": model, "messages": [{"role": "user", "content": "1+1="}],
@@ -118,7 +127,7 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
         def answers(rid):
             got = []
             while True:
-                msg = json.loads(proc.stdout.readline())
+                msg = _answer(proc)
                 assert msg["id"] == rid and "error" not in msg, msg
                 got.append(msg)
                 if msg.get("done"):
@@ -129,7 +138,7 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
         assert got[-1]["finish_reason"] in ("length", "stop") and got[-1]["usage"]["completion_tokens"] <= 6
         assert "".join(m.get("content", "") for m in got)  # a random model: any text
         ask(id="b", max_new_tokens=4000, temperature=1.0, seed=1)
-        first = json.loads(proc.stdout.readline())
+        first = _answer(proc)
         assert first["id"] == "b" and not first.get("done")
         proc.stdin.write(json.dumps({"cancel": "b"}) + "\n")
         proc.stdin.flush()
@@ -137,7 +146,7 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
         assert rest[-1]["finish_reason"] == "cancelled" and rest[-1]["usage"]["completion_tokens"] < 4000
         # a conversation longer than the model's positions is refused, explained, before any prefill
         ask(id="d", max_position_embeddings=32, messages=[{"role": "user", "content": "hello " * 40}])
-        refused = json.loads(proc.stdout.readline())
+        refused = _answer(proc)
         assert refused["id"] == "d" and refused["params"]["limit"] == 32 and refused["params"]["tokens"] > 32
         assert refused["template"].startswith("the conversation is %(tokens)s tokens long"), refused
         ask(id="e", max_new_tokens=3, temperature=0, max_position_embeddings=32)  # a short one still fits
@@ -145,7 +154,7 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
         proc.stdin.write(json.dumps({"id": "c", "model": {**model, "path": str(tmp_path / "none.pth")},
                                      "messages": [{"role": "user", "content": "x"}]}) + "\n")
         proc.stdin.flush()
-        assert "error" in json.loads(proc.stdout.readline())
+        assert "error" in _answer(proc)
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=30) == 0
@@ -177,7 +186,7 @@ def test_chat_worker_generates_chats_together_each_as_it_would_alone(demo_dir, t
     def replies(prefix, names):
         text, done, order = dict.fromkeys(names, ""), {}, []
         while len(done) < len(names):
-            msg = json.loads(proc.stdout.readline())
+            msg = _answer(proc)
             name = msg["id"][len(prefix):]
             assert msg["id"].startswith(prefix) and "error" not in msg, msg
             order.append((name, bool(msg.get("done"))))
@@ -226,7 +235,7 @@ class _Recorded:
         from training import chat_worker
 
         self.model, self.sent, self.seen = model, [], {}
-        monkeypatch.setattr(chat_worker, "send", self.sent.append)
+        self.conn = chat_worker.Conn(lambda data: self.sent.append(json.loads(data)))
         take = chat_worker.Chat.take
 
         def recording_take(chat, logits):
@@ -245,7 +254,7 @@ class _Recorded:
         events = {}
         for req in reqs:
             events[req["id"]] = threading.Event()
-            chats.take(req, events[req["id"]])
+            chats.take(req, events[req["id"]], self.conn)
         return events
 
     def replies(self):

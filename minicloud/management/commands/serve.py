@@ -1,7 +1,7 @@
 """``manage.py serve``: everything of one node under one parent.
 
 Sets up (migrate, static files, demo data, first admin), reconciles jobs a previous run left behind, then starts
-daphne (HTTP + WebSocket) and the django-q2 cluster as children in their own sessions, so a terminal's Ctrl-C
+daphne (HTTP + WebSocket), the node's chat worker and the django-q2 cluster as children in their own sessions, so a terminal's Ctrl-C
 reaches only this parent. On SIGINT/SIGTERM it stops running training processes (they checkpoint; their jobs
 resume on the next start), then the children: SIGTERM, then SIGKILL after a grace period. Nothing is left running.
 """
@@ -21,6 +21,7 @@ from django.core.management.base import BaseCommand
 
 from jobs.devices import worker_count
 from minicloud.processes import die_with_parent, kill_group
+from models_registry.inference import node_socket
 
 
 class Command(BaseCommand):
@@ -89,12 +90,16 @@ class Command(BaseCommand):
                                or settings.HOME / "run" / f"prometheus-{settings.NODE_NAME}")
             shutil.rmtree(metrics_dir, ignore_errors=True)
             metrics_dir.mkdir(parents=True)
+            # One generation worker for the node's chats, which every web process speaks to (its socket's name in
+            # their environment): one batch for a class whichever process accepted each chat.
+            self.chat_socket = node_socket()
+            self.children["chat"] = self._chat_worker()
             for n in range(settings.WEB_PROCESSES):
                 self.children[f"web{n or ''}"] = subprocess.Popen(
                     [py, "-m", "daphne", "--fd", str(listener.fileno()), "minicloud.asgi:application"],
                     cwd=settings.BASE_DIR, start_new_session=True, pass_fds=(listener.fileno(),),
                     env={**os.environ, "MINICLOUD_WEB_PROCESS": "1",  # keeps its database connections
-                         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+                         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "MINICLOUD_CHAT_SOCKET": self.chat_socket},
                     preexec_fn=die_with_parent(signal.SIGTERM))
             listener.close()  # the children hold it
         if self.worker:
@@ -107,8 +112,7 @@ class Command(BaseCommand):
                 self.children[name] = subprocess.Popen(
                     [py, "manage.py", "workers"], cwd=settings.BASE_DIR, start_new_session=True,
                     env={**os.environ, **env}, preexec_fn=die_with_parent(signal.SIGKILL))
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
+        self._write_pidfile()
         where = f"at http://{host}:{port}" if self.web else "as a worker"
         self.stdout.write(self.style.SUCCESS(f"MiniCloud is starting {where}  (node {settings.NODE_NAME}, "
                                              f"role {role}, data in {settings.HOME})"))
@@ -125,9 +129,16 @@ class Command(BaseCommand):
         sys.stdout.flush()
         code = 0
         next_beat = 0.0
+        chat_started = time.monotonic()
         while not self.stopping:
             for name, proc in self.children.items():
-                if proc.poll() is not None and not self.stopping:
+                if name == "chat" and proc.poll() is not None and not self.stopping and \
+                        time.monotonic() - chat_started > 5:
+                    # the chat worker died (the OOM killer, say): its chats failed, a new one serves the next
+                    self.stderr.write(f"the chat worker exited with code {proc.returncode}; starting it again")
+                    self.children["chat"], chat_started = self._chat_worker(), time.monotonic()
+                    self._write_pidfile()
+                elif name != "chat" and proc.poll() is not None and not self.stopping:
                     self.stderr.write(f"{name} exited with code {proc.returncode}; stopping")
                     code = 1
                     self.stopping = True
@@ -137,6 +148,20 @@ class Command(BaseCommand):
             time.sleep(0.3)
         self._shutdown()
         sys.exit(code)
+
+    def _write_pidfile(self):
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.write_text(json.dumps({name: p.pid for name, p in self.children.items()}))
+
+    def _chat_worker(self):
+        """The node's generation worker: it serves the web processes on ``self.chat_socket`` and exits when this
+        parent goes (its stdin closes)."""
+        from models_registry.inference import worker_args, worker_env
+
+        return subprocess.Popen(
+            [sys.executable, "-m", "training", "chat-worker", "--listen", self.chat_socket, *worker_args()],
+            cwd=settings.BASE_DIR, start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            env=worker_env(), preexec_fn=die_with_parent(signal.SIGTERM))
 
     def _beat(self):
         """This node's heartbeat, which the devices page shows (a database hiccup is not fatal)."""
