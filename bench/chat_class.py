@@ -4,7 +4,7 @@ layers, random weights, imported through the API and made public); thirty member
 ``--tokens`` tokens from POST /v1/chat/completions at the same moment (temperature 1, a seed each). Each member's
 first token and last token are timed at the client; the tokens come from each stream's closing usage. The node runs
 with ``MINICLOUD_CHAT_BATCH`` 1 (one chat at a time, the reference: every worker before the batching), or with
-``--previous WORKTREE`` the previous commit's node at its default, and with this tree's ``--batch``, alternately, each
+``--previous WORKTREE`` the previous commit's node (at ``--previous-batch``), and with this tree's ``--batch``, alternately, each
 on a fresh node.
 
     python bench/chat_class.py                        # 30 users x 128 tokens, 2 rounds
@@ -129,13 +129,14 @@ def main():
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="this tree's CHAT_BATCH")
-    p.add_argument("--previous", help="a worktree of the previous commit: its node at its default is the reference")
+    p.add_argument("--previous", help="a worktree of the previous commit: its node is the reference")
+    p.add_argument("--previous-batch", type=int, default=8, help="the previous node's CHAT_BATCH (its default)")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one run with this CHAT_BATCH, in this process
     args = p.parse_args()
     if args.measure:  # a process of its own: Django here is set up on one node's database
         return print(json.dumps(measure(args, args.measure)))
     out = {"bench": "chat_class", "users": args.users, "tokens": args.tokens, "cpus": os.cpu_count(), "runs": []}
-    reference = ("previous", Path(args.previous).resolve(), 8) if args.previous else ("batch 1", ROOT, 1)
+    reference = ("previous", Path(args.previous).resolve(), args.previous_batch) if args.previous else ("batch 1", ROOT, 1)
     new = ("new", ROOT, args.batch)
     for rnd in range(args.rounds):
         for code, tree, batch in ((reference, new) if rnd % 2 == 0 else (new, reference)):

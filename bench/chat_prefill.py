@@ -54,12 +54,17 @@ def measure(args):
     entry = minimind3_chat_model(home)
     import torch
 
-    from training import chat_worker
+    try:  # the generation apart from the worker's connections and turns since the node's one worker
+        from training import chat_batch as chat_worker
+        from training.chat_worker import Conn
+    except ImportError:
+        from training import chat_worker
+        Conn = getattr(chat_worker, "Conn", None)
     from training.chat import load_hf_tokenizer
 
     torch.set_num_threads(1)
     chat_worker.send = lambda obj: None  # a tree before the worker answered on connections (Conn)
-    quiet = (chat_worker.Conn(lambda data: None),) if hasattr(chat_worker, "Conn") else ()
+    quiet = (Conn(lambda data: None),) if Conn else ()
     arrivals: dict[str, list[float]] = {}  # each chat's token times
     take = chat_worker.Chat.take
 
@@ -79,10 +84,10 @@ def measure(args):
 
     chats = chat_worker.Chats()
 
-    def take(req):
+    def submit(req):
         chats.take(req, threading.Event(), *quiet)
 
-    take(request("warm", [{"role": "user", "content": "warm up"}], 4, 0))
+    submit(request("warm", [{"role": "user", "content": "warm up"}], 4, 0))
     while busy(chats):
         chats.step()
     arrivals.clear()
@@ -90,16 +95,16 @@ def measure(args):
     long = request("long", messages, 32, 99)
     start = time.perf_counter()
     for n in range(args.users):  # the worker's main loop: the requests that came, then one step for all
-        take(request(f"user{n}", [{"role": "user", "content": f"question {n}: what is {n} + {n}?"}], args.tokens, n))
+        submit(request(f"user{n}", [{"role": "user", "content": f"question {n}: what is {n} + {n}?"}], args.tokens, n))
     t0 = late_at = None
     while busy(chats) or late_at is None:
         now = time.perf_counter()
         if t0 is None and now - start >= args.after:
             t0 = now
-            take(long)
+            submit(long)
         elif t0 is not None and late_at is None and now - t0 >= args.late:  # taken at the loop's next turn
             late_at = t0 + args.late
-            take(request("late", [{"role": "user", "content": "one more question: what is 2 + 2?"}], 32, 98))
+            submit(request("late", [{"role": "user", "content": "one more question: what is 2 + 2?"}], 32, 98))
         chats.step()
     total = time.perf_counter() - start
     t1 = arrivals["long"][0]

@@ -44,7 +44,7 @@ CHAT_REQUESTS_PER_USER = envint("MINICLOUD_CHAT_REQUESTS_PER_USER", 4)
 # Chats the node's worker generates at once, together (one forward pass per token for all of them: on the CPU eight
 # chats get ~3.4x the tokens per second of one; a class of thirty at 32 got 2.2x the tokens per second of three
 # per-process workers of 8, docs/performance.md); the others wait for their turn. The KV cache they hold is bounded
-# apart (training/chat_worker.py KV_TOKENS).
+# apart (training/chat_batch.py KV_TOKENS).
 CHAT_BATCH = max(1, envint("MINICLOUD_CHAT_BATCH", 32))
 # The node's generation worker, which `serve` starts and names for its web processes (models_registry/inference.py
 # node_socket); empty where a process runs alone (runserver, the tests): it starts a worker of its own.

@@ -88,7 +88,7 @@ def test_lora_merge_is_w_plus_ba_and_matches_the_unmerged_forward(tmp_path):
 
 
 def test_splitter_streams_reasoning_then_content():
-    from training.chat_worker import Splitter
+    from training.chat_batch import Splitter
 
     s = Splitter(thinking=True)
     assert s.deltas("Let me think</") == {"reasoning": "Let me think"}
@@ -232,17 +232,18 @@ class _Recorded:
     chat chose its tokens from (``seen``)."""
 
     def __init__(self, monkeypatch, model):
-        from training import chat_worker
+        from training import chat_batch
+        from training.chat_worker import Conn
 
         self.model, self.sent, self.seen = model, [], {}
-        self.conn = chat_worker.Conn(lambda data: self.sent.append(json.loads(data)))
-        take = chat_worker.Chat.take
+        self.conn = Conn(lambda data: self.sent.append(json.loads(data)))
+        take = chat_batch.Chat.take
 
         def recording_take(chat, logits):
             self.seen.setdefault(chat.rid, []).append(logits.clone())
             return take(chat, logits)
 
-        monkeypatch.setattr(chat_worker.Chat, "take", recording_take)
+        monkeypatch.setattr(chat_batch.Chat, "take", recording_take)
 
     def request(self, rid, words, tokens):
         return {"id": rid, "model": self.model, "messages": [{"role": "user", "content": "word " * words}],
@@ -281,22 +282,22 @@ def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, mon
     """A long conversation does not pad short ones to its length (it starts a batch of its own), the chats generating
     at once reserve at most KV_TOKENS (a chat beyond waits in the worker until one ends), and a waiting chat whose
     client went away ends without its prompt being read. Every greedy reply is still the one it gets alone."""
-    from training import chat_worker
+    from training import chat_batch
 
     pth, cfg = _random_model(tmp_path)
     rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
-    monkeypatch.setattr(chat_worker, "PREFILL_CHUNK", 10**6)  # every prompt read at the step after it came
+    monkeypatch.setattr(chat_batch, "PREFILL_CHUNK", 10**6)  # every prompt read at the step after it came
 
     alone = {}
     for rid, words, tokens in [("short1", 2, 12), ("short2", 3, 5), ("long", 300, 12)]:
-        chats = chat_worker.Chats()
+        chats = chat_batch.Chats()
         rec.run(chats, rec.request(rid, words, tokens))
         while chats.busy():
             chats.step()
         alone.update(rec.replies())
     alone_logits = rec.take_logits()
 
-    chats = chat_worker.Chats()
+    chats = chat_batch.Chats()
     rec.run(chats, rec.request("short1", 2, 12), rec.request("short2", 3, 5), rec.request("long", 300, 12))
     chats.step()
     assert [[c.rid for c in b.chats] for b in chats.batches] == [["short1", "short2"], ["long"]]
@@ -306,8 +307,8 @@ def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, mon
     assert rec.replies() == alone
     rec.same_logits(alone_logits)
 
-    monkeypatch.setattr(chat_worker, "KV_TOKENS", 320)
-    chats = chat_worker.Chats()
+    monkeypatch.setattr(chat_batch, "KV_TOKENS", 320)
+    chats = chat_batch.Chats()
     gone = rec.run(chats, rec.request("long", 300, 12), rec.request("short1", 2, 12), rec.request("gone", 2, 12))
     assert [c.rid for c in chats.reading] == ["long"]
     assert [c.rid for c in chats.waiting] == ["short1", "gone"]
@@ -329,15 +330,15 @@ def test_chat_worker_reads_a_long_prompt_a_piece_at_a_time_beside_the_others(dem
     reading; read in pieces, every logit either chat chooses from is the one it gets with the prompt read in one
     piece. A question that comes while the long prompt is read is read first (the shortest rest first), and a chat
     whose client goes away while its prompt is read ends there."""
-    from training import chat_worker
+    from training import chat_batch
 
     pth, cfg = _random_model(tmp_path)
     rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
 
     def streamed(chunk):
         """The replies, and how many tokens the streaming chat got while the long prompt was read."""
-        monkeypatch.setattr(chat_worker, "PREFILL_CHUNK", chunk)
-        chats = chat_worker.Chats()
+        monkeypatch.setattr(chat_batch, "PREFILL_CHUNK", chunk)
+        chats = chat_batch.Chats()
         rec.run(chats, rec.request("streaming", 2, 40))
         for _ in range(3):
             chats.step()
@@ -359,7 +360,7 @@ def test_chat_worker_reads_a_long_prompt_a_piece_at_a_time_beside_the_others(dem
     assert pieces["long"] == whole["long"]
     rec.same_logits(whole_logits)
 
-    chats = chat_worker.Chats()  # a question that comes while it is read starts at once, not after all of it
+    chats = chat_batch.Chats()  # a question that comes while it is read starts at once, not after all of it
     rec.run(chats, rec.request("long", 300, 6))
     chats.step()
     rec.run(chats, rec.request("late", 2, 6))
@@ -373,13 +374,53 @@ def test_chat_worker_reads_a_long_prompt_a_piece_at_a_time_beside_the_others(dem
     assert rec.replies()["long"] == whole["long"]
     rec.take_logits()
 
-    chats = chat_worker.Chats()
+    chats = chat_batch.Chats()
     gone = rec.run(chats, rec.request("long", 300, 6))
     chats.step()
     assert [c.rid for c in chats.reading] == ["long"] and chats.reading[0].read == 16
     gone["long"].set()
     chats.step()
     assert not chats.busy() and rec.replies() == {"long": ("", "cancelled")}
+
+
+def test_chat_worker_reads_the_questions_that_come_together_in_one_pass(demo_dir, tmp_path, monkeypatch):
+    """A class's questions arrive together: their prompts, short enough to fit in one PREFILL_CHUNK together, are
+    read in one forward pass of the model (left-padded to the longest) instead of one pass each, and every logit each
+    chat chooses from is the one it gets read alone. A long prompt is still read a piece at a time by itself."""
+    from training import chat_batch
+
+    pth, cfg = _random_model(tmp_path)
+    rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
+    asks = [("q1", 2, 6), ("q2", 9, 6), ("q3", 5, 6), ("q4", 1, 6)]
+
+    alone = {}
+    for rid, words, tokens in asks:
+        chats = chat_batch.Chats()
+        rec.run(chats, rec.request(rid, words, tokens))
+        while chats.busy():
+            chats.step()
+        alone.update(rec.replies())
+    alone_logits = rec.take_logits()
+
+    chats = chat_batch.Chats()
+    rec.run(chats, *(rec.request(rid, words, tokens) for rid, words, tokens in asks), rec.request("long", 300, 6))
+    model = chats.reading[0].model
+    passes = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: passes.append(k["input_ids"].shape) or
+                        forward(self, *a, **k))
+    chats.step()
+    assert len(passes) == 2 and passes[0][0] == 4, passes  # the four questions in one pass, then a piece of the long
+    assert sorted(c.rid for b in chats.batches for c in b.chats) == ["q1", "q2", "q3", "q4"]
+    assert [c.rid for c in chats.reading] == ["long"] and 0 < chats.reading[0].read < chats.reading[0].prompt_len
+    while chats.busy():
+        chats.step()
+    replies = rec.replies()
+    assert {rid: replies[rid] for rid in alone} == alone
+    seen = rec.take_logits()
+    for rid in alone:  # the first token's logits from the pass read together, the rest from the batch
+        assert len(seen[rid]) == len(alone_logits[rid])
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(seen[rid], alone_logits[rid])), rid
 
 
 def test_eval_stage_measures_loss_preferences_and_answers_and_sft_beats_pretrain(trained, demo_dir, tmp_path,
