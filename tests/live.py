@@ -177,8 +177,13 @@ class LiveNode:
 
 def processes_of(home: Path) -> list[str]:
     """Command lines of live processes started for the node whose MINICLOUD_HOME is ``home``."""
+    return list(node_processes(home).values())
+
+
+def node_processes(home: Path) -> dict[int, str]:
+    """The live processes started for the node whose MINICLOUD_HOME is ``home``: their command lines by PID."""
     needle = f"MINICLOUD_HOME={home}".encode()
-    found = []
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -189,7 +194,7 @@ def processes_of(home: Path) -> list[str]:
         except OSError:
             continue
         if needle in env and state != "Z":
-            found.append(cmd)
+            found[int(proc.name)] = cmd
     return found
 
 

@@ -1,5 +1,7 @@
 """End to end against the real `serve`: submit through the API, train, read metrics, download, cancel."""
 import io
+import os
+import signal
 import time
 import zipfile
 
@@ -9,7 +11,7 @@ from transformers import Qwen3ForCausalLM
 
 from training.model import hf_config
 
-from .live import TINY, processes_of, training_processes
+from .live import TINY, node_processes, training_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -157,7 +159,13 @@ def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_c
     whole = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens <= 4
     # the node's one generation worker answered them all, whichever web process took each request
-    assert sum(" chat-worker --listen " in cmd for cmd in processes_of(live.home)) == 1
+    workers = [pid for pid, cmd in node_processes(live.home).items() if " chat-worker --listen " in cmd]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)  # the OOM killer, say: serve starts another, the next chat is answered
+    again = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert again.choices[0].message.role == "assistant" and 0 < again.usage.completion_tokens <= 4
+    assert [pid for pid, cmd in node_processes(live.home).items() if " chat-worker --listen " in cmd] not in (
+        [], workers) and live.proc.poll() is None
 
     rlaif = next(d for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == "demo-rlaif")
     for target in (sft_model["id"], merged["id"]):
