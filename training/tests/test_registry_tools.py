@@ -258,6 +258,19 @@ class _Recorded:
             chats.take(req, events[req["id"]], self.conn)
         return events
 
+    def alone(self, asks):
+        """Each of ``asks`` (id, words, tokens) generated alone: the replies, and the logits each chose from."""
+        from training import chat_batch
+
+        replies = {}
+        for rid, words, tokens in asks:
+            chats = chat_batch.Chats()
+            self.run(chats, self.request(rid, words, tokens))
+            while chats.busy():
+                chats.step()
+            replies.update(self.replies())
+        return replies, self.take_logits()
+
     def replies(self):
         out = {}
         for msg in self.sent:
@@ -288,14 +301,7 @@ def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, mon
     rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
     monkeypatch.setattr(chat_batch, "PREFILL_CHUNK", 10**6)  # every prompt read at the step after it came
 
-    alone = {}
-    for rid, words, tokens in [("short1", 2, 12), ("short2", 3, 5), ("long", 300, 12)]:
-        chats = chat_batch.Chats()
-        rec.run(chats, rec.request(rid, words, tokens))
-        while chats.busy():
-            chats.step()
-        alone.update(rec.replies())
-    alone_logits = rec.take_logits()
+    alone, alone_logits = rec.alone([("short1", 2, 12), ("short2", 3, 5), ("long", 300, 12)])
 
     chats = chat_batch.Chats()
     rec.run(chats, rec.request("short1", 2, 12), rec.request("short2", 3, 5), rec.request("long", 300, 12))
@@ -393,14 +399,7 @@ def test_chat_worker_reads_the_questions_that_come_together_in_one_pass(demo_dir
     rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
     asks = [("q1", 2, 6), ("q2", 9, 6), ("q3", 5, 6), ("q4", 1, 6)]
 
-    alone = {}
-    for rid, words, tokens in asks:
-        chats = chat_batch.Chats()
-        rec.run(chats, rec.request(rid, words, tokens))
-        while chats.busy():
-            chats.step()
-        alone.update(rec.replies())
-    alone_logits = rec.take_logits()
+    alone, alone_logits = rec.alone(asks)
 
     chats = chat_batch.Chats()
     rec.run(chats, *(rec.request(rid, words, tokens) for rid, words, tokens in asks), rec.request("long", 300, 6))
