@@ -62,10 +62,10 @@ class Conn:
             pass
 
 
-def fail(conn: Conn, rid, exc: Exception, **extra) -> None:
+def fail(conn: Conn, rid, exc: Exception) -> None:
     """Answer request ``rid`` with its error (and log it); the worker goes on."""
     sys.stderr.write(f"chat-worker: {type(exc).__name__}: {exc}\n")
-    conn.send({"id": rid, **error_report(exc), **extra})
+    conn.send({"id": rid, **error_report(exc)})
 
 
 def done(rid, reason: str, prompt: int = 0, completion: int = 0) -> dict:
@@ -287,7 +287,11 @@ def main(listen: str = "", slots: int = 32, per_user: int = 4) -> int:
     inbox: queue.Queue = queue.Queue()
     parent = Conn(lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
     if listen:
-        _listen(listen, inbox, ready)
+        try:
+            _listen(listen, inbox, ready)
+        except OSError as exc:  # EADDRINUSE: another worker serves this node
+            sys.stderr.write(f"chat-worker: cannot listen on @{listen}: {exc}\n")
+            return 3
     threading.Thread(target=_read_lines, args=(parent, sys.stdin.buffer, inbox), daemon=True).start()
     worker = Worker(slots, per_user)
     parent.send(ready)
