@@ -4,8 +4,8 @@ layers, random weights, imported through the API and made public); thirty member
 ``--tokens`` tokens from POST /v1/chat/completions at the same moment (temperature 1, a seed each). Each member's
 first token and last token are timed at the client; the tokens come from each stream's closing usage. The node runs
 with ``MINICLOUD_CHAT_BATCH`` 1 (one chat at a time, the reference: every worker before the batching), or with
-``--previous WORKTREE`` the previous commit's node (at ``--previous-batch``), and with this tree's ``--batch``, alternately, each
-on a fresh node.
+``--previous WORKTREE`` the previous commit's node (at ``--previous-batch``), and with this tree's ``--batch``,
+alternately, each on a fresh node.
 
     python bench/chat_class.py                        # 30 users x 128 tokens, 2 rounds
     python bench/chat_class.py --users 30 --tokens 64 --rounds 1
@@ -136,7 +136,8 @@ def main():
     if args.measure:  # a process of its own: Django here is set up on one node's database
         return print(json.dumps(measure(args, args.measure)))
     out = {"bench": "chat_class", "users": args.users, "tokens": args.tokens, "cpus": os.cpu_count(), "runs": []}
-    reference = ("previous", Path(args.previous).resolve(), args.previous_batch) if args.previous else ("batch 1", ROOT, 1)
+    reference = (("previous", Path(args.previous).resolve(), args.previous_batch) if args.previous
+                 else ("batch 1", ROOT, 1))
     new = ("new", ROOT, args.batch)
     for rnd in range(args.rounds):
         for code, tree, batch in ((reference, new) if rnd % 2 == 0 else (new, reference)):

@@ -213,7 +213,8 @@ def worker_args() -> list[str]:
 def node_socket() -> str:
     """The abstract Unix socket of this node's worker: named from its data folder and node name, so that two portals
     on one machine (two instances, the tests' parallel runs) each have their own."""
-    return "minicloud-chat-" + hashlib.sha256(f"{settings.HOME.resolve()}|{settings.NODE_NAME}".encode()).hexdigest()[:24]
+    where = f"{settings.HOME.resolve()}|{settings.NODE_NAME}"
+    return "minicloud-chat-" + hashlib.sha256(where.encode()).hexdigest()[:24]
 
 
 def worker() -> ChatWorker:

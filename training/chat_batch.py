@@ -137,7 +137,8 @@ class Chat:
         layers = _kv(cache)
         for i, chat in enumerate(chats):
             start = width - chat.prompt_len
-            chat.cache = DynamicCache(ddp_cache_data=[(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in layers])
+            chat.cache = DynamicCache(ddp_cache_data=[(k[i:i + 1, :, start:], v[i:i + 1, :, start:])
+                                                      for k, v in layers])
             chat.read = chat.prompt_len
         return list(out.logits[:, -1])
 

@@ -1,9 +1,10 @@
 """``manage.py serve``: everything of one node under one parent.
 
 Sets up (migrate, static files, demo data, first admin), reconciles jobs a previous run left behind, then starts
-daphne (HTTP + WebSocket), the node's chat worker and the django-q2 cluster as children in their own sessions, so a terminal's Ctrl-C
-reaches only this parent. On SIGINT/SIGTERM it stops running training processes (they checkpoint; their jobs
-resume on the next start), then the children: SIGTERM, then SIGKILL after a grace period. Nothing is left running.
+daphne (HTTP + WebSocket), the node's chat worker and the django-q2 cluster as children in their own sessions, so a
+terminal's Ctrl-C reaches only this parent. On SIGINT/SIGTERM it stops running training processes (they checkpoint;
+their jobs resume on the next start), then the children: SIGTERM, then SIGKILL after a grace period. Nothing is left
+running.
 """
 import json
 import os
