@@ -57,6 +57,33 @@ def latency_exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
+def chat_worker_stats(timeout: float = 2.0) -> dict | None:
+    """The turns at this node's generation worker (``{"running", "waiting", "held", "generating"}``: training/
+    chat_worker.py ``Worker.stats``), asked on its socket; None where this process has no node worker to ask (not
+    started by ``serve``) or it does not answer within ``timeout`` (it answers between two decoding steps)."""
+    import json
+    import socket
+
+    from django.conf import settings
+
+    if not settings.CHAT_SOCKET:
+        return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect("\0" + settings.CHAT_SOCKET)
+            lines = sock.makefile("rwb")
+            lines.write(b'{"stats": true}\n')
+            lines.flush()
+            while line := lines.readline():
+                msg = json.loads(line)
+                if "stats" in msg:
+                    return msg["stats"]
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def refused_scrape(request):
     """None when the request carries the scrape token; else the answer it gets (404: metrics off, 401)."""
     from django.conf import settings

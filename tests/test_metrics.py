@@ -71,6 +71,62 @@ def test_metrics_need_the_scrape_token_and_show_queue_jobs_devices_and_throughpu
                for k in s)
 
 
+def test_metrics_show_the_chats_at_the_nodes_generation_worker(client, db, settings, tmp_path):
+    """A teacher's Grafana sees the class's chats: generating and waiting for their turn at the node's worker (asked
+    on its socket when scraped), and how many users hold them. A process with no node worker shows none."""
+    import socket
+    import sys
+
+    from models_registry.inference import node_socket, worker_env
+    from training.model import build_model, save_pth
+    from training.spec import model_config, resolve_config
+
+    settings.METRICS_TOKEN = "s3cret"
+    auth = {"HTTP_AUTHORIZATION": "Bearer s3cret"}
+    assert not any(k.startswith("minicloud_chat") for k in _series(client.get("/metrics", **auth).content.decode()))
+    pth, mcfg = tmp_path / "tiny.pth", model_config(resolve_config("pretrain", dict(TINY)))
+    save_pth(build_model(mcfg), pth)
+    model = {"path": str(pth), "config": mcfg, "tokenizer": Tokenizer.objects.get(name="demo-tokenizer").path}
+    settings.CHAT_SOCKET = node_socket()
+    worker = subprocess.Popen([sys.executable, "-m", "training", "chat-worker", "--listen", settings.CHAT_SOCKET,
+                               "--slots", "1"], cwd=settings.BASE_DIR, env=worker_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # a web process of the node: two members' chats, one turn at a time
+            try:
+                web = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                web.connect("\0" + settings.CHAT_SOCKET)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        lines = web.makefile("rwb")
+        for rid, who in (("a", "1"), ("b", "2")):
+            lines.write(json.dumps({"id": rid, "who": who, "model": model, "max_new_tokens": 4000, "temperature": 0,
+                                    "messages": [{"role": "user", "content": "Hi"}]}).encode() + b"\n")
+        lines.flush()
+        places = {}
+        while len(places) < 2:
+            msg = json.loads(lines.readline())
+            if "queued" in msg:
+                places.setdefault(msg["id"], msg["queued"])
+        assert places == {"a": 0, "b": 1}
+        s = _series(client.get("/metrics", **auth).content.decode())
+        node = settings.NODE_NAME
+        assert s[json.dumps({"node": node, "state": "generating"}, sort_keys=True).join(("minicloud_chats", ""))] == 1
+        assert s[json.dumps({"node": node, "state": "waiting"}, sort_keys=True).join(("minicloud_chats", ""))] == 1
+        assert s["minicloud_chat_users" + json.dumps({"node": node})] == 2
+        lines.close()
+        web.close()  # the web process goes: its chats end, and the worker goes on
+        time.sleep(1)
+        s = _series(client.get("/metrics", **auth).content.decode())
+        assert s[json.dumps({"node": node, "state": "generating"}, sort_keys=True).join(("minicloud_chats", ""))] == 0
+    finally:
+        worker.stdin.close()
+        assert worker.wait(timeout=30) == 0
+
+
 def _prometheus_query(port: int, query: str) -> list:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=10) as resp:

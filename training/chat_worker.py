@@ -257,6 +257,16 @@ def _read_lines(conn: Conn, lines, inbox: queue.Queue) -> None:
     inbox.put((conn, None))
 
 
+def _hang_up(sock: socket.socket) -> None:
+    """Close a connection for both sides at once: its reader thread (blocked in a read through its ``makefile``,
+    which keeps the socket open past ``close``) sees its end, and the chats of that connection end with it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # the peer is gone already
+        pass
+    sock.close()
+
+
 def _listen(name: str, inbox: queue.Queue, ready: dict) -> None:
     """Accept the node's web processes on the abstract Unix socket ``name`` (no file to leave behind or to protect;
     bound by one worker at a time): a connection from another user of the machine is closed unread (SO_PEERCRED)."""
@@ -273,7 +283,7 @@ def _listen(name: str, inbox: queue.Queue, ready: dict) -> None:
                 sock.close()
                 continue
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
-            conn = Conn(sock.sendall, sock.close)
+            conn = Conn(sock.sendall, lambda sock=sock: _hang_up(sock))
             conn.send(ready)
             threading.Thread(target=_read_lines, args=(conn, sock.makefile("rb"), inbox), daemon=True).start()
 

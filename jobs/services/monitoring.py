@@ -1,6 +1,7 @@
 """The portal's state as Prometheus metrics, read from the database at each scrape (``/metrics``, minicloud.metrics):
 the queue by stage, jobs by state, devices (running jobs, their memory, GPU utilisation and memory from the nodes'
-last readings), each running job's training tokens/s, and job outcomes."""
+last readings), each running job's training tokens/s, job outcomes, and the chats at the answering web node's
+generation worker (asked on its socket)."""
 from __future__ import annotations
 
 from django.db.models import Count
@@ -48,6 +49,26 @@ class PortalCollector:
 
         yield from self._devices()
         yield self._throughput()
+        yield from self._chats()
+
+    def _chats(self):
+        """The chats at this node's generation worker (the web node answering the scrape), where it has one."""
+        from django.conf import settings
+        from prometheus_client.core import GaugeMetricFamily
+
+        from minicloud.metrics import chat_worker_stats
+
+        stats = chat_worker_stats()
+        if stats is None:
+            return
+        chats = GaugeMetricFamily("minicloud_chats", "Chats (playground, /v1/chat/completions) at the node's "
+                                  "generation worker: generating, or waiting for their turn", labels=["node", "state"])
+        chats.add_metric([settings.NODE_NAME, "generating"], stats["running"])
+        chats.add_metric([settings.NODE_NAME, "waiting"], stats["waiting"])
+        users = GaugeMetricFamily("minicloud_chat_users", "Users with chats at the node's generation worker",
+                                  labels=["node"])
+        users.add_metric([settings.NODE_NAME], len(stats["held"]))
+        yield from (chats, users)
 
     def _devices(self):
         from prometheus_client.core import GaugeMetricFamily

@@ -227,6 +227,29 @@ def test_chat_worker_generates_chats_together_each_as_it_would_alone(demo_dir, t
         assert tok.decode([i for i in out if i not in (EOS_ID, PAD_ID)]) == alone[name][0]
 
 
+def test_a_connection_the_worker_gives_up_on_ends_its_chats():
+    """The worker closes a web process's connection that does not take its answers (``SEND_TIMEOUT_S``): its reader
+    thread, blocked in a read through the socket's file, must see the end, so that the connection's chats end and
+    give their turns on. ``socket.close`` alone left the socket open under that file: the reader never woke."""
+    import queue
+    import socket
+    import threading
+
+    from training.chat_worker import Conn, _hang_up, _read_lines
+
+    mine, peer = socket.socketpair()
+    inbox = queue.Queue()
+    conn = Conn(mine.sendall, lambda: _hang_up(mine))
+    threading.Thread(target=_read_lines, args=(conn, mine.makefile("rb"), inbox), daemon=True).start()
+    peer.sendall(b'{"stats": true}\n')
+    assert inbox.get(timeout=5) == (conn, {"stats": True})
+    conn.close()
+    assert inbox.get(timeout=5) == (conn, None) and not conn.open
+    conn.send({"id": "x"})  # a closed connection takes nothing, quietly
+    assert peer.recv(10) == b""
+    peer.close()
+
+
 class _Recorded:
     """A chat worker's ``Chats`` driven in this process: what each chat streamed (``replies``), and the logits each
     chat chose its tokens from (``seen``)."""
