@@ -58,16 +58,15 @@ class PortalCollector:
 
         from minicloud.metrics import chat_worker_stats
 
-        stats = chat_worker_stats()
-        if stats is None:
-            return
         chats = GaugeMetricFamily("minicloud_chats", "Chats (playground, /v1/chat/completions) at the node's "
                                   "generation worker: generating, or waiting for their turn", labels=["node", "state"])
-        chats.add_metric([settings.NODE_NAME, "generating"], stats["running"])
-        chats.add_metric([settings.NODE_NAME, "waiting"], stats["waiting"])
         users = GaugeMetricFamily("minicloud_chat_users", "Users with chats at the node's generation worker",
                                   labels=["node"])
-        users.add_metric([settings.NODE_NAME], len(stats["held"]))
+        stats = chat_worker_stats()
+        if stats is not None:  # else no samples (no worker answers this process)
+            chats.add_metric([settings.NODE_NAME, "generating"], stats["running"])
+            chats.add_metric([settings.NODE_NAME, "waiting"], stats["waiting"])
+            users.add_metric([settings.NODE_NAME], len(stats["held"]))
         yield from (chats, users)
 
     def _devices(self):
