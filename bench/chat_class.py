@@ -128,7 +128,7 @@ def main():
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8, help="this tree's CHAT_BATCH")
+    p.add_argument("--batch", type=int, default=32, help="this tree's CHAT_BATCH (its default)")
     p.add_argument("--previous", help="a worktree of the previous commit: its node is the reference")
     p.add_argument("--previous-batch", type=int, default=8, help="the previous node's CHAT_BATCH (its default)")
     p.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one run with this CHAT_BATCH, in this process
