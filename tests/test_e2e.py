@@ -1,4 +1,5 @@
 """End to end against the real `serve`: submit through the API, train, read metrics, download, cancel."""
+import http.client
 import io
 import os
 import signal
@@ -104,7 +105,7 @@ def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_c
     import json
     import zipfile
 
-    from openai import OpenAI
+    from openai import OpenAI, RateLimitError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = live.submit("e2e-base", {**TINY, "max_steps": 10})
@@ -166,6 +167,23 @@ def test_pretrain_sft_lora_chain_merges_downloads_and_chats_through_the_openai_c
     assert again.choices[0].message.role == "assistant" and 0 < again.usage.completion_tokens <= 4
     assert [pid for pid, cmd in node_processes(live.home).items() if " chat-worker --listen " in cmd] not in (
         [], workers) and live.proc.poll() is None
+    # a member's fifth chat while four stream, whichever web processes took them, is refused before any stream
+    # starts: 429 in OpenAI's shape (the worker counts the member's chats over the node)
+    streams = []
+    for n in range(4):
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "model": name, "stream": True, "max_tokens": 4000, "messages": [{"role": "user", "content": f"{n}"}]}),
+            {"Authorization": f"Bearer {live.token}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        streams.append(conn)
+    with pytest.raises(RateLimitError) as refused:
+        client.with_options(max_retries=0).chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "one more"}], max_tokens=4)
+    assert "4" in refused.value.message
+    for conn in streams:  # their clients go: the chats end at the worker
+        conn.close()
 
     rlaif = next(d for d in live.request("GET", "/api/v1/datasets")[1]["datasets"] if d["name"] == "demo-rlaif")
     for target in (sft_model["id"], merged["id"]):
