@@ -15,7 +15,8 @@ Per run: ``stall_max_s`` (the longest wait of a streaming chat for its next toke
 ``stall_p50_s`` (each streaming chat's longest wait, their median), ``streamed_meanwhile`` (the tokens the streaming
 chats got while it was read), ``long_first_s`` (from the long conversation's arrival to its first token),
 ``long_prompt_tokens``, ``late_first_s`` (a short question that comes ``--late`` seconds after the long
-conversation: from then to its first token), ``all_s`` (until every reply is done) and ``tokens_per_s`` (all replies' tokens over it).
+conversation: from then to its first token), ``all_s`` (until every reply is done) and ``tokens_per_s`` (all
+replies' tokens over it).
 """
 import argparse
 import json

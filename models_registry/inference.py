@@ -199,10 +199,10 @@ def worker_env() -> dict:
     worker generates every chat of the node, a batch to which more threads give more tokens per second (beside it,
     the web processes only pass tokens on). Before, each web process had a worker with its share of the cores;
     three of them on two cores ran 4.3-4.5x slower with a thread per core each than with one (docs/performance.md)."""
-    from jobs.devices import core_share
+    from jobs.devices import cpu_cores
 
     return dict(engine_env(), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-                OMP_NUM_THREADS=str(min(4, core_share(1))))
+                OMP_NUM_THREADS=str(min(4, cpu_cores())))
 
 
 def worker_args() -> list[str]:

@@ -76,8 +76,8 @@ def done(rid, reason: str, prompt: int = 0, completion: int = 0) -> dict:
 class Ticket:
     """A request at the worker: who sent it, on which connection, its cancel event and its place in the turns."""
 
-    def __init__(self, req: dict, conn: Conn, seq: int):
-        self.req, self.conn, self.seq = req, conn, seq
+    def __init__(self, req: dict, conn: Conn):
+        self.req, self.conn, self.seq = req, conn, None  # seq: its arrival, in the turns' numbering
         self.rid, self.who = req.get("id", ""), str(req.get("who", ""))
         self.cancel, self.granted, self.shown = threading.Event(), False, None
 
@@ -102,6 +102,7 @@ class Turns:
             raise Explained(gettext_noop("you already have %(n)s chats running or waiting for the generation worker; "
                                          "wait for one to finish"), n=self.held[ticket.who])
         self.held[ticket.who] += 1
+        ticket.seq = next(self._seq)
         self.waiting.append(ticket)
 
     def leave(self, ticket: Ticket) -> None:
@@ -145,13 +146,13 @@ class Worker:
 
     def __init__(self, slots: int, per_user: int):
         self.turns, self.tickets, self._chats = Turns(per_user, slots), {}, None  # tickets by request id
-        self._seq, self.moved = itertools.count(), False  # moved: the waiting requests' places may have changed
+        self.moved = False  # the waiting requests' places may have changed
 
     def request(self, conn: Conn, req: dict) -> None:
         if req.get("id", "") in self.tickets:
             conn.send({"id": req.get("id"), "error": "a request with this id is running"})
             return
-        ticket = Ticket(req, conn, next(self._seq))
+        ticket = Ticket(req, conn)
         try:
             self.turns.enter(ticket)
         except Explained as exc:

@@ -133,13 +133,14 @@ class Command(BaseCommand):
         chat_started = time.monotonic()
         while not self.stopping:
             for name, proc in self.children.items():
-                if name == "chat" and proc.poll() is not None and not self.stopping and \
-                        time.monotonic() - chat_started > 5:
-                    # the chat worker died (the OOM killer, say): its chats failed, a new one serves the next
-                    self.stderr.write(f"the chat worker exited with code {proc.returncode}; starting it again")
-                    self.children["chat"], chat_started = self._chat_worker(), time.monotonic()
-                    self._write_pidfile()
-                elif name != "chat" and proc.poll() is not None and not self.stopping:
+                if proc.poll() is None or self.stopping:
+                    continue
+                if name == "chat":  # the chat worker died (the OOM killer, say): its chats failed, a new one serves
+                    if time.monotonic() - chat_started > 5:  # the next (not more often than every 5 s)
+                        self.stderr.write(f"the chat worker exited with code {proc.returncode}; starting it again")
+                        self.children["chat"], chat_started = self._chat_worker(), time.monotonic()
+                        self._write_pidfile()
+                else:
                     self.stderr.write(f"{name} exited with code {proc.returncode}; stopping")
                     code = 1
                     self.stopping = True
