@@ -81,7 +81,7 @@ def measure(args):
                 "top_p": 1, "seed": seed}
 
     def busy(chats):
-        return bool(chats.batches or getattr(chats, "reading", None) or chats.waiting)
+        return bool(chats.batches or getattr(chats, "reading", None) or chats.waiting or getattr(chats, "loading", None))
 
     chats = chat_worker.Chats()
 

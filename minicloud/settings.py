@@ -46,6 +46,9 @@ CHAT_REQUESTS_PER_USER = envint("MINICLOUD_CHAT_REQUESTS_PER_USER", 4)
 # per-process workers of 8, docs/performance.md); the others wait for their turn. The KV cache they hold is bounded
 # apart (training/chat_batch.py KV_TOKENS).
 CHAT_BATCH = max(1, envint("MINICLOUD_CHAT_BATCH", 32))
+# The weights (GiB, fp32 on the CPU) the node's worker keeps loaded, the least recently used leaving first (a model a
+# chat uses always stays): 0, a quarter of the machine's memory (training/chat_batch.py Models).
+CHAT_MODELS_GB = float(os.environ.get("MINICLOUD_CHAT_MODELS_GB", "0"))
 # The node's generation worker, which `serve` starts and names for its web processes (models_registry/inference.py
 # node_socket); empty where a process runs alone (runserver, the tests): it starts a worker of its own.
 CHAT_SOCKET = os.environ.get("MINICLOUD_CHAT_SOCKET", "")

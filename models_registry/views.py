@@ -10,7 +10,7 @@ from accounts.services import share_context
 from jobs.models import Dataset
 from minicloud.errors import ServiceError, id_or_none, int_or_none
 
-from . import services
+from . import inference, services
 from .api import download
 from .models import Evaluation, ModelVersion, Tokenizer
 
@@ -137,16 +137,19 @@ def model_import(request):
 @login_required
 def playground(request):
     """Chat with one model, or two side by side, through /v1/chat/completions (streamed)."""
-    models = ModelVersion.objects.visible_to(request.user).language_models().select_related("owner").order_by(
-        "-created_at")
-    first = request.GET.get("model", "")
+    models = list(ModelVersion.objects.visible_to(request.user).language_models().select_related(
+        "owner", "tokenizer").order_by("-created_at"))
+    first = id_or_none(request.GET.get("model", ""))
+    chosen = next((m for m in models if m.pk == first), models[0] if models else None)
+    if chosen is not None:  # the model preselected: its load begins now, while its user types
+        inference.warm(chosen)
     words = {"reasoning": _("Reasoning"), "you": _("You"), "error": _("Error"),
              "empty": _("(no text: the model ended at once or wrote only blank lines)"),
              "tokens": pgettext("after a number", "tokens"),
              # while other users' chats take their turns at the generation worker (models_registry/inference.py)
              "waiting": _("Waiting for its turn: %(n)s ahead")}  # for playground.js, in the page's language
     return render(request, "models_registry/playground.html", {
-        "models": models, "first": id_or_none(first), "words": words})
+        "models": models, "first": first, "words": words})
 
 
 @login_required

@@ -169,7 +169,7 @@ def cmd_merge_lora(args) -> int:
 def cmd_chat_worker(args) -> int:
     from .chat_worker import main as worker
 
-    return worker(args.listen, args.slots, args.per_user)
+    return worker(args.listen, args.slots, args.per_user, args.models_gb)
 
 
 def cmd_prepare(args) -> int:
@@ -249,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--listen", default="", help="also serve the node's web processes on this abstract Unix socket")
     p.add_argument("--slots", type=int, default=32, help="chats generated at once (the rest wait in fair turns)")
     p.add_argument("--per-user", type=int, default=4, help="requests one user may hold, running or waiting")
+    p.add_argument("--models-gb", type=float, default=0,
+                   help="weights kept loaded, in GiB (0: a quarter of the memory); a model in use always stays")
     p.set_defaults(func=cmd_chat_worker)
     p = sub.add_parser("prepare", help="build a dataset's token cache (training.token_cache)")
     p.add_argument("dataset")

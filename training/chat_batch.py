@@ -7,6 +7,7 @@ connection (anything with ``send(obj)``).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections import OrderedDict, deque
 
@@ -30,24 +31,93 @@ PREFILL_CHUNK = 256
 END_THINK = "</think>"
 
 
-class Models:
-    """The most recently used models and their tokenizers, loaded on the CPU in fp32."""
+def models_budget() -> int:
+    """The bytes of weights the worker keeps loaded by default: a quarter of the machine's memory (a MiniMind-3 model
+    is 256 MB in fp32: a class's thirty own models fit in 8 GB)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
-    def __init__(self, keep: int = 2):
-        self.keep, self.cache = keep, OrderedDict()
+
+class Models:
+    """The models the chats use and their tokenizers, on the CPU in fp32. Each is loaded once, by a thread of its own
+    (a MiniMind-3 model takes ~0.2 s, a MoE ~0.4 s on a CPU; the chats generating meanwhile go on instead of
+    waiting for every load), and kept while the loaded ones fit in ``budget`` bytes, the least recently used leaving
+    first, except a model a chat still uses (never loaded twice, however many use it). ``wake()`` is called when a
+    load ends, so that the worker looks again at the chats that waited for it."""
+
+    def __init__(self, budget: int | None = None, wake=lambda: None):
+        self.budget, self.wake = models_budget() if budget is None else budget, wake
+        self.cache: OrderedDict = OrderedDict()  # key -> (model, tokenizer, bytes), the most recently used last
+        self.errors: dict = {}  # key -> what its load raised, until the chats that waited for it have been told
+        self.loading: set = set()
+        self.lock = threading.Lock()
+        self.todo: queue.Queue = queue.Queue()
+        self.loads = self.ended = 0  # loads begun (a test counts them), loads ended
+        self._thread = None
+
+    @staticmethod
+    def key(entry: dict) -> tuple:
+        return entry["path"], os.path.getmtime(entry["path"]), entry.get("tokenizer")
 
     def get(self, entry: dict):
+        """(model, tokenizer) of ``entry`` when loaded; None while it loads (begun here if it was not); what its load
+        raised, when it failed."""
+        key = self.key(entry)
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key][:2]
+            if key in self.errors:
+                raise self.errors[key]
+            if key not in self.loading:
+                self.loading.add(key)
+                self.loads += 1
+                self.todo.put((key, entry))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._load, name="models", daemon=True)
+                    self._thread.start()
+        return None
+
+    def _load(self) -> None:
         from .chat import load_hf_tokenizer
         from .model import load_model
 
-        key = (entry["path"], os.path.getmtime(entry["path"]), entry.get("tokenizer"))
-        if key not in self.cache:
-            model, _ = load_model({"path": entry["path"], "config": entry.get("config") or {}})
-            self.cache[key] = (model.eval(), load_hf_tokenizer(entry["tokenizer"]))
-            while len(self.cache) > self.keep:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(key)
-        return self.cache[key]
+        while True:
+            key, entry = self.todo.get()
+            try:
+                model, _ = load_model({"path": entry["path"], "config": entry.get("config") or {}})
+                tok = load_hf_tokenizer(entry["tokenizer"])
+                size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+                with self.lock:
+                    self.cache[key] = (model.eval(), tok, size)
+            except Exception as exc:  # a bad file, a missing tokenizer: told to the chats that asked for it
+                with self.lock:
+                    self.errors[key] = exc
+            with self.lock:
+                self.loading.discard(key)
+                self.ended += 1
+            self.wake()
+
+    def failed(self) -> set:
+        with self.lock:
+            return set(self.errors)
+
+    def told(self, keys) -> None:
+        """The failed loads of ``keys`` have been told to everyone who waited for them: a later request tries again."""
+        with self.lock:
+            for key in keys:
+                self.errors.pop(key, None)
+
+    def trim(self, used) -> None:
+        """Drop the least recently used models, but none in ``used`` (ids of the models chats hold), while the loaded
+        ones are over the budget."""
+        with self.lock:
+            total = sum(size for _, _, size in self.cache.values())
+            for key, (model, _, size) in list(self.cache.items()):
+                if total <= self.budget:
+                    return
+                if id(model) not in used:
+                    del self.cache[key]
+                    total -= size
 
 
 class Splitter:
@@ -259,15 +329,23 @@ class Chats:
     """Every chat the worker holds: the batches generating, the chats whose prompt is being read (``PREFILL_CHUNK``
     tokens between two decoding steps), and the chats waiting for room (``KV_TOKENS``)."""
 
-    def __init__(self):
-        self.models, self.batches, self.reading, self.waiting = Models(), [], [], deque()
+    def __init__(self, models: Models | None = None):
+        self.models = Models() if models is None else models
+        self.batches, self.reading, self.waiting = [], [], deque()
+        self.loading: list[tuple] = []  # (request, cancel, connection) of the chats whose model is being loaded
+        self.looked = 0  # the models' loads ended when ``loaded`` last looked
 
     def busy(self) -> bool:
         return bool(self.batches or self.reading)
 
     def take(self, req: dict, cancel: threading.Event, conn) -> None:
-        """Tokenize a new request's prompt (or refuse it, explained) and queue it; it starts when there is room."""
-        model, tok = self.models.get(req["model"])
+        """Tokenize a new request's prompt (or refuse it, explained) and queue it; it starts when there is room. A
+        request whose model is not loaded waits for it (``loaded``) while the others go on."""
+        got = self.models.get(req["model"])
+        if got is None:
+            self.loading.append((req, cancel, conn))
+            return
+        model, tok = got
         thinking = bool(req.get("thinking"))
         prompt = tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True,
                                          open_thinking=thinking)
@@ -279,6 +357,23 @@ class Chats:
                             limit=limit)
         self.waiting.append(Chat(req, model, tok, ids, limit, cancel, conn))
         self.admit()
+
+    def loaded(self) -> None:
+        """The chats whose model has loaded since the last look are queued (or told why it could not be); the models
+        no chat uses leave while the loaded ones are over the budget."""
+        waited, self.loading, self.looked = self.loading, [], self.models.ended
+        failed = self.models.failed()  # each of these loads' error reaches every chat that waited for it
+        for req, cancel, conn in waited:
+            rid = req.get("id", "")
+            if cancel.is_set():  # gone while its model was loaded
+                conn.send(done(rid, "cancelled"))
+                continue
+            try:
+                self.take(req, cancel, conn)
+            except Exception as exc:
+                fail(conn, rid, exc)
+        self.models.told(failed)
+        self.models.trim({id(chat.model) for chat in self._holding()} | {id(chat.model) for chat in self.waiting})
 
     def admit(self) -> None:
         """Let the waiting chats in, first come first served, while they fit in ``KV_TOKENS`` (one always may)."""
@@ -353,8 +448,10 @@ class Chats:
         batch.join(chat)
 
     def step(self) -> None:
-        """One token for every generating chat, then a piece of the prompts being read; the ended chats make room
-        for the waiting."""
+        """The chats whose model has loaded join, one token for every generating chat, then a piece of the prompts
+        being read; the ended chats make room for the waiting."""
+        if self.loading or self.looked != self.models.ended:
+            self.loaded()
         for batch in self.batches:
             try:
                 if batch.chats:
@@ -367,4 +464,5 @@ class Chats:
         self.admit()
 
     def ids(self) -> set:
-        return {c.rid for c in self._holding()} | {c.rid for c in self.waiting}
+        return ({c.rid for c in self._holding()} | {c.rid for c in self.waiting}
+                | {req.get("id", "") for req, _, _ in self.loading})

@@ -2,7 +2,8 @@
 
 It reads one JSON request per line on stdin, and with ``--listen NAME`` on every connection to the abstract Unix
 socket ``NAME`` (the node's web processes: ``serve`` starts one worker for them all), and answers each on its own
-line, so the web server never loads torch or blocks on generation. Models stay loaded (the two most recently used).
+line, so the web server never loads torch or blocks on generation. Models are loaded beside the generation (a chat
+whose model loads waits, the others go on) and stay loaded while they fit in ``--models-gb`` (``chat_batch.Models``).
 At most ``--slots`` requests generate at once, in fair turns between users (``Turns``); they are generated together,
 one batch per model (``Batch``: one forward pass per token for all of them; a new chat's prompt is read
 ``PREFILL_CHUNK`` tokens between two decoding steps of the others); a ``{"cancel": ID}`` line stops one at its next
@@ -15,7 +16,8 @@ changes (n chats end before it starts; 0: it has started), ``{"id", "reasoning":
 "usage": {...}}``, or ``{"id", "error": "..."}`` (with ``template`` and ``params`` where the engine explains it:
 ``spec.Explained``, which the portal shows in the reader's language; ``"status": 429`` when ``who`` holds
 ``--per-user`` requests already). ``{"stats": true}`` answers ``{"stats": {"running", "waiting", "held",
-"generating"}}``. Each connection first hears ``{"ready": true, "threads", "pid"}``.
+"generating", "models", "model_loads"}}``; ``{"warm": MODEL}`` begins loading a model, answering nothing. Each
+connection first hears ``{"ready": true, "threads", "pid"}``.
 """
 from __future__ import annotations
 
@@ -144,9 +146,10 @@ class Worker:
     answered at once with its place, ``{"id", "queued": n}`` (n chats end before it starts; 0: it has started), again
     whenever n changes, or with a refusal (``"status": 429``)."""
 
-    def __init__(self, slots: int, per_user: int):
+    def __init__(self, slots: int, per_user: int, models_bytes: int | None = None, wake=lambda: None):
         self.turns, self.tickets, self._chats = Turns(per_user, slots), {}, None  # tickets by request id
         self.moved = False  # the waiting requests' places may have changed
+        self.models_bytes, self.wake = models_bytes, wake  # the loaded models' budget; called when a load ends
 
     def request(self, conn: Conn, req: dict) -> None:
         if req.get("id", "") in self.tickets:
@@ -185,16 +188,26 @@ class Worker:
         if self._chats is None:
             import torch
 
-            from .chat_batch import Chats
+            from .chat_batch import Chats, Models
 
             torch.set_num_threads(threads())
-            self._chats = Chats()
+            self._chats = Chats(Models(self.models_bytes, self.wake))
         return self._chats
 
+    def warm(self, entry) -> None:
+        """Begin loading a model someone is about to chat with (the playground, opened), so that their first question
+        does not wait for it; nothing is answered, and a model that cannot load is told to whoever asks with it."""
+        try:
+            self.chats.models.get(entry)
+        except Exception:
+            pass
+
     def stats(self, conn: Conn) -> None:
-        generating = len(self._chats.ids()) if self._chats else 0
+        chats = self._chats
         conn.send({"stats": {"running": len(self.turns.running), "waiting": len(self.turns.waiting),
-                             "held": dict(self.turns.held), "generating": generating}})
+                             "held": dict(self.turns.held), "generating": len(chats.ids()) if chats else 0,
+                             "models": len(chats.models.cache) if chats else 0,
+                             "model_loads": chats.models.loads if chats else 0}})
 
     def _end(self, ticket: Ticket) -> None:
         self.turns.leave(ticket)
@@ -291,9 +304,9 @@ def _listen(name: str, inbox: queue.Queue, ready: dict) -> None:
     threading.Thread(target=accept, daemon=True).start()
 
 
-def main(listen: str = "", slots: int = 32, per_user: int = 4) -> int:
+def main(listen: str = "", slots: int = 32, per_user: int = 4, models_gb: float = 0) -> int:
     """Serve the parent on stdin/stdout, and with ``listen`` every web process of the node on that socket; exit
-    when stdin closes (the parent is gone)."""
+    when stdin closes (the parent is gone). ``models_gb``: the weights kept loaded (0: a quarter of the memory)."""
     ready = {"ready": True, "threads": threads(), "pid": os.getpid()}
     inbox: queue.Queue = queue.Queue()
     parent = Conn(lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
@@ -304,7 +317,7 @@ def main(listen: str = "", slots: int = 32, per_user: int = 4) -> int:
             sys.stderr.write(f"chat-worker: cannot listen on @{listen}: {exc}\n")
             return 3
     threading.Thread(target=_read_lines, args=(parent, sys.stdin.buffer, inbox), daemon=True).start()
-    worker = Worker(slots, per_user)
+    worker = Worker(slots, per_user, int(models_gb * 2**30) or None, wake=lambda: inbox.put((None, {"loaded": True})))
     parent.send(ready)
     while True:
         try:  # wait for work only when nothing is being generated
@@ -322,6 +335,10 @@ def main(listen: str = "", slots: int = 32, per_user: int = 4) -> int:
                 worker.cancel(conn, msg["cancel"])
             elif "stats" in msg:
                 worker.stats(conn)
+            elif "warm" in msg:
+                worker.warm(msg["warm"])
+            elif "loaded" in msg:
+                pass  # a model's load ended: the step below takes the chats that waited for it
             else:
                 worker.request(conn, msg)
         worker.step()

@@ -336,6 +336,8 @@ def test_a_class_chats_take_turns_at_the_generation_worker(tiny, settings):
         try:
             # a long chat of member 1 holds the turn; then member 1 sends two more, then member 2 one
             await chats.start(worker, _ask(tiny, max_new_tokens=4000), 1, "a1")
+            while "a1" not in chats.started:  # its model loaded (beside the turns), it streams
+                await asyncio.sleep(0.01)
             for who, name in [(1, "a2"), (1, "a3"), (2, "b1")]:
                 await chats.start(worker, _ask(tiny), who, name)
             with pytest.raises(ServiceError) as refused:  # a fourth of member 1's while three are held
@@ -344,7 +346,10 @@ def test_a_class_chats_take_turns_at_the_generation_worker(tiny, settings):
             assert (await worker.stats())["held"] == {"1": 3, "2": 1}
             chats.tasks["a1"].cancel()  # its client goes away: the turn goes on
             await asyncio.gather(*chats.tasks.values(), return_exceptions=True)
-            assert await worker.stats() == {"running": 0, "waiting": 0, "held": {}, "generating": 0}
+            stats = await worker.stats()
+            assert {k: stats[k] for k in ("running", "waiting", "held", "generating")} == {
+                "running": 0, "waiting": 0, "held": {}, "generating": 0}
+            assert stats["models"] == stats["model_loads"] == 1  # one model for all four chats, loaded once
         finally:
             await worker.aclose()
 
@@ -392,6 +397,54 @@ def test_a_class_chats_are_generated_together_at_the_worker(tiny, settings):
     first_done = min(events.index(("a", "done")), events.index(("b", "done")))
     assert ("a", "delta") in events[:first_done] and ("b", "delta") in events[:first_done], events
     assert events.index(("c", "queued")) < first_done < events.index(("c", "delta")), events
+
+
+def test_opening_the_playground_loads_its_model_before_the_first_question(client, user, tiny, settings):
+    """The playground, opened with a model, asks the node's worker to load it (torch's import and the weights: the
+    first question of a node, or of a model, waited for both); the question that follows finds it loaded. Without a
+    node's worker (runserver, the tests) nothing is started for it."""
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from models_registry.inference import ChatWorker, node_socket, worker_args, worker_env
+
+    client.force_login(user)
+    assert client.get(f"/playground/?model={tiny.pk}").status_code == 200  # no node's worker: no load
+    settings.CHAT_SOCKET = node_socket()
+    node = subprocess.Popen([sys.executable, "-m", "training", "chat-worker", "--listen", settings.CHAT_SOCKET,
+                             *worker_args()], cwd=settings.BASE_DIR, env=worker_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert node.stdout.readline().startswith(b'{"ready"')  # listening
+
+        async def stats():
+            line = ChatWorker()
+            try:
+                return await line.stats()
+            finally:
+                await line.aclose()
+
+        assert asyncio.run(stats())["model_loads"] == 0
+        assert client.get(f"/playground/?model={tiny.pk}").status_code == 200
+        deadline = time.monotonic() + 120
+        while (now := asyncio.run(stats()))["models"] == 0:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.2)
+
+        async def ask():
+            line = ChatWorker()
+            try:
+                return [m async for m in line.stream(_ask(tiny, max_new_tokens=3), user.pk)], await line.stats()
+            finally:
+                await line.aclose()
+
+        answers, after = asyncio.run(ask())
+        assert answers[-1]["done"] and after["model_loads"] == 1 and after["models"] == 1  # not loaded again
+    finally:
+        node.stdin.close()
+        node.wait(timeout=30)
 
 
 def test_the_web_processes_of_a_node_share_one_generation_worker(tiny, settings):

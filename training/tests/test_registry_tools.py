@@ -46,6 +46,30 @@ def test_export_and_import_report_equal_logits(moe, demo_dir, tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_a_loaded_model_skips_the_random_init_and_equals_one_built_then_loaded(moe, tmp_path):
+    """Loading weights draws no random numbers (the init they replace is skipped: most of a load's time) and gives
+    the model an initialised one gets from the same file: tied head, every weight and buffer, the same logits."""
+    from training.model import build_model, load_model, load_pth
+    from training.spec import model_config, resolve_config
+
+    pth, cfg = _random_model(tmp_path, moe)
+    torch.manual_seed(1)
+    reference = build_model(model_config(resolve_config("pretrain", cfg)))
+    load_pth(reference, pth)
+    state = torch.get_rng_state()
+    model, _ = load_model({"path": str(pth), "config": cfg})
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn: no weight was initialised only to be replaced
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    buffers = dict(reference.named_buffers())
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+    ids = torch.randint(0, cfg.get("vocab_size", 6400), (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, reference.eval()(ids).logits)
+
+
 def test_cli_refuses_other_architectures_and_mismatched_pth_in_one_line(tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -273,12 +297,18 @@ class _Recorded:
                 "max_new_tokens": tokens, "temperature": 0}
 
     def run(self, chats, *reqs):
+        """Hand ``reqs`` to ``chats`` as the worker does, then wait until their model is loaded (by the models' own
+        thread) and they are queued."""
         import threading
+        import time
 
         events = {}
         for req in reqs:
             events[req["id"]] = threading.Event()
             chats.take(req, events[req["id"]], self.conn)
+        while chats.loading:
+            time.sleep(0.005)
+            chats.loaded()
         return events
 
     def alone(self, asks):
@@ -312,6 +342,100 @@ class _Recorded:
             assert len(self.seen[rid]) == len(before[rid])
             assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(self.seen[rid], before[rid])), rid
         self.seen.clear()
+
+
+def test_a_model_being_loaded_holds_up_no_other_chat(demo_dir, tmp_path, monkeypatch):
+    """A chat with a model not loaded yet waits for its load, which a thread of its own does: the chats generating
+    meanwhile go on (before, every load stopped them all: ~0.8 s for a MiniMind-3 model on a CPU, each time one of a
+    class's own models was asked for). A model in use is loaded once however many chats use it; a load that fails is
+    told to every chat that waited for it; a chat whose client goes away while its model loads ends there."""
+    import threading
+    import time
+
+    from training import chat_batch, model as engine_model
+
+    pth, cfg = _random_model(tmp_path)
+    other, _ = _random_model(tmp_path, name="b.pth")  # the same weights in another file: another model to load
+    tokenizer = str(demo_dir / "demo-tokenizer")
+    rec = _Recorded(monkeypatch, {"path": str(pth), "config": cfg, "tokenizer": tokenizer})
+    gate, load = threading.Event(), engine_model.load_model
+
+    def slow_load(entry, *args):  # b.pth loads when the test opens the gate
+        if entry["path"] == str(other):
+            gate.wait(timeout=5)
+        return load(entry, *args)
+
+    monkeypatch.setattr(engine_model, "load_model", slow_load)
+    chats = chat_batch.Chats()
+    rec.run(chats, rec.request("a", 2, 200))
+    chats.step()
+    b = dict(rec.request("b", 2, 6), model={"path": str(other), "config": cfg, "tokenizer": tokenizer})
+    began = time.monotonic()
+    cancel = {rid: threading.Event() for rid in ("b", "b2", "gone")}
+    chats.take(b, cancel["b"], rec.conn)
+    chats.take({**b, "id": "gone"}, cancel["gone"], rec.conn)
+    assert time.monotonic() - began < 1  # before: the worker loaded it there and then, every chat waiting
+    assert [req["id"] for req, _, _ in chats.loading] == ["b", "gone"] and {"b", "gone"} <= chats.ids()
+    rec.sent.clear()
+    for _ in range(10):
+        chats.step()
+    assert sum(m["id"] == "a" for m in rec.sent) >= 9  # "a" streams while b.pth loads
+    cancel["gone"].set()  # its client went away meanwhile
+    chats.step()
+    assert [req["id"] for req, _, _ in chats.loading] == ["b"]
+    gate.set()
+    chats.take({**b, "id": "b2"}, cancel["b2"], rec.conn)  # asks for the same model while it loads
+    while chats.busy() or chats.loading:
+        chats.step()
+    replies = rec.replies()
+    assert replies["gone"] == ("", "cancelled") and replies["b"][1] in ("length", "stop") and replies["b"][0]
+    assert replies["b2"] == replies["b"]  # the same model and question, greedy
+    assert chats.models.loads == 2  # a.pth and b.pth, once each
+    rec.take_logits()
+
+    broken = {"path": str(pth), "config": cfg, "tokenizer": str(tmp_path / "no-tokenizer")}
+    rec.run(chats, *({**rec.request(rid, 2, 4), "model": broken} for rid in ("x1", "x2")), rec.request("c", 2, 4))
+    while chats.busy():
+        chats.step()
+    errors = [m for m in rec.sent if "error" in m]
+    assert sorted(m["id"] for m in errors) == ["x1", "x2"] and not chats.models.failed()
+    rec.sent[:] = [m for m in rec.sent if "error" not in m]
+    assert rec.replies()["c"][1] in ("length", "stop")  # the others went on
+
+
+def test_the_worker_keeps_the_models_that_fit_and_never_drops_one_in_use(demo_dir, tmp_path):
+    """Loaded models stay while they fit in the budget (a class's own models are not loaded again at each
+    question, as with the two most recent before), the least recently used leaving first; one in use always stays."""
+    import time
+
+    from training.chat_batch import Models
+
+    def loaded(models, entry):
+        deadline = time.monotonic() + 60
+        while (got := models.get(entry)) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        return got[0]
+
+    entries = []
+    for name in ("a.pth", "b.pth", "c.pth"):
+        pth, cfg = _random_model(tmp_path, name=name)
+        entries.append({"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")})
+    models = Models(budget=0)
+    a = loaded(models, entries[0])
+    size = models.cache[Models.key(entries[0])][2]
+    assert size > sum(p.numel() * 4 for p in a.parameters()) * 0.99
+    loaded(models, entries[1])
+    models.trim({id(a)})  # over the budget: only the model in use stays
+    assert list(models.cache) == [Models.key(entries[0])]
+
+    models = Models(budget=2 * size)
+    a, b = loaded(models, entries[0]), loaded(models, entries[1])
+    assert loaded(models, entries[0]) is a and models.loads == 2  # kept: not loaded again
+    loaded(models, entries[2])
+    models.trim(set())  # three over a budget of two: the least recently used (b) leaves
+    assert list(models.cache) == [Models.key(entries[0]), Models.key(entries[2])]
+    assert loaded(models, entries[1]) is not b and models.loads == 4
 
 
 def test_chat_worker_bounds_what_its_chats_hold_together(demo_dir, tmp_path, monkeypatch):
