@@ -119,6 +119,12 @@ def test_metrics_show_the_chats_at_the_nodes_generation_worker(client, db, setti
         assert s["minicloud_chat_users" + json.dumps({"node": node})] == 2
         lines.close()
         web.close()  # the web process goes: its chats end, and the worker goes on
+        deadline = time.monotonic() + 60
+        while (s := _series(client.get("/metrics", **auth).content.decode())).get(
+                "minicloud_chat_models" + json.dumps({"node": node})) != 1:  # loaded beside the turns
+            assert time.monotonic() < deadline, s
+            time.sleep(0.2)
+        assert s["minicloud_chat_model_loads_total" + json.dumps({"node": node})] == 1  # once for both members
         time.sleep(1)
         s = _series(client.get("/metrics", **auth).content.decode())
         assert s[json.dumps({"node": node, "state": "generating"}, sort_keys=True).join(("minicloud_chats", ""))] == 0

@@ -39,8 +39,8 @@ def models_budget() -> int:
 
 class Models:
     """The models the chats use and their tokenizers, on the CPU in fp32. Each is loaded once, by a thread of its own
-    (a MiniMind-3 model takes ~0.2 s, a MoE ~0.4 s on a CPU; the chats generating meanwhile go on instead of
-    waiting for every load), and kept while the loaded ones fit in ``budget`` bytes, the least recently used leaving
+    (a MiniMind-3 model takes ~0.13 s, a MoE ~0.27 s on two CPU cores; the chats generating meanwhile go on instead
+    of waiting for every load), and kept while the loaded ones fit in ``budget`` bytes, the least recently used leaving
     first, except a model a chat still uses (never loaded twice, however many use it). ``wake()`` is called when a
     load ends, so that the worker looks again at the chats that waited for it."""
 

@@ -54,7 +54,7 @@ class PortalCollector:
     def _chats(self):
         """The chats at this node's generation worker (the web node answering the scrape), where it has one."""
         from django.conf import settings
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from minicloud.metrics import chat_worker_stats
 
@@ -62,12 +62,20 @@ class PortalCollector:
                                   "generation worker: generating, or waiting for their turn", labels=["node", "state"])
         users = GaugeMetricFamily("minicloud_chat_users", "Users with chats at the node's generation worker",
                                   labels=["node"])
+        models = GaugeMetricFamily("minicloud_chat_models", "Models loaded at the node's generation worker",
+                                   labels=["node"])
+        loads = CounterMetricFamily("minicloud_chat_model_loads", "Model loads begun by the node's generation worker "
+                                    "(rising while the loaded models stay few: MINICLOUD_CHAT_MODELS_GB is too small)",
+                                    labels=["node"])
         stats = chat_worker_stats()
         if stats is not None:  # else no samples (no worker answers this process)
-            chats.add_metric([settings.NODE_NAME, "generating"], stats["running"])
-            chats.add_metric([settings.NODE_NAME, "waiting"], stats["waiting"])
-            users.add_metric([settings.NODE_NAME], len(stats["held"]))
-        yield from (chats, users)
+            node = settings.NODE_NAME
+            chats.add_metric([node, "generating"], stats["running"])
+            chats.add_metric([node, "waiting"], stats["waiting"])
+            users.add_metric([node], len(stats["held"]))
+            models.add_metric([node], stats.get("models", 0))
+            loads.add_metric([node], stats.get("model_loads", 0))
+        yield from (chats, users, models, loads)
 
     def _devices(self):
         from prometheus_client.core import GaugeMetricFamily
