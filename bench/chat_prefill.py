@@ -81,7 +81,8 @@ def measure(args):
                 "top_p": 1, "seed": seed}
 
     def busy(chats):
-        return bool(chats.batches or getattr(chats, "reading", None) or chats.waiting or getattr(chats, "loading", None))
+        return bool(chats.batches or chats.waiting or getattr(chats, "reading", None)
+                    or getattr(chats, "loading", None))
 
     chats = chat_worker.Chats()
 
