@@ -16,7 +16,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 
 from minicloud.api import json_body, request_user
-from minicloud.errors import ServiceError, id_or_none
+from minicloud.errors import ServiceError, id_or_none, int_or_none
 
 from .inference import model_entry, worker
 from .models import ModelVersion
@@ -109,7 +109,24 @@ def parse_request(body: dict) -> dict:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
         raise ServiceError(_("seed: an integer from -2^63 to 2^64 - 1"), field="seed")  # torch's range
     return {"messages": msgs, "max_new_tokens": max_tokens, "thinking": bool(thinking), "seed": seed,
-            "temperature": _number(body, "temperature", 0.85, 0, 2), "top_p": _number(body, "top_p", 0.85, 0.01, 1)}
+            "temperature": _number(body, "temperature", 0.85, 0, 2), "top_p": _number(body, "top_p", 0.85, 0.01, 1),
+            **_logit_bias(body.get("logit_bias"))}
+
+
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
+
+
+def _logit_bias(bias) -> dict:
+    """OpenAI's ``logit_bias``: token ids (as text, JSON's keys) to a number from -100 (never chosen) to 100 (always),
+    added to the model's logits before sampling; ``{}`` when not given."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or any(
+            int_or_none(k) is None or int_or_none(k) < 0 or isinstance(v, bool) or not isinstance(v, (int, float))
+            or not -100 <= v <= 100 for k, v in bias.items()):
+        raise ServiceError(_("logit_bias: at most %(n)s token ids, each with a number from -100 to 100")
+                           % {"n": MAX_LOGIT_BIAS}, field="logit_bias")
+    return {"logit_bias": {str(int_or_none(k)): float(v) for k, v in bias.items()}} if bias else {}
 
 
 def _prepare(request):
@@ -120,6 +137,10 @@ def _prepare(request):
     body = json_body(request)
     req = parse_request(body)
     mv = find_model(user, body.get("model"))
+    vocab = int(mv.config.get("vocab_size") or 6400)
+    if outside := [t for t in req.get("logit_bias", {}) if int(t) >= vocab]:
+        raise ServiceError(_("logit_bias: token %(id)s is not in the model's vocabulary (0 to %(last)s)")
+                           % {"id": outside[0], "last": vocab - 1}, field="logit_bias")
     req["model"] = model_entry(mv)
     return user, mv, req, bool(body.get("stream"))
 

@@ -178,6 +178,14 @@ class Chat:
         else:
             self.generator.seed()
         self.splitter = Splitter(bool(req.get("thinking")))
+        self.bias = None  # OpenAI's logit_bias: (token ids, amounts) added to the logits before each choice
+        if req.get("logit_bias"):
+            ids = [int(t) for t in req["logit_bias"]]
+            if max(ids) >= model.config.vocab_size or min(ids) < 0:
+                raise Explained(gettext_noop("logit_bias: token %(id)s is not in the model's vocabulary (0 to "
+                                             "%(last)s)"), id=max(ids), last=model.config.vocab_size - 1)
+            amounts = [float("-inf") if v <= -100 else float(v) for v in req["logit_bias"].values()]  # -100 bans
+            self.bias = torch.tensor(ids), torch.tensor(amounts)
         self.new: list[int] = []  # the generated ids, the closing eos included
         self.reserved = self.prompt_len + self.max_new
 
@@ -215,6 +223,8 @@ class Chat:
     def take(self, logits: torch.Tensor) -> bool:
         """Choose the next token from its logits (greedy at temperature 0, else temperature and top-p sampling as
         transformers' ``generate`` does them), stream what it adds, and say whether the chat goes on."""
+        if self.bias is not None:
+            logits = logits.float().index_add(0, *self.bias)
         if not self.sampling:
             token = int(logits.argmax())
         else:

@@ -231,6 +231,10 @@ def test_openai_models_and_chat_errors_use_openai_shapes(client, token, tiny):
     for seed in (1.5, "7", 2**64):
         r = chat(model="tiny", messages=[{"role": "user", "content": "hi"}], seed=seed)
         assert r.status_code == 400 and r.json()["error"]["param"] == "seed", seed
+    for bias in ([5], {"a": 1}, {"-1": 1}, {"5": 101}, {"5": True}, {str(i): 1 for i in range(301)}, {"6400": -100}):
+        r = chat(model="tiny", messages=[{"role": "user", "content": "hi"}], logit_bias=bias)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", bias
+    assert "0 to 6399" in r.json()["error"]["message"]  # the model's vocabulary
     bad = client.post("/v1/chat/completions", "{", content_type="application/json", **auth)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
 

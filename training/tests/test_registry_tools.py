@@ -136,6 +136,8 @@ def _answer(proc):
 
 
 def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path):
+    from training.chat import load_hf_tokenizer
+
     pth, cfg = _random_model(tmp_path)
     model = {"path": str(pth), "config": cfg, "tokenizer": str(demo_dir / "demo-tokenizer")}
     proc = _chat_worker()
@@ -175,6 +177,14 @@ def test_chat_worker_streams_a_reply_and_stops_when_cancelled(demo_dir, tmp_path
         assert refused["template"].startswith("the conversation is %(tokens)s tokens long"), refused
         ask(id="e", max_new_tokens=3, temperature=0, max_position_embeddings=32)  # a short one still fits
         assert answers("e")[-1]["usage"]["completion_tokens"] <= 3
+        # OpenAI's logit_bias: +100 makes a token the choice, -100 bans one (here the end: the reply runs to its length)
+        ask(id="f", max_new_tokens=5, temperature=1.0, top_p=0.9, logit_bias={"300": 100})
+        forced = answers("f")
+        assert "".join(m.get("content", "") for m in forced) == load_hf_tokenizer(model["tokenizer"]).decode([300] * 5)
+        ask(id="g", max_new_tokens=40, temperature=2.0, top_p=1, logit_bias={"2": -100})
+        assert answers("g")[-1]["finish_reason"] == "length"
+        ask(id="h", logit_bias={"7000": 1})
+        assert "not in the model's vocabulary" in _answer(proc)["error"]
         proc.stdin.write(json.dumps({"id": "c", "model": {**model, "path": str(tmp_path / "none.pth")},
                                      "messages": [{"role": "user", "content": "x"}]}) + "\n")
         proc.stdin.flush()
