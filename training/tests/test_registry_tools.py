@@ -377,9 +377,10 @@ def test_a_model_being_loaded_holds_up_no_other_chat(demo_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(engine_model, "load_model", slow_load)
     chats = chat_batch.Chats()
-    rec.run(chats, rec.request("a", 2, 200))
+    rec.run(chats, {**rec.request("a", 2, 200), "logit_bias": {"2": -100}})  # no end token: it streams on
     chats.step()
-    b = dict(rec.request("b", 2, 6), model={"path": str(other), "config": cfg, "tokenizer": tokenizer})
+    b = dict(rec.request("b", 2, 6), model={"path": str(other), "config": cfg, "tokenizer": tokenizer},
+             logit_bias={"2": -100})
     began = time.monotonic()
     cancel = {rid: threading.Event() for rid in ("b", "b2", "gone")}
     chats.take(b, cancel["b"], rec.conn)
