@@ -116,7 +116,7 @@ def measure(args, batch: int) -> dict:
             workers = sorted(round(cpu - cpu_before.get(pid, 0.0), 1) for pid, cpu in workers.items())
             runs[name] = summary(out, total, workers)
             if args.models:
-                runs[name]["model_loads"] = worker_stats(node).get("model_loads")
+                runs[name]["model_loads"] = worker_stats().get("model_loads")
     finally:
         node.stop()
         node.drop_database()
@@ -136,11 +136,12 @@ def summary(out: dict, total: float, workers: list) -> dict:
             "worker_cpu_s": workers}
 
 
-def worker_stats(node) -> dict:
-    """The node's generation worker's ``stats`` (its socket, named in its serve's environment), {} when unknown."""
+def worker_stats() -> dict:
+    """The node's generation worker's ``stats`` (its socket, named on its command line), {} when unknown. Not
+    ``minicloud.metrics.chat_worker_stats``: this process is not the node's, and it may drive an older tree's."""
     import socket
 
-    for cmd in chat_workers().values():
+    for _cpu, cmd in chat_workers().values():
         try:
             name = cmd.split("--listen ", 1)[1].split()[0]
         except IndexError:
@@ -155,16 +156,16 @@ def worker_stats(node) -> dict:
     return {}
 
 
-def chat_workers(what: int = 3) -> dict:
+def chat_workers() -> dict:
     """Each generation worker on this machine (one per web process that had a chat, before the node's one worker):
-    its command line, or with ``what=2`` the CPU-seconds it used so far."""
+    the CPU-seconds it used so far and its command line, by process id."""
     from portal_load import _processes
 
-    return {p[0]: p[what] for p in _processes() if "training chat-worker" in p[3]}
+    return {pid: (cpu, cmd) for pid, _parent, cpu, cmd, _name in _processes() if "training chat-worker" in cmd}
 
 
 def chat_worker_cpu() -> dict:
-    return chat_workers(2)
+    return {pid: cpu for pid, (cpu, _cmd) in chat_workers().items()}
 
 
 def main():

@@ -58,9 +58,16 @@ def latency_exposition() -> bytes:
 
 
 def chat_worker_stats(timeout: float = 2.0) -> dict | None:
-    """The turns at this node's generation worker (``{"running", "waiting", "held", "generating"}``: training/
-    chat_worker.py ``Worker.stats``), asked on its socket; None where this process has no node worker to ask (not
-    started by ``serve``) or it does not answer within ``timeout`` (it answers between two decoding steps)."""
+    """The turns at this node's generation worker (``{"running", "waiting", "held", "generating", "models",
+    "model_loads"}``: training/chat_worker.py ``Worker.stats``); None as ``tell_chat_worker`` says."""
+    return tell_chat_worker({"stats": True}, "stats", timeout)
+
+
+def tell_chat_worker(msg: dict, until: str, timeout: float = 2.0):
+    """Send ``msg`` to this node's generation worker on a connection of its own, then read its lines until one holds
+    ``until`` (``"stats"``: its answer; ``"ready"``: its greeting, sent before it reads the connection, so that a line
+    is not lost with a connection closed first): that line's value. None where this process has no node worker to ask
+    (not started by ``serve``) or it does not answer within ``timeout`` (it answers between two decoding steps)."""
     import json
     import socket
 
@@ -68,6 +75,20 @@ def chat_worker_stats(timeout: float = 2.0) -> dict | None:
 
     if not settings.CHAT_SOCKET:
         return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect("\0" + settings.CHAT_SOCKET)
+            lines = sock.makefile("rwb")
+            lines.write(json.dumps(msg).encode() + b"\n")
+            lines.flush()
+            while line := lines.readline():
+                answer = json.loads(line)
+                if until in answer:
+                    return answer[until]
+    except (OSError, ValueError):
+        pass
+    return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

@@ -214,25 +214,18 @@ def worker_args() -> list[str]:
 
 def warm(mv) -> None:
     """Ask the node's worker to begin loading ``mv`` (its playground was opened), so that the first question does not
-    wait for the load (the worker's first, also for torch's import). A line sent on a connection of its own and
-    closed: nothing waits for the load, and where the worker does not answer the first question starts it as before.
-    Only with the node's worker (``serve``): a process alone starts its worker at its first chat."""
-    import socket
+    wait for the load (the worker's first, also for torch's import). Nothing waits for the load, and where the worker
+    does not answer the first question starts it as before. Only with the node's worker (``serve``): a process alone
+    starts its worker at its first chat."""
+    from minicloud.metrics import tell_chat_worker
 
     if not settings.CHAT_SOCKET:
         return
     try:
-        line = json.dumps({"warm": model_entry(mv)}) + "\n"
+        entry = model_entry(mv)
     except ServiceError:  # no tokenizer, no weights: the question will say so
         return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1)
-            sock.connect("\0" + settings.CHAT_SOCKET)
-            sock.recv(4096)  # its "ready": it reads this connection now (closed before, the line would be lost)
-            sock.sendall(line.encode())
-    except OSError:
-        pass
+    tell_chat_worker({"warm": entry}, "ready", timeout=1)
 
 
 def node_socket() -> str:

@@ -121,12 +121,13 @@ def _logit_bias(bias) -> dict:
     added to the model's logits before sampling; ``{}`` when not given."""
     if bias is None:
         return {}
-    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or any(
-            int_or_none(k) is None or int_or_none(k) < 0 or isinstance(v, bool) or not isinstance(v, (int, float))
-            or not -100 <= v <= 100 for k, v in bias.items()):
+    pairs = [(int_or_none(k), v) for k, v in bias.items()] if isinstance(bias, dict) else None
+    if pairs is None or len(pairs) > MAX_LOGIT_BIAS or any(
+            t is None or t < 0 or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100
+            for t, v in pairs):
         raise ServiceError(_("logit_bias: at most %(n)s token ids, each with a number from -100 to 100")
                            % {"n": MAX_LOGIT_BIAS}, field="logit_bias")
-    return {"logit_bias": {str(int_or_none(k)): float(v) for k, v in bias.items()}} if bias else {}
+    return {"logit_bias": {str(t): float(v) for t, v in pairs}} if pairs else {}
 
 
 def _prepare(request):
